@@ -1,0 +1,1 @@
+"""The relay (`agw-relay`): authenticates gateways and routes ciphertext it cannot read."""
