@@ -1,0 +1,1 @@
+"""MLS (RFC 9420), sans-I/O, one module per RFC concept."""
