@@ -2,7 +2,7 @@
 
 An identity key signs (CSRs, delegation certificates, relay tokens) and shows its public key and the attributes
 the hardware reports. A storage key wraps and unwraps the data-encryption key of the local store. Both are made
-from a URI by a backend (`hsm.open_keys`). Handles are safe to share between threads: each backend serialises
+from a URI by a backend (`hsm.load_identity_key` and friends). Handles are safe to share between threads: each backend serialises
 its hardware calls itself.
 """
 

@@ -81,7 +81,7 @@ class Writer:
 class Reader:
     """Consumes an encoding; every read checks bounds."""
 
-    __slots__ = ("_data", "_pos", "_end")
+    __slots__ = ("_data", "_end", "_pos")
 
     def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
         self._data = bytes(data)
