@@ -2,8 +2,8 @@
 
 An identity key signs (CSRs, delegation certificates, relay tokens) and shows its public key and the attributes
 the hardware reports. A storage key wraps and unwraps the data-encryption key of the local store. Both are made
-from a URI by a backend (`hsm.load_identity_key` and friends). Handles are safe to share between threads: each backend serialises
-its hardware calls itself.
+from a URI by a backend (`hsm.load_identity_key` and friends). Handles are safe to share between threads:
+each backend serialises its hardware calls itself.
 """
 
 from __future__ import annotations
