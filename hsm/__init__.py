@@ -8,6 +8,7 @@ asyncio and no network here. Each backend module provides the same four function
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 from hsm.api import IdentityKey, KeyAlgorithm, KeyAttributes, KeyInfo, PublicKey, StorageKey
@@ -38,13 +39,9 @@ def backend_name(uri: str) -> str:
 
 
 def _backend(uri: str) -> ModuleType:
-    if backend_name(uri) == "pkcs11":
-        from hsm import pkcs11_backend
-
-        return pkcs11_backend
-    from hsm import tpm2_backend
-
-    return tpm2_backend
+    """Import the backend lazily: a PKCS#11-only device need not have the TSS libraries, and vice versa."""
+    name = "hsm.pkcs11_backend" if backend_name(uri) == "pkcs11" else "hsm.tpm2_backend"
+    return importlib.import_module(name)
 
 
 def create_identity_key(uri: str, algorithm: KeyAlgorithm, *, force: bool = False) -> IdentityKey:

@@ -184,7 +184,8 @@ class Tpm2Ref:
                 raise BadKeyUri("handle must be a number such as 0x81010001", uri=text) from None
             if not 0x81000000 <= handle <= 0x81FFFFFF:
                 raise BadKeyUri("handle must be a persistent handle (0x81000000-0x81FFFFFF)", uri=text)
-        bank, pcrs = "sha256", ()
+        bank: str = "sha256"
+        pcrs: tuple[int, ...] = ()
         if "pcrs" in q:
             bank, _, sel = q["pcrs"].partition(":")
             if bank not in ("sha1", "sha256", "sha384") or not sel:
