@@ -1,0 +1,199 @@
+"""The secret tree and per-sender hash ratchets (RFC 9420 section 9), with forward secrecy and replay protection.
+
+Node secrets are derived lazily from encryption_secret and deleted as soon as their children exist; a
+ratchet's secret is replaced by the next one as soon as a generation's key is derived. Keys for generations
+skipped by out-of-order delivery are kept in a bounded window and deleted when used; a generation that is
+neither ahead nor in the window is refused as a replay.
+
+Lookups are split in two so a rejected message changes nothing: `key_for()` computes a key without touching
+the state, and `consume()` (called only once the message has been authenticated) deletes it and advances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from gateway.protocol.mls import tree_math as tm
+from gateway.protocol.mls.crypto import CipherSuite, derive_tree_secret, expand_with_label
+from gateway.protocol.mls.errors import MlsError, MlsReplayError
+from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex
+
+DEFAULT_OUT_OF_ORDER_WINDOW = 32
+DEFAULT_MAX_FORWARD = 1000
+
+
+class RatchetType(IntEnum):
+    HANDSHAKE = 0
+    APPLICATION = 1
+
+
+@dataclass(frozen=True)
+class KeyNonce:
+    generation: int
+    key: bytes = field(repr=False)
+    nonce: bytes = field(repr=False)
+
+
+def ratchet_key_nonce(cs: CipherSuite, secret: bytes, generation: int) -> KeyNonce:
+    return KeyNonce(
+        generation,
+        derive_tree_secret(cs, secret, b"key", generation, cs.aead_key_len),
+        derive_tree_secret(cs, secret, b"nonce", generation, cs.aead_nonce_len),
+    )
+
+
+def ratchet_next(cs: CipherSuite, secret: bytes, generation: int) -> bytes:
+    return derive_tree_secret(cs, secret, b"secret", generation, cs.hash_len)
+
+
+@dataclass
+class HashRatchet:
+    """One sender's chain of one type: the secret of `generation` and the keys of skipped generations."""
+
+    secret: bytes = field(repr=False)
+    generation: int = 0
+    skipped: dict[int, KeyNonce] = field(default_factory=dict, repr=False)
+
+
+class SecretTree:
+    """Per-epoch secret tree over `n_leaves` leaves (a power of two)."""
+
+    def __init__(
+        self,
+        cs: CipherSuite,
+        encryption_secret: bytes,
+        n_leaves: int,
+        *,
+        out_of_order_window: int = DEFAULT_OUT_OF_ORDER_WINDOW,
+        max_forward: int = DEFAULT_MAX_FORWARD,
+    ) -> None:
+        if n_leaves <= 0 or n_leaves & (n_leaves - 1):
+            raise MlsError(f"secret tree needs a power-of-two leaf count, got {n_leaves}")
+        self._cs = cs
+        self._n_leaves = n_leaves
+        self._nodes: dict[NodeIndex, bytes] = {tm.root(n_leaves): encryption_secret}
+        self._ratchets: dict[tuple[LeafIndex, RatchetType], HashRatchet] = {}
+        self.out_of_order_window = out_of_order_window
+        self.max_forward = max_forward
+
+    def __repr__(self) -> str:
+        return f"SecretTree(n_leaves={self._n_leaves}, live_nodes={len(self._nodes)}, ratchets={len(self._ratchets)})"
+
+    @property
+    def n_leaves(self) -> int:
+        return self._n_leaves
+
+    # -- derivation -------------------------------------------------------------------------------------------
+
+    def _leaf_secret_pure(self, leaf: LeafIndex) -> tuple[bytes, list[NodeIndex]]:
+        """The leaf's node secret, derived from the nearest stored ancestor without storing anything."""
+        target = tm.leaf_to_node(leaf)
+        path = [target, *tm.direct_path(target, self._n_leaves)]
+        for i, node in enumerate(path):
+            secret = self._nodes.get(node)
+            if secret is None:
+                continue
+            for child in reversed(path[:i]):
+                parent = tm.parent(child, self._n_leaves)
+                side = b"left" if child < parent else b"right"
+                secret = expand_with_label(self._cs, secret, b"tree", side, self._cs.hash_len)
+            return secret, path[:i + 1]
+        raise MlsReplayError(f"the secrets of leaf {leaf} were already consumed in this epoch")
+
+    def _materialise(self, leaf: LeafIndex) -> None:
+        """Create the two ratchets of a leaf, deleting every node secret used on the way down."""
+        target = tm.leaf_to_node(leaf)
+        _, used = self._leaf_secret_pure(leaf)
+        node = used[-1]
+        while node != target:
+            secret = self._nodes.pop(node)
+            lft, rgt = tm.left(node), tm.right(node)
+            self._nodes[lft] = expand_with_label(self._cs, secret, b"tree", b"left", self._cs.hash_len)
+            self._nodes[rgt] = expand_with_label(self._cs, secret, b"tree", b"right", self._cs.hash_len)
+            node = lft if tm.is_in_subtree(target, lft) else rgt
+        leaf_secret = self._nodes.pop(target)
+        for rt, label in ((RatchetType.HANDSHAKE, b"handshake"), (RatchetType.APPLICATION, b"application")):
+            self._ratchets[(leaf, rt)] = HashRatchet(expand_with_label(self._cs, leaf_secret, label, b"",
+                                                                       self._cs.hash_len))
+
+    def _ratchet_pure(self, leaf: LeafIndex, rt: RatchetType) -> HashRatchet:
+        r = self._ratchets.get((leaf, rt))
+        if r is not None:
+            return r
+        leaf_secret, _ = self._leaf_secret_pure(leaf)
+        label = b"handshake" if rt == RatchetType.HANDSHAKE else b"application"
+        return HashRatchet(expand_with_label(self._cs, leaf_secret, label, b"", self._cs.hash_len))
+
+    def _check_leaf(self, leaf: LeafIndex) -> None:
+        if not 0 <= leaf < self._n_leaves:
+            raise MlsError(f"leaf {leaf} outside a tree of {self._n_leaves} leaves")
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def key_for(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> KeyNonce:
+        """The key and nonce a receiver needs for (leaf, type, generation); changes no state."""
+        self._check_leaf(leaf)
+        r = self._ratchet_pure(leaf, rt)
+        if generation < r.generation:
+            kn = r.skipped.get(generation)
+            if kn is None:
+                raise MlsReplayError(
+                    f"generation {generation} of leaf {leaf} was already used or is older than the out-of-order window"
+                )
+            return kn
+        if generation - r.generation > self.max_forward:
+            raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
+        secret, g = r.secret, r.generation
+        while g < generation:
+            secret = ratchet_next(self._cs, secret, g)
+            g += 1
+        return ratchet_key_nonce(self._cs, secret, generation)
+
+    def consume(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> None:
+        """Delete the key of `generation` and advance past it, keeping skipped keys within the window."""
+        self._check_leaf(leaf)
+        if (leaf, rt) not in self._ratchets:
+            self._materialise(leaf)
+        r = self._ratchets[(leaf, rt)]
+        if generation < r.generation:
+            if r.skipped.pop(generation, None) is None:
+                raise MlsReplayError(f"generation {generation} of leaf {leaf} was already used")
+            return
+        if generation - r.generation > self.max_forward:
+            raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
+        keep_from = generation - self.out_of_order_window
+        while r.generation < generation:
+            if r.generation >= keep_from:
+                r.skipped[r.generation] = ratchet_key_nonce(self._cs, r.secret, r.generation)
+            r.secret = ratchet_next(self._cs, r.secret, r.generation)
+            r.generation += 1
+        r.secret = ratchet_next(self._cs, r.secret, r.generation)
+        r.generation += 1
+        floor = r.generation - self.out_of_order_window
+        for g in [g for g in r.skipped if g < floor]:
+            del r.skipped[g]
+
+    def next_for_sending(self, leaf: LeafIndex, rt: RatchetType) -> KeyNonce:
+        """The key of this member's next generation; the key is deleted from the tree as it is returned."""
+        self._check_leaf(leaf)
+        if (leaf, rt) not in self._ratchets:
+            self._materialise(leaf)
+        r = self._ratchets[(leaf, rt)]
+        kn = ratchet_key_nonce(self._cs, r.secret, r.generation)
+        self.consume(leaf, rt, r.generation)
+        return kn
+
+    def generation(self, leaf: LeafIndex, rt: RatchetType) -> int:
+        """The next generation not yet used for (leaf, type)."""
+        r = self._ratchets.get((leaf, rt))
+        return 0 if r is None else r.generation
+
+
+def sender_data_key_nonce(cs: CipherSuite, sender_data_secret: bytes, ciphertext: bytes) -> tuple[bytes, bytes]:
+    """Key and nonce for SenderData, bound to the first Nh bytes of the content ciphertext (section 6.3.2)."""
+    sample = ciphertext[: cs.hash_len]
+    return (
+        expand_with_label(cs, sender_data_secret, b"key", sample, cs.aead_key_len),
+        expand_with_label(cs, sender_data_secret, b"nonce", sample, cs.aead_nonce_len),
+    )
