@@ -1,0 +1,214 @@
+"""Message protection (RFC 9420 sections 6.1-6.3): signing and membership tags for PublicMessage, and the
+two-layer encryption of PrivateMessage (content under the sender's ratchet key with a reuse guard, sender data
+under a key bound to the content ciphertext), with padding.
+
+What goes in is always checked before anything is kept: an opened PrivateMessage consumes its ratchet key only
+after the AEAD and the sender's signature have both verified, so a forged message leaves the secret tree as it
+was. Checks that need group state (epoch, group id, membership) belong to the group layer, which supplies the
+sender's signature key through a callback that raises for senders it does not recognise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.protocol.mls.codec import Reader
+from gateway.protocol.mls.crypto import CipherSuite, Signer, check_signature, ct_equal, sign_with_label
+from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsVerificationError
+from gateway.protocol.mls.framing import (
+    FRAMED_CONTENT_SIGN_LABEL,
+    AuthenticatedContent,
+    FramedContent,
+    FramedContentAuthData,
+    PrivateMessage,
+    PrivateMessageContent,
+    PublicMessage,
+    Sender,
+    SenderData,
+    authenticated_content_tbm,
+    framed_content_tbs,
+    private_content_aad,
+    sender_data_aad,
+)
+from gateway.protocol.mls.secret_tree import RatchetType, SecretTree, sender_data_key_nonce
+from gateway.protocol.mls.tree_math import LeafIndex
+from gateway.protocol.mls.welcome_structs import GroupContext
+from gateway.protocol.mls.wire import ContentType, SenderType, WireFormat
+
+SignatureKeyLookup = Callable[[Sender], bytes]
+"""Returns the signature public key of a sender in the current epoch, or raises MlsError if there is none."""
+
+
+def _ratchet_type(content_type: ContentType) -> RatchetType:
+    return RatchetType.APPLICATION if content_type == ContentType.APPLICATION else RatchetType.HANDSHAKE
+
+
+def _context_for(sender: Sender, context: GroupContext) -> GroupContext | None:
+    return context if sender.sender_type in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT) else None
+
+
+def sign_content(
+    signer: Signer, wire_format: WireFormat, content: FramedContent, context: GroupContext
+) -> bytes:
+    tbs = framed_content_tbs(wire_format, content, _context_for(content.sender, context))
+    return sign_with_label(signer, FRAMED_CONTENT_SIGN_LABEL, tbs)
+
+
+def verify_content_signature(
+    cs: CipherSuite, signature_key: bytes, ac: AuthenticatedContent, context: GroupContext
+) -> None:
+    tbs = framed_content_tbs(ac.wire_format, ac.content, _context_for(ac.content.sender, context))
+    check_signature(cs, signature_key, FRAMED_CONTENT_SIGN_LABEL, tbs, ac.auth.signature)
+
+
+def membership_tag(cs: CipherSuite, membership_key: bytes, ac: AuthenticatedContent, context: GroupContext) -> bytes:
+    tbs = framed_content_tbs(ac.wire_format, ac.content, _context_for(ac.content.sender, context))
+    return cs.mac(membership_key, authenticated_content_tbm(tbs, ac.auth))
+
+
+def sign_authenticated_content(
+    signer: Signer,
+    wire_format: WireFormat,
+    content: FramedContent,
+    context: GroupContext,
+    confirmation_tag: bytes | None = None,
+) -> AuthenticatedContent:
+    """Sign a FramedContent for the given wire format; commits need their confirmation tag."""
+    if (confirmation_tag is not None) != (content.content_type == ContentType.COMMIT):
+        raise MlsError("a confirmation tag must be given exactly for commits")
+    signature = sign_content(signer, wire_format, content, context)
+    return AuthenticatedContent(wire_format, content, FramedContentAuthData(signature, confirmation_tag))
+
+
+# --- PublicMessage ----------------------------------------------------------------------------------------
+
+
+def protect_public(
+    cs: CipherSuite, ac: AuthenticatedContent, context: GroupContext, membership_key: bytes | None
+) -> PublicMessage:
+    """Wrap signed content in a PublicMessage, adding the membership tag for member senders."""
+    if ac.wire_format != WireFormat.PUBLIC_MESSAGE:
+        raise MlsError("content signed for another wire format cannot be sent as a PublicMessage")
+    if ac.content.content_type == ContentType.APPLICATION:
+        raise MlsError("application data must be sent as a PrivateMessage (RFC 9420 section 6.2)")
+    tag = None
+    if ac.content.sender.sender_type == SenderType.MEMBER:
+        if membership_key is None:
+            raise MlsError("a member's PublicMessage needs the membership key")
+        tag = membership_tag(cs, membership_key, ac, context)
+    return PublicMessage(ac.content, ac.auth, tag)
+
+
+def unprotect_public(
+    cs: CipherSuite,
+    msg: PublicMessage,
+    context: GroupContext,
+    membership_key: bytes | None,
+    signature_key_for: SignatureKeyLookup,
+) -> AuthenticatedContent:
+    """Verify a PublicMessage's membership tag (member senders) and signature; return its content."""
+    if msg.content.content_type == ContentType.APPLICATION:
+        raise MlsVerificationError("application data in a PublicMessage is not allowed")
+    ac = AuthenticatedContent(WireFormat.PUBLIC_MESSAGE, msg.content, msg.auth)
+    if msg.content.sender.sender_type == SenderType.MEMBER:
+        if membership_key is None or msg.membership_tag is None:
+            raise MlsVerificationError("a member's PublicMessage needs a membership tag")
+        if not ct_equal(membership_tag(cs, membership_key, ac, context), msg.membership_tag):
+            raise MlsVerificationError("membership tag mismatch: not sent by a member of this epoch")
+    verify_content_signature(cs, signature_key_for(msg.content.sender), ac, context)
+    return ac
+
+
+# --- PrivateMessage ---------------------------------------------------------------------------------------
+
+
+def _apply_reuse_guard(nonce: bytes, guard: bytes) -> bytes:
+    return bytes(a ^ b for a, b in zip(nonce[:4], guard, strict=True)) + nonce[4:]
+
+
+def _padding_for(length: int, padding_block: int) -> int:
+    if padding_block <= 1:
+        return 0
+    return (-length) % padding_block
+
+
+def protect_private(
+    cs: CipherSuite,
+    ac: AuthenticatedContent,
+    secret_tree: SecretTree,
+    sender_data_secret: bytes,
+    *,
+    padding_block: int = 0,
+    reuse_guard: bytes | None = None,
+) -> PrivateMessage:
+    """Encrypt signed member content with the sender's next ratchet key; that key is deleted as it is used."""
+    content = ac.content
+    if ac.wire_format != WireFormat.PRIVATE_MESSAGE:
+        raise MlsError("content signed for another wire format cannot be sent as a PrivateMessage")
+    if content.sender.sender_type != SenderType.MEMBER or content.sender.index is None:
+        raise MlsError("only members send PrivateMessages")
+    leaf = LeafIndex(content.sender.index)
+    ctype = content.content_type
+    inner = PrivateMessageContent(content.content, ac.auth)
+    body = inner.to_bytes()
+    inner = PrivateMessageContent(content.content, ac.auth, _padding_for(len(body), padding_block))
+    guard = os.urandom(4) if reuse_guard is None else reuse_guard
+    kn = secret_tree.next_for_sending(leaf, _ratchet_type(ctype))
+    aad = private_content_aad(content.group_id, content.epoch, ctype, content.authenticated_data)
+    ciphertext = cs.aead_seal(kn.key, _apply_reuse_guard(kn.nonce, guard), aad, inner.to_bytes())
+    sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, ciphertext)
+    sender_data = SenderData(leaf, kn.generation, guard).to_bytes()
+    encrypted_sender_data = cs.aead_seal(sd_key, sd_nonce, sender_data_aad(content.group_id, content.epoch, ctype),
+                                         sender_data)
+    return PrivateMessage(content.group_id, content.epoch, ctype, content.authenticated_data, encrypted_sender_data,
+                          ciphertext)
+
+
+@dataclass(frozen=True)
+class OpenedPrivateMessage:
+    """A decrypted PrivateMessage whose signature has verified and whose key has been consumed."""
+
+    content: AuthenticatedContent
+    generation: int
+
+
+def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret: bytes) -> SenderData:
+    sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, msg.ciphertext)
+    aad = sender_data_aad(msg.group_id, msg.epoch, msg.content_type)
+    raw = cs.aead_open(sd_key, sd_nonce, aad, msg.encrypted_sender_data)
+    r = Reader(raw)
+    sd = SenderData.decode(r)
+    r.expect_done()
+    return sd
+
+
+def unprotect_private(
+    cs: CipherSuite,
+    msg: PrivateMessage,
+    context: GroupContext,
+    secret_tree: SecretTree,
+    sender_data_secret: bytes,
+    signature_key_for: SignatureKeyLookup,
+) -> OpenedPrivateMessage:
+    """Decrypt and verify a PrivateMessage. The ratchet key is consumed only if every check passes."""
+    sd = decrypt_sender_data(cs, msg, sender_data_secret)
+    leaf = LeafIndex(sd.leaf_index)
+    if leaf >= secret_tree.n_leaves:
+        raise MlsVerificationError(f"sender data names leaf {leaf}, outside the tree")
+    sender = Sender.member(leaf)
+    signature_key = signature_key_for(sender)  # raises for a blank or unknown leaf
+    rt = _ratchet_type(msg.content_type)
+    kn = secret_tree.key_for(leaf, rt, sd.generation)
+    aad = private_content_aad(msg.group_id, msg.epoch, msg.content_type, msg.authenticated_data)
+    plaintext = cs.aead_open(kn.key, _apply_reuse_guard(kn.nonce, sd.reuse_guard), aad, msg.ciphertext)
+    try:
+        inner = PrivateMessageContent.from_bytes(plaintext, msg.content_type)
+    except ValueError as e:  # structural rules of the framing dataclasses
+        raise MlsDecodeError(f"PrivateMessageContent: {e}") from None
+    content = FramedContent(msg.group_id, msg.epoch, sender, msg.authenticated_data, inner.content)
+    ac = AuthenticatedContent(WireFormat.PRIVATE_MESSAGE, content, inner.auth)
+    verify_content_signature(cs, signature_key, ac, context)
+    secret_tree.consume(leaf, rt, sd.generation)
+    return OpenedPrivateMessage(ac, sd.generation)
