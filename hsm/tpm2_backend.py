@@ -227,32 +227,37 @@ def _load_blob(esys: Any, parent: Any, blob: Any, uri: str) -> Any:
         raise classify(exc, "load the key file", uri) from None
 
 
+def _create_persistent(esys: Any, handle: int, *, force: bool, uri: str) -> None:
+    """Create the key and make it persistent at `handle`; the old key there goes only once the new one exists."""
+    exists = _persistent_exists(esys, handle)
+    if exists and not force:
+        raise KeyExists(f"persistent handle {handle:#x} is already in use; pass force to replace it", uri=uri)
+    with primary(esys) as parent:
+        private, public, _cdata, _chash, _ticket = esys.create(parent, None, identity_template())
+        loaded = esys.load(parent, private, public)
+    with transient(esys, loaded):
+        if exists:
+            old = esys.tr_from_tpmpublic(handle)
+            esys.evict_control(ESYS_TR.OWNER, old, handle)  # removes the old persistent object
+            esys.tr_close(old)  # ESAPI keeps the evicted object's metadata (and name) until closed
+        esys.tr_close(esys.evict_control(ESYS_TR.OWNER, loaded, handle))
+
+
 def create_identity_key(uri: str, algorithm: KeyAlgorithm, *, force: bool = False) -> TpmIdentityKey:
     """Generate an identity key inside the TPM. Refuses to replace an existing key unless `force`."""
     ref = _identity_ref(uri)
     safe = ref.redacted()
     if KeyAlgorithm(algorithm) is not KeyAlgorithm.ECDSA_P256:
-        raise WrongKeyType(f"a TPM has no {algorithm.value}: use {KeyAlgorithm.ECDSA_P256.value} for a TPM identity "
-                           "key (TPM 2.0 implements ECDSA P-256 but not Ed25519)", uri=safe)
+        raise WrongKeyType(f"a TPM has no Ed25519 (asked for {algorithm.value}): TPM 2.0 signs with ECDSA P-256, "
+                           f"configure algorithm {KeyAlgorithm.ECDSA_P256.value} for a tpm2: identity key", uri=safe)
     if ref.blob is not None and ref.blob.exists() and not force:
         raise KeyExists(f"key file {ref.blob} already exists; pass force to replace it", uri=safe)
     with tpm_session(ref, "create the identity key") as esys:
         if ref.handle is not None:
-            exists = _persistent_exists(esys, ref.handle)
-            if exists and not force:
-                raise KeyExists(f"persistent handle {ref.handle:#x} is already in use; pass force to replace it",
-                                uri=safe)
-        with primary(esys) as parent:
-            private, public, _cdata, _chash, _ticket = esys.create(parent, None, identity_template())
-            if ref.handle is not None:
-                loaded = esys.load(parent, private, public)
-        if ref.handle is not None:
-            with transient(esys, loaded):
-                if exists:
-                    old = esys.tr_from_tpmpublic(ref.handle)
-                    esys.evict_control(ESYS_TR.OWNER, old, ref.handle)  # removes the old persistent object
-                persisted = esys.evict_control(ESYS_TR.OWNER, loaded, ref.handle)
-                esys.tr_close(persisted)
+            _create_persistent(esys, ref.handle, force=force, uri=safe)
+        else:
+            with primary(esys) as parent:
+                private, public, _cdata, _chash, _ticket = esys.create(parent, None, identity_template())
     if ref.blob is not None:
         pem = TSSPrivKey(private, public, empty_auth=True, parent=int(TPM2_RH.OWNER)).to_pem()
         write_private_file(ref.blob, bytes(pem), safe)

@@ -130,6 +130,21 @@ def _drop(ctx: TpmContext) -> None:
     ctx.close()
 
 
+def close(tcti: str) -> None:
+    """Close this process's context for one TCTI, if open (e.g. before the simulator behind it stops)."""
+    with _contexts_lock:
+        ctx = _contexts.pop(tcti, None)
+    if ctx is not None:
+        with ctx.lock:
+            ctx.close()
+
+
+def open_tctis() -> list[str]:
+    """The TCTIs this process holds a context for."""
+    with _contexts_lock:
+        return sorted(_contexts)
+
+
 def close_all() -> None:
     """Close every ESAPI context of this process (tests, and shutdown)."""
     with _contexts_lock:
