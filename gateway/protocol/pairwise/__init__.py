@@ -1,0 +1,52 @@
+"""Pairwise end-to-end encryption between two devices: prekey-based setup, Double Ratchet, signed messages.
+
+Sans-I/O: bytes in, bytes out; no sockets, no clocks (times are passed in), randomness injectable.
+Formats: docs/protocol-pairwise.md.
+"""
+
+from gateway.protocol.pairwise.crypto import Ed25519Signer, MessageSigner, RandomSource, VerifyCredential
+from gateway.protocol.pairwise.errors import (
+    CredentialError,
+    PairwiseDecodeError,
+    PairwiseError,
+    PairwiseReplayError,
+    PairwiseUsageError,
+    PairwiseVerificationError,
+    PrekeyError,
+    SessionExhaustedError,
+    SignerMismatchError,
+    TooManySkippedError,
+    UnexpectedMessageError,
+)
+from gateway.protocol.pairwise.prekeys import OneTimePrekey, PrekeyBundle, PrekeyStore, SignedPrekey
+from gateway.protocol.pairwise.session import PairwiseSession, RatchetLimits, Role
+from gateway.protocol.pairwise.wire import MessageType, PairwiseMessage, PrekeySetup, RatchetHeader
+
+__all__ = [
+    "CredentialError",
+    "Ed25519Signer",
+    "MessageSigner",
+    "MessageType",
+    "OneTimePrekey",
+    "PairwiseDecodeError",
+    "PairwiseError",
+    "PairwiseMessage",
+    "PairwiseReplayError",
+    "PairwiseSession",
+    "PairwiseUsageError",
+    "PairwiseVerificationError",
+    "PrekeyBundle",
+    "PrekeyError",
+    "PrekeySetup",
+    "PrekeyStore",
+    "RandomSource",
+    "RatchetHeader",
+    "RatchetLimits",
+    "Role",
+    "SessionExhaustedError",
+    "SignedPrekey",
+    "SignerMismatchError",
+    "TooManySkippedError",
+    "UnexpectedMessageError",
+    "VerifyCredential",
+]

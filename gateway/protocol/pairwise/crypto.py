@@ -1,0 +1,170 @@
+"""The primitives of the pairwise channel, and nothing else: X25519, HKDF/HMAC-SHA256 chains,
+XChaCha20-Poly1305 (IETF) and Ed25519 through a small signer protocol.
+
+Each function maps library failures to our errors, so the session code above never sees a PyNaCl exception.
+Signing goes through `MessageSigner` so the private key can live wherever the caller keeps it; this module
+never stores one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+
+from gateway.protocol.pairwise.errors import CredentialError, PairwiseVerificationError
+
+KEY_LEN = 32
+NONCE_LEN = 24
+TAG_LEN = 16
+SIGNATURE_LEN = 64
+
+RandomSource = Callable[[int], bytes]
+"""Returns n random bytes; `os.urandom` in production, a seeded generator in tests."""
+
+VerifyCredential = Callable[[str, bytes], bytes]
+"""`verify_credential(device_id, credential) -> 32-byte Ed25519 verify key`, raising if the credential is bad.
+
+Supplied by the identity layer: it checks the X.509 chain from the device's hardware key to the delegated
+signing key. Any exception it raises is reported as `CredentialError`.
+"""
+
+_ZERO_SALT = bytes(32)
+
+
+@runtime_checkable
+class MessageSigner(Protocol):
+    """Signs with the device's delegated Ed25519 key. The key itself stays with the implementation."""
+
+    @property
+    def verify_key(self) -> bytes:
+        """The 32-byte Ed25519 public key matching `sign`."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """Returns the 64-byte Ed25519 signature of `data`."""
+        ...
+
+
+class Ed25519Signer:
+    """A `MessageSigner` over a software PyNaCl key: the delegated key, once unwrapped from the store."""
+
+    __slots__ = ("_key", "_verify_key")
+
+    def __init__(self, key: nacl.signing.SigningKey) -> None:
+        self._key = key
+        self._verify_key = bytes(key.verify_key)
+
+    @classmethod
+    def generate(cls) -> Ed25519Signer:
+        return cls(nacl.signing.SigningKey.generate())
+
+    @property
+    def verify_key(self) -> bytes:
+        return self._verify_key
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._key.sign(data).signature)
+
+    def __repr__(self) -> str:
+        return f"Ed25519Signer(verify_key={self._verify_key.hex()})"
+
+
+class Verifier:
+    """An Ed25519 public key parsed once, so per-message verification does no key decoding."""
+
+    __slots__ = ("_key", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        if len(raw) != KEY_LEN:
+            raise PairwiseVerificationError(f"Ed25519 verify key must be {KEY_LEN} bytes, got {len(raw)}")
+        self.raw = bytes(raw)
+        self._key = nacl.signing.VerifyKey(self.raw)
+
+    def verify(self, data: bytes, signature: bytes, what: str) -> None:
+        try:
+            self._key.verify(data, signature)
+        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+            raise PairwiseVerificationError(f"{what}: Ed25519 signature does not verify") from None
+
+
+def check_credential(verify_credential: VerifyCredential, device_id: str, credential: bytes) -> Verifier:
+    """Runs the caller's credential check and turns any failure into `CredentialError`."""
+    try:
+        raw = verify_credential(device_id, credential)
+    except Exception as exc:
+        raise CredentialError(f"credential of device {device_id!r} rejected: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(raw, bytes) or len(raw) != KEY_LEN:
+        raise CredentialError(f"credential check for device {device_id!r} did not return a 32-byte key")
+    return Verifier(raw)
+
+
+def x25519_keypair(random: RandomSource = os.urandom) -> tuple[bytes, bytes]:
+    """(private, public). The private key is 32 random bytes; X25519 clamps it when used."""
+    private = random(KEY_LEN)
+    if len(private) != KEY_LEN:
+        raise ValueError("random source returned the wrong number of bytes")
+    return private, nacl.bindings.crypto_scalarmult_base(private)
+
+
+def x25519_public(private: bytes) -> bytes:
+    return nacl.bindings.crypto_scalarmult_base(private)
+
+
+def dh(private: bytes, public: bytes) -> bytes:
+    """X25519; rejects peer keys that give the all-zero shared secret (small-order points)."""
+    try:
+        out = nacl.bindings.crypto_scalarmult(private, public)
+    except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        raise PairwiseVerificationError("X25519: peer public key is a small-order point") from None
+    if hmac.compare_digest(out, bytes(KEY_LEN)):
+        raise PairwiseVerificationError("X25519: peer public key is a small-order point")
+    return out
+
+
+def hkdf(ikm: bytes, salt: bytes, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869)."""
+    prk = hmac.digest(salt or _ZERO_SALT, ikm, "sha256")
+    out = b""
+    block = b""
+    counter = 1
+    while len(out) < length:
+        block = hmac.digest(prk, block + info + bytes([counter]), "sha256")
+        out += block
+        counter += 1
+    return out[:length]
+
+
+_RK_INFO = b"agw pairwise v1 root"
+
+
+def kdf_rk(root_key: bytes, dh_out: bytes) -> tuple[bytes, bytes]:
+    """Double Ratchet KDF_RK: HKDF(salt=root key, ikm=DH output) -> (new root key, new chain key)."""
+    out = hkdf(dh_out, root_key, _RK_INFO, 2 * KEY_LEN)
+    return out[:KEY_LEN], out[KEY_LEN:]
+
+
+def kdf_ck(chain_key: bytes) -> tuple[bytes, bytes]:
+    """Double Ratchet KDF_CK: HMAC-SHA256(ck, 0x02) -> next chain key, HMAC-SHA256(ck, 0x01) -> message key."""
+    return hmac.digest(chain_key, b"\x02", "sha256"), hmac.digest(chain_key, b"\x01", "sha256")
+
+
+def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key))
+
+
+def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    try:
+        return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key))
+    except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify") from None
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

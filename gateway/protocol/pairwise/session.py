@@ -1,0 +1,368 @@
+"""A pairwise session between two devices: asynchronous setup from a prekey bundle, then the Double Ratchet.
+
+Setup (X3DH without X25519 identity keys; rationale in docs/protocol-pairwise.md):
+    SK = HKDF(salt=0, ikm = 0xFF*32 || DH(EK_a, SPK_b) [|| DH(EK_a, OPK_b)], info = transcript)
+where the transcript names both device ids and both delegated verify keys. Each side is authenticated by its
+Ed25519 signature on every message, made with the delegated key its credential certifies, and checked before
+any key is derived or used. The session id is a hash of the transcript, so it names exactly one setup.
+
+Use:
+    initiator: session = PairwiseSession.initiate(...); wire = session.encrypt(plaintext)
+    responder: session, plaintext = PairwiseSession.accept(wire, ...); later session.decrypt / encrypt
+A session mutates on every `encrypt` and successful `decrypt`: persist `encode()` before sending the
+ciphertext, and with the delivered message after a decrypt. A failing `decrypt` leaves the session unchanged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from dataclasses import dataclass
+from enum import IntEnum
+
+from gateway.protocol.pairwise import codec
+from gateway.protocol.pairwise.codec import Reader
+from gateway.protocol.pairwise.crypto import (
+    KEY_LEN,
+    NONCE_LEN,
+    MessageSigner,
+    RandomSource,
+    Verifier,
+    VerifyCredential,
+    aead_decrypt,
+    aead_encrypt,
+    check_credential,
+    dh,
+    hkdf,
+    sha256,
+    x25519_keypair,
+)
+from gateway.protocol.pairwise.errors import (
+    PairwiseDecodeError,
+    PairwiseUsageError,
+    SignerMismatchError,
+    UnexpectedMessageError,
+)
+from gateway.protocol.pairwise.prekeys import MAX_CREDENTIAL_LEN, PrekeyBundle, PrekeyStore
+from gateway.protocol.pairwise.ratchet import DEFAULT_MAX_SKIP, DEFAULT_MAX_SKIPPED_TOTAL, RatchetState
+from gateway.protocol.pairwise.wire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    SESSION_ID_LEN,
+    SIGNATURE_CONTEXT,
+    PairwiseMessage,
+    PrekeySetup,
+    RatchetHeader,
+    encode_prefix,
+)
+
+STATE_VERSION = 1
+_SK_CONTEXT = b"agw pairwise v1 x3dh\x00"
+_SESSION_ID_CONTEXT = b"agw pairwise v1 session id\x00"
+_DH_PREFIX = b"\xff" * 32
+
+
+class Role(IntEnum):
+    INITIATOR = 1
+    RESPONDER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class RatchetLimits:
+    """Out-of-order window: keys one message may skip in a chain, and skipped keys held in total."""
+
+    max_skip: int = DEFAULT_MAX_SKIP
+    max_skipped_total: int = DEFAULT_MAX_SKIPPED_TOTAL
+
+
+def setup_transcript(
+    *,
+    initiator_device_id: str,
+    responder_device_id: str,
+    initiator_verify_key: bytes,
+    responder_verify_key: bytes,
+    ephemeral_key: bytes,
+    signed_prekey: bytes,
+    one_time_prekey: bytes | None,
+) -> bytes:
+    """The HKDF info of the setup: binds the shared key to both identities and every public key used."""
+    return b"".join([
+        _SK_CONTEXT,
+        codec.text8(initiator_device_id),
+        codec.text8(responder_device_id),
+        initiator_verify_key,
+        responder_verify_key,
+        ephemeral_key,
+        signed_prekey,
+        b"\x00" if one_time_prekey is None else b"\x01" + one_time_prekey,
+    ])
+
+
+def _derive(dh_outputs: list[bytes], transcript: bytes) -> tuple[bytes, bytes]:
+    """(shared key SK, session id)."""
+    shared = hkdf(_DH_PREFIX + b"".join(dh_outputs), bytes(32), transcript, KEY_LEN)
+    return shared, sha256(_SESSION_ID_CONTEXT + transcript)[:SESSION_ID_LEN]
+
+
+class PairwiseSession:
+    """One end of an end-to-end encrypted, signed channel with one peer device."""
+
+    __slots__ = (
+        "_local_verify_key", "_pending_setup", "_random", "_ratchet", "_signer", "local_device_id",
+        "max_message_size", "peer_credential", "peer_device_id", "peer_verifier", "role", "session_id",
+    )
+
+    def __init__(
+        self,
+        *,
+        session_id: bytes,
+        role: Role,
+        local_device_id: str,
+        peer_device_id: str,
+        peer_credential: bytes,
+        peer_verifier: Verifier,
+        signer: MessageSigner,
+        ratchet: RatchetState,
+        pending_setup: PrekeySetup | None,
+        random: RandomSource = os.urandom,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.session_id = session_id
+        self.role = role
+        self.local_device_id = local_device_id
+        self.peer_device_id = peer_device_id
+        self.peer_credential = peer_credential
+        self.peer_verifier = peer_verifier
+        self._signer = signer
+        self._local_verify_key = bytes(signer.verify_key)
+        self._ratchet = ratchet
+        self._pending_setup = pending_setup
+        self._random = random
+        self.max_message_size = max_message_size
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def initiate(
+        cls,
+        *,
+        local_device_id: str,
+        credential: bytes,
+        signer: MessageSigner,
+        bundle: PrekeyBundle,
+        verify_credential: VerifyCredential,
+        now_ms: int | None = None,
+        max_signed_prekey_age_ms: int | None = None,
+        limits: RatchetLimits = RatchetLimits(),
+        random: RandomSource = os.urandom,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> PairwiseSession:
+        """Opens a session to `bundle.device_id` from its published prekeys; uses its first one-time prekey."""
+        if not 1 <= len(credential) <= MAX_CREDENTIAL_LEN:
+            raise PairwiseUsageError(f"own credential must be 1..{MAX_CREDENTIAL_LEN} bytes")
+        if bundle.device_id == local_device_id:
+            raise PairwiseUsageError("cannot open a pairwise session with our own device id")
+        peer = bundle.verify(verify_credential, now_ms=now_ms, max_signed_prekey_age_ms=max_signed_prekey_age_ms)
+        spk = bundle.signed_prekey
+        opk = bundle.one_time_prekeys[0] if bundle.one_time_prekeys else None
+        ek_private, ek_public = x25519_keypair(random)
+        dhs = [dh(ek_private, spk.public_key)]
+        if opk is not None:
+            dhs.append(dh(ek_private, opk.public_key))
+        transcript = setup_transcript(
+            initiator_device_id=local_device_id, responder_device_id=bundle.device_id,
+            initiator_verify_key=bytes(signer.verify_key), responder_verify_key=peer.raw,
+            ephemeral_key=ek_public, signed_prekey=spk.public_key,
+            one_time_prekey=None if opk is None else opk.public_key,
+        )
+        shared, session_id = _derive(dhs, transcript)
+        setup = PrekeySetup(
+            sender_device_id=local_device_id, recipient_device_id=bundle.device_id, sender_credential=credential,
+            recipient_verify_key=peer.raw, signed_prekey_id=spk.prekey_id,
+            one_time_prekey_id=None if opk is None else opk.prekey_id, ephemeral_key=ek_public,
+        )
+        ratchet = RatchetState.for_initiator(
+            shared, spk.public_key, random=random, max_skip=limits.max_skip,
+            max_skipped_total=limits.max_skipped_total,
+        )
+        return cls(
+            session_id=session_id, role=Role.INITIATOR, local_device_id=local_device_id,
+            peer_device_id=bundle.device_id, peer_credential=bundle.credential, peer_verifier=peer, signer=signer,
+            ratchet=ratchet, pending_setup=setup, random=random, max_message_size=max_message_size,
+        )
+
+    @classmethod
+    def accept(
+        cls,
+        message: bytes | PairwiseMessage,
+        *,
+        local_device_id: str,
+        signer: MessageSigner,
+        prekeys: PrekeyStore,
+        verify_credential: VerifyCredential,
+        limits: RatchetLimits = RatchetLimits(),
+        random: RandomSource = os.urandom,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> tuple[PairwiseSession, bytes]:
+        """Builds the responder's session from a PREKEY message and decrypts it.
+
+        Verifies the credential and the signature first. The one-time prekey is consumed from `prekeys` only
+        if the message decrypts; persist the session and the prekey store together.
+        """
+        msg = message if isinstance(message, PairwiseMessage) else PairwiseMessage.parse(
+            message, max_size=max_message_size
+        )
+        setup = msg.setup
+        if setup is None:
+            raise UnexpectedMessageError("not a session-setup (PREKEY) message and no session has this id")
+        if setup.recipient_device_id != local_device_id:
+            raise UnexpectedMessageError(
+                f"setup message is for device {setup.recipient_device_id!r}, not {local_device_id!r}"
+            )
+        if setup.sender_device_id == local_device_id:
+            raise UnexpectedMessageError("setup message claims to come from our own device id")
+        own_vk = bytes(signer.verify_key)
+        if not hmac.compare_digest(setup.recipient_verify_key, own_vk):
+            raise UnexpectedMessageError(
+                "setup message was made from a prekey bundle with another delegated key (stale bundle); "
+                "republish the bundle"
+            )
+        peer = check_credential(verify_credential, setup.sender_device_id, setup.sender_credential)
+        peer.verify(SIGNATURE_CONTEXT + msg.signed_part, msg.signature, f"message from {setup.sender_device_id!r}")
+        spk_private, spk_public = prekeys.signed_prekey(setup.signed_prekey_id)
+        dhs = [dh(spk_private, setup.ephemeral_key)]
+        opk_public: bytes | None = None
+        if setup.one_time_prekey_id is not None:
+            opk_private, opk_public = prekeys.one_time_prekey(setup.one_time_prekey_id)
+            dhs.append(dh(opk_private, setup.ephemeral_key))
+        transcript = setup_transcript(
+            initiator_device_id=setup.sender_device_id, responder_device_id=local_device_id,
+            initiator_verify_key=peer.raw, responder_verify_key=own_vk, ephemeral_key=setup.ephemeral_key,
+            signed_prekey=spk_public, one_time_prekey=opk_public,
+        )
+        shared, session_id = _derive(dhs, transcript)
+        if not hmac.compare_digest(session_id, msg.session_id):
+            raise UnexpectedMessageError("setup message's session id does not match its setup fields")
+        ratchet = RatchetState.for_responder(
+            shared, spk_private, max_skip=limits.max_skip, max_skipped_total=limits.max_skipped_total
+        )
+        session = cls(
+            session_id=session_id, role=Role.RESPONDER, local_device_id=local_device_id,
+            peer_device_id=setup.sender_device_id, peer_credential=setup.sender_credential, peer_verifier=peer,
+            signer=signer, ratchet=ratchet, pending_setup=None, random=random, max_message_size=max_message_size,
+        )
+        plaintext = session._open(msg)
+        if setup.one_time_prekey_id is not None:
+            prekeys.consume_one_time_prekey(setup.one_time_prekey_id)
+        return session, plaintext
+
+    # -- messages ---------------------------------------------------------------------------------------------
+
+    def encrypt(self, plaintext: bytes) -> bytes:
+        """Encrypts and signs one message. Until the peer has answered, it also carries the session setup."""
+        if bytes(self._signer.verify_key) != self._local_verify_key:
+            raise PairwiseUsageError("the signer's key changed; a session is bound to its delegated key")
+        dh_public, pn, n, mk = self._ratchet.next_send()
+        header = RatchetHeader(dh_public, pn, n, self._random(NONCE_LEN))
+        aad = encode_prefix(self.session_id, self._pending_setup, header)
+        body = aad + aead_encrypt(mk, header.nonce, plaintext, aad)
+        return body + self._signer.sign(SIGNATURE_CONTEXT + body)
+
+    def decrypt(self, message: bytes | PairwiseMessage) -> bytes:
+        """Verifies the signature, then decrypts. On any error the session is unchanged."""
+        msg = message if isinstance(message, PairwiseMessage) else PairwiseMessage.parse(
+            message, max_size=self.max_message_size
+        )
+        if not hmac.compare_digest(msg.session_id, self.session_id):
+            raise UnexpectedMessageError("message belongs to another session")
+        self.peer_verifier.verify(
+            SIGNATURE_CONTEXT + msg.signed_part, msg.signature, f"message from {self.peer_device_id!r}"
+        )
+        if msg.setup is not None:
+            self._check_repeated_setup(msg.setup)
+        return self._open(msg)
+
+    def _check_repeated_setup(self, setup: PrekeySetup) -> None:
+        """The initiator repeats its setup until answered; it must be the one this session was built from."""
+        if (
+            self.role != Role.RESPONDER
+            or setup.sender_device_id != self.peer_device_id
+            or setup.recipient_device_id != self.local_device_id
+            or setup.sender_credential != self.peer_credential
+            or setup.recipient_verify_key != self._local_verify_key
+        ):
+            raise UnexpectedMessageError("setup fields differ from the ones this session was built from")
+
+    def _open(self, msg: PairwiseMessage) -> bytes:
+        h = msg.header
+        plan = self._ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number,
+                                             random=self._random)
+        plaintext = aead_decrypt(plan.message_key, h.nonce, msg.ciphertext, msg.aad)
+        self._ratchet.commit(plan)
+        self._pending_setup = None  # the peer has answered: it holds the session
+        return plaintext
+
+    # -- inspection -------------------------------------------------------------------------------------------
+
+    @property
+    def established(self) -> bool:
+        """True once a message from the peer has been decrypted in this session."""
+        return self._pending_setup is None
+
+    @property
+    def local_verify_key(self) -> bytes:
+        return self._local_verify_key
+
+    @property
+    def ratchet(self) -> RatchetState:
+        return self._ratchet
+
+    # -- persistence ------------------------------------------------------------------------------------------
+
+    def encode(self) -> bytes:
+        """Versioned state for the encrypted store. Contains secrets: never write it anywhere unencrypted."""
+        parts = [
+            codec.u8(STATE_VERSION), self.session_id, codec.u8(self.role), codec.text8(self.local_device_id),
+            codec.text8(self.peer_device_id), codec.opaque16(self.peer_credential), self.peer_verifier.raw,
+            self._local_verify_key, codec.u32(self.max_message_size),
+        ]
+        if self._pending_setup is None:
+            parts.append(b"\x00")
+        else:
+            parts += [b"\x01", self._pending_setup.encode()]
+        parts.append(self._ratchet.encode())
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes, *, signer: MessageSigner, random: RandomSource = os.urandom) -> PairwiseSession:
+        """Restores a session; it continues exactly where `encode()` left it. `signer` must be the same key."""
+        r = Reader(data, "session state")
+        version = r.u8("version")
+        if version != STATE_VERSION:
+            raise PairwiseDecodeError(f"session state: unsupported version {version} (expected {STATE_VERSION})")
+        session_id = r.fixed(SESSION_ID_LEN, "session id")
+        role_value = r.u8("role")
+        if role_value not in (Role.INITIATOR, Role.RESPONDER):
+            raise PairwiseDecodeError(f"session state: unknown role {role_value}")
+        local_id, peer_id = r.text8("local device id"), r.text8("peer device id")
+        peer_credential = r.opaque16("peer credential", min_len=1, max_len=MAX_CREDENTIAL_LEN)
+        peer_verifier = Verifier(r.fixed(KEY_LEN, "peer verify key"))
+        local_vk = r.fixed(KEY_LEN, "local verify key")
+        max_message_size = r.u32("max message size")
+        pending = PrekeySetup.read(r) if r.flag("pending setup present") else None
+        ratchet = RatchetState.read(r)
+        r.done()
+        if pending is not None and role_value != Role.INITIATOR:
+            raise PairwiseDecodeError("session state: only an initiator can have a pending setup")
+        if bytes(signer.verify_key) != local_vk:
+            raise SignerMismatchError("session was made with another delegated key; open a new session instead")
+        return cls(
+            session_id=session_id, role=Role(role_value), local_device_id=local_id, peer_device_id=peer_id,
+            peer_credential=peer_credential, peer_verifier=peer_verifier, signer=signer, ratchet=ratchet,
+            pending_setup=pending, random=random, max_message_size=max_message_size,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PairwiseSession(id={self.session_id.hex()}, role={self.role.name}, local={self.local_device_id!r}, "
+            f"peer={self.peer_device_id!r}, established={self.established}, {self._ratchet!r})"
+        )
