@@ -93,8 +93,8 @@ class SwTpm:
                 shutil.rmtree(owned_tmp, ignore_errors=True)
 
     @classmethod
-    def _try_start(cls, state: Path) -> tuple[SwTpm | None, str]:
-        port, ctrl = free_port_pair()
+    def _try_start(cls, state: Path, ports: tuple[int, int] | None = None) -> tuple[SwTpm | None, str]:
+        port, ctrl = ports or free_port_pair()
         log = state / "swtpm.log"
         cmd = [
             SWTPM, "socket", "--tpm2",
@@ -116,6 +116,14 @@ class SwTpm:
             time.sleep(0.02)
         tpm.stop()
         return None, "timed out waiting for the ports"
+
+    def restart(self) -> None:
+        """Stop and start again on the same ports with the same state (a reboot: NV and seeds survive)."""
+        self.stop()
+        tpm, err = self._try_start(self.state_dir, (self.port, self.ctrl_port))
+        if tpm is None:
+            raise RuntimeError(f"swtpm did not restart: {err}")
+        self.proc = tpm.proc
 
     def stop(self) -> None:
         """Kill this swtpm (only this process, by its pid) and reap it."""
