@@ -1,0 +1,90 @@
+"""Plaintext encodings of stored values, before sealing.
+
+Records are small tuples of bytes, str, int and None, packed with a type tag and a length so decoding is exact.
+Audit entries use canonical JSON (sorted keys, no spaces, UTF-8) because the MAC chain is defined over it and
+an auditor should be able to recompute it with any JSON library.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InvalidRecord, StoreCorrupt
+
+Field = bytes | str | int | None
+
+_NONE, _INT, _BYTES, _STR = 0, 1, 2, 3
+_LEN = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+
+
+def pack(fields: Sequence[Field]) -> bytes:
+    """Encode a tuple of fields; bools are rejected (use ints) so decoding gives back exactly what went in."""
+    out = bytearray()
+    for f in fields:
+        if f is None:
+            out.append(_NONE)
+        elif isinstance(f, bool):
+            raise InvalidRecord("booleans are not storable fields; use 0/1")
+        elif isinstance(f, int):
+            out.append(_INT)
+            out += _I64.pack(f)
+        elif isinstance(f, bytes):
+            out.append(_BYTES)
+            out += _LEN.pack(len(f))
+            out += f
+        elif isinstance(f, str):
+            raw = f.encode()
+            out.append(_STR)
+            out += _LEN.pack(len(raw))
+            out += raw
+        else:
+            raise InvalidRecord(f"unsupported field type {type(f).__name__}")
+    return bytes(out)
+
+
+def unpack(data: bytes) -> tuple[Field, ...]:
+    """Decode `pack` output. Input is authenticated before this runs, so a failure means a bug or a damaged file."""
+    fields: list[Field] = []
+    i = 0
+    n = len(data)
+    try:
+        while i < n:
+            tag = data[i]
+            i += 1
+            if tag == _NONE:
+                fields.append(None)
+            elif tag == _INT:
+                fields.append(_I64.unpack_from(data, i)[0])
+                i += 8
+            elif tag in (_BYTES, _STR):
+                (ln,) = _LEN.unpack_from(data, i)
+                i += 4
+                if i + ln > n:
+                    raise ValueError("field runs past the end")
+                raw = data[i : i + ln]
+                i += ln
+                fields.append(raw if tag == _BYTES else raw.decode())
+            else:
+                raise ValueError(f"unknown tag {tag}")
+    except (ValueError, struct.error) as exc:
+        raise StoreCorrupt(f"a decrypted record does not decode ({exc}): restore a backup") from None
+    return tuple(fields)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte string an audit entry's MAC is computed over."""
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise InvalidRecord(f"audit event is not plain JSON data ({exc}); use str/int/float/bool/list/dict") from None
+
+
+def expect(fields: tuple[Field, ...], types: tuple[type | tuple[type, ...], ...]) -> tuple[Any, ...]:
+    """Check a decoded tuple has exactly the expected field types (list `type(None)` where None is allowed)."""
+    if len(fields) != len(types) or not all(isinstance(f, t) for f, t in zip(fields, types, strict=True)):
+        raise StoreCorrupt("a decrypted record has an unexpected shape: restore a backup")
+    return fields

@@ -1,0 +1,112 @@
+"""Keys and record sealing for the store.
+
+One random 32-byte data-encryption key (DEK) per store, kept on disk only wrapped by the hardware storage key.
+Every purpose gets its own subkey from HKDF-SHA256 of the DEK, so a weakness in one use (say, blind indexes,
+which are deterministic by design) says nothing about another:
+
+- `record`: AES-256-GCM for every stored value. Nonce: 12 random bytes per write. Associated data: a format
+  byte, the table name and the row key, so a ciphertext copied into another row or table fails to open.
+- `audit`: HMAC-SHA256 chaining the audit log.
+- `blind`: HMAC-SHA256 "blind indexes", so peer ids, message ids and secret names need not appear in the file
+  while rows can still be found by them. Each table has its own domain: the same peer gets unrelated row keys in
+  different tables.
+- `check`: a MAC over a constant, stored in the meta table, proving an unwrapped DEK is this store's DEK.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .errors import StoreCorrupt
+
+DEK_BYTES = 32
+NONCE_BYTES = 12
+BLIND_BYTES = 16
+MAC_BYTES = 32
+RECORD_FORMAT = 1
+_INFO_PREFIX = b"agw-store v1 "
+_CHECK_LABEL = b"agw-store dek check"
+
+
+def new_dek() -> bytes:
+    """A fresh random data-encryption key."""
+    return os.urandom(DEK_BYTES)
+
+
+def _subkey(dek: bytes, purpose: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO_PREFIX + purpose).derive(dek)
+
+
+class Keyring:
+    """The purpose subkeys derived from one DEK. Holds no reference to the DEK itself except for re-wrapping."""
+
+    __slots__ = ("_aead", "_audit_key", "_blind_key", "_check", "_dek")
+
+    def __init__(self, dek: bytes) -> None:
+        if len(dek) != DEK_BYTES:
+            raise StoreCorrupt(f"unwrapped data key has {len(dek)} bytes, expected {DEK_BYTES}: restore the store")
+        self._dek = dek
+        self._aead = AESGCM(_subkey(dek, b"record"))
+        self._audit_key = _subkey(dek, b"audit")
+        self._blind_key = _subkey(dek, b"blind")
+        self._check = hmac.new(_subkey(dek, b"check"), _CHECK_LABEL, hashlib.sha256).digest()
+
+    def __repr__(self) -> str:
+        return "Keyring(<redacted>)"
+
+    @property
+    def dek(self) -> bytes:
+        """The raw DEK, needed only to wrap it under a new storage key."""
+        return self._dek
+
+    @property
+    def check_value(self) -> bytes:
+        """Stored in meta at creation; compared on open to detect a wrong (but well-formed) unwrapped key."""
+        return self._check
+
+    def matches(self, stored_check: bytes) -> bool:
+        return hmac.compare_digest(self._check, stored_check)
+
+    # -- records -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _ad(table: str, key: bytes) -> bytes:
+        t = table.encode()
+        return bytes([RECORD_FORMAT, len(t)]) + t + key
+
+    def seal(self, table: str, key: bytes, plaintext: bytes) -> bytes:
+        """Encrypt one value bound to its row: `format || nonce || ciphertext || tag`."""
+        nonce = os.urandom(NONCE_BYTES)
+        return bytes([RECORD_FORMAT]) + nonce + self._aead.encrypt(nonce, plaintext, self._ad(table, key))
+
+    def open(self, table: str, key: bytes, blob: bytes) -> bytes:
+        """Decrypt a value sealed for exactly this (table, key); anything else raises `StoreCorrupt`."""
+        if len(blob) < 1 + NONCE_BYTES + 16 or blob[0] != RECORD_FORMAT:
+            raise StoreCorrupt(f"a record in table {table!r} is malformed: the file was damaged; restore a backup")
+        try:
+            return self._aead.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], self._ad(table, key))
+        except InvalidTag:
+            raise StoreCorrupt(
+                f"a record in table {table!r} failed authentication (modified, or moved from another row): "
+                "the file was tampered with or damaged; restore a backup"
+            ) from None
+
+    # -- blind indexes and MACs ----------------------------------------------------------------------------------
+    def blind(self, domain: str, value: bytes | str) -> bytes:
+        """A deterministic, keyed row key for `value` within `domain` (a table or column name)."""
+        raw = value.encode() if isinstance(value, str) else value
+        d = domain.encode()
+        return hmac.new(self._blind_key, bytes([len(d)]) + d + raw, hashlib.sha256).digest()[:BLIND_BYTES]
+
+    def audit_mac(self, *parts: bytes) -> bytes:
+        """HMAC-SHA256 under the audit subkey over the concatenation of `parts`."""
+        mac = hmac.new(self._audit_key, digestmod=hashlib.sha256)
+        for part in parts:
+            mac.update(part)
+        return mac.digest()

@@ -1,0 +1,168 @@
+"""Small keyed tables: delivered message ids, pairwise sessions, named secrets and known peers.
+
+Each row key is a blind index of the identifier (see `crypto`), each value is sealed to its (table, key), and
+the identifier itself is inside the sealed value where it must be listed or exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .codec import expect, pack, unpack
+from .crypto import Keyring
+from .db import Database
+from .errors import InvalidRecord
+from .outbox import check_msg_id
+
+
+def _check_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRecord(f"{what} must be a non-empty string")
+    return value
+
+
+class DeliveredIds:
+    """Message ids already handed to a local agent, so a redelivered message is dropped, across restarts.
+
+    Stores only a blind index and the time (for pruning). Prune only ids older than the longest time a peer may
+    retry (the outbox expiry): anything older would be rejected by the protocol layer anyway.
+    """
+
+    def __init__(self, db: Database, keys: Keyring) -> None:
+        self._db = db
+        self._keys = keys
+
+    def _k(self, msg_id: bytes) -> bytes:
+        return self._keys.blind("delivered", check_msg_id(msg_id))
+
+    def mark(self, msg_id: bytes, now_ms: int) -> bool:
+        """Record a delivery; False if this id was already recorded (a duplicate: do not deliver it again)."""
+        with self._db.write("recording a delivered message id") as conn:
+            cur = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", (self._k(msg_id), now_ms))
+            return cur.rowcount == 1
+
+    def seen(self, msg_id: bytes) -> bool:
+        with self._db.read("reading delivered message ids") as conn:
+            return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
+
+    def prune(self, older_than_ms: int) -> int:
+        """Forget ids recorded before `older_than_ms`; returns how many."""
+        with self._db.write("pruning delivered message ids") as conn:
+            return conn.execute("DELETE FROM delivered WHERE at_ms < ?", (older_than_ms,)).rowcount
+
+    def count(self) -> int:
+        with self._db.read("counting delivered message ids") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM delivered").fetchone()[0])
+
+
+class KeyedBlobs:
+    """Opaque sealed bytes under a string name: one table per use (pairwise sessions, secrets)."""
+
+    def __init__(self, db: Database, keys: Keyring, table: str) -> None:
+        self._db = db
+        self._keys = keys
+        self._table = table
+
+    def _k(self, name: str) -> bytes:
+        return self._keys.blind(self._table, _check_name(name, "a name"))
+
+    def put(self, name: str, value: bytes) -> None:
+        """Insert or replace (a fresh nonce every time)."""
+        if not isinstance(value, bytes):
+            raise InvalidRecord("values are bytes")
+        k = self._k(name)
+        blob = self._keys.seal(self._table, k, pack((name, value)))
+        with self._db.write(f"writing {self._table}") as conn:
+            conn.execute(
+                f"INSERT INTO {self._table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",  # noqa: S608
+                (k, blob),
+            )
+
+    def get(self, name: str) -> bytes | None:
+        k = self._k(name)
+        with self._db.read(f"reading {self._table}") as conn:
+            row = conn.execute(f"SELECT v FROM {self._table} WHERE k = ?", (k,)).fetchone()  # noqa: S608
+            if row is None:
+                return None
+            _, value = expect(unpack(self._keys.open(self._table, k, row[0])), (str, bytes))
+            return bytes(value)
+
+    def delete(self, name: str) -> bool:
+        with self._db.write(f"deleting from {self._table}") as conn:
+            return conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (self._k(name),)).rowcount == 1  # noqa: S608
+
+    def items(self) -> list[tuple[str, bytes]]:
+        """Every (name, value), decrypted, sorted by name."""
+        with self._db.read(f"reading {self._table}") as conn:
+            rows = conn.execute(f"SELECT k, v FROM {self._table}").fetchall()  # noqa: S608
+            out = [expect(unpack(self._keys.open(self._table, r[0], r[1])), (str, bytes)) for r in rows]
+            return sorted((str(n), bytes(v)) for n, v in out)
+
+    def count(self) -> int:
+        with self._db.read(f"counting {self._table}") as conn:
+            return int(conn.execute(f"SELECT COUNT(*) FROM {self._table}").fetchone()[0])  # noqa: S608
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A known peer device: its credential (certificate chain bytes) and when it was last heard from."""
+
+    device: str
+    credential: bytes
+    last_seen_ms: int
+
+
+class Peers:
+    """Known peer devices. Everything, including last-seen times, is sealed."""
+
+    TABLE = "peers"
+
+    def __init__(self, db: Database, keys: Keyring) -> None:
+        self._db = db
+        self._keys = keys
+
+    def _k(self, device: str) -> bytes:
+        return self._keys.blind(self.TABLE, _check_name(device, "a peer device id"))
+
+    def _decode(self, k: bytes, blob: bytes) -> Peer:
+        device, credential, last_seen = expect(unpack(self._keys.open(self.TABLE, k, blob)), (str, bytes, int))
+        return Peer(device, credential, last_seen)
+
+    def put(self, device: str, credential: bytes, last_seen_ms: int) -> None:
+        if not isinstance(credential, bytes):
+            raise InvalidRecord("peer credentials are bytes")
+        k = self._k(device)
+        blob = self._keys.seal(self.TABLE, k, pack((device, credential, int(last_seen_ms))))
+        with self._db.write("writing a peer") as conn:
+            conn.execute(
+                "INSERT INTO peers (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v", (k, blob)
+            )
+
+    def get(self, device: str) -> Peer | None:
+        k = self._k(device)
+        with self._db.read("reading a peer") as conn:
+            row = conn.execute("SELECT v FROM peers WHERE k = ?", (k,)).fetchone()
+            return None if row is None else self._decode(k, row[0])
+
+    def touch(self, device: str, now_ms: int) -> bool:
+        """Update last-seen (never backwards); False if the peer is unknown."""
+        with self._db.write("updating a peer's last-seen time"):
+            peer = self.get(device)
+            if peer is None:
+                return False
+            if now_ms > peer.last_seen_ms:
+                self.put(device, peer.credential, now_ms)
+            return True
+
+    def delete(self, device: str) -> bool:
+        with self._db.write("deleting a peer") as conn:
+            return conn.execute("DELETE FROM peers WHERE k = ?", (self._k(device),)).rowcount == 1
+
+    def entries(self) -> list[Peer]:
+        with self._db.read("listing peers") as conn:
+            rows = conn.execute("SELECT k, v FROM peers").fetchall()
+            return sorted((self._decode(r[0], r[1]) for r in rows), key=lambda p: p.device)
+
+    def count(self) -> int:
+        with self._db.read("counting peers") as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0])

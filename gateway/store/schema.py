@@ -1,0 +1,63 @@
+"""The store's SQL schema and its version.
+
+Plaintext columns hold only what SQL must compare: blinded row keys (HMAC, see `crypto`), times used for
+ordering, expiry and pruning, and record sizes used for limits. Everything else lives in the sealed `v` column.
+Outbox usage per peer is kept by triggers so limits are checked in O(peers), not by scanning the outbox.
+"""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
+
+DDL_V1 = """
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+
+CREATE TABLE outbox (
+    seq INTEGER PRIMARY KEY,
+    k BLOB NOT NULL UNIQUE,
+    peer BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    due_at_ms INTEGER NOT NULL,
+    v BLOB NOT NULL
+);
+CREATE INDEX outbox_by_due ON outbox (due_at_ms);
+CREATE INDEX outbox_by_peer ON outbox (peer);
+CREATE INDEX outbox_by_expiry ON outbox (expires_at_ms);
+
+CREATE TABLE outbox_usage (peer BLOB PRIMARY KEY, n INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TRIGGER outbox_usage_ins AFTER INSERT ON outbox BEGIN
+    INSERT INTO outbox_usage (peer, n, bytes) VALUES (NEW.peer, 1, NEW.size)
+        ON CONFLICT (peer) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER outbox_usage_del AFTER DELETE ON outbox BEGIN
+    UPDATE outbox_usage SET n = n - 1, bytes = bytes - OLD.size WHERE peer = OLD.peer;
+    DELETE FROM outbox_usage WHERE peer = OLD.peer AND n <= 0;
+END;
+CREATE TRIGGER outbox_usage_upd AFTER UPDATE OF peer, size ON outbox BEGIN
+    UPDATE outbox_usage SET n = n - 1, bytes = bytes - OLD.size WHERE peer = OLD.peer;
+    DELETE FROM outbox_usage WHERE peer = OLD.peer AND n <= 0;
+    INSERT INTO outbox_usage (peer, n, bytes) VALUES (NEW.peer, 1, NEW.size)
+        ON CONFLICT (peer) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
+END;
+
+CREATE TABLE delivered (k BLOB PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE INDEX delivered_by_time ON delivered (at_ms);
+
+CREATE TABLE sessions (k BLOB PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE secrets (k BLOB PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE peers (k BLOB PRIMARY KEY, v BLOB NOT NULL);
+
+CREATE TABLE consent (k BLOB PRIMARY KEY, peer BLOB NOT NULL, v BLOB NOT NULL);
+CREATE INDEX consent_by_peer ON consent (peer);
+
+CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, v BLOB NOT NULL, mac BLOB NOT NULL);
+"""
+
+# Version n -> SQL that upgrades a version n-1 store to n. Empty until the first schema change.
+MIGRATIONS: dict[int, str] = {}
+
+EXPECTED_TABLES = frozenset(
+    {"meta", "outbox", "outbox_usage", "delivered", "sessions", "secrets", "peers", "consent", "audit"}
+)
