@@ -1,0 +1,314 @@
+"""The inner application message: what one gateway says to another inside a pairwise ciphertext.
+
+Versioned binary codec, big-endian, every length explicit and bounded (layout: docs/protocol-pairwise.md).
+Three kinds:
+  DATA    an agent's message, with the MQTT 5 properties that pass through end to end;
+  ACK     the recipient gateway handed these message ids to the local broker (the sender may drop them);
+  REJECT  the recipient gateway will not deliver these ids, with a reason (the sender may stop retrying).
+`InnerMessage.decode` raises only `MessageDecodeError` (a `DecodeError`) on any input; building a message
+with bad fields locally raises `InvalidMessageError` (a `ValueError`), since that is our bug, not the peer's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from gateway.protocol.errors import DecodeError, ProtocolError
+
+VERSION = 1
+MESSAGE_ID_LEN = 16
+DEFAULT_MAX_PAYLOAD = 1 << 20
+MAX_PAYLOAD_HARD_LIMIT = 16 << 20
+MAX_ACK_IDS = 1024
+MAX_USER_PROPERTIES = 64
+MAX_STRING = 4096  # topic, content type, each user property key and value
+MAX_CORRELATION_DATA = 4096
+MAX_USER_PROPERTY_BYTES = 16384  # all keys and values together
+
+# Same alphabet as gateway.protocol.identity.names.check_id: safe in MQTT topics, file names and logs.
+_AGENT_NAME = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
+
+_FLAG_RESPONSE_TOPIC = 0x01
+_FLAG_CORRELATION_DATA = 0x02
+_FLAG_CONTENT_TYPE = 0x04
+_FLAG_PAYLOAD_UTF8 = 0x08
+_KNOWN_FLAGS = 0x0F
+
+_FIXED = struct.Struct(">BB16s")
+_TIMES = struct.Struct(">QQ")
+
+
+class MessageError(ProtocolError):
+    """Root of errors about inner messages received from a peer."""
+
+
+class MessageDecodeError(MessageError, DecodeError):
+    """Bytes are not a valid inner message (or exceed a size limit)."""
+
+
+class InvalidMessageError(ValueError):
+    """A message built locally has a field outside the format's rules."""
+
+
+class Kind(IntEnum):
+    DATA = 1
+    ACK = 2
+    REJECT = 3
+
+
+class RejectReason(IntEnum):
+    """Why a recipient gateway refused delivery. `is_final` says whether retrying can help."""
+
+    CONSENT_PENDING = 1  # the recipient's operator has not decided yet; keep retrying until expiry
+    CONSENT_DENIED = 2
+    UNKNOWN_AGENT = 3
+    EXPIRED = 4
+    TOO_LARGE = 5
+
+    @property
+    def is_final(self) -> bool:
+        return self is not RejectReason.CONSENT_PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class MessageLimits:
+    """Receive-side limits; the sender's gateway should use the same or smaller ones."""
+
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_payload <= MAX_PAYLOAD_HARD_LIMIT:
+            raise InvalidMessageError(f"max_payload must be 0..{MAX_PAYLOAD_HARD_LIMIT}")
+
+
+@dataclass(frozen=True, slots=True)
+class InnerMessage:
+    """One inner message. Fields not used by a kind must be left at their defaults."""
+
+    kind: Kind
+    message_id: bytes
+    sender_agent: str
+    recipient_agent: str
+    created_at_ms: int
+    expires_at_ms: int
+    payload: bytes = b""
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    content_type: str | None = None
+    payload_utf8: bool = False  # MQTT 5 payload format indicator
+    user_properties: tuple[tuple[str, str], ...] = ()
+    ids: tuple[bytes, ...] = ()  # ACK and REJECT: the message ids concerned
+    reason: RejectReason | None = None  # REJECT only
+
+    def __post_init__(self) -> None:
+        problem = _check(self, MAX_PAYLOAD_HARD_LIMIT)
+        if problem:
+            raise InvalidMessageError(problem)
+
+    def encode(self) -> bytes:
+        parts = [
+            _FIXED.pack(VERSION, self.kind, self.message_id),
+            _text8(self.sender_agent),
+            _text8(self.recipient_agent),
+            _TIMES.pack(self.created_at_ms, self.expires_at_ms),
+        ]
+        if self.kind == Kind.DATA:
+            flags = (
+                (_FLAG_RESPONSE_TOPIC if self.response_topic is not None else 0)
+                | (_FLAG_CORRELATION_DATA if self.correlation_data is not None else 0)
+                | (_FLAG_CONTENT_TYPE if self.content_type is not None else 0)
+                | (_FLAG_PAYLOAD_UTF8 if self.payload_utf8 else 0)
+            )
+            parts.append(bytes([flags]))
+            if self.response_topic is not None:
+                parts.append(_opaque16(self.response_topic.encode()))
+            if self.correlation_data is not None:
+                parts.append(_opaque16(self.correlation_data))
+            if self.content_type is not None:
+                parts.append(_opaque16(self.content_type.encode()))
+            parts.append(len(self.user_properties).to_bytes(2, "big"))
+            for key, value in self.user_properties:
+                parts += [_opaque16(key.encode()), _opaque16(value.encode())]
+            parts += [len(self.payload).to_bytes(4, "big"), self.payload]
+        else:
+            if self.kind == Kind.REJECT:
+                assert self.reason is not None
+                parts.append(bytes([self.reason]))
+            parts.append(len(self.ids).to_bytes(2, "big"))
+            parts += self.ids
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, data: bytes, *, limits: MessageLimits = MessageLimits()) -> InnerMessage:
+        """Strict decode: every field checked, no trailing bytes, payload within `limits.max_payload`."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise MessageDecodeError(f"inner message: expected bytes, got {type(data).__name__}")
+        r = _Reader(bytes(data))
+        version, kind_value, message_id = _FIXED.unpack(r.take(_FIXED.size, "header"))
+        if version != VERSION:
+            raise MessageDecodeError(f"inner message: unsupported version {version} (expected {VERSION})")
+        if kind_value not in Kind._value2member_map_:
+            raise MessageDecodeError(f"inner message: unknown kind {kind_value}")
+        kind = Kind(kind_value)
+        sender = r.text(r.u8("sender agent length"), "sender agent")
+        recipient = r.text(r.u8("recipient agent length"), "recipient agent")
+        created, expires = _TIMES.unpack(r.take(_TIMES.size, "timestamps"))
+        fields: dict[str, object] = {}
+        if kind == Kind.DATA:
+            flags = r.u8("flags")
+            if flags & ~_KNOWN_FLAGS:
+                raise MessageDecodeError(f"inner message: unknown flag bits {flags & ~_KNOWN_FLAGS:#04x}")
+            if flags & _FLAG_RESPONSE_TOPIC:
+                fields["response_topic"] = r.text(r.u16("response topic length"), "response topic")
+            if flags & _FLAG_CORRELATION_DATA:
+                fields["correlation_data"] = r.take(r.u16("correlation data length"), "correlation data")
+            if flags & _FLAG_CONTENT_TYPE:
+                fields["content_type"] = r.text(r.u16("content type length"), "content type")
+            fields["payload_utf8"] = bool(flags & _FLAG_PAYLOAD_UTF8)
+            count = r.u16("user property count")
+            if count > MAX_USER_PROPERTIES:
+                raise MessageDecodeError(f"inner message: {count} user properties exceeds {MAX_USER_PROPERTIES}")
+            fields["user_properties"] = tuple(
+                (r.text(r.u16("user property key length"), "user property key"),
+                 r.text(r.u16("user property value length"), "user property value"))
+                for _ in range(count)
+            )
+            size = r.u32("payload length")
+            if size > limits.max_payload:
+                raise MessageDecodeError(f"inner message: payload of {size} bytes exceeds {limits.max_payload}")
+            fields["payload"] = r.take(size, "payload")
+        else:
+            if kind == Kind.REJECT:
+                reason = r.u8("reject reason")
+                if reason not in RejectReason._value2member_map_:
+                    raise MessageDecodeError(f"inner message: unknown reject reason {reason}")
+                fields["reason"] = RejectReason(reason)
+            count = r.u16("id count")
+            fields["ids"] = tuple(r.take(MESSAGE_ID_LEN, "message id") for _ in range(count))
+        if r.remaining:
+            raise MessageDecodeError(f"inner message: {r.remaining} trailing bytes")
+        try:
+            return cls(kind, message_id, sender, recipient, created, expires, **fields)  # type: ignore[arg-type]
+        except InvalidMessageError as exc:
+            raise MessageDecodeError(f"inner message: {exc}") from None
+
+    def is_expired(self, now_ms: int) -> bool:
+        """Whether the message has expired at `now_ms` (a time the caller read; this module reads no clock)."""
+        return now_ms >= self.expires_at_ms
+
+
+def new_message_id() -> bytes:
+    """A fresh random 16-byte message id (random, so ids reveal nothing about order or volume)."""
+    return os.urandom(MESSAGE_ID_LEN)
+
+
+def _check(m: InnerMessage, max_payload: int) -> str | None:
+    """The first rule `m` breaks, or None. Shared by construction and decoding."""
+    if not isinstance(m.kind, Kind):
+        return f"kind must be a Kind, got {m.kind!r}"
+    if not isinstance(m.message_id, bytes) or len(m.message_id) != MESSAGE_ID_LEN:
+        return f"message id must be {MESSAGE_ID_LEN} bytes"
+    for what, name in (("sender agent", m.sender_agent), ("recipient agent", m.recipient_agent)):
+        if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
+            return f"{what} {name!r} must be 1-64 characters of a-z 0-9 . _ -, starting and ending alphanumeric"
+    if not (isinstance(m.created_at_ms, int) and isinstance(m.expires_at_ms, int)):
+        return "created_at_ms and expires_at_ms must be integers (milliseconds since the Unix epoch)"
+    if not (0 <= m.created_at_ms <= m.expires_at_ms < 1 << 64):
+        return f"need 0 <= created_at_ms ({m.created_at_ms}) <= expires_at_ms ({m.expires_at_ms}) < 2**64"
+    if not isinstance(m.payload, bytes) or not (m.correlation_data is None or isinstance(m.correlation_data, bytes)):
+        return "payload and correlation data must be bytes"
+    if not all(v is None or isinstance(v, str) for v in (m.response_topic, m.content_type)):
+        return "response topic and content type must be str"
+    if m.kind == Kind.DATA:
+        if m.ids or m.reason is not None:
+            return "a DATA message carries no ids and no reject reason"
+        if len(m.payload) > max_payload:
+            return f"payload of {len(m.payload)} bytes exceeds {max_payload}"
+        if m.payload_utf8:
+            try:
+                m.payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return "payload is flagged UTF-8 but is not valid UTF-8"
+        if m.response_topic is not None:
+            if not m.response_topic or any(c in m.response_topic for c in "+#\x00"):
+                return "response topic must be a non-empty MQTT topic name without wildcards or NUL"
+            if len(m.response_topic.encode()) > MAX_STRING:
+                return f"response topic longer than {MAX_STRING} bytes"
+        if m.correlation_data is not None and len(m.correlation_data) > MAX_CORRELATION_DATA:
+            return f"correlation data longer than {MAX_CORRELATION_DATA} bytes"
+        if m.content_type is not None and (len(m.content_type.encode()) > MAX_STRING or "\x00" in m.content_type):
+            return f"content type must be at most {MAX_STRING} bytes without NUL"
+        if len(m.user_properties) > MAX_USER_PROPERTIES:
+            return f"more than {MAX_USER_PROPERTIES} user properties"
+        total = 0
+        for pair in m.user_properties:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+                return "user properties must be (str, str) pairs"
+            for s in pair:
+                size = len(s.encode())
+                if size > MAX_STRING or "\x00" in s:
+                    return f"user property strings must be at most {MAX_STRING} bytes without NUL"
+                total += size
+        if total > MAX_USER_PROPERTY_BYTES:
+            return f"user properties exceed {MAX_USER_PROPERTY_BYTES} bytes in total"
+    else:
+        if m.payload or m.response_topic is not None or m.correlation_data is not None or m.content_type is not None \
+                or m.payload_utf8 or m.user_properties:
+            return f"a {m.kind.name} message carries ids only, no payload or properties"
+        if not 1 <= len(m.ids) <= MAX_ACK_IDS:
+            return f"a {m.kind.name} message names 1..{MAX_ACK_IDS} message ids, got {len(m.ids)}"
+        if any(not isinstance(i, bytes) or len(i) != MESSAGE_ID_LEN for i in m.ids):
+            return f"message ids must be {MESSAGE_ID_LEN} bytes"
+        if (m.kind == Kind.REJECT) != isinstance(m.reason, RejectReason):
+            return "a REJECT message needs a reason and only a REJECT message has one"
+    return None
+
+
+class _Reader:
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._data) - self._pos
+
+    def take(self, n: int, what: str) -> bytes:
+        end = self._pos + n
+        if end > len(self._data):
+            raise MessageDecodeError(f"inner message: truncated in {what} (need {n} bytes, have {self.remaining})")
+        out = self._data[self._pos : end]
+        self._pos = end
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u16(self, what: str) -> int:
+        return int.from_bytes(self.take(2, what), "big")
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "big")
+
+    def text(self, n: int, what: str) -> str:
+        if n > MAX_STRING:
+            raise MessageDecodeError(f"inner message: {what} of {n} bytes exceeds {MAX_STRING}")
+        try:
+            return self.take(n, what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MessageDecodeError(f"inner message: {what} is not valid UTF-8") from None
+
+
+def _text8(s: str) -> bytes:
+    raw = s.encode()
+    return len(raw).to_bytes(1, "big") + raw
+
+
+def _opaque16(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b

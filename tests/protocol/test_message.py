@@ -1,0 +1,172 @@
+"""The inner message codec: round trips per kind, strictness and size limits."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.protocol.errors import DecodeError
+from gateway.protocol.message import (
+    MAX_ACK_IDS,
+    InnerMessage,
+    InvalidMessageError,
+    Kind,
+    MessageDecodeError,
+    MessageLimits,
+    RejectReason,
+    new_message_id,
+)
+
+
+def data_message(**kw: object) -> InnerMessage:
+    fields: dict[str, object] = {
+        "kind": Kind.DATA, "message_id": bytes(range(16)), "sender_agent": "planner",
+        "recipient_agent": "camera-01", "created_at_ms": 1_700_000_000_000, "expires_at_ms": 1_700_086_400_000,
+        "payload": b"\x00\xffhello",
+    }
+    fields.update(kw)
+    return InnerMessage(**fields)  # type: ignore[arg-type]
+
+
+FULL = data_message(
+    response_topic="agw/planner/in/reply-7", correlation_data=b"\x01\x02corr", content_type="application/json",
+    payload=b'{"a": 1}', payload_utf8=True,
+    user_properties=(("trace", "abc"), ("trace", "dup keys allowed"), ("ünï", "cödé")),
+)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        data_message(),
+        data_message(payload=b""),
+        FULL,
+        InnerMessage(Kind.ACK, new_message_id(), "camera-01", "planner", 5, 5, ids=(b"a" * 16, b"b" * 16)),
+        InnerMessage(Kind.REJECT, new_message_id(), "camera-01", "planner", 5, 9, ids=(b"c" * 16,),
+                     reason=RejectReason.CONSENT_PENDING),
+    ],
+    ids=["data", "empty-payload", "all-properties", "ack", "reject"],
+)
+def test_round_trip(message: InnerMessage) -> None:
+    encoded = message.encode()
+    assert InnerMessage.decode(encoded) == message
+    assert InnerMessage.decode(encoded).encode() == encoded
+
+
+def test_absent_and_empty_properties_differ() -> None:
+    empty = data_message(correlation_data=b"", content_type="")
+    absent = data_message()
+    assert InnerMessage.decode(empty.encode()).correlation_data == b""
+    assert InnerMessage.decode(absent.encode()).correlation_data is None
+    assert empty.encode() != absent.encode()
+
+
+def test_trailing_and_truncated_bytes_are_refused() -> None:
+    encoded = FULL.encode()
+    with pytest.raises(MessageDecodeError, match="trailing"):
+        InnerMessage.decode(encoded + b"\x00")
+    for cut in range(len(encoded)):
+        with pytest.raises(MessageDecodeError):
+            InnerMessage.decode(encoded[:cut])
+
+
+def test_payload_limit_is_enforced_before_reading() -> None:
+    big = data_message(payload=b"x" * 2000)
+    assert InnerMessage.decode(big.encode(), limits=MessageLimits(max_payload=2000)).payload == b"x" * 2000
+    with pytest.raises(MessageDecodeError, match="exceeds 1999"):
+        InnerMessage.decode(big.encode(), limits=MessageLimits(max_payload=1999))
+    header_only = big.encode()[:-2000]  # claims 2000 bytes, carries none: refused on the length alone
+    with pytest.raises(MessageDecodeError, match="exceeds"):
+        InnerMessage.decode(header_only, limits=MessageLimits(max_payload=10))
+
+
+@pytest.mark.parametrize(
+    ("offset", "value", "match"),
+    [(0, 2, "version"), (1, 9, "unknown kind")],
+)
+def test_unknown_version_and_kind(offset: int, value: int, match: str) -> None:
+    encoded = bytearray(data_message().encode())
+    encoded[offset] = value
+    with pytest.raises(MessageDecodeError, match=match):
+        InnerMessage.decode(bytes(encoded))
+
+
+def test_unknown_flag_bits_are_refused() -> None:
+    encoded = bytearray(data_message().encode())
+    flags_at = 18 + 1 + len("planner") + 1 + len("camera-01") + 16
+    assert encoded[flags_at] == 0
+    encoded[flags_at] = 0x80
+    with pytest.raises(MessageDecodeError, match="flag"):
+        InnerMessage.decode(bytes(encoded))
+
+
+def test_invalid_utf8_agent_name_is_a_decode_error() -> None:
+    encoded = bytearray(data_message().encode())
+    encoded[19] = 0xFF  # first byte of the sender agent name
+    with pytest.raises(MessageDecodeError):
+        InnerMessage.decode(bytes(encoded))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"message_id": b"short"},
+        {"sender_agent": "Upper"},
+        {"sender_agent": "a/b"},
+        {"recipient_agent": "x" * 65},
+        {"recipient_agent": "trailing-\n"},
+        {"created_at_ms": 10, "expires_at_ms": 9},
+        {"created_at_ms": -1},
+        {"response_topic": "agw/+/in"},
+        {"response_topic": ""},
+        {"content_type": "a\x00b"},
+        {"payload": b"\xff", "payload_utf8": True},
+        {"user_properties": (("k", "v"),) * 65},
+        {"user_properties": (("k" * 4097, "v"),)},
+        {"ids": (bytes(16),)},
+        {"reason": RejectReason.EXPIRED},
+        {"payload": "not bytes"},
+    ],
+)
+def test_local_construction_is_validated(kw: dict[str, object]) -> None:
+    with pytest.raises(InvalidMessageError):
+        data_message(**kw)
+
+
+def test_ack_and_reject_rules() -> None:
+    mid = new_message_id()
+    with pytest.raises(InvalidMessageError):
+        InnerMessage(Kind.ACK, mid, "a", "b", 0, 0)  # no ids
+    with pytest.raises(InvalidMessageError):
+        InnerMessage(Kind.ACK, mid, "a", "b", 0, 0, ids=(bytes(16),) * (MAX_ACK_IDS + 1))
+    with pytest.raises(InvalidMessageError):
+        InnerMessage(Kind.ACK, mid, "a", "b", 0, 0, ids=(bytes(16),), payload=b"x")
+    with pytest.raises(InvalidMessageError):
+        InnerMessage(Kind.REJECT, mid, "a", "b", 0, 0, ids=(bytes(16),))  # reason missing
+    assert InnerMessage(Kind.ACK, mid, "a", "b", 0, 0, ids=(bytes(16),) * MAX_ACK_IDS).encode()
+
+
+def test_rule_violations_from_the_wire_are_decode_errors() -> None:
+    encoded = bytearray(InnerMessage(Kind.ACK, bytes(16), "a", "b", 0, 0, ids=(bytes(16),)).encode())
+    encoded[-18:-16] = b"\x00\x00"  # id count 0
+    with pytest.raises(MessageDecodeError, match=r"1\.\.1024"):
+        InnerMessage.decode(bytes(encoded[:-16]))
+    times_at = 18 + 1 + len("planner") + 1 + len("camera-01")
+    encoded = bytearray(data_message().encode())
+    encoded[times_at : times_at + 16] = (20).to_bytes(8, "big") + (10).to_bytes(8, "big")
+    with pytest.raises(MessageDecodeError, match="created_at_ms"):
+        InnerMessage.decode(bytes(encoded))
+
+
+def test_decode_errors_are_protocol_decode_errors() -> None:
+    assert issubclass(MessageDecodeError, DecodeError)
+    with pytest.raises(DecodeError):
+        InnerMessage.decode(b"")
+    with pytest.raises(MessageDecodeError):
+        InnerMessage.decode("not bytes")  # type: ignore[arg-type]
+
+
+def test_reject_reason_finality_and_expiry() -> None:
+    assert not RejectReason.CONSENT_PENDING.is_final and RejectReason.CONSENT_DENIED.is_final
+    m = data_message(created_at_ms=100, expires_at_ms=200)
+    assert not m.is_expired(199) and m.is_expired(200)
+    assert new_message_id() != new_message_id() and len(new_message_id()) == 16
