@@ -176,9 +176,27 @@ def tpm_session(ref: Tpm2Ref, action: str) -> Iterator[Any]:
             raise classify(exc, action, uri) from None
 
 
+_HINTS = {
+    int(TPM2_RC.BAD_AUTH): "the TPM refused the authorization: this backend needs an empty owner-hierarchy auth",
+    int(TPM2_RC.AUTH_FAIL): "the TPM refused the authorization: this backend needs an empty owner-hierarchy auth",
+    int(TPM2_RC.LOCKOUT): "the TPM is in dictionary-attack lockout: wait for recovery or reset it "
+                          "(tpm2_dictionarylockout --clear-lockout)",
+    int(TPM2_RC.INITIALIZE): "the TPM has not been started (no TPM2_Startup yet: firmware or `tpm2_startup -c` "
+                             "on a simulator)",
+    int(TPM2_RC.OBJECT_MEMORY): "the TPM has no free object slot: another client holds them (use the kernel "
+                                "resource manager, device:/dev/tpmrm0)",
+    int(TPM2_RC.SESSION_MEMORY): "the TPM has no free session slot: another client holds them (use the kernel "
+                                 "resource manager, device:/dev/tpmrm0)",
+    int(TPM2_RC.NV_SPACE): "the TPM has no room for another persistent object",
+    int(TPM2_RC.HIERARCHY): "the owner hierarchy is disabled",
+}
+
+
 def classify(exc: TSS2_Exception, action: str, uri: str) -> HsmError:
     """Map a TSS return code to the most useful of our errors."""
     code = rc_error(exc)
+    if code in _HINTS:
+        return HardwareError(f"the TPM failed to {action}: {_HINTS[code]}", uri=uri, rc=rc_text(exc))
     if code == int(TPM2_RC.HANDLE):
         return KeyNotFound(f"the TPM has no object at the referenced handle (while trying to {action})", uri=uri,
                            rc=rc_text(exc))

@@ -109,12 +109,12 @@ def _random(esys: Any, size: int) -> bytes:
     return out
 
 
-def _read_pcrs(esys: Any, bank: str, pcrs: tuple[int, ...]) -> dict[int, bytes]:
+def _read_pcrs(esys: Any, bank: str, pcrs: tuple[int, ...], uri: str) -> dict[int, bytes]:
     values: dict[int, bytes] = {}
     for index in pcrs:
         _counter, _sel, digests = esys.pcr_read(TPML_PCR_SELECTION.parse(f"{bank}:{index}"))
         if len(digests) != 1:
-            raise WrongKeyType(f"the TPM has no active {bank} PCR bank for PCR {index}")
+            raise WrongKeyType(f"the TPM has no active {bank} PCR bank for PCR {index}", uri=uri)
         values[index] = bytes(digests[0])
     return values
 
@@ -155,7 +155,8 @@ class _Blob:
                 raise ValueError("format")
             if head.get("version") != _VERSION:
                 raise WrongKeyType(f"{path}: sealed blob version {head.get('version')} is not supported", uri=uri)
-            bank, pcrs = "sha256", cast(tuple[int, ...], ())
+            bank = "sha256"
+            pcrs: tuple[int, ...] = ()
             if head["pcrs"]:
                 ref = Tpm2Ref.parse(f"tpm2:sealed=x?pcrs={head['pcrs']}")
                 bank, pcrs = ref.pcr_bank, ref.pcrs
@@ -218,7 +219,7 @@ class TpmSealedStorageKey:
         """Name the PCRs whose values moved since sealing (all of them if we cannot tell)."""
         blob = self._blob
         try:
-            now = _read_pcrs(esys, blob.bank, blob.pcrs)
+            now = _read_pcrs(esys, blob.bank, blob.pcrs, self._uri)
             changed = [i for i in blob.pcrs if blob.values.get(i) != now[i]] or list(blob.pcrs)
         except (TSS2_Exception, WrongKeyType):
             changed = list(blob.pcrs)
@@ -230,7 +231,7 @@ class TpmSealedStorageKey:
     def wrap(self, key: bytes) -> bytes:
         """AES-256 key wrap with padding (RFC 5649) under the unsealed secret."""
         if not key:
-            raise ValueError("nothing to wrap")
+            raise ValueError("the key to wrap is empty")
         return aes_key_wrap_with_padding(self._unseal(), key)
 
     def unwrap(self, blob: bytes) -> bytes:
@@ -292,7 +293,7 @@ def create_storage_key(uri: str, *, force: bool = False) -> TpmSealedStorageKey:
         raise KeyExists(f"sealed blob {path} already exists; pass force to replace it", uri=safe)
     with tpm_session(ref, "seal the storage secret") as esys:
         secret = _random(esys, SECRET_SIZE)
-        values = _read_pcrs(esys, ref.pcr_bank, ref.pcrs) if ref.pcrs else {}
+        values = _read_pcrs(esys, ref.pcr_bank, ref.pcrs, safe) if ref.pcrs else {}
         policy = _pcr_policy(esys, ref.pcr_bank, ref.pcrs) if ref.pcrs else b""
         sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=secret))
         with primary(esys) as parent, _salted_session(esys, parent, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT) as enc:

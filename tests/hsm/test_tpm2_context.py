@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsm import tpm2_context
 from hsm.api import KeyAlgorithm
-from hsm.errors import TpmUnreachable, UnsealFailed
+from hsm.errors import HardwareError, TpmUnreachable, UnsealFailed
 from hsm.tpm2_backend import create_identity_key, create_storage_key, load_identity_key
 from tests.support.swtpm import SwTpm, closed_port
 
@@ -144,3 +144,22 @@ def test_reconnects_after_the_tpm_restarts(tpm: SwTpm) -> None:
     pub = key.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(sig, b"data", ec.ECDSA(hashes.SHA256()))
+
+
+def test_tpm_not_started_is_explained(tmp_path: Path) -> None:
+    with SwTpm.start(tmp_path, startup=False) as raw:
+        try:
+            with pytest.raises(HardwareError, match="TPM2_Startup") as err:
+                create_identity_key(f"tpm2:handle=0x81010001?tcti={raw.tcti}", KeyAlgorithm.ECDSA_P256, force=False)
+            assert err.value.rc is not None and err.value.rc.startswith("0x100 ")
+        finally:
+            tpm2_context.close(raw.tcti)
+
+
+def test_owner_password_is_explained(tpm: SwTpm, tmp_path: Path) -> None:
+    subprocess.run(["tpm2_changeauth", "-T", tpm.tcti, "-c", "owner", "owner-secret"], check=True, capture_output=True)
+    with pytest.raises(HardwareError, match="empty owner-hierarchy auth") as err:
+        create_storage_key(f"tpm2:sealed={tmp_path / 's.tpm'}?tcti={tpm.tcti}", force=False)
+    assert "owner-secret" not in str(err.value)
+    assert not (tmp_path / "s.tpm").exists()
+    assert_nothing_loaded(tpm)

@@ -2,7 +2,8 @@
 
 Use it as a context manager (`with SwTpm.start(tmp_path) as tpm: tpm.tcti`) or through the `swtpm_tcti` fixture
 (import it into a test module). The TPM is started with TPM2_Startup(CLEAR) by swtpm itself
-(`--flags not-need-init,startup-clear`), so a fresh instance is ready for ESAPI and tpm2-tools. The process is
+(`--flags not-need-init,startup-clear`), so a fresh instance is ready for ESAPI and tpm2-tools (`startup=False`
+leaves it powered on but not started, as a TPM before firmware ran TPM2_Startup). The process is
 killed and reaped afterwards, whatever the test did.
 """
 
@@ -69,7 +70,7 @@ class SwTpm:
 
     @classmethod
     @contextlib.contextmanager
-    def start(cls, base_dir: Path | None = None, attempts: int = 5) -> Iterator[SwTpm]:
+    def start(cls, base_dir: Path | None = None, attempts: int = 5, *, startup: bool = True) -> Iterator[SwTpm]:
         owned_tmp = None
         if base_dir is None:
             owned_tmp = tempfile.mkdtemp(prefix="swtpm-")
@@ -80,7 +81,7 @@ class SwTpm:
             for attempt in range(attempts):
                 state = base_dir / f"swtpm-state-{attempt}"
                 state.mkdir(parents=True, exist_ok=True)
-                tpm, last_error = cls._try_start(state)
+                tpm, last_error = cls._try_start(state, startup=startup)
                 if tpm is not None:
                     break
             if tpm is None:
@@ -93,7 +94,8 @@ class SwTpm:
                 shutil.rmtree(owned_tmp, ignore_errors=True)
 
     @classmethod
-    def _try_start(cls, state: Path, ports: tuple[int, int] | None = None) -> tuple[SwTpm | None, str]:
+    def _try_start(cls, state: Path, ports: tuple[int, int] | None = None, *,
+                   startup: bool = True) -> tuple[SwTpm | None, str]:
         port, ctrl = ports or free_port_pair()
         log = state / "swtpm.log"
         cmd = [
@@ -101,7 +103,7 @@ class SwTpm:
             "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
             "--ctrl", f"type=tcp,port={ctrl},bindaddr=127.0.0.1",
             "--tpmstate", f"dir={state}",
-            "--flags", "not-need-init,startup-clear",
+            "--flags", "not-need-init,startup-clear" if startup else "not-need-init",
             "--log", f"file={log},level=1",
         ]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
