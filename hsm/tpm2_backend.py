@@ -4,8 +4,9 @@ Identity keys are ordinary (unrestricted) signing keys under the owner-hierarchy
 (`hsm.tpm2_context.primary_template`), created inside the TPM with fixedTPM, fixedParent and sensitiveDataOrigin,
 so the private key never exists outside it. A `tpm2:handle=` reference keeps the key at a persistent handle
 (TPM2_EvictControl); a `tpm2:blob=` reference keeps the TPM-encrypted private part and the public part in a
-TSS2 PEM key file ("-----BEGIN TSS2 PRIVATE KEY-----", the format tpm2-openssl and tpm2-tss-engine read), loaded
-for each operation and flushed afterwards. A TPM has no Ed25519: asking for it is a `WrongKeyType`.
+"TSS2 PRIVATE KEY" PEM file (the ASN.1 key-file format of tpm2-openssl and tpm2-tss-engine, parent 0x40000001 =
+the owner primary from the ECC P-256 storage template; tpm2-pytss's TSSPrivKey loads it the same way, see the
+tests), loaded for each operation and flushed afterwards. A TPM has no Ed25519: asking for it is a `WrongKeyType`.
 
 Storage keys (`tpm2:sealed=`) live in `hsm.tpm2_sealed`.
 """

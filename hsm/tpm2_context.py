@@ -43,9 +43,10 @@ _LAYER_MASK = 0xFF0000
 
 
 def primary_template() -> Any:
-    """The owner storage primary: ECC P-256, AES-128-CFB, the template tpm2-openssl uses for parent 0x40000001.
+    """The owner storage primary: ECC P-256, AES-128-CFB, noDA (tpm2-pytss's TSSPrivKey parent template).
 
-    Keeping to that template means our TSS2 PEM key files load with tpm2-openssl and tpm2-tss-engine too.
+    Keeping to that template means other TSS2 PEM key-file readers that derive parent 0x40000001 from it load our
+    key files too.
     """
     public = TPMT_PUBLIC(
         type=TPM2_ALG.ECC,

@@ -13,8 +13,10 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_ECC, TPM2_RH, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
+from tpm2_pytss.types import TPM2B_DIGEST, TPMT_SIG_SCHEME
 
 import hsm
 from hsm import tpm2_context
@@ -115,6 +117,22 @@ def test_blob_key_is_tss2_pem_and_reloads(tpm: SwTpm, tmp_path: Path) -> None:
     persistent = subprocess.run(["tpm2_getcap", "-T", tpm.tcti, "handles-persistent"], check=True,
                                 capture_output=True, text=True).stdout
     assert persistent.strip() == ""
+
+
+def test_blob_key_file_loads_with_tpm2_pytss_tsskey(tpm: SwTpm, tmp_path: Path) -> None:
+    """Independent reader: tpm2-pytss's TSSPrivKey derives the parent itself and loads our file; its signature
+    verifies under our public key."""
+    path = tmp_path / "identity.tpm"
+    key = create_identity_key(blob_uri(tpm, path), KeyAlgorithm.ECDSA_P256, force=False)
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(b"interop")
+    with tpm2_context.tpm_session(Tpm2Ref(blob=path, tcti=tpm.tcti), "test") as esys:
+        handle = TSSPrivKey.from_pem(path.read_bytes()).load(esys)
+        with tpm2_context.transient(esys, handle):
+            sig = esys.sign(handle, TPM2B_DIGEST(digest.finalize()), TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), None)
+    r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+    s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+    verify(key, encode_dss_signature(r, s), b"interop")
 
 
 def test_signatures_are_randomised_and_all_verify(tpm: SwTpm) -> None:
