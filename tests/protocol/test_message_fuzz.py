@@ -1,0 +1,70 @@
+"""Fuzzing: `InnerMessage.decode` raises only `MessageDecodeError` on any input, and anything it accepts
+re-encodes to the same bytes. Set AGW_FUZZ_EXAMPLES for a long run."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.protocol.message import InnerMessage, Kind, MessageDecodeError, MessageLimits, RejectReason
+
+EXAMPLES = int(os.environ.get("AGW_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None)
+
+SEEDS = [
+    InnerMessage(Kind.DATA, bytes(range(16)), "planner", "camera-01", 1, 2, payload=b"hello", payload_utf8=True,
+                 response_topic="agw/planner/in", correlation_data=b"c", content_type="text/plain",
+                 user_properties=(("k", "v"), ("k2", "v2"))).encode(),
+    InnerMessage(Kind.DATA, bytes(16), "a", "b", 0, 0).encode(),
+    InnerMessage(Kind.ACK, bytes(16), "a", "b", 0, 0, ids=(b"x" * 16, b"y" * 16)).encode(),
+    InnerMessage(Kind.REJECT, bytes(16), "a", "b", 0, 0, ids=(b"x" * 16,), reason=RejectReason.EXPIRED).encode(),
+]
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 4))):
+        op = draw(st.sampled_from(["flip", "set", "truncate", "extend"]))
+        if op == "flip" and data:
+            data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and data:
+            data[draw(st.integers(0, len(data) - 1))] = draw(st.sampled_from([0, 1, 2, 3, 0x80, 0xFF]))
+        elif op == "truncate":
+            del data[draw(st.integers(0, len(data))):]
+        else:
+            data += draw(st.binary(max_size=32))
+    return bytes(data)
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=256), mutated()))
+def test_decode_raises_only_decode_errors(data: bytes) -> None:
+    try:
+        message = InnerMessage.decode(data, limits=MessageLimits(max_payload=4096))
+    except MessageDecodeError:
+        return
+    assert message.encode() == data
+
+
+names = st.from_regex(r"[a-z0-9]([a-z0-9._-]{0,10}[a-z0-9])?", fullmatch=True)
+text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=20)
+
+
+@FUZZ
+@given(
+    message_id=st.binary(min_size=16, max_size=16), sender=names, recipient=names,
+    created=st.integers(0, 2**63), extra=st.integers(0, 2**63 - 1), payload=st.binary(max_size=300),
+    topic=st.none() | text.filter(lambda t: t != "" and "+" not in t and "#" not in t),
+    corr=st.none() | st.binary(max_size=40), ctype=st.none() | text,
+    props=st.lists(st.tuples(text, text), max_size=5),
+)
+def test_generated_data_messages_round_trip(
+    message_id: bytes, sender: str, recipient: str, created: int, extra: int, payload: bytes, topic: str | None,
+    corr: bytes | None, ctype: str | None, props: list[tuple[str, str]],
+) -> None:
+    m = InnerMessage(Kind.DATA, message_id, sender, recipient, created, created + extra, payload=payload,
+                     response_topic=topic, correlation_data=corr, content_type=ctype, user_properties=tuple(props))
+    assert InnerMessage.decode(m.encode()) == m
