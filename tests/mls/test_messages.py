@@ -3,7 +3,8 @@
 Format: each entry holds hex encodings of mls_welcome, mls_group_info, mls_key_package, ratchet_tree,
 group_secrets, the seven proposal bodies, commit, public_message_{application,proposal,commit} and
 private_message. Every field of every entry must decode with the matching structure and re-encode to the same
-bytes; the MLSMessage fields must also carry the expected wire format.
+bytes; the MLSMessage fields must also carry the expected wire format. For entries in suites 1 and 3 the
+signatures checkable without group state are verified too.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 import pytest
 
 from gateway.protocol.mls.commit import Commit
+from gateway.protocol.mls.crypto import get_suite, verify_with_label
 from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
-from gateway.protocol.mls.key_package import KeyPackage
+from gateway.protocol.mls.key_package import KEY_PACKAGE_SIGN_LABEL, LEAF_NODE_SIGN_LABEL, KeyPackage
 from gateway.protocol.mls.nodes import decode_ratchet_tree, encode_ratchet_tree
 from gateway.protocol.mls.proposals import (
     Add,
@@ -26,10 +28,12 @@ from gateway.protocol.mls.proposals import (
     Remove,
     Update,
 )
-from gateway.protocol.mls.welcome_structs import GroupInfo, GroupSecrets, Welcome
+from gateway.protocol.mls.ratchet_tree import RatchetTree, leaf_signature_valid
+from gateway.protocol.mls.tree_math import LeafIndex
+from gateway.protocol.mls.welcome_structs import GROUP_INFO_SIGN_LABEL, GroupInfo, GroupSecrets, Welcome
 from gateway.protocol.mls.wire import ContentType, WireFormat, WireStruct
 
-from .conftest import load_vectors, unhex, vector_params
+from .conftest import SUPPORTED_SUITES, load_vectors, unhex, vector_params
 
 MESSAGE_FIELDS: dict[str, tuple[WireFormat, type[WireStruct]]] = {
     "mls_welcome": (WireFormat.WELCOME, Welcome),
@@ -84,3 +88,38 @@ def test_messages_vector(v: dict[str, Any]) -> None:
         _roundtrip(name, unhex(v[name]), cls.from_bytes, cls.to_bytes)
     nodes = _roundtrip("ratchet_tree", unhex(v["ratchet_tree"]), decode_ratchet_tree, encode_ratchet_tree)
     assert nodes, "ratchet_tree decoded to an empty node list"
+
+
+def _signature_entries() -> list[Any]:
+    """Entries whose structures use a suite we implement (the file holds suites 1-3, without a suite field)."""
+    params = []
+    for i, e in enumerate(load_vectors("messages.json")):
+        kp = MLSMessage.from_bytes(unhex(e["mls_key_package"])).body
+        assert isinstance(kp, KeyPackage)
+        if kp.cipher_suite in SUPPORTED_SUITES:
+            params.append(pytest.param(e, id=f"s{kp.cipher_suite}-{i}"))
+    assert params
+    return params
+
+
+@pytest.mark.parametrize("v", _signature_entries())
+def test_messages_signatures(v: dict[str, Any]) -> None:
+    """The signatures that can be checked from the entry alone: the KeyPackage and its LeafNode, the GroupInfo
+    (signed by its `signer` leaf of the entry's ratchet_tree), and the commit's UpdatePath leaf (the generator
+    signs it as leaf 0 of the GroupInfo's group)."""
+    kp = MLSMessage.from_bytes(unhex(v["mls_key_package"])).body
+    gi = MLSMessage.from_bytes(unhex(v["mls_group_info"])).body
+    assert isinstance(kp, KeyPackage) and isinstance(gi, GroupInfo)
+    cs = get_suite(kp.cipher_suite)
+    assert gi.group_context.cipher_suite == kp.cipher_suite
+    assert verify_with_label(cs, kp.leaf_node.signature_key, KEY_PACKAGE_SIGN_LABEL, kp.tbs(), kp.signature)
+    assert verify_with_label(cs, kp.leaf_node.signature_key, LEAF_NODE_SIGN_LABEL, kp.leaf_node.tbs(),
+                             kp.leaf_node.signature)
+    tree = RatchetTree.from_wire(unhex(v["ratchet_tree"]))
+    signer = tree.leaf(LeafIndex(gi.signer))
+    assert signer is not None
+    assert verify_with_label(cs, signer.signature_key, GROUP_INFO_SIGN_LABEL, gi.tbs(), gi.signature)
+    commit = Commit.from_bytes(unhex(v["commit"]))
+    assert commit.path is not None
+    assert leaf_signature_valid(cs, commit.path.leaf_node, gi.group_context.group_id, LeafIndex(0))
+    assert not leaf_signature_valid(cs, commit.path.leaf_node, gi.group_context.group_id + b"x", LeafIndex(0))

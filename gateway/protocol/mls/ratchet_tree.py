@@ -32,7 +32,7 @@ class MlsTreeError(MlsError):
 class RatchetTree:
     """Nodes of the public tree, indexed by NodeIndex; `None` is a blank node."""
 
-    __slots__ = ("_hash_cache", "_nodes")
+    __slots__ = ("_cred_summary", "_hash_cache", "_nodes")
 
     def __init__(self, nodes: Sequence[Node | None]) -> None:
         n_leaves = 1
@@ -40,6 +40,7 @@ class RatchetTree:
             n_leaves *= 2
         self._nodes: list[Node | None] = list(nodes) + [None] * (tm.node_width(n_leaves) - len(nodes))
         self._hash_cache: dict[int, bytes] = {}
+        self._cred_summary: tuple[frozenset[int], frozenset[int]] | None = None
 
     # --- construction and wire form --------------------------------------------------------------------
 
@@ -65,6 +66,7 @@ class RatchetTree:
         t = RatchetTree.__new__(RatchetTree)
         t._nodes = list(self._nodes)
         t._hash_cache = dict(self._hash_cache)
+        t._cred_summary = self._cred_summary
         return t
 
     def __eq__(self, other: object) -> bool:
@@ -107,6 +109,18 @@ class RatchetTree:
     def nodes(self) -> list[Node | None]:
         return list(self._nodes)
 
+    def credential_summary(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(credential types in use, credential types every member supports), cached until a leaf changes."""
+        if self._cred_summary is None:
+            in_use: set[int] = set()
+            supported: set[int] | None = None
+            for _, leaf in self.leaves():
+                in_use.add(leaf.credential.credential_type)
+                caps = set(leaf.capabilities.credentials)
+                supported = caps if supported is None else supported & caps
+            self._cred_summary = (frozenset(in_use), frozenset(supported or ()))
+        return self._cred_summary
+
     # --- mutation (every change invalidates cached hashes up the direct path) ---------------------------
 
     def set_node(self, x: NodeIndex, node: Node | None) -> None:
@@ -114,6 +128,8 @@ class RatchetTree:
             raise MlsTreeError(f"node {x}: leaves go at even indices, parents at odd ones")
         self._nodes[x] = node
         self._invalidate(x)
+        if tm.is_leaf(x):
+            self._cred_summary = None
 
     def _invalidate(self, x: NodeIndex) -> None:
         self._hash_cache.pop(x, None)
@@ -363,13 +379,15 @@ def validate_leaf_node(
         raise MlsTreeError(f"leaf {leaf_index}: does not list the group's cipher suite 0x{cs.suite_id:04x}")
     if leaf.credential.credential_type not in caps.credentials:
         raise MlsTreeError(f"leaf {leaf_index}: does not list its own credential type")
-    for other_index, other in tree.leaves():
-        if other_index == leaf_index:
-            continue
-        if leaf.credential.credential_type not in other.capabilities.credentials:
-            raise MlsTreeError(f"leaf {leaf_index}: credential type unsupported by member {other_index}")
-        if other.credential.credential_type not in caps.credentials:
-            raise MlsTreeError(f"leaf {leaf_index}: does not support member {other_index}'s credential type")
+    in_use, supported_by_all = tree.credential_summary()
+    if leaf.credential.credential_type not in supported_by_all or not in_use <= set(caps.credentials):
+        for other_index, other in tree.leaves():
+            if other_index == leaf_index:
+                continue
+            if leaf.credential.credential_type not in other.capabilities.credentials:
+                raise MlsTreeError(f"leaf {leaf_index}: credential type unsupported by member {other_index}")
+            if other.credential.credential_type not in caps.credentials:
+                raise MlsTreeError(f"leaf {leaf_index}: does not support member {other_index}'s credential type")
     unlisted = {e.extension_type for e in leaf.extensions} - set(caps.extensions) - DEFAULT_EXTENSION_TYPES
     if unlisted:
         raise MlsTreeError(f"leaf {leaf_index}: uses extensions {sorted(unlisted)} it does not list in capabilities")
