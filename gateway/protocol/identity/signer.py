@@ -51,6 +51,11 @@ class SoftwareSigner:
         return self._key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption())
 
+    def private_pem(self) -> bytes:
+        """PKCS#8 PEM, for the file-based fleet CA key (written with mode 0600)."""
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+
     @classmethod
     def from_private_bytes(cls, der: bytes) -> SoftwareSigner:
         key = serialization.load_der_private_key(der, password=None)
