@@ -63,7 +63,7 @@ def test_keys_enroll_and_openssl_verify(tmp_path, softhsm_dir, alg):
                               USER_PIN, "--list-objects", "--type", "privkey"], env=env, capture_output=True,
                              text=True, check=True).stdout
     assert "label:      agw-identity" in listing
-    access = [ln for ln in listing.splitlines() if "Access:" in ln][0]
+    access = next(ln for ln in listing.splitlines() if "Access:" in ln)
     assert "sensitive" in access and "never extractable" in access
     assert "extractable" not in access.replace("never extractable", "")
     assert ("EC_EDWARDS" if alg == "ed25519" else "Private Key Object; EC") in listing
