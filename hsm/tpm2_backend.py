@@ -159,7 +159,6 @@ class TpmIdentityKey:
     def __init__(self, ref: Tpm2Ref, public: Any, name: bytes, blob: Any | None) -> None:
         self._ref = ref
         self._uri = ref.redacted()
-        self._public_area = public
         self._name = name
         self._blob = blob
         self._public_key = _check_identity_public(public, self._uri)
