@@ -87,7 +87,7 @@ class Keyring:
 
     def open(self, table: str, key: bytes, blob: bytes) -> bytes:
         """Decrypt a value sealed for exactly this (table, key); anything else raises `StoreCorrupt`."""
-        if len(blob) < 1 + NONCE_BYTES + 16 or blob[0] != RECORD_FORMAT:
+        if not isinstance(blob, bytes) or len(blob) < 1 + NONCE_BYTES + 16 or blob[0] != RECORD_FORMAT:
             raise StoreCorrupt(f"a record in table {table!r} is malformed: the file was damaged; restore a backup")
         try:
             return self._aead.decrypt(blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :], self._ad(table, key))

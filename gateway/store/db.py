@@ -51,6 +51,9 @@ def translate(exc: sqlite3.Error, action: str) -> StoreError:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
+    # A tampered file may hold non-UTF-8 TEXT where a BLOB belongs: decode leniently, and let the type checks of
+    # the readers (which expect bytes) report it as corruption instead of a decode error.
+    conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
     try:
         for pragma in ("trusted_schema=OFF", "cell_size_check=ON", "secure_delete=ON", "foreign_keys=ON"):
             conn.execute(f"PRAGMA {pragma}")

@@ -2,6 +2,7 @@
 
 Plaintext columns hold only what SQL must compare: blinded row keys (HMAC, see `crypto`), times used for
 ordering, expiry and pruning, and record sizes used for limits. Everything else lives in the sealed `v` column.
+Tables are STRICT, so a value of the wrong type is refused on write.
 Outbox usage per peer is kept by triggers so limits are checked in O(peers), not by scanning the outbox.
 """
 
@@ -11,7 +12,7 @@ SCHEMA_VERSION = 1
 APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
 
 DDL_V1 = """
-CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL);
+CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT;
 
 CREATE TABLE outbox (
     seq INTEGER PRIMARY KEY,
@@ -21,12 +22,12 @@ CREATE TABLE outbox (
     expires_at_ms INTEGER NOT NULL,
     due_at_ms INTEGER NOT NULL,
     v BLOB NOT NULL
-);
+) STRICT;
 CREATE INDEX outbox_by_due ON outbox (due_at_ms);
 CREATE INDEX outbox_by_peer ON outbox (peer);
 CREATE INDEX outbox_by_expiry ON outbox (expires_at_ms);
 
-CREATE TABLE outbox_usage (peer BLOB PRIMARY KEY, n INTEGER NOT NULL, bytes INTEGER NOT NULL);
+CREATE TABLE outbox_usage (peer BLOB PRIMARY KEY, n INTEGER NOT NULL, bytes INTEGER NOT NULL) STRICT;
 CREATE TRIGGER outbox_usage_ins AFTER INSERT ON outbox BEGIN
     INSERT INTO outbox_usage (peer, n, bytes) VALUES (NEW.peer, 1, NEW.size)
         ON CONFLICT (peer) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
@@ -42,17 +43,17 @@ CREATE TRIGGER outbox_usage_upd AFTER UPDATE OF peer, size ON outbox BEGIN
         ON CONFLICT (peer) DO UPDATE SET n = n + 1, bytes = bytes + excluded.bytes;
 END;
 
-CREATE TABLE delivered (k BLOB PRIMARY KEY, at_ms INTEGER NOT NULL);
+CREATE TABLE delivered (k BLOB PRIMARY KEY, at_ms INTEGER NOT NULL) STRICT;
 CREATE INDEX delivered_by_time ON delivered (at_ms);
 
-CREATE TABLE sessions (k BLOB PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE secrets (k BLOB PRIMARY KEY, v BLOB NOT NULL);
-CREATE TABLE peers (k BLOB PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE sessions (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
+CREATE TABLE secrets (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
+CREATE TABLE peers (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
 
-CREATE TABLE consent (k BLOB PRIMARY KEY, peer BLOB NOT NULL, v BLOB NOT NULL);
+CREATE TABLE consent (k BLOB PRIMARY KEY, peer BLOB NOT NULL, v BLOB NOT NULL) STRICT;
 CREATE INDEX consent_by_peer ON consent (peer);
 
-CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, v BLOB NOT NULL, mac BLOB NOT NULL);
+CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, v BLOB NOT NULL, mac BLOB NOT NULL) STRICT;
 """
 
 # Version n -> SQL that upgrades a version n-1 store to n. Empty until the first schema change.

@@ -1,0 +1,91 @@
+"""Record sealing, blind indexes and the record codec, below the SQL layer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.store.codec import canonical_json, pack, unpack
+from gateway.store.crypto import Keyring
+from gateway.store.errors import InvalidRecord, StoreCorrupt
+
+fields = st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.binary(max_size=64), st.text(max_size=32)))
+
+
+@settings(max_examples=200)
+@given(fields)
+def test_pack_unpack_round_trip(values: list[bytes | str | int | None]) -> None:
+    assert unpack(pack(values)) == tuple(values)
+
+
+def test_pack_rejects_bool_and_unknown_types() -> None:
+    with pytest.raises(InvalidRecord):
+        pack([True])
+    with pytest.raises(InvalidRecord):
+        pack([1.5])  # type: ignore[list-item]
+
+
+def test_unpack_truncated_is_corrupt() -> None:
+    with pytest.raises(StoreCorrupt):
+        unpack(pack([b"abcdef"])[:-1])
+    with pytest.raises(StoreCorrupt):
+        unpack(b"\x09")
+
+
+def test_canonical_json_is_sorted_and_compact() -> None:
+    assert canonical_json({"b": 1, "a": [1, "é"]}) == '{"a":[1,"é"],"b":1}'.encode()
+    with pytest.raises(InvalidRecord):
+        canonical_json({"x": b"bytes"})
+    with pytest.raises(InvalidRecord):
+        canonical_json({"x": float("nan")})
+
+
+def test_seal_binds_table_and_key() -> None:
+    keys = Keyring(os.urandom(32))
+    blob = keys.seal("outbox", b"k1", b"secret")
+    assert keys.open("outbox", b"k1", blob) == b"secret"
+    for table, k in (("outbox", b"k2"), ("sessions", b"k1")):
+        with pytest.raises(StoreCorrupt):
+            keys.open(table, k, blob)
+    flipped = bytearray(blob)
+    flipped[-1] ^= 1
+    with pytest.raises(StoreCorrupt):
+        keys.open("outbox", b"k1", bytes(flipped))
+    with pytest.raises(StoreCorrupt):
+        keys.open("outbox", b"k1", blob[:20])
+
+
+def test_seal_uses_fresh_nonces() -> None:
+    keys = Keyring(os.urandom(32))
+    nonces = {keys.seal("t", b"k", b"same")[1:13] for _ in range(200)}
+    assert len(nonces) == 200
+
+
+def test_other_dek_cannot_open() -> None:
+    blob = Keyring(os.urandom(32)).seal("t", b"k", b"v")
+    with pytest.raises(StoreCorrupt):
+        Keyring(os.urandom(32)).open("t", b"k", blob)
+
+
+def test_blind_index_is_keyed_and_domain_separated() -> None:
+    dek = os.urandom(32)
+    a, b = Keyring(dek), Keyring(dek)
+    assert a.blind("peers", "dev1") == b.blind("peers", "dev1")
+    assert a.blind("peers", "dev1") != a.blind("sessions", "dev1")
+    assert a.blind("peers", "dev1") != Keyring(os.urandom(32)).blind("peers", "dev1")
+    assert len(a.blind("peers", "dev1")) == 16
+
+
+def test_check_value_identifies_the_dek() -> None:
+    dek = os.urandom(32)
+    assert Keyring(dek).matches(Keyring(dek).check_value)
+    assert not Keyring(os.urandom(32)).matches(Keyring(dek).check_value)
+    assert "redacted" in repr(Keyring(dek))
+
+
+def test_wrong_dek_length_is_corrupt() -> None:
+    with pytest.raises(StoreCorrupt):
+        Keyring(b"short")

@@ -1,0 +1,135 @@
+"""The outbox: group commits, due order, attempts, deletes, expiry, limits and persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.store import InvalidRecord, OutboxFull, OutboxLimits, Store, StoreFull
+
+from .conftest import SoftStorageKey, mid
+
+FAR = 10**13
+
+
+def test_put_many_and_due_round_trip(store: Store) -> None:
+    items = [(mid(i), f"dev{i % 2}", b"rec%d" % i, FAR) for i in range(10)]
+    assert store.outbox.put_many(items) == 10
+    due = store.outbox.due(now_ms=1, limit=100)
+    assert [(e.msg_id, e.peer_device, e.record, e.expires_at_ms, e.attempts) for e in due] == [
+        (m, p, r, x, 0) for m, p, r, x in items
+    ]
+    assert [e.msg_id for e in store.outbox.due(1, limit=3)] == [mid(0), mid(1), mid(2)]
+    assert [e.msg_id for e in store.outbox.due(1, 100, peer_device="dev1")] == [mid(i) for i in range(1, 10, 2)]
+    assert store.outbox.depth() == 10 and store.outbox.depth("dev0") == 5
+    assert store.outbox.usage() == (10, sum(len(r) for _, _, r, _ in items))
+
+
+def test_put_is_idempotent_per_msg_id(store: Store) -> None:
+    assert store.outbox.put(mid(1), "devA", b"first", FAR)
+    assert not store.outbox.put(mid(1), "devA", b"second", FAR)
+    batch = [(mid(1), "devA", b"x", FAR), (mid(2), "devA", b"y", FAR), (mid(2), "devA", b"z", FAR)]
+    assert store.outbox.put_many(batch) == 1
+    entry = store.outbox.get(mid(1))
+    assert entry is not None and entry.record == b"first"
+    assert store.outbox.usage() == (2, len(b"first") + len(b"y"))
+
+
+def test_mark_attempt_counts_and_reschedules(store: Store) -> None:
+    store.outbox.put_many([(mid(1), "devA", b"a", FAR), (mid(2), "devA", b"b", FAR)])
+    assert store.outbox.mark_attempt(mid(1), next_due_ms=5_000) == 1
+    assert store.outbox.mark_attempt(mid(1), next_due_ms=9_000) == 2
+    assert [e.msg_id for e in store.outbox.due(1_000, 10)] == [mid(2)]
+    assert [e.msg_id for e in store.outbox.due(9_000, 10)] == [mid(1), mid(2)]
+    assert store.outbox.due(9_000, 10)[0].attempts == 2
+    assert store.outbox.mark_attempt(mid(99), 1) is None
+    assert store.outbox.mark_attempts([mid(1), mid(2), mid(3)], 20_000) == 2
+    assert store.outbox.due(19_999, 10) == []
+    assert store.outbox.reschedule_peer("devA", 0) == 2
+    assert [e.attempts for e in store.outbox.due(1, 10)] == [3, 1]
+
+
+def test_delete_and_delete_many(store: Store) -> None:
+    store.outbox.put_many([(mid(i), "devA", b"r", FAR) for i in range(5)])
+    assert store.outbox.delete(mid(0))
+    assert not store.outbox.delete(mid(0))
+    assert store.outbox.delete_many([mid(1), mid(2), mid(42)]) == 2
+    assert [e.msg_id for e in store.outbox.due(1, 10)] == [mid(3), mid(4)]
+    assert store.outbox.usage() == (2, 2)
+    assert store.outbox.delete_many([]) == 0
+
+
+def test_expire_returns_and_removes_expired(store: Store) -> None:
+    store.outbox.put_many([(mid(1), "devA", b"old", 100), (mid(2), "devA", b"new", 1_000)])
+    assert [e.msg_id for e in store.outbox.due(100, 10)] == [mid(2)]  # expired entries are never due
+    expired = store.outbox.expire(now_ms=100)
+    assert [(e.msg_id, e.record) for e in expired] == [(mid(1), b"old")]
+    assert store.outbox.depth() == 1
+    assert store.outbox.expire(100) == []
+
+
+def test_total_entry_limit_refuses_whole_batch(db_path: Path, key: SoftStorageKey) -> None:
+    limits = OutboxLimits(max_entries=5, max_entries_per_peer=5)
+    with Store.open(db_path, key, limits=limits) as s:
+        s.outbox.put_many([(mid(i), f"d{i}", b"x", FAR) for i in range(4)])
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put_many([(mid(10), "d9", b"x", FAR), (mid(11), "d9", b"x", FAR)])
+        assert err.value.limit == "max_entries"
+        assert isinstance(err.value, StoreFull)
+        assert s.outbox.depth() == 4 and s.outbox.get(mid(10)) is None
+        assert s.outbox.put(mid(10), "d9", b"x", FAR)  # exactly at the limit is fine
+
+
+def test_per_peer_limits(db_path: Path, key: SoftStorageKey) -> None:
+    limits = OutboxLimits(max_entries_per_peer=2, max_bytes_per_peer=10)
+    with Store.open(db_path, key, limits=limits) as s:
+        s.outbox.put_many([(mid(1), "slow", b"a", FAR), (mid(2), "slow", b"b", FAR)])
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put(mid(3), "slow", b"c", FAR)
+        assert (err.value.limit, err.value.peer_device) == ("max_entries_per_peer", "slow")
+        assert s.outbox.put(mid(4), "fast", b"0123456789", FAR)  # another peer is unaffected
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put(mid(5), "fast", b"!", FAR)
+        assert err.value.limit == "max_bytes_per_peer"
+        s.outbox.delete(mid(1))
+        assert s.outbox.put(mid(3), "slow", b"c", FAR)  # room again after a delivery
+
+
+def test_total_bytes_and_record_size_limits(db_path: Path, key: SoftStorageKey) -> None:
+    limits = OutboxLimits(max_bytes=100, max_record_bytes=60)
+    with Store.open(db_path, key, limits=limits) as s:
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put(mid(1), "d", b"x" * 61, FAR)
+        assert err.value.limit == "max_record_bytes"
+        s.outbox.put(mid(1), "d", b"x" * 60, FAR)
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put(mid(2), "e", b"x" * 41, FAR)
+        assert err.value.limit == "max_bytes"
+        assert s.outbox.usage() == (1, 60)
+
+
+def test_limits_validate() -> None:
+    with pytest.raises(InvalidRecord):
+        OutboxLimits(max_entries=0)
+
+
+def test_bad_input_rejected(store: Store) -> None:
+    with pytest.raises(InvalidRecord):
+        store.outbox.put(b"short", "d", b"x", FAR)
+    with pytest.raises(InvalidRecord):
+        store.outbox.put(mid(1), "", b"x", FAR)
+    with pytest.raises(InvalidRecord):
+        store.outbox.put(mid(1), "d", "text", FAR)  # type: ignore[arg-type]
+    assert store.outbox.depth() == 0
+
+
+def test_outbox_survives_restart(db_path: Path, key: SoftStorageKey) -> None:
+    with Store.open(db_path, key) as s:
+        s.outbox.put_many([(mid(i), "devA", b"r%d" % i, FAR) for i in range(3)])
+        s.outbox.mark_attempt(mid(0), 0)
+        s.outbox.delete(mid(1))
+    with Store.open(db_path, key) as s:
+        due = s.outbox.due(1, 10)
+        assert [(e.msg_id, e.record, e.attempts) for e in due] == [(mid(0), b"r0", 1), (mid(2), b"r2", 0)]
+        assert s.outbox.usage() == (2, 4)
