@@ -90,7 +90,7 @@ class Verifier:
     def verify(self, data: bytes, signature: bytes, what: str) -> None:
         try:
             self._key.verify(data, signature)
-        except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
             raise PairwiseVerificationError(f"{what}: Ed25519 signature does not verify") from None
 
 
@@ -121,7 +121,7 @@ def dh(private: bytes, public: bytes) -> bytes:
     """X25519; rejects peer keys that give the all-zero shared secret (small-order points)."""
     try:
         out = nacl.bindings.crypto_scalarmult(private, public)
-    except (nacl.exceptions.RuntimeError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise PairwiseVerificationError("X25519: peer public key is a small-order point") from None
     if hmac.compare_digest(out, bytes(KEY_LEN)):
         raise PairwiseVerificationError("X25519: peer public key is a small-order point")
@@ -160,9 +160,11 @@ def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> byte
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
+    if len(ciphertext) < TAG_LEN:
+        raise PairwiseVerificationError("XChaCha20-Poly1305: ciphertext shorter than its tag")
     try:
         return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key))
-    except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, nacl.exceptions.TypeError):
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify") from None
 
 
