@@ -237,9 +237,10 @@ def attributes_from_tpma(attrs: int) -> KeyAttributes:
 
 
 def write_private_file(path: Path, data: bytes, uri: str) -> None:
-    """Write a key file atomically, readable by its owner only."""
+    """Write a key file atomically, readable by its owner only (a missing directory is made owner-only too)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

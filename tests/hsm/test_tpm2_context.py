@@ -163,3 +163,11 @@ def test_owner_password_is_explained(tpm: SwTpm, tmp_path: Path) -> None:
     assert "owner-secret" not in str(err.value)
     assert not (tmp_path / "s.tpm").exists()
     assert_nothing_loaded(tpm)
+
+
+def test_swtpm_helper_forgets_the_context_of_a_stopped_tpm(tmp_path: Path) -> None:
+    """A later swtpm may reuse the port: it must not inherit the dead connection."""
+    with SwTpm.start(tmp_path) as t:
+        create_storage_key(f"tpm2:sealed={tmp_path / 's.tpm'}?tcti={t.tcti}", force=False)
+        assert t.tcti in tpm2_context.open_tctis()
+    assert t.tcti not in tpm2_context.open_tctis()

@@ -148,6 +148,13 @@ def test_existing_blob_needs_force(tpm: SwTpm, tmp_path: Path) -> None:
         second.unwrap(wrapped)
 
 
+def test_missing_directory_is_created_owner_only(tpm: SwTpm, tmp_path: Path) -> None:
+    path = tmp_path / "var" / "lib" / "agw" / "storage.tpm"
+    key = create_storage_key(sealed_uri(tpm, path), force=False)
+    assert key.unwrap(key.wrap(b"d" * 32)) == b"d" * 32
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+
+
 def test_missing_blob_is_key_not_found(tpm: SwTpm, tmp_path: Path) -> None:
     with pytest.raises(KeyNotFound, match="does not exist"):
         load_storage_key(sealed_uri(tpm, tmp_path / "none.tpm"))

@@ -89,6 +89,7 @@ class SwTpm:
             yield tpm
         finally:
             if tpm is not None:
+                _forget_contexts(tpm.tcti)
                 tpm.stop()
             if owned_tmp is not None:
                 shutil.rmtree(owned_tmp, ignore_errors=True)
@@ -139,6 +140,16 @@ class SwTpm:
                 self.proc.wait(timeout=5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def _forget_contexts(tcti: str) -> None:
+    """Close this process's hsm ESAPI context for the TCTI: a later swtpm may get the same port, and must not
+    inherit a connection to this dead one."""
+    import sys
+
+    tpm2_context = sys.modules.get("hsm.tpm2_context")
+    if tpm2_context is not None:
+        tpm2_context.close(tcti)
 
 
 def _listening(port: int) -> bool:
