@@ -168,10 +168,18 @@ def protect_private(
 
 @dataclass(frozen=True)
 class OpenedPrivateMessage:
-    """A decrypted PrivateMessage whose signature has verified and whose key has been consumed."""
+    """A decrypted PrivateMessage whose signature has verified. `consumed` says whether its ratchet key has
+    already been deleted; if not, the caller calls `consume()` once it accepts the message."""
 
     content: AuthenticatedContent
+    leaf: LeafIndex
+    ratchet: RatchetType
     generation: int
+    consumed: bool
+
+    def consume(self, secret_tree: SecretTree) -> None:
+        if not self.consumed:
+            secret_tree.consume(self.leaf, self.ratchet, self.generation)
 
 
 def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret: bytes) -> SenderData:
@@ -191,8 +199,11 @@ def unprotect_private(
     secret_tree: SecretTree,
     sender_data_secret: bytes,
     signature_key_for: SignatureKeyLookup,
+    *,
+    consume: bool = True,
 ) -> OpenedPrivateMessage:
-    """Decrypt and verify a PrivateMessage. The ratchet key is consumed only if every check passes."""
+    """Decrypt and verify a PrivateMessage. With `consume`, the ratchet key is deleted once every check here has
+    passed; without, nothing changes until the caller consumes it (after its own checks)."""
     sd = decrypt_sender_data(cs, msg, sender_data_secret)
     leaf = LeafIndex(sd.leaf_index)
     if leaf >= secret_tree.n_leaves:
@@ -210,5 +221,6 @@ def unprotect_private(
     content = FramedContent(msg.group_id, msg.epoch, sender, msg.authenticated_data, inner.content)
     ac = AuthenticatedContent(WireFormat.PRIVATE_MESSAGE, content, inner.auth)
     verify_content_signature(cs, signature_key, ac, context)
-    secret_tree.consume(leaf, rt, sd.generation)
-    return OpenedPrivateMessage(ac, sd.generation)
+    if consume:
+        secret_tree.consume(leaf, rt, sd.generation)
+    return OpenedPrivateMessage(ac, leaf, rt, sd.generation, consume)
