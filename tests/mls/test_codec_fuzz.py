@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol.mls.commit import Commit, UpdatePath
+from gateway.protocol.mls.commit import Commit, UpdatePath, UpdatePathNode
 from gateway.protocol.mls.credentials import Credential
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.extensions import ExternalSenders, RequiredCapabilities
+from gateway.protocol.mls.extensions import ApplicationId, Extension, ExternalPub, ExternalSenders, RequiredCapabilities
 from gateway.protocol.mls.framing import (
     AuthenticatedContent,
     FramedContent,
@@ -27,21 +27,24 @@ from gateway.protocol.mls.framing import (
     PrivateMessage,
     PrivateMessageContent,
     PublicMessage,
+    Sender,
     SenderData,
 )
-from gateway.protocol.mls.key_package import Capabilities, KeyPackage, LeafNode
-from gateway.protocol.mls.nodes import decode_ratchet_tree, encode_ratchet_tree
+from gateway.protocol.mls.key_package import Capabilities, KeyPackage, LeafNode, Lifetime
+from gateway.protocol.mls.nodes import ParentNode, decode_ratchet_tree, encode_ratchet_tree
 from gateway.protocol.mls.proposals import (
     Add,
     ExternalInit,
     GroupContextExtensions,
     PreSharedKey,
+    PreSharedKeyID,
     ReInit,
     Remove,
     Update,
 )
-from gateway.protocol.mls.welcome_structs import GroupContext, GroupInfo, GroupSecrets, Welcome
-from gateway.protocol.mls.wire import ContentType, WireStruct
+from gateway.protocol.mls.ratchet_tree import RatchetTree
+from gateway.protocol.mls.welcome_structs import EncryptedGroupSecrets, GroupContext, GroupInfo, GroupSecrets, Welcome
+from gateway.protocol.mls.wire import ContentType, HPKECiphertext, WireStruct
 
 from .conftest import load_vectors, unhex
 
@@ -85,6 +88,17 @@ CODECS: dict[str, Codec] = {
     "ExternalInit": _struct(ExternalInit),
     "GroupContextExtensions": _struct(GroupContextExtensions),
     "ratchet_tree": (decode_ratchet_tree, encode_ratchet_tree),
+    "RatchetTree": (RatchetTree.from_wire, RatchetTree.to_wire),
+    "ApplicationId": _struct(ApplicationId),
+    "ExternalPub": _struct(ExternalPub),
+    "Extension": _struct(Extension),
+    "PreSharedKeyID": _struct(PreSharedKeyID),
+    "Lifetime": _struct(Lifetime),
+    "HPKECiphertext": _struct(HPKECiphertext),
+    "UpdatePathNode": _struct(UpdatePathNode),
+    "ParentNode": _struct(ParentNode),
+    "Sender": _struct(Sender),
+    "EncryptedGroupSecrets": _struct(EncryptedGroupSecrets),
     "PrivateMessageContent/application": _private_content(ContentType.APPLICATION),
     "PrivateMessageContent/proposal": _private_content(ContentType.PROPOSAL),
     "PrivateMessageContent/commit": _private_content(ContentType.COMMIT),

@@ -187,3 +187,28 @@ def test_joiner_installs_path_secret_from_welcome() -> None:
         assert created.private.keys[root] == joiner.keys[root]
         return
     pytest.fail("no member shares a filtered-path node with the sender")
+
+
+def test_prune_drops_keys_of_blanked_nodes_and_repr_hides_keys() -> None:
+    cs, tree, states, _v = _first_case()
+    index, priv = next((i, p) for i, p in states.items() if len(p.keys) > 1)
+    pruned = priv.copy()
+    pruned.prune(tree)
+    assert pruned.keys == priv.keys
+    blanked = tree.copy()
+    blanked.blank_path(LeafIndex(index))
+    pruned.prune(blanked)
+    assert list(pruned.keys) == [leaf_to_node(LeafIndex(index))]
+    assert all(k.hex() not in repr(priv) for k in priv.keys.values())
+    pruned.check_leaf(cs, blanked)
+
+
+def test_stale_private_key_is_detected() -> None:
+    cs, tree, states, v = _first_case()
+    up = v["update_paths"][0]
+    sender = LeafIndex(up["sender"])
+    receiver = next(i for i in states if i != sender)
+    stale = TreeKemPrivate(LeafIndex(receiver), {k: bytes(31) + b"\x01" for k in states[receiver].keys})
+    path = UpdatePath.from_bytes(unhex(up["update_path"]))
+    with pytest.raises(MlsTreeError):
+        process_update_path(cs, tree, stale, sender, path, unhex(v["group_id"]), _context_factory(cs, v))

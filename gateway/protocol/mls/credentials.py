@@ -10,7 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from gateway.protocol.mls.codec import Reader, Writer
+from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.wire import CredentialType, WireStruct, put_opaque, read_enum
 
 
@@ -49,6 +53,10 @@ class Credential(WireStruct):
         return cls(ctype, certificates=tuple(r.vector(Reader.opaque)))
 
 
+class MlsCredentialError(MlsError):
+    """A credential is malformed, or does not belong to the signature key presented with it."""
+
+
 IdentityValidator = Callable[[Credential, bytes], None]
 """Called with (credential, signature public key); raises an `MlsError` to reject the pair."""
 
@@ -56,3 +64,26 @@ IdentityValidator = Callable[[Credential, bytes], None]
 def accept_any_identity(credential: Credential, signature_key: bytes) -> None:
     """An `IdentityValidator` for tests and conformance vectors only: accepts every credential."""
     del credential, signature_key
+
+
+def x509_leaf_public_key(credential: Credential) -> bytes:
+    """Raw public key of the first (end-entity) certificate of an X.509 credential."""
+    if credential.credential_type != CredentialType.X509 or not credential.certificates:
+        raise MlsCredentialError("not an X.509 credential with at least one certificate")
+    try:
+        cert = x509.load_der_x509_certificate(credential.certificates[0])
+        return cert.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    except (ValueError, TypeError) as e:
+        raise MlsCredentialError(f"X.509 credential: end-entity certificate unusable: {e}") from e
+
+
+def x509_key_binding(chain_validator: Callable[[tuple[bytes, ...]], None]) -> IdentityValidator:
+    """An `IdentityValidator` for X.509 credentials: the leaf certificate must certify exactly the MLS
+    signature key, then `chain_validator` (the application's CA, expiry and revocation policy) sees the chain."""
+
+    def validate(credential: Credential, signature_key: bytes) -> None:
+        if x509_leaf_public_key(credential) != signature_key:
+            raise MlsCredentialError("X.509 credential certifies a different key than the leaf's signature key")
+        chain_validator(credential.certificates)
+
+    return validate

@@ -6,7 +6,7 @@ callers that hold the crypto (`ratchet_tree.verify_leaf_signature`, KeyPackage v
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Self
 
 from gateway.protocol.mls.codec import Reader, Writer
@@ -62,7 +62,7 @@ class LeafNode(WireStruct):
     lifetime: Lifetime | None = None
     parent_hash: bytes | None = None
     extensions: tuple[Extension, ...] = ()
-    signature: bytes = field(default=b"", compare=True)
+    signature: bytes = b""
 
     def __post_init__(self) -> None:
         if (self.lifetime is not None) != (self.leaf_node_source == LeafNodeSource.KEY_PACKAGE):

@@ -87,6 +87,15 @@ class TreeKemPrivate:
         if leaf is None or priv is None or cs.hpke_public_key(priv) != leaf.encryption_key:
             raise MlsTreeError(f"leaf {self.leaf_index}: private key does not match the tree")
 
+    def prune(self, tree: RatchetTree) -> None:
+        """Delete keys of nodes that are blank or no longer on our direct path (forward secrecy after
+        removes and updates blank parts of the tree)."""
+        own = tm.leaf_to_node(self.leaf_index)
+        keep = {own, *tm.direct_path(own, tree.n_leaves)}
+        for x in list(self.keys):
+            if x not in keep or x >= len(tree.nodes()) or tree.node(x) is None:
+                del self.keys[x]
+
     def forget_path(self, tree: RatchetTree, leaf: LeafIndex) -> None:
         """Drop keys of nodes on `leaf`'s direct path (they are being replaced or blanked)."""
         for x in tm.direct_path(tm.leaf_to_node(leaf), tree.n_leaves):
@@ -264,6 +273,9 @@ def process_update_path(
     if held is None:
         raise MlsTreeError(f"leaf {me} holds no private key in the resolution of node {copath_child}")
     j, r = held
+    held_node = tree.node(r)
+    if held_node is None or cs.hpke_public_key(private.keys[r]) != held_node.encryption_key:
+        raise MlsTreeError(f"our private key for node {r} does not match the tree (stale private state)")
     ct = path.nodes[i].encrypted_path_secret[j]
     try:
         path_secret = decrypt_with_label(
