@@ -4,8 +4,8 @@ The secret comes from TPM2_GetRandom and is sealed as a keyedhash data object un
 (fixedTPM, fixedParent: the sealed blob is useless on any other TPM). With `pcrs=sha256:7,16` the object has no
 userWithAuth and its authPolicy is TPM2_PolicyPCR over the PCR values at sealing time, so the TPM unseals it only
 while those PCRs still hold those values (boot chain unchanged). Both the secret going in (TPM2_Create) and coming
-out (TPM2_Unseal) are encrypted on the wire by a session salted with the primary, so a bus or socket sniffer
-does not see it.
+out (TPM2_GetRandom, TPM2_Unseal) are encrypted on the wire by a session salted with the primary, so a bus or
+socket sniffer does not see it (tested with the pcap TCTI).
 
 `wrap`/`unwrap` unseal the secret on every call (it is never cached in this process) and use it as the AES-256
 key of RFC 5649 key wrap with padding, the same wrapping the PKCS#11 backend does with CKM_AES_KEY_WRAP_PAD.
@@ -102,10 +102,11 @@ def _salted_session(esys: Any, parent: Any, kind: Any, attrs: int) -> Iterator[A
         yield session
 
 
-def _random(esys: Any, size: int) -> bytes:
+def _random(esys: Any, size: int, session: Any) -> bytes:
+    """TPM2_GetRandom, its response encrypted by `session` (else the new secret would cross the bus in clear)."""
     out = b""
     while len(out) < size:
-        out += bytes(esys.get_random(size - len(out)))
+        out += bytes(esys.get_random(size - len(out), session1=session))
     return out
 
 
@@ -292,14 +293,15 @@ def create_storage_key(uri: str, *, force: bool = False) -> TpmSealedStorageKey:
     if path.exists() and not force:
         raise KeyExists(f"sealed blob {path} already exists; pass force to replace it", uri=safe)
     with tpm_session(ref, "seal the storage secret") as esys:
-        secret = _random(esys, SECRET_SIZE)
         values = _read_pcrs(esys, ref.pcr_bank, ref.pcrs, safe) if ref.pcrs else {}
         policy = _pcr_policy(esys, ref.pcr_bank, ref.pcrs) if ref.pcrs else b""
-        sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=secret))
-        with primary(esys) as parent, _salted_session(esys, parent, TPM2_SE.HMAC, TPMA_SESSION.DECRYPT) as enc:
+        crypt = TPMA_SESSION.DECRYPT | TPMA_SESSION.ENCRYPT
+        with primary(esys) as parent, _salted_session(esys, parent, TPM2_SE.HMAC, crypt) as enc:
+            secret = _random(esys, SECRET_SIZE, enc)
+            sensitive = TPM2B_SENSITIVE_CREATE(sensitive=TPMS_SENSITIVE_CREATE(data=secret))
             private, public, _cdata, _chash, _ticket = esys.create(
                 parent, sensitive, _sealed_template(policy), session1=ESYS_TR.PASSWORD, session2=enc)
-    del secret
+    del secret, sensitive
     blob = _Blob(ref.pcr_bank, ref.pcrs, values, public, private)
     write_private_file(path, blob.serialize(), safe)
     return load_storage_key(uri)

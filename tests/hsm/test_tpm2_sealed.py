@@ -9,10 +9,13 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
 from tpm2_pytss import TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
+from tpm2_pytss.types import TPML_PCR_SELECTION
 
 import hsm
 from hsm import tpm2_context
@@ -134,6 +137,42 @@ def test_sealed_secret_is_the_wrapping_key(tpm: SwTpm, tmp_path: Path) -> None:
             secret = bytes(esys.unseal(obj))
     assert len(secret) == 32
     assert aes_key_unwrap_with_padding(secret, wrapped) == b"d" * 24
+
+
+def unseal_in_clear(tcti: str, path: Path, blob: Any) -> bytes:
+    """Unseal by hand without parameter encryption: the control for the wire test."""
+    with tpm2_context.tpm_session(Tpm2Ref(sealed=path, tcti=tcti), "test") as esys:
+        with tpm2_context.primary(esys) as parent:
+            obj = esys.load(parent, blob.private, blob.public)
+        with tpm2_context.transient(esys, obj):
+            if not blob.pcrs:
+                return bytes(esys.unseal(obj))
+            session = esys.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY, None, TPM2_ALG.SHA256)
+            with tpm2_context.transient(esys, session):
+                esys.policy_pcr(session, None, TPML_PCR_SELECTION.parse("sha256:" + ",".join(map(str, blob.pcrs))))
+                return bytes(esys.unseal(obj, session1=session))
+
+
+@pytest.mark.parametrize("pcrs", ["", "sha256:7"])
+def test_secret_never_crosses_the_wire_in_clear(tpm: SwTpm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                pcrs: str) -> None:
+    """The pcap TCTI records every command and response bytes: seal, wrap and unwrap must not show the secret
+    (GetRandom, Create and Unseal run with an encrypting salted session); an unencrypted unseal shows it."""
+    path = tmp_path / "s.tpm"
+    sniffed = f"pcap:{tpm.tcti}"
+    monkeypatch.setenv("TCTI_PCAP_FILE", str(tmp_path / "wire.pcap"))
+    key = load_storage_key(create_storage_key(
+        f"tpm2:sealed={path}?tcti={sniffed}" + (f"&pcrs={pcrs}" if pcrs else ""), force=False).uri)
+    assert key.unwrap(key.wrap(b"d" * 32)) == b"d" * 32
+    tpm2_context.close(sniffed)
+    wire = (tmp_path / "wire.pcap").read_bytes()
+    assert bytes(key._blob.private.marshal()) in wire  # the capture did record our traffic
+    monkeypatch.setenv("TCTI_PCAP_FILE", str(tmp_path / "control.pcap"))
+    secret = unseal_in_clear(sniffed, path, key._blob)
+    tpm2_context.close(sniffed)
+    assert len(secret) == 32
+    assert secret in (tmp_path / "control.pcap").read_bytes()
+    assert secret not in wire
 
 
 def test_existing_blob_needs_force(tpm: SwTpm, tmp_path: Path) -> None:
