@@ -18,7 +18,6 @@ from gateway.protocol.pairwise import (
     PairwiseVerificationError,
     PrekeyError,
     RatchetLimits,
-    SignerMismatchError,
     TooManySkippedError,
     UnexpectedMessageError,
 )
@@ -256,10 +255,17 @@ def test_persistence_of_unanswered_initiator(alice: ToyDevice, bob: ToyDevice, a
     assert b.decrypt(w0) == b"zero"
 
 
-def test_restore_needs_the_same_signer(alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority) -> None:
-    a, _ = pair(alice, bob, authority)
-    with pytest.raises(SignerMismatchError):
-        PairwiseSession.decode(a.encode(), signer=Ed25519Signer.generate())
+def test_restore_after_key_rotation_decrypts_but_will_not_send(
+    alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority
+) -> None:
+    a, b = pair(alice, bob, authority)
+    in_flight = b.encrypt(b"sent before the rotation")
+    rotated = PairwiseSession.decode(a.encode(), signer=Ed25519Signer.generate())
+    assert not rotated.can_encrypt
+    assert rotated.decrypt(in_flight) == b"sent before the rotation"
+    with pytest.raises(PairwiseUsageError, match="open a new session"):
+        rotated.encrypt(b"x")
+    assert PairwiseSession.decode(a.encode(), signer=alice.signer).can_encrypt
 
 
 def test_one_time_prekey_consumed_exactly_once(alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority) -> None:

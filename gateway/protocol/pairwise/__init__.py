@@ -14,7 +14,6 @@ from gateway.protocol.pairwise.errors import (
     PairwiseVerificationError,
     PrekeyError,
     SessionExhaustedError,
-    SignerMismatchError,
     TooManySkippedError,
     UnexpectedMessageError,
 )
@@ -45,7 +44,6 @@ __all__ = [
     "Role",
     "SessionExhaustedError",
     "SignedPrekey",
-    "SignerMismatchError",
     "TooManySkippedError",
     "UnexpectedMessageError",
     "VerifyCredential",

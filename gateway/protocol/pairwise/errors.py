@@ -43,10 +43,6 @@ class UnexpectedMessageError(PairwiseError):
     """A well-formed message does not belong here (other recipient, other session, setup fields that differ)."""
 
 
-class SignerMismatchError(PairwiseError):
-    """A stored session was made with another delegated key than the signer offered to restore it."""
-
-
 class PairwiseUsageError(Exception):
     """The local caller used the API wrongly (e.g. a signer whose key is not the session's). Not peer input."""
 

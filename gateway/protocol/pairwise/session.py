@@ -40,7 +40,6 @@ from gateway.protocol.pairwise.crypto import (
 from gateway.protocol.pairwise.errors import (
     PairwiseDecodeError,
     PairwiseUsageError,
-    SignerMismatchError,
     UnexpectedMessageError,
 )
 from gateway.protocol.pairwise.prekeys import MAX_CREDENTIAL_LEN, PrekeyBundle, PrekeyStore
@@ -125,6 +124,7 @@ class PairwiseSession:
         pending_setup: PrekeySetup | None,
         random: RandomSource = os.urandom,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        local_verify_key: bytes | None = None,
     ) -> None:
         self.session_id = session_id
         self.role = role
@@ -133,7 +133,7 @@ class PairwiseSession:
         self.peer_credential = peer_credential
         self.peer_verifier = peer_verifier
         self._signer = signer
-        self._local_verify_key = bytes(signer.verify_key)
+        self._local_verify_key = bytes(signer.verify_key) if local_verify_key is None else local_verify_key
         self._ratchet = ratchet
         self._pending_setup = pending_setup
         self._random = random
@@ -259,8 +259,11 @@ class PairwiseSession:
 
     def encrypt(self, plaintext: bytes) -> bytes:
         """Encrypts and signs one message. Until the peer has answered, it also carries the session setup."""
-        if bytes(self._signer.verify_key) != self._local_verify_key:
-            raise PairwiseUsageError("the signer's key changed; a session is bound to its delegated key")
+        if not self.can_encrypt:
+            raise PairwiseUsageError(
+                "this session is bound to another delegated key (rotated?); open a new session to send. "
+                "It can still decrypt what the peer sends on it."
+            )
         dh_public, pn, n, mk = self._ratchet.next_send()
         header = RatchetHeader(dh_public, pn, n, self._random(NONCE_LEN))
         aad = encode_prefix(self.session_id, self._pending_setup, header)
@@ -309,6 +312,11 @@ class PairwiseSession:
         return self._pending_setup is None
 
     @property
+    def can_encrypt(self) -> bool:
+        """False once the signer's key is no longer the one the peer knows for this session (key rotation)."""
+        return bytes(self._signer.verify_key) == self._local_verify_key
+
+    @property
     def local_verify_key(self) -> bytes:
         return self._local_verify_key
 
@@ -334,7 +342,11 @@ class PairwiseSession:
 
     @classmethod
     def decode(cls, data: bytes, *, signer: MessageSigner, random: RandomSource = os.urandom) -> PairwiseSession:
-        """Restores a session; it continues exactly where `encode()` left it. `signer` must be the same key."""
+        """Restores a session; it continues exactly where `encode()` left it.
+
+        `signer` is today's delegated key. If it differs from the session's (the key was rotated), the restored
+        session still decrypts but refuses to encrypt: see `can_encrypt`.
+        """
         r = Reader(data, "session state")
         version = r.u8("version")
         if version != STATE_VERSION:
@@ -353,12 +365,10 @@ class PairwiseSession:
         r.done()
         if pending is not None and role_value != Role.INITIATOR:
             raise PairwiseDecodeError("session state: only an initiator can have a pending setup")
-        if bytes(signer.verify_key) != local_vk:
-            raise SignerMismatchError("session was made with another delegated key; open a new session instead")
         return cls(
             session_id=session_id, role=Role(role_value), local_device_id=local_id, peer_device_id=peer_id,
             peer_credential=peer_credential, peer_verifier=peer_verifier, signer=signer, ratchet=ratchet,
-            pending_setup=pending, random=random, max_message_size=max_message_size,
+            pending_setup=pending, random=random, max_message_size=max_message_size, local_verify_key=local_vk,
         )
 
     def __repr__(self) -> str:
