@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.keywrap import aes_key_unwrap_with_padding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tpm2_pytss import TSS2_Exception
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
 from tpm2_pytss.types import TPML_PCR_SELECTION
@@ -51,6 +54,21 @@ def test_wrap_unwrap_round_trip(tpm: SwTpm, tmp_path: Path, size: int) -> None:
     assert dek not in wrapped
     assert len(wrapped) == 8 + -(-size // 8) * 8  # RFC 5649: 8-byte AIV + padded input
     assert key.unwrap(wrapped) == dek
+
+
+@settings(max_examples=int(os.environ.get("AGW_HYPOTHESIS_EXAMPLES", "20")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(dek=st.binary(min_size=1, max_size=200), flip=st.integers(min_value=0))
+def test_wrap_round_trips_and_any_bit_flip_fails(tpm: SwTpm, tmp_path: Path, dek: bytes, flip: int) -> None:
+    path = tmp_path / "prop.tpm"
+    key = load_storage_key(sealed_uri(tpm, path)) if path.exists() else create_storage_key(sealed_uri(tpm, path))
+    wrapped = key.wrap(dek)
+    assert key.unwrap(wrapped) == dek
+    bit = flip % (len(wrapped) * 8)
+    tampered = bytearray(wrapped)
+    tampered[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(UnwrapFailed):
+        key.unwrap(bytes(tampered))
 
 
 def test_reloaded_key_unwraps_and_blob_holds_no_secret(tpm: SwTpm, tmp_path: Path) -> None:
