@@ -22,8 +22,8 @@ from hsm.errors import UnwrapFailed
 class SoftStorageKey:
     """AES-256 key wrap in software, standing in for a token-held storage key."""
 
-    def __init__(self, name: str = "k1") -> None:
-        self._kek = os.urandom(32)
+    def __init__(self, name: str = "k1", kek: bytes | None = None) -> None:
+        self.kek = os.urandom(32) if kek is None else kek
         self._uri = f"pkcs11:token=test;object={name}?pin-value=1234"
         self.wrapped: list[bytes] = []
 
@@ -33,11 +33,11 @@ class SoftStorageKey:
 
     def wrap(self, key: bytes) -> bytes:
         self.wrapped.append(key)
-        return aes_key_wrap(self._kek, key)
+        return aes_key_wrap(self.kek, key)
 
     def unwrap(self, blob: bytes) -> bytes:
         try:
-            return aes_key_unwrap(self._kek, blob)
+            return aes_key_unwrap(self.kek, blob)
         except InvalidUnwrap:
             raise UnwrapFailed("unwrap failed", uri=self._uri) from None
 
