@@ -17,7 +17,12 @@ from hsm import tpm2_context
 from hsm.api import KeyAlgorithm
 from hsm.errors import HardwareError, TpmUnreachable, UnsealFailed
 from hsm.tpm2_backend import create_identity_key, create_storage_key, load_identity_key
+from tests.support import swtpm as swtpm_support
 from tests.support.swtpm import SwTpm, closed_port
+
+# The fixtures other test modules import: exercised here so they stay working.
+swtpm = swtpm_support.swtpm
+swtpm_tcti = swtpm_support.swtpm_tcti
 
 THREADS = 4
 SIGNATURES_PER_THREAD = 15
@@ -171,3 +176,15 @@ def test_swtpm_helper_forgets_the_context_of_a_stopped_tpm(tmp_path: Path) -> No
         create_storage_key(f"tpm2:sealed={tmp_path / 's.tpm'}?tcti={t.tcti}", force=False)
         assert t.tcti in tpm2_context.open_tctis()
     assert t.tcti not in tpm2_context.open_tctis()
+
+
+def test_exported_fixture_yields_a_started_swtpm(swtpm_tcti: str, tmp_path: Path) -> None:
+    assert swtpm_tcti.startswith("swtpm:host=127.0.0.1,port=")
+    out = subprocess.run(["tpm2_getcap", "-T", swtpm_tcti, "properties-variable"], check=True, capture_output=True,
+                         text=True).stdout
+    assert "TPM2_PT_STARTUP_CLEAR" in out  # answered at all: TPM2_Startup(CLEAR) already ran
+    key = create_identity_key(f"tpm2:blob={tmp_path / 'k.tpm'}?tcti={swtpm_tcti}", KeyAlgorithm.ECDSA_P256,
+                              force=False)
+    pub = key.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(key.sign(b"m"), b"m", ec.ECDSA(hashes.SHA256()))
