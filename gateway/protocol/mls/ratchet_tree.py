@@ -263,27 +263,30 @@ class RatchetTree:
         osth = self.original_sibling_tree_hash(cs, p, s)
         return cs.hash(Writer().opaque(pn.encryption_key).opaque(pn.parent_hash).opaque(osth).bytes())
 
-    def _blank_path_descendants(self, x: NodeIndex) -> list[NodeIndex]:
-        """Non-blank nodes in x's subtree reachable from x through blank nodes only (x itself if non-blank)."""
-        if self._nodes[x] is not None:
-            return [x]
-        if tm.is_leaf(x):
-            return []
-        return self._blank_path_descendants(tm.left(x)) + self._blank_path_descendants(tm.right(x))
-
     def verify_parent_hashes(self, cs: CipherSuite) -> None:
-        """Every non-blank parent must be parent-hash valid with respect to exactly one descendant."""
+        """Every non-blank parent must be parent-hash valid with respect to exactly one descendant D (section
+        7.9.2): D.parent_hash matches P's parent hash toward D's side C, D is in C's resolution, and the rest of
+        that resolution is exactly P's unmerged leaves under C."""
         for i in range(1, len(self._nodes), 2):
             p = NodeIndex(i)
-            if self._nodes[p] is None:
+            pn = self._nodes[p]
+            if pn is None:
                 continue
+            assert isinstance(pn, ParentNode)
             matches = 0
             for child in (tm.left(p), tm.right(p)):
                 expected = self.parent_hash_of(cs, p, child)
-                for d in self._blank_path_descendants(child):
+                resolution = self.resolution(child)
+                unmerged_below = {
+                    tm.leaf_to_node(LeafIndex(u))
+                    for u in pn.unmerged_leaves
+                    if tm.is_in_subtree(tm.leaf_to_node(LeafIndex(u)), child)
+                }
+                for d in resolution:
                     node = self._nodes[d]
-                    ph = node.parent_hash if node is not None else None
-                    if ph is not None and ph == expected:
+                    if node is None or node.parent_hash != expected:
+                        continue
+                    if set(resolution) - {d} == unmerged_below:
                         matches += 1
             if matches != 1:
                 raise MlsTreeError(f"parent node {p} is not parent-hash valid ({matches} descendants chain to it)")

@@ -37,10 +37,7 @@ def log2(x: int) -> int:
 
 def level(x: NodeIndex) -> int:
     """Height of a node: the number of trailing one bits of its index (leaves are level 0)."""
-    k = 0
-    while (x >> k) & 1:
-        k += 1
-    return k
+    return (x ^ (x + 1)).bit_length() - 1
 
 
 def node_width(n_leaves: int) -> int:
