@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -40,7 +40,7 @@ from tpm2_pytss.types import (
     TPMU_SIG_SCHEME,
 )
 
-from hsm.api import KeyAlgorithm, KeyAttributes, KeyInfo, StorageKey
+from hsm.api import IdentityKey, KeyAlgorithm, KeyAttributes, KeyInfo, StorageKey
 from hsm.errors import BadKeyUri, KeyExists, KeyNotFound, KeyPolicyViolation, WrongKeyType
 from hsm.tpm2_context import (
     attributes_from_tpma,
@@ -52,6 +52,7 @@ from hsm.tpm2_context import (
     transient,
     write_private_file,
 )
+from hsm.tpm2_sealed import TpmSealedStorageKey
 from hsm.tpm2_sealed import create_storage_key as _create_storage_key
 from hsm.tpm2_sealed import load_storage_key as _load_storage_key
 from hsm.uri import Tpm2Ref
@@ -286,10 +287,19 @@ def load_identity_key(uri: str) -> TpmIdentityKey:
     return TpmIdentityKey(ref, public, bytes(name), blob)
 
 
-def create_storage_key(uri: str, *, force: bool = False) -> StorageKey:
+def create_storage_key(uri: str, *, force: bool = False) -> TpmSealedStorageKey:
     """Seal a fresh 32-byte secret in the TPM (optionally under a PCR policy); see `hsm.tpm2_sealed`."""
     return _create_storage_key(uri, force=force)
 
 
-def load_storage_key(uri: str) -> StorageKey:
+def load_storage_key(uri: str) -> TpmSealedStorageKey:
     return _load_storage_key(uri)
+
+
+if TYPE_CHECKING:  # mypy proves both handles satisfy the API protocols
+
+    def _is_identity_key(key: TpmIdentityKey) -> IdentityKey:
+        return key
+
+    def _is_storage_key(key: TpmSealedStorageKey) -> StorageKey:
+        return key
