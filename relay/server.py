@@ -120,6 +120,7 @@ class RelayServer:
             ping_interval=cfg.ping_interval,
             ping_timeout=cfg.ping_interval,
             open_timeout=cfg.auth_timeout,
+            close_timeout=cfg.close_timeout,
             server_header=None,
         )
         self._sweeper = asyncio.create_task(self._sweep(), name="relay-sweeper")

@@ -235,6 +235,7 @@ class _Link:
         self.state = LinkState.START
         self._out: list[bytes] = []
         self._events: list[object] = []
+        self._said_goodbye = False  # an ERROR or AUTH_FAIL was queued, or the peer's ERROR received
 
     def data_to_send(self) -> list[bytes]:
         """Messages to write, in order; each is one WebSocket binary message."""
@@ -260,6 +261,7 @@ class _Link:
             raise
         if isinstance(frame, Error):
             self.state = LinkState.CLOSED
+            self._said_goodbye = True
             return frame
         nxt = self._RECV.get((self.state, type(frame)))
         if nxt is None:
@@ -269,10 +271,12 @@ class _Link:
         return frame
 
     def fail(self, code: ErrorCode, reason: str) -> None:
-        """Queue an ERROR frame and close: the shell sends it, then closes the WebSocket."""
-        if self.state is not LinkState.CLOSED:
+        """Queue an ERROR frame and close: the shell sends it, then closes the WebSocket. Also right after
+        `receive_data()` raised, to tell the peer why; a no-op once an ERROR or AUTH_FAIL went out."""
+        if not self._said_goodbye:
             self._out.append(encode_frame(Error(code, reason[: self.limits.max_text_size // 4])))
-            self.state = LinkState.CLOSED
+            self._said_goodbye = True
+        self.state = LinkState.CLOSED
 
 
 class ClientLink(_Link):
@@ -437,6 +441,7 @@ class ServerLink(_Link):
         self._expect(S.AUTHENTICATING, S.REFRESH_AUTHENTICATING)
         self._send(AuthFail(code, reason[: self.limits.max_text_size // 4]))
         self.state = S.CLOSED
+        self._said_goodbye = True
 
     def deliver(self, envelopes: Sequence[Envelope]) -> None:
         self._expect(*_LIVE)

@@ -146,6 +146,7 @@ class RelayEnv:
     tmp: Path
     relay: RelayServer | None = None
     links: list[RelayLink] = field(default_factory=list)
+    raws: list[RawClient] = field(default_factory=list)
 
     @property
     def crl_file(self) -> Path:
@@ -185,6 +186,7 @@ class RelayEnv:
         ctx = ssl.create_default_context(cafile=str(self.tls.ca_file))
         ws = await connect(self.url, ssl=ctx, compression=None, proxy=None, **kwargs)
         raw = RawClient(ws, ClientLink())
+        self.raws.append(raw)
         if device is not None:
             await raw.authenticate(device)
         return raw
@@ -219,6 +221,8 @@ async def env(tls: TlsFiles, fleet: Fleet, tmp_path: Path) -> AsyncIterator[Rela
     yield e
     for link in e.links:
         await link.close()
+    for raw in e.raws:
+        raw.ws.transport.abort()
     if e.relay is not None:
         await e.relay.stop()
 
