@@ -49,7 +49,6 @@ from gateway.protocol.mls.key_package_bundle import (
     default_capabilities,
     sign_leaf_node,
 )
-from gateway.protocol.mls.nodes import ratchet_tree_extension
 from gateway.protocol.mls.proposal_rules import ListedProposal, apply_proposals
 from gateway.protocol.mls.proposals import (
     Add,
@@ -312,7 +311,9 @@ class Group:
                                                 self.config.max_forward))
         welcome = None
         if added:
-            gi_ext: tuple[Extension, ...] = (ratchet_tree_extension(tree.nodes()),) if ratchet_tree_in_welcome else ()
+            gi_ext: tuple[Extension, ...] = ()
+            if ratchet_tree_in_welcome:
+                gi_ext = (Extension(ExtensionType.RATCHET_TREE, tree.to_wire()),)
             gi = sign_group_info(self._signer, GroupInfo(new_ctx, gi_ext, tag, self.own_leaf))
             own_node = tm.leaf_to_node(self.own_leaf)
             members = []
@@ -332,7 +333,7 @@ class Group:
         st = self._state
         exts: list[Extension] = []
         if with_ratchet_tree:
-            exts.append(ratchet_tree_extension(st.tree.nodes()))
+            exts.append(Extension(ExtensionType.RATCHET_TREE, st.tree.to_wire()))
         if with_external_pub:
             exts.append(ExternalPub(st.secrets.external_key_pair(self.cs)[1]).to_extension())
         return sign_group_info(self._signer, GroupInfo(st.context, tuple(exts), st.confirmation_tag, self.own_leaf))

@@ -162,7 +162,7 @@ class SecretTree:
             return
         if generation - r.generation > self.max_forward:
             raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
-        keep_from = generation - self.out_of_order_window
+        keep_from = generation + 1 - self.out_of_order_window  # the same floor as applied below
         while r.generation < generation:
             if r.generation >= keep_from:
                 r.skipped[r.generation] = ratchet_key_nonce(self._cs, r.secret, r.generation)

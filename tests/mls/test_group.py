@@ -1,0 +1,270 @@
+"""Group scenarios the vectors do not cover: create, add by Welcome, exchange messages, commits with a path from
+every member, proposals by reference, PSKs, removal, and the fail-closed rules (replays, forged or corrupt
+messages leave the state exactly as it was, a member cannot send as another)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.protocol.mls import crypto
+from gateway.protocol.mls.credentials import Credential
+from gateway.protocol.mls.errors import MlsError, MlsReplayError, MlsVerificationError
+from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
+from gateway.protocol.mls.group import Group, GroupConfig
+from gateway.protocol.mls.group_state import ApplicationMessage, ProposalReceived, StagedCommit
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+from gateway.protocol.mls.proposals import PreSharedKeyID, Remove
+from gateway.protocol.mls.welcome_structs import Welcome
+from gateway.protocol.mls.wire import WireFormat
+
+SUITES = [1, 3]
+
+
+class Member:
+    def __init__(self, name: str, suite: int, config: GroupConfig | None = None) -> None:
+        self.cs = crypto.get_suite(suite)
+        self.signer = crypto.Ed25519Signer.generate()
+        self.credential = Credential.basic(name.encode())
+        self.config = config
+        self.group: Group | None = None
+
+    def key_package(self) -> KeyPackageBundle:
+        self.bundle = create_key_package(self.cs, self.signer, self.credential)
+        return self.bundle
+
+    def join(self, welcome: MLSMessage) -> Group:
+        assert isinstance(welcome.body, Welcome)
+        self.group = Group.join(welcome.body, self.bundle, self.signer, config=self.config)
+        return self.group
+
+    @property
+    def g(self) -> Group:
+        assert self.group is not None
+        return self.group
+
+
+def _snapshot(g: Group) -> tuple[object, ...]:
+    st = g.state
+    return (g.epoch, g.epoch_authenticator, st.tree.tree_hash(g.cs), st.interim_transcript_hash,
+            repr(st.secret_tree), dict(st.proposals), dict(st.private.keys))
+
+
+def _group(suite: int, n: int, config: GroupConfig | None = None) -> list[Member]:
+    members = [Member(f"m{i}", suite, config) for i in range(n)]
+    a = members[0]
+    a.group = Group.create(suite, b"group-" + bytes([suite]), a.signer, a.credential, config=config)
+    if n > 1:
+        pending = a.g.commit(add=[m.key_package().key_package for m in members[1:]])
+        a.g.merge_pending_commit(pending)
+        assert pending.welcome is not None
+        for m in members[1:]:
+            m.join(pending.welcome)
+    return members
+
+
+def _deliver(commit_msg: MLSMessage, receivers: list[Member]) -> None:
+    for m in receivers:
+        staged = m.g.process(commit_msg.to_bytes())
+        assert isinstance(staged, StagedCommit)
+        m.g.merge_staged_commit(staged)
+
+
+def _agree(members: list[Member]) -> None:
+    auth = {m.g.epoch_authenticator for m in members}
+    hashes = {m.g.state.tree.tree_hash(m.cs) for m in members}
+    assert len(auth) == 1 and len(hashes) == 1
+    assert len({m.g.epoch for m in members}) == 1
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_create_add_and_exchange_messages(suite: int) -> None:
+    a, b = _group(suite, 2)
+    _agree([a, b])
+    assert a.g.epoch == 1 and [i for i, _ in b.g.members()] == [0, 1]
+    msg = a.g.encrypt_application(b"hello bob", b"aad")
+    got = b.g.process(msg.to_bytes())
+    assert got == ApplicationMessage(a.g.own_leaf, b"hello bob", b"aad", 0)
+    got = a.g.process(b.g.encrypt_application(b"hi alice").to_bytes())
+    assert isinstance(got, ApplicationMessage) and got.data == b"hi alice" and got.sender == b.g.own_leaf
+    assert a.g.export_secret(b"label", b"ctx", 32) == b.g.export_secret(b"label", b"ctx", 32)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_replay_rejected_and_bounded_out_of_order(suite: int) -> None:
+    a, b = _group(suite, 2, GroupConfig(out_of_order_window=3))
+    msgs = [a.g.encrypt_application(f"m{i}".encode()).to_bytes() for i in range(8)]
+    assert b.g.process(msgs[0]).data == b"m0"  # type: ignore[union-attr]
+    before = _snapshot(b.g)
+    with pytest.raises(MlsReplayError):
+        b.g.process(msgs[0])
+    assert _snapshot(b.g) == before
+    assert b.g.process(msgs[7]).data == b"m7"  # type: ignore[union-attr]
+    for i in (6, 5):  # generations 5..7 are the window of 3 below the next generation (8); 7 is used
+        assert b.g.process(msgs[i]).data == f"m{i}".encode()  # type: ignore[union-attr]
+        with pytest.raises(MlsReplayError):
+            b.g.process(msgs[i])
+    for i in (4, 2):  # older than the window: their keys were never kept
+        with pytest.raises(MlsReplayError):
+            b.g.process(msgs[i])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_commit_with_path_from_every_member(suite: int) -> None:
+    members = _group(suite, 5)
+    _agree(members)
+    for committer in members:
+        before = committer.g.epoch_authenticator
+        pending = committer.g.commit()
+        committer.g.merge_pending_commit(pending)
+        _deliver(pending.message, [m for m in members if m is not committer])
+        _agree(members)
+        assert committer.g.epoch_authenticator != before
+    for sender in members:
+        msg = sender.g.encrypt_application(b"x").to_bytes()
+        for m in members:
+            if m is not sender:
+                assert m.g.process(msg).data == b"x"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_add_later_member_then_proposal_by_reference_and_remove(suite: int) -> None:
+    a, b = _group(suite, 2)
+    c = Member("c", suite)
+    pending = b.g.commit(add=[c.key_package().key_package])
+    b.g.merge_pending_commit(pending)
+    _deliver(pending.message, [a])
+    assert pending.welcome is not None
+    c.join(pending.welcome)
+    _agree([a, b, c])
+
+    proposal = b.g.propose(Remove(c.g.own_leaf))
+    for m in (a, c):
+        got = m.g.process(proposal.to_bytes())
+        assert isinstance(got, ProposalReceived) and got.proposal == Remove(c.g.own_leaf)
+    pending = a.g.commit()  # includes the pending Remove by reference
+    a.g.merge_pending_commit(pending)
+    staged = c.g.process(pending.message.to_bytes())
+    assert isinstance(staged, StagedCommit) and staged.self_removed
+    c.g.merge_staged_commit(staged)
+    assert not c.g.active
+    _deliver(pending.message, [b])
+    _agree([a, b])
+    assert [i for i, _ in a.g.members()] == [0, 1]
+    # The removed member can no longer read the group.
+    secret = a.g.encrypt_application(b"after removal").to_bytes()
+    assert b.g.process(secret).data == b"after removal"  # type: ignore[union-attr]
+    with pytest.raises(MlsError):
+        c.g.process(secret)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_external_psk_commit(suite: int) -> None:
+    psks = {b"shared psk id": b"shared psk value"}
+    a, b = _group(suite, 2, GroupConfig(external_psks=psks))
+    nonce = bytes(range(a.cs.hash_len))
+    pending = a.g.commit(psks=[PreSharedKeyID.external(b"shared psk id", nonce)])
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])
+    _agree([a, b])
+    # A member without the PSK cannot follow, and is left unchanged.
+    a2, b2 = _group(suite, 2, GroupConfig(external_psks=psks))
+    b2.g.config = GroupConfig()
+    pending = a2.g.commit(psks=[PreSharedKeyID.external(b"shared psk id", nonce)])
+    before = _snapshot(b2.g)
+    with pytest.raises(MlsError):
+        b2.g.process(pending.message.to_bytes())
+    assert _snapshot(b2.g) == before
+
+
+def _tamper_public(msg: MLSMessage, **changes: object) -> bytes:
+    body = msg.body
+    assert isinstance(body, PublicMessage)
+    fields = {"content": body.content, "auth": body.auth, "membership_tag": body.membership_tag, **changes}
+    return MLSMessage(PublicMessage(**fields)).to_bytes()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_forged_or_corrupt_commits_leave_state_unchanged(suite: int) -> None:
+    a, b, c = _group(suite, 3)
+    pending = a.g.commit()
+    msg = pending.message
+    body = msg.body
+    assert isinstance(body, PublicMessage) and body.membership_tag is not None
+    auth = body.auth
+    assert auth.confirmation_tag is not None
+    forgeries = [
+        _tamper_public(msg, membership_tag=bytes(len(body.membership_tag))),
+        _tamper_public(msg, auth=type(auth)(auth.signature[:-1] + bytes([auth.signature[-1] ^ 1]),
+                                              auth.confirmation_tag)),
+        msg.to_bytes()[:-5],
+        b"\x00" * 40,
+    ]
+    for forged in forgeries:
+        before = _snapshot(b.g)
+        with pytest.raises(MlsError):
+            b.g.process(forged)
+        assert _snapshot(b.g) == before
+    # A member (c) re-signs a commit with a wrong confirmation tag: membership tag and signature verify, the
+    # confirmation tag does not, and nothing changes.
+    bad = c.g.commit()
+    cbody = bad.message.body
+    assert isinstance(cbody, PublicMessage) and cbody.auth.confirmation_tag is not None
+    from gateway.protocol.mls import protection
+    from gateway.protocol.mls.framing import AuthenticatedContent, FramedContentAuthData
+
+    ac = AuthenticatedContent(WireFormat.PUBLIC_MESSAGE, cbody.content,
+                              FramedContentAuthData(cbody.auth.signature, bytes(a.cs.hash_len)))
+    wrong_tag = protection.protect_public(a.cs, ac, c.g.context, c.g.state.secrets.membership_key)
+    before = _snapshot(b.g)
+    with pytest.raises(MlsVerificationError):
+        b.g.process(MLSMessage(wrong_tag).to_bytes())
+    assert _snapshot(b.g) == before
+    # The genuine commit still processes afterwards.
+    a.g.merge_pending_commit(pending)
+    _deliver(msg, [b, c])
+    _agree([a, b, c])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_member_cannot_send_as_another(suite: int) -> None:
+    a, b, c = _group(suite, 3)
+    # c builds an application message claiming to come from b: it signs with its own key.
+    from gateway.protocol.mls import protection
+    from gateway.protocol.mls.framing import FramedContent, Sender
+
+    content = FramedContent(c.g.group_id, c.g.epoch, Sender.member(b.g.own_leaf), b"", b"I am b")
+    ac = protection.sign_authenticated_content(c.signer, WireFormat.PRIVATE_MESSAGE, content, c.g.context)
+    forged = protection.protect_private(c.cs, ac, c.g.state.secret_tree, c.g.state.secrets.sender_data_secret)
+    before = _snapshot(a.g)
+    with pytest.raises(MlsVerificationError):
+        a.g.process(MLSMessage(forged).to_bytes())
+    assert _snapshot(a.g) == before
+    # The genuine message from b with the same generation still decrypts: the forgery consumed nothing.
+    genuine = b.g.encrypt_application(b"really b").to_bytes()
+    assert a.g.process(genuine).data == b"really b"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_private_handshakes_and_stale_staged_commit(suite: int) -> None:
+    config = GroupConfig(handshake_wire_format=WireFormat.PRIVATE_MESSAGE)
+    a, b = _group(suite, 2, config)
+    pending = a.g.commit()
+    assert isinstance(pending.message.body, PrivateMessage)
+    staged = b.g.process(pending.message.to_bytes())
+    assert isinstance(staged, StagedCommit)
+    staged_again = b.g.process(pending.message.to_bytes())  # not merged yet: nothing was consumed
+    assert isinstance(staged_again, StagedCommit)
+    a.g.merge_pending_commit(pending)
+    b.g.merge_staged_commit(staged)
+    _agree([a, b])
+    with pytest.raises(MlsError):
+        b.g.merge_staged_commit(staged_again)  # made for the previous epoch
+    with pytest.raises(MlsError):
+        b.g.process(pending.message.to_bytes())  # old epoch
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_own_messages_are_not_processed(suite: int) -> None:
+    a, _b = _group(suite, 2)
+    with pytest.raises(MlsError):
+        a.g.process(a.g.commit().message.to_bytes())
