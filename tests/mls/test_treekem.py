@@ -4,6 +4,9 @@ Format: {cipher_suite, group_id, epoch, confirmed_transcript_hash, ratchet_tree,
 leaves_private: [{index, encryption_priv, signature_priv, path_secrets: [{node, path_secret}]}],
 update_paths: [{sender, update_path, path_secrets[leaf] (hex or null), commit_secret, tree_hash_after}]}.
 
+Beyond the vectors, a group driven by the tree layer alone (adds with joiners, commits from every member,
+removals) checks that all members stay in agreement and that removed members cannot decrypt.
+
 Checks: each member's private keys match the public tree; every vector path, processed by every other member
 with private state, yields that member's expected path secret, the commit secret and the tree hash after, and
 leaves a parent-hash-valid tree; and a path created by each member is processed by every other member to the
@@ -19,16 +22,21 @@ from typing import Any
 import pytest
 
 from gateway.protocol.mls.commit import UpdatePath
-from gateway.protocol.mls.crypto import CipherSuite, Ed25519Signer, get_suite
+from gateway.protocol.mls.credentials import Credential
+from gateway.protocol.mls.crypto import CipherSuite, Ed25519Signer, decrypt_with_label, get_suite, sign_with_label
+from gateway.protocol.mls.errors import MlsError
+from gateway.protocol.mls.key_package import LEAF_NODE_SIGN_LABEL, Capabilities, LeafNode, Lifetime
 from gateway.protocol.mls.ratchet_tree import MlsTreeError, RatchetTree
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex, common_ancestor, leaf_to_node
 from gateway.protocol.mls.treekem import (
+    UPDATE_PATH_NODE_LABEL,
     ContextFactory,
     TreeKemPrivate,
     create_update_path,
     process_update_path,
 )
 from gateway.protocol.mls.welcome_structs import GroupContext
+from gateway.protocol.mls.wire import LeafNodeSource
 
 from .conftest import unhex, vector_params
 
@@ -212,3 +220,109 @@ def test_stale_private_key_is_detected() -> None:
     path = UpdatePath.from_bytes(unhex(up["update_path"]))
     with pytest.raises(MlsTreeError):
         process_update_path(cs, tree, stale, sender, path, unhex(v["group_id"]), _context_factory(cs, v))
+
+
+# --- a group driven by the tree layer alone: adds with joiners, commits from every member, removal ---------
+
+
+class _Member:
+    def __init__(self, cs: CipherSuite, name: bytes) -> None:
+        self.signer = Ed25519Signer.generate()
+        self.leaf_priv, pub = cs.derive_key_pair(name.ljust(32, b"."))
+        unsigned = LeafNode(pub, self.signer.public_key, Credential.basic(name),
+                            Capabilities((1,), (cs.suite_id,), (), (), (1,)), LeafNodeSource.KEY_PACKAGE,
+                            Lifetime(0, 2**64 - 1), None, (), b"")
+        self.leaf = dataclasses.replace(unsigned,
+                                        signature=sign_with_label(self.signer, LEAF_NODE_SIGN_LABEL, unsigned.tbs()))
+        self.private: TreeKemPrivate | None = None
+
+
+def _ctx(cs: CipherSuite, epoch: int) -> ContextFactory:
+    return lambda th: GroupContext(1, cs.suite_id, b"group", epoch, th, b"cth", ())
+
+
+def _commit(cs: CipherSuite, tree: RatchetTree, members: dict[int, _Member], committer: int, epoch: int,
+            joiners: frozenset[LeafIndex] = frozenset()) -> RatchetTree:
+    """Committer creates a path; every other current member processes it (joiners install the Welcome path
+    secret); all must agree on the commit secret and the tree."""
+    m = members[committer]
+    assert m.private is not None
+    leaf = tree.leaf(LeafIndex(committer))
+    assert leaf is not None
+    created = create_update_path(cs, tree, m.private, b"group", leaf, m.signer, _ctx(cs, epoch), joiners)
+    created.tree.verify_parent_hashes(cs)
+    for index, other in members.items():
+        if index == committer:
+            continue
+        if LeafIndex(index) in joiners:
+            other.private = TreeKemPrivate.for_leaf(LeafIndex(index), other.leaf_priv)
+            ancestor = common_ancestor(leaf_to_node(LeafIndex(committer)), leaf_to_node(LeafIndex(index)))
+            other.private.install_path_secret(cs, created.tree, ancestor, created.path_secrets[ancestor])
+            assert other.private.keys[created.tree.root] == created.private.keys[created.tree.root]
+            continue
+        assert other.private is not None
+        result = process_update_path(cs, tree, other.private, LeafIndex(committer),
+                                     UpdatePath.from_bytes(created.update_path.to_bytes()), b"group", _ctx(cs, epoch),
+                                     joiners)
+        assert result.commit_secret == created.commit_secret
+        assert result.tree == created.tree
+        other.private = result.private
+    m.private = created.private
+    return created.tree
+
+
+@pytest.mark.parametrize("suite", [1, 3])
+def test_tree_only_group_lifecycle(suite: int) -> None:
+    cs = get_suite(suite)
+    members = {0: _Member(cs, b"m0")}
+    members[0].private = TreeKemPrivate.for_leaf(LeafIndex(0), members[0].leaf_priv)
+    tree = RatchetTree.one_member(members[0].leaf)
+    epoch = 0
+
+    # Member 0 adds six members in one commit; they join with the path secret from the "Welcome".
+    staged = tree.copy()
+    joiners = []
+    for k in range(1, 7):
+        members[k] = _Member(cs, b"m%d" % k)
+        joiners.append(staged.add_leaf(members[k].leaf))
+    assert joiners == list(range(1, 7))
+    tree = _commit(cs, staged, members, 0, epoch, frozenset(joiners))
+
+    # Every member commits in turn.
+    for committer in range(7):
+        epoch += 1
+        tree = _commit(cs, tree, members, committer, epoch)
+
+    # Remove member 5 (and 6, so the tree truncates); they cannot process the next path.
+    removed = {5: members.pop(5), 6: members.pop(6)}
+    for leaf_index in removed:
+        tree.remove_leaf(LeafIndex(leaf_index))
+    assert tree.n_leaves == 8 and tree.leaf(LeafIndex(6)) is None
+    for m in members.values():
+        assert m.private is not None
+        m.private.prune(tree)
+    epoch += 1
+    before = tree.copy()
+    tree = _commit(cs, tree, members, 2, epoch)
+    sender_leaf = before.leaf(LeafIndex(2))
+    assert sender_leaf is not None
+    path = create_update_path(cs, before, TreeKemPrivate(LeafIndex(2)), b"group", sender_leaf, members[2].signer,
+                              _ctx(cs, epoch))
+    context = path.context.to_bytes()
+    for gone in removed.values():
+        assert gone.private is not None
+        with pytest.raises(MlsTreeError):
+            process_update_path(cs, before, gone.private, LeafIndex(2), path.update_path, b"group", _ctx(cs, epoch))
+        for node in path.update_path.nodes:
+            for ct in node.encrypted_path_secret:
+                for key in gone.private.keys.values():
+                    with pytest.raises(MlsError):
+                        decrypt_with_label(cs, key, UPDATE_PATH_NODE_LABEL, context, ct.kem_output, ct.ciphertext)
+
+    # An added member fills the leftmost blank leaf.
+    members[5] = _Member(cs, b"m5b")
+    staged = tree.copy()
+    assert staged.add_leaf(members[5].leaf) == 5
+    epoch += 1
+    tree = _commit(cs, staged, members, 4, epoch, frozenset({LeafIndex(5)}))
+    tree.verify_parent_hashes(cs)
