@@ -102,7 +102,7 @@ class Keyring:
         """A deterministic, keyed row key for `value` within `domain` (a table or column name)."""
         raw = value.encode() if isinstance(value, str) else value
         d = domain.encode()
-        return hmac.new(self._blind_key, bytes([len(d)]) + d + raw, hashlib.sha256).digest()[:BLIND_BYTES]
+        return hmac.digest(self._blind_key, bytes([len(d)]) + d + raw, "sha256")[:BLIND_BYTES]
 
     def audit_mac(self, *parts: bytes) -> bytes:
         """HMAC-SHA256 under the audit subkey over the concatenation of `parts`."""

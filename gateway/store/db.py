@@ -83,8 +83,10 @@ class Database:
 
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: Path, initialise: Callable[[sqlite3.Connection], None]) -> tuple[Database, bool]:
-        """Open (creating if absent) the store at `path`; returns the database and whether it was created.
+    def open(
+        cls, path: Path, initialise: Callable[[sqlite3.Connection], None], *, create: bool = True
+    ) -> tuple[Database, bool]:
+        """Open the store at `path` (creating it if absent and `create`); returns it and whether it was created.
 
         `initialise` runs once, inside the creating transaction of a new store (it writes the wrapped key).
         """
@@ -98,6 +100,13 @@ class Database:
                 raise StoreLocked(f"store {path} is open in another process (lock {path}.lock); stop it") from None
             created = False
             if not path.exists():
+                if Path(f"{path}-wal").exists():
+                    raise StoreCorrupt(
+                        f"store {path} is missing but its write-ahead log {path}-wal exists: restore the store "
+                        "file, or move the -wal/-shm files aside to start empty"
+                    )
+                if not create:
+                    raise StoreCorrupt(f"store {path} does not exist (and creating it was not requested)")
                 cls._create(path, initialise)
                 created = True
             elif path.stat().st_size == 0:

@@ -5,6 +5,9 @@ per-message path. Parts are attributes (`outbox`, `delivered`, `sessions`, `secr
 `audit`); the methods named in the design (mark_delivered, put_secret, verify_audit, export, purge_peer, stats,
 rewrap, ...) are also on `Store` itself. Thread-safe: one connection behind one re-entrant lock. Use
 `with store.transaction():` to make several calls one atomic, durable commit.
+
+Every write returns only after fsync (WAL, synchronous=FULL): from asyncio, call the store through
+`asyncio.to_thread` (or one executor thread) so the event loop is not blocked by the disk.
 """
 
 from __future__ import annotations
@@ -76,8 +79,10 @@ class Store:
     # -- life cycle ----------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path | str, storage_key: StorageKey, *, limits: OutboxLimits | None = None,
-             max_db_bytes: int | None = None) -> Store:
+             max_db_bytes: int | None = None, create: bool = True) -> Store:
         """Open the store at `path`, creating it (with a fresh random data key) if the file does not exist.
+
+        A provisioned device should pass `create=False`: then a deleted store file is an error, not a fresh start.
 
         Raises `StoreCorrupt` for a damaged, truncated or foreign file, `StoreKeyMismatch` if `storage_key` cannot
         unwrap the data key, `StoreLocked` if another process has it open. Hardware errors from the storage key
@@ -96,7 +101,7 @@ class Store:
             conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
             initialise_audit(conn, keys)
 
-        db, _created = Database.open(Path(path), initialise)
+        db, _created = Database.open(Path(path), initialise, create=create)
         try:
             with db.read("reading the store's key") as conn:
                 meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN ('dek_wrapped', 'dek_check')"))

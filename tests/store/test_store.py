@@ -371,3 +371,23 @@ def test_committed_writes_survive_kill_9(db_path: Path, key: SoftStorageKey) -> 
     assert proc.returncode == -9
     with Store.open(db_path, key) as s:  # the lock died with the process; the WAL is recovered
         assert s.outbox.depth() == 50 and not s.mark_delivered(mid(1), 2)
+
+
+def test_stale_wal_without_database_is_refused(db_path: Path, key: SoftStorageKey) -> None:
+    s = Store.open(db_path, key)
+    s.outbox.put(mid(1), "d", b"x", FAR)
+    wal = Path(f"{db_path}-wal").read_bytes()
+    s.close()
+    db_path.unlink()
+    Path(f"{db_path}-wal").write_bytes(wal)
+    with pytest.raises(StoreCorrupt):
+        Store.open(db_path, key)
+    assert not db_path.exists()
+
+
+def test_create_false_refuses_a_missing_store(db_path: Path, key: SoftStorageKey) -> None:
+    with pytest.raises(StoreCorrupt):
+        Store.open(db_path, key, create=False)
+    assert not db_path.exists()
+    Store.open(db_path, key).close()
+    Store.open(db_path, key, create=False).close()
