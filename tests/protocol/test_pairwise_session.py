@@ -384,3 +384,26 @@ def test_injected_randomness_makes_sessions_reproducible(authority: ToyAuthority
 
     assert run(7) == run(7)
     assert run(7) != run(8)
+
+
+def test_envelope_sender_must_match(alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority) -> None:
+    a = initiate(alice, bob, authority)
+    wire = a.encrypt(b"x")
+    calls: list[str] = []
+
+    def counting(device_id: str, credential: bytes) -> bytes:
+        calls.append(device_id)
+        return authority.verify_credential(device_id, credential)
+
+    with pytest.raises(UnexpectedMessageError, match="came from 'dev-mallory'"):
+        PairwiseSession.accept(wire, local_device_id=bob.device_id, signer=bob.signer, prekeys=bob.prekeys,
+                               verify_credential=counting, sender_device_id="dev-mallory")
+    assert calls == []  # refused before the credential check is paid for
+    b, _ = PairwiseSession.accept(wire, local_device_id=bob.device_id, signer=bob.signer, prekeys=bob.prekeys,
+                                  verify_credential=counting, sender_device_id="dev-alice", now_ms=1234)
+    assert b.opened_at_ms == 1234
+    assert PairwiseSession.decode(b.encode(), signer=bob.signer).opened_at_ms == 1234
+    reply = b.encrypt(b"r")
+    with pytest.raises(UnexpectedMessageError):
+        a.decrypt(reply, sender_device_id="dev-carol")
+    assert a.decrypt(reply, sender_device_id="dev-bob") == b"r"

@@ -107,7 +107,8 @@ class PairwiseSession:
 
     __slots__ = (
         "_local_verify_key", "_pending_setup", "_random", "_ratchet", "_signer", "local_device_id",
-        "max_message_size", "peer_credential", "peer_device_id", "peer_verifier", "role", "session_id",
+        "max_message_size", "opened_at_ms", "peer_credential", "peer_device_id", "peer_verifier", "role",
+        "session_id",
     )
 
     def __init__(
@@ -125,8 +126,10 @@ class PairwiseSession:
         random: RandomSource = os.urandom,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         local_verify_key: bytes | None = None,
+        opened_at_ms: int = 0,
     ) -> None:
         self.session_id = session_id
+        self.opened_at_ms = opened_at_ms  # caller's clock at setup; orders sessions with one peer
         self.role = role
         self.local_device_id = local_device_id
         self.peer_device_id = peer_device_id
@@ -188,6 +191,7 @@ class PairwiseSession:
             session_id=session_id, role=Role.INITIATOR, local_device_id=local_device_id,
             peer_device_id=bundle.device_id, peer_credential=bundle.credential, peer_verifier=peer, signer=signer,
             ratchet=ratchet, pending_setup=setup, random=random, max_message_size=max_message_size,
+            opened_at_ms=now_ms or 0,
         )
 
     @classmethod
@@ -202,11 +206,15 @@ class PairwiseSession:
         limits: RatchetLimits = RatchetLimits(),
         random: RandomSource = os.urandom,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+        sender_device_id: str | None = None,
+        now_ms: int = 0,
     ) -> tuple[PairwiseSession, bytes]:
         """Builds the responder's session from a PREKEY message and decrypts it.
 
         Verifies the credential and the signature first. The one-time prekey is consumed from `prekeys` only
-        if the message decrypts; persist the session and the prekey store together.
+        if the message decrypts; persist the session and the prekey store together. `sender_device_id` is the
+        sender the relay authenticated (from the envelope): a setup naming anyone else is refused before the
+        credential check is paid for. `now_ms` is recorded as the session's `opened_at_ms`.
         """
         msg = message if isinstance(message, PairwiseMessage) else PairwiseMessage.parse(
             message, max_size=max_message_size
@@ -220,6 +228,10 @@ class PairwiseSession:
             )
         if setup.sender_device_id == local_device_id:
             raise UnexpectedMessageError("setup message claims to come from our own device id")
+        if sender_device_id is not None and setup.sender_device_id != sender_device_id:
+            raise UnexpectedMessageError(
+                f"setup message names sender {setup.sender_device_id!r} but came from {sender_device_id!r}"
+            )
         own_vk = bytes(signer.verify_key)
         if not hmac.compare_digest(setup.recipient_verify_key, own_vk):
             raise UnexpectedMessageError(
@@ -249,6 +261,7 @@ class PairwiseSession:
             session_id=session_id, role=Role.RESPONDER, local_device_id=local_device_id,
             peer_device_id=setup.sender_device_id, peer_credential=setup.sender_credential, peer_verifier=peer,
             signer=signer, ratchet=ratchet, pending_setup=None, random=random, max_message_size=max_message_size,
+            opened_at_ms=now_ms,
         )
         plaintext = session._open(msg)
         if setup.one_time_prekey_id is not None:
@@ -270,8 +283,15 @@ class PairwiseSession:
         body = aad + aead_encrypt(mk, header.nonce, plaintext, aad)
         return body + self._signer.sign(SIGNATURE_CONTEXT + body)
 
-    def decrypt(self, message: bytes | PairwiseMessage) -> bytes:
-        """Verifies the signature, then decrypts. On any error the session is unchanged."""
+    def decrypt(self, message: bytes | PairwiseMessage, *, sender_device_id: str | None = None) -> bytes:
+        """Verifies the signature, then decrypts. On any error the session is unchanged.
+
+        `sender_device_id`, if given, is the sender the relay authenticated; it must be this session's peer.
+        """
+        if sender_device_id is not None and sender_device_id != self.peer_device_id:
+            raise UnexpectedMessageError(
+                f"message for the session with {self.peer_device_id!r} came from {sender_device_id!r}"
+            )
         msg = message if isinstance(message, PairwiseMessage) else PairwiseMessage.parse(
             message, max_size=self.max_message_size
         )
@@ -331,7 +351,7 @@ class PairwiseSession:
         parts = [
             codec.u8(STATE_VERSION), self.session_id, codec.u8(self.role), codec.text8(self.local_device_id),
             codec.text8(self.peer_device_id), codec.opaque16(self.peer_credential), self.peer_verifier.raw,
-            self._local_verify_key, codec.u32(self.max_message_size),
+            self._local_verify_key, codec.u32(self.max_message_size), codec.u64(self.opened_at_ms),
         ]
         if self._pending_setup is None:
             parts.append(b"\x00")
@@ -360,6 +380,7 @@ class PairwiseSession:
         peer_verifier = Verifier(r.fixed(KEY_LEN, "peer verify key"))
         local_vk = r.fixed(KEY_LEN, "local verify key")
         max_message_size = r.u32("max message size")
+        opened_at_ms = r.u64("opened at")
         pending = PrekeySetup.read(r) if r.flag("pending setup present") else None
         ratchet = RatchetState.read(r)
         r.done()
@@ -369,6 +390,7 @@ class PairwiseSession:
             session_id=session_id, role=Role(role_value), local_device_id=local_id, peer_device_id=peer_id,
             peer_credential=peer_credential, peer_verifier=peer_verifier, signer=signer, ratchet=ratchet,
             pending_setup=pending, random=random, max_message_size=max_message_size, local_verify_key=local_vk,
+            opened_at_ms=opened_at_ms,
         )
 
     def __repr__(self) -> str:
