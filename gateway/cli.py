@@ -10,9 +10,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.config import ConfigError, GatewayConfig, json_schema, load_config
+from gateway.control import ControlError
 from gateway.device_identity import EnrollmentError
 from gateway.fleet_ca import CaError, FleetCA, pem
 from gateway.protocol.errors import ProtocolError
+from gateway.store import StoreError
 from hsm.api import KeyAlgorithm
 from hsm.errors import HsmError
 
@@ -130,6 +132,93 @@ def cmd_enroll_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ask(cfg: GatewayConfig, req: dict[str, object]) -> object:
+    """Ask the running daemon; when none runs, act on the store directly (needs the storage key)."""
+    from gateway import control
+
+    sock = cfg.paths.state_dir / "control.sock"
+    try:
+        return control.request(sock, req)
+    except (ConnectionError, FileNotFoundError):
+        pass
+    import hsm
+    from gateway.store import Store
+
+    if req["cmd"] == "status":
+        store = Store.open(cfg.paths.state_dir / "agw.db", hsm.load_storage_key(cfg.keys.storage))
+        try:
+            stats = store.stats().as_dict()
+            return {"running": False, "queue": {"outbox_depth": stats.get("outbox_entries", 0)},
+                    "pending_consent": store.consent.pending_count(), "link": {"state": "down"}}
+        finally:
+            store.close()
+    store = Store.open(cfg.paths.state_dir / "agw.db", hsm.load_storage_key(cfg.keys.storage))
+    try:
+        return control.dispatch(store, dict(req))
+    finally:
+        store.close()
+
+
+def _print(obj: object, as_json: bool) -> None:
+    if as_json or not isinstance(obj, list):
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        for row in obj:
+            print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gateway.daemon import main_run
+
+    return main_run(Path(args.config))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _ask(_cfg(args), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        assert isinstance(st, dict)
+        print(f"link: {st['link']['state']}  outbox: {st['queue']['outbox_depth']}  "
+              f"pending consent: {st['pending_consent']}  peers: {', '.join(st.get('peers', [])) or '-'}")
+    return 0
+
+
+def cmd_consent(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    if args.sub == "list":
+        _print(_ask(cfg, {"cmd": "consent.list", "agent": args.agent}), args.json)
+        return 0
+    if not args.agent or not args.peer:
+        print("agw: consent allow|deny|revoke need --agent and --peer <device>/<agent>", file=sys.stderr)
+        return 2
+    _print(_ask(cfg, {"cmd": "consent.set", "agent": args.agent, "peer": args.peer, "action": args.sub}), True)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    if args.sub == "list":
+        _print(_ask(cfg, {"cmd": "audit.list"}), True)
+        return 0
+    res = _ask(cfg, {"cmd": "audit.verify"})
+    assert isinstance(res, dict)
+    if res["ok"]:
+        print(f"audit log intact: {res['entries']} entries")
+        return 0
+    print(f"audit log TAMPERED: first bad entry {res['first_bad_index']}", file=sys.stderr)
+    return 1
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    cfg = _cfg(args)
+    if args.sub == "export":
+        _print(_ask(cfg, {"cmd": "store.export", "peer": args.peer}), True)
+    else:
+        _print(_ask(cfg, {"cmd": "store.purge", "peer": args.peer}), True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agw", description="Edge agent gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -186,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cert", required=True)
     sp.add_argument("--chain", required=True)
 
+    add(sub, "run", cmd_run, "run the gateway daemon", config=True)
+    sp = add(sub, "status", cmd_status, "link state, queue depth, peers, pending consent", config=True)
+    sp.add_argument("--json", action="store_true")
+    consent = sub.add_parser("consent", help="who may talk to local agents").add_subparsers(dest="sub",
+                                                                                             required=True)
+    for action in ("list", "allow", "deny", "revoke"):
+        sp = add(consent, action, cmd_consent, f"consent: {action}", config=True)
+        sp.add_argument("--agent", help="local agent name")
+        if action != "list":
+            sp.add_argument("--peer", help="<device-id>/<agent>")
+        sp.add_argument("--json", action="store_true")
+    audit = sub.add_parser("audit", help="tamper-evident audit log").add_subparsers(dest="sub", required=True)
+    add(audit, "verify", cmd_audit, "check the audit log's hash chain and MACs", config=True)
+    add(audit, "list", cmd_audit, "print the audit log", config=True)
+    store = sub.add_parser("store", help="data subject requests").add_subparsers(dest="sub", required=True)
+    sp = add(store, "export", cmd_store, "export what the store holds (about one peer device)", config=True)
+    sp.add_argument("--peer")
+    sp = add(store, "purge", cmd_store, "delete everything about a peer device", config=True)
+    sp.add_argument("--peer", required=True)
     return p
 
 
@@ -198,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"agw: {exc}", file=sys.stderr)
         return 2
-    except (HsmError, CaError, EnrollmentError, ProtocolError, OSError) as exc:
+    except (HsmError, CaError, EnrollmentError, ProtocolError, OSError, StoreError, ControlError) as exc:
         print(f"agw: error: {exc}", file=sys.stderr)
         return 1
 

@@ -1,0 +1,452 @@
+"""`agw run`: the gateway daemon. It wires the parts together and owns the delivery rules:
+
+agent -> MQTT -> outbox (durable) -> PUBACK to the broker -> encrypt + sign -> relay -> peer gateway
+peer gateway: verify + decrypt -> drop duplicates -> consent -> MQTT QoS 1 to the agent -> after the broker's
+PUBACK: remember the id, send an encrypted end-to-end ACK -> the sender deletes the outbox entry.
+
+The sender retries until the ACK (or a final REJECT) arrives or the message expires. Hardware keys are used at
+start-up and for relay tokens only; messages are signed by the delegated key in software.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+from gateway import topics
+from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
+from gateway.config import GatewayConfig
+from gateway.control import ControlServer
+from gateway.device_identity import DeviceIdentity
+from gateway.link import LinkLost, LinkReady, RelayLink, RelayLinkConfig
+from gateway.protocol.envelope import Envelope, EnvelopeKind
+from gateway.protocol.errors import ProtocolError
+from gateway.protocol.identity.credential import credential_verifier, encode_credential
+from gateway.protocol.link import Delivered, NotDelivered
+from gateway.protocol.message import InnerMessage, Kind, RejectReason, new_message_id
+from gateway.protocol.pairwise import Ed25519Signer
+from gateway.sd_notify import Notifier
+from gateway.sessions import SessionBook
+from gateway.store import ConsentState, OutboxFull, OutboxLimits, Store, StoreError
+
+log = logging.getLogger("agw.daemon")
+
+RETRY_MIN_MS = 2_000
+RETRY_MAX_MS = 60_000
+PENDING_RETRY_MS = 30_000
+OFFLINE_RETRY_MS = 5_000
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """How to answer a DATA message: ACK it, REJECT it with a reason, or stay silent (the sender retries)."""
+
+    ack: bool
+    reason: RejectReason | None = None
+
+
+ACK = Verdict(True)
+SILENT = Verdict(False)
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    delivered: int = 0
+    acked: int = 0
+    duplicates: int = 0
+    rejected_in: int = 0
+    bad_input: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.counters = Counters()
+        self._stop = asyncio.Event()
+        self._wake_sender = asyncio.Event()
+        self._fetching: dict[str, asyncio.Task[None]] = {}
+        self._peer_retry_at: dict[str, int] = {}
+        self.notifier = Notifier()
+
+    # -- start-up ----------------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        cfg = self.cfg
+        if cfg.relay is None:
+            raise SystemExit("agw run: the configuration has no relay: section")
+        started = time.monotonic()
+        self.identity = await asyncio.to_thread(DeviceIdentity.load, cfg)
+        self.device_id = self.identity.device.device_id
+        delegated = await asyncio.to_thread(self.identity.delegated_key)
+        self.signer = Ed25519Signer(nacl.signing.SigningKey(delegated.raw_private_key()))
+        credential = encode_credential([delegated.certificate, self.identity.certificate])
+        limits = OutboxLimits(max_entries=cfg.store.outbox_max_entries, max_bytes=cfg.store.outbox_max_bytes)
+        cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = await asyncio.to_thread(Store.open, cfg.paths.state_dir / "agw.db", self.identity.storage_key,
+                                             limits=limits)
+        self.book = SessionBook(self.store, device_id=self.device_id, credential=credential, signer=self.signer,
+                                verify_credential=credential_verifier(lambda: self.identity.trust,
+                                                                      lambda: dt.datetime.now(dt.UTC)),
+                                now_ms=now_ms)
+        relay = cfg.relay
+        self.link = RelayLink(RelayLinkConfig(url=relay.url, ca_file=relay.ca_file, server_name=relay.server_name),
+                              self._token)
+        self.bridge = MqttBridge(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=f"agw-gateway-{self.device_id}",
+                                 prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
+                                 password_file=cfg.mqtt.password_file)
+        self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        await self.control.start()
+        self.link.start()
+        await self.bridge.start()
+        log.info("gateway %s ready in %.2f s (relay %s, broker %s:%s)", self.device_id,
+                 time.monotonic() - started, relay.url, cfg.mqtt.host, cfg.mqtt.port)
+        self.ready_seconds = time.monotonic() - started
+        self.notifier.ready(f"device {self.device_id}")
+        tasks = [asyncio.create_task(c, name=n) for n, c in (
+            ("agents", self._agent_loop()), ("link", self._link_loop()), ("sender", self._sender_loop()),
+            ("consent", self._consent_loop()), ("maintenance", self._maintenance_loop()))]
+        try:
+            stop = asyncio.create_task(self._stop.wait())
+            done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stop and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+        finally:
+            self.notifier.stopping()
+            log.info("stopping: draining")
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(Exception):
+                await self.bridge.stop()
+            with contextlib.suppress(Exception):
+                await self.link.close()
+            await self.control.stop()
+            self.store.close()
+        return 0
+
+    def _token(self, challenge: bytes, audience: str) -> str:
+        return self.identity.mint_token(challenge, audience)
+
+    # -- agent -> peer -----------------------------------------------------------------------------------------
+    async def _agent_loop(self) -> None:
+        q = self.bridge.incoming
+        prefix = self.cfg.mqtt.topic_prefix
+        ttl = self.cfg.store.message_ttl_seconds * 1000
+        while True:
+            batch = [await q.get()]
+            while not q.empty() and len(batch) < 512:
+                batch.append(q.get_nowait())
+            items: list[tuple[bytes, str, bytes, int]] = []
+            drop: list[AgentMessage] = []
+            t = now_ms()
+            for m in batch:
+                try:
+                    out = topics.parse_out_topic(prefix, m.topic)
+                    inner = self._inner_from_agent(m, out, t, ttl)
+                except (topics.TopicError, ValueError) as exc:
+                    log.warning("dropping a message on %r: %s", m.topic, exc)
+                    drop.append(m)
+                    continue
+                items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
+            while True:
+                try:
+                    self.store.outbox.put_many(items)
+                    break
+                except (OutboxFull, StoreError) as exc:
+                    # Not acknowledged: the broker keeps the messages; we try again shortly.
+                    log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
+                    await asyncio.sleep(1.0)
+            for m in batch:
+                self.bridge.ack(m)
+            self.counters.sent += len(items)
+            self._wake_sender.set()
+
+    def _inner_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int) -> InnerMessage:
+        props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
+        if out.deliver_to is not None:
+            props += ((topics.PROP_DELIVER_TO, out.deliver_to),)
+        return InnerMessage(kind=Kind.DATA, message_id=new_message_id(), sender_agent=out.agent,
+                            recipient_agent=out.peer_agent, created_at_ms=t, expires_at_ms=t + ttl,
+                            payload=m.payload, response_topic=m.response_topic, correlation_data=m.correlation_data,
+                            content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)
+
+    async def _sender_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_sender.wait(), 1.0)
+            self._wake_sender.clear()
+            if self.link.state.value != "ready":
+                continue
+            t = now_ms()
+            for entry in self.store.outbox.expire(t):
+                self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
+                                         "attempts": entry.attempts}, t)
+            due = self.store.outbox.due(t, limit=2048)
+            by_peer: dict[str, list[Any]] = defaultdict(list)
+            for e in due:
+                if self._peer_retry_at.get(e.peer_device, 0) <= t:
+                    by_peer[e.peer_device].append(e)
+            for peer, entries in by_peer.items():
+                if not self.book.has_session(peer):
+                    self._ensure_session(peer)
+                    continue
+                envelopes = []
+                try:
+                    with self.store.transaction():
+                        for e in entries:
+                            wire, setup = self.book.encrypt(peer, e.record)
+                            kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
+                            envelopes.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 5))
+                        self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
+                except (ProtocolError, LookupError) as exc:
+                    log.warning("cannot encrypt for %s: %s", peer, exc)
+                    continue
+                await self.link.send(envelopes)
+
+    def _ensure_session(self, peer: str) -> None:
+        if peer in self._fetching:
+            return
+
+        async def fetch() -> None:
+            try:
+                got = await self.link.fetch_prekeys(peer)
+                if got.bundle is None:
+                    log.info("no prekeys published for %s (offline or unknown); retrying later", peer)
+                    self._peer_retry_at[peer] = now_ms() + OFFLINE_RETRY_MS
+                    return
+                self.book.open_session(peer, got.bundle, got.one_time)
+                log.info("opened a pairwise session with %s", peer)
+                self._wake_sender.set()
+            except (ProtocolError, Exception) as exc:
+                log.warning("session setup with %s failed: %s", peer, exc)
+                self._peer_retry_at[peer] = now_ms() + OFFLINE_RETRY_MS
+            finally:
+                self._fetching.pop(peer, None)
+
+        self._fetching[peer] = asyncio.create_task(fetch(), name=f"fetch-{peer}")
+
+    # -- relay -> agent ----------------------------------------------------------------------------------------
+    async def _link_loop(self) -> None:
+        async for ev in self.link.events():
+            if isinstance(ev, LinkReady):
+                await self._publish_prekeys()
+                self._wake_sender.set()
+            elif isinstance(ev, Delivered):
+                acks: dict[str, list[bytes]] = defaultdict(list)
+                for env in ev.envelopes:
+                    await self._on_envelope(env, acks)
+                await self._send_acks(acks)
+            elif isinstance(ev, NotDelivered):
+                t = now_ms()
+                peers = {e.peer_device for e in (self.store.outbox.get(i) for i in ev.envelope_ids) if e}
+                for p in peers:
+                    self._peer_retry_at[p] = t + OFFLINE_RETRY_MS
+                    self.store.outbox.reschedule_peer(p, t + OFFLINE_RETRY_MS)
+            elif isinstance(ev, LinkLost):
+                log.warning("relay link lost: %s", ev.reason)
+
+    async def _publish_prekeys(self) -> None:
+        bundle, one_time = self.book.publishable_prekeys()
+        try:
+            await self.link.publish_prekeys(bundle, one_time)
+        except Exception as exc:
+            log.warning("publishing prekeys failed: %s", exc)
+
+    async def _on_envelope(self, env: Envelope, acks: dict[str, list[bytes]]) -> None:
+        peer = env.sender
+        try:
+            plaintext = self.book.decrypt(peer, env.ciphertext)
+            inner = InnerMessage.decode(plaintext)
+        except ProtocolError as exc:
+            self.counters.bad_input += 1
+            log.warning("rejected an envelope from %s: %s", peer, exc)
+            self.store.audit.append({"type": "message.rejected", "peer": peer, "reason": type(exc).__name__},
+                                    now_ms())
+            return
+        if inner.kind is Kind.ACK:
+            n = self.store.outbox.delete_many(inner.ids)
+            self.counters.acked += n
+        elif inner.kind is Kind.REJECT:
+            assert inner.reason is not None
+            if inner.reason.is_final:
+                self.store.outbox.delete_many(inner.ids)
+                self.store.audit.append({"type": "message.refused", "peer": peer, "reason": inner.reason.name,
+                                         "count": len(inner.ids)}, now_ms())
+            else:
+                for i in inner.ids:
+                    self.store.outbox.mark_attempt(i, now_ms() + PENDING_RETRY_MS)
+        else:
+            verdict = await self._deliver(peer, inner)
+            if verdict.ack:
+                acks[peer].append(inner.message_id)
+            elif verdict.reason is not None:
+                await self._send_reject(peer, inner, verdict.reason)
+
+    async def _deliver(self, peer_device: str, inner: InnerMessage) -> Verdict:
+        """Deliver a DATA message to the local agent and say how to answer the sender."""
+        agent = inner.recipient_agent
+        peer = f"{peer_device}/{inner.sender_agent}"
+        t = now_ms()
+        if self.store.delivered.seen(inner.message_id):
+            self.counters.duplicates += 1
+            return ACK  # delivered (or held) before; the sender missed our ACK
+        if inner.is_expired(t):
+            return Verdict(False, RejectReason.EXPIRED)
+        if agent not in self.cfg.agents:
+            self.store.audit.append({"type": "message.unknown_agent", "agent": agent, "peer": peer}, t)
+            return Verdict(False, RejectReason.UNKNOWN_AGENT)
+        state = self._consent(agent, peer_device, inner.sender_agent)
+        if state is ConsentState.DENIED:
+            self.store.audit.append({"type": "message.denied", "agent": agent, "peer": peer}, t)
+            return Verdict(False, RejectReason.CONSENT_DENIED)
+        if state is not ConsentState.ALLOWED:
+            if self.store.consent.get(agent, peer) is None:
+                # First contact: hold this message until the operator decides; the sender may forget it.
+                with self.store.transaction():
+                    self.store.consent.request(agent, peer, inner.encode(), t)
+                    self.store.delivered.mark(inner.message_id, t)
+                log.info("consent requested: %s -> %s (agw consent allow --agent %s --peer %s)", peer, agent,
+                         agent, peer)
+                return ACK
+            return Verdict(False, RejectReason.CONSENT_PENDING)
+        try:
+            await self._publish_to_agent(peer_device, inner)
+        except BrokerUnavailable as exc:
+            log.warning("cannot deliver to %s now: %s; the sender will retry", agent, exc)
+            return SILENT
+        self.store.delivered.mark(inner.message_id, now_ms())
+        self.counters.delivered += 1
+        return ACK
+
+    def _consent(self, agent: str, peer_device: str, peer_agent: str) -> ConsentState | None:
+        stored = self.store.consent.state(agent, f"{peer_device}/{peer_agent}")
+        if stored is not None and stored is not ConsentState.PENDING:
+            return stored
+        allow = self.cfg.agents[agent].allow
+        if f"{peer_device}/{peer_agent}" in allow or f"{peer_device}/*" in allow:
+            return ConsentState.ALLOWED
+        return stored
+
+    async def _publish_to_agent(self, peer_device: str, inner: InnerMessage) -> None:
+        prefix = self.cfg.mqtt.topic_prefix
+        agent = inner.recipient_agent
+        props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
+        deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
+        topic = topics.inbox_topic(prefix, agent)
+        if deliver_to is not None and topics.agent_may_receive_on(prefix, agent, deliver_to):
+            topic = deliver_to
+        response_topic = None
+        if inner.response_topic:
+            response_topic = topics.reply_topic(prefix, agent, peer_device, inner.sender_agent, inner.response_topic)
+        props += [(topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"),
+                  (topics.PROP_MESSAGE_ID, inner.message_id.hex())]
+        await self.bridge.publish(topic, inner.payload, response_topic=response_topic,
+                                  correlation_data=inner.correlation_data, content_type=inner.content_type,
+                                  payload_utf8=inner.payload_utf8, user_properties=tuple(props))
+
+    async def _send_acks(self, acks: dict[str, list[bytes]]) -> None:
+        t = now_ms()
+        for peer, ids in acks.items():
+            for i in range(0, len(ids), 1024):
+                chunk = tuple(ids[i:i + 1024])
+                inner = InnerMessage(kind=Kind.ACK, message_id=new_message_id(), sender_agent="gateway",
+                                     recipient_agent="gateway", created_at_ms=t, expires_at_ms=t + 3_600_000,
+                                     ids=chunk)
+                await self._send_control(peer, inner, EnvelopeKind.E2E_ACK)
+
+    async def _send_reject(self, peer: str, inner: InnerMessage, reason: RejectReason) -> None:
+        t = now_ms()
+        msg = InnerMessage(kind=Kind.REJECT, message_id=new_message_id(), sender_agent="gateway",
+                           recipient_agent="gateway", created_at_ms=t, expires_at_ms=t + 3_600_000,
+                           ids=(inner.message_id,), reason=reason)
+        await self._send_control(peer, msg, EnvelopeKind.E2E_ACK)
+
+    async def _send_control(self, peer: str, inner: InnerMessage, kind: EnvelopeKind) -> None:
+        """ACK and REJECT go out at once, without the outbox: if lost, the sender's retry brings a new one."""
+        try:
+            wire, _ = self.book.encrypt(peer, inner.encode())
+        except (LookupError, ProtocolError) as exc:
+            log.warning("cannot answer %s: %s", peer, exc)
+            return
+        await self.link.send([Envelope(kind, inner.message_id, self.device_id, peer, wire)])
+
+    # -- consent, status, maintenance --------------------------------------------------------------------------
+    async def _consent_loop(self) -> None:
+        """Deliver held first messages once the operator allowed them."""
+        while True:
+            await asyncio.sleep(0.5)
+            for entry in self.store.consent.held():
+                if entry.state is not ConsentState.ALLOWED or entry.held_message is None:
+                    continue
+                inner = InnerMessage.decode(entry.held_message)
+                device = entry.peer.split("/", 1)[0]
+                try:
+                    await self._publish_to_agent(device, inner)
+                except BrokerUnavailable:
+                    continue
+                self.store.consent.release(entry.local_agent, entry.peer)
+                self.counters.delivered += 1
+
+    async def _maintenance_loop(self) -> None:
+        status_path = self.cfg.paths.state_dir / "status.json"
+        while True:
+            if self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+            with contextlib.suppress(OSError):
+                tmp = status_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.status()))
+                os.replace(tmp, status_path)
+            await asyncio.sleep(min(1.0, self.notifier.watchdog_interval or 1.0))
+
+    def status(self) -> dict[str, Any]:
+        stats = self.store.stats().as_dict()
+        return {"device": self.device_id, "pid": os.getpid(), "time": now_ms(),
+                "link": {"state": self.link.state.value, "relay": self.cfg.relay.url if self.cfg.relay else None,
+                         "last_error": self.link.last_error, "connects": self.link.connects},
+                "mqtt": {"connected": self.bridge.connected},
+                "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
+                "pending_consent": self.store.consent.pending_count(),
+                "peers": sorted(self.book._sessions),
+                "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"}}
+
+
+async def run_gateway(cfg: GatewayConfig) -> int:
+    return await Gateway(cfg).run()
+
+
+def configure_logging(cfg: GatewayConfig) -> None:
+    level = getattr(logging, cfg.logging.level.upper())
+    if cfg.logging.format == "json":
+        fmt = '{"t":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}'
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt)
+
+
+def main_run(config_path: Path) -> int:
+    from gateway.config import load_config
+
+    cfg = load_config(config_path)
+    configure_logging(cfg)
+    return asyncio.run(run_gateway(cfg))

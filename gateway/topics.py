@@ -1,0 +1,72 @@
+"""The MQTT topic scheme between local agents and the gateway (documented in docs/protocol.md, "MQTT").
+
+    agw/<agent>/out/<peer-device>/<peer-agent>             an agent sends to a peer agent
+    agw/<agent>/out/<peer-device>/<peer-agent>/r/<topic>   a reply, to be delivered at the peer on <topic>
+    agw/<agent>/in                                         the agent receives here
+    agw/<agent>/...                                        the agent's own namespace (e.g. reply topics)
+
+Agents may only write under agw/<agent>/out/ and read under agw/<agent>/ (firmware-config ACL template).
+Messages delivered to an agent carry the user properties `agw:from` (<device>/<agent>) and `agw:message-id`.
+A request's response topic is rewritten for the recipient to the reply form above, so that the reply travels
+back end to end and arrives on the requester's own response topic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.protocol.identity.errors import BadName
+from gateway.protocol.identity.names import check_id
+
+RESERVED_PREFIX = "agw:"
+PROP_FROM = "agw:from"
+PROP_MESSAGE_ID = "agw:message-id"
+PROP_DELIVER_TO = "agw:deliver-to"
+
+
+class TopicError(ValueError):
+    """A topic does not follow the scheme."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutTopic:
+    agent: str
+    peer_device: str
+    peer_agent: str
+    deliver_to: str | None
+
+
+def parse_out_topic(prefix: str, topic: str) -> OutTopic:
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[0] != prefix or parts[2] != "out":
+        raise TopicError(f"{topic!r} is not {prefix}/<agent>/out/<peer-device>/<peer-agent>")
+    try:
+        agent, device, peer = check_id("agent", parts[1]), check_id("device", parts[3]), check_id("agent", parts[4])
+    except BadName as exc:
+        raise TopicError(str(exc)) from None
+    deliver_to = None
+    if len(parts) > 5:
+        if parts[5] != "r" or len(parts) < 7:
+            raise TopicError(f"{topic!r}: after the peer agent only r/<reply-topic> may follow")
+        deliver_to = "/".join(parts[6:])
+    return OutTopic(agent, device, peer, deliver_to)
+
+
+def out_subscription(prefix: str) -> str:
+    return f"{prefix}/+/out/#"
+
+
+def inbox_topic(prefix: str, agent: str) -> str:
+    return f"{prefix}/{agent}/in"
+
+
+def reply_topic(prefix: str, agent: str, peer_device: str, peer_agent: str, response_topic: str) -> str:
+    """The response topic shown to `agent` for a request from `peer_device/peer_agent`."""
+    return f"{prefix}/{agent}/out/{peer_device}/{peer_agent}/r/{response_topic}"
+
+
+def agent_may_receive_on(prefix: str, agent: str, topic: str) -> bool:
+    """A deliver-to topic must stay inside the recipient's own namespace and not be an out topic."""
+    head = f"{prefix}/{agent}/"
+    return topic.startswith(head) and not topic.startswith(head + "out/") and "+" not in topic and \
+        "#" not in topic and len(topic) <= 1024
