@@ -176,7 +176,7 @@ class Testbed:
     gateways: dict[str, Gateway] = field(default_factory=dict)
     brokers: list[Broker] = field(default_factory=list)
     relay_extra: list[str] = field(default_factory=list)
-    agent_password: str = "agent-secret"
+    agent_password: str = "agent-secret"  # noqa: S105 - throwaway credential of a loopback test broker
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
