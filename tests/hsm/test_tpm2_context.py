@@ -4,6 +4,7 @@ reconnection after the TPM comes back."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -188,3 +189,36 @@ def test_exported_fixture_yields_a_started_swtpm(swtpm_tcti: str, tmp_path: Path
     pub = key.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
     pub.verify(key.sign(b"m"), b"m", ec.ECDSA(hashes.SHA256()))
+
+
+def test_forked_child_opens_its_own_context(tpm: SwTpm, tmp_path: Path) -> None:
+    """A child must not drive the parent's ESAPI context (shared socket or device file, shared session state)."""
+    key = create_identity_key(f"tpm2:blob={tmp_path / 'k.tpm'}?tcti={tpm.tcti}", KeyAlgorithm.ECDSA_P256,
+                              force=False)
+    key.sign(b"parent first")
+    parent_ctx = tpm2_context._contexts[tpm.tcti]
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: report, then leave without running pytest's teardown
+        status = 1
+        try:
+            os.close(read_fd)
+            sig = key.sign(b"from the child")
+            ctx = tpm2_context._contexts[tpm.tcti]
+            own = ctx is not parent_ctx and ctx.pid == os.getpid()
+            os.write(write_fd, (b"own:" if own else b"shared:") + sig)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        report = pipe.read()
+    _pid, status = os.waitpid(pid, 0)
+    assert status == 0
+    tag, _, sig = report.partition(b":")
+    assert tag == b"own"
+    pub = key.public_key()
+    assert isinstance(pub, ec.EllipticCurvePublicKey)
+    pub.verify(sig, b"from the child", ec.ECDSA(hashes.SHA256()))
+    assert tpm2_context._contexts[tpm.tcti] is parent_ctx  # the parent's context is untouched and still works
+    pub.verify(key.sign(b"parent again"), b"parent again", ec.ECDSA(hashes.SHA256()))
