@@ -4,6 +4,7 @@ Sans-I/O: bytes in, bytes out; no sockets, no clocks (times are passed in), rand
 Formats: docs/protocol-pairwise.md.
 """
 
+from gateway.protocol.pairwise.book import NoSessionError, Received, Sent, SessionBook
 from gateway.protocol.pairwise.crypto import Ed25519Signer, MessageSigner, RandomSource, VerifyCredential
 from gateway.protocol.pairwise.errors import (
     CredentialError,
@@ -16,6 +17,7 @@ from gateway.protocol.pairwise.errors import (
     SessionExhaustedError,
     TooManySkippedError,
     UnexpectedMessageError,
+    UnknownSessionError,
 )
 from gateway.protocol.pairwise.prekeys import OneTimePrekey, PrekeyBundle, PrekeyStore, SignedPrekey
 from gateway.protocol.pairwise.session import PairwiseSession, RatchetLimits, Role
@@ -26,6 +28,7 @@ __all__ = [
     "Ed25519Signer",
     "MessageSigner",
     "MessageType",
+    "NoSessionError",
     "OneTimePrekey",
     "PairwiseDecodeError",
     "PairwiseError",
@@ -41,10 +44,14 @@ __all__ = [
     "RandomSource",
     "RatchetHeader",
     "RatchetLimits",
+    "Received",
     "Role",
+    "Sent",
+    "SessionBook",
     "SessionExhaustedError",
     "SignedPrekey",
     "TooManySkippedError",
     "UnexpectedMessageError",
+    "UnknownSessionError",
     "VerifyCredential",
 ]

@@ -43,6 +43,10 @@ class UnexpectedMessageError(PairwiseError):
     """A well-formed message does not belong here (other recipient, other session, setup fields that differ)."""
 
 
+class UnknownSessionError(UnexpectedMessageError):
+    """A RATCHET message names a session we do not hold (state lost or pruned): open a fresh session to the peer."""
+
+
 class PairwiseUsageError(Exception):
     """The local caller used the API wrongly (e.g. a signer whose key is not the session's). Not peer input."""
 

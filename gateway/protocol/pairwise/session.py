@@ -73,6 +73,9 @@ class RatchetLimits:
     max_skipped_total: int = DEFAULT_MAX_SKIPPED_TOTAL
 
 
+DEFAULT_LIMITS = RatchetLimits()
+
+
 def setup_transcript(
     *,
     initiator_device_id: str,
@@ -155,7 +158,7 @@ class PairwiseSession:
         verify_credential: VerifyCredential,
         now_ms: int | None = None,
         max_signed_prekey_age_ms: int | None = None,
-        limits: RatchetLimits = RatchetLimits(),
+        limits: RatchetLimits = DEFAULT_LIMITS,
         random: RandomSource = os.urandom,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> PairwiseSession:
@@ -203,7 +206,7 @@ class PairwiseSession:
         signer: MessageSigner,
         prekeys: PrekeyStore,
         verify_credential: VerifyCredential,
-        limits: RatchetLimits = RatchetLimits(),
+        limits: RatchetLimits = DEFAULT_LIMITS,
         random: RandomSource = os.urandom,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         sender_device_id: str | None = None,
@@ -330,6 +333,10 @@ class PairwiseSession:
     def established(self) -> bool:
         """True once a message from the peer has been decrypted in this session."""
         return self._pending_setup is None
+
+    def use_signer(self, signer: MessageSigner) -> None:
+        """Installs today's delegated key after a rotation; a session bound to the old key then stops sending."""
+        self._signer = signer
 
     @property
     def can_encrypt(self) -> bool:
