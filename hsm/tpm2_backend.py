@@ -45,6 +45,7 @@ from hsm.errors import BadKeyUri, KeyExists, KeyNotFound, KeyPolicyViolation, Wr
 from hsm.tpm2_context import (
     attributes_from_tpma,
     classify,
+    is_transport_error,
     primary,
     rc_error,
     rc_text,
@@ -222,6 +223,8 @@ def _load_blob(esys: Any, parent: Any, blob: Any, uri: str) -> Any:
     try:
         return esys.load(parent, blob.private, blob.public)
     except TSS2_Exception as exc:
+        if is_transport_error(exc):
+            raise  # tpm_session reports it as TpmUnreachable and reconnects next time
         if rc_error(exc) in (int(TPM2_RC.INTEGRITY), int(TPM2_RC.BINDING), int(TPM2_RC.SIZE)):
             raise KeyNotFound("the key file was not made by this TPM's owner storage primary (owner hierarchy "
                               "cleared, or another TPM)", uri=uri, rc=rc_text(exc)) from None

@@ -50,6 +50,7 @@ from hsm.tpm2_context import (
     attributes_from_tpma,
     classify,
     flush,
+    is_transport_error,
     primary,
     rc_error,
     rc_text,
@@ -209,6 +210,8 @@ class TpmSealedStorageKey:
             try:
                 secret = bytes(esys.unseal(obj, session1=session))
             except TSS2_Exception as exc:
+                if is_transport_error(exc):
+                    raise  # tpm_session reports it as TpmUnreachable and reconnects next time
                 if blob.pcrs and rc_error(exc) in (int(TPM2_RC.POLICY_FAIL), int(TPM2_RC.PCR_CHANGED)):
                     raise self._pcr_mismatch(esys, exc) from None
                 raise classify(exc, "unseal the storage secret", self._uri) from None
@@ -264,6 +267,8 @@ def _load(esys: Any, parent: Any, blob: _Blob, uri: str) -> Any:
     try:
         return esys.load(parent, blob.private, blob.public)
     except TSS2_Exception as exc:
+        if is_transport_error(exc):
+            raise  # tpm_session reports it as TpmUnreachable and reconnects next time
         if rc_error(exc) in (int(TPM2_RC.INTEGRITY), int(TPM2_RC.BINDING), int(TPM2_RC.SIZE)):
             raise KeyNotFound("the sealed blob was not made by this TPM's owner storage primary (owner hierarchy "
                               "cleared, or another TPM)", uri=uri, rc=rc_text(exc)) from None

@@ -138,14 +138,19 @@ def test_no_transient_objects_or_sessions_left_behind(tpm: SwTpm, tmp_path: Path
     assert_nothing_loaded(tpm)
 
 
-def test_reconnects_after_the_tpm_restarts(tpm: SwTpm) -> None:
+def test_reconnects_after_the_tpm_restarts(tpm: SwTpm, tmp_path: Path) -> None:
     uri = f"tpm2:handle=0x81010001?tcti={tpm.tcti}"
     key = create_identity_key(uri, KeyAlgorithm.ECDSA_P256, force=False)
+    storage = create_storage_key(f"tpm2:sealed={tmp_path / 's.tpm'}?tcti={tpm.tcti}&pcrs=sha256:7", force=False)
+    wrapped = storage.wrap(b"k" * 32)
     tpm.stop()
     with pytest.raises(TpmUnreachable) as err:
         key.sign(b"data")
     assert tpm.tcti in str(err.value) and err.value.rc is not None
+    with pytest.raises(TpmUnreachable):
+        storage.unwrap(wrapped)
     tpm.restart()
+    assert storage.unwrap(wrapped) == b"k" * 32  # PCR 7 is back to its boot value after the restart
     sig = key.sign(b"data")  # the persistent key survived the "reboot"; the context reconnected
     pub = key.public_key()
     assert isinstance(pub, ec.EllipticCurvePublicKey)
