@@ -4,6 +4,7 @@ Versioned binary codec, big-endian, every length explicit and bounded (layout: d
 Three kinds:
   DATA    an agent's message, with the MQTT 5 properties that pass through end to end;
   ACK     the recipient gateway handed these message ids to the local broker (the sender may drop them);
+          an ACK of no ids is a no-op, used to put a freshly opened session into use;
   REJECT  the recipient gateway will not deliver these ids, with a reason (the sender may stop retrying).
 `InnerMessage.decode` raises only `MessageDecodeError` (a `DecodeError`) on any input; building a message
 with bad fields locally raises `InvalidMessageError` (a `ValueError`), since that is our bug, not the peer's.
@@ -259,8 +260,9 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
         if m.payload or m.response_topic is not None or m.correlation_data is not None or m.content_type is not None \
                 or m.payload_utf8 or m.user_properties:
             return f"a {m.kind.name} message carries ids only, no payload or properties"
-        if not 1 <= len(m.ids) <= MAX_ACK_IDS:
-            return f"a {m.kind.name} message names 1..{MAX_ACK_IDS} message ids, got {len(m.ids)}"
+        least = 0 if m.kind == Kind.ACK else 1
+        if not least <= len(m.ids) <= MAX_ACK_IDS:
+            return f"a {m.kind.name} message names {least}..{MAX_ACK_IDS} message ids, got {len(m.ids)}"
         if any(not isinstance(i, bytes) or len(i) != MESSAGE_ID_LEN for i in m.ids):
             return f"message ids must be {MESSAGE_ID_LEN} bytes"
         if (m.kind == Kind.REJECT) != isinstance(m.reason, RejectReason):

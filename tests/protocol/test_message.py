@@ -135,7 +135,9 @@ def test_local_construction_is_validated(kw: dict[str, object]) -> None:
 def test_ack_and_reject_rules() -> None:
     mid = new_message_id()
     with pytest.raises(InvalidMessageError):
-        InnerMessage(Kind.ACK, mid, "a", "b", 0, 0)  # no ids
+        InnerMessage(Kind.REJECT, mid, "a", "b", 0, 0, reason=RejectReason.EXPIRED)  # no ids
+    empty_ack = InnerMessage(Kind.ACK, mid, "a", "b", 0, 0)  # a no-op that opens a session
+    assert InnerMessage.decode(empty_ack.encode()) == empty_ack
     with pytest.raises(InvalidMessageError):
         InnerMessage(Kind.ACK, mid, "a", "b", 0, 0, ids=(bytes(16),) * (MAX_ACK_IDS + 1))
     with pytest.raises(InvalidMessageError):
@@ -146,7 +148,8 @@ def test_ack_and_reject_rules() -> None:
 
 
 def test_rule_violations_from_the_wire_are_decode_errors() -> None:
-    encoded = bytearray(InnerMessage(Kind.ACK, bytes(16), "a", "b", 0, 0, ids=(bytes(16),)).encode())
+    encoded = bytearray(InnerMessage(Kind.REJECT, bytes(16), "a", "b", 0, 0, ids=(bytes(16),),
+                                     reason=RejectReason.TOO_LARGE).encode())
     encoded[-18:-16] = b"\x00\x00"  # id count 0
     with pytest.raises(MessageDecodeError, match=r"1\.\.1024"):
         InnerMessage.decode(bytes(encoded[:-16]))
