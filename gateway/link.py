@@ -188,6 +188,19 @@ class RelayLink:
     def queued(self) -> int:
         return self._outgoing.qsize()
 
+    def status(self) -> dict[str, object]:
+        """A JSON-ready summary for `agw status --json`."""
+        return {
+            "state": self._status.value,
+            "url": self.config.url,
+            "device_id": self.device_id,
+            "token_expires_at": self.expires_at,
+            "connects": self.connects,
+            "queued_envelopes": self.queued,
+            "last_error": self.last_error,
+            "fatal_error": None if self.fatal_error is None else str(self.fatal_error),
+        }
+
     async def __aenter__(self) -> RelayLink:
         self.start()
         return self
@@ -227,8 +240,10 @@ class RelayLink:
             if env.size > self.config.max_envelope_size:
                 raise ValueError(f"envelope of {env.size} bytes exceeds the {self.config.max_envelope_size} limit")
         for env in envelopes:
+            if self.fatal_error is not None:
+                raise LinkDownError(f"link failed: {self.fatal_error}") from self.fatal_error
             await self._outgoing.put(env)
-        self._wake.set()
+            self._wake.set()
 
     async def events(self) -> AsyncIterator[LinkEvent]:
         """Incoming DELIVER / UNDELIVERABLE and link up/down events; ends on close(), raises after a fatal error."""

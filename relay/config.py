@@ -33,6 +33,7 @@ class RelayConfig:
     auth_timeout: float = 10.0  # seconds from connect to AUTH_OK
     idle_timeout: float = 120.0  # seconds without any frame from an authenticated gateway
     ping_interval: float | None = 20.0  # WebSocket pings, to notice dead TCP peers
+    expiry_grace: float = 60.0  # clock skew allowed past a token's expiry before the connection is closed
     close_timeout: float = 2.0  # a peer that does not complete the closing handshake is cut off after this
     send_queue_envelopes: int = 1024  # per connection: beyond this, the sender hears CONGESTED
     send_queue_bytes: int = 4 * 1024 * 1024

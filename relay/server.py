@@ -51,8 +51,6 @@ from relay.routing import LocalRouter, Router, RouteResult
 
 log = logging.getLogger("agw.relay")
 
-#: Tokens may be checked against a gateway clock this far behind ours (matches the identity layer's skew).
-EXPIRY_GRACE = 60
 _LIVE = (LinkState.READY, LinkState.REFRESH_REQUESTED, LinkState.REFRESH_CHALLENGED, LinkState.REFRESH_AUTHENTICATING)
 _ROUTE_REASON = {RouteResult.OFFLINE: UndeliverableReason.OFFLINE, RouteResult.CONGESTED: UndeliverableReason.CONGESTED}
 
@@ -197,13 +195,13 @@ class RelayServer:
 
     def enforce(self) -> None:
         """Close connections whose device is revoked or whose token expired without a refresh."""
-        now = int(self.wall_clock())
+        now = self.wall_clock()
         for conn in list(self.connections):
             if conn.serial is None or conn.closing:
                 continue
             if self.verifier.is_revoked(conn.serial):
                 conn.close_soon(ErrorCode.REVOKED, "device certificate revoked")
-            elif conn.link.expires_at + EXPIRY_GRACE < now:
+            elif conn.link.expires_at + self.config.expiry_grace < now:
                 conn.close_soon(ErrorCode.TOKEN_EXPIRED, "token expired without a refresh")
 
     async def _sweep(self) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.protocol.envelope import Envelope, EnvelopeKind
+from gateway.protocol.errors import ProtocolError
 from gateway.protocol.link import (
     AuthAccepted,
     AuthFailCode,
@@ -31,7 +34,9 @@ from gateway.protocol.link import (
     ServerLink,
     SpoofedSender,
     UndeliverableReason,
+    encode_frame,
 )
+from tests.relay.test_link_frames import FUZZ_EXAMPLES, frames
 
 
 def pump(src: ClientLink | ServerLink, dst: ClientLink | ServerLink) -> None:
@@ -190,3 +195,21 @@ def test_usage_errors_are_not_protocol_errors() -> None:
     server = ServerLink()
     with pytest.raises(LinkUsageError):
         server.accept("dev-a", 1, 1)
+
+
+@settings(max_examples=FUZZ_EXAMPLES)
+@given(st.lists(frames, max_size=8), st.booleans())
+def test_fuzz_frame_sequences(sequence: list, authenticate_first: bool) -> None:  # type: ignore[type-arg]
+    """Any sequence of frames, allowed in the current state or not, raises only a ProtocolError."""
+    client, server = (connected() if authenticate_first else (ClientLink(), ServerLink()))
+    if not authenticate_first:
+        server.challenge(os.urandom(32), "relay.test")
+        pump(server, client)
+    for link in (client, server):
+        for frame in sequence:
+            try:
+                link.receive_data(encode_frame(frame))
+            except ProtocolError:
+                assert link.state is LinkState.CLOSED
+                break
+            link.events_received()

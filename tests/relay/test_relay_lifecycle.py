@@ -128,3 +128,28 @@ async def test_metrics_and_logs_carry_no_payload(env: RelayEnv, caplog: pytest.L
     assert any(json.loads(line).get("event") == "auth_ok" for line in lines)
     for line in lines:
         assert "SECRET-PAYLOAD" not in line and marker.hex() not in line
+
+
+async def test_expired_token_without_refresh_is_closed(env: RelayEnv) -> None:
+    relay = await env.start(expiry_grace=0.0)
+    dev = env.fleet.device("dev-lazy")
+    dev.lifetime = 1
+    link = await env.link(dev, refresh_fraction=100.0)  # never refreshes in time
+    await eventually(lambda: relay.metrics.closed.labels("token_expired")._value.get() == 1, timeout=5,
+                     what="relay closing the expired connection")
+    await eventually(lambda: link.connects >= 2 and link.state is LinkStatus.READY, what="client reconnecting")
+    assert link.status()["state"] == "ready" and link.status()["device_id"] == "dev-lazy"
+
+
+async def test_same_device_reconnecting_replaces_old_connection(env: RelayEnv) -> None:
+    relay = await env.start()
+    dev = env.fleet.device("dev-twice")
+    old = await env.raw(dev)
+    peer = await env.link(env.fleet.device("dev-peer"))
+    new = await env.link(dev)
+    (ev,) = await old.recv_events()
+    assert ev.code is ErrorCode.REPLACED
+    await eventually(lambda: len(relay.connections) == 2, what="old connection gone")
+    e = envelope("dev-peer", "dev-twice")
+    await peer.send([e])
+    assert (await next_event(new, Delivered)).envelopes == (e,)
