@@ -30,6 +30,7 @@ _SQLITE_NOTADB = 26
 _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _NO_PAGE_LIMIT = 4294967294
+_WAL_LIMIT = 4 * 1024 * 1024  # the WAL is cut back to this after a checkpoint resets it
 
 
 def translate(exc: sqlite3.Error, action: str) -> StoreError:
@@ -55,7 +56,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     # the readers (which expect bytes) report it as corruption instead of a decode error.
     conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
     try:
-        for pragma in ("trusted_schema=OFF", "cell_size_check=ON", "secure_delete=ON", "foreign_keys=ON"):
+        pragmas = ("trusted_schema=OFF", "cell_size_check=ON", "secure_delete=ON", "foreign_keys=ON",
+                   f"journal_size_limit={_WAL_LIMIT}")
+        for pragma in pragmas:
             conn.execute(f"PRAGMA {pragma}")
     except sqlite3.Error:
         conn.close()

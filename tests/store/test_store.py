@@ -391,3 +391,20 @@ def test_create_false_refuses_a_missing_store(db_path: Path, key: SoftStorageKey
     assert not db_path.exists()
     Store.open(db_path, key).close()
     Store.open(db_path, key, create=False).close()
+
+
+def test_overwritten_session_leaves_no_old_ciphertext_after_checkpoint(db_path: Path, key: SoftStorageKey) -> None:
+    """Forward secrecy on disk: replaced ratchet state is gone from the main file and the WAL (secure_delete)."""
+    with Store.open(db_path, key) as s:
+        s.sessions.put("devB", os.urandom(600))
+        s.checkpoint()
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        old = conn.execute("SELECT v FROM sessions").fetchone()[0]
+        conn.close()
+        assert any(old in p.read_bytes() for p in _store_files(db_path))
+        s.sessions.put("devB", os.urandom(600))
+        s.sessions.put("devC", os.urandom(600))
+        s.purge_peer("devC")
+        s.checkpoint()
+        assert all(old not in p.read_bytes() for p in _store_files(db_path))
+        assert s.sessions.get("devB") is not None and s.sessions.get("devC") is None
