@@ -21,6 +21,7 @@ from gateway.protocol.pairwise import (
     TooManySkippedError,
     UnexpectedMessageError,
 )
+from gateway.protocol.pairwise import crypto as crypto_module
 from gateway.protocol.pairwise import session as session_module
 from gateway.protocol.pairwise.crypto import SIGNATURE_LEN, aead_encrypt
 from gateway.protocol.pairwise.testing import ToyAuthority, ToyDevice
@@ -156,7 +157,7 @@ def test_signature_checked_before_decryption(
     a, b = pair(alice, bob, authority)
     wire = a.encrypt(b"secret")
     calls: list[int] = []
-    real = session_module.aead_decrypt
+    real = crypto_module.aead_decrypt
 
     def spy(*args: bytes) -> bytes:
         calls.append(1)
