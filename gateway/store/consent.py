@@ -19,7 +19,7 @@ from .audit import AuditLog
 from .codec import expect, pack, unpack
 from .crypto import Keyring
 from .db import Database
-from .errors import InvalidRecord
+from .errors import InvalidRecord, StoreCorrupt
 
 TABLE = "consent"
 
@@ -71,7 +71,7 @@ class Consent:
         try:
             st = ConsentState(state)
         except ValueError:
-            raise InvalidRecord(f"unknown consent state {state!r} in the store") from None
+            raise StoreCorrupt("a consent record holds an unknown state: restore a backup") from None
         return ConsentEntry(agent, peer, st, updated, held)
 
     def _write(self, entry: ConsentEntry) -> None:
@@ -141,7 +141,10 @@ class Consent:
         self, local_agent: str, peer: str, state: ConsentState, now_ms: int, *, by: str = "operator"
     ) -> ConsentEntry:
         """Set the state (audited); returns the new entry. Denying drops a held message; allowing keeps it."""
-        state = ConsentState(state)
+        try:
+            state = ConsentState(state)
+        except ValueError:
+            raise InvalidRecord(f"consent states are {', '.join(s.value for s in ConsentState)}") from None
         with self._db.write("changing consent"):
             current = self.get(local_agent, peer)
             held = current.held_message if current is not None and state is not ConsentState.DENIED else None

@@ -28,7 +28,7 @@ from .audit import AuditLog, initialise_audit, now_ms
 from .consent import Consent, split_peer
 from .crypto import Keyring, new_dek
 from .db import Database
-from .errors import StoreCorrupt, StoreKeyMismatch
+from .errors import InvalidRecord, StoreCorrupt, StoreKeyMismatch
 from .outbox import Outbox, OutboxLimits
 from .records import DeliveredIds, KeyedBlobs, Peers
 
@@ -265,7 +265,7 @@ def _mentions(obj: Any, device: str) -> bool:
     if isinstance(obj, str):
         if obj == device:
             return True
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(InvalidRecord):
             if split_peer(obj)[0] == device:
                 return True
         return f"/device/{device}/" in obj + "/"

@@ -82,5 +82,6 @@ def test_peer_ids_are_validated(store: Store) -> None:
             store.consent.request("a1", bad, b"m", 1)
     with pytest.raises(InvalidRecord):
         store.consent.allow("", "devB/x", 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRecord):
         store.consent.set("a1", "devB/x", "maybe", 1)  # type: ignore[arg-type]
+    assert store.consent.entries() == []

@@ -316,13 +316,16 @@ def test_export_and_purge_peer(store: Store) -> None:
     store.peers.put("devB", b"cert", 7)
     store.consent.request("a1", "devB/bot", b"hi", 3)
     store.consent.allow("a2", "devC/bot", 4)
+    store.audit.append({"type": "rejected", "from": "spiffe://fleet/device/devB/agent/x"}, at_ms=5)
+    store.audit.append({"type": "rejected", "from": "devBB/x", "note": "devB-like but another device"}, at_ms=6)
     export = store.export(peer="devB")
     assert [e["msg_id"] for e in export["outbox"]] == [mid(1).hex()]
     assert export["outbox"][0]["record_b64"] == "dG8tYg=="
     assert export["peers"] == [{"device": "devB", "credential_b64": "Y2VydA==", "last_seen_ms": 7}]
     assert export["sessions"] == [{"peer_device": "devB", "state_bytes": 14}]  # key material is not exported
     assert [c["peer"] for c in export["consent"]] == ["devB/bot"]
-    assert [a["event"]["type"] for a in export["audit"]] == ["consent.requested"]
+    assert [a["event"]["type"] for a in export["audit"]] == ["consent.requested", "rejected"]
+    assert export["audit"][1]["event"]["from"].startswith("spiffe://")
     assert "delivered_ids" not in export
     everything = store.export()
     assert len(everything["outbox"]) == 2 and len(everything["consent"]) == 2 and everything["delivered_ids"] == 0
