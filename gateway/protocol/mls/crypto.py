@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+import nacl.bindings as _sodium
+import nacl.exceptions
 
 from gateway.protocol.mls import hpke
-from gateway.protocol.mls.codec import Writer
+from gateway.protocol.mls.codec import Writer, encode_varint
 from gateway.protocol.mls.errors import MlsCryptoError, MlsVerificationError
 
 MLS_LABEL_PREFIX = b"MLS 1.0 "
@@ -82,30 +83,31 @@ class CipherSuite(Protocol):
 
 
 class Ed25519Signer:
-    """A software Ed25519 key; the private key is never shown in repr."""
+    """A software Ed25519 key (libsodium); the private key is never shown in repr."""
 
-    __slots__ = ("_key", "_public")
+    __slots__ = ("_public", "_sk")
 
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        self._key = key
-        self._public = key.public_key().public_bytes_raw()
+    def __init__(self, seed: bytes) -> None:
+        if len(seed) != 32:
+            raise MlsCryptoError("Ed25519 private key must be 32 bytes")
+        pk, sk = _sodium.crypto_sign_seed_keypair(seed)
+        self._public = bytes(pk)
+        self._sk = sk
 
     @classmethod
     def from_seed(cls, seed: bytes) -> Ed25519Signer:
-        if len(seed) != 32:
-            raise MlsCryptoError("Ed25519 private key must be 32 bytes")
-        return cls(Ed25519PrivateKey.from_private_bytes(seed))
+        return cls(seed)
 
     @classmethod
     def generate(cls) -> Ed25519Signer:
-        return cls(Ed25519PrivateKey.generate())
+        return cls(os.urandom(32))
 
     @property
     def public_key(self) -> bytes:
         return self._public
 
     def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data)
+        return bytes(_sodium.crypto_sign(data, self._sk)[:64])
 
     def __repr__(self) -> str:
         return f"Ed25519Signer(public_key={self._public.hex()})"
@@ -175,8 +177,8 @@ class X25519Sha256Ed25519Suite:
         if len(public_key) != 32 or len(signature) != 64:
             return False
         try:
-            Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)
-        except (InvalidSignature, ValueError):
+            _sodium.crypto_sign_open(signature + message, public_key)
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
             return False
         return True
 
@@ -206,7 +208,10 @@ def ref_hash(cs: CipherSuite, label: bytes, value: bytes) -> bytes:
 
 
 def expand_with_label(cs: CipherSuite, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
-    info = Writer().u16(length).opaque(MLS_LABEL_PREFIX + label).opaque(context).bytes()
+    # KDFLabel {uint16 length; opaque label<V>; opaque context<V>}, built directly: this runs several times
+    # per protected message.
+    full = MLS_LABEL_PREFIX + label
+    info = length.to_bytes(2, "big") + encode_varint(len(full)) + full + encode_varint(len(context)) + context
     return cs.kdf_expand(secret, info, length)
 
 

@@ -13,8 +13,9 @@ import hmac
 import os
 from dataclasses import dataclass, field
 
+import nacl.bindings as _sodium
+import nacl.exceptions
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from gateway.protocol.mls.errors import MlsCryptoError, MlsVerificationError
@@ -38,6 +39,8 @@ def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    if length <= _NH:  # one block: the common case for MLS keys, nonces and secrets
+        return hmac.digest(prk, info + b"\x01", hashlib.sha256)[:length]
     if length > 255 * _NH:
         raise MlsCryptoError(f"HKDF-Expand length {length} exceeds 255*Nh")
     out = b""
@@ -70,19 +73,20 @@ def aead_open(aead_id: int, key: bytes, nonce: bytes, aad: bytes, ct: bytes) -> 
 
 
 def x25519_dh(sk: bytes, pk: bytes) -> bytes:
-    """X25519 with the all-zero output check of RFC 9180 section 7.1.4."""
+    """X25519 (libsodium, about twice as fast here as OpenSSL through `cryptography`), with the all-zero output
+    check of RFC 9180 section 7.1.4 (libsodium refuses an all-zero result)."""
     if len(sk) != 32 or len(pk) != 32:
         raise MlsCryptoError("X25519 keys must be 32 bytes")
     try:
-        return X25519PrivateKey.from_private_bytes(sk).exchange(X25519PublicKey.from_public_bytes(pk))
-    except ValueError:
+        return bytes(_sodium.crypto_scalarmult(sk, pk))
+    except nacl.exceptions.CryptoError:
         raise MlsCryptoError("X25519 produced an all-zero shared secret (small-order public key)") from None
 
 
 def x25519_public(sk: bytes) -> bytes:
     if len(sk) != 32:
         raise MlsCryptoError("X25519 private key must be 32 bytes")
-    return X25519PrivateKey.from_private_bytes(sk).public_key().public_bytes_raw()
+    return bytes(_sodium.crypto_scalarmult_base(sk))
 
 
 class _Labels:

@@ -202,15 +202,23 @@ def apply_proposals(
             fx.removed.append(LeafIndex(p.removed))
     if fx.removed:
         new_tree.truncate()
+    adds = [item.proposal for item in items if isinstance(item.proposal, Add)]
+    # Validate every new leaf against the tree before any is added (the tree's credential summary stays cached:
+    # one pass for the whole batch), then check once that all credential types in use are supported by all.
+    placeholder = LeafIndex(new_tree.n_leaves)  # key_package leaves do not sign their index
+    for p in adds:
+        validate_key_package(cs, p.key_package, identity_validator)
+        validate_leaf_node(cs, new_tree, p.key_package.leaf_node, placeholder, group_id, fx.extensions,
+                           identity_validator, expected_source=LeafNodeSource.KEY_PACKAGE)
+    for p in adds:
+        fx.added.append((new_tree.add_leaf(p.key_package.leaf_node), p.key_package))
+    if adds:
+        in_use, supported_by_all = new_tree.credential_summary()
+        if not in_use <= supported_by_all:
+            raise MlsProposalError(f"credential types {sorted(in_use - supported_by_all)} are not supported by all")
     for item in items:
         p = item.proposal
-        if isinstance(p, Add):
-            validate_key_package(cs, p.key_package, identity_validator)
-            index = new_tree.add_leaf(p.key_package.leaf_node)
-            validate_leaf_node(cs, new_tree, p.key_package.leaf_node, index, group_id, fx.extensions,
-                               identity_validator, expected_source=LeafNodeSource.KEY_PACKAGE)
-            fx.added.append((index, p.key_package))
-        elif isinstance(p, PreSharedKey):
+        if isinstance(p, PreSharedKey):
             fx.psks.append(p.psk)
         elif isinstance(p, ExternalInit):
             fx.external_init = p
