@@ -22,7 +22,7 @@ from gateway.store import (
     StoreLocked,
     StoreVersionError,
 )
-from hsm.errors import UnwrapFailed
+from hsm.errors import HardwareError, UnwrapFailed
 
 from .conftest import SoftStorageKey, mid
 
@@ -411,3 +411,24 @@ def test_overwritten_session_leaves_no_old_ciphertext_after_checkpoint(db_path: 
         s.checkpoint()
         assert all(old not in p.read_bytes() for p in _store_files(db_path))
         assert s.sessions.get("devB") is not None and s.sessions.get("devC") is None
+
+
+class _AbsentToken(SoftStorageKey):
+    """A storage key whose hardware has gone away."""
+
+    def wrap(self, key: bytes) -> bytes:
+        raise HardwareError("token removed", uri=self.uri, rc="CKR_DEVICE_REMOVED")
+
+    def unwrap(self, blob: bytes) -> bytes:
+        raise HardwareError("token removed", uri=self.uri, rc="CKR_DEVICE_REMOVED")
+
+
+def test_hardware_errors_propagate_and_leave_nothing_behind(db_path: Path, key: SoftStorageKey) -> None:
+    with pytest.raises(HardwareError):
+        Store.open(db_path, _AbsentToken())
+    assert not db_path.exists() and not db_path.with_name(db_path.name + ".init").exists()
+    Store.open(db_path, key).close()
+    with pytest.raises(HardwareError):  # retryable: not mistaken for a wrong key or a corrupt store
+        Store.open(db_path, _AbsentToken())
+    with Store.open(db_path, key) as s:  # the lock was released
+        assert s.outbox.depth() == 0
