@@ -1,7 +1,7 @@
 """Micro-benchmark of the pairwise channel: messages/s for encrypt+sign and verify+decrypt of 256-byte
 payloads on one core, next to the bare primitives each message costs (the floor), with ratios.
 
-    .venv/bin/python bench/pairwise_micro.py [--messages 20000] [--size 256]
+    .venv/bin/python bench/pairwise_micro.py [--messages 20000] [--size 256] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
     args = parser.parse_args()
     n, payload = args.messages, os.urandom(args.size)
 
@@ -39,15 +40,18 @@ def main() -> int:
                                   prekeys=bob.prekeys, verify_credential=authority.verify_credential)
     a.decrypt(b.encrypt(b"hi"))
 
-    wires: list[bytes] = []
-    encrypt_rate = rate(n, lambda: wires.extend(a.encrypt(payload) for _ in range(n)))
-    decrypt_rate = rate(n, lambda: [b.decrypt(w) for w in wires])
-
     inner = InnerMessage(Kind.DATA, new_message_id(), "planner", "camera", 0, 86_400_000, payload=payload,
                          response_topic="agw/planner/in", correlation_data=b"c" * 16)
+    encrypt_rate = decrypt_rate = full_send = full_recv = 0.0
+    wires: list[bytes] = []
     full: list[bytes] = []
-    full_send = rate(n, lambda: full.extend(a.encrypt(inner.encode()) for _ in range(n)))
-    full_recv = rate(n, lambda: [InnerMessage.decode(b.decrypt(w)) for w in full])
+    for _ in range(args.repeat):  # best of N: the box is shared, so take the least disturbed run
+        wires.clear()
+        encrypt_rate = max(encrypt_rate, rate(n, lambda: wires.extend(a.encrypt(payload) for _ in range(n))))
+        decrypt_rate = max(decrypt_rate, rate(n, lambda: [b.decrypt(w) for w in wires]))
+        full.clear()
+        full_send = max(full_send, rate(n, lambda: full.extend(a.encrypt(inner.encode()) for _ in range(n))))
+        full_recv = max(full_recv, rate(n, lambda: [InnerMessage.decode(b.decrypt(w)) for w in full]))
 
     # The floor: one HMAC chain step, one AEAD and one Ed25519 operation per message, nothing else.
     ck, key, nonce, signer = os.urandom(32), os.urandom(32), os.urandom(24), alice.signer
@@ -66,7 +70,8 @@ def main() -> int:
             kdf_ck(ck)
             aead_decrypt(key, nonce, ct, b"h" * 80)
 
-    send_floor, recv_floor = rate(n, floor_send), rate(n, floor_recv)
+    send_floor = max(rate(n, floor_send) for _ in range(args.repeat))
+    recv_floor = max(rate(n, floor_recv) for _ in range(args.repeat))
     overhead = len(wires[0]) - len(payload)
 
     print(f"pairwise micro-benchmark: {n} messages of {len(payload)} B, one core, wire overhead {overhead} B")
