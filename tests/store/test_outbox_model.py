@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from hypothesis import settings
@@ -26,24 +27,33 @@ peers = st.sampled_from(["devA", "devB", "devC"])
 items = st.tuples(ids, peers, st.binary(max_size=70), st.integers(0, 50))
 
 
+@dataclass
+class Row:
+    peer: str
+    record: bytes
+    expires: int
+    attempts: int
+    due: int
+    order: int
+
+
 class OutboxModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp())
         self.store = Store.open(self.dir / "m.db", SoftStorageKey(), limits=LIMITS)
-        # msg id -> [peer, record, expires, attempts, due, order]
-        self.model: dict[bytes, list[object]] = {}
+        self.model: dict[bytes, Row] = {}
         self.order = 0
 
     def teardown(self) -> None:
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _usage(self, rows: dict[bytes, list[object]], peer: str | None = None) -> tuple[int, int]:
-        sel = [r for r in rows.values() if peer is None or r[0] == peer]
-        return len(sel), sum(len(r[1]) for r in sel)  # type: ignore[arg-type]
+    def _usage(self, rows: dict[bytes, Row], peer: str | None = None) -> tuple[int, int]:
+        sel = [r for r in rows.values() if peer is None or r.peer == peer]
+        return len(sel), sum(len(r.record) for r in sel)
 
-    def _fits(self, rows: dict[bytes, list[object]]) -> bool:
+    def _fits(self, rows: dict[bytes, Row]) -> bool:
         n, b = self._usage(rows)
         if n > LIMITS.max_entries or b > LIMITS.max_bytes:
             return False
@@ -60,7 +70,7 @@ class OutboxModel(RuleBasedStateMachine):
         for m, p, r, x in batch:
             if m not in after:
                 order += 1
-                after[m] = [p, r, x, 0, 0, order]
+                after[m] = Row(p, r, x, 0, 0, order)
         too_big = any(len(r) > LIMITS.max_record_bytes for _, _, r, _ in batch)
         try:
             added = self.store.outbox.put_many(batch)
@@ -86,25 +96,26 @@ class OutboxModel(RuleBasedStateMachine):
             assert got is None
             return
         row = self.model[m]
-        row[3] = int(row[3]) + 1  # type: ignore[call-overload]
-        row[4] = due
-        assert got == row[3]
+        row.attempts += 1
+        row.due = due
+        assert got == row.attempts
 
     @rule(now=st.integers(0, 50))
     def expire(self, now: int) -> None:
-        gone = sorted((r[5], m) for m, r in self.model.items() if int(r[2]) <= now)  # type: ignore[call-overload]
+        gone = sorted((r.order, m) for m, r in self.model.items() if r.expires <= now)
         assert [e.msg_id for e in self.store.outbox.expire(now)] == [m for _, m in gone]
         for _, m in gone:
             del self.model[m]
 
     @rule(now=st.integers(0, 50), limit=st.integers(1, 40))
     def due(self, now: int, limit: int) -> None:
-        want = sorted((r[5], m) for m, r in self.model.items() if r[4] <= now < r[2])  # type: ignore[operator]
+        want = sorted((r.order, m) for m, r in self.model.items() if r.due <= now < r.expires)
         got = self.store.outbox.due(now, limit)
         assert [e.msg_id for e in got] == [m for _, m in want][:limit]
         for e in got:
-            p, r, x, a, _, _ = self.model[e.msg_id]
-            assert (e.peer_device, e.record, e.expires_at_ms, e.attempts) == (p, r, x, a)
+            row = self.model[e.msg_id]
+            assert (e.peer_device, e.record, e.expires_at_ms, e.attempts) == (row.peer, row.record, row.expires,
+                                                                              row.attempts)
 
     @invariant()
     def usage_matches(self) -> None:
