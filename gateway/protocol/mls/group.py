@@ -216,6 +216,10 @@ class Group:
     def members(self) -> list[tuple[LeafIndex, LeafNode]]:
         return list(self._state.tree.leaves())
 
+    def resumption_psks(self) -> dict[int, bytes]:
+        """Resumption PSKs of the last few epochs, by epoch (kept for PSK proposals and persistence)."""
+        return dict(self._resumption)
+
     def export_secret(self, label: bytes, context: bytes, length: int) -> bytes:
         return self._state.secrets.exporter(self.cs, label, context, length)
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from gateway.protocol.mls import tree_math as tm
+from gateway.protocol.mls.codec import Reader, Writer
 from gateway.protocol.mls.crypto import CipherSuite, derive_tree_secret, expand_with_label
-from gateway.protocol.mls.errors import MlsError, MlsReplayError
+from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsReplayError
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex
 
 DEFAULT_OUT_OF_ORDER_WINDOW = 32
@@ -183,6 +184,44 @@ class SecretTree:
         kn = ratchet_key_nonce(self._cs, r.secret, r.generation)
         self.consume(leaf, rt, r.generation)
         return kn
+
+    # -- persistence ------------------------------------------------------------------------------------------
+
+    def encode(self, w: Writer) -> None:
+        """The live secrets (remaining node secrets, ratchets, skipped keys); store it encrypted."""
+        w.u32(self._n_leaves).u32(self.out_of_order_window).u32(self.max_forward)
+        w.vector(sorted(self._nodes.items()), lambda w2, kv: w2.u32(kv[0]).opaque(kv[1]))
+
+        def put_ratchet(w2: Writer, item: tuple[tuple[LeafIndex, RatchetType], HashRatchet]) -> None:
+            (leaf, rt), r = item
+            w2.u32(leaf).u8(rt).opaque(r.secret).u32(r.generation)
+            w2.vector(sorted(r.skipped.values(), key=lambda k: k.generation),
+                      lambda w3, kn: w3.u32(kn.generation).opaque(kn.key).opaque(kn.nonce))
+
+        w.vector(sorted(self._ratchets.items()), put_ratchet)
+
+    @classmethod
+    def decode(cls, cs: CipherSuite, r: Reader) -> SecretTree:
+        n_leaves, window, max_forward = r.u32(), r.u32(), r.u32()
+        if n_leaves == 0 or n_leaves & (n_leaves - 1):
+            raise MlsDecodeError(f"secret tree leaf count {n_leaves} is not a power of two")
+        t = cls(cs, b"", n_leaves, out_of_order_window=window, max_forward=max_forward)
+        width = tm.node_width(n_leaves)
+        t._nodes = {}
+        for node, secret in r.vector(lambda r2: (r2.u32(), r2.opaque())):
+            if node >= width:
+                raise MlsDecodeError(f"secret tree node {node} outside the tree")
+            t._nodes[NodeIndex(node)] = secret
+
+        def get_ratchet(r2: Reader) -> tuple[tuple[LeafIndex, RatchetType], HashRatchet]:
+            leaf, rt_raw, secret, gen = r2.u32(), r2.u8(), r2.opaque(), r2.u32()
+            if leaf >= n_leaves or rt_raw > 1:
+                raise MlsDecodeError("secret tree ratchet names a leaf outside the tree or an unknown type")
+            skipped = {kn.generation: kn for kn in r2.vector(lambda r3: KeyNonce(r3.u32(), r3.opaque(), r3.opaque()))}
+            return (LeafIndex(leaf), RatchetType(rt_raw)), HashRatchet(secret, gen, skipped)
+
+        t._ratchets = dict(r.vector(get_ratchet))
+        return t
 
     def generation(self, leaf: LeafIndex, rt: RatchetType) -> int:
         """The next generation not yet used for (leaf, type)."""

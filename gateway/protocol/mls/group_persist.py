@@ -1,0 +1,105 @@
+"""Saving and restoring a member's group state, so that a restart continues the group exactly.
+
+The blob holds every secret of the epoch (HPKE private keys, epoch secrets, the secret tree): the caller must
+store it encrypted (the gateway's store does). The signer and the policy (`GroupConfig`) are not in it: they
+are supplied again on restore. Decoding is strict; a corrupt blob raises `MlsDecodeError`, and a restored
+group is checked against itself (tree hash and our leaf's private key) before it is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gateway.protocol.mls.codec import Reader, Writer, decode_all
+from gateway.protocol.mls.crypto import Signer, get_suite
+from gateway.protocol.mls.errors import MlsDecodeError, MlsError
+from gateway.protocol.mls.framing import Sender
+from gateway.protocol.mls.group import Group, GroupConfig
+from gateway.protocol.mls.group_state import CachedProposal, EpochState
+from gateway.protocol.mls.key_schedule import EpochSecrets
+from gateway.protocol.mls.proposals import decode_proposal, encode_proposal
+from gateway.protocol.mls.ratchet_tree import RatchetTree
+from gateway.protocol.mls.secret_tree import SecretTree
+from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex, node_width
+from gateway.protocol.mls.treekem import TreeKemPrivate
+from gateway.protocol.mls.welcome_structs import GroupContext
+
+FORMAT_VERSION = 1
+_SECRET_FIELDS = [f.name for f in dataclasses.fields(EpochSecrets)]
+
+
+def group_to_bytes(group: Group) -> bytes:
+    st = group.state
+    w = Writer().u16(FORMAT_VERSION).u16(group.cs.suite_id).u8(1 if group.active else 0)
+    st.context.encode(w)
+    w.opaque(st.tree.to_wire())
+    w.u32(st.private.leaf_index)
+    w.vector(sorted(st.private.keys.items()), lambda w2, kv: w2.u32(kv[0]).opaque(kv[1]))
+    for name in _SECRET_FIELDS:
+        w.opaque(getattr(st.secrets, name))
+    w.opaque(st.interim_transcript_hash).opaque(st.confirmation_tag)
+    st.secret_tree.encode(w)
+
+    def put_cached(w2: Writer, item: tuple[bytes, CachedProposal]) -> None:
+        ref, cached = item
+        w2.opaque(ref)
+        cached.sender.encode(w2)
+        encode_proposal(w2, cached.proposal)
+
+    w.vector(list(st.proposals.items()), put_cached)
+    w.vector(sorted(group.resumption_psks().items()), lambda w2, kv: w2.u64(kv[0]).opaque(kv[1]))
+    return w.bytes()
+
+
+def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
+    version = r.u16()
+    if version != FORMAT_VERSION:
+        raise MlsDecodeError(f"group state format {version}, expected {FORMAT_VERSION}")
+    cs = get_suite(r.u16())
+    active = r.u8()
+    if active > 1:
+        raise MlsDecodeError("bad active flag")
+    context = GroupContext.decode(r)
+    tree = RatchetTree.from_wire(r.opaque())
+    own = LeafIndex(r.u32())
+    width = node_width(tree.n_leaves)
+    keys: dict[NodeIndex, bytes] = {}
+    for node, priv in r.vector(lambda r2: (r2.u32(), r2.opaque())):
+        if node >= width:
+            raise MlsDecodeError(f"private key for node {node} outside the tree")
+        keys[NodeIndex(node)] = priv
+    secrets = EpochSecrets(**{name: r.opaque() for name in _SECRET_FIELDS})
+    interim, tag = r.opaque(), r.opaque()
+    secret_tree = SecretTree.decode(cs, r)
+
+    def get_cached(r2: Reader) -> tuple[bytes, CachedProposal]:
+        ref = r2.opaque()
+        sender = Sender.decode(r2)
+        return ref, CachedProposal(decode_proposal(r2), sender)
+
+    proposals = dict(r.vector(get_cached))
+    resumption = dict(r.vector(lambda r2: (r2.u64(), r2.opaque())))
+    if resumption.get(context.epoch) != secrets.resumption_psk:
+        raise MlsError("restored group state is inconsistent (resumption PSK of the current epoch)")
+    if context.cipher_suite != cs.suite_id or secret_tree.n_leaves != tree.n_leaves:
+        raise MlsError("restored group state is inconsistent (suite or tree size)")
+    if tree.tree_hash(cs) != context.tree_hash:
+        raise MlsError("restored ratchet tree does not match the GroupContext tree hash")
+    private = TreeKemPrivate(own, keys)
+    if active:
+        private.check_leaf(cs, tree)
+        leaf = tree.leaf(own)
+        if leaf is None or leaf.signature_key != signer.public_key:
+            raise MlsError("the signer supplied does not hold our leaf's signature key")
+    state = EpochState(context, tree, private, secrets, interim, tag, secret_tree, proposals)
+    group = Group(cs, state, signer, config, resumption)
+    group.active = bool(active)
+    return group
+
+
+def group_from_bytes(data: bytes, signer: Signer, config: GroupConfig | None = None) -> Group:
+    try:
+        return decode_all(data, lambda r: _decode(r, signer, config or GroupConfig()))
+    except (ValueError, KeyError) as e:  # structural rules of the wire dataclasses
+        raise MlsDecodeError(f"group state: {e}") from None
+
