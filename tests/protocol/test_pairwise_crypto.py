@@ -100,3 +100,16 @@ def test_verifier() -> None:
     with pytest.raises(PairwiseVerificationError):
         Verifier(b"\x01" * 31)
     assert "verify_key" in repr(signer) and signer.verify_key.hex() in repr(signer)
+
+
+def test_signer_from_delegated_seed_matches_cryptography() -> None:
+    """The identity layer hands over the 32-byte seed; PyNaCl and `cryptography` must agree on the key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    seed = bytes(range(32))
+    reference = Ed25519PrivateKey.from_private_bytes(seed)
+    signer = Ed25519Signer.from_seed(seed)
+    assert signer.verify_key == reference.public_key().public_bytes_raw()
+    assert signer.sign(b"m") == reference.sign(b"m")
+    with pytest.raises(ValueError):
+        Ed25519Signer.from_seed(b"short")

@@ -179,3 +179,16 @@ def test_bundle_is_signed_by_the_signer_given(device: ToyDevice, authority: ToyA
     fresh = device.prekeys.bundle(device_id=device.device_id,
                                   credential=authority.issue(device.device_id, rotated.verify_key), signer=rotated)
     assert fresh.verify(authority.verify_credential).raw == rotated.verify_key
+
+
+def test_local_construction_is_validated(device: ToyDevice) -> None:
+    from gateway.protocol.pairwise import RatchetHeader, SignedPrekey
+
+    with pytest.raises(ValueError):
+        SignedPrekey(1, b"short", 0, bytes(64))
+    with pytest.raises(ValueError):
+        OneTimePrekey(2**32, bytes(32), bytes(64))
+    with pytest.raises(ValueError):
+        RatchetHeader(bytes(32), 0, -1, bytes(24))
+    with pytest.raises(ValueError):
+        PrekeyBundle("dev", b"", bundle_of(device).signed_prekey)

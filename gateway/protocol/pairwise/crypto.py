@@ -65,6 +65,13 @@ class Ed25519Signer:
     def generate(cls) -> Ed25519Signer:
         return cls(nacl.signing.SigningKey.generate())
 
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Ed25519Signer:
+        """From the 32-byte Ed25519 seed (e.g. `identity.delegation.DelegatedKey.raw_private_key()`)."""
+        if len(seed) != KEY_LEN:
+            raise ValueError(f"an Ed25519 seed is {KEY_LEN} bytes, got {len(seed)}")
+        return cls(nacl.signing.SigningKey(bytes(seed)))
+
     @property
     def verify_key(self) -> bytes:
         return self._verify_key
@@ -92,6 +99,19 @@ class Verifier:
             self._key.verify(data, signature)
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             raise PairwiseVerificationError(f"{what}: Ed25519 signature does not verify") from None
+
+
+def check_sizes(what: str, **fields: tuple[bytes, int]) -> None:
+    """Raises ValueError if a locally built structure has a field of the wrong size (a bug, not peer input)."""
+    for name, (value, size) in fields.items():
+        if not isinstance(value, bytes) or len(value) != size:
+            raise ValueError(f"{what}: {name} must be {size} bytes")
+
+
+def check_u32(what: str, **fields: int) -> None:
+    for name, value in fields.items():
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise ValueError(f"{what}: {name} must fit in 32 bits, got {value}")
 
 
 def check_credential(verify_credential: VerifyCredential, device_id: str, credential: bytes) -> Verifier:

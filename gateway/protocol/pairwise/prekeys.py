@@ -22,6 +22,8 @@ from gateway.protocol.pairwise.crypto import (
     Verifier,
     VerifyCredential,
     check_credential,
+    check_sizes,
+    check_u32,
     x25519_keypair,
     x25519_public,
 )
@@ -54,12 +56,23 @@ class SignedPrekey:
     created_at_ms: int
     signature: bytes
 
+    def __post_init__(self) -> None:
+        check_sizes("signed prekey", public_key=(self.public_key, KEY_LEN), signature=(self.signature, SIGNATURE_LEN))
+        check_u32("signed prekey", prekey_id=self.prekey_id)
+        if not 0 <= self.created_at_ms < 1 << 64:
+            raise ValueError("signed prekey: created_at_ms must fit in 64 bits")
+
 
 @dataclass(frozen=True, slots=True)
 class OneTimePrekey:
     prekey_id: int
     public_key: bytes
     signature: bytes
+
+    def __post_init__(self) -> None:
+        check_sizes("one-time prekey", public_key=(self.public_key, KEY_LEN),
+                    signature=(self.signature, SIGNATURE_LEN))
+        check_u32("one-time prekey", prekey_id=self.prekey_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,14 @@ class PrekeyBundle:
     credential: bytes
     signed_prekey: SignedPrekey
     one_time_prekeys: tuple[OneTimePrekey, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.credential) <= MAX_CREDENTIAL_LEN:
+            raise ValueError(f"prekey bundle: credential must be 1..{MAX_CREDENTIAL_LEN} bytes")
+        if len(self.one_time_prekeys) > MAX_ONE_TIME_PREKEYS:
+            raise ValueError(f"prekey bundle: more than {MAX_ONE_TIME_PREKEYS} one-time prekeys")
+        if not 1 <= len(self.device_id.encode()) <= 0xFF:
+            raise ValueError("prekey bundle: device id must be 1..255 bytes of UTF-8")
 
     def encode(self) -> bytes:
         spk = self.signed_prekey

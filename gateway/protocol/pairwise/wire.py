@@ -14,7 +14,7 @@ from enum import IntEnum
 
 from gateway.protocol.pairwise import codec
 from gateway.protocol.pairwise.codec import Reader
-from gateway.protocol.pairwise.crypto import KEY_LEN, NONCE_LEN, SIGNATURE_LEN, TAG_LEN
+from gateway.protocol.pairwise.crypto import KEY_LEN, NONCE_LEN, SIGNATURE_LEN, TAG_LEN, check_sizes, check_u32
 from gateway.protocol.pairwise.errors import PairwiseDecodeError
 from gateway.protocol.pairwise.prekeys import MAX_CREDENTIAL_LEN
 
@@ -41,6 +41,14 @@ class PrekeySetup:
     signed_prekey_id: int
     one_time_prekey_id: int | None
     ephemeral_key: bytes
+
+    def __post_init__(self) -> None:
+        check_sizes("prekey setup", recipient_verify_key=(self.recipient_verify_key, KEY_LEN),
+                    ephemeral_key=(self.ephemeral_key, KEY_LEN))
+        check_u32("prekey setup", signed_prekey_id=self.signed_prekey_id,
+                  one_time_prekey_id=self.one_time_prekey_id or 0)
+        if not 1 <= len(self.sender_credential) <= MAX_CREDENTIAL_LEN:
+            raise ValueError(f"prekey setup: credential must be 1..{MAX_CREDENTIAL_LEN} bytes")
 
     def encode(self) -> bytes:
         parts = [
@@ -74,6 +82,11 @@ class RatchetHeader:
     previous_chain_length: int
     message_number: int
     nonce: bytes
+
+    def __post_init__(self) -> None:
+        check_sizes("ratchet header", dh_public=(self.dh_public, KEY_LEN), nonce=(self.nonce, NONCE_LEN))
+        check_u32("ratchet header", previous_chain_length=self.previous_chain_length,
+                  message_number=self.message_number)
 
     def encode(self) -> bytes:
         return (
