@@ -149,6 +149,8 @@ class Database:
                 conn.execute("COMMIT")
             finally:
                 conn.close()  # checkpoints and removes the -wal file
+            if Path(f"{tmp}-wal").exists():  # the final checkpoint failed (disk full?): the file is incomplete
+                raise StoreFull(f"could not finish creating store {path} (checkpoint failed); free space and retry")
             os.replace(tmp, path)
             _fsync_dir(path.parent)
         except sqlite3.Error as exc:
