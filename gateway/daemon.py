@@ -30,7 +30,7 @@ from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.control import ControlServer
 from gateway.device_identity import DeviceIdentity
-from gateway.link import LinkLost, LinkReady, RelayLink, RelayLinkConfig
+from gateway.link import LinkDownError, LinkLost, LinkReady, RelayLink, RelayLinkConfig
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
@@ -248,6 +248,15 @@ class Gateway:
 
     # -- relay -> agent ----------------------------------------------------------------------------------------
     async def _link_loop(self) -> None:
+        try:
+            await self._link_events()
+        except LinkDownError as exc:
+            # Fatal (revoked or untrusted): stay up so the operator sees why (agw status), keep the outbox.
+            log.error("the relay link stopped for good: %s. Re-enroll the device or fix the relay trust, "
+                      "then restart agw.", exc)
+            await self._stop.wait()
+
+    async def _link_events(self) -> None:
         async for ev in self.link.events():
             if isinstance(ev, LinkReady):
                 await self._publish_prekeys()
@@ -423,7 +432,8 @@ class Gateway:
         stats = self.store.stats().as_dict()
         return {"device": self.device_id, "pid": os.getpid(), "time": now_ms(),
                 "link": {"state": self.link.state.value, "relay": self.cfg.relay.url if self.cfg.relay else None,
-                         "last_error": self.link.last_error, "connects": self.link.connects},
+                         "last_error": str(self.link.fatal_error or self.link.last_error or "") or None,
+                         "connects": self.link.connects},
                 "mqtt": {"connected": self.bridge.connected},
                 "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
                 "pending_consent": self.store.consent.pending_count(),

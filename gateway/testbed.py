@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -97,7 +98,9 @@ class Broker:
             f"listener {self.port} 127.0.0.1\nallow_anonymous false\npassword_file {pw}\n"
             f"acl_file {self.root / 'acl'}\npersistence true\npersistence_location {self.root}/\n"
             "autosave_interval 1\nmax_queued_messages 0\nmax_inflight_messages 0\nset_tcp_nodelay true\n"
-            f"log_dest file {self.root / 'mosquitto.log'}\n")
+            f"log_dest file {self.root / 'mosquitto.log'}\n"
+            # As root, Mosquitto would switch to the 'mosquitto' user, who cannot read a private temp dir.
+            + (f"user {pwd.getpwuid(os.getuid()).pw_name}\n" if os.getuid() == 0 else ""))
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.root / "mosquitto.conf")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, proc=self.proc)
@@ -169,6 +172,8 @@ class Gateway:
 
 @dataclass
 class Testbed:
+    __test__ = False  # not a pytest test class
+
     root: Path
     fleet: str = "testbed.local"
     relay_port: int = field(default_factory=free_port)

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(softhsm2 swtpm swtpm-tools tpm2-tools libtss2-dev pkg-config opensc mosquitto mosquitto-clients
-              openssl libssl-dev gcc python3-dev systemd)
+              openssl libssl-dev gcc python3-dev systemd libtss2-tcti-pcap0)
 # The command each package provides, to decide quickly whether anything is missing.
 declare -A PROBE=([softhsm2]=softhsm2-util [swtpm]=swtpm [swtpm-tools]=swtpm_setup [tpm2-tools]=tpm2_readpublic
                   [opensc]=pkcs11-tool [mosquitto]=/usr/sbin/mosquitto [mosquitto-clients]=mosquitto_pub

@@ -1,0 +1,191 @@
+"""The agent SDK: talk to agents on other devices without knowing the topic scheme.
+
+    async with AgentClient("alice", password="...", port=1883) as me:
+        await me.send("dev-b/bob", b"hello")
+        reply = await me.request("dev-b/bob", b"ping", timeout=5)
+        async for msg in me.messages():
+            await msg.reply(b"pong")
+
+`SyncAgentClient` offers the same calls for code without asyncio. Both speak MQTT 5 (aiomqtt) to the local
+broker; the gateway does the rest. Requests use a response topic under the agent's own namespace and a random
+correlation id, which the gateways carry end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import topics
+
+T = TypeVar("T")
+
+
+class AgentClientError(Exception):
+    """The local broker refused us, or a request timed out."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message received by an agent."""
+
+    sender: str  # <device-id>/<agent>
+    payload: bytes
+    topic: str
+    message_id: str | None
+    response_topic: str | None
+    correlation_data: bytes | None
+    content_type: str | None
+    user_properties: tuple[tuple[str, str], ...]
+    _client: AgentClient | None = field(default=None, repr=False, compare=False)
+
+    async def reply(self, payload: bytes, *, content_type: str | None = None) -> None:
+        """Answer a request: published on the response topic the gateway gave us, with its correlation data."""
+        if not self.response_topic or self._client is None:
+            raise AgentClientError("this message is not a request (it has no response topic)")
+        await self._client._publish(self.response_topic, payload, correlation_data=self.correlation_data,
+                                    content_type=content_type)
+
+
+class AgentClient:
+    def __init__(self, agent: str, *, host: str = "127.0.0.1", port: int = 1883, password: str | None = None,
+                 username: str | None = None, prefix: str = "agw") -> None:
+        self.agent = agent
+        self.prefix = prefix
+        self._mqtt = aiomqtt.Client(host, port, username=username or agent, password=password,
+                                    identifier=f"{agent}-{os.urandom(4).hex()}",
+                                    protocol=aiomqtt.ProtocolVersion.V5)
+        self._reply_base = f"{prefix}/{agent}/reply/{os.urandom(6).hex()}"
+        self._pending: dict[bytes, asyncio.Future[Message]] = {}
+        self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AgentClient:
+        try:
+            await self._mqtt.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise AgentClientError(f"cannot connect to the local broker: {exc}") from None
+        await self._mqtt.subscribe(topics.inbox_topic(self.prefix, self.agent), qos=1)
+        await self._mqtt.subscribe(self._reply_base + "/#", qos=1)
+        self._task = asyncio.create_task(self._dispatch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._task
+        for fut in self._pending.values():
+            fut.cancel()
+        await self._mqtt.__aexit__(None, None, None)
+
+    async def _dispatch(self) -> None:
+        async for m in self._mqtt.messages:
+            p = m.properties
+            user = tuple((str(k), str(v)) for k, v in (getattr(p, "UserProperty", None) or []))
+            props = dict(user)
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            msg = Message(sender=props.get(topics.PROP_FROM, ""), payload=payload, topic=str(m.topic),
+                          message_id=props.get(topics.PROP_MESSAGE_ID),
+                          response_topic=getattr(p, "ResponseTopic", None),
+                          correlation_data=getattr(p, "CorrelationData", None),
+                          content_type=getattr(p, "ContentType", None),
+                          user_properties=tuple(kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
+                          _client=self)
+            if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
+                fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
+                if not fut.done():
+                    fut.set_result(msg)
+            else:
+                self._inbox.put_nowait(msg)
+
+    async def _publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
+                       correlation_data: bytes | None = None, content_type: str | None = None,
+                       user_properties: list[tuple[str, str]] | None = None) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic:
+            props.ResponseTopic = response_topic
+        if correlation_data is not None:
+            props.CorrelationData = correlation_data
+        if content_type:
+            props.ContentType = content_type
+        if user_properties:
+            props.UserProperty = user_properties
+        await self._mqtt.publish(topic, payload, qos=1, properties=props)
+
+    def _out(self, to: str) -> str:
+        device, sep, agent = to.partition("/")
+        if not sep:
+            raise ValueError(f"address {to!r} must be <device-id>/<agent>")
+        return f"{self.prefix}/{self.agent}/out/{device}/{agent}"
+
+    async def send(self, to: str, payload: bytes, *, content_type: str | None = None,
+                   user_properties: list[tuple[str, str]] | None = None) -> None:
+        """Send to `<device-id>/<agent>`; returns once the local broker (and so the gateway's path) has it."""
+        await self._publish(self._out(to), payload, content_type=content_type, user_properties=user_properties)
+
+    async def request(self, to: str, payload: bytes, *, timeout: float = 10.0,
+                      content_type: str | None = None) -> Message:
+        """Send a request and wait for the reply."""
+        corr = os.urandom(16)
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[corr] = fut
+        try:
+            await self._publish(self._out(to), payload, response_topic=f"{self._reply_base}/r",
+                                correlation_data=corr, content_type=content_type)
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise AgentClientError(f"no reply from {to} within {timeout} s") from None
+        finally:
+            self._pending.pop(corr, None)
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages sent to this agent, as they arrive."""
+        while True:
+            yield await self._inbox.get()
+
+    async def receive(self, timeout: float | None = None) -> Message:
+        return await asyncio.wait_for(self._inbox.get(), timeout)
+
+
+class SyncAgentClient:
+    """The same API without asyncio: an event loop runs in a background thread."""
+
+    def __init__(self, agent: str, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"agent-{agent}")
+        self._thread.start()
+        self._client = AgentClient(agent, **kwargs)
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def __enter__(self) -> SyncAgentClient:
+        self._call(self._client.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._call(self._client.__aexit__(None, None, None))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def send(self, to: str, payload: bytes, **kwargs: Any) -> None:
+        self._call(self._client.send(to, payload, **kwargs))
+
+    def request(self, to: str, payload: bytes, *, timeout: float = 10.0, **kwargs: Any) -> Message:
+        return self._call(self._client.request(to, payload, timeout=timeout, **kwargs))
+
+    def receive(self, timeout: float | None = None) -> Message:
+        return self._call(self._client.receive(timeout))
+
+    def reply(self, msg: Message, payload: bytes) -> None:
+        self._call(msg.reply(payload))

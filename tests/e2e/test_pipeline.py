@@ -1,0 +1,227 @@
+"""The product's main job with real processes: relay (WSS, TLS 1.3), two Mosquitto brokers with ACLs, two
+gateways with their own SoftHSM tokens (one Ed25519, one P-256), and agents using the SDK or mosquitto_pub/sub."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+
+import pytest
+
+from gateway.client import AgentClient, AgentClientError
+from gateway.testbed import Testbed
+
+PW = "agent-secret"
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory):
+    tb = Testbed(tmp_path_factory.mktemp("bed"))
+    tb.start_relay()
+    tb.add_gateway("dev-a", agents={"alice": ["dev-b/bob"], "dora": []})
+    tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"], "erin": ["dev-a/*"]}, algorithm="ecdsa-p256")
+    for gw in tb.gateways.values():
+        gw.start()
+    for gw in tb.gateways.values():
+        gw.wait_ready()
+    yield tb
+    tb.close()
+
+
+def client(tb: Testbed, gw: str, agent: str) -> AgentClient:
+    return AgentClient(agent, port=tb.gateways[gw].broker.port, password=PW)
+
+
+async def test_messages_both_ways_with_properties(bed):
+    async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
+        await alice.send("dev-b/bob", b"hello bob", content_type="text/plain", user_properties=[("trace", "t1")])
+        got = await bob.receive(timeout=20)
+        assert (got.sender, got.payload, got.content_type) == ("dev-a/alice", b"hello bob", "text/plain")
+        assert ("trace", "t1") in got.user_properties and len(got.message_id or "") == 32
+        await bob.send("dev-a/alice", b"hello alice")
+        back = await alice.receive(timeout=20)
+        assert (back.sender, back.payload) == ("dev-b/bob", b"hello alice")
+
+
+async def test_request_reply_round_trip_end_to_end(bed):
+    async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
+        async def serve() -> None:
+            req = await bob.receive(timeout=20)
+            assert req.response_topic and req.response_topic.startswith("agw/bob/out/dev-a/alice/r/")
+            await req.reply(b"pong:" + req.payload)
+
+        server = asyncio.create_task(serve())
+        reply = await alice.request("dev-b/bob", b"ping", timeout=20)
+        await server
+        assert reply.payload == b"pong:ping" and reply.sender == "dev-b/bob"
+
+
+def test_mosquitto_clients_use_the_documented_topics(bed):
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(b.broker.port), "-u", "bob", "-P", PW, "-t", "agw/bob/in",
+                            "-q", "1", "-C", "2", "-W", "30", "-V", "mqttv5", "-F", "%t|%p"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    for i in range(2):
+        subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
+                        "agw/alice/out/dev-b/bob", "-q", "1", "-m", f"cli {i}"], check=True)
+    out, _ = sub.communicate(timeout=40)
+    assert out.splitlines() == ["agw/bob/in|cli 0", "agw/bob/in|cli 1"]
+    # The ACL confines agents: alice cannot publish as bob, nor read bob's inbox.
+    denied = subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
+                             "agw/bob/out/dev-b/bob", "-q", "1", "-m", "spoof", "-V", "mqttv5"],
+                            capture_output=True, text=True)
+    assert "not authorized" in (denied.stdout + denied.stderr).lower()
+
+
+async def test_consent_request_approval_and_revocation(bed):
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    async with client(bed, "dev-a", "dora") as dora, client(bed, "dev-b", "bob") as bob:
+        await dora.send("dev-b/bob", b"first contact")
+        deadline = time.monotonic() + 20
+        pending = []
+        while time.monotonic() < deadline and not pending:
+            pending = [e for e in json.loads(b.agw("consent", "list", "--json").stdout) if e["state"] == "pending"]
+            time.sleep(0.2)
+        assert pending == [{"agent": "bob", "peer": "dev-a/dora", "state": "pending",
+                            "updated_ms": pending[0]["updated_ms"], "holding_message": True}]
+        with pytest.raises(TimeoutError):
+            await bob.receive(timeout=1.5)
+        assert json.loads(b.agw("status", "--json").stdout)["pending_consent"] == 1
+        b.agw("consent", "allow", "--agent", "bob", "--peer", "dev-a/dora")
+        held = await bob.receive(timeout=10)
+        assert (held.sender, held.payload) == ("dev-a/dora", b"first contact")
+        await dora.send("dev-b/bob", b"second")
+        assert (await bob.receive(timeout=20)).payload == b"second"
+        b.agw("consent", "revoke", "--agent", "bob", "--peer", "dev-a/dora")
+        await dora.send("dev-b/bob", b"after revocation")
+        with pytest.raises(TimeoutError):
+            await bob.receive(timeout=3)
+    audit = json.loads(b.agw("audit", "list").stdout)
+    kinds = [e["event"]["type"] for e in audit]
+    assert "consent.requested" in kinds and kinds.count("consent.changed") >= 2 and "message.denied" in kinds
+    assert b.agw("audit", "verify").returncode == 0
+    # The refused message was dropped by the sender after the final REJECT, not retried forever.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and a.status()["queue"]["outbox_depth"]:
+        time.sleep(0.2)
+    assert a.status()["queue"]["outbox_depth"] == 0
+
+
+async def test_no_plaintext_in_store_files(bed):
+    marker = b"PLAINTEXT-MARKER-7f3a9c"
+    async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
+        await alice.send("dev-b/bob", marker)
+        assert (await bob.receive(timeout=20)).payload == marker
+    for gw in bed.gateways.values():
+        for f in (gw.root / "state").iterdir():
+            if f.is_file():
+                data = f.read_bytes()
+                assert marker not in data, f
+                assert b"alice" not in data or f.name == "status.json", f
+
+
+def test_audit_verify_detects_an_edit(tmp_path_factory):
+    tb = Testbed(tmp_path_factory.mktemp("audit"))
+    try:
+        tb.start_relay()
+        gw = tb.add_gateway("dev-c", agents={"carl": []})
+        gw.start()
+        gw.wait_ready()
+        gw.agw("consent", "allow", "--agent", "carl", "--peer", "dev-x/zed")
+        gw.agw("consent", "deny", "--agent", "carl", "--peer", "dev-x/zed")
+        assert gw.stop() == 0
+        assert gw.agw("audit", "verify").returncode == 0
+        db = gw.root / "state" / "agw.db"
+        con = sqlite3.connect(db)
+        table = next(t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'") if "audit" in t)
+        cols = [r[1] for r in con.execute(f"PRAGMA table_info({table})")]
+        blob_col = next(c for c in cols if c not in ("idx", "id", "i", "at_ms", "k"))
+        row = con.execute(f"SELECT rowid, {blob_col} FROM {table} ORDER BY rowid LIMIT 1").fetchone()
+        tampered = bytearray(row[1])
+        tampered[-1] ^= 1
+        con.execute(f"UPDATE {table} SET {blob_col} = ? WHERE rowid = ?", (bytes(tampered), row[0]))
+        con.commit()
+        con.close()
+        out = gw.agw("audit", "verify", check=False)
+        assert out.returncode == 1 and "tampered" in out.stderr.lower()
+    finally:
+        tb.close()
+
+
+async def test_stream_survives_relay_restart_and_gateway_kill(bed):
+    """A stream both ways; the relay restarts and the receiving gateway is killed -9 and restarted midway.
+    Every message arrives exactly once."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    n = 200
+    received: list[bytes] = []
+    async with client(bed, "dev-b", "bob") as bob:
+        async def collect() -> None:
+            while len(received) < n:
+                try:
+                    received.append((await bob.receive(timeout=60)).payload)
+                except TimeoutError:
+                    return
+
+        collector = asyncio.create_task(collect())
+        async with client(bed, "dev-a", "alice") as alice:
+            for i in range(n):
+                await alice.send("dev-b/bob", f"m{i}".encode())
+                if i == 60:
+                    bed.stop_relay()
+                    bed.start_relay()
+                if i == 120:
+                    b.stop(signal.SIGKILL)
+                    b.start()
+                    await asyncio.to_thread(b.wait_ready, 60)
+        await asyncio.wait_for(collector, 120)
+    assert sorted(received, key=lambda p: int(p[1:])) == [f"m{i}".encode() for i in range(n)], \
+        f"{len(received)} received, {len(set(received))} distinct"
+    assert len(received) == len(set(received)) == n
+
+
+def test_revoked_device_is_cut_off(tmp_path_factory):
+    tb = Testbed(tmp_path_factory.mktemp("revoke"))
+    try:
+        tb.start_relay()
+        x = tb.add_gateway("dev-x", agents={"xavier": []})
+        x.start()
+        x.wait_ready()
+        tb.revoke("dev-x")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and x.status()["link"]["state"] == "ready":
+            time.sleep(0.2)
+        st = x.status()["link"]
+        assert st["state"] != "ready", st
+        assert "revoked" in (st["last_error"] or "").lower() or st["state"] == "failed"
+    finally:
+        tb.close()
+
+
+async def test_unknown_peer_device_does_not_block_others(bed):
+    async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
+        await alice.send("dev-nowhere/ghost", b"to nobody")
+        await alice.send("dev-b/bob", b"still flowing")
+        assert (await bob.receive(timeout=20)).payload == b"still flowing"
+    with pytest.raises(AgentClientError):
+        async with AgentClient("alice", port=bed.gateways["dev-a"].broker.port, password="wrong") as _:
+            pass
+
+
+def test_gateway_sigterm_exits_cleanly(tmp_path_factory):
+    tb = Testbed(tmp_path_factory.mktemp("term"))
+    try:
+        tb.start_relay()
+        g = tb.add_gateway("dev-t", agents={"tom": []})
+        g.start()
+        g.wait_ready()
+        assert g.stop(signal.SIGTERM) == 0
+        assert not (g.root / "state" / "control.sock").exists()
+    finally:
+        tb.close()
+
+
