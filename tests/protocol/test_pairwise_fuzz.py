@@ -140,3 +140,31 @@ def test_samples_are_valid(kind: str) -> None:
         "ratchet": lambda b: fresh_responder().decrypt(b),
     }
     decoders[kind](SAMPLES[kind])
+
+
+def resign(data: bytes) -> bytes:
+    """A mutated message signed again by Alice: what a malicious but authenticated peer can send."""
+    from gateway.protocol.pairwise.wire import SIGNATURE_CONTEXT
+
+    body = data[:-64] if len(data) > 64 else data
+    return body + ALICE.signer.sign(SIGNATURE_CONTEXT + body)
+
+
+@FUZZ
+@given(st.one_of(mutated(SAMPLES["ratchet"]), mutated(SAMPLES["setup"])))
+def test_authenticated_peer_sending_garbage(data: bytes) -> None:
+    """Past the signature check: headers, counters, setup fields and ciphertexts chosen by the peer."""
+    wire = resign(data)
+    responder = fresh_responder()
+    before = responder.encode()
+    try:
+        responder.decrypt(wire)
+    except PairwiseError:
+        assert responder.encode() == before  # a failed message never changes the session
+
+    def run() -> None:
+        PairwiseSession.accept(wire, local_device_id=BOB.device_id, signer=BOB.signer,
+                               prekeys=PrekeyStore.decode(SAMPLES["store"]),
+                               verify_credential=AUTHORITY.verify_credential)
+
+    only_pairwise_errors(run)
