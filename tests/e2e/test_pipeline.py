@@ -154,8 +154,8 @@ def test_audit_verify_detects_an_edit(tmp_path_factory):
 
 
 async def test_stream_survives_relay_restart_and_gateway_kill(bed):
-    """A stream both ways; the relay restarts and the receiving gateway is killed -9 and restarted midway.
-    Every message arrives exactly once."""
+    """A stream of 200 messages; midway the relay restarts, then the receiving gateway and later the sending
+    gateway are killed with SIGKILL and restarted. Every message arrives exactly once."""
     a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
     n = 200
     received: list[bytes] = []
@@ -178,6 +178,9 @@ async def test_stream_survives_relay_restart_and_gateway_kill(bed):
                     b.stop(signal.SIGKILL)
                     b.start()
                     await asyncio.to_thread(b.wait_ready, 60)
+                if i == 160:
+                    a.stop(signal.SIGKILL)
+                    a.start()
         await asyncio.wait_for(collector, 120)
     assert sorted(received, key=lambda p: int(p[1:])) == [f"m{i}".encode() for i in range(n)], \
         f"{len(received)} received, {len(set(received))} distinct"
