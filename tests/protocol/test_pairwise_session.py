@@ -203,10 +203,18 @@ def test_validly_signed_garbage_leaves_state_unchanged(
 def test_forward_secrecy_used_keys_are_gone(alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority) -> None:
     a, b = pair(alice, bob, authority)
     wires = [a.encrypt(b"%d" % i) for i in range(3)]
-    b.decrypt(wires[2])
-    probe = PairwiseSession.decode(b.encode(), signer=bob.signer)
-    h = PairwiseMessage.parse(wires[0]).header
-    mk0 = probe.ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number).message_key
+
+    def key_of(wire: bytes) -> bytes:
+        """The message key, computed on a throwaway copy of Bob's state."""
+        probe = PairwiseSession.decode(b.encode(), signer=bob.signer)
+        h = PairwiseMessage.parse(wire).header
+        return probe.ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number).message_key
+
+    mk2 = key_of(wires[2])
+    assert b.decrypt(wires[2]) == b"2"
+    assert not b.ratchet.holds_message_key(mk2)
+    assert mk2 not in b.encode()
+    mk0 = key_of(wires[0])
     assert b.ratchet.holds_message_key(mk0)  # skipped, so held until used
     assert mk0 in b.encode()
     assert b.decrypt(wires[0]) == b"0"
