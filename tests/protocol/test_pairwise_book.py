@@ -11,6 +11,7 @@ from gateway.protocol.pairwise import (
     PairwiseSession,
     PrekeyBundle,
     SessionBook,
+    SessionState,
     UnexpectedMessageError,
     UnknownSessionError,
 )
@@ -50,10 +51,11 @@ def test_open_send_accept_reply(sides: tuple[Side, Side]) -> None:
     with pytest.raises(NoSessionError):
         a.book.encrypt(b.id, b"x")
     session, dropped = a.book.open(b.bundle(), now_ms=10)
-    assert dropped == ()
+    assert dropped == () and session.state is SessionState.PENDING
     wire = a.book.encrypt(b.id, b"hello").wire
     received = b.book.decrypt(wire, sender_device_id=a.id, now_ms=11)
     assert received.plaintext == b"hello" and received.new_session
+    assert received.session.state is SessionState.ESTABLISHED
     assert received.session.session_id == session.session_id
     assert send(b, a, b"hi") == b"hi"
     assert send(a, b, b"again") == b"again"
@@ -79,8 +81,13 @@ def test_key_rotation_opens_new_sessions_old_ones_still_decrypt(sides: tuple[Sid
     a.book.open(b.bundle(), now_ms=1)
     assert send(a, b, b"x") == b"x" and send(b, a, b"y") == b"y"
     in_flight = b.book.encrypt(a.id, b"sent under the old session").wire
+    old_session = a.book.sending_session(b.id)
+    assert old_session is not None
+    states = [old_session.state]
     new_signer = Ed25519Signer.generate()
     a.book.rotate_signer(new_signer, a.authority.issue(a.id, new_signer.verify_key))
+    states.append(old_session.state)
+    assert states == [SessionState.ESTABLISHED, SessionState.RECEIVE_ONLY]
     with pytest.raises(NoSessionError):
         a.book.encrypt(b.id, b"z")
     assert a.book.decrypt(in_flight, sender_device_id=b.id, now_ms=5).plaintext == b"sent under the old session"

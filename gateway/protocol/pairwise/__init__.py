@@ -20,7 +20,7 @@ from gateway.protocol.pairwise.errors import (
     UnknownSessionError,
 )
 from gateway.protocol.pairwise.prekeys import OneTimePrekey, PrekeyBundle, PrekeyStore, SignedPrekey
-from gateway.protocol.pairwise.session import PairwiseSession, RatchetLimits, Role
+from gateway.protocol.pairwise.session import PairwiseSession, RatchetLimits, Role, SessionState
 from gateway.protocol.pairwise.wire import MessageType, PairwiseMessage, PrekeySetup, RatchetHeader
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "Sent",
     "SessionBook",
     "SessionExhaustedError",
+    "SessionState",
     "SignedPrekey",
     "TooManySkippedError",
     "UnexpectedMessageError",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import os
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 from gateway.protocol.pairwise import codec
 from gateway.protocol.pairwise.codec import Reader
@@ -63,6 +63,20 @@ _DH_PREFIX = b"\xff" * 32
 class Role(IntEnum):
     INITIATOR = 1
     RESPONDER = 2
+
+
+class SessionState(Enum):
+    """Where a session is in its life (for status output and routing):
+
+    PENDING      initiator, nothing heard back yet: every message repeats the setup fields
+    ESTABLISHED  a message from the peer has decrypted in this session
+    RECEIVE_ONLY our delegated key was rotated since setup: decrypts, refuses to encrypt (open a new session)
+    A responder starts ESTABLISHED. RECEIVE_ONLY wins over the other two; nothing leads back from it.
+    """
+
+    PENDING = "pending"
+    ESTABLISHED = "established"
+    RECEIVE_ONLY = "receive-only"
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +342,12 @@ class PairwiseSession:
         return plaintext
 
     # -- inspection -------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        if not self.can_encrypt:
+            return SessionState.RECEIVE_ONLY
+        return SessionState.ESTABLISHED if self.established else SessionState.PENDING
 
     @property
     def established(self) -> bool:
