@@ -173,3 +173,20 @@ def test_reject_reason_finality_and_expiry() -> None:
     m = data_message(created_at_ms=100, expires_at_ms=200)
     assert not m.is_expired(199) and m.is_expired(200)
     assert new_message_id() != new_message_id() and len(new_message_id()) == 16
+
+
+def test_layout_matches_the_document() -> None:
+    """docs/protocol-pairwise.md section 10, built by hand."""
+    import struct
+
+    mid = bytes(range(16))
+    by_hand = (
+        b"\x01\x01" + mid + b"\x07planner" + b"\x09camera-01" + struct.pack(">QQ", 5, 9)
+        + bytes([0x01 | 0x02 | 0x08]) + b"\x00\x05topic" + b"\x00\x02\xca\xfe"
+        + b"\x00\x01" + b"\x00\x01k" + b"\x00\x02vv" + b"\x00\x00\x00\x02hi"
+    )
+    m = InnerMessage(Kind.DATA, mid, "planner", "camera-01", 5, 9, payload=b"hi", response_topic="topic",
+                     correlation_data=b"\xca\xfe", payload_utf8=True, user_properties=(("k", "vv"),))
+    assert m.encode() == by_hand
+    reject = (b"\x01\x03" + mid + b"\x01a" + b"\x01b" + struct.pack(">QQ", 0, 0) + b"\x02" + b"\x00\x01" + b"x" * 16)
+    assert InnerMessage.decode(reject).reason is RejectReason.CONSENT_DENIED
