@@ -268,3 +268,53 @@ def test_own_messages_are_not_processed(suite: int) -> None:
     a, _b = _group(suite, 2)
     with pytest.raises(MlsError):
         a.g.process(a.g.commit().message.to_bytes())
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_secrets_never_in_repr(suite: int) -> None:
+    a, b = _group(suite, 2, GroupConfig(external_psks={b"id": b"\x11" * 32}))
+    c = Member("c", suite)
+    bundle = c.key_package()
+    pending = a.g.commit(add=[bundle.key_package])
+    staged = b.g.process(pending.message.to_bytes())
+    st = a.g.state
+    secrets = [getattr(st.secrets, f) for f in ("init_secret", "encryption_secret", "exporter_secret",
+                                                 "membership_key", "confirmation_key", "sender_data_secret")]
+    secrets += [*st.private.keys.values(), bundle.init_priv, bundle.encryption_priv, b"\x11" * 32]
+    texts = [repr(x) for x in (a.g, st, staged, pending, a.g.config, bundle, st.secret_tree, st.secrets,
+                               a.signer, st.private)]
+    for secret in secrets:
+        for text in texts:
+            assert secret.hex() not in text and repr(secret) not in text
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_update_proposal_committed_by_another(suite: int) -> None:
+    a, b, c = _group(suite, 3)
+    old_key = b.g.state.tree.leaf(b.g.own_leaf).encryption_key  # type: ignore[union-attr]
+    upd = b.g.propose_update()
+    for m in (a, c):
+        assert isinstance(m.g.process(upd.to_bytes()), ProposalReceived)
+    pending = a.g.commit()
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b, c])
+    _agree([a, b, c])
+    assert b.g.state.tree.leaf(b.g.own_leaf).encryption_key != old_key  # type: ignore[union-attr]
+    # b holds the new leaf key: it can follow a commit whose path secret is encrypted to it.
+    pending = c.g.commit()
+    c.g.merge_pending_commit(pending)
+    _deliver(pending.message, [a, b])
+    _agree([a, b, c])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_committer_skips_its_own_update(suite: int) -> None:
+    a, b = _group(suite, 2)
+    upd = a.g.propose_update()
+    b.g.process(upd.to_bytes())
+    pending = a.g.commit()  # the path replaces the update; the own Update is not included
+    a.g.merge_pending_commit(pending)
+    staged = b.g.process(pending.message.to_bytes())
+    assert isinstance(staged, StagedCommit) and staged.proposals == ()
+    b.g.merge_staged_commit(staged)
+    _agree([a, b])

@@ -59,6 +59,7 @@ from gateway.protocol.mls.proposals import (
     Proposal,
     ReInit,
     Remove,
+    Update,
 )
 from gateway.protocol.mls.psk import PskInput, psk_secret
 from gateway.protocol.mls.ratchet_tree import RatchetTree, validate_leaf_node
@@ -252,12 +253,28 @@ class Group:
         """Send a proposal by reference (Add, Remove, PreSharedKey, GroupContextExtensions)."""
         self._check_active()
         if not isinstance(proposal, (Add, Remove, PreSharedKey, GroupContextExtensions)):
-            raise MlsError(f"{type(proposal).__name__} proposals are not supported for sending")
+            raise MlsError(f"{type(proposal).__name__} proposals are not supported here (use propose_update)")
+        return self._send_proposal(proposal, authenticated_data)
+
+    def _send_proposal(self, proposal: Proposal, authenticated_data: bytes) -> MLSMessage:
         wf = self.config.handshake_wire_format
         ac = protection.sign_authenticated_content(self._signer, wf, self._framed(proposal, authenticated_data),
                                                    self._state.context)
         msg = self._protect(ac)
         self._state.proposals[proposal_ref(self.cs, ac)] = CachedProposal(proposal, ac.content.sender)
+        return msg
+
+    def propose_update(self, authenticated_data: bytes = b"") -> MLSMessage:
+        """Propose fresh leaf keys (another member commits them); the private key waits for that commit."""
+        self._check_active()
+        old = self._state.tree.leaf(self.own_leaf)
+        assert old is not None
+        enc_priv, enc_pub = self.cs.derive_key_pair(_rand(self.cs))
+        leaf = sign_leaf_node(self._signer, LeafNode(enc_pub, old.signature_key, old.credential, old.capabilities,
+                                                     LeafNodeSource.UPDATE, None, None, old.extensions),
+                              self.group_id, self.own_leaf)
+        msg = self._send_proposal(Update(leaf), authenticated_data)
+        self._state.pending_update_keys[enc_pub] = enc_priv
         return msg
 
     def commit(self, *, add: Sequence[KeyPackage] = (), remove: Sequence[int] = (),
@@ -272,6 +289,8 @@ class Group:
         refs: list[ProposalOrRef] = []
         if include_pending:
             for ref, cached in st.proposals.items():
+                if cached.sender == me and isinstance(cached.proposal, Update):
+                    continue  # our own Update is superseded by this commit's path (section 12.2)
                 items.append(ListedProposal(cached.proposal, cached.sender, False))
                 refs.append(ProposalRef(ref))
         inline: list[Proposal] = [*(Add(kp) for kp in add), *(Remove(r) for r in remove),
@@ -481,6 +500,13 @@ class Group:
                                 True, None)
         tree, private = fx.tree, st.private.copy()
         _prune_private(private, tree)
+        if self.own_leaf in fx.updated:
+            own_leaf = tree.leaf(self.own_leaf)
+            assert own_leaf is not None
+            priv = st.pending_update_keys.get(own_leaf.encryption_key)
+            if priv is None:
+                raise MlsError("the commit applies an Update to our leaf that we did not propose")
+            private.keys[tm.leaf_to_node(self.own_leaf)] = priv
         commit_secret = bytes(cs.hash_len)
         if committer.sender_type == SenderType.NEW_MEMBER_COMMIT:
             assert commit.path is not None

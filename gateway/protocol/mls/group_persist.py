@@ -48,6 +48,7 @@ def group_to_bytes(group: Group) -> bytes:
 
     w.vector(list(st.proposals.items()), put_cached)
     w.vector(sorted(group.resumption_psks().items()), lambda w2, kv: w2.u64(kv[0]).opaque(kv[1]))
+    w.vector(sorted(st.pending_update_keys.items()), lambda w2, kv: w2.opaque(kv[0]).opaque(kv[1]))
     return w.bytes()
 
 
@@ -79,6 +80,7 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
 
     proposals = dict(r.vector(get_cached))
     resumption = dict(r.vector(lambda r2: (r2.u64(), r2.opaque())))
+    pending_updates = dict(r.vector(lambda r2: (r2.opaque(), r2.opaque())))
     if resumption.get(context.epoch) != secrets.resumption_psk:
         raise MlsError("restored group state is inconsistent (resumption PSK of the current epoch)")
     if context.cipher_suite != cs.suite_id or secret_tree.n_leaves != tree.n_leaves:
@@ -91,7 +93,7 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
         leaf = tree.leaf(own)
         if leaf is None or leaf.signature_key != signer.public_key:
             raise MlsError("the signer supplied does not hold our leaf's signature key")
-    state = EpochState(context, tree, private, secrets, interim, tag, secret_tree, proposals)
+    state = EpochState(context, tree, private, secrets, interim, tag, secret_tree, proposals, pending_updates)
     group = Group(cs, state, signer, config, resumption)
     group.active = bool(active)
     return group

@@ -41,6 +41,8 @@ class EpochState:
     confirmation_tag: bytes
     secret_tree: SecretTree
     proposals: dict[bytes, CachedProposal] = field(default_factory=dict)
+    pending_update_keys: dict[bytes, bytes] = field(default_factory=dict)
+    """Our Update proposals of this epoch: new leaf encryption key -> its private key."""
 
     @property
     def own_leaf(self) -> LeafIndex:

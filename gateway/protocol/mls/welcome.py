@@ -9,7 +9,7 @@ signer's identity are the group layer's job.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.protocol.mls import key_schedule
 from gateway.protocol.mls.codec import decode_all
@@ -100,8 +100,8 @@ class OpenedWelcome:
 
     group_info: GroupInfo
     group_secrets: GroupSecrets
-    psk_secret: bytes
-    epoch_secrets: EpochSecrets
+    psk_secret: bytes = field(repr=False)
+    epoch_secrets: EpochSecrets = field(repr=False)
 
 
 def decrypt_group_secrets(cs: CipherSuite, welcome: Welcome, kp_ref: bytes, init_priv: bytes) -> GroupSecrets:
