@@ -12,12 +12,13 @@ import struct
 from typing import NamedTuple
 
 import nacl.bindings
+import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from gateway.protocol.pairwise import Ed25519Signer, PairwiseSession, PrekeyStore
+from gateway.protocol.pairwise import Ed25519Signer, PairwiseDecodeError, PairwiseSession, PrekeyStore
 from gateway.protocol.pairwise.testing import ToyAuthority
 
 
@@ -159,3 +160,6 @@ def test_documented_state_layout_starts_as_described() -> None:
     assert state[pos : pos + 32] == bob_signer.verify_key and state[pos + 32 : pos + 64] == signer.verify_key
     assert struct.unpack(">IQ", state[pos + 64 : pos + 76])[1] == 77
     assert state[pos + 76] == 1  # pending setup present
+    zeroed = state[: pos + 64] + bytes(4) + state[pos + 68 :]
+    with pytest.raises(PairwiseDecodeError, match="max message size"):
+        PairwiseSession.decode(zeroed, signer=signer)

@@ -416,3 +416,16 @@ def test_envelope_sender_must_match(alice: ToyDevice, bob: ToyDevice, authority:
     with pytest.raises(UnexpectedMessageError):
         a.decrypt(reply, sender_device_id="dev-carol")
     assert a.decrypt(reply, sender_device_id="dev-bob") == b"r"
+
+
+def test_counter_at_the_limit_is_refused(alice: ToyDevice, bob: ToyDevice, authority: ToyAuthority) -> None:
+    """A peer cannot push the receive counter past what the state format can hold."""
+    a, b = pair(alice, bob, authority)
+    msg = PairwiseMessage.parse(a.encrypt(b"x"))
+    header = RatchetHeader(msg.header.dh_public, msg.header.previous_chain_length, 0xFFFFFFFF, msg.header.nonce)
+    aad = encode_prefix(b.session_id, None, header)
+    body = aad + msg.ciphertext
+    before = b.encode()
+    with pytest.raises(UnexpectedMessageError):
+        b.decrypt(body + alice.signer.sign(SIGNATURE_CONTEXT + body))
+    assert b.encode() == before

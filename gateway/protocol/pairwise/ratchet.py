@@ -134,6 +134,8 @@ class RatchetState:
         self, dh_public: bytes, pn: int, n: int, *, random: RandomSource = os.urandom
     ) -> _ReceivePlan:
         """Computes the message key for a header without changing the state; see `commit`."""
+        if n >= MAX_COUNTER:  # a sender stops at MAX_COUNTER - 1 (SessionExhaustedError)
+            raise UnexpectedMessageError(f"message number {n} is beyond what a sender may use")
         skipped_key = (dh_public, n)
         mk = self._skipped.get(skipped_key)
         if mk is not None:

@@ -145,6 +145,8 @@ class PairwiseSession:
         local_verify_key: bytes | None = None,
         opened_at_ms: int = 0,
     ) -> None:
+        if not 0 < max_message_size <= 0xFFFFFFFF or not 0 <= opened_at_ms < 1 << 64:
+            raise ValueError("max_message_size must be 1..2**32-1 and opened_at_ms must fit in 64 bits")
         self.session_id = session_id
         self.opened_at_ms = opened_at_ms  # caller's clock at setup; orders sessions with one peer
         self.role = role
@@ -407,6 +409,8 @@ class PairwiseSession:
         peer_verifier = Verifier(r.fixed(KEY_LEN, "peer verify key"))
         local_vk = r.fixed(KEY_LEN, "local verify key")
         max_message_size = r.u32("max message size")
+        if max_message_size == 0:
+            raise PairwiseDecodeError("session state: max message size is 0")
         opened_at_ms = r.u64("opened at")
         pending = PrekeySetup.read(r) if r.flag("pending setup present") else None
         ratchet = RatchetState.read(r)
