@@ -22,7 +22,7 @@ from gateway.protocol.mls import tree_math as tm
 from gateway.protocol.mls.commit import Commit, ProposalOrRef, ProposalRef
 from gateway.protocol.mls.credentials import Credential, IdentityValidator, accept_any_identity
 from gateway.protocol.mls.crypto import CipherSuite, Signer, get_suite, ref_hash
-from gateway.protocol.mls.errors import MlsError
+from gateway.protocol.mls.errors import MlsDecodeError, MlsError
 from gateway.protocol.mls.extensions import Extension, ExternalPub, external_senders, find_extension
 from gateway.protocol.mls.framing import (
     AuthenticatedContent,
@@ -366,7 +366,10 @@ class Group:
     def process(self, message: MLSMessage | bytes) -> ApplicationMessage | ProposalReceived | StagedCommit:
         """Authenticate and interpret one handshake or application message from the delivery service."""
         self._check_active()
-        msg = message if isinstance(message, MLSMessage) else MLSMessage.from_bytes(message)
+        try:
+            msg = message if isinstance(message, MLSMessage) else MLSMessage.from_bytes(message)
+        except ValueError as e:  # a structural rule of a wire dataclass; the codec raises MlsDecodeError itself
+            raise MlsDecodeError(f"MLSMessage: {e}") from None
         if msg.version != ProtocolVersion.MLS10:
             raise MlsError(f"unsupported protocol version {msg.version}")
         body = msg.body
