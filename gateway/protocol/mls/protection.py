@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
-from gateway.protocol.mls.codec import Reader
+from gateway.protocol.mls.codec import Reader, Writer
 from gateway.protocol.mls.crypto import CipherSuite, Signer, check_signature, ct_equal, sign_with_label
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsVerificationError
 from gateway.protocol.mls.framing import (
@@ -35,7 +36,7 @@ from gateway.protocol.mls.framing import (
 from gateway.protocol.mls.secret_tree import RatchetType, SecretTree, sender_data_key_nonce
 from gateway.protocol.mls.tree_math import LeafIndex
 from gateway.protocol.mls.welcome_structs import GroupContext
-from gateway.protocol.mls.wire import ContentType, SenderType, WireFormat
+from gateway.protocol.mls.wire import ContentType, ProtocolVersion, SenderType, WireFormat
 
 SignatureKeyLookup = Callable[[Sender], bytes]
 """Returns the signature public key of a sender in the current epoch, or raises MlsError if there is none."""
@@ -45,26 +46,36 @@ def _ratchet_type(content_type: ContentType) -> RatchetType:
     return RatchetType.APPLICATION if content_type == ContentType.APPLICATION else RatchetType.HANDSHAKE
 
 
-def _context_for(sender: Sender, context: GroupContext) -> GroupContext | None:
-    return context if sender.sender_type in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT) else None
+@lru_cache(maxsize=16)
+def _context_bytes(context: GroupContext) -> bytes:
+    """The GroupContext is the same for every message of an epoch: encode it once."""
+    return context.to_bytes()
+
+
+def content_tbs(wire_format: WireFormat, content: FramedContent, context: GroupContext) -> bytes:
+    """FramedContentTBS (the same bytes as `framing.framed_content_tbs`, with the epoch's context cached)."""
+    if content.sender.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
+        return framed_content_tbs(wire_format, content, None)
+    w = Writer().u16(ProtocolVersion.MLS10).u16(wire_format)
+    content.encode(w)
+    return w.raw(_context_bytes(context)).bytes()
 
 
 def sign_content(
     signer: Signer, wire_format: WireFormat, content: FramedContent, context: GroupContext
 ) -> bytes:
-    tbs = framed_content_tbs(wire_format, content, _context_for(content.sender, context))
-    return sign_with_label(signer, FRAMED_CONTENT_SIGN_LABEL, tbs)
+    return sign_with_label(signer, FRAMED_CONTENT_SIGN_LABEL, content_tbs(wire_format, content, context))
 
 
 def verify_content_signature(
     cs: CipherSuite, signature_key: bytes, ac: AuthenticatedContent, context: GroupContext
 ) -> None:
-    tbs = framed_content_tbs(ac.wire_format, ac.content, _context_for(ac.content.sender, context))
+    tbs = content_tbs(ac.wire_format, ac.content, context)
     check_signature(cs, signature_key, FRAMED_CONTENT_SIGN_LABEL, tbs, ac.auth.signature)
 
 
 def membership_tag(cs: CipherSuite, membership_key: bytes, ac: AuthenticatedContent, context: GroupContext) -> bytes:
-    tbs = framed_content_tbs(ac.wire_format, ac.content, _context_for(ac.content.sender, context))
+    tbs = content_tbs(ac.wire_format, ac.content, context)
     return cs.mac(membership_key, authenticated_content_tbm(tbs, ac.auth))
 
 
