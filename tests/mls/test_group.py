@@ -318,3 +318,20 @@ def test_committer_skips_its_own_update(suite: int) -> None:
     assert isinstance(staged, StagedCommit) and staged.proposals == ()
     b.g.merge_staged_commit(staged)
     _agree([a, b])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_reinit_closes_the_group(suite: int) -> None:
+    from gateway.protocol.mls.proposals import ReInit
+
+    a, b = _group(suite, 2)
+    with pytest.raises(MlsError):  # ReInit must be alone
+        a.g.commit(add=[Member("c", suite).key_package().key_package], reinit=ReInit(b"new", 1, suite))
+    pending = a.g.commit(reinit=ReInit(b"new group", 1, suite), force_path=False)
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])
+    _agree([a, b])
+    for m in (a, b):
+        assert m.g.reinit == ReInit(b"new group", 1, suite)
+        with pytest.raises(MlsError):
+            m.g.encrypt_application(b"no more")

@@ -84,3 +84,26 @@ def test_corrupt_blob_raises_mls_error_or_restores(data: st.DataObject) -> None:
         return
     assert isinstance(g, Group)  # a flip in a secret value still decodes; the structure must be sound
     assert group_to_bytes(g) == bad
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_closed_and_pending_update_state_survive_restart(suite: int) -> None:
+    from gateway.protocol.mls.proposals import ReInit
+
+    a, b = _group(suite, 2)
+    upd = b.g.propose_update()
+    a.g.process(upd.to_bytes())
+    restored = group_from_bytes(group_to_bytes(b.g), b.signer, b.g.config)
+    assert restored.state.pending_update_keys == b.g.state.pending_update_keys
+    b.group = restored
+    pending = a.g.commit()
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])  # b needs the update's private key it held across the restart
+    _agree([a, b])
+    pending = a.g.commit(reinit=ReInit(b"next", 1, suite), force_path=False)
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])
+    again = group_from_bytes(group_to_bytes(b.g), b.signer, b.g.config)
+    assert again.reinit == ReInit(b"next", 1, suite)
+    with pytest.raises(MlsError):
+        again.encrypt_application(b"closed")

@@ -115,6 +115,8 @@ class Group:
         self._resumption = dict(resumption_psks or {})
         self._resumption[state.context.epoch] = state.secrets.resumption_psk
         self.active = True
+        self.reinit: ReInit | None = None
+        """Set once a ReInit commit is merged: the group is closed and only its successor may be created."""
 
     # --- creation and joining ----------------------------------------------------------------------------
 
@@ -232,6 +234,8 @@ class Group:
     def _check_active(self) -> None:
         if not self.active:
             raise MlsError("this member was removed from the group")
+        if self.reinit is not None:
+            raise MlsError("the group was closed by a ReInit commit; continue in the reinitialised group")
 
     def _framed(self, body: bytes | Proposal | Commit, authenticated_data: bytes) -> FramedContent:
         return FramedContent(self.group_id, self.epoch, Sender.member(self.own_leaf), authenticated_data, body)
@@ -279,6 +283,7 @@ class Group:
 
     def commit(self, *, add: Sequence[KeyPackage] = (), remove: Sequence[int] = (),
                psks: Sequence[PreSharedKeyID] = (), extensions: tuple[Extension, ...] | None = None,
+               reinit: ReInit | None = None,
                force_path: bool = True, include_pending: bool = True, ratchet_tree_in_welcome: bool = True,
                authenticated_data: bytes = b"") -> PendingCommit:
         """Create a commit over the given proposals (by value) and the pending ones (by reference)."""
@@ -297,6 +302,8 @@ class Group:
                                   *(PreSharedKey(p) for p in psks)]
         if extensions is not None:
             inline.append(GroupContextExtensions(extensions))
+        if reinit is not None:
+            inline.append(reinit)
         items += [ListedProposal(p, me, True) for p in inline]
         refs += inline
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, me, items,
@@ -344,12 +351,13 @@ class Group:
                 start = tm.common_ancestor(own_node, tm.leaf_to_node(index))
                 members.append(NewMember(kp, path_secrets.get(start)))
             welcome = MLSMessage(create_welcome(cs, gi, secrets.joiner_secret, psk_value, members, tuple(fx.psks)))
-        return PendingCommit(self.epoch, message, welcome, added, next_state)
+        return PendingCommit(self.epoch, message, welcome, added, next_state, fx.reinit)
 
     def merge_pending_commit(self, pending: PendingCommit) -> None:
         if pending.base_epoch != self.epoch:
             raise MlsError(f"pending commit was made in epoch {pending.base_epoch}, the group is at {self.epoch}")
         self._install(pending.next_state)
+        self.reinit = pending.reinit
 
     def group_info(self, *, with_ratchet_tree: bool = True, with_external_pub: bool = True) -> GroupInfo:
         """A signed GroupInfo for the current epoch (for external joins)."""
@@ -409,6 +417,7 @@ class Group:
             self.active = False
             return
         self._install(staged.next_state)
+        self.reinit = next((p for p in staged.proposals if isinstance(p, ReInit)), None)
 
     # --- internals ---------------------------------------------------------------------------------------
 

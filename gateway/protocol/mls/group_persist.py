@@ -17,7 +17,7 @@ from gateway.protocol.mls.framing import Sender
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_state import CachedProposal, EpochState
 from gateway.protocol.mls.key_schedule import EpochSecrets
-from gateway.protocol.mls.proposals import decode_proposal, encode_proposal
+from gateway.protocol.mls.proposals import ReInit, decode_proposal, encode_proposal
 from gateway.protocol.mls.ratchet_tree import RatchetTree
 from gateway.protocol.mls.secret_tree import SecretTree
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex, node_width
@@ -49,6 +49,7 @@ def group_to_bytes(group: Group) -> bytes:
     w.vector(list(st.proposals.items()), put_cached)
     w.vector(sorted(group.resumption_psks().items()), lambda w2, kv: w2.u64(kv[0]).opaque(kv[1]))
     w.vector(sorted(st.pending_update_keys.items()), lambda w2, kv: w2.opaque(kv[0]).opaque(kv[1]))
+    w.optional(group.reinit, lambda w2, ri: ri.encode(w2))
     return w.bytes()
 
 
@@ -81,6 +82,7 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     proposals = dict(r.vector(get_cached))
     resumption = dict(r.vector(lambda r2: (r2.u64(), r2.opaque())))
     pending_updates = dict(r.vector(lambda r2: (r2.opaque(), r2.opaque())))
+    reinit = r.optional(ReInit.decode)
     if resumption.get(context.epoch) != secrets.resumption_psk:
         raise MlsError("restored group state is inconsistent (resumption PSK of the current epoch)")
     if context.cipher_suite != cs.suite_id or secret_tree.n_leaves != tree.n_leaves:
@@ -96,6 +98,7 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     state = EpochState(context, tree, private, secrets, interim, tag, secret_tree, proposals, pending_updates)
     group = Group(cs, state, signer, config, resumption)
     group.active = bool(active)
+    group.reinit = reinit
     return group
 
 

@@ -13,7 +13,7 @@ from gateway.protocol.mls.crypto import CipherSuite
 from gateway.protocol.mls.framing import MLSMessage, Sender
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.key_schedule import EpochSecrets
-from gateway.protocol.mls.proposals import Proposal
+from gateway.protocol.mls.proposals import Proposal, ReInit
 from gateway.protocol.mls.ratchet_tree import RatchetTree
 from gateway.protocol.mls.secret_tree import SecretTree
 from gateway.protocol.mls.tree_math import LeafIndex
@@ -105,3 +105,4 @@ class PendingCommit:
     welcome: MLSMessage | None
     added: tuple[tuple[LeafIndex, KeyPackage], ...]
     next_state: EpochState = field(repr=False)
+    reinit: ReInit | None = None
