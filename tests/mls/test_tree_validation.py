@@ -94,3 +94,14 @@ def test_truncated_tree_with_trailing_blank_is_rejected() -> None:
     _cs, tree, _ = _first_vector_tree()
     with pytest.raises(MlsTreeError):
         RatchetTree.from_wire(encode_ratchet_tree([*tree.nodes(), None, None]))
+
+
+def test_remove_truncates_to_smallest_tree_holding_the_rightmost_leaf() -> None:
+    _cs, tree, _ = _first_vector_tree(min_leaves=8)
+    indices = [i for i, _leaf in tree.leaves()]
+    for i in indices[:0:-1]:
+        tree.remove_leaf(i)
+        rightmost = max(j for j, _leaf in tree.leaves())
+        # RFC 9420 12.1.3: 2^d leaves for the smallest d with 2^d > rightmost non-blank leaf index.
+        assert tree.n_leaves == 1 << rightmost.bit_length()
+    assert [i for i, _leaf in tree.leaves()] == [indices[0]]

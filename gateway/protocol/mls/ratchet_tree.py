@@ -143,8 +143,8 @@ class RatchetTree:
         self._hash_cache.clear()
 
     def truncate(self) -> None:
-        """Halve the tree while its right half is entirely blank (RFC 9420 section 12.1.3)."""
-        while self.n_leaves > 1 and all(n is None for n in self._nodes[self.n_leaves:]):
+        """Halve the tree while every leaf of its right half is blank (RFC 9420 section 12.1.3)."""
+        while self.n_leaves > 1 and all(n is None for n in self._nodes[self.n_leaves::2]):
             self._nodes = self._nodes[: tm.node_width(self.n_leaves // 2)]
             self._hash_cache.clear()
 
