@@ -168,3 +168,18 @@ def test_authenticated_peer_sending_garbage(data: bytes) -> None:
                                verify_credential=AUTHORITY.verify_credential)
 
     only_pairwise_errors(run)
+
+
+@FUZZ
+@given(inputs("ratchet"))
+def test_fast_ratchet_parser_equals_general_parser(data: bytes) -> None:
+    """The fixed-offset parser for RATCHET messages accepts and refuses exactly what the general one does."""
+    if data[:2] != b"\x01\x02":
+        data = b"\x01\x02" + data[2:]
+    results: list[PairwiseMessage | None] = []
+    for parse in (PairwiseMessage._parse_ratchet, PairwiseMessage._parse_general):
+        try:
+            results.append(parse(data))
+        except PairwiseError:
+            results.append(None)
+    assert results[0] == results[1]

@@ -55,11 +55,11 @@ class MessageSigner(Protocol):
 class Ed25519Signer:
     """A `MessageSigner` over a software PyNaCl key: the delegated key, once unwrapped from the store."""
 
-    __slots__ = ("_key", "_verify_key")
+    __slots__ = ("_secret", "_verify_key")
 
     def __init__(self, key: nacl.signing.SigningKey) -> None:
-        self._key = key
-        self._verify_key = bytes(key.verify_key)
+        # libsodium's 64-byte secret key (seed || public key), so signing skips PyNaCl's wrapper objects.
+        self._verify_key, self._secret = nacl.bindings.crypto_sign_seed_keypair(bytes(key))
 
     @classmethod
     def generate(cls) -> Ed25519Signer:
@@ -77,26 +77,27 @@ class Ed25519Signer:
         return self._verify_key
 
     def sign(self, data: bytes) -> bytes:
-        return bytes(self._key.sign(data).signature)
+        return nacl.bindings.crypto_sign(data, self._secret)[:SIGNATURE_LEN]
 
     def __repr__(self) -> str:
         return f"Ed25519Signer(verify_key={self._verify_key.hex()})"
 
 
 class Verifier:
-    """An Ed25519 public key parsed once, so per-message verification does no key decoding."""
+    """An Ed25519 public key. libsodium rejects non-canonical signatures and small-order keys when verifying."""
 
-    __slots__ = ("_key", "raw")
+    __slots__ = ("raw",)
 
     def __init__(self, raw: bytes) -> None:
         if len(raw) != KEY_LEN:
             raise PairwiseVerificationError(f"Ed25519 verify key must be {KEY_LEN} bytes, got {len(raw)}")
         self.raw = bytes(raw)
-        self._key = nacl.signing.VerifyKey(self.raw)
 
     def verify(self, data: bytes, signature: bytes, what: str) -> None:
+        if len(signature) != SIGNATURE_LEN:
+            raise PairwiseVerificationError(f"{what}: Ed25519 signature must be {SIGNATURE_LEN} bytes")
         try:
-            self._key.verify(data, signature)
+            nacl.bindings.crypto_sign_open(signature + data, self.raw)
         except (nacl.exceptions.CryptoError, ValueError, TypeError):
             raise PairwiseVerificationError(f"{what}: Ed25519 signature does not verify") from None
 

@@ -50,8 +50,8 @@ from gateway.protocol.pairwise.wire import (
     SIGNATURE_CONTEXT,
     PairwiseMessage,
     PrekeySetup,
-    RatchetHeader,
-    encode_prefix,
+    encode_header,
+    prefix_head,
 )
 
 STATE_VERSION = 1
@@ -123,7 +123,7 @@ class PairwiseSession:
     """One end of an end-to-end encrypted, signed channel with one peer device."""
 
     __slots__ = (
-        "_local_verify_key", "_pending_setup", "_random", "_ratchet", "_signer", "local_device_id",
+        "_head", "_local_verify_key", "_pending_setup", "_random", "_ratchet", "_signer", "local_device_id",
         "max_message_size", "opened_at_ms", "peer_credential", "peer_device_id", "peer_verifier", "role",
         "session_id",
     )
@@ -158,6 +158,7 @@ class PairwiseSession:
         self._local_verify_key = bytes(signer.verify_key) if local_verify_key is None else local_verify_key
         self._ratchet = ratchet
         self._pending_setup = pending_setup
+        self._head: bytes | None = None  # cached prefix_head(session_id, pending_setup)
         self._random = random
         self.max_message_size = max_message_size
 
@@ -297,9 +298,11 @@ class PairwiseSession:
                 "It can still decrypt what the peer sends on it."
             )
         dh_public, pn, n, mk = self._ratchet.next_send()
-        header = RatchetHeader(dh_public, pn, n, self._random(NONCE_LEN))
-        aad = encode_prefix(self.session_id, self._pending_setup, header)
-        body = aad + aead_encrypt(mk, header.nonce, plaintext, aad)
+        nonce = self._random(NONCE_LEN)
+        if self._head is None:
+            self._head = prefix_head(self.session_id, self._pending_setup)
+        aad = self._head + encode_header(dh_public, pn, n, nonce)
+        body = aad + aead_encrypt(mk, nonce, plaintext, aad)
         return body + self._signer.sign(SIGNATURE_CONTEXT + body)
 
     def decrypt(self, message: bytes | PairwiseMessage, *, sender_device_id: str | None = None) -> bytes:
@@ -340,7 +343,9 @@ class PairwiseSession:
                                              random=self._random)
         plaintext = aead_decrypt(plan.message_key, h.nonce, msg.ciphertext, msg.aad)
         self._ratchet.commit(plan)
-        self._pending_setup = None  # the peer has answered: it holds the session
+        if self._pending_setup is not None:
+            self._pending_setup = None  # the peer has answered: it holds the session
+            self._head = None
         return plaintext
 
     # -- inspection -------------------------------------------------------------------------------------------

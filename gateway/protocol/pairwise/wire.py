@@ -9,6 +9,7 @@ Layout, byte by byte: docs/protocol-pairwise.md.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -83,15 +84,14 @@ class RatchetHeader:
     message_number: int
     nonce: bytes
 
-    def __post_init__(self) -> None:
-        check_sizes("ratchet header", dh_public=(self.dh_public, KEY_LEN), nonce=(self.nonce, NONCE_LEN))
-        check_u32("ratchet header", previous_chain_length=self.previous_chain_length,
-                  message_number=self.message_number)
+    def __post_init__(self) -> None:  # inline checks: this runs once per message
+        if len(self.dh_public) != KEY_LEN or len(self.nonce) != NONCE_LEN:
+            raise ValueError(f"ratchet header: key must be {KEY_LEN} bytes and nonce {NONCE_LEN} bytes")
+        if not (0 <= self.previous_chain_length <= 0xFFFFFFFF and 0 <= self.message_number <= 0xFFFFFFFF):
+            raise ValueError("ratchet header: counters must fit in 32 bits")
 
     def encode(self) -> bytes:
-        return (
-            self.dh_public + codec.u32(self.previous_chain_length) + codec.u32(self.message_number) + self.nonce
-        )
+        return self.dh_public + _COUNTERS.pack(self.previous_chain_length, self.message_number) + self.nonce
 
     @classmethod
     def read(cls, r: Reader) -> RatchetHeader:
@@ -101,14 +101,25 @@ class RatchetHeader:
         )
 
 
+_COUNTERS = struct.Struct(">II")
+HEADER_LEN = KEY_LEN + _COUNTERS.size + NONCE_LEN
+_RATCHET_PREFIX_LEN = 2 + SESSION_ID_LEN + HEADER_LEN
+
+
+def prefix_head(session_id: bytes, setup: PrekeySetup | None) -> bytes:
+    """The part of the prefix that is the same for every message of a session (until the setup is dropped)."""
+    kind = MessageType.RATCHET if setup is None else MessageType.PREKEY
+    head = bytes([WIRE_VERSION, kind]) + session_id
+    return head if setup is None else head + setup.encode()
+
+
+def encode_header(dh_public: bytes, pn: int, n: int, nonce: bytes) -> bytes:
+    return dh_public + _COUNTERS.pack(pn, n) + nonce
+
+
 def encode_prefix(session_id: bytes, setup: PrekeySetup | None, header: RatchetHeader) -> bytes:
     """Everything before the ciphertext: this is the AEAD associated data."""
-    kind = MessageType.RATCHET if setup is None else MessageType.PREKEY
-    parts = [codec.u8(WIRE_VERSION), codec.u8(kind), session_id]
-    if setup is not None:
-        parts.append(setup.encode())
-    parts.append(header.encode())
-    return b"".join(parts)
+    return prefix_head(session_id, setup) + header.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,13 @@ class PairwiseMessage:
         if len(data) > max_size:
             raise PairwiseDecodeError(f"pairwise message: {len(data)} bytes exceeds the limit of {max_size}")
         data = bytes(data)
+        if len(data) >= 2 and data[0] == WIRE_VERSION and data[1] == MessageType.RATCHET:
+            return cls._parse_ratchet(data)
+        return cls._parse_general(data)
+
+    @classmethod
+    def _parse_general(cls, data: bytes) -> PairwiseMessage:
+        """Any message type, field by field."""
         r = Reader(data, "pairwise message")
         version = r.u8("version")
         if version != WIRE_VERSION:
@@ -147,6 +165,20 @@ class PairwiseMessage:
         return cls(
             session_id, setup, header, body[:-SIGNATURE_LEN], body[-SIGNATURE_LEN:], data[:aad_len],
             data[:-SIGNATURE_LEN],
+        )
+
+    @classmethod
+    def _parse_ratchet(cls, data: bytes) -> PairwiseMessage:
+        """The common case at fixed offsets, without the general reader (same checks, same result)."""
+        if len(data) < _RATCHET_PREFIX_LEN + TAG_LEN + SIGNATURE_LEN:
+            raise PairwiseDecodeError("pairwise message: too short for a ratchet message")
+        pos = 2 + SESSION_ID_LEN
+        pn, n = _COUNTERS.unpack_from(data, pos + KEY_LEN)
+        header = RatchetHeader(data[pos : pos + KEY_LEN], pn, n, data[_RATCHET_PREFIX_LEN - NONCE_LEN :
+                                                                      _RATCHET_PREFIX_LEN])
+        return cls(
+            data[2:pos], None, header, data[_RATCHET_PREFIX_LEN:-SIGNATURE_LEN], data[-SIGNATURE_LEN:],
+            data[:_RATCHET_PREFIX_LEN], data[:-SIGNATURE_LEN],
         )
 
     @property
