@@ -66,3 +66,37 @@ def test_forged_external_commit_changes_nothing(suite: int) -> None:
         b.g.process(forged.to_bytes())
     assert _snapshot(b.g) == before
     _deliver(commit, [b])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_external_sender_remove_and_group_context_extensions(suite: int) -> None:
+    from gateway.protocol.mls.credentials import Credential
+    from gateway.protocol.mls.extensions import ExternalSender, ExternalSenders, RequiredCapabilities
+    from gateway.protocol.mls.external_join import external_sender_proposal
+    from gateway.protocol.mls.group_state import ProposalReceived
+    from gateway.protocol.mls.proposals import Remove
+
+    a, b, c = _group(suite, 3)
+    ds = crypto.Ed25519Signer.generate()
+    exts = (ExternalSenders((ExternalSender(ds.public_key, Credential.basic(b"relay")),)).to_extension(),
+            RequiredCapabilities().to_extension())
+    pending = a.g.commit(extensions=exts)
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b, c])
+    _agree([a, b, c])
+    assert a.g.context.extensions == exts
+
+    proposal = external_sender_proposal(ds, 0, a.g.context, Remove(c.g.own_leaf))
+    for m in (a, b):
+        got = m.g.process(proposal.to_bytes())
+        assert isinstance(got, ProposalReceived) and got.sender.index == 0
+    impostor = external_sender_proposal(crypto.Ed25519Signer.generate(), 0, a.g.context, Remove(b.g.own_leaf))
+    before = _snapshot(a.g)
+    with pytest.raises(MlsError):
+        a.g.process(impostor.to_bytes())
+    assert _snapshot(a.g) == before
+    pending = b.g.commit()
+    b.g.merge_pending_commit(pending)
+    _deliver(pending.message, [a])
+    _agree([a, b])
+    assert len(a.g.members()) == 2

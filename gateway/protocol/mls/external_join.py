@@ -124,3 +124,19 @@ def join_external(
     if tm.leaf_to_node(own) not in created.private.keys:
         raise MlsError("internal: the UpdatePath did not install our leaf key")
     return Group(cs, state, signer, cfg), message
+
+
+def external_sender_proposal(
+    signer: Signer,
+    sender_index: int,
+    context: GroupContext,
+    proposal: Proposal,
+    authenticated_data: bytes = b"",
+) -> MLSMessage:
+    """A proposal from a non-member listed in the group's external_senders extension (e.g. the delivery
+    service removing a device), as a PublicMessage without membership tag (RFC 9420 section 12.1.8.1)."""
+    cs = get_suite(context.cipher_suite)
+    content = FramedContent(context.group_id, context.epoch, Sender(SenderType.EXTERNAL, sender_index),
+                            authenticated_data, proposal)
+    ac = protection.sign_authenticated_content(signer, WireFormat.PUBLIC_MESSAGE, content, context)
+    return MLSMessage(protection.protect_public(cs, ac, context, None))
