@@ -41,6 +41,7 @@ class AgentMessage:
     payload: bytes
     mid: int
     qos: int
+    dup: bool
     response_topic: str | None
     correlation_data: bytes | None
     content_type: str | None
@@ -118,7 +119,7 @@ class MqttBridge:
         p = getattr(msg, "properties", None)
         user = tuple((str(k), str(v)) for k, v in getattr(p, "UserProperty", []) or [])
         am = AgentMessage(
-            topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos,
+            topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos, dup=bool(msg.dup),
             response_topic=getattr(p, "ResponseTopic", None), correlation_data=getattr(p, "CorrelationData", None),
             content_type=getattr(p, "ContentType", None), payload_utf8=getattr(p, "PayloadFormatIndicator", 0) == 1,
             user_properties=user)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from paho.mqtt.properties import Properties
 from gateway import topics
 
 T = TypeVar("T")
+SEEN_IDS = 10_000
 
 
 class AgentClientError(Exception):
@@ -68,6 +70,7 @@ class AgentClient:
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def __aenter__(self) -> AgentClient:
         try:
@@ -101,6 +104,14 @@ class AgentClient:
                           content_type=getattr(p, "ContentType", None),
                           user_properties=tuple(kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
                           _client=self)
+            if msg.message_id is not None:
+                # A gateway killed between the broker's PUBACK and its own commit may deliver a message twice;
+                # both copies carry the same agw:message-id, so the SDK drops the second.
+                if msg.message_id in self._seen:
+                    continue
+                self._seen[msg.message_id] = None
+                if len(self._seen) > SEEN_IDS:
+                    self._seen.popitem(last=False)
             if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
                 fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
                 if not fut.done():

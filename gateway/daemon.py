@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -49,6 +50,14 @@ PENDING_RETRY_MS = 30_000
 OFFLINE_RETRY_MS = 5_000
 
 
+def _digest(m: AgentMessage) -> bytes:
+    """What identifies a broker redelivery of the same PUBLISH (same packet id, same content)."""
+    h = hashlib.sha256()
+    for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()[:16]
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -59,10 +68,12 @@ class Verdict:
 
     ack: bool
     reason: RejectReason | None = None
+    publish: bool = False
 
 
 ACK = Verdict(True)
 SILENT = Verdict(False)
+PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
 
 
 @dataclass
@@ -84,6 +95,7 @@ class Gateway:
         self._wake_sender = asyncio.Event()
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._peer_retry_at: dict[str, int] = {}
+        self._delivering: set[bytes] = set()
         self.notifier = Notifier()
 
     # -- start-up ----------------------------------------------------------------------------------------------
@@ -157,7 +169,7 @@ class Gateway:
             while not q.empty() and len(batch) < 512:
                 batch.append(q.get_nowait())
             items: list[tuple[bytes, str, bytes, int]] = []
-            drop: list[AgentMessage] = []
+            ingested: list[tuple[str, bytes]] = []
             t = now_ms()
             for m in batch:
                 try:
@@ -165,12 +177,18 @@ class Gateway:
                     inner = self._inner_from_agent(m, out, t, ttl)
                 except (topics.TopicError, ValueError) as exc:
                     log.warning("dropping a message on %r: %s", m.topic, exc)
-                    drop.append(m)
                     continue
+                mark_name, digest = f"mqtt-in/{m.mid}", _digest(m)
+                if m.dup and self.store.secrets.get(mark_name) == digest:
+                    continue  # the broker resends what we stored but had not acknowledged before a crash
                 items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
+                ingested.append((mark_name, digest))
             while True:
                 try:
-                    self.store.outbox.put_many(items)
+                    with self.store.transaction():
+                        self.store.outbox.put_many(items)
+                        for name, digest in ingested:
+                            self.store.secrets.put(name, digest)
                     break
                 except (OutboxFull, StoreError) as exc:
                     # Not acknowledged: the broker keeps the messages; we try again shortly.
@@ -262,10 +280,7 @@ class Gateway:
                 await self._publish_prekeys()
                 self._wake_sender.set()
             elif isinstance(ev, Delivered):
-                acks: dict[str, list[bytes]] = defaultdict(list)
-                for env in ev.envelopes:
-                    await self._on_envelope(env, acks)
-                await self._send_acks(acks)
+                await self._on_delivered(ev.envelopes)
             elif isinstance(ev, NotDelivered):
                 t = now_ms()
                 peers = {e.peer_device for e in (self.store.outbox.get(i) for i in ev.envelope_ids) if e}
@@ -282,41 +297,73 @@ class Gateway:
         except Exception as exc:
             log.warning("publishing prekeys failed: %s", exc)
 
-    async def _on_envelope(self, env: Envelope, acks: dict[str, list[bytes]]) -> None:
-        peer = env.sender
-        try:
-            plaintext = self.book.decrypt(peer, env.ciphertext)
-            inner = InnerMessage.decode(plaintext)
-        except ProtocolError as exc:
-            self.counters.bad_input += 1
-            log.warning("rejected an envelope from %s: %s", peer, exc)
-            self.store.audit.append({"type": "message.rejected", "peer": peer, "reason": type(exc).__name__},
-                                    now_ms())
-            return
-        if inner.kind is Kind.ACK:
-            n = self.store.outbox.delete_many(inner.ids)
-            self.counters.acked += n
-        elif inner.kind is Kind.REJECT:
-            assert inner.reason is not None
-            if inner.reason.is_final:
-                self.store.outbox.delete_many(inner.ids)
-                self.store.audit.append({"type": "message.refused", "peer": peer, "reason": inner.reason.name,
-                                         "count": len(inner.ids)}, now_ms())
-            else:
-                for i in inner.ids:
-                    self.store.outbox.mark_attempt(i, now_ms() + PENDING_RETRY_MS)
-        else:
-            verdict = await self._deliver(peer, inner)
-            if verdict.ack:
+    async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
+        """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
+        data: list[tuple[str, InnerMessage]] = []
+        t = now_ms()
+        with self.store.transaction():
+            for env in envelopes:
+                inner = self._open(env)
+                if inner is None:
+                    continue
+                if inner.kind is Kind.ACK:
+                    self.counters.acked += self.store.outbox.delete_many(inner.ids)
+                elif inner.kind is Kind.REJECT:
+                    assert inner.reason is not None
+                    if inner.reason.is_final:
+                        self.store.outbox.delete_many(inner.ids)
+                        self.store.audit.append({"type": "message.refused", "peer": env.sender,
+                                                 "reason": inner.reason.name, "count": len(inner.ids)}, t)
+                    else:
+                        self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
+                else:
+                    data.append((env.sender, inner))
+        acks: dict[str, list[bytes]] = defaultdict(list)
+        to_publish: list[tuple[str, InnerMessage]] = []
+        for peer, inner in data:
+            verdict = self._admit(peer, inner)
+            if verdict.publish:
+                self._delivering.add(inner.message_id)
+                to_publish.append((peer, inner))
+            elif verdict.ack:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
+        if to_publish:
+            results = await asyncio.gather(*(self._publish_to_agent(p, i) for p, i in to_publish),
+                                           return_exceptions=True)
+            done = [(p, i) for (p, i), r in zip(to_publish, results, strict=True) if r is None]
+            for (_, i), r in zip(to_publish, results, strict=True):
+                if isinstance(r, BaseException):
+                    log.warning("cannot deliver to %s now: %s; the sender will retry", i.recipient_agent, r)
+            t = now_ms()
+            with self.store.transaction():
+                for p, i in done:
+                    self.store.delivered.mark(i.message_id, t)
+                    acks[p].append(i.message_id)
+            for _, i in to_publish:
+                self._delivering.discard(i.message_id)
+            self.counters.delivered += len(done)
+        await self._send_acks(acks)
 
-    async def _deliver(self, peer_device: str, inner: InnerMessage) -> Verdict:
-        """Deliver a DATA message to the local agent and say how to answer the sender."""
+    def _open(self, env: Envelope) -> InnerMessage | None:
+        """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
+        try:
+            return InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))
+        except ProtocolError as exc:
+            self.counters.bad_input += 1
+            log.warning("rejected an envelope from %s: %s", env.sender, exc)
+            self.store.audit.append({"type": "message.rejected", "peer": env.sender,
+                                     "reason": type(exc).__name__}, now_ms())
+            return None
+
+    def _admit(self, peer_device: str, inner: InnerMessage) -> Verdict:
+        """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once."""
         agent = inner.recipient_agent
         peer = f"{peer_device}/{inner.sender_agent}"
         t = now_ms()
+        if inner.message_id in self._delivering:
+            return SILENT  # the same message is being published right now; that one will be acknowledged
         if self.store.delivered.seen(inner.message_id):
             self.counters.duplicates += 1
             return ACK  # delivered (or held) before; the sender missed our ACK
@@ -339,14 +386,7 @@ class Gateway:
                          agent, peer)
                 return ACK
             return Verdict(False, RejectReason.CONSENT_PENDING)
-        try:
-            await self._publish_to_agent(peer_device, inner)
-        except BrokerUnavailable as exc:
-            log.warning("cannot deliver to %s now: %s; the sender will retry", agent, exc)
-            return SILENT
-        self.store.delivered.mark(inner.message_id, now_ms())
-        self.counters.delivered += 1
-        return ACK
+        return PUBLISH
 
     def _consent(self, agent: str, peer_device: str, peer_agent: str) -> ConsentState | None:
         stored = self.store.consent.state(agent, f"{peer_device}/{peer_agent}")
