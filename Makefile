@@ -17,6 +17,10 @@ demo: setup
 bench: setup
 	$(PY) -m bench
 
+# Long fault, attack and fuzz runs (make test runs the same scenarios in a short configuration).
+torture: setup
+	AGW_TORTURE=long $(PY) -m pytest -q -p no:cacheprovider tests/torture
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy hsm gateway/protocol
