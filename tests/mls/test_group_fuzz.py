@@ -16,10 +16,10 @@ from gateway.protocol.mls.wire import WireFormat
 
 from .test_group import Member, _group, _snapshot
 
-_CACHE: dict[str, object] = {}
+_CACHE: dict[str, list[tuple[Member, bytes]]] = {}
 
 
-def _fixture() -> tuple[Member, list[bytes]]:
+def _fixture() -> list[tuple[Member, bytes]]:
     if not _CACHE:
         public = _group(1, 3)
         private = _group(3, 3, GroupConfig(handshake_wire_format=WireFormat.PRIVATE_MESSAGE))
@@ -29,7 +29,7 @@ def _fixture() -> tuple[Member, list[bytes]]:
             msgs.append((b, c.g.propose(Remove(a.g.own_leaf)).to_bytes()))
             msgs.append((b, a.g.commit(include_pending=False).message.to_bytes()))
         _CACHE["msgs"] = msgs
-    return _CACHE["msgs"]  # type: ignore[return-value]
+    return _CACHE["msgs"]
 
 
 @settings(max_examples=int(os.environ.get("MLS_FUZZ_EXAMPLES", "200")), deadline=None,
