@@ -48,6 +48,8 @@ RETRY_MIN_MS = 2_000
 RETRY_MAX_MS = 60_000
 PENDING_RETRY_MS = 30_000
 OFFLINE_RETRY_MS = 5_000
+HOUSEKEEPING_INTERVAL = 3600.0
+SIGNED_PREKEY_ROTATION_MS = 7 * 86_400_000
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -106,9 +108,9 @@ class Gateway:
         started = time.monotonic()
         self.identity = await asyncio.to_thread(DeviceIdentity.load, cfg)
         self.device_id = self.identity.device.device_id
-        delegated = await asyncio.to_thread(self.identity.delegated_key)
-        self.signer = Ed25519Signer(nacl.signing.SigningKey(delegated.raw_private_key()))
-        credential = encode_credential([delegated.certificate, self.identity.certificate])
+        self.delegated = await asyncio.to_thread(self.identity.delegated_key)
+        self.signer = Ed25519Signer(nacl.signing.SigningKey(self.delegated.raw_private_key()))
+        credential = encode_credential([self.delegated.certificate, self.identity.certificate])
         limits = OutboxLimits(max_entries=cfg.store.outbox_max_entries, max_bytes=cfg.store.outbox_max_bytes)
         cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(Store.open, cfg.paths.state_dir / "agw.db", self.identity.storage_key,
@@ -457,9 +459,39 @@ class Gateway:
                 self.store.consent.release(entry.local_agent, entry.peer)
                 self.counters.delivered += 1
 
+    async def _housekeeping(self) -> None:
+        """Hourly: renew the delegated key a day before it expires, rotate the signed prekey weekly, top up and
+        republish prekeys, prune delivered ids and audit entries past their retention."""
+        t = now_ms()
+        now = dt.datetime.now(dt.UTC)
+        republish = False
+        if self.delegated.not_after - now < self.identity.renew_before:
+            self.delegated = await asyncio.to_thread(self.identity.delegated_key, force_new=True)
+            self.signer = Ed25519Signer(nacl.signing.SigningKey(self.delegated.raw_private_key()))
+            self.book.signer = self.signer
+            self.book.credential = encode_credential([self.delegated.certificate, self.identity.certificate])
+            self.book.forget_cache()
+            log.info("delegated signing key renewed until %s", self.delegated.not_after.isoformat())
+            republish = True
+        if self.book.signed_prekey_age_ms(t) > SIGNED_PREKEY_ROTATION_MS:
+            self.book.rotate_signed_prekey(t)
+            republish = True
+        if republish or self.link.state.value == "ready":
+            await self._publish_prekeys()
+        day = 86_400_000
+        self.store.prune_delivered(t - self.cfg.store.delivered_retention_days * day)
+        self.store.prune_audit(t - self.cfg.store.audit_retention_days * day)
+
     async def _maintenance_loop(self) -> None:
         status_path = self.cfg.paths.state_dir / "status.json"
+        next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
         while True:
+            if time.monotonic() >= next_housekeeping:
+                next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+                try:
+                    await self._housekeeping()
+                except Exception as exc:  # retried next hour; the daemon keeps serving
+                    log.error("housekeeping failed: %s", exc)
             if self.notifier.watchdog_interval:
                 self.notifier.watchdog()
             with contextlib.suppress(OSError):

@@ -159,7 +159,12 @@ class DeviceIdentity:
     def _delegated_path(self, agent: str | None) -> Path:
         return self.config.paths.state_dir / (f"delegated-{agent}.json" if agent else "delegated.json")
 
-    def delegated_key(self, *, agent: str | None = None, renew_before: dt.timedelta = dt.timedelta(days=1),
+    @property
+    def renew_before(self) -> dt.timedelta:
+        """Renew a delegated key this long before it expires: a day, or half its lifetime if that is shorter."""
+        return min(dt.timedelta(days=1), dt.timedelta(hours=self.config.keys.delegated_lifetime_hours) / 2)
+
+    def delegated_key(self, *, agent: str | None = None, renew_before: dt.timedelta | None = None,
                       force_new: bool = False) -> DelegatedKey:
         """The current delegated signing key, made (one hardware signature) when missing or near expiry.
         On disk it is a JSON file holding the certificate and the private key wrapped by the storage key."""
@@ -168,7 +173,7 @@ class DeviceIdentity:
         if path.exists() and not force_new:
             data = json.loads(path.read_text())
             cert = x509.load_pem_x509_certificate(data["certificate"].encode())
-            if cert.not_valid_after_utc - now > renew_before:
+            if cert.not_valid_after_utc - now > (self.renew_before if renew_before is None else renew_before):
                 der = self.storage_key.unwrap(bytes.fromhex(data["wrapped_key"]))
                 return DelegatedKey(SoftwareSigner.from_private_bytes(der), cert)
         agent_name = AgentName(self.device.fleet, self.device.device_id, agent) if agent else None

@@ -139,6 +139,21 @@ class SessionBook:
             self._remember(peer, session)
         return plaintext
 
+    def signed_prekey_age_ms(self, now_ms: int) -> int:
+        spk = self.prekeys.bundle(device_id=self.device_id, credential=self.credential, signer=self.signer,
+                                  include_one_time=False).signed_prekey
+        return now_ms - spk.created_at_ms
+
+    def rotate_signed_prekey(self, now_ms: int) -> None:
+        """A new signed prekey; the previous one stays for setups in flight, for two weeks at most."""
+        self.prekeys.rotate_signed_prekey(now_ms=now_ms)
+        self.prekeys.prune_retired(now_ms=now_ms, max_retired_age_ms=14 * 86_400_000)
+        self.store.put_secret(PREKEYS_SECRET, self.prekeys.encode())
+
+    def forget_cache(self) -> None:
+        """Drop decoded sessions (e.g. after a signer change); they are decoded again from the store."""
+        self._sessions.clear()
+
     def forget(self, peer: str) -> None:
         self._sessions.pop(peer, None)
         self.store.sessions.delete(peer)
