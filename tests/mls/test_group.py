@@ -95,7 +95,7 @@ def test_create_add_and_exchange_messages(suite: int) -> None:
     assert a.g.epoch == 1 and [i for i, _ in b.g.members()] == [0, 1]
     msg = a.g.encrypt_application(b"hello bob", b"aad")
     got = b.g.process(msg.to_bytes())
-    assert got == ApplicationMessage(a.g.own_leaf, b"hello bob", b"aad", 0)
+    assert got == ApplicationMessage(a.g.own_leaf, b"hello bob", b"aad", 0, a.g.epoch)
     got = a.g.process(b.g.encrypt_application(b"hi alice").to_bytes())
     assert isinstance(got, ApplicationMessage) and got.data == b"hi alice" and got.sender == b.g.own_leaf
     assert a.g.export_secret(b"label", b"ctx", 32) == b.g.export_secret(b"label", b"ctx", 32)
@@ -347,3 +347,38 @@ def test_reinit_closes_the_group(suite: int) -> None:
         assert m.g.reinit == ReInit(b"new group", 1, suite)
         with pytest.raises(MlsError):
             m.g.encrypt_application(b"no more")
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_late_application_message_from_previous_epoch(suite: int) -> None:
+    a, b, c = _group(suite, 3)
+    late = c.g.encrypt_application(b"sent before the commit").to_bytes()
+    late2 = c.g.encrypt_application(b"second").to_bytes()
+    epoch = a.g.epoch
+    pending = a.g.commit()
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b, c])
+    got = b.g.process(late)
+    assert isinstance(got, ApplicationMessage) and got.epoch == epoch and got.data == b"sent before the commit"
+    with pytest.raises(MlsReplayError):
+        b.g.process(late)
+    # Handshake messages of a past epoch are refused.
+    with pytest.raises(MlsError):
+        b.g.process(pending.message.to_bytes())
+    # One more epoch and the keys of the first one are deleted.
+    pending = a.g.commit()
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b, c])
+    with pytest.raises(MlsError):
+        b.g.process(late2)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_no_past_epochs_when_disabled(suite: int) -> None:
+    a, b = _group(suite, 2, GroupConfig(max_past_epochs=0))
+    late = a.g.encrypt_application(b"late").to_bytes()
+    pending = a.g.commit()
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])
+    with pytest.raises(MlsError):
+        b.g.process(late)

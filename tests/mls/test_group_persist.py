@@ -45,6 +45,8 @@ def test_restored_member_continues_exactly(suite: int) -> None:
     staged = a.g.process(pending.message.to_bytes())
     assert isinstance(staged, StagedCommit) and staged.self_removed
     _agree([b, c])
+    late = group_from_bytes(group_to_bytes(b.g), b.signer, b.g.config)  # past epoch restored too
+    assert sorted(late.past_epochs()) == [b.g.epoch - 1]
     msg = c.g.encrypt_application(b"after restart").to_bytes()
     assert _data(b.g.process(msg)) == b"after restart"
 

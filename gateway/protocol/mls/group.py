@@ -37,6 +37,7 @@ from gateway.protocol.mls.group_state import (
     ApplicationMessage,
     CachedProposal,
     EpochState,
+    PastEpoch,
     PendingCommit,
     ProposalReceived,
     StagedCommit,
@@ -75,6 +76,7 @@ from gateway.protocol.mls.treekem import TreeKemPrivate, create_update_path, pro
 from gateway.protocol.mls.welcome import NewMember, create_welcome, open_welcome, sign_group_info, verify_group_info
 from gateway.protocol.mls.welcome_structs import GroupContext, GroupInfo, GroupSecrets, Welcome
 from gateway.protocol.mls.wire import (
+    ContentType,
     ExtensionType,
     LeafNodeSource,
     ProtocolVersion,
@@ -96,6 +98,9 @@ class GroupConfig:
     out_of_order_window: int = 32
     max_forward: int = 1000
     resumption_epochs_kept: int = 4
+    max_past_epochs: int = 1
+    """Previous epochs whose remaining application keys are kept for late messages (0: none; forward secrecy
+    for those keys then waits until this many further epochs have passed)."""
     handshake_wire_format: WireFormat = WireFormat.PUBLIC_MESSAGE
 
 
@@ -115,6 +120,7 @@ class Group:
         self._resumption = dict(resumption_psks or {})
         self._resumption[state.context.epoch] = state.secrets.resumption_psk
         self.active = True
+        self._past: dict[int, PastEpoch] = {}
         self.reinit: ReInit | None = None
         """Set once a ReInit commit is merged: the group is closed and only its successor may be created."""
 
@@ -387,6 +393,8 @@ class Group:
             ac = protection.unprotect_public(self.cs, body, st.context, st.secrets.membership_key,
                                              lambda s: self._signature_key(s, body.content))
             opened = None
+        elif isinstance(body, PrivateMessage) and body.epoch in self._past and body.group_id == self.group_id:
+            return self._process_past_application(body)
         elif isinstance(body, PrivateMessage):
             self._check_epoch(body.group_id, body.epoch)
             opened = protection.unprotect_private(self.cs, body, st.context, st.secret_tree,
@@ -401,7 +409,8 @@ class Group:
         result: ApplicationMessage | ProposalReceived | StagedCommit
         if isinstance(content.content, bytes):
             assert opened is not None  # PublicMessage application data is refused by unprotect_public
-            result = ApplicationMessage(opened.leaf, content.content, content.authenticated_data, opened.generation)
+            result = ApplicationMessage(opened.leaf, content.content, content.authenticated_data, opened.generation,
+                                        self.epoch)
         elif isinstance(content.content, Commit):
             result = self._stage_commit(ac, content.content)
         else:
@@ -421,11 +430,44 @@ class Group:
 
     # --- internals ---------------------------------------------------------------------------------------
 
+    def past_epochs(self) -> dict[int, PastEpoch]:
+        """The previous epochs still readable for late application messages (for persistence)."""
+        return dict(self._past)
+
+    def restore_past_epochs(self, past: dict[int, PastEpoch]) -> None:
+        """Used by persistence only."""
+        self._past = dict(past)
+
+    def _process_past_application(self, body: PrivateMessage) -> ApplicationMessage:
+        """A late application message from a previous epoch we still hold keys for; nothing else is accepted."""
+        if body.content_type != ContentType.APPLICATION:
+            raise MlsError(f"handshake message for past epoch {body.epoch}; the group is at epoch {self.epoch}")
+        past = self._past[body.epoch]
+
+        def key_for(sender: Sender) -> bytes:
+            leaf = past.tree.leaf(LeafIndex(sender.index if sender.index is not None else -1))
+            if leaf is None:
+                raise MlsError(f"sender {sender.index} was not a member in epoch {body.epoch}")
+            return leaf.signature_key
+
+        opened = protection.unprotect_private(self.cs, body, past.context, past.secret_tree, past.sender_data_secret,
+                                              key_for)
+        data = opened.content.content.content
+        assert isinstance(data, bytes)
+        return ApplicationMessage(opened.leaf, data, opened.content.content.authenticated_data, opened.generation,
+                                  body.epoch)
+
     def _install(self, state: EpochState) -> None:
+        prev = self._state
+        if self.config.max_past_epochs > 0 and prev is not state:
+            self._past[prev.context.epoch] = PastEpoch(prev.context, prev.tree, prev.secret_tree,
+                                                       prev.secrets.sender_data_secret)
+            for epoch in sorted(self._past)[: -self.config.max_past_epochs]:
+                del self._past[epoch]
         self._state = state
         self._resumption[state.context.epoch] = state.secrets.resumption_psk
-        for old in sorted(self._resumption)[: -self.config.resumption_epochs_kept]:
-            del self._resumption[old]
+        for epoch in sorted(self._resumption)[: -self.config.resumption_epochs_kept]:
+            del self._resumption[epoch]
 
     def _check_epoch(self, group_id: bytes, epoch: int) -> None:
         if group_id != self.group_id:

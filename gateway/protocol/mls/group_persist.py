@@ -15,7 +15,7 @@ from gateway.protocol.mls.crypto import Signer, get_suite
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError
 from gateway.protocol.mls.framing import Sender
 from gateway.protocol.mls.group import Group, GroupConfig
-from gateway.protocol.mls.group_state import CachedProposal, EpochState
+from gateway.protocol.mls.group_state import CachedProposal, EpochState, PastEpoch
 from gateway.protocol.mls.key_schedule import EpochSecrets
 from gateway.protocol.mls.proposals import ReInit, decode_proposal, encode_proposal
 from gateway.protocol.mls.ratchet_tree import RatchetTree
@@ -50,6 +50,14 @@ def group_to_bytes(group: Group) -> bytes:
     w.vector(sorted(group.resumption_psks().items()), lambda w2, kv: w2.u64(kv[0]).opaque(kv[1]))
     w.vector(sorted(st.pending_update_keys.items()), lambda w2, kv: w2.opaque(kv[0]).opaque(kv[1]))
     w.optional(group.reinit, lambda w2, ri: ri.encode(w2))
+
+    def put_past(w2: Writer, past: PastEpoch) -> None:
+        past.context.encode(w2)
+        w2.opaque(past.tree.to_wire())
+        past.secret_tree.encode(w2)
+        w2.opaque(past.sender_data_secret)
+
+    w.vector([p for _, p in sorted(group.past_epochs().items())], put_past)
     return w.bytes()
 
 
@@ -83,6 +91,16 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     resumption = dict(r.vector(lambda r2: (r2.u64(), r2.opaque())))
     pending_updates = dict(r.vector(lambda r2: (r2.opaque(), r2.opaque())))
     reinit = r.optional(ReInit.decode)
+
+    def get_past(r2: Reader) -> PastEpoch:
+        ctx = GroupContext.decode(r2)
+        past_tree = RatchetTree.from_wire(r2.opaque())
+        past_secrets = SecretTree.decode(cs, r2)
+        if past_secrets.n_leaves != past_tree.n_leaves or ctx.epoch >= context.epoch:
+            raise MlsError("restored past epoch is inconsistent")
+        return PastEpoch(ctx, past_tree, past_secrets, r2.opaque())
+
+    past = {p.context.epoch: p for p in r.vector(get_past)}
     if resumption.get(context.epoch) != secrets.resumption_psk:
         raise MlsError("restored group state is inconsistent (resumption PSK of the current epoch)")
     if context.cipher_suite != cs.suite_id or secret_tree.n_leaves != tree.n_leaves:
@@ -99,6 +117,7 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     group = Group(cs, state, signer, config, resumption)
     group.active = bool(active)
     group.reinit = reinit
+    group.restore_past_epochs(past)
     return group
 
 

@@ -53,6 +53,17 @@ class EpochState:
                 f"pending_proposals={len(self.proposals)})")
 
 
+@dataclass
+class PastEpoch:
+    """What is kept of a previous epoch to read application messages that arrive late (bounded by
+    `GroupConfig.max_past_epochs`): its context, tree (senders' keys) and remaining message keys."""
+
+    context: GroupContext
+    tree: RatchetTree
+    secret_tree: SecretTree
+    sender_data_secret: bytes = field(repr=False)
+
+
 def new_secret_tree(
     cs: CipherSuite, secrets: EpochSecrets, tree: RatchetTree, out_of_order_window: int, max_forward: int
 ) -> SecretTree:
@@ -69,6 +80,7 @@ class ApplicationMessage:
     data: bytes
     authenticated_data: bytes
     generation: int
+    epoch: int
 
 
 @dataclass(frozen=True)
