@@ -382,3 +382,20 @@ def test_no_past_epochs_when_disabled(suite: int) -> None:
     _deliver(pending.message, [b])
     with pytest.raises(MlsError):
         b.g.process(late)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_key_package_lifetime_checked_when_time_is_given(suite: int) -> None:
+    from gateway.protocol.mls.key_package import Lifetime
+
+    a, b = _group(suite, 2)
+    c = Member("c", suite)
+    expired = create_key_package(c.cs, c.signer, c.credential, lifetime=Lifetime(1000, 2000)).key_package
+    with pytest.raises(MlsError):
+        a.g.commit(add=[expired], now=5000)
+    pending = a.g.commit(add=[expired], now=1500)  # within its lifetime at that time
+    before = _snapshot(b.g)
+    with pytest.raises(MlsError):
+        b.g.process(pending.message.to_bytes(), now=5000)
+    assert _snapshot(b.g) == before
+    assert isinstance(b.g.process(pending.message.to_bytes(), now=1500), StagedCommit)

@@ -291,8 +291,9 @@ class Group:
                psks: Sequence[PreSharedKeyID] = (), extensions: tuple[Extension, ...] | None = None,
                reinit: ReInit | None = None,
                force_path: bool = True, include_pending: bool = True, ratchet_tree_in_welcome: bool = True,
-               authenticated_data: bytes = b"") -> PendingCommit:
-        """Create a commit over the given proposals (by value) and the pending ones (by reference)."""
+               authenticated_data: bytes = b"", now: int | None = None) -> PendingCommit:
+        """Create a commit over the given proposals (by value) and the pending ones (by reference). Pass `now`
+        (seconds since the epoch) to refuse KeyPackages outside their lifetime."""
         self._check_active()
         cs, st = self.cs, self._state
         me = Sender.member(self.own_leaf)
@@ -313,7 +314,7 @@ class Group:
         items += [ListedProposal(p, me, True) for p in inline]
         refs += inline
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, me, items,
-                             self.config.identity_validator)
+                             self.config.identity_validator, now)
         private = st.private.copy()
         _prune_private(private, fx.tree)
         commit_secret = bytes(cs.hash_len)
@@ -377,8 +378,10 @@ class Group:
 
     # --- receiving ---------------------------------------------------------------------------------------
 
-    def process(self, message: MLSMessage | bytes) -> ApplicationMessage | ProposalReceived | StagedCommit:
-        """Authenticate and interpret one handshake or application message from the delivery service."""
+    def process(self, message: MLSMessage | bytes, now: int | None = None
+                ) -> ApplicationMessage | ProposalReceived | StagedCommit:
+        """Authenticate and interpret one handshake or application message from the delivery service. Pass
+        `now` (seconds since the epoch) to refuse commits adding KeyPackages outside their lifetime."""
         self._check_active()
         try:
             msg = message if isinstance(message, MLSMessage) else MLSMessage.from_bytes(message)
@@ -412,7 +415,7 @@ class Group:
             result = ApplicationMessage(opened.leaf, content.content, content.authenticated_data, opened.generation,
                                         self.epoch)
         elif isinstance(content.content, Commit):
-            result = self._stage_commit(ac, content.content)
+            result = self._stage_commit(ac, content.content, now)
         else:
             result = self._receive_proposal(ac, content.content)
         if opened is not None and not isinstance(result, StagedCommit):
@@ -530,7 +533,7 @@ class Group:
             out.append(PskInput(pid.to_bytes(), value))
         return out
 
-    def _stage_commit(self, ac: AuthenticatedContent, commit: Commit) -> StagedCommit:
+    def _stage_commit(self, ac: AuthenticatedContent, commit: Commit, now: int | None) -> StagedCommit:
         cs, st = self.cs, self._state
         committer = ac.content.sender
         if committer.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
@@ -545,7 +548,7 @@ class Group:
             else:
                 items.append(ListedProposal(por, committer, True))
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, committer, items,
-                             self.config.identity_validator)
+                             self.config.identity_validator, now)
         if fx.path_required and commit.path is None:
             raise MlsError("this commit's proposals require an UpdatePath")
         proposals = tuple(i.proposal for i in items)

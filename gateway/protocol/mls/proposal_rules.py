@@ -167,8 +167,10 @@ def apply_proposals(
     committer: Sender,
     items: Sequence[ListedProposal],
     identity_validator: IdentityValidator,
+    now: int | None = None,
 ) -> ProposalEffects:
-    """Check the list, then apply it in the order of section 12.3 to a copy of `tree`."""
+    """Check the list, then apply it in the order of section 12.3 to a copy of `tree`. With `now` (seconds
+    since the epoch, from the caller's clock), added KeyPackages must be within their lifetime."""
     _check_list(items, committer, cs)
     new_tree = tree.copy()
     fx = ProposalEffects(new_tree, extensions)
@@ -209,7 +211,7 @@ def apply_proposals(
     for p in adds:
         validate_key_package(cs, p.key_package, identity_validator)
         validate_leaf_node(cs, new_tree, p.key_package.leaf_node, placeholder, group_id, fx.extensions,
-                           identity_validator, expected_source=LeafNodeSource.KEY_PACKAGE)
+                           identity_validator, expected_source=LeafNodeSource.KEY_PACKAGE, now=now)
     for p in adds:
         fx.added.append((new_tree.add_leaf(p.key_package.leaf_node), p.key_package))
     if adds:
