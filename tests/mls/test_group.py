@@ -399,3 +399,23 @@ def test_key_package_lifetime_checked_when_time_is_given(suite: int) -> None:
         b.g.process(pending.message.to_bytes(), now=5000)
     assert _snapshot(b.g) == before
     assert isinstance(b.g.process(pending.message.to_bytes(), now=1500), StagedCommit)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_resumption_psk_from_an_earlier_epoch(suite: int) -> None:
+    a, b = _group(suite, 2)
+    earlier = a.g.epoch
+    for _ in range(2):
+        pending = a.g.commit()
+        a.g.merge_pending_commit(pending)
+        _deliver(pending.message, [b])
+    from gateway.protocol.mls.wire import ResumptionPskUsage
+
+    pid = PreSharedKeyID.resumption(ResumptionPskUsage.APPLICATION, a.g.group_id, earlier, bytes(a.cs.hash_len))
+    pending = a.g.commit(psks=[pid])
+    a.g.merge_pending_commit(pending)
+    _deliver(pending.message, [b])
+    _agree([a, b])
+    unknown = PreSharedKeyID.resumption(ResumptionPskUsage.APPLICATION, a.g.group_id, 999, bytes(a.cs.hash_len))
+    with pytest.raises(MlsError):
+        a.g.commit(psks=[unknown])

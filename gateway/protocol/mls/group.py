@@ -97,7 +97,7 @@ class GroupConfig:
     padding_block: int = 32
     out_of_order_window: int = 32
     max_forward: int = 1000
-    resumption_epochs_kept: int = 4
+    resumption_epochs_kept: int = 16
     max_past_epochs: int = 1
     """Previous epochs whose remaining application keys are kept for late messages (0: none; forward secrecy
     for those keys then waits until this many further epochs have passed)."""
