@@ -14,6 +14,7 @@ logs and metrics labels.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 import struct
 from dataclasses import dataclass
@@ -42,9 +43,14 @@ class EnvelopeKind(enum.IntEnum):
     GROUP = 4  # an MLS message (the relay as MLS Delivery Service)
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_device_id(value: str) -> bool:
+    return _DEVICE_ID.fullmatch(value) is not None
+
+
 def check_device_id(value: str) -> str:
     """Return `value` if it is a valid device id, else raise EnvelopeError saying what is allowed."""
-    if not isinstance(value, str) or _DEVICE_ID.fullmatch(value) is None:
+    if not isinstance(value, str) or not _is_device_id(value):
         raise EnvelopeError(
             f"device id {value!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
             "starting and ending with a letter or digit"
@@ -138,8 +144,14 @@ def _read_id(data: bytes, pos: int, what: str) -> tuple[str, int]:
     raw = bytes(data[pos : pos + length])
     if len(raw) != length:
         raise EnvelopeError(f"envelope truncated inside the {what} id")
+    return _decode_id(raw, what), pos + length
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_id(raw: bytes, what: str) -> str:
+    """Ids repeat on a link, so their checks are cached (failures raise, and are not cached)."""
     try:
         value = raw.decode("ascii")
     except UnicodeDecodeError:
         raise EnvelopeError(f"{what} id is not ASCII") from None
-    return check_device_id(value), pos + length
+    return check_device_id(value)
