@@ -11,28 +11,44 @@ from hypothesis import strategies as st
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.link import (
+    _CLIENT_RECV,
+    _SERVER_RECV,
+    Auth,
     AuthAccepted,
+    AuthFail,
     AuthFailCode,
+    AuthOk,
     AuthRejected,
     AuthRequested,
+    Challenge,
     ChallengeReceived,
     ClientLink,
+    Deliver,
     Delivered,
     DirectoryKind,
+    Envelopes,
     EnvelopesReceived,
+    Error,
     ErrorCode,
     FetchRequested,
     LinkError,
     LinkState,
     LinkUsageError,
     NotDelivered,
+    Ping,
+    Prekeys,
+    PrekeysFetch,
+    PrekeysPublish,
     PrekeysReceived,
+    PrekeysStored,
     PrekeysStoredEvent,
     PublishRequested,
+    Refresh,
     RefreshRequested,
     RemoteError,
     ServerLink,
     SpoofedSender,
+    Undeliverable,
     UndeliverableReason,
     encode_frame,
 )
@@ -213,3 +229,54 @@ def test_fuzz_frame_sequences(sequence: list, authenticate_first: bool) -> None:
                 assert link.state is LinkState.CLOSED
                 break
             link.events_received()
+
+
+SAMPLE_FRAMES = {
+    "Challenge": Challenge(bytes(32), "aud"),
+    "Auth": Auth("tok"),
+    "AuthOk": AuthOk("dev-a", 1, 1),
+    "AuthFail": AuthFail(AuthFailCode.EXPIRED, "x"),
+    "Refresh": Refresh(),
+    "Ping": Ping(),
+    "Envelopes": Envelopes((env(),)),
+    "Deliver": Deliver((env("dev-c", "dev-a"),)),
+    "Undeliverable": Undeliverable(UndeliverableReason.OFFLINE, (bytes(16),)),
+    "PrekeysPublish": PrekeysPublish(1, DirectoryKind.PREKEYS, b"", ()),
+    "PrekeysStored": PrekeysStored(1, 0),
+    "PrekeysFetch": PrekeysFetch(1, DirectoryKind.PREKEYS, "dev-b"),
+    "Prekeys": Prekeys(1, DirectoryKind.PREKEYS, "dev-b", None, None),
+}
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+@pytest.mark.parametrize("state", [s for s in LinkState if s is not LinkState.CLOSED])
+@pytest.mark.parametrize("name", sorted(SAMPLE_FRAMES))
+def test_transition_table(side: str, state: LinkState, name: str) -> None:
+    """Every (state, frame) pair: the table's next state, or a LinkError that closes the link."""
+    link: ClientLink | ServerLink = ClientLink() if side == "client" else ServerLink()
+    link.state = state
+    if isinstance(link, ServerLink):
+        link._auth.device_id = "dev-a"
+    frame = SAMPLE_FRAMES[name]
+    table = _CLIENT_RECV if side == "client" else _SERVER_RECV
+    expected = table.get((state, type(frame)))
+    if expected is None:
+        with pytest.raises(LinkError):
+            link.receive_data(encode_frame(frame))
+        assert link.state is LinkState.CLOSED
+    else:
+        link.receive_data(encode_frame(frame))
+        assert link.state is expected
+        assert len(link.events_received()) == (0 if name == "Ping" else 1)
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_error_frame_accepted_in_any_state(side: str) -> None:
+    for state in LinkState:
+        if state is LinkState.CLOSED:
+            continue
+        link: ClientLink | ServerLink = ClientLink() if side == "client" else ServerLink()
+        link.state = state
+        link.receive_data(encode_frame(Error(ErrorCode.SHUTDOWN, "bye")))
+        assert link.state is LinkState.CLOSED
+        assert link.events_received() == [RemoteError(ErrorCode.SHUTDOWN, "bye")]

@@ -178,3 +178,11 @@ async def test_connection_cap(env: RelayEnv) -> None:
     with pytest.raises(InvalidStatus) as info:
         await env.raw()
     assert info.value.response.status_code == 503
+
+
+async def test_server_name_is_checked(env: RelayEnv) -> None:
+    await env.start()
+    link = await env.link(env.fleet.device("dev-a"), wait=False, server_name="not-the-relay.example")
+    await eventually(lambda: link.state is LinkStatus.FAILED, what="server name mismatch")
+    assert isinstance(link.fatal_error, ssl.SSLCertVerificationError)
+    assert "not-the-relay.example" in str(link.fatal_error)
