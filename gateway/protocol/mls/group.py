@@ -50,7 +50,7 @@ from gateway.protocol.mls.key_package_bundle import (
     default_capabilities,
     sign_leaf_node,
 )
-from gateway.protocol.mls.proposal_rules import ListedProposal, apply_proposals
+from gateway.protocol.mls.proposal_rules import ListedProposal, apply_proposals, select_pending
 from gateway.protocol.mls.proposals import (
     Add,
     ExternalInit,
@@ -300,7 +300,7 @@ class Group:
         items: list[ListedProposal] = []
         refs: list[ProposalOrRef] = []
         if include_pending:
-            for ref, cached in self._select_pending():
+            for ref, cached in select_pending(st.tree, st.proposals, self.own_leaf):
                 items.append(ListedProposal(cached.proposal, cached.sender, False))
                 refs.append(ProposalRef(ref))
         inline: list[Proposal] = [*(Add(kp) for kp in add), *(Remove(r) for r in remove),
@@ -357,52 +357,6 @@ class Group:
                 members.append(NewMember(kp, path_secrets.get(start)))
             welcome = MLSMessage(create_welcome(cs, gi, secrets.joiner_secret, psk_value, members, tuple(fx.psks)))
         return PendingCommit(self.epoch, message, welcome, added, next_state, fx.reinit)
-
-    def _select_pending(self) -> list[tuple[bytes, CachedProposal]]:
-        """A valid subset of the cached proposals for our commit (section 12.2): our own Update is superseded
-        by the path; of conflicting proposals for one leaf a Remove wins over an Update and the first wins
-        otherwise; duplicate PSKs, a second GroupContextExtensions, Removes of blank leaves or of us, Adds of
-        clients already present and a ReInit among other proposals are left out."""
-        st = self._state
-        me = Sender.member(self.own_leaf)
-        chosen: dict[bytes, CachedProposal] = {}
-        by_leaf: dict[int, bytes] = {}
-        psks: set[bytes] = set()
-        sig_keys = {leaf.signature_key for _, leaf in st.tree.leaves()}
-        has_gce = False
-        for ref, cached in st.proposals.items():
-            p = cached.proposal
-            if isinstance(p, Update):
-                if cached.sender == me or cached.sender.index is None or cached.sender.index in by_leaf:
-                    continue
-                by_leaf[cached.sender.index] = ref
-            elif isinstance(p, Remove):
-                if p.removed == self.own_leaf or st.tree.leaf(LeafIndex(p.removed)) is None:
-                    continue
-                prior = by_leaf.get(p.removed)
-                if prior is not None:
-                    if isinstance(chosen[prior].proposal, Remove):
-                        continue
-                    del chosen[prior]
-                by_leaf[p.removed] = ref
-            elif isinstance(p, PreSharedKey):
-                key = p.psk.to_bytes()
-                if key in psks:
-                    continue
-                psks.add(key)
-            elif isinstance(p, GroupContextExtensions):
-                if has_gce:
-                    continue
-                has_gce = True
-            elif isinstance(p, Add):
-                key = p.key_package.leaf_node.signature_key
-                if key in sig_keys:
-                    continue
-                sig_keys.add(key)
-            elif isinstance(p, ReInit):
-                continue  # a ReInit must be committed alone: use commit(reinit=...)
-            chosen[ref] = cached
-        return list(chosen.items())
 
     def merge_pending_commit(self, pending: PendingCommit) -> None:
         if pending.base_epoch != self.epoch:

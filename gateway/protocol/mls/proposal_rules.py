@@ -15,6 +15,7 @@ from gateway.protocol.mls.crypto import CipherSuite, verify_with_label
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.extensions import Extension, required_capabilities
 from gateway.protocol.mls.framing import Sender
+from gateway.protocol.mls.group_state import CachedProposal
 from gateway.protocol.mls.key_package import KEY_PACKAGE_SIGN_LABEL, KeyPackage
 from gateway.protocol.mls.proposals import (
     Add,
@@ -230,3 +231,51 @@ def apply_proposals(
         _check_extensions_supported(new_tree, fx.extensions)
     new_tree.check_unique_keys()
     return fx
+
+
+def select_pending(
+    tree: RatchetTree, proposals: dict[bytes, CachedProposal], own_leaf: LeafIndex
+) -> list[tuple[bytes, CachedProposal]]:
+    """A valid subset of the cached proposals for our commit (section 12.2): our own Update is superseded
+    by the path; of conflicting proposals for one leaf a Remove wins over an Update and the first wins
+    otherwise; duplicate PSKs, a second GroupContextExtensions, Removes of blank leaves or of us, Adds of
+    clients already present and a ReInit among other proposals are left out."""
+    me = Sender.member(own_leaf)
+    chosen: dict[bytes, CachedProposal] = {}
+    by_leaf: dict[int, bytes] = {}
+    psks: set[bytes] = set()
+    sig_keys = {leaf.signature_key for _, leaf in tree.leaves()}
+    has_gce = False
+    for ref, cached in proposals.items():
+        p = cached.proposal
+        if isinstance(p, Update):
+            if cached.sender == me or cached.sender.index is None or cached.sender.index in by_leaf:
+                continue
+            by_leaf[cached.sender.index] = ref
+        elif isinstance(p, Remove):
+            if p.removed == own_leaf or tree.leaf(LeafIndex(p.removed)) is None:
+                continue
+            prior = by_leaf.get(p.removed)
+            if prior is not None:
+                if isinstance(chosen[prior].proposal, Remove):
+                    continue
+                del chosen[prior]
+            by_leaf[p.removed] = ref
+        elif isinstance(p, PreSharedKey):
+            key = p.psk.to_bytes()
+            if key in psks:
+                continue
+            psks.add(key)
+        elif isinstance(p, GroupContextExtensions):
+            if has_gce:
+                continue
+            has_gce = True
+        elif isinstance(p, Add):
+            key = p.key_package.leaf_node.signature_key
+            if key in sig_keys:
+                continue
+            sig_keys.add(key)
+        elif isinstance(p, ReInit):
+            continue  # a ReInit must be committed alone: use commit(reinit=...)
+        chosen[ref] = cached
+    return list(chosen.items())
