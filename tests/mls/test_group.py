@@ -419,3 +419,45 @@ def test_resumption_psk_from_an_earlier_epoch(suite: int) -> None:
     unknown = PreSharedKeyID.resumption(ResumptionPskUsage.APPLICATION, a.g.group_id, 999, bytes(a.cs.hash_len))
     with pytest.raises(MlsError):
         a.g.commit(psks=[unknown])
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_identity_validator_is_applied(suite: int) -> None:
+    def no_mallory(credential: Credential, signature_key: bytes) -> None:
+        if credential.identity == b"mallory":
+            raise MlsError("mallory is not in our fleet")
+
+    a, b = _group(suite, 2)
+    mallory = Member("mallory", suite)
+    kp = mallory.key_package().key_package
+    a.g.config = GroupConfig(identity_validator=no_mallory)
+    with pytest.raises(MlsError):
+        a.g.commit(add=[kp])
+    b.g.config = GroupConfig(identity_validator=no_mallory)
+    a.g.config = GroupConfig()
+    pending = a.g.commit(add=[kp])  # a's policy lets mallory in; b's refuses the commit, unchanged
+    before = _snapshot(b.g)
+    with pytest.raises(MlsError):
+        b.g.process(pending.message.to_bytes())
+    assert _snapshot(b.g) == before
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_join_checks_the_tree(suite: int) -> None:
+    from gateway.protocol.mls.ratchet_tree import RatchetTree
+
+    a, b = _group(suite, 2)
+    c = Member("c", suite)
+    pending = a.g.commit(add=[c.key_package().key_package], ratchet_tree_in_welcome=False)
+    welcome = pending.welcome
+    assert welcome is not None and isinstance(welcome.body, Welcome)
+    with pytest.raises(MlsError):  # no tree at all
+        Group.join(welcome.body, c.bundle, c.signer)
+    with pytest.raises(MlsError):  # the tree of the previous epoch: wrong tree hash
+        Group.join(welcome.body, c.bundle, c.signer, ratchet_tree=a.g.tree)
+    with pytest.raises(MlsError):  # someone else's signer
+        Group.join(welcome.body, c.bundle, b.signer, ratchet_tree=pending.next_state.tree)
+    g = Group.join(welcome.body, c.bundle, c.signer, ratchet_tree=RatchetTree.from_wire(
+        pending.next_state.tree.to_wire()))
+    a.g.merge_pending_commit(pending)
+    assert g.epoch_authenticator == a.g.epoch_authenticator
