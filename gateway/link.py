@@ -23,9 +23,10 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
@@ -160,7 +161,7 @@ class RelayLink:
         config: RelayLinkConfig,
         token_provider: TokenProvider,
         *,
-        on_event: Callable[[LinkEvent], Awaitable[None]] | None = None,
+        on_event: Callable[[LinkEvent], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.config = config
         self._token_provider = token_provider
@@ -179,6 +180,7 @@ class RelayLink:
         self._link: ClientLink | None = None
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._callbacks: set[asyncio.Task[None]] = set()
 
     @property
     def state(self) -> LinkStatus:
@@ -436,7 +438,11 @@ class RelayLink:
             await self._events.put(ev)  # a slow consumer slows reading: backpressure reaches the relay
 
     def _emit_nowait(self, ev: LinkEvent) -> None:
-        if self._on_event is None:
+        if self._on_event is not None:
+            task = asyncio.get_running_loop().create_task(self._on_event(ev))
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
+        else:
             with contextlib.suppress(asyncio.QueueFull):
                 self._events.put_nowait(ev)
 

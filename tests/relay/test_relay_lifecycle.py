@@ -153,3 +153,33 @@ async def test_same_device_reconnecting_replaces_old_connection(env: RelayEnv) -
     e = envelope("dev-peer", "dev-twice")
     await peer.send([e])
     assert (await next_event(new, Delivered)).envelopes == (e,)
+
+
+async def test_callback_api_and_queueing_while_relay_is_down(env: RelayEnv) -> None:
+    """With `on_event`, events arrive by callback (LinkReady, Delivered, LinkLost); envelopes sent while the
+    relay is down wait in the link's queue and go out after the reconnect."""
+    from gateway.link import LinkEvent, LinkLost, RelayLink
+
+    relay = await env.start()
+    port = relay.port
+    got: list[LinkEvent] = []
+
+    async def on_event(ev: LinkEvent) -> None:
+        got.append(ev)
+
+    a = env.fleet.device("dev-a")
+    la = RelayLink(env.link_config(), a.token_provider, on_event=on_event)
+    la.start()
+    env.links.append(la)
+    await la.wait_ready(5)
+    await relay.stop()
+    await eventually(lambda: any(isinstance(e, LinkLost) for e in got), what="LinkLost by callback")
+    # Addressed to itself, so the recipient is certainly online when the queue flushes after the reconnect.
+    queued = [envelope("dev-a", "dev-a", b"sent while down")]
+    await la.send(queued)
+    assert la.queued == 1
+    await env.start(port=port)
+    await eventually(lambda: any(isinstance(e, Delivered) for e in got), timeout=10, what="delivery after restart")
+    delivered = [e for e in got if isinstance(e, Delivered)]
+    assert delivered[0].envelopes == tuple(queued) and la.queued == 0
+    assert [type(e).__name__ for e in got if not isinstance(e, Delivered)] == ["LinkReady", "LinkLost", "LinkReady"]
