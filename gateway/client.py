@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
@@ -65,7 +66,8 @@ class AgentClient:
         self.prefix = prefix
         self._mqtt = aiomqtt.Client(host, port, username=username or agent, password=password,
                                     identifier=f"{agent}-{os.urandom(4).hex()}",
-                                    protocol=aiomqtt.ProtocolVersion.V5)
+                                    protocol=aiomqtt.ProtocolVersion.V5,
+                                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self._reply_base = f"{prefix}/{agent}/reply/{os.urandom(6).hex()}"
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()

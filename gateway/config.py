@@ -97,6 +97,10 @@ class AgentSection(_Model):
 
 
 class StoreSection(_Model):
+    durability: Literal["power-loss", "crash"] = Field(
+        default="power-loss",
+        description="power-loss: fsync each outbox write before acknowledging the broker (survives power loss); "
+                    "crash: survives a crash of any process but not a power loss, saving ~one fsync per message")
     outbox_max_entries: int = Field(default=100_000, ge=1)
     outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     message_ttl_seconds: int = Field(default=24 * 3600, ge=1)

@@ -187,7 +187,7 @@ class Gateway:
                 ingested.append((mark_name, digest))
             while True:
                 try:
-                    with self.store.transaction():
+                    with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                         self.store.outbox.put_many(items)
                         for name, digest in ingested:
                             self.store.secrets.put(name, digest)
@@ -232,7 +232,7 @@ class Gateway:
                     continue
                 envelopes = []
                 try:
-                    with self.store.transaction():
+                    with self.store.transaction(durable=False):
                         for e in entries:
                             wire, setup = self.book.encrypt(peer, e.record)
                             kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
@@ -303,7 +303,7 @@ class Gateway:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
         data: list[tuple[str, InnerMessage]] = []
         t = now_ms()
-        with self.store.transaction():
+        with self.store.transaction(durable=False):
             for env in envelopes:
                 inner = self._open(env)
                 if inner is None:
@@ -339,7 +339,7 @@ class Gateway:
                 if isinstance(r, BaseException):
                     log.warning("cannot deliver to %s now: %s; the sender will retry", i.recipient_agent, r)
             t = now_ms()
-            with self.store.transaction():
+            with self.store.transaction(durable=False):
                 for p, i in done:
                     self.store.delivered.mark(i.message_id, t)
                     acks[p].append(i.message_id)

@@ -12,7 +12,9 @@ from pathlib import Path
 from relay.auth import FleetVerifier
 from relay.config import ConfigError, RelayConfig
 from relay.logs import setup_logging
+from relay.routing import LocalRouter
 from relay.server import RelayServer
+from relay.tap import TapRouter
 
 log = logging.getLogger("agw.relay")
 
@@ -29,11 +31,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crl", dest="crl_file", type=Path, help="fleet CRL (PEM), reloaded when it changes")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port")
     p.add_argument("--metrics-host")
+    p.add_argument("--tap", type=Path, help="record every routed envelope (ciphertext) as JSON lines in this file")
     p.add_argument("--log-level", default="info")
     return p
 
 
-async def _serve(config: RelayConfig) -> int:
+async def _serve(config: RelayConfig, tap: Path | None = None) -> int:
     if config.ca_file is None:
         raise ConfigError("the relay needs the fleet CA certificate (--ca or ca_file)")
     verifier = FleetVerifier.from_files(config.ca_file, config.crl_file)
@@ -42,7 +45,8 @@ async def _serve(config: RelayConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with RelayServer(config, verifier) as relay:
+    router = TapRouter(LocalRouter(), tap) if tap is not None else None
+    async with RelayServer(config, verifier, router=router) as relay:
         print(f"agw-relay listening on {config.host}:{relay.port}", flush=True)
         await stop.wait()
     return 0
@@ -51,13 +55,13 @@ async def _serve(config: RelayConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level") and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level", "tap") and v is not None}
     try:
         if args.config is not None:
             config = RelayConfig.from_toml(args.config, **overrides)
         else:
             config = RelayConfig.from_mapping({}, **overrides)
-        return asyncio.run(_serve(config))
+        return asyncio.run(_serve(config, args.tap))
     except ConfigError as exc:
         log.error("configuration error", extra={"event": "config_error", "reason": str(exc)})
         print(f"agw-relay: {exc}")

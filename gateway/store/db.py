@@ -83,6 +83,7 @@ class Database:
         self._lock_fd = lock_fd
         self.lock = threading.RLock()
         self._depth = 0
+        self._durable = True
 
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
@@ -211,10 +212,12 @@ class Database:
                 raise translate(exc, action) from exc
 
     @contextlib.contextmanager
-    def write(self, action: str) -> Iterator[sqlite3.Connection]:
-        """One durable transaction (BEGIN IMMEDIATE ... COMMIT); nested use joins the outer transaction.
+    def write(self, action: str, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction (BEGIN IMMEDIATE ... COMMIT); nested use joins the outer transaction.
 
-        Any exception rolls the whole transaction back, so a failed batch leaves nothing behind.
+        `durable` (the outermost transaction decides): fsync before returning (synchronous=FULL), so the caller
+        may acknowledge what it wrote; otherwise synchronous=NORMAL, which survives a crash of the process (the
+        WAL is in the OS's hands) but not a power loss. Any exception rolls the whole transaction back.
         """
         with self.lock:
             conn = self._live()
@@ -229,6 +232,9 @@ class Database:
                 return
             self._depth = 1
             try:
+                if durable != self._durable:
+                    conn.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
+                    self._durable = durable
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")

@@ -167,9 +167,13 @@ class Store:
         self.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Store]:
-        """Group calls into one atomic, durable commit (e.g. mark delivered + audit); nests."""
-        with self._db.write("running a transaction"):
+    def transaction(self, *, durable: bool = True) -> Iterator[Store]:
+        """Group calls into one atomic commit (e.g. mark delivered + audit); nests (the outermost decides).
+
+        `durable=False` skips the fsync: the commit survives a crash of the process but not a power loss. Use it
+        only for state whose loss costs a retry, never for what gates an acknowledgement.
+        """
+        with self._db.write("running a transaction", durable=durable):
             yield self
 
     def set_max_bytes(self, max_bytes: int | None) -> int:
