@@ -1,0 +1,21 @@
+"""`make demo` runs the product end to end and cleans up after itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def test_demo_runs_and_cleans_up():
+    before = set(Path(tempfile.gettempdir()).glob("agw-demo-*"))
+    out = subprocess.run([sys.executable, "-m", "gateway.demo"], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "'sensitive': True, 'extractable': False" in text
+    assert "sensor received from dev-a/planner: 'hello sensor, may I ask you things?'" in text
+    assert "planner got reply '{\"temperature_c\": 21.5}' from dev-b/sensor" in text
+    assert "plaintext 'temperature' present in any of them: False" in text
+    assert "audit log intact" in text
+    assert set(Path(tempfile.gettempdir()).glob("agw-demo-*")) == before
