@@ -461,3 +461,35 @@ def test_join_checks_the_tree(suite: int) -> None:
         pending.next_state.tree.to_wire()))
     a.g.merge_pending_commit(pending)
     assert g.epoch_authenticator == a.g.epoch_authenticator
+
+
+class _CountingSigner:
+    """A Signer held 'elsewhere' (here: a `cryptography` key behind the protocol), counting its uses."""
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        self._key = Ed25519PrivateKey.generate()
+        self.calls = 0
+
+    @property
+    def public_key(self) -> bytes:
+        return self._key.public_key().public_bytes_raw()
+
+    def sign(self, data: bytes) -> bytes:
+        self.calls += 1
+        return self._key.sign(data)
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_any_signer_implementation_works(suite: int) -> None:
+    signer = _CountingSigner()
+    assert isinstance(signer, crypto.Signer)
+    a = Group.create(suite, b"signer group", signer, Credential.basic(b"hsm-held"))
+    b = Member("b", suite)
+    pending = a.commit(add=[b.key_package().key_package])
+    a.merge_pending_commit(pending)
+    assert pending.welcome is not None
+    b.join(pending.welcome)
+    assert _data(b.g.process(a.encrypt_application(b"signed elsewhere").to_bytes())) == b"signed elsewhere"
+    assert signer.calls >= 4  # leaf, commit path leaf, commit, GroupInfo, application message
