@@ -57,3 +57,37 @@ def test_corrupted_messages_are_refused_without_side_effects(data: st.DataObject
         return
     # Every byte of both wire formats is authenticated or strictly parsed, so nothing corrupted may pass.
     raise AssertionError(f"a corrupted message was accepted ({mode} at {pos})")
+
+
+_WELCOME: dict[str, tuple[Member, bytes]] = {}
+
+
+def _welcome_fixture() -> tuple[Member, bytes]:
+    if not _WELCOME:
+        a, _b = _group(1, 2)
+        c = Member("c", 1)
+        pending = a.g.commit(add=[c.key_package().key_package])
+        assert pending.welcome is not None
+        _WELCOME["w"] = (c, pending.welcome.to_bytes())
+    return _WELCOME["w"]
+
+
+@settings(max_examples=int(os.environ.get("MLS_FUZZ_EXAMPLES", "100")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_corrupted_welcome_is_refused(data: st.DataObject) -> None:
+    from gateway.protocol.mls.framing import MLSMessage
+    from gateway.protocol.mls.group import Group
+    from gateway.protocol.mls.welcome_structs import Welcome
+
+    joiner, raw = _welcome_fixture()
+    pos = data.draw(st.integers(0, len(raw) - 1))
+    bad = raw[:pos] + bytes([raw[pos] ^ data.draw(st.integers(1, 255))]) + raw[pos + 1:]
+    try:
+        msg = MLSMessage.from_bytes(bad)
+        if not isinstance(msg.body, Welcome):
+            return  # the flip turned it into another (valid) message type: not a Welcome to join from
+        Group.join(msg.body, joiner.bundle, joiner.signer)
+    except MlsError:
+        return
+    raise AssertionError(f"a corrupted Welcome was accepted (byte {pos})")
