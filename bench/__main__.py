@@ -1,0 +1,241 @@
+"""`make bench`: measure our pipeline side by side with a Mosquitto TLS bridge and AGNTCY SLIM in one run, then
+relay capacity, gateway footprint and MLS timings; write bench/results/latest.md and latest.json.
+
+    python -m bench            the full run (issue 7 sizes: 20,000 messages, 1,000 round trips, 5,000 connections)
+    python -m bench --quick    a small configuration (smoke test): 200 messages, 256 B only, no SLIM, no profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import footprint, profiling, report, slim_peer
+from bench.paths import DEV_A, DEV_B, BridgePath, OurPath, rss_kib
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def _child(args: list[str], timeout: float) -> dict[str, Any]:
+    """Run a bench child process and return its `RESULT <json>` line."""
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                         cwd=HERE.parent)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({out.returncode}): {(out.stdout + out.stderr)[-1500:]}")
+    return json.loads(lines[-1][7:])  # type: ignore[no-any-return]
+
+
+SETTLE_S = 1.0  # pause between the warm-up and the measured burst (0.2 s in a quick run)
+
+
+def load(mode: str, spec: dict[str, Any], limit: float) -> dict[str, Any]:
+    spec = {**spec, "limit_s": limit, "settle_s": SETTLE_S}
+    return _child(["-m", "bench.mqtt_load", mode, json.dumps(spec)], timeout=limit + 120)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _section(errors: dict[str, str], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one part; a failure is recorded in the report (with the reason) instead of ending the run."""
+    try:
+        return fn()
+    except Exception as exc:
+        errors[name] = f"{type(exc).__name__}: {str(exc)[-800:]}"
+        log(f"{name} failed: {errors[name]}")
+        if os.environ.get("AGW_BENCH_DEBUG"):
+            traceback.print_exc()
+        return None
+
+
+def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
+    errors: dict[str, str] = {}
+    r: dict[str, Any] = {"meta": {"mode": "quick" if a.quick else "full",
+                                  "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                                  "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+                                             f"{platform.python_version()}, {_mosquitto_version()}",
+                                  "config": {k: v for k, v in vars(a).items()}},
+                         "throughput": {"ours": [], "bridge": []}, "rtt": {}, "relay": {}, "gateway": {},
+                         "errors": errors}
+    sizes = [(256, a.messages), (1024, a.messages), (16384, a.messages_16k)] if not a.quick else [(256, a.messages)]
+
+    # 1-2. The Mosquitto TLS bridge.
+    bridge = BridgePath(work / "bridge")
+    try:
+        log("bridge: starting two Mosquitto brokers with a TLS 1.3 bridge")
+        bridge.start()
+        for size, n in sizes:
+            spec = {**bridge.tput_spec(), "n": n, "size": size}
+            row = _section(errors, f"bridge tput {size}", functools.partial(load, "tput", spec, a.limit))
+            if row:
+                r["throughput"]["bridge"].append(row)
+                log(f"bridge {size} B: {row['msg_s']:,} msg/s, lost {row['lost']}")
+        rt = _section(errors, "bridge rtt", lambda: load("rtt", {**bridge.rtt_spec(), "n": a.rtt,
+                                                                 "warmup": a.rtt_warmup}, a.limit))
+        if rt:
+            r["rtt"]["bridge"] = rt
+            log(f"bridge rtt: p50 {rt.get('p50_ms')} ms p99 {rt.get('p99_ms')} ms")
+    finally:
+        bridge.close()
+
+    # 1-2, 5. Ours, with footprint.
+    ours = OurPath(work / "ours")
+    try:
+        log("ours: fleet CA, relay, two Mosquitto brokers, two SoftHSM tokens, two gateways")
+        ours.start()
+        pids = {name: gw.proc.pid for name, gw in ours.bed.gateways.items() if gw.proc}  # type: ignore[union-attr]
+        time.sleep(1.0)
+        idle = {name: rss_kib(pid) for name, pid in pids.items()}
+        with footprint.RssSampler(pids) as sampler:
+            for size, n in sizes:
+                spec = {**ours.tput_spec(), "n": n, "size": size}
+                row = _section(errors, f"ours tput {size}", functools.partial(load, "tput", spec, a.limit))
+                if row:
+                    r["throughput"]["ours"].append(row)
+                    log(f"ours {size} B: {row['msg_s']:,} msg/s, lost {row['lost']}")
+            rt = _section(errors, "ours rtt", lambda: load("rtt", {**ours.rtt_spec(), "n": a.rtt,
+                                                                   "warmup": a.rtt_warmup}, a.limit))
+        if rt:
+            r["rtt"]["ours"] = rt
+            log(f"ours rtt: p50 {rt.get('p50_ms')} ms p99 {rt.get('p99_ms')} ms")
+        r["gateway"] = {"rss_idle_kib": idle, "rss_peak_kib": dict(sampler.peak),
+                        "rss_idle_mb": round(max(idle.values()) / 1024, 1),
+                        "rss_load_mb": round(max(sampler.peak.values()) / 1024, 1)}
+        cs = _section(errors, "cold start", lambda: footprint.cold_start(ours.gateway(DEV_A), runs=a.cold_runs))
+        if cs:
+            r["gateway"]["cold_start"] = cs
+            log(f"cold start: {cs['cold_start_s']} s")
+    finally:
+        ours.close()
+
+    # 3. SLIM.
+    if a.slim:
+        log("SLIM: venv bench/.slim-venv and a local node")
+        r["slim"] = _section(errors, "slim", lambda: slim_peer.measure(a.messages, a.rtt, [256, 1024])) or {
+            "status": f"not available: {errors.get('slim')}"}
+        log(f"SLIM: {r['slim'].get('status')}")
+    else:
+        r["slim"] = {"status": "not measured (--no-slim or --quick)"}
+
+    # 4. Relay capacity.
+    log("relay: routed envelopes/s (bench/relay_micro.py)")
+    micro = _section(errors, "relay micro", lambda: _relay_micro(a))
+    if micro:
+        r["relay"]["micro"] = micro
+    log(f"relay: {a.connections} authenticated connections")
+    conns = _section(errors, "relay connections", lambda: _child(
+        ["-m", "bench.relay_capacity", "--connections", str(a.connections)], timeout=1200))
+    if conns:
+        r["relay"]["connections"] = conns
+
+    # 6. MLS.
+    log(f"MLS: group of {a.mls_members}")
+    r["mls"] = _section(errors, "mls", lambda: _child(["-m", "bench.mls_timing", str(a.mls_members)], 600)) or {
+        "status": f"failed: {errors.get('mls')}"}
+
+    # Profile: a separate run with both gateways under cProfile (it slows them; figures above are unprofiled).
+    if a.profile:
+        log("profile: gateways under cProfile")
+        r["profile"] = _section(errors, "profile", lambda: _profile(a, work / "profiled"))
+
+    r["targets"] = [c.as_dict() for c in report.checks(r)]
+    return r
+
+
+def _relay_micro(a: argparse.Namespace) -> dict[str, Any]:
+    count, rounds = (1000, 20) if a.quick else (20000, 300)
+    out = subprocess.run([sys.executable, str(HERE / "relay_micro.py"), "--count", str(count), "--rounds",
+                          str(rounds), "--json"], capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"relay_micro failed: {(out.stdout + out.stderr)[-1000:]}")
+    res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    res["count"] = count
+    return res
+
+
+def _profile(a: argparse.Namespace, root: Path) -> dict[str, Any]:
+    prof_dir = RESULTS / "profile"
+    ours = OurPath(root, profile_dir=prof_dir)
+    n = min(a.messages, 5000)
+    try:
+        ours.start()
+        row = load("tput", {**ours.tput_spec(), "n": n, "size": 256}, a.limit)
+    finally:
+        ours.close()
+    out: dict[str, Any] = {"run": row, "gateways": {}}
+    for name, role in ((DEV_A, "sender"), (DEV_B, "receiver")):
+        path = prof_dir / f"gateway-{name}.prof"
+        if path.exists():
+            out["gateways"][f"{name} ({role})"] = profiling.summarise(path, top=20)
+    return out
+
+
+def _mosquitto_version() -> str:
+    try:
+        out = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).splitlines()[0].strip()
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "mosquitto ?"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="small configuration for the smoke test")
+    p.add_argument("--messages", type=int, help="messages per throughput run at 256 B and 1 KiB (default 20000)")
+    p.add_argument("--messages-16k", type=int, default=5000, help="messages for the 16 KiB run")
+    p.add_argument("--rtt", type=int, help="request/reply exchanges (default 1000)")
+    p.add_argument("--connections", type=int, help="concurrent relay connections to hold (default 5000)")
+    p.add_argument("--mls-members", type=int, help="MLS group size (default 1000)")
+    p.add_argument("--no-slim", dest="slim", action="store_false", default=None)
+    p.add_argument("--no-profile", dest="profile", action="store_false", default=None)
+    p.add_argument("--limit", type=float, default=600.0, help="wall-clock bound per measurement (s)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.md / latest.json")
+    a = p.parse_args(argv)
+    quick = a.quick
+    defaults = {"messages": 200 if quick else 20000, "rtt": 50 if quick else 1000,
+                "connections": 20 if quick else 5000, "mls_members": 20 if quick else 1000,
+                "slim": not quick, "profile": not quick}
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    a.rtt_warmup = 5 if quick else 50
+    a.cold_runs = 1 if quick else 3
+    if quick:
+        a.limit = min(a.limit, 60.0)
+        global SETTLE_S
+        SETTLE_S = 0.2
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    with tempfile.TemporaryDirectory(prefix="agw-bench-") as tmp:
+        r = run(a, Path(tmp))
+    r["meta"]["config"]["out"] = str(a.out)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "latest.json").write_text(json.dumps(r, indent=1, default=str))
+    md = report.markdown(r)
+    (a.out / "latest.md").write_text(md)
+    print(md)
+    log(f"wrote {a.out / 'latest.md'} and {a.out / 'latest.json'}")
+    core = [k for k in r["errors"] if k.startswith(("ours", "bridge"))]
+    return 1 if core else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Gateway footprint: resident memory (VmRSS from /proc, psutil is not a dependency) idle and under load, and
+cold start to ready (process spawn until the daemon reports its relay link ready), with SoftHSM keys."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import threading
+import time
+from typing import Any
+
+from bench.paths import rss_kib
+from gateway import control
+from gateway.testbed import Gateway
+
+
+class RssSampler:
+    """Samples the VmRSS of some processes every `interval` seconds in a thread; keeps the peak of each."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.1) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak: dict[str, int] = {name: 0 for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                try:
+                    self.peak[name] = max(self.peak[name], rss_kib(pid))
+                except (OSError, RuntimeError):
+                    pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def _link_ready(gw: Gateway, pid: int) -> bool:
+    try:
+        st = control.request(gw.root / "state" / "control.sock", {"cmd": "status"}, timeout=2)
+    except (OSError, ValueError, control.ControlError):
+        return False
+    return bool(st.get("pid") == pid and st["link"]["state"] == "ready" and st["mqtt"]["connected"])
+
+
+def cold_start(gw: Gateway, runs: int = 3, timeout: float = 30.0) -> dict[str, Any]:
+    """Stop the gateway, then time `agw run` from spawn to link ready (polled on the control socket every 10 ms).
+
+    Includes interpreter start and imports, opening the SoftHSM token, loading the identity and delegated keys,
+    unwrapping the store key, TLS + token authentication with the relay and the MQTT connection."""
+    samples = []
+    for _ in range(runs):
+        gw.stop()
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        gw.start()
+        assert gw.proc is not None
+        while not _link_ready(gw, gw.proc.pid):
+            if gw.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited during cold start:\n{gw.log_text()}")
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"gateway not ready after {timeout} s")
+            time.sleep(0.01)
+        samples.append(time.monotonic() - t0)
+    imports = _python_startup()
+    return {"runs": runs, "cold_start_s": round(statistics.median(samples), 3),
+            "samples_s": [round(s, 3) for s in samples], "python_imports_s": imports}
+
+
+def _python_startup() -> float:
+    """Time to start the interpreter and import the daemon's modules only (the floor under cold start)."""
+    from gateway.testbed import PY
+
+    t = time.monotonic()
+    subprocess.run([PY, "-c", "import gateway.daemon, gateway.cli"], check=True, capture_output=True)
+    return round(time.monotonic() - t, 3)

@@ -1,0 +1,170 @@
+"""Targets of issue 7 and the MLS issue, checked against measured figures, and the markdown table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    target: str
+    value: str
+    status: str  # PASS, MISS or n/a (with the reason in value)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"name": self.name, "target": self.target, "value": self.value, "status": self.status}
+
+
+def _cmp(name: str, target: str, value: float | None, ok: bool | None, fmt: str = "{:,.2f}") -> Check:
+    if value is None or ok is None:
+        return Check(name, target, "not measured", "n/a")
+    return Check(name, target, fmt.format(value), "PASS" if ok else "MISS")
+
+
+def _tput(r: dict[str, Any], path: str, size: int) -> dict[str, Any] | None:
+    for row in r.get("throughput", {}).get(path, []):
+        if row.get("size") == size:
+            return row  # type: ignore[no-any-return]
+    return None
+
+
+def checks(r: dict[str, Any]) -> list[Check]:
+    out: list[Check] = []
+    ours, bridge = _tput(r, "ours", 256), _tput(r, "bridge", 256)
+    slim = r.get("slim", {})
+    slim256 = next((t for t in slim.get("throughput", []) if t.get("size") == 256), None)
+    if ours and slim256 and slim256.get("msg_s"):
+        ratio = ours["msg_s"] / slim256["msg_s"]
+        out.append(_cmp("throughput 256 B vs SLIM (MLS)", ">= 2.0x", ratio, ratio >= 2.0, "{:.2f}x"))
+    else:
+        out.append(Check("throughput 256 B vs SLIM (MLS)", ">= 2.0x", slim.get("status", "not measured"), "n/a"))
+    if ours and bridge and bridge.get("msg_s"):
+        ratio = ours["msg_s"] / bridge["msg_s"]
+        out.append(_cmp("throughput 256 B vs Mosquitto TLS bridge", ">= 0.5x", ratio, ratio >= 0.5, "{:.2f}x"))
+        out.append(_cmp("throughput 256 B vs bridge (stretch)", ">= 1.0x", ratio, ratio >= 1.0, "{:.2f}x"))
+    for path in ("ours", "bridge"):
+        rows = r.get("throughput", {}).get(path, [])
+        if rows:
+            lost = sum(int(x.get("lost", 0)) for x in rows)
+            out.append(_cmp(f"messages lost, {path}", "0", lost, lost == 0, "{:,.0f}"))
+    rt = r.get("rtt", {}).get("ours")
+    if rt and rt.get("n"):
+        out.append(_cmp("round trip p50, ours", "<= 2 ms", rt["p50_ms"], rt["p50_ms"] <= 2.0, "{:.2f} ms"))
+        out.append(_cmp("round trip p99, ours", "<= 5 ms", rt["p99_ms"], rt["p99_ms"] <= 5.0, "{:.2f} ms"))
+    relay = r.get("relay", {})
+    micro = relay.get("micro") or {}
+    if micro.get("batched_envelopes_per_s"):
+        v = micro["batched_envelopes_per_s"]
+        out.append(_cmp("relay routed envelopes/s", ">= 50,000", v, v >= 50_000, "{:,.0f}"))
+    conns = relay.get("connections") or {}
+    if conns.get("held") is not None:
+        out.append(_cmp("relay connections held", f">= {conns['connections_target']:,}", conns["held"],
+                        conns["held"] >= conns["connections_target"], "{:,.0f}"))
+        if conns.get("bytes_per_connection") is not None:
+            kib = conns["bytes_per_connection"] / 1024
+            out.append(_cmp("relay memory per connection", "<= 64 KiB", kib, kib <= 64, "{:,.1f} KiB"))
+    gw = r.get("gateway", {})
+    if gw.get("rss_load_mb") is not None:
+        out.append(_cmp("gateway RSS under load", "<= 60 MB", gw["rss_load_mb"], gw["rss_load_mb"] <= 60, "{:.1f} MB"))
+    if gw.get("cold_start", {}).get("cold_start_s") is not None:
+        v = gw["cold_start"]["cold_start_s"]
+        out.append(_cmp("gateway cold start to ready (SoftHSM)", "<= 1.5 s", v, v <= 1.5, "{:.2f} s"))
+    mls = r.get("mls", {})
+    if mls.get("members"):
+        m = mls["members"]
+        note = "" if m == 1000 else f" ({m} members, quick run)"
+        out.append(_cmp(f"MLS commit adding {m - 1} members{note}", "< 1.5 s", mls["add_commit_s"],
+                        mls["add_commit_s"] < 1.5, "{:.3f} s"))
+        out.append(_cmp(f"MLS process a commit at {m} members", "< 20 ms", mls["process_commit_ms"],
+                        mls["process_commit_ms"] < 20, "{:.2f} ms"))
+        out.append(_cmp("MLS protect + unprotect 1 KiB", "< 200 us", mls["protect_unprotect_1k_us"],
+                        mls["protect_unprotect_1k_us"] < 200, "{:.0f} us"))
+    return out
+
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.2f}{unit}"
+    if isinstance(v, int):
+        return f"{v:,}{unit}"
+    return f"{v}{unit}"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [f"# Benchmark results ({r['meta']['mode']} run, {r['meta']['started']})", "",
+             f"Machine: {r['meta']['machine']}. Everything on loopback, side by side in one run.", ""]
+    lines += ["## Throughput, agent to agent, QoS 1 (paho clients, TCP_NODELAY)", "",
+              "| size | messages | ours msg/s | ours lost | bridge msg/s | bridge lost | SLIM (MLS) msg/s "
+              "| ours/bridge | ours/SLIM |", "|---|---|---|---|---|---|---|---|---|"]
+    slim = {t["size"]: t for t in r.get("slim", {}).get("throughput", [])}
+    bridge = {t["size"]: t for t in r.get("throughput", {}).get("bridge", [])}
+    for o in r.get("throughput", {}).get("ours", []):
+        b, s = bridge.get(o["size"], {}), slim.get(o["size"], {})
+        rb = f"{o['msg_s'] / b['msg_s']:.2f}x" if b.get("msg_s") else "-"
+        rs = f"{o['msg_s'] / s['msg_s']:.2f}x" if s.get("msg_s") else "-"
+        lines.append(f"| {o['size']:,} B | {o['n']:,} | {_fmt(o.get('msg_s'))} | {_fmt(o.get('lost'))} | "
+                     f"{_fmt(b.get('msg_s'))} | {_fmt(b.get('lost'))} | {_fmt(s.get('msg_s'))} | {rb} | {rs} |")
+    lines += ["", "## Request/reply round trip, 256 B, QoS 1", "", "| path | exchanges | p50 ms | p99 ms | lost |",
+              "|---|---|---|---|---|"]
+    for path, rt in r.get("rtt", {}).items():
+        lines.append(f"| {path} | {_fmt(rt.get('n'))} | {_fmt(rt.get('p50_ms'))} | {_fmt(rt.get('p99_ms'))} | "
+                     f"{_fmt(rt.get('lost'))} |")
+    slim_rt = r.get("slim", {}).get("rtt", [])
+    if slim_rt:
+        s = slim_rt[0]
+        lines.append(f"| SLIM (MLS, reliable) | {_fmt(s.get('n'))} | {_fmt(s.get('p50_ms'))} | "
+                     f"{_fmt(s.get('p99_ms'))} | - |")
+    lines += ["", f"SLIM: {r.get('slim', {}).get('status', 'not measured')}", ""]
+    relay = r.get("relay", {})
+    lines += ["## Relay", ""]
+    micro = relay.get("micro") or {}
+    if micro:
+        lines.append(f"- routed envelopes/s (bench/relay_micro.py, batched, {micro.get('envelope_bytes')} B): "
+                     f"{_fmt(micro.get('batched_envelopes_per_s'))}; one envelope per frame: "
+                     f"{_fmt(micro.get('unbatched_envelopes_per_s'))}; relay round trip p50 "
+                     f"{_fmt(micro.get('rtt_ms_median'))} ms")
+    conns = relay.get("connections") or {}
+    if conns:
+        lines.append(f"- connections held: {_fmt(conns.get('held'))} of {_fmt(conns.get('connections_target'))} "
+                     f"(failed {_fmt(conns.get('failed'))}); relay RSS {_fmt(conns.get('relay_rss_idle_kib'))} KiB "
+                     f"-> {_fmt(conns.get('relay_rss_loaded_kib'))} KiB, "
+                     f"{_fmt(conns.get('bytes_per_connection'))} B per connection; "
+                     f"{_fmt(conns.get('connects_per_s'))} authenticated connects/s")
+    for key in ("micro_error", "connections_error"):
+        if relay.get(key):
+            lines.append(f"- {key}: {relay[key]}")
+    gw = r.get("gateway", {})
+    lines += ["", "## Gateway", "",
+              f"- RSS idle: {_fmt(gw.get('rss_idle_mb'))} MB; under load (peak during the throughput runs): "
+              f"{_fmt(gw.get('rss_load_mb'))} MB (largest of the two gateways)"]
+    cs = gw.get("cold_start") or {}
+    if cs:
+        lines.append(f"- cold start to link ready: {_fmt(cs.get('cold_start_s'))} s median of {cs.get('runs')} "
+                     f"({cs.get('samples_s')}); interpreter + imports alone: {_fmt(cs.get('python_imports_s'))} s")
+    mls = r.get("mls", {})
+    lines += ["", "## MLS (gateway/protocol/mls, suite 1)", ""]
+    if mls.get("members"):
+        lines.append(f"- {mls['members']} members: create {mls['create_ms']} ms; one commit adding "
+                     f"{mls['members'] - 1}: {mls['add_commit_s']} s; join from Welcome {mls['join_from_welcome_ms']}"
+                     f" ms; process a commit with path {mls['process_commit_ms']} ms; protect + unprotect 1 KiB "
+                     f"{mls['protect_unprotect_1k_us']} us (median)")
+    else:
+        lines.append(f"- {mls.get('status', 'not yet')}")
+    lines += ["", "## Targets", "", "| target | goal | measured | result |", "|---|---|---|---|"]
+    for c in r.get("targets", []):
+        lines.append(f"| {c['name']} | {c['target']} | {c['value']} | {c['status']} |")
+    prof = r.get("profile") or {}
+    if prof.get("gateways"):
+        lines += ["", "## Profile (cProfile, event-loop thread of each gateway, 256 B throughput run)", ""]
+        for name, p in prof["gateways"].items():
+            lines += [f"### {name}: {p['total_s']} s profiled, {p['idle_in_epoll_s']} s idle in epoll", "",
+                      "| own time s | calls | function |", "|---|---|---|"]
+            lines += [f"| {e['tottime_s']} | {e['calls']:,} | `{e['where']}` |" for e in p["top_own_time"][:12]]
+            lines.append("")
+    if r.get("errors"):
+        lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+"""`python -m bench --quick` end to end: every part runs on real processes and the report is well formed.
+
+The figures themselves are not asserted (benchmarks are never timed tests); what is asserted is that the harness
+measures both paths, loses nothing, and turns the figures into a complete table with a verdict per target."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:  # type: ignore[type-arg]
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "latest.json").read_text()), (out / "latest.md").read_text()
+
+
+def test_both_paths_carry_every_message(quick):
+    r, _ = quick
+    for path in ("ours", "bridge"):
+        (row,) = r["throughput"][path]
+        assert row["size"] == 256 and row["n"] == 200
+        assert row["received"] == 200 and row["lost"] == 0 and row["duplicates"] == 0
+        assert row["msg_s"] > 0
+        rt = r["rtt"][path]
+        assert rt["n"] == 50 and rt["lost"] == 0 and 0 < rt["p50_ms"] <= rt["p99_ms"]
+    assert r["errors"] == {}
+
+
+def test_other_parts_are_measured(quick):
+    r, _ = quick
+    assert r["relay"]["micro"]["batched_envelopes_per_s"] > 0
+    conns = r["relay"]["connections"]
+    assert conns["held"] == conns["connections_target"] == 20 and conns["failed"] == 0
+    gw = r["gateway"]
+    assert 0 < gw["rss_idle_mb"] <= gw["rss_load_mb"]
+    assert gw["cold_start"]["cold_start_s"] > 0
+    assert r["mls"]["members"] == 20 and r["mls"]["protect_unprotect_1k_us"] > 0
+    assert r["slim"]["status"].startswith("not measured")
+
+
+def test_table_has_a_verdict_for_every_target(quick):
+    r, md = quick
+    names = {t["name"] for t in r["targets"]}
+    assert {"throughput 256 B vs Mosquitto TLS bridge", "messages lost, ours", "round trip p50, ours",
+            "relay routed envelopes/s", "gateway RSS under load", "gateway cold start to ready (SoftHSM)"} <= names
+    for t in r["targets"]:
+        assert t["status"] in ("PASS", "MISS", "n/a")
+        assert f"| {t['name']} | {t['target']} | {t['value']} | {t['status']} |" in md
+    assert "| 256 B | 200 |" in md
+
+
+def test_checks_compare_against_the_targets():
+    base = {"throughput": {"ours": [{"size": 256, "n": 10, "msg_s": 600, "lost": 0}],
+                           "bridge": [{"size": 256, "n": 10, "msg_s": 1000, "lost": 1}]},
+            "slim": {"throughput": [{"size": 256, "msg_s": 400}]},
+            "rtt": {"ours": {"n": 10, "p50_ms": 1.5, "p99_ms": 7.0}}}
+    got = {c.name: c.status for c in report.checks(base)}
+    assert got["throughput 256 B vs Mosquitto TLS bridge"] == "PASS"  # 0.6x >= 0.5x
+    assert got["throughput 256 B vs bridge (stretch)"] == "MISS"
+    assert got["throughput 256 B vs SLIM (MLS)"] == "MISS"  # 1.5x < 2x
+    assert got["messages lost, ours"] == "PASS" and got["messages lost, bridge"] == "MISS"
+    assert got["round trip p50, ours"] == "PASS" and got["round trip p99, ours"] == "MISS"
+    unmeasured = {c.name: c.status for c in report.checks({"slim": {"status": "not available: no wheel"}})}
+    assert unmeasured == {"throughput 256 B vs SLIM (MLS)": "n/a"}
