@@ -314,7 +314,7 @@ class Group:
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, me, items,
                              self.config.identity_validator, now)
         private = st.private.copy()
-        _prune_private(private, fx.tree)
+        private.prune(fx.tree)
         commit_secret = bytes(cs.hash_len)
         path = None
         path_secrets = {}
@@ -554,7 +554,7 @@ class Group:
             return StagedCommit(self.epoch, committer, proposals, tuple(i for i, _ in fx.added), tuple(fx.removed),
                                 True, None)
         tree, private = fx.tree, st.private.copy()
-        _prune_private(private, tree)
+        private.prune(tree)
         if self.own_leaf in fx.updated:
             own_leaf = tree.leaf(self.own_leaf)
             assert own_leaf is not None
@@ -597,13 +597,6 @@ class Group:
 
 def _auth(signature: bytes, tag: bytes) -> FramedContentAuthData:
     return FramedContentAuthData(signature, tag)
-
-
-def _prune_private(private: TreeKemPrivate, tree: RatchetTree) -> None:
-    """Forget private keys of parent nodes that proposals blanked."""
-    width = tm.node_width(tree.n_leaves)
-    for x in [x for x in private.keys if not tm.is_leaf(x) and (x >= width or tree.node(x) is None)]:
-        del private.keys[x]
 
 
 def _external_psk_inputs(cfg: GroupConfig, secrets: GroupSecrets) -> list[PskInput]:
