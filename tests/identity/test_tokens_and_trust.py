@@ -160,3 +160,12 @@ def test_relay_token_rejections():
         verify_relay_token(t2, trust=trust, audience="relay.acme", challenge=ch, now=now)
     with pytest.raises(ValueError):
         mint_relay_token(dev_key, chain=[dev_cert], audience="a", challenge=ch, now=now, lifetime=7200)
+
+
+@pytest.mark.parametrize("bad", ["pi-1\n", "Pi-1", "-pi", "pi-", "", "a" * 65, "pi/1", "pi 1"])
+def test_device_ids_are_strict(bad):
+    from gateway.protocol.identity.errors import BadName
+    from gateway.protocol.identity.names import check_id
+
+    with pytest.raises(BadName):
+        check_id("device id", bad)

@@ -18,14 +18,14 @@ _FLEET = re.compile(r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$")
 
 def check_id(kind: str, value: str) -> str:
     """Validate a device id or agent name: 1-64 chars of a-z 0-9 . _ -, starting and ending alphanumeric."""
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise BadName(f"{kind} {value!r} must be 1-64 characters of a-z, 0-9, '.', '_', '-', "
                       "starting and ending with a letter or digit")
     return value
 
 
 def check_fleet(value: str) -> str:
-    if not isinstance(value, str) or not _FLEET.match(value):
+    if not isinstance(value, str) or not _FLEET.fullmatch(value):
         raise BadName(f"fleet {value!r} must be a DNS-like name of a-z, 0-9, '.', '-'")
     return value
 
