@@ -467,7 +467,7 @@ class Group:
                 del self._past[epoch]
         self._state = state
         self._resumption[state.context.epoch] = state.secrets.resumption_psk
-        for epoch in sorted(self._resumption)[: -self.config.resumption_epochs_kept]:
+        for epoch in sorted(self._resumption)[: -max(1, self.config.resumption_epochs_kept)]:
             del self._resumption[epoch]
 
     def _check_epoch(self, group_id: bytes, epoch: int) -> None:
