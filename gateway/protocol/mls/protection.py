@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.protocol.mls.codec import Reader, Writer
+from gateway.protocol.mls.codec import Reader
 from gateway.protocol.mls.crypto import CipherSuite, Signer, check_signature, ct_equal, sign_with_label
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsVerificationError
 from gateway.protocol.mls.framing import (
@@ -52,13 +52,28 @@ def _context_bytes(context: GroupContext) -> bytes:
     return context.to_bytes()
 
 
+_last_encoded: tuple[FramedContent, bytes] | None = None
+
+
+def encoded_content(content: FramedContent) -> bytes:
+    """The encoding of a FramedContent. The same content is encoded up to three times per message (membership
+    tag, signature, transcript hash) and a commit can be large, so the last one is remembered (by identity;
+    the tuple is replaced whole, so concurrent callers at worst recompute)."""
+    global _last_encoded
+    last = _last_encoded
+    if last is not None and last[0] is content:
+        return last[1]
+    data = content.to_bytes()
+    _last_encoded = (content, data)
+    return data
+
+
 def content_tbs(wire_format: WireFormat, content: FramedContent, context: GroupContext) -> bytes:
     """FramedContentTBS (the same bytes as `framing.framed_content_tbs`, with the epoch's context cached)."""
     if content.sender.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
         return framed_content_tbs(wire_format, content, None)
-    w = Writer().u16(ProtocolVersion.MLS10).u16(wire_format)
-    content.encode(w)
-    return w.raw(_context_bytes(context)).bytes()
+    head = ProtocolVersion.MLS10.to_bytes(2, "big") + wire_format.to_bytes(2, "big")
+    return head + encoded_content(content) + _context_bytes(context)
 
 
 def sign_content(

@@ -11,12 +11,12 @@ from gateway.protocol.mls.codec import Writer
 from gateway.protocol.mls.crypto import CipherSuite, ct_equal
 from gateway.protocol.mls.errors import MlsVerificationError
 from gateway.protocol.mls.framing import AuthenticatedContent, FramedContent
+from gateway.protocol.mls.protection import encoded_content
 from gateway.protocol.mls.wire import WireFormat
 
 
 def confirmed_transcript_hash_input(wire_format: WireFormat, content: FramedContent, signature: bytes) -> bytes:
-    w = Writer().u16(wire_format)
-    content.encode(w)
+    w = Writer().u16(wire_format).raw(encoded_content(content))
     return w.opaque(signature).bytes()
 
 
