@@ -51,6 +51,8 @@ from relay.routing import LocalRouter, Router, RouteResult
 
 log = logging.getLogger("agw.relay")
 
+#: Control frames (UNDELIVERABLE, PREKEYS...) queued for a gateway before the relay stops reading from it.
+MAX_PENDING_FRAMES = 64
 _LIVE = (LinkState.READY, LinkState.REFRESH_REQUESTED, LinkState.REFRESH_CHALLENGED, LinkState.REFRESH_AUTHENTICATING)
 _ROUTE_REASON = {RouteResult.OFFLINE: UndeliverableReason.OFFLINE, RouteResult.CONGESTED: UndeliverableReason.CONGESTED}
 
@@ -226,6 +228,7 @@ class _Connection:
         self.pending: deque[Envelope] = deque()
         self.pending_bytes = 0
         self.wake = asyncio.Event()
+        self.drained = asyncio.Event()
         self.serial: int | None = None
         self.registered = False
         self.closing = False
@@ -302,10 +305,28 @@ class _Connection:
                 return
             for event in self.link.events_received():
                 await self._on_event(event)
+            if self.link.pending_output > MAX_PENDING_FRAMES:
+                await self._wait_drained()
             if self.link.state is LinkState.CLOSED and not self.closing:  # AUTH_FAIL was queued
                 await self.close(None, "authentication failed")
                 return
             self.wake.set()
+
+    async def _wait_drained(self) -> None:
+        """Our answers to this gateway are piling up because it does not read: stop reading from it (TCP
+        backpressure) until they are sent, and give up on it after the idle timeout."""
+        self.drained.clear()
+        self.wake.set()
+        drained = asyncio.ensure_future(self.drained.wait())
+        closed = asyncio.ensure_future(self.ws.wait_closed())
+        try:
+            done, _ = await asyncio.wait((drained, closed), timeout=self.cfg.idle_timeout,
+                                        return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            closed.cancel()
+        if not done:
+            self.close_soon(ErrorCode.IDLE, "not reading")
 
     async def _writer(self) -> None:
         """The only sender (besides close): batches queued deliveries and sends frames in order."""
@@ -320,6 +341,7 @@ class _Connection:
             for msg in self.link.data_to_send():
                 await self.ws.send(msg)
                 self.relay.metrics.bytes_out.inc(len(msg))
+            self.drained.set()
 
     async def flush_now(self) -> None:
         """Send whatever the link has queued (an ERROR or AUTH_FAIL before closing), with a short deadline."""

@@ -237,6 +237,11 @@ class _Link:
         self._events: list[object] = []
         self._said_goodbye = False  # an ERROR or AUTH_FAIL was queued, or the peer's ERROR received
 
+    @property
+    def pending_output(self) -> int:
+        """Frames queued and not yet collected by `data_to_send()`: the shell stops reading when this grows."""
+        return len(self._out)
+
     def data_to_send(self) -> list[bytes]:
         """Messages to write, in order; each is one WebSocket binary message."""
         out, self._out = self._out, []

@@ -71,3 +71,33 @@ async def test_backpressure_slow_receiver(env: RelayEnv) -> None:
         seen += len(ev.envelope_ids)
     assert seen == congested
     assert sender.state.value == "ready"
+
+
+async def test_gateway_that_does_not_read_is_not_buffered_for(env: RelayEnv) -> None:
+    """A gateway that floods the relay but never reads its answers (UNDELIVERABLE) makes the relay stop
+    reading from it, instead of queueing answers without bound."""
+    import asyncio
+
+    from relay.server import MAX_PENDING_FRAMES
+
+    relay = await env.start(rate_envelopes=1e9, burst_envelopes=1e9, rate_bytes=1e12, burst_bytes=1e12)
+    raw = await env.raw(env.fleet.device("dev-deaf"), max_queue=1)
+    raw.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    (conn,) = relay.connections
+    conn.ws.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    batch = [envelope("dev-deaf", "dev-offline") for _ in range(1000)]  # each frame earns a 16 KB answer
+
+    async def flood() -> None:
+        for _ in range(300):
+            raw.link.send_envelopes(batch)
+            await raw.flush()
+
+    task = asyncio.create_task(flood())
+    worst = 0
+    for _ in range(150):
+        await asyncio.sleep(0.01)
+        worst = max(worst, conn.link.pending_output)
+    assert not task.done()  # our sends block: the relay stopped reading from us
+    assert worst <= MAX_PENDING_FRAMES + 1
+    assert undeliverable(relay, "offline") < 300 * 1000
+    task.cancel()
