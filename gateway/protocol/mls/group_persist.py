@@ -19,7 +19,7 @@ from gateway.protocol.mls.group_state import CachedProposal, EpochState, PastEpo
 from gateway.protocol.mls.key_schedule import EpochSecrets
 from gateway.protocol.mls.proposals import ReInit, decode_proposal, encode_proposal
 from gateway.protocol.mls.ratchet_tree import RatchetTree
-from gateway.protocol.mls.secret_tree import SecretTree
+from gateway.protocol.mls.secret_tree import SecretTree, strictly_increasing
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex, node_width
 from gateway.protocol.mls.treekem import TreeKemPrivate
 from gateway.protocol.mls.welcome_structs import GroupContext
@@ -74,7 +74,9 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     own = LeafIndex(r.u32())
     width = node_width(tree.n_leaves)
     keys: dict[NodeIndex, bytes] = {}
-    for node, priv in r.vector(lambda r2: (r2.u32(), r2.opaque())):
+    key_items = r.vector(lambda r2: (r2.u32(), r2.opaque()))
+    strictly_increasing([n for n, _ in key_items], "private keys")
+    for node, priv in key_items:
         if node >= width:
             raise MlsDecodeError(f"private key for node {node} outside the tree")
         keys[NodeIndex(node)] = priv
@@ -87,9 +89,16 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
         sender = Sender.decode(r2)
         return ref, CachedProposal(decode_proposal(r2), sender)
 
-    proposals = dict(r.vector(get_cached))
-    resumption = dict(r.vector(lambda r2: (r2.u64(), r2.opaque())))
-    pending_updates = dict(r.vector(lambda r2: (r2.opaque(), r2.opaque())))
+    cached_items = r.vector(get_cached)
+    proposals = dict(cached_items)
+    if len(proposals) != len(cached_items):
+        raise MlsDecodeError("proposal cache: duplicated reference")
+    resumption_items = r.vector(lambda r2: (r2.u64(), r2.opaque()))
+    strictly_increasing([e for e, _ in resumption_items], "resumption PSKs")
+    resumption = dict(resumption_items)
+    update_items = r.vector(lambda r2: (r2.opaque(), r2.opaque()))
+    strictly_increasing([k for k, _ in update_items], "pending update keys")
+    pending_updates = dict(update_items)
     reinit = r.optional(ReInit.decode)
 
     def get_past(r2: Reader) -> PastEpoch:
@@ -100,7 +109,9 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
             raise MlsError("restored past epoch is inconsistent")
         return PastEpoch(ctx, past_tree, past_secrets, r2.opaque())
 
-    past = {p.context.epoch: p for p in r.vector(get_past)}
+    past_items = r.vector(get_past)
+    strictly_increasing([p.context.epoch for p in past_items], "past epochs")
+    past = {p.context.epoch: p for p in past_items}
     if resumption.get(context.epoch) != secrets.resumption_psk:
         raise MlsError("restored group state is inconsistent (resumption PSK of the current epoch)")
     if context.cipher_suite != cs.suite_id or secret_tree.n_leaves != tree.n_leaves:

@@ -11,8 +11,10 @@ the state, and `consume()` (called only once the message has been authenticated)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any, TypeVar
 
 from gateway.protocol.mls import tree_math as tm
 from gateway.protocol.mls.codec import Reader, Writer
@@ -20,8 +22,17 @@ from gateway.protocol.mls.crypto import CipherSuite, derive_tree_secret, expand_
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsReplayError
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex
 
+K = TypeVar("K", bound=Any)
+
 DEFAULT_OUT_OF_ORDER_WINDOW = 32
 DEFAULT_MAX_FORWARD = 1000
+
+
+def strictly_increasing(keys: list[K], what: str) -> None:
+    """Persisted maps are written in sorted order; anything else (including a duplicate) is corruption."""
+    for a, b in itertools.pairwise(keys):
+        if not a < b:
+            raise MlsDecodeError(f"{what}: entries out of order or duplicated")
 
 
 class RatchetType(IntEnum):
@@ -208,7 +219,9 @@ class SecretTree:
         t = cls(cs, b"", n_leaves, out_of_order_window=window, max_forward=max_forward)
         width = tm.node_width(n_leaves)
         t._nodes = {}
-        for node, secret in r.vector(lambda r2: (r2.u32(), r2.opaque())):
+        node_items = r.vector(lambda r2: (r2.u32(), r2.opaque()))
+        strictly_increasing([n for n, _ in node_items], "secret tree nodes")
+        for node, secret in node_items:
             if node >= width:
                 raise MlsDecodeError(f"secret tree node {node} outside the tree")
             t._nodes[NodeIndex(node)] = secret
@@ -217,10 +230,14 @@ class SecretTree:
             leaf, rt_raw, secret, gen = r2.u32(), r2.u8(), r2.opaque(), r2.u32()
             if leaf >= n_leaves or rt_raw > 1:
                 raise MlsDecodeError("secret tree ratchet names a leaf outside the tree or an unknown type")
-            skipped = {kn.generation: kn for kn in r2.vector(lambda r3: KeyNonce(r3.u32(), r3.opaque(), r3.opaque()))}
+            kns = r2.vector(lambda r3: KeyNonce(r3.u32(), r3.opaque(), r3.opaque()))
+            strictly_increasing([kn.generation for kn in kns], "skipped keys")
+            skipped = {kn.generation: kn for kn in kns}
             return (LeafIndex(leaf), RatchetType(rt_raw)), HashRatchet(secret, gen, skipped)
 
-        t._ratchets = dict(r.vector(get_ratchet))
+        ratchets = r.vector(get_ratchet)
+        strictly_increasing([k for k, _ in ratchets], "ratchets")
+        t._ratchets = dict(ratchets)
         return t
 
     def generation(self, leaf: LeafIndex, rt: RatchetType) -> int:
