@@ -269,3 +269,18 @@ def test_gateway_started_like_the_unit_passes_a_message(provisioned: Provisioned
             proc.wait(5)
         broker.terminate()
         broker.wait(10)
+
+
+def test_rendered_units_verify_and_score(provisioned: Provisioned) -> None:
+    """The units the playbook rendered for this (non-default) layout still load and stay hardened."""
+    units = provisioned.root / "etc/systemd/system"
+    names = ["agw-gateway.service", "agw-rotate.service", "agw-rotate.timer", "agw-relay.service"]
+    out = subprocess.run(["systemd-analyze", "verify", *[f"./{n}" for n in names]], cwd=units, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr
+    gateway = parse_unit(units / "agw-gateway.service")
+    assert value(gateway, "Service", "ReadWritePaths") == str(provisioned.root / "var/lib/agw")
+    sec = subprocess.run(["systemd-analyze", "security", "--offline=true", "./agw-gateway.service"], cwd=units,
+                         capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for agw-gateway.service: (\d+\.\d)", sec.stdout)
+    assert m and float(m.group(1)) <= 2.0, sec.stdout[-2000:]

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,63 @@ def test_rotate_timer_drives_key_delegation() -> None:
     assert value(svc, "Service", "Type") == "oneshot"
     assert value(svc, "Service", "ExecStart") == "/opt/agw/venv/bin/agw keys delegate --config /etc/agw/agw.yaml"
     assert value(svc, "Service", "User") == "agw"
+
+
+def _render(template: Path, defaults: Path, **overrides: str) -> str:
+    """Render a role's unit template with the role's defaults, as Ansible's template module would (trim_blocks)."""
+    import jinja2
+    import yaml
+
+    variables = {**yaml.safe_load(defaults.read_text()), **overrides}
+    env = jinja2.Environment(trim_blocks=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined,
+                             autoescape=False)
+    return env.from_string(template.read_text()).render(variables)
+
+
+@pytest.mark.parametrize(("role", "name"), [("gateway", "agw-gateway.service"), ("gateway", "agw-rotate.service"),
+                                            ("gateway", "agw-rotate.timer"), ("relay", "agw-relay.service")])
+def test_ansible_templates_render_the_shipped_units(role: str, name: str) -> None:
+    """The roles install what systemd/ ships: with their defaults, the templates give the same bytes."""
+    roles = ROOT / "ansible" / "roles" / role
+    rendered = _render(roles / "templates" / f"{name}.j2", roles / "defaults" / "main.yml")
+    assert rendered == (UNITS / name).read_text()
+
+
+def test_tpm_only_devices_get_no_pin_credential() -> None:
+    roles = ROOT / "ansible" / "roles" / "gateway"
+    rendered = _render(roles / "templates" / "agw-gateway.service.j2", roles / "defaults" / "main.yml",
+                       gateway_key_backend="tpm")
+    assert "LoadCredential" not in rendered and "DeviceAllow=/dev/tpmrm0 rw" in rendered
+
+
+def test_rotate_restarts_the_gateway_only_when_a_new_key_was_written(tmp_path: Path) -> None:
+    """Run the rotate unit's ExecStartPre and ExecStartPost shell lines (specifiers expanded, systemctl replaced by
+    a recorder) around a stand-in for `agw keys delegate` that does or does not write a new key."""
+    unit = parse_unit(UNITS / "agw-rotate.service")
+    state, run = tmp_path / "state", tmp_path / "run"
+    state.mkdir()
+    (run / "agw-rotate").mkdir(parents=True)
+    log = tmp_path / "systemctl.log"
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    pre, post = value(unit, "Service", "ExecStartPre"), value(unit, "Service", "ExecStartPost")
+    assert pre and post and post.startswith("+")
+
+    def line(text: str) -> list[str]:
+        from tests.deploy.units import exec_argv
+
+        text = text.replace("/var/lib/agw", str(state)).replace("/usr/bin/systemctl", str(fake))
+        return exec_argv(text, {"t": str(run), "S": str(tmp_path)})
+
+    (state / "delegated.json").write_text("old")
+    time.sleep(0.05)
+    subprocess.run(line(pre), check=True)
+    subprocess.run(line(post), check=True)
+    assert not log.exists(), "restarted although no key was renewed"
+    time.sleep(0.05)
+    subprocess.run(line(pre), check=True)
+    time.sleep(0.05)
+    (state / "delegated.json").write_text("new")  # what `agw keys delegate` does when it renews
+    subprocess.run(line(post), check=True)
+    assert log.read_text().split() == ["try-restart", "agw-gateway.service"]
