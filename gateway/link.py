@@ -181,6 +181,9 @@ class RelayLink:
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()
+        self._keepalive = 0.0  # per connection: from AUTH_OK
+        self._refresh_at = float("inf")  # monotonic time to ask for a new challenge
+        self._last_sent = 0.0
 
     @property
     def state(self) -> LinkStatus:
