@@ -60,13 +60,25 @@ def _digest(m: AgentMessage) -> bytes:
     return h.digest()[:16]
 
 
+def _inbox_name(peer_device: str, inner: InnerMessage) -> str:
+    return f"{peer_device}/{inner.message_id.hex()}"
+
+
+def _inbox_record(seq: int, inner: InnerMessage) -> bytes:
+    return seq.to_bytes(8, "big") + inner.encode()
+
+
+def _inbox_decode(record: bytes) -> tuple[int, InnerMessage]:
+    return int.from_bytes(record[:8], "big"), InnerMessage.decode(record[8:])
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """How to answer a DATA message: ACK it, REJECT it with a reason, or stay silent (the sender retries)."""
+    """How to answer a DATA message: publish it (then ACK), ACK it at once, or REJECT it with a reason."""
 
     ack: bool
     reason: RejectReason | None = None
@@ -74,7 +86,6 @@ class Verdict:
 
 
 ACK = Verdict(True)
-SILENT = Verdict(False)
 PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
 
 
@@ -97,7 +108,8 @@ class Gateway:
         self._wake_sender = asyncio.Event()
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._peer_retry_at: dict[str, int] = {}
-        self._delivering: set[bytes] = set()
+        self._seq = time.time_ns()
+        self._publishing: set[str] = set()
         self.notifier = Notifier()
 
     # -- start-up ----------------------------------------------------------------------------------------------
@@ -138,7 +150,8 @@ class Gateway:
         self.notifier.ready(f"device {self.device_id}")
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("agents", self._agent_loop()), ("link", self._link_loop()), ("sender", self._sender_loop()),
-            ("consent", self._consent_loop()), ("maintenance", self._maintenance_loop()))]
+            ("consent", self._consent_loop()), ("inbox", self._inbox_loop()),
+            ("maintenance", self._maintenance_loop()))]
         try:
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -321,32 +334,60 @@ class Gateway:
                 else:
                     data.append((env.sender, inner))
         acks: dict[str, list[bytes]] = defaultdict(list)
-        to_publish: list[tuple[str, InnerMessage]] = []
+        accepted: list[tuple[str, InnerMessage]] = []
         for peer, inner in data:
             verdict = self._admit(peer, inner)
             if verdict.publish:
-                self._delivering.add(inner.message_id)
-                to_publish.append((peer, inner))
+                accepted.append((peer, inner))
             elif verdict.ack:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
-        if to_publish:
-            results = await asyncio.gather(*(self._publish_to_agent(p, i) for p, i in to_publish),
-                                           return_exceptions=True)
-            done = [(p, i) for (p, i), r in zip(to_publish, results, strict=True) if r is None]
-            for (_, i), r in zip(to_publish, results, strict=True):
-                if isinstance(r, BaseException):
-                    log.warning("cannot deliver to %s now: %s; the sender will retry", i.recipient_agent, r)
+        if accepted:
+            # Into the inbox first: once it is there the sender may forget the message, and a broker outage
+            # here never stalls the sender's retries.
             t = now_ms()
-            with self.store.transaction(durable=False):
-                for p, i in done:
-                    self.store.delivered.mark(i.message_id, t)
-                    acks[p].append(i.message_id)
-            for _, i in to_publish:
-                self._delivering.discard(i.message_id)
-            self.counters.delivered += len(done)
+            with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
+                for peer, inner in accepted:
+                    self.store.delivered.mark(inner.message_id, t)
+                    self.store.inbox.put(_inbox_name(peer, inner), _inbox_record(self._inbox_seq(), inner))
+                    acks[peer].append(inner.message_id)
         await self._send_acks(acks)
+        if accepted:
+            await self._publish_inbox([(_inbox_name(p, i), p, i) for p, i in accepted])
+
+    def _inbox_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def _publish_inbox(self, entries: list[tuple[str, str, InnerMessage]]) -> None:
+        """Hand inbox entries to the broker (in order, pipelined) and drop those it acknowledged."""
+        entries = [e for e in entries if e[0] not in self._publishing]
+        self._publishing.update(name for name, _, _ in entries)
+        try:
+            results = await asyncio.gather(*(self._publish_to_agent(p, i) for _, p, i in entries),
+                                           return_exceptions=True)
+        finally:
+            self._publishing.difference_update(name for name, _, _ in entries)
+        done = [name for (name, _, _), r in zip(entries, results, strict=True) if r is None]
+        if len(done) < len(entries):
+            log.warning("%d message(s) wait in the inbox for the MQTT broker", len(entries) - len(done))
+        if done:
+            with self.store.transaction(durable=False):
+                for name in done:
+                    self.store.inbox.delete(name)
+            self.counters.delivered += len(done)
+
+    async def _inbox_loop(self) -> None:
+        """Retry inbox entries left behind by a broker outage or a restart."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.bridge.connected:
+                continue
+            pending = sorted(((*_inbox_decode(v), name) for name, v in self.store.inbox.items()
+                              if name not in self._publishing), key=lambda e: e[0])
+            if pending:
+                await self._publish_inbox([(name, name.split("/", 1)[0], inner) for _, inner, name in pending])
 
     def _open(self, env: Envelope) -> InnerMessage | None:
         """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
@@ -364,8 +405,6 @@ class Gateway:
         agent = inner.recipient_agent
         peer = f"{peer_device}/{inner.sender_agent}"
         t = now_ms()
-        if inner.message_id in self._delivering:
-            return SILENT  # the same message is being published right now; that one will be acknowledged
         if self.store.delivered.seen(inner.message_id):
             self.counters.duplicates += 1
             return ACK  # delivered (or held) before; the sender missed our ACK

@@ -50,9 +50,7 @@ def export(store: Store, peer: str | None) -> dict[str, Any]:
 
 
 def purge(store: Store, peer: str) -> dict[str, Any]:
-    out = store.purge_peer(peer)
-    store.audit.append({"type": "store.purged", "peer": peer, "counts": out}, _now())
-    return out
+    return store.purge_peer(peer)  # audited by the store
 
 
 def pending_count(store: Store) -> int:

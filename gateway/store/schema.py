@@ -48,6 +48,7 @@ CREATE INDEX delivered_by_time ON delivered (at_ms);
 
 CREATE TABLE sessions (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
 CREATE TABLE secrets (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
+CREATE TABLE inbox (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
 CREATE TABLE peers (k BLOB PRIMARY KEY, v BLOB NOT NULL) STRICT;
 
 CREATE TABLE consent (k BLOB PRIMARY KEY, peer BLOB NOT NULL, v BLOB NOT NULL) STRICT;
@@ -60,5 +61,5 @@ CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, v BLOB NOT 
 MIGRATIONS: dict[int, str] = {}
 
 EXPECTED_TABLES = frozenset(
-    {"meta", "outbox", "outbox_usage", "delivered", "sessions", "secrets", "peers", "consent", "audit"}
+    {"meta", "outbox", "outbox_usage", "delivered", "sessions", "secrets", "inbox", "peers", "consent", "audit"}
 )

@@ -73,6 +73,7 @@ class Store:
         self.delivered = DeliveredIds(db, keys)
         self.sessions = KeyedBlobs(db, keys, "sessions")
         self.secrets = KeyedBlobs(db, keys, "secrets")
+        self.inbox = KeyedBlobs(db, keys, "inbox")  # received, acknowledged, not yet handed to the broker
         self.peers = Peers(db, keys)
         self.consent = Consent(db, keys, self.audit)
 
@@ -259,6 +260,8 @@ class Store:
                 "sessions": int(self.sessions.delete(peer_device)),
                 "peers": int(self.peers.delete(peer_device)),
                 "consent": self.consent.purge_peer(peer_device),
+                "inbox": sum(self.inbox.delete(name) for name, _ in self.inbox.items()
+                             if name.startswith(peer_device + "/")),
             }
             self.audit.append({"type": "store.purged", "peer": peer_device, "removed": counts})
             return counts

@@ -313,6 +313,8 @@ def test_concurrent_use_from_four_threads(store: Store) -> None:
 def test_export_and_purge_peer(store: Store) -> None:
     store.outbox.put_many([(mid(1), "devB", b"to-b", FAR), (mid(2), "devC", b"to-c", FAR)])
     store.sessions.put("devB", b"ratchet-secret")
+    store.inbox.put("devB/" + mid(9).hex(), b"received from devB, not yet published")
+    store.inbox.put("devC/" + mid(8).hex(), b"received from devC")
     store.peers.put("devB", b"cert", 7)
     store.consent.request("a1", "devB/bot", b"hi", 3)
     store.consent.allow("a2", "devC/bot", 4)
@@ -330,7 +332,8 @@ def test_export_and_purge_peer(store: Store) -> None:
     everything = store.export()
     assert len(everything["outbox"]) == 2 and len(everything["consent"]) == 2 and everything["delivered_ids"] == 0
 
-    assert store.purge_peer("devB") == {"outbox": 1, "sessions": 1, "peers": 1, "consent": 1}
+    assert store.purge_peer("devB") == {"outbox": 1, "sessions": 1, "peers": 1, "consent": 1, "inbox": 1}
+    assert [name for name, _ in store.inbox.items()] == ["devC/" + mid(8).hex()]
     after = store.export(peer="devB")
     assert after["outbox"] == after["peers"] == after["sessions"] == after["consent"] == []
     assert store.outbox.depth() == 1 and store.consent.is_allowed("a2", "devC/bot")
