@@ -65,6 +65,7 @@ def playbook(inventory: Path, extra: Path, env: dict[str, str]) -> subprocess.Co
 @pytest.fixture(scope="module")
 def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisioned]:
     base = tmp_path_factory.mktemp("deploy")
+    tb_started = time.monotonic()
     tb = Testbed(base / "bed")
     try:
         tb.start_relay()
@@ -86,6 +87,7 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisione
             "mosquitto_agents": {"alice": PW_ALICE}, "mosquitto_owner": "root", "mosquitto_group": "root",
             # gateway (the "device" is this machine; the venv is the project's own, already holding agw)
             "gateway_user": "root", "gateway_group": "root", "gateway_manage_user": False,
+            "gateway_install_packages": False,
             "gateway_venv": sys.prefix, "gateway_python": sys.executable,
             "gateway_pip_extra_args": f"--no-index --no-deps --find-links {base / 'no-wheels'}",
             "gateway_config_dir": f"{root}/etc/agw", "gateway_state_dir": f"{root}/var/lib/agw",
@@ -98,7 +100,7 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisione
             "gateway_ca_dir": str(tb.ca_dir), "gateway_ca_command": str(VENV_BIN / "agw"),
             "gateway_controller_enroll_dir": str(base / "controller"), "gateway_log_format": "text",
             # relay role (rendered and checked here; the running relay is the testbed's)
-            "relay_venv": sys.prefix, "relay_python": sys.executable,
+            "relay_venv": sys.prefix, "relay_python": sys.executable, "relay_install_packages": False,
             "relay_pip_extra_args": f"--no-index --no-deps --find-links {base / 'no-wheels'}",
             "relay_config_dir": f"{root}/etc/agw-relay", "relay_systemd_dir": f"{root}/etc/systemd/system",
             "relay_host": "127.0.0.1", "relay_port": relay_port, "relay_audience": f"relay.{tb.fleet}",
@@ -120,7 +122,11 @@ def provisioned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Provisione
         env["PYTHONPATH"] = str(ROOT)
         env.update(ANSIBLE_HOME=str(base / "ansible-home"), ANSIBLE_LOCAL_TEMP=str(base / "ansible-tmp"),
                    ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-        runs = [playbook(inventory, extra, env), playbook(inventory, extra, env)]
+        t0 = time.monotonic()
+        runs = [playbook(inventory, extra, env)]
+        t1 = time.monotonic()
+        runs.append(playbook(inventory, extra, env))
+        print(f"\nplaybook runs: {t1 - t0:.1f} s, {time.monotonic() - t1:.1f} s; testbed {t0 - tb_started:.1f} s")
         yield Provisioned(tb, root, runs, mqtt_port, relay_port, env)
     finally:
         tb.close()
@@ -195,7 +201,7 @@ class NotifySocket:
 
 
 def start_as_systemd_would(unit_path: Path, base_env: dict[str, str], run_dir: Path,
-                           notify: NotifySocket) -> tuple[subprocess.Popen[bytes], Path]:
+                           notify: NotifySocket | None) -> tuple[subprocess.Popen[bytes], Path]:
     """ExecStart= argv, Environment=, LoadCredential= (copied to a private credentials directory), NOTIFY_SOCKET
     and WATCHDOG_USEC from WatchdogSec=, working directory /: the parts of the unit that shape the process."""
     unit = parse_unit(unit_path)
@@ -204,16 +210,18 @@ def start_as_systemd_would(unit_path: Path, base_env: dict[str, str], run_dir: P
     for name, src in credentials(unit).items():
         shutil.copyfile(src, creds / name)
         (creds / name).chmod(0o400)
-    watchdog = value(unit, "Service", "WatchdogSec")
-    assert watchdog and watchdog.endswith("s")
     env = {k: v for k, v in base_env.items() if k not in ("SOFTHSM2_CONF", "CREDENTIALS_DIRECTORY")}
     env.update(environment(unit))
-    env.update(CREDENTIALS_DIRECTORY=str(creds), NOTIFY_SOCKET=str(notify.path),
-               WATCHDOG_USEC=str(int(watchdog[:-1]) * 1_000_000))
+    env["CREDENTIALS_DIRECTORY"] = str(creds)
+    if value(unit, "Service", "Type") == "notify":
+        assert notify is not None
+        watchdog = value(unit, "Service", "WatchdogSec")
+        assert watchdog and watchdog.endswith("s")
+        env.update(NOTIFY_SOCKET=str(notify.path), WATCHDOG_USEC=str(int(watchdog[:-1]) * 1_000_000))
     exec_start = value(unit, "Service", "ExecStart")
     assert exec_start
     argv = exec_argv(exec_start, {"d": str(creds), "t": str(run_dir)})
-    log = run_dir / "gateway.log"
+    log = run_dir / f"{unit_path.stem}.log"
     proc = subprocess.Popen(argv, env=env, cwd="/", stdout=log.open("ab"), stderr=subprocess.STDOUT)
     return proc, log
 
@@ -284,3 +292,24 @@ def test_rendered_units_verify_and_score(provisioned: Provisioned) -> None:
                          capture_output=True, text=True, timeout=60)
     m = re.search(r"Overall exposure level for agw-gateway.service: (\d+\.\d)", sec.stdout)
     assert m and float(m.group(1)) <= 2.0, sec.stdout[-2000:]
+
+
+def test_relay_started_like_its_unit_serves_tls_with_the_credential_key(provisioned: Provisioned,
+                                                                       tmp_path: Path) -> None:
+    """agw-relay as its rendered unit starts it: TOML from the role, TLS key from the credentials directory (%d)."""
+    import ssl
+
+    proc, log = start_as_systemd_would(provisioned.root / "etc/systemd/system/agw-relay.service", provisioned.env,
+                                       tmp_path, None)
+    try:
+        wait_port(provisioned.relay_port, timeout=30, proc=proc)
+        ctx = ssl.create_default_context(cafile=str(provisioned.tb.tls_ca))
+        with socket.create_connection(("127.0.0.1", provisioned.relay_port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.3"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
