@@ -56,21 +56,19 @@ class FleetVerifier:
         return cls(ca_file.read_bytes(), crl)
 
     def verify(self, token: str, *, audience: str, challenge: bytes, now: int) -> VerifiedAuth:
-        from gateway.protocol.identity.errors import IdentityError
+        from gateway.protocol.identity.errors import IdentityError, TokenExpired, TokenRevoked, TokenUntrusted
         from gateway.protocol.identity.tokens import verify_relay_token
 
         try:
             v = verify_relay_token(token, trust=self._trust, audience=audience, challenge=challenge, now=now)
+        except TokenRevoked as exc:
+            raise AuthFailure(AuthFailCode.REVOKED, str(exc)) from None
+        except TokenExpired as exc:
+            raise AuthFailure(AuthFailCode.EXPIRED, str(exc)) from None
+        except TokenUntrusted as exc:
+            raise AuthFailure(AuthFailCode.UNTRUSTED, str(exc)) from None
         except IdentityError as exc:
-            text = str(exc)
-            # The identity layer reports revocation and expiry inside TokenError's message.
-            if "revoked" in text:
-                raise AuthFailure(AuthFailCode.REVOKED, text) from None
-            if "expired" in text or "not valid at" in text:
-                raise AuthFailure(AuthFailCode.EXPIRED, text) from None
-            if "chain rejected" in text:
-                raise AuthFailure(AuthFailCode.UNTRUSTED, text) from None
-            raise AuthFailure(AuthFailCode.INVALID_TOKEN, text) from None
+            raise AuthFailure(AuthFailCode.INVALID_TOKEN, str(exc)) from None
         return VerifiedAuth(v.device_id, v.expires_at, v.serial)
 
     def is_revoked(self, serial: int) -> bool:

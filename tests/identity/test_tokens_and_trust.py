@@ -11,7 +11,14 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.protocol.identity.delegation import delegate
-from gateway.protocol.identity.errors import CertificateError, CertificateRevoked, TokenError
+from gateway.protocol.identity.errors import (
+    CertificateError,
+    CertificateRevoked,
+    TokenError,
+    TokenExpired,
+    TokenRevoked,
+    TokenUntrusted,
+)
 from gateway.protocol.identity.names import AgentName, DeviceName
 from gateway.protocol.identity.signer import SoftwareSigner
 from gateway.protocol.identity.tokens import mint_relay_token, verify_relay_token
@@ -79,9 +86,13 @@ def test_chain_verification_and_delegation_names():
 def test_foreign_ca_and_wrong_fleet_rejected():
     _, ca_cert = make_ca()
     other_key, other_cert = make_ca()
-    _, dev_cert = make_device(other_key, other_cert, KeyAlgorithm.ED25519)
+    dev_key, dev_cert = make_device(other_key, other_cert, KeyAlgorithm.ED25519)
     with pytest.raises(CertificateError, match="not signed by"):
         FleetTrust(ca_cert).verify_chain([dev_cert], now=NOW)
+    ch, now = os.urandom(32), int(NOW.timestamp())
+    token = mint_relay_token(dev_key, chain=[dev_cert], audience="r", challenge=ch, now=now)
+    with pytest.raises(TokenUntrusted):
+        verify_relay_token(token, trust=FleetTrust(ca_cert), audience="r", challenge=ch, now=now)
 
 
 def test_delegated_key_cannot_certify_another_device():
@@ -139,11 +150,11 @@ def test_relay_token_rejections():
         verify_relay_token(token, trust=trust, audience="other", challenge=ch, now=now)
     with pytest.raises(TokenError, match="challenge"):
         verify_relay_token(token, trust=trust, audience="relay.acme", challenge=os.urandom(32), now=now)
-    with pytest.raises(TokenError, match="expired"):
+    with pytest.raises(TokenExpired, match="expired"):
         verify_relay_token(token, trust=trust, audience="relay.acme", challenge=ch, now=now + 3600 + 61)
     crl = build_crl(ca_key, issuer=ca_cert, revoked=[(77, NOW)], number=1, this_update=NOW,
                     next_update=NOW + dt.timedelta(days=1))
-    with pytest.raises(TokenError, match="revoked"):
+    with pytest.raises(TokenRevoked, match="revoked"):
         verify_relay_token(token, trust=FleetTrust(ca_cert, crl), audience="relay.acme", challenge=ch, now=now)
     head, body, sig = token.split(".")
     tampered = head + "." + body[:-2] + ("AA" if body[-2:] != "AA" else "BB") + "." + sig

@@ -21,5 +21,21 @@ class CertificateRevoked(CertificateError):
     """A certificate in the chain is on the fleet CA's revocation list."""
 
 
+class CertificateExpired(CertificateError):
+    """A certificate in the chain is not valid at the time of the check."""
+
+
 class TokenError(IdentityError, VerificationError):
     """A relay token is malformed, expired, wrongly audienced, bound to another challenge, or badly signed."""
+
+
+class TokenRevoked(TokenError):
+    """The token's certificate chain contains a revoked certificate."""
+
+
+class TokenExpired(TokenError):
+    """The token, or a certificate in its chain, is outside its validity period."""
+
+
+class TokenUntrusted(TokenError):
+    """The token's certificate chain does not lead to the fleet CA (or breaks its rules)."""

@@ -19,7 +19,15 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway.protocol.identity.errors import CertificateError, TokenError
+from gateway.protocol.identity.errors import (
+    CertificateError,
+    CertificateExpired,
+    CertificateRevoked,
+    TokenError,
+    TokenExpired,
+    TokenRevoked,
+    TokenUntrusted,
+)
 from gateway.protocol.identity.signer import Signer, der_to_raw_ecdsa
 from gateway.protocol.identity.trust import FleetTrust
 from hsm.api import KeyAlgorithm
@@ -92,8 +100,12 @@ def verify_relay_token(token: str, *, trust: FleetTrust, audience: str, challeng
     when = dt.datetime.fromtimestamp(now, dt.UTC)
     try:
         verified = trust.verify_chain(chain, now=when)
+    except CertificateRevoked as exc:
+        raise TokenRevoked(f"certificate chain rejected: {exc}") from None
+    except CertificateExpired as exc:
+        raise TokenExpired(f"certificate chain rejected: {exc}") from None
     except CertificateError as exc:
-        raise TokenError(f"certificate chain rejected: {exc}") from None
+        raise TokenUntrusted(f"certificate chain rejected: {exc}") from None
     if verified.leaf != verified.device_certificate:
         raise TokenError("relay tokens must be signed by the device identity key, not a delegated key")
     key = verified.leaf_public_key
@@ -114,7 +126,7 @@ def verify_relay_token(token: str, *, trust: FleetTrust, audience: str, challeng
     if exp - iat > MAX_LIFETIME:
         raise TokenError(f"token lifetime {exp - iat} s exceeds {MAX_LIFETIME} s")
     if now + CLOCK_SKEW < nbf or now > exp + CLOCK_SKEW:
-        raise TokenError("token expired or not yet valid")
+        raise TokenExpired("token expired or not yet valid")
     if claims["sub"] != verified.device.uri or claims["iss"] != verified.device.uri:
         raise TokenError(f"token subject {claims['sub']!r} does not match certificate {verified.device.uri!r}")
     nonce = claims["nonce"]

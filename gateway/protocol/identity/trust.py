@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.protocol.identity.errors import BadName, CertificateError, CertificateRevoked
+from gateway.protocol.identity.errors import BadName, CertificateError, CertificateExpired, CertificateRevoked
 from gateway.protocol.identity.names import AgentName, DeviceName, check_fleet
 from hsm.api import PublicKey
 
@@ -119,7 +119,7 @@ class FleetTrust:
             raise CertificateError(f"{_describe(cert)} is not signed by {_describe(issuer)}: {exc or 'bad signature'}"
                                    ) from None
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
-            raise CertificateError(f"{_describe(cert)} is not valid at {now:%Y-%m-%dT%H:%M:%SZ} "
+            raise CertificateExpired(f"{_describe(cert)} is not valid at {now:%Y-%m-%dT%H:%M:%SZ} "
                                    f"(valid {cert.not_valid_before_utc:%Y-%m-%dT%H:%M:%SZ} to "
                                    f"{cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})")
 
