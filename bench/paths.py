@@ -60,7 +60,7 @@ class OurPath:
     """Two gateways and a relay; agent A (alice on bench-a) talks to agent B (bob on bench-b)."""
 
     root: Path
-    profile_dir: Path | None = None  # when set, gateway B runs under cProfile and writes its profile here
+    profile_dir: Path | None = None  # when set, both gateways run under cProfile and write their profiles here
     bed: Testbed | None = None
 
     def start(self) -> None:
@@ -72,7 +72,7 @@ class OurPath:
         bed.add_gateway(DEV_A, agents={AGENT_A: [f"{DEV_B}/{AGENT_B}"]})
         bed.add_gateway(DEV_B, agents={AGENT_B: [f"{DEV_A}/{AGENT_A}"]})
         for name, gw in bed.gateways.items():
-            if self.profile_dir is not None and name == DEV_B:
+            if self.profile_dir is not None:
                 start_profiled(gw, self.profile_dir / f"gateway-{name}.prof")
             else:
                 gw.start()
@@ -96,6 +96,16 @@ class OurPath:
                          "pub_topic": f"agw/{AGENT_A}/out/{DEV_B}/{AGENT_B}", "sub_topic": f"agw/{AGENT_A}/in"},
                 "echo": {"port": self.gateway(DEV_B).broker.port, "username": AGENT_B, "password": pw,
                          "pub_topic": f"agw/{AGENT_B}/out/{DEV_A}/{AGENT_A}", "sub_topic": f"agw/{AGENT_B}/in"}}
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """The daemons' own counters (sent, delivered, acked, duplicates, ...) from their control sockets."""
+        from gateway import control
+
+        out = {}
+        for name, gw in (self.bed.gateways.items() if self.bed else ()):
+            st = control.request(gw.root / "state" / "control.sock", {"cmd": "status"}, timeout=5)
+            out[name] = {k: int(v) for k, v in st.get("counters", {}).items() if isinstance(v, int)}
+        return out
 
     def close(self) -> None:
         if self.bed is not None:

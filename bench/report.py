@@ -94,9 +94,15 @@ def _fmt(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _load(r: dict[str, Any]) -> str:
+    start, end = r["meta"].get("load_average_start"), r["meta"].get("load_average_end")
+    return f"{start[0]:.1f} at start, {end[0]:.1f} at end" if start and end else "?"
+
+
 def markdown(r: dict[str, Any]) -> str:
     lines = [f"# Benchmark results ({r['meta']['mode']} run, {r['meta']['started']})", "",
-             f"Machine: {r['meta']['machine']}. Everything on loopback, side by side in one run.", ""]
+             f"Machine: {r['meta']['machine']}; load average (1 min) {_load(r)}. Everything on loopback, side by "
+             "side in one run; absolute figures move with the machine's load, the ratios much less.", ""]
     lines += ["## Throughput, agent to agent, QoS 1 (paho clients, TCP_NODELAY)", "",
               "| size | messages | ours msg/s | ours lost | bridge msg/s | bridge lost | SLIM (MLS) msg/s "
               "| ours/bridge | ours/SLIM |", "|---|---|---|---|---|---|---|---|---|"]
@@ -108,6 +114,12 @@ def markdown(r: dict[str, Any]) -> str:
         rs = f"{o['msg_s'] / s['msg_s']:.2f}x" if s.get("msg_s") else "-"
         lines.append(f"| {o['size']:,} B | {o['n']:,} | {_fmt(o.get('msg_s'))} | {_fmt(o.get('lost'))} | "
                      f"{_fmt(b.get('msg_s'))} | {_fmt(b.get('lost'))} | {_fmt(s.get('msg_s'))} | {rb} | {rs} |")
+    for o in r.get("throughput", {}).get("ours", []):
+        counters = o.get("gateway_counters") or {}
+        dups = sum(c.get("duplicates", 0) for c in counters.values())
+        if dups:
+            lines.append(f"\nOurs, {o['size']:,} B: the receiving gateway saw {dups:,} duplicate deliveries "
+                         f"(sender retransmissions before the end-to-end ACK arrived) for {o['n']:,} messages.")
     lines += ["", "## Request/reply round trip, 256 B, QoS 1", "", "| path | exchanges | p50 ms | p99 ms | lost |",
               "|---|---|---|---|---|"]
     for path, rt in r.get("rtt", {}).items():
@@ -139,8 +151,9 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"- {key}: {relay[key]}")
     gw = r.get("gateway", {})
     lines += ["", "## Gateway", "",
-              f"- RSS idle: {_fmt(gw.get('rss_idle_mb'))} MB; under load (peak during the throughput runs): "
-              f"{_fmt(gw.get('rss_load_mb'))} MB (largest of the two gateways)"]
+              f"- RSS idle: {_fmt(gw.get('rss_idle_mb'))} MB; under load (peak, largest of the two gateways): "
+              f"{_fmt(gw.get('rss_load_256_mb'))} MB in the 256 B run, {_fmt(gw.get('rss_load_mb'))} MB over all "
+              f"runs (per gateway: {gw.get('rss_peak_kib')} KiB)"]
     cs = gw.get("cold_start") or {}
     if cs:
         lines.append(f"- cold start to link ready: {_fmt(cs.get('cold_start_s'))} s median of {cs.get('runs')} "
