@@ -102,7 +102,8 @@ class MqttBridge:
         if rc.is_failure:
             log.error("MQTT broker %s:%s refused the connection: %s", self.host, self.port, rc)
             return
-        client.subscribe(topics.out_subscription(self.prefix), qos=1)
+        client.subscribe([(t, 1) for t in (topics.out_subscription(self.prefix),
+                                            *topics.group_subscriptions(self.prefix))])
         self._loop.call_soon_threadsafe(self._connected.set)
         log.info("connected to MQTT broker %s:%s", self.host, self.port)
 

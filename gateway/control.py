@@ -21,6 +21,8 @@ class ControlledDaemon(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def group_control(self, request: dict[str, Any]) -> Any: ...
+
 
 class ControlError(Exception):
     """The control request failed; the message comes from the daemon."""
@@ -78,7 +80,10 @@ class ControlServer:
                 request = json.loads(line)
                 if not isinstance(request, dict):
                     raise ValueError("a request is a JSON object")
-                result = dispatch(self.daemon.store, request, self.daemon.status())
+                if str(request.get("cmd", "")).startswith("group."):
+                    result = self.daemon.group_control(request)
+                else:
+                    result = dispatch(self.daemon.store, request, self.daemon.status())
                 reply: dict[str, Any] = {"ok": True, "result": result}
             except (ControlError, ValueError, KeyError) as exc:
                 reply = {"ok": False, "error": str(exc)}

@@ -31,6 +31,7 @@ from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.control import ControlServer
 from gateway.device_identity import DeviceIdentity
+from gateway.group_hooks import GroupService, NoGroups
 from gateway.link import LinkDownError, LinkLost, LinkReady, RelayLink, RelayLinkConfig
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
@@ -138,9 +139,11 @@ class Gateway:
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
+        self.groups: GroupService = NoGroups()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        await self.groups.start()
         await self.control.start()
         self.link.start()
         await self.bridge.start()
@@ -186,6 +189,12 @@ class Gateway:
             items: list[tuple[bytes, str, bytes, int]] = []
             ingested: list[tuple[str, bytes]] = []
             t = now_ms()
+            group_msgs = [m for m in batch if topics.is_group_topic(prefix, m.topic)]
+            if group_msgs:
+                await self.groups.on_agent_messages(group_msgs)
+                for m in group_msgs:
+                    self.bridge.ack(m)
+                batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
             for m in batch:
                 try:
                     out = topics.parse_out_topic(prefix, m.topic)
@@ -293,9 +302,15 @@ class Gateway:
         async for ev in self.link.events():
             if isinstance(ev, LinkReady):
                 await self._publish_prekeys()
+                await self.groups.on_link_ready()
                 self._wake_sender.set()
             elif isinstance(ev, Delivered):
-                await self._on_delivered(ev.envelopes)
+                group_envs = [e for e in ev.envelopes if e.kind is EnvelopeKind.GROUP]
+                if group_envs:
+                    await self.groups.on_envelopes(group_envs)
+                pairwise = tuple(e for e in ev.envelopes if e.kind is not EnvelopeKind.GROUP)
+                if pairwise:
+                    await self._on_delivered(pairwise)
             elif isinstance(ev, NotDelivered):
                 t = now_ms()
                 peers = {e.peer_device for e in (self.store.outbox.get(i) for i in ev.envelope_ids) if e}
@@ -304,6 +319,8 @@ class Gateway:
                     self.store.outbox.reschedule_peer(p, t + OFFLINE_RETRY_MS)
             elif isinstance(ev, LinkLost):
                 log.warning("relay link lost: %s", ev.reason)
+            else:
+                await self.groups.on_link_event(ev)
 
     async def _publish_prekeys(self) -> None:
         bundle, one_time = self.book.publishable_prekeys()
@@ -539,6 +556,9 @@ class Gateway:
                 os.replace(tmp, status_path)
             await asyncio.sleep(min(1.0, self.notifier.watchdog_interval or 1.0))
 
+    def group_control(self, request: dict[str, Any]) -> Any:
+        return self.groups.control(request)
+
     def status(self) -> dict[str, Any]:
         stats = self.store.stats().as_dict()
         return {"device": self.device_id, "pid": os.getpid(), "time": now_ms(),
@@ -549,7 +569,8 @@ class Gateway:
                 "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
                 "pending_consent": self.store.consent.pending_count(),
                 "peers": sorted(self.book._sessions),
-                "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"}}
+                "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"},
+                "groups": self.groups.status()}
 
 
 async def run_gateway(cfg: GatewayConfig) -> int:

@@ -70,3 +70,17 @@ def agent_may_receive_on(prefix: str, agent: str, topic: str) -> bool:
     head = f"{prefix}/{agent}/"
     return topic.startswith(head) and not topic.startswith(head + "out/") and "+" not in topic and \
         "#" not in topic and len(topic) <= 1024
+
+
+def group_subscriptions(prefix: str) -> list[str]:
+    """agw/<agent>/group/<group>/out (messages to the group) and .../ctl (create, add, remove)."""
+    return [f"{prefix}/+/group/+/out", f"{prefix}/+/group/+/ctl"]
+
+
+def is_group_topic(prefix: str, topic: str) -> bool:
+    parts = topic.split("/")
+    return len(parts) == 5 and parts[0] == prefix and parts[2] == "group" and parts[4] in ("out", "ctl")
+
+
+def group_inbox_topic(prefix: str, agent: str, group: str) -> str:
+    return f"{prefix}/{agent}/group/{group}/in"
