@@ -192,3 +192,24 @@ def test_published_schema_matches_the_model():
     from gateway.config import SCHEMA_PATH, json_schema
 
     assert SCHEMA_PATH.read_text() == json_schema(), "regenerate with: agw config schema > " + str(SCHEMA_PATH)
+
+
+def test_fleet_ca_key_in_a_token(tmp_path, softhsm_dir):
+    softhsm_dir.init_token("ca-token")
+    softhsm_dir.init_token("dev")
+    env = softhsm_dir.env
+    ca_uri = softhsm_dir.uri("ca-token", "fleet-ca")
+    agw(env, "ca", "init", "--dir", str(tmp_path / "ca"), "--fleet", "acme.test", "--key-uri", ca_uri)
+    assert not (tmp_path / "ca" / "ca.key").exists()
+    cfg = write_config(tmp_path / "agw.yaml", softhsm_dir, "dev", "ed25519")
+    agw(env, "keys", "init", "--config", str(cfg))
+    agw(env, "enroll", "csr", "--config", str(cfg), "--device-id", "pi-7", "--out", str(tmp_path / "r.csr"))
+    agw(env, "ca", "sign", "--dir", str(tmp_path / "ca"), "--csr", str(tmp_path / "r.csr"), "--out",
+        str(tmp_path / "d.pem"))
+    v = subprocess.run(["openssl", "verify", "-CAfile", tmp_path / "ca" / "ca.pem", tmp_path / "d.pem"],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    listing = subprocess.run(["pkcs11-tool", "--module", MODULE, "--token-label", "ca-token", "--login", "--pin",
+                              USER_PIN, "--list-objects", "--type", "privkey"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+    assert "label:      fleet-ca" in listing and "never extractable" in listing
