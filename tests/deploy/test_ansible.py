@@ -147,6 +147,20 @@ def test_first_run_provisions(provisioned: Provisioned) -> None:
     assert (root / "etc/credstore/agw-pin").stat().st_mode & 0o077 == 0
     assert "1234-test-pin" not in (root / "etc/agw/agw.yaml").read_text()
     assert PW_ALICE not in (root / "etc/mosquitto/agw.passwd").read_text()
+    assert not (root / "etc/mosquitto/agw.passwd.new").exists()
+
+
+def test_secrets_stay_out_of_the_playbook_output(provisioned: Provisioned) -> None:
+    for run in provisioned.runs:
+        for secret in ("1234-test-pin", PW_ALICE, PW_GATEWAY):
+            assert secret not in run.stdout + run.stderr
+
+
+def test_only_the_csr_and_the_certificate_reached_the_controller(provisioned: Provisioned) -> None:
+    """Keys are made on the device: the controller's enrollment directory holds a CSR and a certificate only."""
+    controller = provisioned.root.parent / "controller"
+    assert sorted(p.name for p in controller.iterdir()) == ["dev-1.csr", "dev-1.pem"]
+    assert b"PRIVATE KEY" not in b"".join(p.read_bytes() for p in controller.iterdir())
 
 
 def test_second_run_changes_nothing(provisioned: Provisioned) -> None:
