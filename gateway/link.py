@@ -43,6 +43,7 @@ from gateway.protocol.link import (
     Delivered,
     DirectoryKind,
     ErrorCode,
+    GroupResultReceived,
     LinkLimits,
     LinkState,
     NotDelivered,
@@ -278,6 +279,28 @@ class RelayLink:
         assert isinstance(ev, PrekeysReceived)
         return ev
 
+    async def group_send(self, recipients: Sequence[str], envelope_id: bytes, message: bytes, *,
+                         resend: bool = False, timeout: float | None = None) -> GroupResultReceived:
+        """Hand one MLS message to the relay's Delivery Service for fan-out to `recipients` (device ids)."""
+        ev = await self._request(lambda link: link.group_send(recipients, envelope_id, message, resend=resend),
+                                 timeout)
+        assert isinstance(ev, GroupResultReceived)
+        return ev
+
+    async def publish_key_packages(self, agent: str, last_resort: bytes, key_packages: Sequence[bytes], *,
+                                   timeout: float | None = None) -> int:
+        """Publish an agent's KeyPackages; returns how many one-time ones the relay now holds for it."""
+        ev = await self._request(lambda link: link.publish_key_packages(agent, last_resort, key_packages), timeout)
+        assert isinstance(ev, PrekeysStoredEvent)
+        return ev.remaining
+
+    async def fetch_key_package(self, device_id: str, agent: str, *, timeout: float | None = None
+                                ) -> PrekeysReceived:
+        """One KeyPackage of device/agent: `one_time` (removed from the relay) or else `bundle` (last resort)."""
+        ev = await self._request(lambda link: link.fetch_key_package(device_id, agent), timeout)
+        assert isinstance(ev, PrekeysReceived)
+        return ev
+
     async def _request(self, issue: Callable[[ClientLink], int], timeout: float | None) -> ClientEvent:
         timeout = self.config.request_timeout if timeout is None else timeout
         async with asyncio.timeout(timeout):
@@ -401,7 +424,8 @@ class RelayLink:
                 raise RelayClosedError(code, reason)
             case Delivered() | NotDelivered():
                 await self._emit(ev)
-            case PrekeysStoredEvent(request_id, _) | PrekeysReceived(request_id, _, _, _, _):
+            case PrekeysStoredEvent(request_id, _) | PrekeysReceived(request_id, _, _, _, _) | \
+                    GroupResultReceived(request_id, _, _, _):
                 fut = self._pending.get(request_id)
                 if fut is not None and not fut.done():
                     fut.set_result(ev)

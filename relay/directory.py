@@ -1,4 +1,4 @@
-"""The in-memory directory of public key material: pairwise prekey bundles and, later, MLS KeyPackages.
+"""The in-memory directory of public key material: pairwise prekey bundles and MLS KeyPackages (per agent).
 
 Each (kind, device) holds one bundle (replaced on publish) and a queue of one-time entries. A fetch returns the
 bundle and pops at most one one-time entry, so each is handed out exactly once (asyncio runs one fetch at a
@@ -45,6 +45,19 @@ class Directory:
         if entry is None:
             return None, None
         return entry.bundle, entry.one_time.popleft() if entry.one_time else None
+
+    def publish_key_packages(self, device_id: str, agent: str, last_resort: bytes,
+                             key_packages: tuple[bytes, ...]) -> int:
+        """An agent's MLS KeyPackages: one-time ones queued, the last-resort one kept (replaced when non-empty)."""
+        key = f"{device_id}/{agent}"
+        current = self._entries.get((DirectoryKind.KEY_PACKAGES, key))
+        keep = last_resort or (current.bundle if current is not None else b"")
+        return self.publish(DirectoryKind.KEY_PACKAGES, key, keep, key_packages)
+
+    def fetch_key_package(self, device_id: str, agent: str) -> tuple[bytes | None, bytes | None]:
+        """(last-resort KeyPackage or None, one one-time KeyPackage removed from the directory or None)."""
+        bundle, one_time = self.fetch(DirectoryKind.KEY_PACKAGES, f"{device_id}/{agent}")
+        return bundle or None, one_time
 
     def remaining(self, kind: DirectoryKind, device_id: str) -> int:
         entry = self._entries.get((kind, device_id))

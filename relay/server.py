@@ -25,13 +25,17 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from gateway.protocol.envelope import Envelope
+from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.link import (
     AuthFailCode,
     AuthRequested,
     EnvelopesReceived,
     ErrorCode,
     FetchRequested,
+    GroupSendRequested,
+    GroupStatus,
+    KeyPackageFetchRequested,
+    KeyPackagesPublishRequested,
     LinkError,
     LinkState,
     PublishRequested,
@@ -45,6 +49,7 @@ from gateway.protocol.link import (
 from relay.auth import AuthFailure, TokenVerifier
 from relay.config import ConfigError, RelayConfig
 from relay.directory import Directory
+from relay.ds import DeliveryService
 from relay.limits import DeviceLimiter
 from relay.metrics import RelayMetrics
 from relay.routing import LocalRouter, Router, RouteResult
@@ -83,6 +88,7 @@ class RelayServer:
         self.verifier = verifier
         self.router: Router = router if router is not None else LocalRouter()
         self.directory = Directory(max_devices=config.directory_max_devices, max_one_time=config.directory_max_one_time)
+        self.ds = DeliveryService()
         self.metrics = RelayMetrics()
         self.limiter = DeviceLimiter(
             rate_envelopes=config.rate_envelopes,
@@ -390,6 +396,20 @@ class _Connection:
                     return
                 found, popped = self.relay.directory.fetch(kind, device_id)
                 self.link.prekeys(event, found, popped)
+            case GroupSendRequested():
+                await self._group_send(event)
+            case KeyPackagesPublishRequested(request_id, agent, last_resort, key_packages):
+                assert self.link.device_id is not None
+                if not self._allow_request():
+                    return
+                remaining = self.relay.directory.publish_key_packages(self.link.device_id, agent, last_resort,
+                                                                      key_packages)
+                self.link.prekeys_stored(request_id, remaining)
+            case KeyPackageFetchRequested(_, device_id, agent):
+                if not self._allow_request():
+                    return
+                resort, popped = self.relay.directory.fetch_key_package(device_id, agent)
+                self.link.key_package(event, resort, popped)
             case RemoteError(code, reason):
                 self._log(logging.INFO, "gateway reported an error", event="remote_error", code=code.name,
                           reason=reason)
@@ -455,6 +475,33 @@ class _Connection:
             relay.metrics.undeliverable.labels(reason.name.lower()).inc(len(ids))
             if self.link.state in _LIVE:
                 self.link.undeliverable(reason, ids)
+
+    async def _group_send(self, event: GroupSendRequested) -> None:
+        """The Delivery Service: order commits, then fan the message out once per listed device."""
+        relay, device = self.relay, self.link.device_id
+        assert device is not None
+        size = len(event.message) * len(event.recipients)
+        if len(event.message) > self.cfg.max_envelope_size:
+            self.link.group_result(event.request_id, GroupStatus.TOO_BIG, 0)
+            return
+        if not relay.limiter.allow_envelope(device, size):
+            relay.metrics.rate_limited.inc()
+            self.link.group_result(event.request_id, GroupStatus.RATE_LIMITED, 0)
+            return
+        verdict = relay.ds.check(event.message, resend=event.resend)
+        if not verdict.accepted:
+            self.link.group_result(event.request_id, verdict.status, verdict.epoch)
+            return
+        undelivered: list[tuple[str, UndeliverableReason]] = []
+        for recipient in dict.fromkeys(event.recipients):
+            if recipient == device:
+                continue
+            env = Envelope(EnvelopeKind.GROUP, event.envelope_id, device, recipient, event.message)
+            reason = _ROUTE_REASON.get(await relay.router.route(env))
+            if reason is not None:
+                undelivered.append((recipient, reason))
+        relay.metrics.envelopes_routed.inc(len(event.recipients) - len(undelivered))
+        self.link.group_result(event.request_id, GroupStatus.ACCEPTED, verdict.epoch, undelivered)
 
 
 _background: set[asyncio.Task[None]] = set()

@@ -42,6 +42,11 @@ from gateway.protocol.link_frames import (
     ErrorCode,
     Frame,
     FrameError,
+    GroupResult,
+    GroupSend,
+    GroupStatus,
+    KeyPackageFetch,
+    KeyPackagesPublish,
     LinkError,
     LinkLimits,
     LinkUsageError,
@@ -74,6 +79,11 @@ __all__ = [
     "ErrorCode",
     "Frame",
     "FrameError",
+    "GroupResult",
+    "GroupSend",
+    "GroupStatus",
+    "KeyPackageFetch",
+    "KeyPackagesPublish",
     "LinkError",
     "LinkLimits",
     "LinkUsageError",
@@ -141,6 +151,14 @@ class PrekeysReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupResultReceived:
+    request_id: int
+    status: GroupStatus
+    epoch: int
+    undelivered: tuple[tuple[str, UndeliverableReason], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class RemoteError:
     code: ErrorCode
     reason: str
@@ -178,12 +196,37 @@ class FetchRequested:
     device_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class GroupSendRequested:
+    request_id: int
+    resend: bool
+    envelope_id: bytes
+    recipients: tuple[str, ...]
+    message: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPackagesPublishRequested:
+    request_id: int
+    agent: str
+    last_resort: bytes
+    key_packages: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPackageFetchRequested:
+    request_id: int
+    device_id: str
+    agent: str
+
+
 ClientEvent: TypeAlias = (
     ChallengeReceived | AuthAccepted | AuthRejected | Delivered | NotDelivered | PrekeysStoredEvent
-    | PrekeysReceived | RemoteError
+    | PrekeysReceived | GroupResultReceived | RemoteError
 )
 ServerEvent: TypeAlias = (
-    AuthRequested | EnvelopesReceived | RefreshRequested | PublishRequested | FetchRequested | RemoteError
+    AuthRequested | EnvelopesReceived | RefreshRequested | PublishRequested | FetchRequested | GroupSendRequested
+    | KeyPackagesPublishRequested | KeyPackageFetchRequested | RemoteError
 )
 
 
@@ -215,13 +258,14 @@ _CLIENT_RECV: dict[tuple[LinkState, type[Frame]], LinkState] = {
     (S.REFRESH_REQUESTED, Challenge): S.REFRESH_CHALLENGED,
     (S.REFRESH_AUTHENTICATING, AuthOk): S.READY,
     (S.REFRESH_AUTHENTICATING, AuthFail): S.CLOSED,
-    **{(s, f): s for s in _LIVE for f in (Deliver, Undeliverable, PrekeysStored, Prekeys)},
+    **{(s, f): s for s in _LIVE for f in (Deliver, Undeliverable, PrekeysStored, Prekeys, GroupResult)},
 }
 _SERVER_RECV: dict[tuple[LinkState, type[Frame]], LinkState] = {
     (S.CHALLENGED, Auth): S.AUTHENTICATING,
     (S.READY, Refresh): S.REFRESH_REQUESTED,
     (S.REFRESH_CHALLENGED, Auth): S.REFRESH_AUTHENTICATING,
-    **{(s, f): s for s in _LIVE for f in (Envelopes, PrekeysPublish, PrekeysFetch, Ping)},
+    **{(s, f): s for s in _LIVE for f in (Envelopes, PrekeysPublish, PrekeysFetch, Ping, GroupSend,
+                                           KeyPackagesPublish, KeyPackageFetch)},
 }
 
 
@@ -316,6 +360,8 @@ class ClientLink(_Link):
                 ev = PrekeysStoredEvent(request_id, remaining)
             case Prekeys(request_id, kind, device_id, bundle, one_time):
                 ev = PrekeysReceived(request_id, kind, device_id, bundle, one_time)
+            case GroupResult(request_id, status, epoch, undelivered):
+                ev = GroupResultReceived(request_id, status, epoch, undelivered)
             case Error(code, reason):
                 ev = RemoteError(code, reason)
             case _:  # pragma: no cover - the table admits no other frame
@@ -357,6 +403,32 @@ class ClientLink(_Link):
         self._expect(*_LIVE)
         request_id = self._request_id()
         self._send(PrekeysFetch(request_id, kind, check_device_id(device_id)))
+        return request_id
+
+    def group_send(self, recipients: Sequence[str], envelope_id: bytes, message: bytes, *, resend: bool = False
+                   ) -> int:
+        """Queue one MLS message for the relay to fan out to `recipients` (device ids); returns the request id
+        that the GroupResultReceived will carry."""
+        self._expect(*_LIVE)
+        if not 1 <= len(recipients) <= self.limits.max_group_recipients:
+            raise LinkUsageError(f"a group send names 1..{self.limits.max_group_recipients} devices")
+        request_id = self._request_id()
+        self._send(GroupSend(request_id, int(resend), envelope_id, tuple(check_device_id(d) for d in recipients),
+                             message))
+        return request_id
+
+    def publish_key_packages(self, agent: str, last_resort: bytes, key_packages: Sequence[bytes]) -> int:
+        self._expect(*_LIVE)
+        if len(key_packages) > self.limits.max_one_time:
+            raise LinkUsageError(f"at most {self.limits.max_one_time} KeyPackages per publish")
+        request_id = self._request_id()
+        self._send(KeyPackagesPublish(request_id, check_device_id(agent), last_resort, tuple(key_packages)))
+        return request_id
+
+    def fetch_key_package(self, device_id: str, agent: str) -> int:
+        self._expect(*_LIVE)
+        request_id = self._request_id()
+        self._send(KeyPackageFetch(request_id, check_device_id(device_id), check_device_id(agent)))
         return request_id
 
     def _request_id(self) -> int:
@@ -425,6 +497,12 @@ class ServerLink(_Link):
                 ev = PublishRequested(request_id, kind, bundle, one_time)
             case PrekeysFetch(request_id, kind, device_id):
                 ev = FetchRequested(request_id, kind, device_id)
+            case GroupSend(request_id, flags, envelope_id, recipients, message):
+                ev = GroupSendRequested(request_id, bool(flags & 1), envelope_id, recipients, message)
+            case KeyPackagesPublish(request_id, agent, last_resort, key_packages):
+                ev = KeyPackagesPublishRequested(request_id, agent, last_resort, key_packages)
+            case KeyPackageFetch(request_id, device_id, agent):
+                ev = KeyPackageFetchRequested(request_id, device_id, agent)
             case Error(code, reason):
                 ev = RemoteError(code, reason)
             case _:  # pragma: no cover - the table admits no other frame
@@ -467,3 +545,13 @@ class ServerLink(_Link):
     def prekeys(self, request: FetchRequested, bundle: bytes | None, one_time: bytes | None) -> None:
         self._expect(*_LIVE)
         self._send(Prekeys(request.request_id, request.kind, request.device_id, bundle, one_time))
+
+    def key_package(self, request: KeyPackageFetchRequested, last_resort: bytes | None, one_time: bytes | None
+                    ) -> None:
+        self._expect(*_LIVE)
+        self._send(Prekeys(request.request_id, DirectoryKind.KEY_PACKAGES, request.device_id, last_resort, one_time))
+
+    def group_result(self, request_id: int, status: GroupStatus, epoch: int,
+                     undelivered: Sequence[tuple[str, UndeliverableReason]] = ()) -> None:
+        self._expect(*_LIVE)
+        self._send(GroupResult(request_id, status, epoch, tuple(undelivered)))

@@ -78,6 +78,16 @@ class DirectoryKind(enum.IntEnum):
     KEY_PACKAGES = 2  # MLS KeyPackages (the bundle is unused, one-time entries are KeyPackages)
 
 
+class GroupStatus(enum.IntEnum):
+    """The Delivery Service's verdict on a GROUP_SEND (GROUP_RESULT frame)."""
+
+    ACCEPTED = 0  # fanned out (devices it could not reach are listed)
+    STALE_EPOCH = 1  # a commit lost: another commit was accepted for this epoch; process it, then retry
+    MALFORMED = 2  # the message is not an MLSMessage whose cleartext header the relay can read
+    TOO_BIG = 3
+    RATE_LIMITED = 4
+
+
 @dataclass(frozen=True, slots=True)
 class LinkLimits:
     """Size limits applied by the decoder before reading; both ends should use the same values."""
@@ -89,6 +99,7 @@ class LinkLimits:
     max_bundle_size: int = 16 * 1024
     max_one_time: int = 100
     max_one_time_size: int = 2048
+    max_group_recipients: int = 1024
 
 
 # ---------------------------------------------------------------------------------------------------- codec
@@ -396,6 +407,117 @@ class Prekeys:
 
 
 @dataclass(frozen=True, slots=True)
+class GroupSend:
+    """Gateway to relay: one MLS message for a group, fanned out by the relay once per listed device.
+    Flags: bit 0 resend (a commit the Delivery Service accepted before, sent again to devices that missed it)."""
+
+    TYPE: ClassVar[int] = 0x13
+    request_id: int
+    flags: int
+    envelope_id: bytes
+    recipients: tuple[str, ...]
+    message: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.envelope_id) != ENVELOPE_ID_SIZE:
+            raise LinkUsageError(f"envelope id must be {ENVELOPE_ID_SIZE} bytes")
+        if self.flags & ~1:
+            raise LinkUsageError(f"unknown group-send flags {self.flags:#x}")
+
+    def body(self) -> bytes:
+        head = struct.pack("!IB", self.request_id, self.flags) + self.envelope_id
+        devices = struct.pack("!H", len(self.recipients)) + b"".join(_text(d, 1) for d in self.recipients)
+        return head + devices + _blob(self.message, 4)
+
+    @classmethod
+    def read(cls, r: _Reader, lim: LinkLimits) -> GroupSend:
+        request_id, flags = r.uint(4, "request id"), r.uint(1, "flags")
+        if flags & ~1:
+            raise FrameError(f"unknown group-send flags {flags:#x}")
+        envelope_id = r.take(ENVELOPE_ID_SIZE, "envelope id")
+        count = r.uint(2, "recipient count")
+        if count == 0 or count > lim.max_group_recipients:
+            raise FrameError(f"recipient count {count} outside 1..{lim.max_group_recipients}")
+        recipients = tuple(r.device("recipient") for _ in range(count))
+        return cls(request_id, flags, envelope_id, recipients, r.blob(4, lim.max_frame_size, "message"))
+
+
+@dataclass(frozen=True, slots=True)
+class GroupResult:
+    """Relay to gateway: the answer to GROUP_SEND. `epoch` is the group's epoch at the Delivery Service (the
+    epoch the next commit must be made in; 0 when unknown); `undelivered` lists (device, UndeliverableReason)."""
+
+    TYPE: ClassVar[int] = 0x14
+    request_id: int
+    status: GroupStatus
+    epoch: int
+    undelivered: tuple[tuple[str, UndeliverableReason], ...]
+
+    def body(self) -> bytes:
+        head = struct.pack("!IBQH", self.request_id, self.status, self.epoch, len(self.undelivered))
+        return head + b"".join(_text(d, 1) + bytes((reason,)) for d, reason in self.undelivered)
+
+    @classmethod
+    def read(cls, r: _Reader, lim: LinkLimits) -> GroupResult:
+        request_id = r.uint(4, "request id")
+        status = GroupStatus(r.enum(GroupStatus, 1, "group status"))
+        epoch = r.uint(8, "epoch")
+        count = r.uint(2, "undelivered count")
+        if count > lim.max_group_recipients:
+            raise FrameError(f"undelivered count {count} exceeds {lim.max_group_recipients}")
+        out = []
+        for _ in range(count):
+            device = r.device("device")
+            out.append((device, UndeliverableReason(r.enum(UndeliverableReason, 1, "undeliverable reason"))))
+        return cls(request_id, status, epoch, tuple(out))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPackagesPublish:
+    """Gateway to relay: MLS KeyPackages of one local agent (one-time, popped once each) and an optional
+    last-resort KeyPackage (handed out when the one-time ones have run out). Answered with PREKEYS_STORED."""
+
+    TYPE: ClassVar[int] = 0x24
+    request_id: int
+    agent: str
+    last_resort: bytes  # empty: keep the one already published
+    key_packages: tuple[bytes, ...]
+
+    def body(self) -> bytes:
+        head = struct.pack("!I", self.request_id) + _text(self.agent, 1) + _blob(self.last_resort, 4)
+        return head + struct.pack("!H", len(self.key_packages)) + b"".join(_blob(k, 2) for k in self.key_packages)
+
+    @classmethod
+    def read(cls, r: _Reader, lim: LinkLimits) -> KeyPackagesPublish:
+        request_id = r.uint(4, "request id")
+        agent = r.device("agent")
+        last_resort = r.blob(4, lim.max_bundle_size, "last-resort KeyPackage")
+        count = r.uint(2, "KeyPackage count")
+        if count > lim.max_one_time:
+            raise FrameError(f"{count} KeyPackages exceed the limit of {lim.max_one_time}")
+        return cls(request_id, agent, last_resort,
+                   tuple(r.blob(2, lim.max_one_time_size, "KeyPackage") for _ in range(count)))
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPackageFetch:
+    """Gateway to relay: one KeyPackage of `device`/`agent`. Answered with PREKEYS (kind 2): the bundle is the
+    last-resort KeyPackage, the one-time entry a one-time KeyPackage (removed from the directory)."""
+
+    TYPE: ClassVar[int] = 0x25
+    request_id: int
+    device_id: str
+    agent: str
+
+    def body(self) -> bytes:
+        return struct.pack("!I", self.request_id) + _text(self.device_id, 1) + _text(self.agent, 1)
+
+    @classmethod
+    def read(cls, r: _Reader, lim: LinkLimits) -> KeyPackageFetch:
+        return cls(r.uint(4, "request id"), r.device("device id"), r.device("agent"))
+
+
+@dataclass(frozen=True, slots=True)
 class Error:
     TYPE: ClassVar[int] = 0x7F
     code: ErrorCode
@@ -411,12 +533,14 @@ class Error:
 
 Frame: TypeAlias = (
     Challenge | Auth | AuthOk | AuthFail | Refresh | Ping | Envelopes | Deliver | Undeliverable
-    | PrekeysPublish | PrekeysStored | PrekeysFetch | Prekeys | Error
+    | PrekeysPublish | PrekeysStored | PrekeysFetch | Prekeys | GroupSend | GroupResult | KeyPackagesPublish
+    | KeyPackageFetch | Error
 )
 _FRAME_TYPES: dict[int, type[Frame]] = {
     cls.TYPE: cls
     for cls in (Challenge, Auth, AuthOk, AuthFail, Refresh, Ping, Envelopes, Deliver, Undeliverable,
-                PrekeysPublish, PrekeysStored, PrekeysFetch, Prekeys, Error)
+                PrekeysPublish, PrekeysStored, PrekeysFetch, Prekeys, GroupSend, GroupResult, KeyPackagesPublish,
+                KeyPackageFetch, Error)
 }
 
 
