@@ -327,3 +327,51 @@ def test_relay_started_like_its_unit_serves_tls_with_the_credential_key(provisio
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_mosquitto_role_rebuilds_passwords_only_when_they_change(tmp_path: Path) -> None:
+    """Hashes are salted, so idempotency rests on the digest file: same passwords, no change; a new password,
+    a new file that Mosquitto accepts for the new password and refuses for the old one."""
+    play = tmp_path / "mosquitto.yml"
+    play.write_text(f"- name: Broker only\n  hosts: all\n  gather_facts: false\n  roles:\n"
+                    f"    - role: {ANSIBLE / 'roles' / 'mosquitto'}\n")
+    port = free_port()
+    conf = tmp_path / "etc" / "mosquitto"
+    base = {"ansible_python_interpreter": sys.executable, "mosquitto_install_packages": False,
+            "mosquitto_conf_dir": str(conf), "mosquitto_port": port, "mosquitto_gateway_password": PW_GATEWAY,
+            "mosquitto_owner": "root", "mosquitto_group": "root"}
+    env = {**os.environ, "ANSIBLE_HOME": str(tmp_path / "ah"), "ANSIBLE_LOCAL_TEMP": str(tmp_path / "at"),
+           "ANSIBLE_NOCOLOR": "1"}
+
+    def run(alice_password: str) -> dict[str, int]:
+        extra = tmp_path / "vars.json"
+        extra.write_text(json.dumps({**base, "mosquitto_agents": {"alice": alice_password}}))
+        out = subprocess.run([str(VENV_BIN / "ansible-playbook"), "-i", "localhost,", "-c", "local", "-e",
+                              f"@{extra}", str(play)], cwd=ANSIBLE, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stdout[-4000:]
+        return recap(out.stdout)["localhost"]
+
+    assert run("first-password")["changed"] > 0
+    hashed = (conf / "agw.passwd").read_text()
+    assert run("first-password")["changed"] == 0
+    assert run("second-password")["changed"] > 0
+    assert (conf / "agw.passwd").read_text() != hashed
+
+    main_conf = tmp_path / "mosquitto.conf"
+    main_conf.write_text(f"include_dir {conf}/conf.d\nuser root\n")
+    broker = subprocess.Popen([MOSQUITTO, "-c", str(main_conf)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=broker)
+
+        def publish(password: str) -> int:
+            return subprocess.run(["mosquitto_pub", "-p", str(port), "-u", "alice", "-P", password, "-t",
+                                   "agw/alice/out/x/y", "-m", "hi", "-q", "1"], capture_output=True,
+                                  timeout=30).returncode
+
+        assert publish("second-password") == 0
+        assert publish("first-password") != 0
+    finally:
+        broker.terminate()
+        broker.wait(10)
