@@ -36,7 +36,7 @@ from gateway.link import LinkDownError, LinkLost, LinkReady, RelayLink, RelayLin
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
-from gateway.protocol.link import Delivered, NotDelivered
+from gateway.protocol.link import Delivered, NotDelivered, UndeliverableReason
 from gateway.protocol.message import InnerMessage, Kind, RejectReason, new_message_id
 from gateway.protocol.pairwise import Ed25519Signer
 from gateway.sd_notify import Notifier
@@ -45,10 +45,12 @@ from gateway.store import ConsentState, OutboxFull, OutboxLimits, Store, StoreEr
 
 log = logging.getLogger("agw.daemon")
 
-RETRY_MIN_MS = 2_000
+RETRY_MIN_MS = 5_000
 RETRY_MAX_MS = 60_000
 PENDING_RETRY_MS = 30_000
 OFFLINE_RETRY_MS = 5_000
+CONGESTED_RETRY_MS = 250
+SEND_WINDOW = 512  # envelopes per peer sent and not yet answered
 HOUSEKEEPING_INTERVAL = 3600.0
 SIGNED_PREKEY_ROTATION_MS = 7 * 86_400_000
 
@@ -109,8 +111,10 @@ class Gateway:
         self._wake_sender = asyncio.Event()
         self._fetching: dict[str, asyncio.Task[None]] = {}
         self._peer_retry_at: dict[str, int] = {}
+        self._inflight: defaultdict[str, dict[bytes, int]] = defaultdict(dict)
         self._seq = time.time_ns()
         self._publishing: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier()
 
     # -- start-up ----------------------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class Gateway:
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
-        self.groups: GroupService = NoGroups()
+        self.groups: GroupService = __import__("gateway.groups").groups.Groups(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms) if cfg.agents else NoGroups()  # noqa: E501
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -243,7 +247,7 @@ class Gateway:
             for entry in self.store.outbox.expire(t):
                 self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                          "attempts": entry.attempts}, t)
-            due = self.store.outbox.due(t, limit=2048)
+            due = self.store.outbox.due(t, limit=SEND_WINDOW)
             by_peer: dict[str, list[Any]] = defaultdict(list)
             for e in due:
                 if self._peer_retry_at.get(e.peer_device, 0) <= t:
@@ -252,6 +256,12 @@ class Gateway:
                 if not self.book.has_session(peer):
                     self._ensure_session(peer)
                     continue
+                inflight = self._inflight[peer]
+                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
+                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
+                entries = entries[:max(0, SEND_WINDOW - len(inflight))]
+                if not entries:
+                    continue
                 envelopes = []
                 try:
                     with self.store.transaction(durable=False):
@@ -259,11 +269,13 @@ class Gateway:
                             wire, setup = self.book.encrypt(peer, e.record)
                             kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
                             envelopes.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
-                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 5))
+                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
                         self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
+                        self.book.flush()
                 except (ProtocolError, LookupError) as exc:
                     log.warning("cannot encrypt for %s: %s", peer, exc)
                     continue
+                inflight.update((e.msg_id, t) for e in entries)
                 await self.link.send(envelopes)
 
     def _ensure_session(self, peer: str) -> None:
@@ -313,10 +325,13 @@ class Gateway:
                     await self._on_delivered(pairwise)
             elif isinstance(ev, NotDelivered):
                 t = now_ms()
+                # Offline: try again in a few seconds. Congested or rate limited: back off briefly.
+                wait = OFFLINE_RETRY_MS if ev.reason is UndeliverableReason.OFFLINE else CONGESTED_RETRY_MS
                 peers = {e.peer_device for e in (self.store.outbox.get(i) for i in ev.envelope_ids) if e}
                 for p in peers:
-                    self._peer_retry_at[p] = t + OFFLINE_RETRY_MS
-                    self.store.outbox.reschedule_peer(p, t + OFFLINE_RETRY_MS)
+                    self._peer_retry_at[p] = t + wait
+                    self.store.outbox.reschedule_peer(p, t + wait)
+                    self._inflight[p].clear()
             elif isinstance(ev, LinkLost):
                 log.warning("relay link lost: %s", ev.reason)
             else:
@@ -340,8 +355,10 @@ class Gateway:
                     continue
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
+                    self._settled(env.sender, inner.ids)
                 elif inner.kind is Kind.REJECT:
                     assert inner.reason is not None
+                    self._settled(env.sender, inner.ids)
                     if inner.reason.is_final:
                         self.store.outbox.delete_many(inner.ids)
                         self.store.audit.append({"type": "message.refused", "peer": env.sender,
@@ -350,6 +367,7 @@ class Gateway:
                         self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
                 else:
                     data.append((env.sender, inner))
+            self.book.flush()
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage]] = []
         for peer, inner in data:
@@ -371,16 +389,23 @@ class Gateway:
                     acks[peer].append(inner.message_id)
         await self._send_acks(acks)
         if accepted:
-            await self._publish_inbox([(_inbox_name(p, i), p, i) for p, i in accepted])
+            # In the background, so the next frame from the relay is decrypted while the broker works.
+            entries = [(_inbox_name(p, i), p, i) for p, i in accepted]
+            self._publishing.update(name for name, _, _ in entries)
+            task = asyncio.create_task(self._publish_inbox(entries, claimed=True))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _inbox_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    async def _publish_inbox(self, entries: list[tuple[str, str, InnerMessage]]) -> None:
-        """Hand inbox entries to the broker (in order, pipelined) and drop those it acknowledged."""
-        entries = [e for e in entries if e[0] not in self._publishing]
-        self._publishing.update(name for name, _, _ in entries)
+    async def _publish_inbox(self, entries: list[tuple[str, str, InnerMessage]], *, claimed: bool = False) -> None:
+        """Hand inbox entries to the broker (in order, pipelined) and drop those it acknowledged. Entries are
+        claimed in `_publishing` first (by the caller when `claimed`), so no entry is published twice at once."""
+        if not claimed:
+            entries = [e for e in entries if e[0] not in self._publishing]
+            self._publishing.update(name for name, _, _ in entries)
         try:
             results = await asyncio.gather(*(self._publish_to_agent(p, i) for _, p, i in entries),
                                            return_exceptions=True)
@@ -405,6 +430,14 @@ class Gateway:
                               if name not in self._publishing), key=lambda e: e[0])
             if pending:
                 await self._publish_inbox([(name, name.split("/", 1)[0], inner) for _, inner, name in pending])
+
+    def _settled(self, peer: str, ids: tuple[bytes, ...]) -> None:
+        """The peer answered these ids: they leave the send window, which may let more go out."""
+        inflight = self._inflight.get(peer)
+        if inflight:
+            for i in ids:
+                inflight.pop(i, None)
+        self._wake_sender.set()
 
     def _open(self, env: Envelope) -> InnerMessage | None:
         """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
@@ -493,6 +526,8 @@ class Gateway:
         """ACK and REJECT go out at once, without the outbox: if lost, the sender's retry brings a new one."""
         try:
             wire, _ = self.book.encrypt(peer, inner.encode())
+            with self.store.transaction(durable=False):
+                self.book.flush()
         except (LookupError, ProtocolError) as exc:
             log.warning("cannot answer %s: %s", peer, exc)
             return

@@ -57,6 +57,7 @@ class SessionBook:
         else:
             self.prekeys = PrekeyStore.decode(raw)
         self._sessions: dict[str, list[PairwiseSession]] = {}
+        self._dirty: set[str] = set()
 
     # -- prekeys -----------------------------------------------------------------------------------------------
     def publishable_prekeys(self) -> tuple[bytes, list[bytes]]:
@@ -85,6 +86,13 @@ class SessionBook:
     def _save(self, peer: str) -> None:
         blob = b"".join(struct.pack(">I", len(e)) + e for e in (s.encode() for s in self._sessions[peer]))
         self.store.sessions.put(peer, blob)
+        self._dirty.discard(peer)
+
+    def flush(self) -> None:
+        """Persist every session changed since the last flush. Call it inside the transaction that also records
+        what was sent or received, and before any ciphertext made since leaves the process."""
+        for peer in list(self._dirty):
+            self._save(peer)
 
     def has_session(self, peer: str) -> bool:
         return any(s.can_encrypt for s in self.sessions(peer))
@@ -112,7 +120,7 @@ class SessionBook:
         for session in self.sessions(peer):
             if session.can_encrypt:
                 wire = session.encrypt(plaintext)
-                self._save(peer)
+                self._dirty.add(peer)
                 return wire, not session.established
         raise LookupError(f"no session with {peer}")
 
@@ -125,7 +133,7 @@ class SessionBook:
                 plaintext = session.decrypt(msg)
                 if i:
                     lst.insert(0, lst.pop(i))
-                self._save(peer)
+                self._dirty.add(peer)
                 return plaintext
         if msg.setup is None:
             raise UnexpectedMessageError(f"message from {peer} names a session we do not have")
@@ -152,6 +160,7 @@ class SessionBook:
 
     def forget_cache(self) -> None:
         """Drop decoded sessions (e.g. after a signer change); they are decoded again from the store."""
+        self.flush()
         self._sessions.clear()
 
     def forget(self, peer: str) -> None:

@@ -79,13 +79,13 @@ class Outbox:
     def _seal(self, k: bytes, msg_id: bytes, peer: str, record: bytes, expires: int, attempts: int) -> bytes:
         return self._keys.seal(TABLE, k, pack((msg_id, peer, record, expires, attempts)))
 
-    def _entry(self, k: bytes, expires_col: int, due: int, blob: bytes) -> OutboxEntry:
+    def _entry(self, k: bytes, expires_col: int, due: int, blob: bytes, attempts_col: int = 0) -> OutboxEntry:
         msg_id, peer, record, expires, attempts = expect(
             unpack(self._keys.open(TABLE, k, blob)), (bytes, str, bytes, int, int)
         )
         if expires != expires_col:
             raise StoreCorrupt("an outbox row's expiry column disagrees with its sealed record: restore a backup")
-        return OutboxEntry(msg_id, peer, record, expires, attempts, due)
+        return OutboxEntry(msg_id, peer, record, expires, attempts + attempts_col, due)
 
     # -- writing -------------------------------------------------------------------------------------------------
     def put_many(self, items: Iterable[OutboxItem]) -> int:
@@ -152,22 +152,22 @@ class Outbox:
                     limit="max_bytes_per_peer", peer_device=name)
 
     def mark_attempt(self, msg_id: bytes, next_due_ms: int) -> int | None:
-        """Count one send attempt and schedule the next; returns the attempt count, or None if the entry is gone."""
+        """Count one send attempt and schedule the next; returns the attempt count, or None if the entry is gone.
+
+        The count and the due time are plain columns (scheduling metadata), so this does not re-seal the record.
+        """
         with self._db.write("recording a send attempt") as conn:
             k = self._k(msg_id)
-            row = conn.execute("SELECT expires_at_ms, due_at_ms, v FROM outbox WHERE k = ?", (k,)).fetchone()
-            if row is None:
-                return None
-            e = self._entry(k, row[0], row[1], row[2])
-            attempts = e.attempts + 1
-            blob = self._seal(k, e.msg_id, e.peer_device, e.record, e.expires_at_ms, attempts)
-            conn.execute("UPDATE outbox SET v = ?, due_at_ms = ? WHERE k = ?", (blob, int(next_due_ms), k))
-            return attempts
+            row = conn.execute("UPDATE outbox SET due_at_ms = ?, attempts = attempts + 1 WHERE k = ? "
+                               "RETURNING attempts", (int(next_due_ms), k)).fetchone()
+            return None if row is None else int(row[0])
 
     def mark_attempts(self, msg_ids: Iterable[bytes], next_due_ms: int) -> int:
-        """`mark_attempt` for a batch sent in one frame, in one transaction; returns how many entries existed."""
-        with self._db.write("recording send attempts"):
-            return sum(1 for m in msg_ids if self.mark_attempt(m, next_due_ms) is not None)
+        """`mark_attempt` for a batch sent in one frame, in one statement; returns how many entries existed."""
+        keys = [(int(next_due_ms), self._k(m)) for m in msg_ids]
+        with self._db.write("recording send attempts") as conn:
+            return conn.executemany("UPDATE outbox SET due_at_ms = ?, attempts = attempts + 1 WHERE k = ?",
+                                    keys).rowcount
 
     def reschedule_peer(self, peer_device: str, due_at_ms: int) -> int:
         """Make every entry for a peer due at `due_at_ms` (e.g. now, when it comes back online)."""
@@ -191,9 +191,10 @@ class Outbox:
         """Remove and return entries whose expiry is at or before `now_ms` (the caller may tell the sender)."""
         with self._db.write("expiring outbound messages") as conn:
             rows = conn.execute(
-                "SELECT k, expires_at_ms, due_at_ms, v FROM outbox WHERE expires_at_ms <= ? ORDER BY seq", (now_ms,)
+                "SELECT k, expires_at_ms, due_at_ms, v, attempts FROM outbox WHERE expires_at_ms <= ? ORDER BY seq",
+                (now_ms,),
             ).fetchall()
-            out = [self._entry(r[0], r[1], r[2], r[3]) for r in rows]
+            out = [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             conn.executemany("DELETE FROM outbox WHERE k = ?", [(r[0],) for r in rows])
             return out
 
@@ -205,7 +206,8 @@ class Outbox:
     # -- reading -------------------------------------------------------------------------------------------------
     def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None) -> list[OutboxEntry]:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit`."""
-        sql = "SELECT k, expires_at_ms, due_at_ms, v FROM outbox WHERE due_at_ms <= ? AND expires_at_ms > ?"
+        sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts FROM outbox "
+               "WHERE due_at_ms <= ? AND expires_at_ms > ?")
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
             sql += " AND peer = ?"
@@ -214,23 +216,24 @@ class Outbox:
         args.append(int(limit))
         with self._db.read("reading due messages") as conn:
             rows = conn.execute(sql, args).fetchall()
-            return [self._entry(r[0], r[1], r[2], r[3]) for r in rows]
+            return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def get(self, msg_id: bytes) -> OutboxEntry | None:
         k = self._k(msg_id)
         with self._db.read("reading an outbound message") as conn:
-            row = conn.execute("SELECT expires_at_ms, due_at_ms, v FROM outbox WHERE k = ?", (k,)).fetchone()
-            return None if row is None else self._entry(k, row[0], row[1], row[2])
+            row = conn.execute("SELECT expires_at_ms, due_at_ms, v, attempts FROM outbox WHERE k = ?",
+                               (k,)).fetchone()
+            return None if row is None else self._entry(k, row[0], row[1], row[2], row[3])
 
     def entries(self, peer_device: str | None = None) -> list[OutboxEntry]:
         """Every entry (or a peer's), oldest first: for export."""
-        sql = "SELECT k, expires_at_ms, due_at_ms, v FROM outbox"
+        sql = "SELECT k, expires_at_ms, due_at_ms, v, attempts FROM outbox"
         args: Sequence[object] = ()
         if peer_device is not None:
             sql += " WHERE peer = ?"
             args = (self._peer(peer_device),)
         with self._db.read("reading the outbox") as conn:
-            return [self._entry(r[0], r[1], r[2], r[3]) for r in conn.execute(sql + " ORDER BY seq", args)]
+            return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in conn.execute(sql + " ORDER BY seq", args)]
 
     def usage(self, peer_device: str | None = None) -> tuple[int, int]:
         """(entries, record bytes) in total or for one peer."""

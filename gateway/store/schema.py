@@ -21,6 +21,7 @@ CREATE TABLE outbox (
     size INTEGER NOT NULL,
     expires_at_ms INTEGER NOT NULL,
     due_at_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
     v BLOB NOT NULL
 ) STRICT;
 CREATE INDEX outbox_by_due ON outbox (due_at_ms);
