@@ -162,6 +162,9 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     r["mls"] = _section(errors, "mls", lambda: _child(["-m", "bench.mls_timing", str(a.mls_members)], 600)) or {
         "status": f"failed: {errors.get('mls')}"}
 
+    if a.experiments:
+        r["experiments"] = _experiments(a, work, errors)
+
     # Profile: a separate run with both gateways under cProfile (it slows them; figures above are unprofiled).
     if a.profile:
         log("profile: gateways under cProfile")
@@ -170,6 +173,26 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     r["meta"]["load_average_end"] = os.getloadavg()
     r["targets"] = [c.as_dict() for c in report.checks(r)]
     return r
+
+
+def _experiments(a: argparse.Namespace, work: Path, errors: dict[str, str]) -> dict[str, Any]:
+    """What-if runs for the owners, with unchanged code: configuration or runtime settings only."""
+    out: dict[str, Any] = {}
+    log("experiment: ours with store.durability = crash (no fsync before the broker is acknowledged)")
+    ours = OurPath(work / "ours-crash", durability="crash")
+    try:
+        ours.start()
+        out["durability_crash"] = {
+            "tput_256": _section(errors, "experiment crash tput", functools.partial(
+                load, "tput", {**ours.tput_spec(), "n": a.messages, "size": 256}, a.limit)),
+            "rtt": _section(errors, "experiment crash rtt", functools.partial(
+                load, "rtt", {**ours.rtt_spec(), "n": a.rtt, "warmup": a.rtt_warmup}, a.limit))}
+    finally:
+        ours.close()
+    log("experiment: relay connections with asyncio's SSL read buffer at 17 KiB instead of 256 KiB")
+    out["relay_ssl_buffer_17k"] = _section(errors, "experiment ssl buffer", lambda: _child(
+        ["-m", "bench.relay_capacity", "--connections", str(a.connections), "--ssl-read-buffer", "17408"], 1200))
+    return out
 
 
 def _relay_micro(a: argparse.Namespace) -> dict[str, Any]:
@@ -218,13 +241,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mls-members", type=int, help="MLS group size (default 1000)")
     p.add_argument("--no-slim", dest="slim", action="store_false", default=None)
     p.add_argument("--no-profile", dest="profile", action="store_false", default=None)
+    p.add_argument("--no-experiments", dest="experiments", action="store_false", default=None,
+                   help="skip the what-if runs (store durability crash, relay SSL read buffer)")
     p.add_argument("--limit", type=float, default=600.0, help="wall-clock bound per measurement (s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for latest.md / latest.json")
     a = p.parse_args(argv)
     quick = a.quick
     defaults = {"messages": 200 if quick else 20000, "rtt": 50 if quick else 1000,
                 "connections": 20 if quick else 5000, "mls_members": 20 if quick else 1000,
-                "slim": not quick, "profile": not quick}
+                "slim": not quick, "profile": not quick, "experiments": not quick}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

@@ -61,6 +61,7 @@ class OurPath:
 
     root: Path
     profile_dir: Path | None = None  # when set, both gateways run under cProfile and write their profiles here
+    durability: str | None = None  # experiment: the gateways' store.durability ("crash" skips the fsync)
     bed: Testbed | None = None
 
     def start(self) -> None:
@@ -71,6 +72,9 @@ class OurPath:
         bed.start_relay()
         bed.add_gateway(DEV_A, agents={AGENT_A: [f"{DEV_B}/{AGENT_B}"]})
         bed.add_gateway(DEV_B, agents={AGENT_B: [f"{DEV_A}/{AGENT_A}"]})
+        if self.durability is not None:
+            for gw in bed.gateways.values():
+                gw.config.write_text(gw.config.read_text() + f"store:\n  durability: {self.durability}\n")
         for name, gw in bed.gateways.items():
             if self.profile_dir is not None:
                 start_profiled(gw, self.profile_dir / f"gateway-{name}.prof")

@@ -89,15 +89,22 @@ async def open_authenticated(url: str, ctx: ssl.SSLContext, dev: Device) -> Clie
     return ws
 
 
-async def hold(connections: int, parallel: int = 64) -> dict[str, Any]:
+# Experiment only (the relay's code is not changed): asyncio's SSLProtocol allocates a 256 KiB read buffer per
+# TLS connection (asyncio/sslproto.py, `max_size`). This launcher sets it before running the unchanged relay CLI.
+SSL_BUFFER_LAUNCHER = ("import sys, asyncio.sslproto as s; s.SSLProtocol.max_size = int(sys.argv.pop(1)); "
+                       "from relay.cli import main; raise SystemExit(main())")
+
+
+async def hold(connections: int, parallel: int = 64, ssl_read_buffer: int | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         tls_ca, cert, key = _tls_ca(d)
         t = time.monotonic()
         devices = make_fleet(d, connections + 1)
         fleet_s = time.monotonic() - t
+        launch = ["-m", "relay.cli"] if ssl_read_buffer is None else ["-c", SSL_BUFFER_LAUNCHER, str(ssl_read_buffer)]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "relay.cli", "--config", str(relay_config(d, connections + 100)), "--port", "0",
+            sys.executable, *launch, "--config", str(relay_config(d, connections + 100)), "--port", "0",
             "--audience", AUDIENCE, "--cert", str(cert), "--key", str(key), "--ca", str(d / "ca.pem"),
             "--log-level", "warning", stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
         socks: list[ClientConnection] = []
@@ -129,7 +136,8 @@ async def hold(connections: int, parallel: int = 64) -> dict[str, Any]:
             held = sum(1 for ws in socks[1:] if ws.state.name == "OPEN")
             loaded = rss_kib(proc.pid)
             per_conn = (loaded - base) * 1024 / held if held else None
-            return {"connections_target": connections, "held": held, "failed": failed,
+            return {"connections_target": connections, "ssl_read_buffer": ssl_read_buffer or 256 * 1024,
+                    "held": held, "failed": failed,
                     "relay_rss_idle_kib": base, "relay_rss_loaded_kib": loaded,
                     "bytes_per_connection": round(per_conn) if per_conn is not None else None,
                     "connect_s": round(connect_s, 2), "connects_per_s": round(held / connect_s) if held else 0,
@@ -146,8 +154,9 @@ async def hold(connections: int, parallel: int = 64) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--connections", type=int, default=5000)
+    p.add_argument("--ssl-read-buffer", type=int, help="experiment: asyncio SSLProtocol.max_size in the relay")
     args = p.parse_args(argv)
-    result = asyncio.run(hold(args.connections))
+    result = asyncio.run(hold(args.connections, ssl_read_buffer=args.ssl_read_buffer))
     print("RESULT " + json.dumps(result), flush=True)
     return 0
 

@@ -167,6 +167,20 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{mls['protect_unprotect_1k_us']} us (median)")
     else:
         lines.append(f"- {mls.get('status', 'not yet')}")
+    ex = r.get("experiments") or {}
+    if ex:
+        lines += ["", "## Experiments (same code, one setting changed)", ""]
+        crash = ex.get("durability_crash") or {}
+        t, rt = crash.get("tput_256") or {}, crash.get("rtt") or {}
+        if t or rt:
+            lines.append(f"- ours with `store.durability: crash` (no fsync per ingest batch): 256 B "
+                         f"{_fmt(t.get('msg_s'))} msg/s (lost {_fmt(t.get('lost'))}); round trip p50 "
+                         f"{_fmt(rt.get('p50_ms'))} ms, p99 {_fmt(rt.get('p99_ms'))} ms")
+        ssl16 = ex.get("relay_ssl_buffer_17k") or {}
+        if ssl16:
+            lines.append(f"- relay with asyncio `SSLProtocol.max_size` = {ssl16.get('ssl_read_buffer')} B (default "
+                         f"256 KiB): {_fmt(ssl16.get('held'))} connections, {_fmt(ssl16.get('bytes_per_connection'))}"
+                         f" B per connection")
     lines += ["", "## Targets", "", "| target | goal | measured | result |", "|---|---|---|---|"]
     for c in r.get("targets", []):
         lines.append(f"| {c['name']} | {c['target']} | {c['value']} | {c['status']} |")
