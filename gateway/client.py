@@ -177,7 +177,11 @@ class SyncAgentClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"agent-{agent}")
         self._thread.start()
-        self._client = AgentClient(agent, **kwargs)
+
+        async def make() -> AgentClient:  # aiomqtt binds to the loop it is created in
+            return AgentClient(agent, **kwargs)
+
+        self._client = self._call(make())
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
