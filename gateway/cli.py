@@ -219,6 +219,41 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_group(args: argparse.Namespace) -> int:
+    """Agent groups on the running daemon; add/remove wait for the commit (the relay orders it)."""
+    import time
+
+    cfg = _cfg(args)
+    req: dict[str, object] = {"cmd": f"group.{args.sub}"}
+    if args.agent:
+        req["agent"] = args.agent
+    if getattr(args, "group", None):
+        req["group"] = args.group
+    if args.sub in ("add", "remove"):
+        req["members"] = args.member
+    if args.sub == "create":
+        req["admins"] = args.admin or []
+    res = _ask(cfg, req)
+    if args.sub in ("add", "remove", "update"):
+        assert isinstance(res, dict)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            st = _ask(cfg, {"cmd": "group.op", "op": res["op"]})
+            assert isinstance(st, dict)
+            if st["state"] == "failed":
+                print(f"agw: group {args.sub} failed: {st['error']}", file=sys.stderr)
+                return 1
+            if st["state"] == "done":
+                res = st["result"]
+                break
+            if time.monotonic() > deadline:
+                print(f"agw: group {args.sub} still pending after {args.timeout} s", file=sys.stderr)
+                return 1
+            time.sleep(0.1)
+    _print(res, True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="agw", description="Edge agent gateway")
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,6 +324,23 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="tamper-evident audit log").add_subparsers(dest="sub", required=True)
     add(audit, "verify", cmd_audit, "check the audit log's hash chain and MACs", config=True)
     add(audit, "list", cmd_audit, "print the audit log", config=True)
+    group = sub.add_parser("group", help="agent groups (MLS)").add_subparsers(dest="sub", required=True)
+    for action, text in (("create", "create a group with a local agent as its first member and admin"),
+                         ("add", "add members (<device>/<agent>) in one commit"),
+                         ("remove", "remove members in one commit"),
+                         ("update", "commit fresh keys for the agent (post-compromise security)"),
+                         ("list", "groups of local agents"),
+                         ("show", "one group: epoch, members, admins")):
+        sp = add(group, action, cmd_group, text, config=True)
+        sp.add_argument("--agent", required=action != "list", help="local agent acting")
+        if action != "list":
+            sp.add_argument("--group", required=True)
+        if action in ("add", "remove"):
+            sp.add_argument("--member", action="append", required=True, help="<device>/<agent> (repeatable)")
+        if action in ("add", "remove", "update"):
+            sp.add_argument("--timeout", type=float, default=30.0)
+        if action == "create":
+            sp.add_argument("--admin", action="append", help="another admin <device>/<agent> (repeatable)")
     store = sub.add_parser("store", help="data subject requests").add_subparsers(dest="sub", required=True)
     sp = add(store, "export", cmd_store, "export what the store holds (about one peer device)", config=True)
     sp.add_argument("--peer")

@@ -1,0 +1,677 @@
+"""Agent groups over MLS: the daemon's `GroupService`.
+
+Each local agent that belongs to a group holds its own MLS member state (leaf signed by its delegated key, X.509
+credential chain, see groups_identity). Group id = the group's name (a topic segment). The relay is the Delivery
+Service: one GROUP_SEND per message, fanned out once per member device, one commit accepted per epoch.
+
+- Agents publish on agw/<agent>/group/<group>/out (message to the group) and .../ctl (JSON: {"op": "create" |
+  "add" | "remove", "members": ["<device>/<agent>", ...], "admins": [...], "id": ...}); results and membership
+  events arrive as JSON on .../events, group messages on .../in with `agw:from`, `agw:group`, `agw:epoch`.
+- Operators use the same operations through the control socket (`agw group ...`).
+- Sending: encrypt, persist the advanced state and an outbox entry in one transaction (then the broker gets its
+  PUBACK), hand the message to the relay; devices the relay could not reach stay in the outbox and get it again
+  (commits with the resend flag) until they do or it expires. Other local members get it directly.
+- Receiving: messages for a later epoch wait (persisted) for the commit leading there; a commit is merged only
+  if its committer may make it (admins in the group context); application messages are checked to come from
+  the agent their credential names, then go through a persisted inbox to the broker.
+- Joining: a Welcome is accepted for a local agent only if its operator allows the adder (the agent's allow
+  list, or `agw consent allow`); otherwise it is refused and audited.
+- Commits: create, send, merge once the Delivery Service accepted it; if another commit won the epoch, wait to
+  process the winner, then retry (up to COMMIT_ATTEMPTS times).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import topics
+from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
+from gateway.config import GatewayConfig
+from gateway.device_identity import DeviceIdentity
+from gateway.groups_identity import (
+    SUITE,
+    AgentSigner,
+    admins_extension,
+    admins_of,
+    agent_of,
+    capabilities,
+    fleet_validator,
+)
+from gateway.groups_store import GroupRecords, InEntry, OutEntry
+from gateway.link import RelayLink
+from gateway.protocol.envelope import Envelope
+from gateway.protocol.identity.errors import BadName
+from gateway.protocol.identity.names import check_id
+from gateway.protocol.link import GroupStatus
+from gateway.protocol.mls.crypto import get_suite
+from gateway.protocol.mls.errors import MlsError
+from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
+from gateway.protocol.mls.group import Group, GroupConfig
+from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
+from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
+from gateway.protocol.mls.key_package import KeyPackage
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+from gateway.protocol.mls.proposals import Add, Remove
+from gateway.protocol.mls.tree_math import LeafIndex
+from gateway.protocol.mls.welcome import open_welcome
+from gateway.protocol.mls.welcome_structs import Welcome
+from gateway.store import ConsentState, Store
+
+log = logging.getLogger("agw.groups")
+
+KEY_PACKAGES_LOW = 3  # publish more when the relay holds fewer one-time KeyPackages for an agent
+KEY_PACKAGES_BATCH = 10
+KEY_PACKAGES_MAX_HELD = 100
+RETRY_MS = 2_000
+RETRY_MAX_MS = 30_000
+MESSAGE_TTL_MS = 24 * 3_600_000
+BUFFER_MAX = 1_000
+COMMIT_ATTEMPTS = 5
+COMMIT_WAIT_S = 10.0
+
+
+class GroupError(ValueError):
+    """A group operation cannot be done; the message says why (shown to the agent or the operator)."""
+
+
+@dataclass
+class _Op:
+    """A control-socket operation that needs the relay: polled with group.op."""
+
+    state: str = "pending"
+    result: Any = None
+    error: str | None = None
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    delivered: int = 0
+    commits: int = 0
+    commits_lost: int = 0
+    joined: int = 0
+    refused_joins: int = 0
+    dropped: int = 0
+    buffered: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Groups:
+    """The GroupService the daemon wires in (gateway/group_hooks.py)."""
+
+    def __init__(self, store: Store, identity: DeviceIdentity, link: RelayLink, bridge: MqttBridge,
+                 cfg: GatewayConfig, now_ms: Callable[[], int]) -> None:
+        self.store, self.identity, self.link, self.bridge, self.cfg, self.now_ms = (
+            store, identity, link, bridge, cfg, now_ms)
+        self.device = identity.device.device_id
+        self.prefix = cfg.mqtt.topic_prefix
+        self.cs = get_suite(SUITE)
+        self.records = GroupRecords(store)
+        self.mls_config = GroupConfig(
+            identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
+            max_past_epochs=2)
+        self.signers: dict[str, AgentSigner] = {}
+        self.members: dict[tuple[str, str], Group] = {}
+        self.outbox: dict[bytes, OutEntry] = {}
+        self.counters = Counters()
+        self.ops: dict[str, _Op] = {}
+        self._epoch_changed = asyncio.Condition()
+        self._commit_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seq = 0
+        self._publishing: set[bytes] = set()
+
+    # -- start-up ------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for agent in self.cfg.agents:
+            await self._load_signer(agent)
+        for agent, group in sorted(self.records.index.members):
+            raw = self.records.member(agent, group)
+            if raw is None or agent not in self.signers:
+                continue
+            self.members[(agent, group)] = group_from_bytes(raw, self.signers[agent].signer, self.mls_config)
+        self.outbox = {e.entry_id: e for e in self.records.outbox()}
+        self._seq = max((e.seq for e in self.records.inbox()), default=0)
+        self._spawn(self._loop(), "groups")
+        log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
+
+    async def _load_signer(self, agent: str) -> None:
+        raw = self.records.signer(agent)
+        if raw is not None:
+            self.signers[agent] = AgentSigner.from_bytes(raw)
+            return
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)
+        chain = (key.certificate.public_bytes(Encoding.DER), self.identity.certificate.public_bytes(Encoding.DER))
+        signer = AgentSigner(agent, key.raw_private_key(), chain)
+        self.records.put_signer(agent, signer.to_bytes())
+        self.signers[agent] = signer
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- daemon hooks ----------------------------------------------------------------------------------------------
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+        for m in messages:
+            parts = m.topic.split("/")
+            agent, group, verb = parts[1], parts[3], parts[4]
+            try:
+                if verb == "out":
+                    self.send(agent, group, m.payload)
+                else:
+                    self._spawn(self._ctl(agent, group, m.payload), f"group-ctl-{agent}-{group}")
+            except (GroupError, MlsError, BadName) as exc:
+                self.counters.dropped += 1
+                log.warning("group publish on %s refused: %s", m.topic, exc)
+                self._spawn(self._event(agent, group, {"ok": False, "error": str(exc)}), "group-event")
+
+    async def on_envelopes(self, envelopes: list[Envelope]) -> None:
+        for env in envelopes:
+            self.receive(env.sender, env.ciphertext)
+        await self._flush_inbox()
+
+    async def on_link_event(self, event: object) -> None:
+        return None
+
+    async def on_link_ready(self) -> None:
+        self._spawn(self._replenish_all(), "group-key-packages")
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        return {"memberships": [self._describe(a, g) for a, g in sorted(self.members)],
+                "outbox": len(self.outbox), "counters": {k: v for k, v in vars(self.counters).items()
+                                                         if k != "extra"}}
+
+    def control(self, request: dict[str, Any]) -> Any:
+        cmd = str(request.get("cmd", ""))
+        if cmd == "group.list":
+            agent = request.get("agent")
+            return [self._describe(a, g) for a, g in sorted(self.members) if agent in (None, a)]
+        if cmd == "group.op":
+            op = self.ops.get(str(request.get("op")))
+            if op is None:
+                raise GroupError(f"unknown operation {request.get('op')!r}")
+            return {"state": op.state, "result": op.result, "error": op.error}
+        agent, group = str(request.get("agent", "")), str(request.get("group", ""))
+        if agent not in self.cfg.agents:
+            raise GroupError(f"{agent!r} is not an agent of this gateway")
+        check_id("group", group)
+        if cmd == "group.show":
+            if (agent, group) not in self.members:
+                raise GroupError(f"{agent} is not a member of group {group}")
+            return self._describe(agent, group)
+        if cmd == "group.create":
+            return self.create(agent, group, [str(a) for a in request.get("admins") or []])
+        if cmd in ("group.add", "group.remove", "group.update"):
+            names = [str(n) for n in request.get("members") or []]
+            op_id = os.urandom(8).hex()
+            self.ops[op_id] = op = _Op()
+            verb = cmd.split(".")[1]
+            kwargs: dict[str, Any] = {"update": True} if verb == "update" else {verb: names}
+
+            async def run() -> None:
+                try:
+                    op.result = await self.change(agent, group, **kwargs)
+                    op.state = "done"
+                except Exception as exc:
+                    op.state, op.error = "failed", f"{type(exc).__name__}: {exc}"
+
+            self._spawn(run(), f"group-{verb}")
+            return {"op": op_id}
+        raise GroupError(f"unknown group command {cmd!r}")
+
+    # -- operations ----------------------------------------------------------------------------------------------
+    def _describe(self, agent: str, group: str) -> dict[str, Any]:
+        g = self.members[(agent, group)]
+        return {"agent": agent, "group": group, "epoch": g.epoch, "members": self._member_names(g),
+                "admins": admins_of(g.context.extensions), "epoch_authenticator": g.epoch_authenticator.hex()}
+
+    def _member_names(self, g: Group) -> list[str]:
+        return sorted(agent_of(leaf.credential) for _, leaf in g.members())
+
+    def _me(self, agent: str) -> str:
+        return f"{self.device}/{agent}"
+
+    def create(self, agent: str, group: str, admins: list[str] | None = None) -> dict[str, Any]:
+        check_id("group", group)
+        if (agent, group) in self.members:
+            raise GroupError(f"{agent} is already a member of group {group}")
+        signer = self.signers.get(agent)
+        if signer is None:
+            raise GroupError(f"{agent!r} is not an agent of this gateway")
+        admin_list = [self._me(agent), *[a for a in admins or [] if a != self._me(agent)]]
+        g = Group.create(SUITE, group.encode(), signer.signer, signer.credential, capabilities=capabilities(),
+                         extensions=(admins_extension(admin_list),), config=self.mls_config)
+        with self.store.transaction():
+            self.members[(agent, group)] = g
+            self.records.put_member(agent, group, group_to_bytes(g))
+        log.info("group %s created by %s", group, agent)
+        return self._describe(agent, group)
+
+    def send(self, agent: str, group: str, payload: bytes) -> None:
+        """Encrypt for the group and make it durable (state + outbox) before returning."""
+        g = self._member(agent, group)
+        msg = g.encrypt_application(payload, authenticated_data=self._me(agent).encode()).to_bytes()
+        self._queue(agent, group, g, msg, resend=False)
+        self.counters.sent += 1
+
+    def _member(self, agent: str, group: str) -> Group:
+        g = self.members.get((agent, group))
+        if g is None:
+            raise GroupError(f"{agent} is not a member of group {group}")
+        return g
+
+    def _devices(self, g: Group) -> list[str]:
+        return sorted({agent_of(leaf.credential).split("/")[0] for _, leaf in g.members()} - {self.device})
+
+    def _queue(self, agent: str, group: str, g: Group, msg: bytes, *, resend: bool,
+               devices: list[str] | None = None, welcome: bool = False) -> None:
+        """Persist our state and an outbox entry in one transaction, deliver to other local members now."""
+        devices = self._devices(g) if devices is None else devices
+        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS)
+        with self.store.transaction():
+            self.records.put_member(agent, group, group_to_bytes(g))
+            if devices:
+                self.records.put_out(entry)
+                self.outbox[entry.entry_id] = entry
+            if not welcome:
+                self._process_local(agent, group, msg)
+        self._wake.set()
+
+    def _process_local(self, sender_agent: str, group: str, msg: bytes) -> None:
+        for (a, gname) in list(self.members):
+            if gname == group and a != sender_agent:
+                self._process_for(a, group, msg)
+
+    async def change(self, agent: str, group: str, *, add: list[str] | None = None,
+                     remove: list[str] | None = None, update: bool = False) -> dict[str, Any]:
+        """Add and/or remove members in one commit (or, with `update`, refresh our path secrets: post-compromise
+        security); retried when another commit wins the epoch."""
+        g = self._member(agent, group)
+        if (add or remove) and self._me(agent) not in admins_of(g.context.extensions):
+            raise GroupError(f"{self._me(agent)} is not an admin of group {group}")
+        for name in [*(add or []), *(remove or [])]:
+            device, _, peer = name.partition("/")
+            check_id("device", device)
+            check_id("agent", peer)
+        key_packages = {name: await self._key_package(name) for name in add or []
+                        if name not in self._member_names(g)}
+        lock = self._commit_locks.setdefault((agent, group), asyncio.Lock())
+        async with lock:
+            for _attempt in range(COMMIT_ATTEMPTS):
+                g = self._member(agent, group)
+                current = {agent_of(leaf.credential): i for i, leaf in g.members()}
+                adds = [kp for name, kp in key_packages.items() if name not in current]
+                removes = [int(current[n]) for n in remove or [] if n in current]
+                if not adds and not removes and not update:
+                    return self._describe(agent, group)
+                devices = self._devices(g)
+                pending = g.commit(add=adds, remove=removes, now=self.now_ms() // 1000)
+                base = g.epoch
+                status, ds_epoch, missed = GroupStatus.ACCEPTED, base + 1, list[str]()
+                if devices:
+                    res = await self.link.group_send(devices, os.urandom(16), pending.message.to_bytes())
+                    status, ds_epoch, missed = res.status, res.epoch, [d for d, _ in res.undelivered]
+                if status is GroupStatus.ACCEPTED:
+                    if g.epoch != base:
+                        raise GroupError("the group changed while our accepted commit was in flight")
+                    g.merge_pending_commit(pending)
+                    self.counters.commits += 1
+                    self._queue(agent, group, g, pending.message.to_bytes(), resend=True, devices=missed)
+                    if pending.welcome is not None:
+                        await self._send_welcome(agent, group, pending.welcome.to_bytes(), pending.added)
+                    await self._notify_epoch()
+                    await self._flush_inbox()
+                    return self._describe(agent, group)
+                if status is not GroupStatus.STALE_EPOCH:
+                    raise GroupError(f"the relay refused the commit: {status.name}")
+                self.counters.commits_lost += 1
+                log.info("group %s: our commit lost epoch %d; catching up to %d", group, base, ds_epoch)
+                await self._wait_epoch(agent, group, ds_epoch)
+        raise GroupError(f"could not commit to group {group} after {COMMIT_ATTEMPTS} attempts")
+
+    async def _send_welcome(self, agent: str, group: str, welcome: bytes,
+                            added: tuple[tuple[LeafIndex, KeyPackage], ...]) -> None:
+        devices = sorted({agent_of(kp.leaf_node.credential).split("/")[0] for _, kp in added})
+        remote = [d for d in devices if d != self.device]
+        if self.device in devices:
+            self.receive(self.device, welcome)
+        if remote:
+            self._queue(agent, group, self._member(agent, group), welcome, resend=False, devices=remote, welcome=True)
+
+    async def _key_package(self, name: str) -> KeyPackage:
+        device, _, agent = name.partition("/")
+        if device == self.device:
+            if agent not in self.signers:
+                raise GroupError(f"{name} is not an agent of this gateway")
+            bundle = self._new_bundle(agent)
+            held = self.records.key_packages(agent)
+            self.records.put_key_packages(agent, [*held, bundle])
+            return bundle.key_package
+        got = await self.link.fetch_key_package(device, agent)
+        raw = got.one_time or got.bundle
+        if raw is None:
+            raise GroupError(f"no KeyPackage published for {name} (its gateway has never been online?)")
+        kp = KeyPackage.from_bytes(raw)
+        self.mls_config.identity_validator(kp.leaf_node.credential, kp.leaf_node.signature_key)
+        if agent_of(kp.leaf_node.credential) != name:
+            raise GroupError(f"the KeyPackage published for {name} belongs to someone else")
+        return kp
+
+    async def _wait_epoch(self, agent: str, group: str, epoch: int) -> None:
+        async with self._epoch_changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._epoch_changed.wait_for(
+                    lambda: (agent, group) not in self.members or self.members[(agent, group)].epoch >= epoch),
+                    COMMIT_WAIT_S)
+
+    async def _notify_epoch(self) -> None:
+        async with self._epoch_changed:
+            self._epoch_changed.notify_all()
+
+    async def _ctl(self, agent: str, group: str, payload: bytes) -> None:
+        try:
+            req = json.loads(payload)
+            if not isinstance(req, dict):
+                raise GroupError("a control message is a JSON object")
+            op = req.get("op")
+            members = [str(m) for m in req.get("members") or []]
+            if op == "create":
+                result = self.create(agent, group, [str(a) for a in req.get("admins") or []])
+            elif op == "add":
+                result = await self.change(agent, group, add=members)
+            elif op == "remove":
+                result = await self.change(agent, group, remove=members)
+            elif op == "update":
+                result = await self.change(agent, group, update=True)
+            else:
+                raise GroupError(f"unknown op {op!r} (create, add, remove)")
+            await self._event(agent, group, {"id": req.get("id"), "op": op, "ok": True, **result})
+        except Exception as exc:
+            log.warning("group control for %s/%s failed: %s", agent, group, exc)
+            with contextlib.suppress(Exception):
+                req_id = json.loads(payload).get("id") if payload.startswith(b"{") else None
+                await self._event(agent, group, {"id": req_id, "ok": False, "error": f"{exc}"})
+
+    async def _event(self, agent: str, group: str, body: dict[str, Any]) -> None:
+        with contextlib.suppress(BrokerUnavailable, TimeoutError):
+            await self.bridge.publish(f"{self.prefix}/{agent}/group/{group}/events", json.dumps(body).encode(),
+                                      content_type="application/json", payload_utf8=True)
+
+    # -- receiving -----------------------------------------------------------------------------------------------
+    def receive(self, sender_device: str, data: bytes) -> None:
+        """One MLSMessage from the relay (or from a local member): Welcome, commit or application message."""
+        try:
+            msg = MLSMessage.from_bytes(data)
+        except (MlsError, ValueError) as exc:
+            self.counters.dropped += 1
+            log.warning("undecodable group message from %s: %s", sender_device, exc)
+            return
+        if isinstance(msg.body, Welcome):
+            self._on_welcome(msg.body)
+            return
+        group_id = _group_id(msg)
+        if group_id is None:
+            self.counters.dropped += 1
+            return
+        group = group_id.decode(errors="replace")
+        targets = [a for (a, gname) in self.members if gname == group]
+        if not targets:
+            self.counters.dropped += 1
+            return
+        with self.store.transaction():
+            for agent in targets:
+                self._process_for(agent, group, data)
+
+    def _process_for(self, agent: str, group: str, data: bytes) -> None:
+        g = self.members.get((agent, group))
+        if g is None:
+            return
+        msg = MLSMessage.from_bytes(data)
+        epoch = _epoch(msg)
+        if epoch > g.epoch:
+            buffered = self.records.buffer(agent, group)
+            if data not in buffered and len(buffered) < BUFFER_MAX:
+                self.records.put_buffer(agent, group, [*buffered, data])
+                self.counters.buffered += 1
+            return
+        try:
+            result = g.process(msg, now=self.now_ms() // 1000)
+        except MlsError as exc:
+            log.debug("group %s: message for %s dropped: %s", group, agent, exc)
+            return
+        if isinstance(result, ApplicationMessage):
+            self._accept_application(agent, group, g, result)
+        elif isinstance(result, StagedCommit):
+            self._merge(agent, group, g, result)
+        else:
+            self.records.put_member(agent, group, group_to_bytes(g))
+
+    def _accept_application(self, agent: str, group: str, g: Group, app: ApplicationMessage) -> None:
+        tree = g.tree if app.epoch == g.epoch else g.past_epochs()[app.epoch].tree
+        leaf = tree.leaf(app.sender)
+        sender = agent_of(leaf.credential) if leaf is not None else "?"
+        self.records.put_member(agent, group, group_to_bytes(g))
+        if app.authenticated_data.decode(errors="replace") != sender:
+            self.counters.dropped += 1
+            log.warning("group %s: a message claims %r but is signed by %s", group, app.authenticated_data, sender)
+            return
+        self._seq += 1
+        self.records.put_in(InEntry(os.urandom(16), agent, group, sender, app.epoch, app.data, self._seq))
+
+    def _merge(self, agent: str, group: str, g: Group, staged: StagedCommit) -> None:
+        committer = g.tree.leaf(LeafIndex(staged.committer.index or 0))
+        who = agent_of(committer.credential) if committer is not None else "?"
+        changes = any(isinstance(p, Add | Remove) for p in staged.proposals)
+        if changes and who not in admins_of(g.context.extensions):
+            self.counters.dropped += 1
+            log.warning("group %s: refusing a commit from %s, who is not an admin", group, who)
+            return
+        g.merge_staged_commit(staged)
+        self._spawn(self._notify_epoch(), "group-epoch")
+        if not g.active:
+            del self.members[(agent, group)]
+            self.records.drop_member(agent, group)
+            log.info("group %s: %s was removed by %s", group, agent, who)
+            self._spawn(self._event(agent, group, {"op": "removed", "by": who}), "group-event")
+            return
+        self.records.put_member(agent, group, group_to_bytes(g))
+        self._spawn(self._event(agent, group, {"op": "epoch", "epoch": g.epoch, "by": who,
+                                               "members": self._member_names(g)}), "group-event")
+        self._drain_buffer(agent, group)
+
+    def _drain_buffer(self, agent: str, group: str) -> None:
+        g = self.members.get((agent, group))
+        buffered = self.records.buffer(agent, group)
+        if g is None or not buffered:
+            return
+        ready = [m for m in buffered if _epoch(MLSMessage.from_bytes(m)) <= g.epoch]
+        self.records.put_buffer(agent, group, [m for m in buffered if m not in ready])
+        for m in sorted(ready, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
+            self._process_for(agent, group, m)
+
+    def _on_welcome(self, welcome: Welcome) -> None:
+        """A Welcome may name several local agents (one KeyPackage each): each joins on its own."""
+        for agent, signer in self.signers.items():
+            held = self.records.key_packages(agent)
+            last = self.records.last_resort(agent)
+            for bundle in [*held, *([last] if last else [])]:
+                try:
+                    opened = open_welcome(self.cs, welcome, bundle.key_package, bundle.init_priv)
+                except MlsError:
+                    continue
+                self._join(agent, signer, welcome, bundle, opened.group_info.signer, held)
+                break
+
+    def _join(self, agent: str, signer: AgentSigner, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
+              held: list[KeyPackageBundle]) -> None:
+        try:
+            g = Group.join(welcome, bundle, signer.signer, config=self.mls_config)
+        except MlsError as exc:
+            log.warning("a Welcome for %s failed: %s", agent, exc)
+            return
+        group = g.group_id.decode(errors="replace")
+        adder_node = g.tree.leaf(LeafIndex(adder_leaf))
+        adder = agent_of(adder_node.credential) if adder_node is not None else "?"
+        with self.store.transaction():
+            if bundle in held:
+                self.records.put_key_packages(agent, [b for b in held if b != bundle])
+            try:
+                check_id("group", group)
+            except BadName:
+                self.counters.refused_joins += 1
+                return
+            if not self._consents(agent, adder):
+                self.counters.refused_joins += 1
+                self.store.audit.append({"type": "group.join_refused", "agent": agent, "group": group,
+                                         "by": adder}, self.now_ms())
+                log.info("group %s: %s was added by %s without consent; refused (agw consent allow --agent %s "
+                         "--peer %s)", group, agent, adder, agent, adder)
+                return
+            if (agent, group) in self.members:
+                return
+            self.members[(agent, group)] = g
+            self.records.put_member(agent, group, group_to_bytes(g))
+            self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
+                                    self.now_ms())
+        self.counters.joined += 1
+        self._spawn(self._event(agent, group, {"op": "joined", "by": adder, "epoch": g.epoch,
+                                               "members": self._member_names(g)}), "group-event")
+        self._spawn(self._replenish(agent), "group-key-packages")
+
+    def _consents(self, agent: str, adder: str) -> bool:
+        """An agent joins only groups its operator allowed the adder to put it in: the allow list (auto-accept)
+        or an `agw consent allow` decision. Adding itself (a local create) is always fine."""
+        if adder == self._me(agent):
+            return True
+        state = self.store.consent.state(agent, adder)
+        if state is ConsentState.DENIED:
+            return False
+        allow = self.cfg.agents[agent].allow if agent in self.cfg.agents else []
+        return state is ConsentState.ALLOWED or adder in allow or f"{adder.split('/')[0]}/*" in allow
+
+    # -- KeyPackages ---------------------------------------------------------------------------------------------
+    def _new_bundle(self, agent: str) -> KeyPackageBundle:
+        s = self.signers[agent]
+        return create_key_package(self.cs, s.signer, s.credential, capabilities=capabilities())
+
+    async def _replenish_all(self) -> None:
+        for agent in list(self.signers):
+            await self._replenish(agent)
+
+    async def _replenish(self, agent: str) -> None:
+        """Keep the relay stocked with this agent's KeyPackages (and a last-resort one)."""
+        try:
+            last = self.records.last_resort(agent)
+            if last is None:
+                last = self._new_bundle(agent)
+                self.records.put_last_resort(agent, last)
+            remaining = await self.link.publish_key_packages(agent, last.key_package.to_bytes(), [])
+            if remaining >= KEY_PACKAGES_LOW:
+                return
+            held = self.records.key_packages(agent)
+            fresh = [self._new_bundle(agent) for _ in range(KEY_PACKAGES_BATCH)]
+            self.records.put_key_packages(agent, [*held, *fresh][-KEY_PACKAGES_MAX_HELD:])
+            await self.link.publish_key_packages(agent, b"", [b.key_package.to_bytes() for b in fresh])
+        except Exception as exc:
+            log.warning("publishing KeyPackages for %s failed: %s", agent, exc)
+
+    # -- delivery ------------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        next_replenish = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            try:
+                if self.link.state.value == "ready":
+                    await self._send_due()
+                    loop_t = asyncio.get_running_loop().time()
+                    if loop_t >= next_replenish:
+                        next_replenish = loop_t + 30.0
+                        self._spawn(self._replenish_all(), "group-key-packages")
+                await self._flush_inbox()
+            except Exception:
+                log.exception("group delivery loop error")
+
+    async def _send_due(self) -> None:
+        t = self.now_ms()
+        for entry in sorted(self.outbox.values(), key=lambda e: e.entry_id):
+            if entry.next_ms > t:
+                continue
+            if entry.expires_ms <= t:
+                self._drop_out(entry)
+                continue
+            try:
+                res = await self.link.group_send(entry.devices, entry.entry_id, entry.message, resend=entry.resend)
+            except Exception as exc:
+                log.info("group send failed, will retry: %s", exc)
+                return
+            if res.status is GroupStatus.ACCEPTED:
+                entry.devices = [d for d, _ in res.undelivered]
+            if res.status is not GroupStatus.ACCEPTED and res.status is not GroupStatus.RATE_LIMITED:
+                log.warning("the relay refused a group message (%s); dropping it", res.status.name)
+                entry.devices = []
+            if not entry.devices:
+                self._drop_out(entry)
+            else:
+                entry.attempts += 1
+                entry.next_ms = t + min(RETRY_MAX_MS, RETRY_MS << min(entry.attempts, 4))
+                self.records.put_out(entry)
+
+    def _drop_out(self, entry: OutEntry) -> None:
+        self.outbox.pop(entry.entry_id, None)
+        self.records.drop_out(entry.entry_id)
+
+    async def _flush_inbox(self) -> None:
+        pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing]
+        if not pending or not self.bridge.connected:
+            return
+        self._publishing.update(e.entry_id for e in pending)
+        done: list[bytes] = []
+        try:
+            for e in pending:
+                try:
+                    await self.bridge.publish(
+                        topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
+                        user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group),
+                                         ("agw:epoch", str(e.epoch)), (topics.PROP_MESSAGE_ID, e.entry_id.hex())))
+                except (BrokerUnavailable, TimeoutError):
+                    break
+                done.append(e.entry_id)
+        finally:
+            self._publishing.difference_update(e.entry_id for e in pending)
+        if done:
+            self.records.drop_in(done)
+            self.counters.delivered += len(done)
+
+
+def _group_id(msg: MLSMessage) -> bytes | None:
+    body = msg.body
+    if isinstance(body, PublicMessage):
+        return body.content.group_id
+    if isinstance(body, PrivateMessage):
+        return body.group_id
+    return None
+
+
+def _epoch(msg: MLSMessage) -> int:
+    body = msg.body
+    if isinstance(body, PublicMessage):
+        return body.content.epoch
+    if isinstance(body, PrivateMessage):
+        return body.epoch
+    return 0

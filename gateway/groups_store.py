@@ -1,0 +1,204 @@
+"""Group state in the gateway's encrypted store (the `secrets` table, sealed at rest).
+
+Names, all under `grp/`: `signer/<agent>` (the agent's MLS signing key and chain), `member/<agent>/<group>` (one
+local agent's MLS state, `group_persist` format), `buffer/<agent>/<group>` (messages for a later epoch, waiting
+for the commit that leads there), `kp/<agent>` and `lastresort/<agent>` (KeyPackage private halves),
+`out/<id>` (a group message some devices have not received yet), `in/<id>` (a decrypted message waiting for
+the broker) and `index` (which of those exist). Callers group writes in `store.transaction()`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+from gateway.protocol.mls.key_package import KeyPackage
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle
+from gateway.store import Store
+
+
+def pack(parts: list[bytes]) -> bytes:
+    return b"".join(struct.pack("!I", len(p)) + p for p in parts)
+
+
+def unpack(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ValueError("corrupt group record")
+        (n,) = struct.unpack_from("!I", data, pos)
+        if pos + 4 + n > len(data):
+            raise ValueError("corrupt group record")
+        out.append(data[pos + 4:pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def bundle_to_bytes(b: KeyPackageBundle) -> bytes:
+    return pack([b.key_package.to_bytes(), b.init_priv, b.encryption_priv])
+
+
+def bundle_from_bytes(data: bytes) -> KeyPackageBundle:
+    kp, init_priv, enc_priv = unpack(data)
+    return KeyPackageBundle(KeyPackage.from_bytes(kp), init_priv, enc_priv)
+
+
+@dataclass
+class OutEntry:
+    """A group message not yet handed to every member device (they were offline): resent until expiry."""
+
+    entry_id: bytes
+    message: bytes
+    devices: list[str]
+    resend: bool  # a commit the relay accepted: resends must say so
+    expires_ms: int
+    next_ms: int = 0
+    attempts: int = 0
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"m": self.message.hex(), "d": self.devices, "r": self.resend,
+                           "x": self.expires_ms}).encode()
+
+    @classmethod
+    def from_bytes(cls, entry_id: bytes, data: bytes) -> OutEntry:
+        d = json.loads(data)
+        return cls(entry_id, bytes.fromhex(d["m"]), list(d["d"]), bool(d["r"]), int(d["x"]))
+
+
+@dataclass
+class InEntry:
+    """A decrypted group message for a local agent, kept until the broker acknowledged it."""
+
+    entry_id: bytes
+    agent: str
+    group: str
+    sender: str
+    epoch: int
+    payload: bytes
+    seq: int
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"a": self.agent, "g": self.group, "s": self.sender, "e": self.epoch,
+                           "p": self.payload.hex(), "q": self.seq}).encode()
+
+    @classmethod
+    def from_bytes(cls, entry_id: bytes, data: bytes) -> InEntry:
+        d = json.loads(data)
+        return cls(entry_id, d["a"], d["g"], d["s"], int(d["e"]), bytes.fromhex(d["p"]), int(d["q"]))
+
+
+@dataclass
+class GroupIndex:
+    members: set[tuple[str, str]] = field(default_factory=set)
+    out: set[bytes] = field(default_factory=set)
+    inbox: set[bytes] = field(default_factory=set)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"members": sorted(self.members), "out": sorted(i.hex() for i in self.out),
+                           "in": sorted(i.hex() for i in self.inbox)}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> GroupIndex:
+        d = json.loads(data)
+        return cls({(a, g) for a, g in d["members"]}, {bytes.fromhex(i) for i in d["out"]},
+                   {bytes.fromhex(i) for i in d["in"]})
+
+
+class GroupRecords:
+    """Typed access to the group records; the index is kept in memory and written when it changes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.secrets = store.secrets
+        raw = self.secrets.get("grp/index")
+        self.index = GroupIndex.from_bytes(raw) if raw else GroupIndex()
+
+    def _save_index(self) -> None:
+        self.secrets.put("grp/index", self.index.to_bytes())
+
+    # signers and KeyPackages
+    def signer(self, agent: str) -> bytes | None:
+        return self.secrets.get(f"grp/signer/{agent}")
+
+    def put_signer(self, agent: str, data: bytes) -> None:
+        self.secrets.put(f"grp/signer/{agent}", data)
+
+    def key_packages(self, agent: str) -> list[KeyPackageBundle]:
+        raw = self.secrets.get(f"grp/kp/{agent}")
+        return [bundle_from_bytes(b) for b in unpack(raw)] if raw else []
+
+    def put_key_packages(self, agent: str, bundles: list[KeyPackageBundle]) -> None:
+        self.secrets.put(f"grp/kp/{agent}", pack([bundle_to_bytes(b) for b in bundles]))
+
+    def last_resort(self, agent: str) -> KeyPackageBundle | None:
+        raw = self.secrets.get(f"grp/lastresort/{agent}")
+        return bundle_from_bytes(raw) if raw else None
+
+    def put_last_resort(self, agent: str, bundle: KeyPackageBundle) -> None:
+        self.secrets.put(f"grp/lastresort/{agent}", bundle_to_bytes(bundle))
+
+    # memberships
+    def member(self, agent: str, group: str) -> bytes | None:
+        return self.secrets.get(f"grp/member/{agent}/{group}")
+
+    def put_member(self, agent: str, group: str, state: bytes) -> None:
+        self.secrets.put(f"grp/member/{agent}/{group}", state)
+        if (agent, group) not in self.index.members:
+            self.index.members.add((agent, group))
+            self._save_index()
+
+    def drop_member(self, agent: str, group: str) -> None:
+        self.secrets.delete(f"grp/member/{agent}/{group}")
+        self.secrets.delete(f"grp/buffer/{agent}/{group}")
+        self.index.members.discard((agent, group))
+        self._save_index()
+
+    def buffer(self, agent: str, group: str) -> list[bytes]:
+        raw = self.secrets.get(f"grp/buffer/{agent}/{group}")
+        return unpack(raw) if raw else []
+
+    def put_buffer(self, agent: str, group: str, messages: list[bytes]) -> None:
+        if messages:
+            self.secrets.put(f"grp/buffer/{agent}/{group}", pack(messages))
+        else:
+            self.secrets.delete(f"grp/buffer/{agent}/{group}")
+
+    # outbox and inbox
+    def outbox(self) -> list[OutEntry]:
+        out = []
+        for i in sorted(self.index.out):
+            raw = self.secrets.get(f"grp/out/{i.hex()}")
+            if raw is not None:
+                out.append(OutEntry.from_bytes(i, raw))
+        return out
+
+    def put_out(self, entry: OutEntry) -> None:
+        self.secrets.put(f"grp/out/{entry.entry_id.hex()}", entry.to_bytes())
+        if entry.entry_id not in self.index.out:
+            self.index.out.add(entry.entry_id)
+            self._save_index()
+
+    def drop_out(self, entry_id: bytes) -> None:
+        self.secrets.delete(f"grp/out/{entry_id.hex()}")
+        self.index.out.discard(entry_id)
+        self._save_index()
+
+    def inbox(self) -> list[InEntry]:
+        out = []
+        for i in self.index.inbox:
+            raw = self.secrets.get(f"grp/in/{i.hex()}")
+            if raw is not None:
+                out.append(InEntry.from_bytes(i, raw))
+        return sorted(out, key=lambda e: e.seq)
+
+    def put_in(self, entry: InEntry) -> None:
+        self.secrets.put(f"grp/in/{entry.entry_id.hex()}", entry.to_bytes())
+        self.index.inbox.add(entry.entry_id)
+        self._save_index()
+
+    def drop_in(self, entry_ids: list[bytes]) -> None:
+        for i in entry_ids:
+            self.secrets.delete(f"grp/in/{i.hex()}")
+            self.index.inbox.discard(i)
+        self._save_index()
