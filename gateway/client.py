@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import threading
@@ -160,6 +161,69 @@ class AgentClient:
             raise AgentClientError(f"no reply from {to} within {timeout} s") from None
         finally:
             self._pending.pop(corr, None)
+
+    # -- groups (MLS, run by the gateway): agw/<agent>/group/<group>/{out,ctl} in, .../{in,events} out ----------
+    def _group_session(self) -> aiomqtt.Client:
+        """A second MQTT session for group traffic, so that `receive()` and `messages()` see direct messages only.
+        It reuses this client's broker address and credentials."""
+        paho = self._mqtt._client
+        pw = paho.password
+        return aiomqtt.Client(self._mqtt._hostname, self._mqtt._port, username=paho.username,
+                              password=pw.decode() if isinstance(pw, bytes) else pw,
+                              identifier=f"{self.agent}-g-{os.urandom(4).hex()}", protocol=aiomqtt.ProtocolVersion.V5,
+                              socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+
+    def _group_topic(self, group: str, leaf: str) -> str:
+        return f"{self.prefix}/{self.agent}/group/{group}/{leaf}"
+
+    async def _group_ctl(self, group: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a group control request and wait for its result on .../events."""
+        req_id = os.urandom(8).hex()
+        try:
+            async with self._group_session() as session, asyncio.timeout(timeout):
+                await session.subscribe(self._group_topic(group, "events"), qos=1)
+                await session.publish(self._group_topic(group, "ctl"), json.dumps({**body, "id": req_id}), qos=1)
+                async for m in session.messages:
+                    payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+                    event = json.loads(payload)
+                    if isinstance(event, dict) and event.get("id") == req_id:
+                        if not event.get("ok"):
+                            raise AgentClientError(f"group {body['op']} failed: {event.get('error')}")
+                        return event
+        except TimeoutError:
+            raise AgentClientError(f"no answer from the gateway about group {group} within {timeout} s") from None
+        except aiomqtt.MqttError as exc:
+            raise AgentClientError(f"group request failed: {exc}") from None
+        raise AgentClientError("the broker closed the group session")
+
+    async def create_group(self, group: str, *, admins: list[str] | None = None, timeout: float = 30.0
+                           ) -> dict[str, Any]:
+        """Create a group with this agent as its first member and admin; returns the group's view."""
+        return await self._group_ctl(group, {"op": "create", "admins": admins or []}, timeout)
+
+    async def add(self, group: str, *members: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Add `<device-id>/<agent>` members in one commit (this agent must be an admin)."""
+        return await self._group_ctl(group, {"op": "add", "members": list(members)}, timeout)
+
+    async def remove(self, group: str, *members: str, timeout: float = 30.0) -> dict[str, Any]:
+        return await self._group_ctl(group, {"op": "remove", "members": list(members)}, timeout)
+
+    async def send_group(self, group: str, payload: bytes) -> None:
+        """Send to every other member of the group; returns once the gateway has it durably."""
+        await self._publish(self._group_topic(group, "out"), payload)
+
+    async def group_messages(self, group: str) -> AsyncIterator[Message]:
+        """Messages of one group, as they arrive (a session of its own, closed when the iteration ends)."""
+        async with self._group_session() as session:
+            await session.subscribe(self._group_topic(group, "in"), qos=1)
+            async for m in session.messages:
+                user = tuple((str(k), str(v)) for k, v in (getattr(m.properties, "UserProperty", None) or []))
+                props = dict(user)
+                yield Message(sender=props.get(topics.PROP_FROM, ""),
+                              payload=m.payload if isinstance(m.payload, bytes) else str(m.payload).encode(),
+                              topic=str(m.topic), message_id=props.get(topics.PROP_MESSAGE_ID), response_topic=None,
+                              correlation_data=None, content_type=getattr(m.properties, "ContentType", None),
+                              user_properties=user)
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages sent to this agent, as they arrive."""

@@ -8,6 +8,7 @@ extra patterns that template needs (reported to its owner), applied with SIGHUP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from gateway.client import AgentClient, AgentClientError
 from gateway.testbed import Broker, Testbed
 
 PW = "agent-secret"
@@ -242,6 +244,27 @@ def test_gateway_restart_keeps_the_group(bed: Testbed) -> None:
     agents["a1"].publish(GROUP, b"to b1 after restart")
     wait_for(lambda: b"b1 is back" in agents["c2"].payloads(), what="members receive from b1")
     wait_for(lambda: b"to b1 after restart" in agents["b1"].payloads(), what="b1 receives")
+
+
+async def test_sdk_create_add_send_receive_remove(bed: Testbed) -> None:
+    port1, port2 = bed.gateways["gw1"].broker.port, bed.gateways["gw2"].broker.port
+    async with AgentClient("b2", port=port2, password=PW) as b2, AgentClient("a2", port=port1, password=PW) as a2:
+        assert (await b2.create_group("sdk"))["members"] == ["gw2/b2"]
+        added = await b2.add("sdk", "gw1/a2")
+        assert added["epoch"] == 1 and added["members"] == ["gw1/a2", "gw2/b2"]
+
+        async def first() -> Any:
+            async for msg in a2.group_messages("sdk"):
+                return msg
+
+        receiver = asyncio.create_task(first())
+        await asyncio.sleep(1.0)  # a2's group session subscribes
+        await b2.send_group("sdk", b"via the sdk")
+        msg = await asyncio.wait_for(receiver, 30)
+        assert (msg.sender, msg.payload, msg.topic) == ("gw2/b2", b"via the sdk", "agw/a2/group/sdk/in")
+        assert (await b2.remove("sdk", "gw1/a2"))["members"] == ["gw2/b2"]
+        with pytest.raises(AgentClientError, match=r"not an admin|not a member"):
+            await a2.add("sdk", "gw3/c1")
 
 
 def test_member_device_offline_for_three_epochs_catches_up(bed: Testbed) -> None:
