@@ -24,8 +24,7 @@ from gateway.protocol.envelope import Envelope
 from gateway.protocol.link import AuthOk, Deliver, LinkLimits, decode_frame, encode_frame
 
 LIMITS = LinkLimits()
-ACTIONS = ["pass", "duplicate", "replay_later", "reorder", "drop", "truncate", "modify", "swap_recipient",
-           "swap_sender", "pass"]
+ACTIONS = ["duplicate", "replay_later", "reorder", "drop", "truncate", "modify", "swap_recipient", "swap_sender"]
 
 
 async def _send(ws: ServerConnection, data: bytes) -> None:

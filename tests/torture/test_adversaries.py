@@ -23,6 +23,7 @@ import pytest
 
 from gateway.testbed import Gateway, Testbed, free_port, wait_port
 from tests.torture.conftest import LONG, record
+from tests.torture.evil_relay import ACTIONS as EVIL_ACTIONS
 from tests.torture.evil_relay import EvilRelay
 from tests.torture.stream import Receiver, Sender, tally, wait_delivered
 
@@ -123,11 +124,20 @@ def test_malicious_relay_and_peer(world: World, tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join(300)
+    # Every kind of tampering must have happened: a trickle of extra messages gives the proxy more frames.
+    deadline = time.monotonic() + 60
+    trickle = 0
+    while time.monotonic() < deadline and not all(w.evil.actions[a] >= 2 for a in EVIL_ACTIONS):
+        alice.run(b"tr|%d|" % trickle, 1)
+        trickle += 1
+        time.sleep(0.1)
     time.sleep(3.0)
     w.evil.tamper = False  # spoiled and dropped messages come through on the senders' retries
     wait_delivered(bob_in, b"ab|", N, 240)
     wait_delivered(alice_in, b"ba|", N, 240)
     time.sleep(2.0)
+    wait_delivered(bob_in, b"tr|", trickle, 240)
+    tr = tally([p for p in alice.sent if p.startswith(b"tr|")], bob_in.payloads(b"tr|"))
     ab = tally([p for p in alice.sent if p.startswith(b"ab|")], bob_in.payloads(b"ab|"))
     ba = tally([p for p in bob.sent if p.startswith(b"ba|")], alice_in.payloads(b"ba|"))
     evil_at_bob = bob_in.payloads(b"evil|")
@@ -143,14 +153,15 @@ def test_malicious_relay_and_peer(world: World, tmp_path: Path) -> None:
     pending = {(e["agent"], e["peer"]) for e in json.loads(w.b.agw("consent", "list", "--json").stdout)
                if e["state"] == "pending"}
     record("adversary.malicious_relay", tamper_actions=dict(w.evil.actions), a_to_b=ab.as_dict(),
-           b_to_a=ba.as_dict(), forged_or_unconsented_delivered=len(evil_at_bob), misrouted_delivered=misrouted,
+           b_to_a=ba.as_dict(), trickle=tr.as_dict(), forged_or_unconsented_delivered=len(evil_at_bob),
+           misrouted_delivered=misrouted,
            replayed_envelopes=len(replayed), audit_rejected=kinds.count("message.rejected"),
            audit_rejected_after_replay=kinds.count("message.rejected") - rejected_before)
-    for t in (ab, ba):
+    for t in (ab, ba, tr):
         assert (t.lost, t.duplicated, t.foreign, t.same_id_redeliveries) == (0, 0, 0, 0), t
-        assert t.delivered == t.copies == N
-    assert all(w.evil.actions[a] > 0 for a in ("duplicate", "replay_later", "reorder", "drop", "truncate",
-                                                 "modify", "swap_recipient", "swap_sender")), w.evil.actions
+        assert t.delivered == t.copies == t.sent
+    assert ab.sent == ba.sent == N
+    assert all(w.evil.actions[a] >= 2 for a in EVIL_ACTIONS), w.evil.actions
     assert evil_at_bob == [], "a message from mallory's device reached bob"
     assert misrouted == 0, "an envelope swapped to mallory's device reached an agent there"
     assert len(bob_in.payloads(b"ab|")) == N, "a replayed envelope reached bob"
@@ -160,20 +171,25 @@ def test_malicious_relay_and_peer(world: World, tmp_path: Path) -> None:
 
     # Forward secrecy: keys of messages dev-b received after the first copy are gone after the ratchet steps.
     wires = [e.ciphertext.hex() for e in replayed[:10]]
+
+    def probe(new: Path) -> dict[str, list[dict[str, object]]]:
+        out = subprocess.run([sys.executable, "-m", "tests.torture.store_probe", str(w.b.config), "dev-a",
+                              str(old_copy), str(new), *wires], env=w.b.env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    # The message keys, computed from the copy taken before; then the running gateway's memory is searched.
+    keys = [bytes.fromhex(str(k["key"])) for k in probe(old_copy)["keys"] if k["key"]]
     pid = w.b.proc.pid  # type: ignore[union-attr]
-    new_copy = _snapshot(w.b, tmp_path / "b-after")
-    probe = subprocess.run([sys.executable, "-m", "tests.torture.store_probe", str(w.b.config), "dev-a",
-                            str(old_copy), str(new_copy), *wires], env=w.b.env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
-    assert probe.returncode == 0, probe.stderr
-    res = json.loads(probe.stdout)
-    keys = [bytes.fromhex(k["key"]) for k in res["keys"] if k["key"]]
-    in_memory = _scan_memory(w.b.proc.pid, keys) if keys else 0  # type: ignore[union-attr]
+    in_memory = _scan_memory(pid, keys) if keys else 0
+    assert _scan_memory(pid, [b"dev-a", b"agw.daemon"]) == 2  # the scan does see the process's memory
+    res = probe(_snapshot(w.b, tmp_path / "b-after"))
     record("adversary.forward_secrecy", messages=len(wires), keys_computed=len(keys),
            keys_in_new_store=sum(k["in_new_store"] for k in res["keys"]),
            keys_held=sum(k["held_by_new"] for k in res["keys"]),
            decrypted_by_new_state=sum(k["decrypted_by_new"] for k in res["keys"]),
-           keys_in_restarted_gateway_memory=in_memory, old_pid=pid)
+           keys_in_gateway_memory=in_memory)
     assert len(keys) == len(wires) > 0, res
     assert not any(k["in_new_store"] or k["held_by_new"] or k["decrypted_by_new"] for k in res["keys"]), res
     assert in_memory == 0
