@@ -29,13 +29,13 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from gateway import topics
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
+from gateway.groups_delivery import Counters, GroupDelivery
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -58,7 +58,7 @@ from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
 from gateway.protocol.mls.key_package import KeyPackage
-from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle
 from gateway.protocol.mls.proposals import Add, Remove
 from gateway.protocol.mls.tree_math import LeafIndex
 from gateway.protocol.mls.welcome import open_welcome
@@ -67,11 +67,6 @@ from gateway.store import ConsentState, Store
 
 log = logging.getLogger("agw.groups")
 
-KEY_PACKAGES_LOW = 3  # publish more when the relay holds fewer one-time KeyPackages for an agent
-KEY_PACKAGES_BATCH = 10
-KEY_PACKAGES_MAX_HELD = 100
-RETRY_MS = 2_000
-RETRY_MAX_MS = 30_000
 MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
 COMMIT_ATTEMPTS = 5
@@ -91,20 +86,7 @@ class _Op:
     error: str | None = None
 
 
-@dataclass
-class Counters:
-    sent: int = 0
-    delivered: int = 0
-    commits: int = 0
-    commits_lost: int = 0
-    joined: int = 0
-    refused_joins: int = 0
-    dropped: int = 0
-    buffered: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
-
-
-class Groups:
+class Groups(GroupDelivery):
     """The GroupService the daemon wires in (gateway/group_hooks.py)."""
 
     def __init__(self, store: Store, identity: DeviceIdentity, link: RelayLink, bridge: MqttBridge,
@@ -562,101 +544,6 @@ class Groups:
             return False
         allow = self.cfg.agents[agent].allow if agent in self.cfg.agents else []
         return state is ConsentState.ALLOWED or adder in allow or f"{adder.split('/')[0]}/*" in allow
-
-    # -- KeyPackages ---------------------------------------------------------------------------------------------
-    def _new_bundle(self, agent: str) -> KeyPackageBundle:
-        s = self.signers[agent]
-        return create_key_package(self.cs, s.signer, s.credential, capabilities=capabilities())
-
-    async def _replenish_all(self) -> None:
-        for agent in list(self.signers):
-            await self._replenish(agent)
-
-    async def _replenish(self, agent: str) -> None:
-        """Keep the relay stocked with this agent's KeyPackages (and a last-resort one)."""
-        try:
-            last = self.records.last_resort(agent)
-            if last is None:
-                last = self._new_bundle(agent)
-                self.records.put_last_resort(agent, last)
-            remaining = await self.link.publish_key_packages(agent, last.key_package.to_bytes(), [])
-            if remaining >= KEY_PACKAGES_LOW:
-                return
-            held = self.records.key_packages(agent)
-            fresh = [self._new_bundle(agent) for _ in range(KEY_PACKAGES_BATCH)]
-            self.records.put_key_packages(agent, [*held, *fresh][-KEY_PACKAGES_MAX_HELD:])
-            await self.link.publish_key_packages(agent, b"", [b.key_package.to_bytes() for b in fresh])
-        except Exception as exc:
-            log.warning("publishing KeyPackages for %s failed: %s", agent, exc)
-
-    # -- delivery ------------------------------------------------------------------------------------------------
-    async def _loop(self) -> None:
-        next_replenish = 0.0
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 1.0)
-            self._wake.clear()
-            try:
-                if self.link.state.value == "ready":
-                    await self._send_due()
-                    loop_t = asyncio.get_running_loop().time()
-                    if loop_t >= next_replenish:
-                        next_replenish = loop_t + 30.0
-                        self._spawn(self._replenish_all(), "group-key-packages")
-                await self._flush_inbox()
-            except Exception:
-                log.exception("group delivery loop error")
-
-    async def _send_due(self) -> None:
-        t = self.now_ms()
-        for entry in sorted(self.outbox.values(), key=lambda e: e.entry_id):
-            if entry.next_ms > t:
-                continue
-            if entry.expires_ms <= t:
-                self._drop_out(entry)
-                continue
-            try:
-                res = await self.link.group_send(entry.devices, entry.entry_id, entry.message, resend=entry.resend)
-            except Exception as exc:
-                log.info("group send failed, will retry: %s", exc)
-                return
-            if res.status is GroupStatus.ACCEPTED:
-                entry.devices = [d for d, _ in res.undelivered]
-            if res.status is not GroupStatus.ACCEPTED and res.status is not GroupStatus.RATE_LIMITED:
-                log.warning("the relay refused a group message (%s); dropping it", res.status.name)
-                entry.devices = []
-            if not entry.devices:
-                self._drop_out(entry)
-            else:
-                entry.attempts += 1
-                entry.next_ms = t + min(RETRY_MAX_MS, RETRY_MS << min(entry.attempts, 4))
-                self.records.put_out(entry)
-
-    def _drop_out(self, entry: OutEntry) -> None:
-        self.outbox.pop(entry.entry_id, None)
-        self.records.drop_out(entry.entry_id)
-
-    async def _flush_inbox(self) -> None:
-        pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing]
-        if not pending or not self.bridge.connected:
-            return
-        self._publishing.update(e.entry_id for e in pending)
-        done: list[bytes] = []
-        try:
-            for e in pending:
-                try:
-                    await self.bridge.publish(
-                        topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
-                        user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group),
-                                         ("agw:epoch", str(e.epoch)), (topics.PROP_MESSAGE_ID, e.entry_id.hex())))
-                except (BrokerUnavailable, TimeoutError):
-                    break
-                done.append(e.entry_id)
-        finally:
-            self._publishing.difference_update(e.entry_id for e in pending)
-        if done:
-            self.records.drop_in(done)
-            self.counters.delivered += len(done)
 
 
 def _group_id(msg: MLSMessage) -> bytes | None:

@@ -1,0 +1,160 @@
+"""The delivery half of the group service: the outbox (group messages some member devices have not received yet,
+resent with backoff until expiry), the inbox (decrypted messages handed to the broker, deleted after its
+PUBACK) and keeping the relay stocked with each local agent's KeyPackages. `Groups` (gateway/groups.py) mixes
+this in; the attributes below are set by its constructor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway import topics
+from gateway.bridge import BrokerUnavailable, MqttBridge
+from gateway.groups_identity import AgentSigner, capabilities
+from gateway.groups_store import GroupRecords, OutEntry
+from gateway.link import RelayLink
+from gateway.protocol.link import GroupStatus
+from gateway.protocol.mls.crypto import CipherSuite
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+
+log = logging.getLogger("agw.groups")
+
+KEY_PACKAGES_LOW = 3  # publish more when the relay holds fewer one-time KeyPackages for an agent
+KEY_PACKAGES_BATCH = 10
+KEY_PACKAGES_MAX_HELD = 100
+RETRY_MS = 2_000
+RETRY_MAX_MS = 30_000
+REPLENISH_S = 30.0
+
+
+@dataclass
+class Counters:
+    sent: int = 0
+    delivered: int = 0
+    commits: int = 0
+    commits_lost: int = 0
+    joined: int = 0
+    refused_joins: int = 0
+    dropped: int = 0
+    buffered: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+
+class GroupDelivery:
+    link: RelayLink
+    bridge: MqttBridge
+    records: GroupRecords
+    outbox: dict[bytes, OutEntry]
+    signers: dict[str, AgentSigner]
+    counters: Counters
+    cs: CipherSuite
+    prefix: str
+    now_ms: Callable[[], int]
+    _wake: asyncio.Event
+    _publishing: set[bytes]
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        raise NotImplementedError
+
+    # -- KeyPackages ---------------------------------------------------------------------------------------------
+    def _new_bundle(self, agent: str) -> KeyPackageBundle:
+        s = self.signers[agent]
+        return create_key_package(self.cs, s.signer, s.credential, capabilities=capabilities())
+
+    async def _replenish_all(self) -> None:
+        for agent in list(self.signers):
+            await self._replenish(agent)
+
+    async def _replenish(self, agent: str) -> None:
+        """Keep the relay stocked with this agent's KeyPackages (and a last-resort one)."""
+        try:
+            last = self.records.last_resort(agent)
+            if last is None:
+                last = self._new_bundle(agent)
+                self.records.put_last_resort(agent, last)
+            remaining = await self.link.publish_key_packages(agent, last.key_package.to_bytes(), [])
+            if remaining >= KEY_PACKAGES_LOW:
+                return
+            held = self.records.key_packages(agent)
+            fresh = [self._new_bundle(agent) for _ in range(KEY_PACKAGES_BATCH)]
+            self.records.put_key_packages(agent, [*held, *fresh][-KEY_PACKAGES_MAX_HELD:])
+            await self.link.publish_key_packages(agent, b"", [b.key_package.to_bytes() for b in fresh])
+        except Exception as exc:
+            log.warning("publishing KeyPackages for %s failed: %s", agent, exc)
+
+    # -- delivery ------------------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        next_replenish = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            try:
+                if self.link.state.value == "ready":
+                    await self._send_due()
+                    loop_t = asyncio.get_running_loop().time()
+                    if loop_t >= next_replenish:
+                        next_replenish = loop_t + 30.0
+                        self._spawn(self._replenish_all(), "group-key-packages")
+                await self._flush_inbox()
+            except Exception:
+                log.exception("group delivery loop error")
+
+    async def _send_due(self) -> None:
+        t = self.now_ms()
+        for entry in sorted(self.outbox.values(), key=lambda e: e.entry_id):
+            if entry.next_ms > t:
+                continue
+            if entry.expires_ms <= t:
+                self._drop_out(entry)
+                continue
+            try:
+                res = await self.link.group_send(entry.devices, entry.entry_id, entry.message, resend=entry.resend)
+            except Exception as exc:
+                log.info("group send failed, will retry: %s", exc)
+                return
+            if res.status is GroupStatus.ACCEPTED:
+                entry.devices = [d for d, _ in res.undelivered]
+            if res.status is not GroupStatus.ACCEPTED and res.status is not GroupStatus.RATE_LIMITED:
+                log.warning("the relay refused a group message (%s); dropping it", res.status.name)
+                entry.devices = []
+            if not entry.devices:
+                self._drop_out(entry)
+            else:
+                entry.attempts += 1
+                entry.next_ms = t + min(RETRY_MAX_MS, RETRY_MS << min(entry.attempts, 4))
+                self.records.put_out(entry)
+
+    def _drop_out(self, entry: OutEntry) -> None:
+        self.outbox.pop(entry.entry_id, None)
+        self.records.drop_out(entry.entry_id)
+
+    async def _flush_inbox(self) -> None:
+        pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing]
+        if not pending or not self.bridge.connected:
+            return
+        self._publishing.update(e.entry_id for e in pending)
+        done: list[bytes] = []
+        try:
+            for e in pending:
+                try:
+                    await self.bridge.publish(
+                        topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
+                        user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group),
+                                         ("agw:epoch", str(e.epoch)), (topics.PROP_MESSAGE_ID, e.entry_id.hex())))
+                except (BrokerUnavailable, TimeoutError):
+                    break
+                done.append(e.entry_id)
+        finally:
+            self._publishing.difference_update(e.entry_id for e in pending)
+        if done:
+            self.records.drop_in(done)
+            self.counters.delivered += len(done)
+
+
