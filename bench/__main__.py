@@ -82,8 +82,10 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         bridge.start()
         for size, n in sizes:
             spec = {**bridge.tput_spec(), "n": n, "size": size}
-            row = _section(errors, f"bridge tput {size}", functools.partial(load, "tput", spec, a.limit))
+            with footprint.CpuMeter(bridge.pids()) as cpu:
+                row = _section(errors, f"bridge tput {size}", functools.partial(load, "tput", spec, a.limit))
             if row:
+                row["cpu_s"] = cpu.used
                 r["throughput"]["bridge"].append(row)
                 log(f"bridge {size} B: {row['msg_s']:,} msg/s, lost {row['lost']}")
         rt = _section(errors, "bridge rtt", lambda: load("rtt", {**bridge.rtt_spec(), "n": a.rtt,
@@ -106,9 +108,10 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         for size, n in sizes:
             spec = {**ours.tput_spec(), "n": n, "size": size}
             before = ours.counters()
-            with footprint.RssSampler(pids) as sampler:
+            with footprint.RssSampler(pids) as sampler, footprint.CpuMeter(ours.pids()) as cpu:
                 row = _section(errors, f"ours tput {size}", functools.partial(load, "tput", spec, a.limit))
             if row:
+                row["cpu_s"] = cpu.used
                 after = ours.counters()
                 # What the pipeline did to carry the run: retransmissions show up as duplicates at the receiver.
                 row["gateway_counters"] = {g: {k: after[g][k] - before[g].get(k, 0) for k in after[g]}

@@ -3,10 +3,12 @@ cold start to ready (process spawn until the daemon reports its relay link ready
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.paths import rss_kib
@@ -40,6 +42,48 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """CPU time (user + system) of a process, split into its main thread and all other threads.
+
+    For a gateway the main thread runs the asyncio loop; the others are paho's network thread and to_thread
+    workers. Read from /proc/<pid>/task/*/stat (fields 14 and 15, in clock ticks)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = other = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        t = (int(fields[11]) + int(fields[12])) / tick
+        if task.name == str(pid):
+            main += t
+        else:
+            other += t
+    return {"main": main, "other": other}
+
+
+class CpuMeter:
+    """CPU seconds used by named processes between enter and exit, per process and per thread group."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.used: dict[str, dict[str, float]] = {}
+
+    def __enter__(self) -> CpuMeter:
+        self._start = {n: cpu_seconds(p) for n, p in self.pids.items()}
+        self._t0 = time.monotonic()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.monotonic() - self._t0
+        for n, p in self.pids.items():
+            try:
+                end = cpu_seconds(p)
+            except OSError:
+                continue
+            self.used[n] = {k: round(end[k] - self._start[n][k], 2) for k in end}
 
 
 def _link_ready(gw: Gateway, pid: int) -> bool:

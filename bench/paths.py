@@ -101,6 +101,16 @@ class OurPath:
                 "echo": {"port": self.gateway(DEV_B).broker.port, "username": AGENT_B, "password": pw,
                          "pub_topic": f"agw/{AGENT_B}/out/{DEV_A}/{AGENT_A}", "sub_topic": f"agw/{AGENT_B}/in"}}
 
+    def pids(self) -> dict[str, int]:
+        """Every process of the path: the relay, each gateway and each broker."""
+        assert self.bed is not None and self.bed.relay_proc is not None
+        out = {"relay": self.bed.relay_proc.pid}
+        for name, gw in self.bed.gateways.items():
+            assert gw.proc is not None and gw.broker.proc is not None
+            out[f"gateway {name}"] = gw.proc.pid
+            out[f"mosquitto {name}"] = gw.broker.proc.pid
+        return out
+
     def counters(self) -> dict[str, dict[str, int]]:
         """The daemons' own counters (sent, delivered, acked, duplicates, ...) from their control sockets."""
         from gateway import control
@@ -218,6 +228,9 @@ bridge_insecure false
             self.procs.append(proc)
             wait_port(port, proc=proc)
         wait_bridge(self.port_a, self.port_b)
+
+    def pids(self) -> dict[str, int]:
+        return {"mosquitto A (bridge)": self.procs[1].pid, "mosquitto B": self.procs[0].pid}
 
     def tput_spec(self) -> dict[str, Any]:
         return {"pub": {"port": self.port_a, "topic": "bench/t"}, "sub": {"port": self.port_b, "topic": "bench/t"}}

@@ -120,6 +120,14 @@ def markdown(r: dict[str, Any]) -> str:
         if dups:
             lines.append(f"\nOurs, {o['size']:,} B: the receiving gateway saw {dups:,} duplicate deliveries "
                          f"(sender retransmissions before the end-to-end ACK arrived) for {o['n']:,} messages.")
+    lines += ["", "CPU seconds per process during each run (main thread + other threads; for a gateway the main "
+              "thread is the asyncio loop, the others mostly paho's network thread):", ""]
+    for path in ("ours", "bridge"):
+        for o in r.get("throughput", {}).get(path, []):
+            cpu = o.get("cpu_s") or {}
+            if cpu:
+                parts = ", ".join(f"{name} {v['main']:.2f}+{v['other']:.2f}" for name, v in cpu.items())
+                lines.append(f"- {path} {o['size']:,} B ({o['n']:,} msgs, {_fmt(o.get('seconds'))} s): {parts}")
     lines += ["", "## Request/reply round trip, 256 B, QoS 1", "", "| path | exchanges | p50 ms | p99 ms | lost |",
               "|---|---|---|---|---|"]
     for path, rt in r.get("rtt", {}).items():

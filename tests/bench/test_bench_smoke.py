@@ -33,8 +33,10 @@ def test_both_paths_carry_every_message(quick):
         assert row["size"] == 256 and row["n"] == 200
         assert row["received"] == 200 and row["lost"] == 0 and row["duplicates"] == 0
         assert row["msg_s"] > 0
+        assert row["cpu_s"] and all(v["main"] >= 0 and v["other"] >= 0 for v in row["cpu_s"].values())
         rt = r["rtt"][path]
         assert rt["n"] == 50 and rt["lost"] == 0 and 0 < rt["p50_ms"] <= rt["p99_ms"]
+    assert {"relay", "gateway bench-a", "gateway bench-b"} <= set(r["throughput"]["ours"][0]["cpu_s"])
     assert r["errors"] == {}
 
 
