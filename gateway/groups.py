@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +112,7 @@ class Groups(GroupDelivery):
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
+        self._out_seq = 0
         self._publishing: set[bytes] = set()
 
     # -- start-up ------------------------------------------------------------------------------------------------
@@ -147,9 +150,24 @@ class Groups(GroupDelivery):
 
     # -- daemon hooks ----------------------------------------------------------------------------------------------
     async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+        """Group publishes of a batch become durable in one transaction; a broker redelivery (DUP) of a publish
+        already taken (same packet id and content) is not sent twice."""
+        with self.store.transaction():
+            self.records.deferred += 1
+            try:
+                self._take(messages)
+            finally:
+                self.records.deferred -= 1
+                if not self.records.deferred:
+                    self.records.flush_index()
+
+    def _take(self, messages: list[AgentMessage]) -> None:
         for m in messages:
             parts = m.topic.split("/")
             agent, group, verb = parts[1], parts[3], parts[4]
+            mark, digest = f"grp/mqtt-in/{m.mid}", _digest(m)
+            if m.dup and self.records.secrets.get(mark) == digest:
+                continue
             try:
                 if verb == "out":
                     self.send(agent, group, m.payload)
@@ -159,6 +177,7 @@ class Groups(GroupDelivery):
                 self.counters.dropped += 1
                 log.warning("group publish on %s refused: %s", m.topic, exc)
                 self._spawn(self._event(agent, group, {"ok": False, "error": str(exc)}), "group-event")
+            self.records.secrets.put(mark, digest)
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None:
         for env in envelopes:
@@ -263,7 +282,8 @@ class Groups(GroupDelivery):
                devices: list[str] | None = None, welcome: bool = False) -> None:
         """Persist our state and an outbox entry in one transaction, deliver to other local members now."""
         devices = self._devices(g) if devices is None else devices
-        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS)
+        self._out_seq = max(self._out_seq + 1, time.time_ns())
+        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq)
         with self.store.transaction():
             self.records.put_member(agent, group, group_to_bytes(g))
             if devices:
@@ -544,6 +564,13 @@ class Groups(GroupDelivery):
             return False
         allow = self.cfg.agents[agent].allow if agent in self.cfg.agents else []
         return state is ConsentState.ALLOWED or adder in allow or f"{adder.split('/')[0]}/*" in allow
+
+
+def _digest(m: AgentMessage) -> bytes:
+    h = hashlib.sha256()
+    for part in (m.topic.encode(), m.payload):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()[:16]
 
 
 def _group_id(msg: MLSMessage) -> bytes | None:

@@ -28,7 +28,8 @@ KEY_PACKAGES_LOW = 3  # publish more when the relay holds fewer one-time KeyPack
 KEY_PACKAGES_BATCH = 10
 KEY_PACKAGES_MAX_HELD = 100
 RETRY_MS = 2_000
-RETRY_MAX_MS = 30_000
+RETRY_MAX_MS = 10_000
+SEND_BATCH = 256
 REPLENISH_S = 30.0
 
 
@@ -107,33 +108,40 @@ class GroupDelivery:
                 log.exception("group delivery loop error")
 
     async def _send_due(self) -> None:
+        """Hand due outbox entries to the relay, in the order they were made, pipelined (one frame each)."""
         t = self.now_ms()
-        for entry in sorted(self.outbox.values(), key=lambda e: e.entry_id):
-            if entry.next_ms > t:
-                continue
-            if entry.expires_ms <= t:
-                self._drop_out(entry)
-                continue
+        due = sorted((e for e in self.outbox.values() if e.next_ms <= t), key=lambda e: e.seq)[:SEND_BATCH]
+        expired = [e for e in due if e.expires_ms <= t]
+        due = [e for e in due if e.expires_ms > t]
+        results = await asyncio.gather(*(self.link.group_send(e.devices, e.entry_id, e.message, resend=e.resend)
+                                         for e in due), return_exceptions=True)
+        done = [e.entry_id for e in expired]
+        with self.records.store.transaction(durable=False):
+            self.records.deferred += 1
             try:
-                res = await self.link.group_send(entry.devices, entry.entry_id, entry.message, resend=entry.resend)
-            except Exception as exc:
-                log.info("group send failed, will retry: %s", exc)
-                return
-            if res.status is GroupStatus.ACCEPTED:
-                entry.devices = [d for d, _ in res.undelivered]
-            if res.status is not GroupStatus.ACCEPTED and res.status is not GroupStatus.RATE_LIMITED:
-                log.warning("the relay refused a group message (%s); dropping it", res.status.name)
-                entry.devices = []
-            if not entry.devices:
-                self._drop_out(entry)
-            else:
-                entry.attempts += 1
-                entry.next_ms = t + min(RETRY_MAX_MS, RETRY_MS << min(entry.attempts, 4))
-                self.records.put_out(entry)
-
-    def _drop_out(self, entry: OutEntry) -> None:
-        self.outbox.pop(entry.entry_id, None)
-        self.records.drop_out(entry.entry_id)
+                for entry, res in zip(due, results, strict=True):
+                    if isinstance(res, BaseException):
+                        log.info("group send failed, will retry: %s", res)
+                    elif res.status is GroupStatus.ACCEPTED:
+                        entry.devices = [d for d, _ in res.undelivered]
+                    elif res.status is not GroupStatus.RATE_LIMITED:
+                        log.warning("the relay refused a group message (%s); dropping it", res.status.name)
+                        entry.devices = []
+                    if not entry.devices:
+                        done.append(entry.entry_id)
+                        continue
+                    entry.attempts += 1
+                    entry.next_ms = t + min(RETRY_MAX_MS, RETRY_MS << min(entry.attempts, 3))
+                    self.records.put_out(entry)
+                for i in done:
+                    self.outbox.pop(i, None)
+                self.records.drop_out(done)
+            finally:
+                self.records.deferred -= 1
+                if not self.records.deferred:
+                    self.records.flush_index()
+        if len(due) == SEND_BATCH:
+            self._wake.set()
 
     async def _flush_inbox(self) -> None:
         pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing]

@@ -53,17 +53,18 @@ class OutEntry:
     devices: list[str]
     resend: bool  # a commit the relay accepted: resends must say so
     expires_ms: int
+    seq: int = 0  # send order: a sender's messages reach each device in the order they were made
     next_ms: int = 0
     attempts: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps({"m": self.message.hex(), "d": self.devices, "r": self.resend,
-                           "x": self.expires_ms}).encode()
+                           "x": self.expires_ms, "q": self.seq}).encode()
 
     @classmethod
     def from_bytes(cls, entry_id: bytes, data: bytes) -> OutEntry:
         d = json.loads(data)
-        return cls(entry_id, bytes.fromhex(d["m"]), list(d["d"]), bool(d["r"]), int(d["x"]))
+        return cls(entry_id, bytes.fromhex(d["m"]), list(d["d"]), bool(d["r"]), int(d["x"]), int(d.get("q", 0)))
 
 
 @dataclass
@@ -113,9 +114,20 @@ class GroupRecords:
         self.secrets = store.secrets
         raw = self.secrets.get("grp/index")
         self.index = GroupIndex.from_bytes(raw) if raw else GroupIndex()
+        self.deferred = 0  # > 0: index writes wait for flush_index() (one write per batch, same transaction)
+        self._dirty = False
 
     def _save_index(self) -> None:
+        if self.deferred:
+            self._dirty = True
+            return
         self.secrets.put("grp/index", self.index.to_bytes())
+        self._dirty = False
+
+    def flush_index(self) -> None:
+        if self._dirty:
+            self.secrets.put("grp/index", self.index.to_bytes())
+            self._dirty = False
 
     # signers and KeyPackages
     def signer(self, agent: str) -> bytes | None:
@@ -179,9 +191,10 @@ class GroupRecords:
             self.index.out.add(entry.entry_id)
             self._save_index()
 
-    def drop_out(self, entry_id: bytes) -> None:
-        self.secrets.delete(f"grp/out/{entry_id.hex()}")
-        self.index.out.discard(entry_id)
+    def drop_out(self, entry_ids: list[bytes]) -> None:
+        for i in entry_ids:
+            self.secrets.delete(f"grp/out/{i.hex()}")
+            self.index.out.discard(i)
         self._save_index()
 
     def inbox(self) -> list[InEntry]:
