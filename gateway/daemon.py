@@ -387,14 +387,16 @@ class Gateway:
                     self.store.delivered.mark(inner.message_id, t)
                     self.store.inbox.put(_inbox_name(peer, inner), _inbox_record(self._inbox_seq(), inner))
                     acks[peer].append(inner.message_id)
-        await self._send_acks(acks)
         if accepted:
-            # In the background, so the next frame from the relay is decrypted while the broker works.
+            # In the background, so the next frame from the relay is decrypted while the broker works; started
+            # before the ACKs go out so the agent's copy is on its way first.
             entries = [(_inbox_name(p, i), p, i) for p, i in accepted]
             self._publishing.update(name for name, _, _ in entries)
             task = asyncio.create_task(self._publish_inbox(entries, claimed=True))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+            await asyncio.sleep(0)  # let the publishes reach paho before encrypting the ACKs
+        await self._send_acks(acks)
 
     def _inbox_seq(self) -> int:
         self._seq += 1

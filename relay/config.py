@@ -30,6 +30,7 @@ class RelayConfig:
     link: LinkLimits = field(default_factory=LinkLimits)
     max_envelope_size: int = 256 * 1024  # larger envelopes are answered UNDELIVERABLE too-big
     max_connections: int = 10_000
+    tls_read_buffer: int = 17_408  # bytes per TLS connection: one record of 16 KiB plus overhead
     auth_timeout: float = 10.0  # seconds from connect to AUTH_OK
     idle_timeout: float = 120.0  # seconds without any frame from an authenticated gateway
     ping_interval: float | None = 20.0  # WebSocket pings, to notice dead TCP peers
