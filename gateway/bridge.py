@@ -27,6 +27,7 @@ from gateway import topics
 log = logging.getLogger("agw.bridge")
 
 SESSION_EXPIRY = 7 * 24 * 3600
+RECEIVE_MAXIMUM = 1024
 
 
 class BrokerUnavailable(Exception):
@@ -81,6 +82,9 @@ class MqttBridge:
     async def start(self, timeout: float = 10.0) -> None:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY
+        # Flow control: the broker sends at most this many unacknowledged messages, and we acknowledge only
+        # after the outbox write, so a burst waits in the broker instead of in our memory.
+        props.ReceiveMaximum = RECEIVE_MAXIMUM
         self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self._client.loop_start()
         try:
