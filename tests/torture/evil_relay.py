@@ -70,15 +70,18 @@ class EvilRelay:
             self._ready.set()
             await self._stop.wait()
 
-    def call(self, coro_fn: object) -> None:
-        """Run a coroutine function on the proxy's loop and wait for it (used by tests to replay)."""
-        fut = asyncio.run_coroutine_threadsafe(coro_fn(), self._loop)  # type: ignore[operator]
-        fut.result(30)
-
-    async def send_to(self, device: str, envelopes: list[Envelope]) -> None:
-        ws = self.gateways.get(device)
-        if ws is not None:
-            await ws.send(encode_frame(Deliver(tuple(envelopes))))
+    def replay(self, device: str, envelopes: list[Envelope]) -> bool:
+        """Deliver `envelopes` to `device` again, from the proxy's loop; False if its link is down right now."""
+        async def send() -> bool:
+            ws = self.gateways.get(device)
+            if ws is None:
+                return False
+            try:
+                await ws.send(encode_frame(Deliver(tuple(envelopes))))
+            except ConnectionClosed:
+                return False
+            return True
+        return asyncio.run_coroutine_threadsafe(send(), self._loop).result(30)
 
     async def _handle(self, down: ServerConnection) -> None:
         try:

@@ -146,9 +146,16 @@ def test_malicious_relay_and_peer(world: World, tmp_path: Path) -> None:
     # Explicit replay of genuine envelopes dev-a sent dev-b early in the stream.
     replayed = [e for e in w.evil.captured[seen_before:] if e.sender == "dev-a" and e.recipient == "dev-b"][:20]
     rejected_before = sum(1 for e in _audit(w.b) if e["event"]["type"] == "message.rejected")  # type: ignore[index]
-    w.evil.call(lambda: w.evil.send_to("dev-b", replayed))
-    time.sleep(3.0)
-    audit_b = _audit(w.b)
+    deadline = time.monotonic() + 30
+    while not w.evil.replay("dev-b", replayed):  # dev-b may be reconnecting after the tampering
+        assert time.monotonic() < deadline, "dev-b never came back to the relay"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        audit_b = _audit(w.b)
+        if sum(1 for e in audit_b if e["event"]["type"] == "message.rejected") - rejected_before >= len(replayed):  # type: ignore[index]
+            break
+        time.sleep(0.5)
     kinds = [e["event"]["type"] for e in audit_b]  # type: ignore[index]
     pending = {(e["agent"], e["peer"]) for e in json.loads(w.b.agw("consent", "list", "--json").stdout)
                if e["state"] == "pending"}
