@@ -1,0 +1,173 @@
+"""The sending half of the gateway: agents' messages into the outbox, then out to peers under pairwise sessions.
+
+agent -> MQTT -> outbox (durable) -> PUBACK to the broker -> encrypt + sign -> relay. Each peer has a send window
+of envelopes not yet answered; ACKs and REJECTs from the peer refill it. Entries not answered are retried with
+backoff until an ACK, a final REJECT or expiry. A broker redelivery (DUP) of a PUBLISH already stored is
+recognised by its packet id and content digest and not stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from gateway import topics
+from gateway.bridge import AgentMessage
+from gateway.protocol.envelope import Envelope, EnvelopeKind
+from gateway.protocol.errors import ProtocolError
+from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.runtime import now_ms
+from gateway.store import OutboxFull, StoreError
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("agw.daemon")
+
+RETRY_MIN_MS = 5_000
+RETRY_MAX_MS = 60_000
+OFFLINE_RETRY_MS = 5_000
+CONGESTED_RETRY_MS = 250
+SEND_WINDOW = 512  # envelopes per peer sent and not yet answered
+
+
+def _digest(m: AgentMessage) -> bytes:
+    """What identifies a broker redelivery of the same PUBLISH (same packet id, same content)."""
+    h = hashlib.sha256()
+    for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()[:16]
+
+
+class Sending:
+    """Mixed into `Gateway`: the methods of the sending half."""
+
+    async def _agent_loop(self) -> None:
+        q = self.bridge.incoming
+        prefix = self.cfg.mqtt.topic_prefix
+        ttl = self.cfg.store.message_ttl_seconds * 1000
+        while True:
+            batch = [await q.get()]
+            while not q.empty() and len(batch) < 512:
+                batch.append(q.get_nowait())
+            items: list[tuple[bytes, str, bytes, int]] = []
+            ingested: list[tuple[str, bytes]] = []
+            t = now_ms()
+            group_msgs = [m for m in batch if topics.is_group_topic(prefix, m.topic)]
+            if group_msgs:
+                await self.groups.on_agent_messages(group_msgs)
+                for m in group_msgs:
+                    self.bridge.ack(m)
+                batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
+            for m in batch:
+                try:
+                    out = topics.parse_out_topic(prefix, m.topic)
+                    inner = self._inner_from_agent(m, out, t, ttl)
+                except (topics.TopicError, ValueError) as exc:
+                    log.warning("dropping a message on %r: %s", m.topic, exc)
+                    continue
+                mark_name, digest = f"mqtt-in/{m.mid}", _digest(m)
+                if m.dup and self.store.secrets.get(mark_name) == digest:
+                    continue  # the broker resends what we stored but had not acknowledged before a crash
+                items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
+                ingested.append((mark_name, digest))
+            while True:
+                try:
+                    with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
+                        self.store.outbox.put_many(items)
+                        for name, digest in ingested:
+                            self.store.secrets.put(name, digest)
+                    break
+                except (OutboxFull, StoreError) as exc:
+                    # Not acknowledged: the broker keeps the messages; we try again shortly.
+                    log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
+                    await asyncio.sleep(1.0)
+            for m in batch:
+                self.bridge.ack(m)
+            self.counters.sent += len(items)
+            self._wake_sender.set()
+
+    def _inner_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int) -> InnerMessage:
+        props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
+        if out.deliver_to is not None:
+            props += ((topics.PROP_DELIVER_TO, out.deliver_to),)
+        return InnerMessage(kind=Kind.DATA, message_id=new_message_id(), sender_agent=out.agent,
+                            recipient_agent=out.peer_agent, created_at_ms=t, expires_at_ms=t + ttl,
+                            payload=m.payload, response_topic=m.response_topic, correlation_data=m.correlation_data,
+                            content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)
+
+    async def _sender_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_sender.wait(), 1.0)
+            self._wake_sender.clear()
+            if self.link.state.value != "ready":
+                continue
+            t = now_ms()
+            for entry in self.store.outbox.expire(t):
+                self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
+                                         "attempts": entry.attempts}, t)
+            due = self.store.outbox.due(t, limit=SEND_WINDOW)
+            by_peer: dict[str, list[Any]] = defaultdict(list)
+            for e in due:
+                if self._peer_retry_at.get(e.peer_device, 0) <= t:
+                    by_peer[e.peer_device].append(e)
+            for peer, entries in by_peer.items():
+                if not self.book.has_session(peer):
+                    self._ensure_session(peer)
+                    continue
+                inflight = self._inflight[peer]
+                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
+                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
+                entries = entries[:max(0, SEND_WINDOW - len(inflight))]
+                if not entries:
+                    continue
+                envelopes = []
+                try:
+                    with self.store.transaction(durable=False):
+                        for e in entries:
+                            wire, setup = self.book.encrypt(peer, e.record)
+                            kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
+                            envelopes.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
+                        self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
+                        self.book.flush()
+                except (ProtocolError, LookupError) as exc:
+                    log.warning("cannot encrypt for %s: %s", peer, exc)
+                    continue
+                inflight.update((e.msg_id, t) for e in entries)
+                await self.link.send(envelopes)
+
+    def _ensure_session(self, peer: str) -> None:
+        if peer in self._fetching:
+            return
+
+        async def fetch() -> None:
+            try:
+                got = await self.link.fetch_prekeys(peer)
+                if got.bundle is None:
+                    log.info("no prekeys published for %s (offline or unknown); retrying later", peer)
+                    self._peer_retry_at[peer] = now_ms() + OFFLINE_RETRY_MS
+                    return
+                self.book.open_session(peer, got.bundle, got.one_time)
+                log.info("opened a pairwise session with %s", peer)
+                self._wake_sender.set()
+            except (ProtocolError, Exception) as exc:
+                log.warning("session setup with %s failed: %s", peer, exc)
+                self._peer_retry_at[peer] = now_ms() + OFFLINE_RETRY_MS
+            finally:
+                self._fetching.pop(peer, None)
+
+        self._fetching[peer] = asyncio.create_task(fetch(), name=f"fetch-{peer}")
+
+    def _settled(self, peer: str, ids: tuple[bytes, ...]) -> None:
+        """The peer answered these ids: they leave the send window, which may let more go out."""
+        inflight = self._inflight.get(peer)
+        if inflight:
+            for i in ids:
+                inflight.pop(i, None)
+        self._wake_sender.set()
