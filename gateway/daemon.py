@@ -178,7 +178,9 @@ class Gateway(Sending, Receiving):
                 self.notifier.watchdog()
             with contextlib.suppress(OSError):
                 tmp = status_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.status()))
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(self.status()))
                 os.replace(tmp, status_path)
             await asyncio.sleep(min(1.0, self.notifier.watchdog_interval or 1.0))
 
