@@ -23,6 +23,7 @@ Service: one GROUP_SEND per message, fanned out once per member device, one comm
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -71,6 +72,9 @@ log = logging.getLogger("agw.groups")
 
 MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
+ORPHANS = "_"  # buffer owner for messages of groups no local agent is in (yet); not a valid agent name
+ORPHANS_MAX = 200
+RECENT_MAX = 256  # per group, in memory: replayed to a local agent whose Welcome came after them
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
 
@@ -113,6 +117,7 @@ class Groups(GroupDelivery):
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
         self._out_seq = 0
+        self._recent: dict[str, collections.deque[bytes]] = {}
         self._publishing: set[bytes] = set()
 
     # -- start-up ------------------------------------------------------------------------------------------------
@@ -352,6 +357,7 @@ class Groups(GroupDelivery):
         if self.device in devices:
             self.receive(self.device, welcome)
         if remote:
+            log.debug("group %s: Welcome for %s queued", group, remote)
             self._queue(agent, group, self._member(agent, group), welcome, resend=False, devices=remote, welcome=True)
 
     async def _key_package(self, name: str) -> KeyPackage:
@@ -432,8 +438,13 @@ class Groups(GroupDelivery):
         group = group_id.decode(errors="replace")
         targets = [a for (a, gname) in self.members if gname == group]
         if not targets:
-            self.counters.dropped += 1
+            # Perhaps for a group a local agent is being added to, whose Welcome (from another sender) is late.
+            orphans = self.records.buffer(ORPHANS, group)
+            if data not in orphans and len(orphans) < ORPHANS_MAX:
+                self.records.put_buffer(ORPHANS, group, [*orphans, data])
             return
+        recent = self._recent.setdefault(group, collections.deque(maxlen=RECENT_MAX))
+        recent.append(data)
         with self.store.transaction():
             for agent in targets:
                 self._process_for(agent, group, data)
@@ -506,7 +517,9 @@ class Groups(GroupDelivery):
             self._process_for(agent, group, m)
 
     def _on_welcome(self, welcome: Welcome) -> None:
-        """A Welcome may name several local agents (one KeyPackage each): each joins on its own."""
+        """A Welcome may name several local agents (one KeyPackage each): each joins on its own, then processes
+        what arrived for the group before the Welcome."""
+        joined: dict[str, list[str]] = {}
         for agent, signer in self.signers.items():
             held = self.records.key_packages(agent)
             last = self.records.last_resort(agent)
@@ -515,16 +528,31 @@ class Groups(GroupDelivery):
                     opened = open_welcome(self.cs, welcome, bundle.key_package, bundle.init_priv)
                 except MlsError:
                     continue
-                self._join(agent, signer, welcome, bundle, opened.group_info.signer, held)
+                group = self._join(agent, signer, welcome, bundle, opened.group_info.signer, held)
+                if group is not None:
+                    joined.setdefault(group, []).append(agent)
                 break
+        if not joined:
+            log.debug("a Welcome that no local agent joined (%d secrets)", len(welcome.secrets))
+        for group, agents in joined.items():
+            # What arrived before the Welcome: for no local member (orphans), or already taken by a local member
+            # that joined earlier (recent). Epoch order; what is too old fails harmlessly.
+            orphans = self.records.buffer(ORPHANS, group)
+            self.records.put_buffer(ORPHANS, group, [])
+            backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
+            with self.store.transaction():
+                for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
+                    for agent in agents:
+                        self._process_for(agent, group, m)
 
     def _join(self, agent: str, signer: AgentSigner, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
-              held: list[KeyPackageBundle]) -> None:
+              held: list[KeyPackageBundle]) -> str | None:
+        """Join if the operator allows the adder; returns the group joined, or None."""
         try:
             g = Group.join(welcome, bundle, signer.signer, config=self.mls_config)
         except MlsError as exc:
             log.warning("a Welcome for %s failed: %s", agent, exc)
-            return
+            return None
         group = g.group_id.decode(errors="replace")
         adder_node = g.tree.leaf(LeafIndex(adder_leaf))
         adder = agent_of(adder_node.credential) if adder_node is not None else "?"
@@ -535,16 +563,16 @@ class Groups(GroupDelivery):
                 check_id("group", group)
             except BadName:
                 self.counters.refused_joins += 1
-                return
+                return None
             if not self._consents(agent, adder):
                 self.counters.refused_joins += 1
                 self.store.audit.append({"type": "group.join_refused", "agent": agent, "group": group,
                                          "by": adder}, self.now_ms())
                 log.info("group %s: %s was added by %s without consent; refused (agw consent allow --agent %s "
                          "--peer %s)", group, agent, adder, agent, adder)
-                return
+                return None
             if (agent, group) in self.members:
-                return
+                return None
             self.members[(agent, group)] = g
             self.records.put_member(agent, group, group_to_bytes(g))
             self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
@@ -553,6 +581,7 @@ class Groups(GroupDelivery):
         self._spawn(self._event(agent, group, {"op": "joined", "by": adder, "epoch": g.epoch,
                                                "members": self._member_names(g)}), "group-event")
         self._spawn(self._replenish(agent), "group-key-packages")
+        return group
 
     def _consents(self, agent: str, adder: str) -> bool:
         """An agent joins only groups its operator allowed the adder to put it in: the allow list (auto-accept)

@@ -281,3 +281,21 @@ def test_member_device_offline_for_three_epochs_catches_up(bed: Testbed) -> None
     wait_for(lambda: converged(bed, ["a1", "a2", "b1", "c1", "c2"], epoch), timeout=60, what="gw3 catches up")
     for n in ("c1", "c2"):
         wait_for(lambda n=n: b"while gw3 was away" in agents[n].payloads(), what=f"{n} gets the late message")
+
+
+def test_agent_added_while_its_device_is_offline_joins_when_back(bed: Testbed) -> None:
+    """b2's gateway is down: a1 adds b2 from the relay's KeyPackage directory, c1 (another device) commits an
+    update, a1 sends. Back online, gw2 gets both senders' kept messages, joins and catches up in order."""
+    agents = bed.agents  # type: ignore[attr-defined]
+    gw2 = bed.gateways["gw2"]
+    assert gw2.stop() == 0
+    added = agw(bed, "gw1", "add", "--agent", "a1", "--group", GROUP, "--member", "gw2/b2")
+    epoch = agw(bed, "gw3", "update", "--agent", "c1", "--group", GROUP)["epoch"]
+    assert epoch == added["epoch"] + 1
+    agents["a1"].publish(GROUP, b"hello b2")
+    gw2.start()
+    gw2.wait_ready()
+    everyone = ["a1", "a2", "b1", "b2", "c1", "c2"]
+    wait_for(lambda: converged(bed, everyone, epoch), timeout=60, what="gw2 catches up and b2 joins")
+    wait_for(lambda: b"hello b2" in agents["b2"].payloads(), what="b2 receives")
+    wait_for(lambda: b"hello b2" in agents["b1"].payloads(), what="b1 receives")
