@@ -160,6 +160,15 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     if conns:
         r["relay"]["connections"] = conns
 
+    # 6b. Group fan-out (the groups issue): 50 agents on 5 gateways, a burst of 2,000 messages.
+    if a.groups:
+        log(f"groups: {a.group_gateways} gateways x {a.group_agents} agents, burst of {a.group_messages}")
+        r["groups"] = _section(errors, "groups", lambda: _child(
+            ["-m", "bench.group_fanout", "--gateways", str(a.group_gateways), "--agents", str(a.group_agents),
+             "--messages", str(a.group_messages)], 900)) or {"status": f"not measured: {errors.get('groups')}"}
+    else:
+        r["groups"] = {"status": "not measured (--no-groups or --quick)"}
+
     # 6. MLS.
     log(f"MLS: group of {a.mls_members}")
     r["mls"] = _section(errors, "mls", lambda: _child(["-m", "bench.mls_timing", str(a.mls_members)], 600)) or {
@@ -244,6 +253,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mls-members", type=int, help="MLS group size (default 1000)")
     p.add_argument("--no-slim", dest="slim", action="store_false", default=None)
     p.add_argument("--no-profile", dest="profile", action="store_false", default=None)
+    p.add_argument("--no-groups", dest="groups", action="store_false", default=None)
+    p.add_argument("--group-gateways", type=int, default=5)
+    p.add_argument("--group-agents", type=int, default=10, help="agents per gateway in the group run")
+    p.add_argument("--group-messages", type=int, default=2000)
     p.add_argument("--no-experiments", dest="experiments", action="store_false", default=None,
                    help="skip the what-if runs (store durability crash, relay SSL read buffer)")
     p.add_argument("--limit", type=float, default=600.0, help="wall-clock bound per measurement (s)")
@@ -252,7 +265,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     quick = a.quick
     defaults = {"messages": 200 if quick else 20000, "rtt": 50 if quick else 1000,
                 "connections": 20 if quick else 5000, "mls_members": 20 if quick else 1000,
-                "slim": not quick, "profile": not quick, "experiments": not quick}
+                "slim": not quick, "profile": not quick, "experiments": not quick, "groups": not quick}
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)

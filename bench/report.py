@@ -71,6 +71,10 @@ def checks(r: dict[str, Any]) -> list[Check]:
     if gw.get("cold_start", {}).get("cold_start_s") is not None:
         v = gw["cold_start"]["cold_start_s"]
         out.append(_cmp("gateway cold start to ready (SoftHSM)", "<= 1.5 s", v, v <= 1.5, "{:.2f} s"))
+    grp = r.get("groups") or {}
+    if grp.get("deliveries_expected") is not None:
+        out.append(_cmp(f"group fan-out lost ({grp['members']} agents, {grp['gateways']} gateways)", "0",
+                        grp["lost"], grp["lost"] == 0, "{:,.0f}"))
     mls = r.get("mls", {})
     if mls.get("members"):
         m = mls["members"]
@@ -166,6 +170,16 @@ def markdown(r: dict[str, Any]) -> str:
     if cs:
         lines.append(f"- cold start to link ready: {_fmt(cs.get('cold_start_s'))} s median of {cs.get('runs')} "
                      f"({cs.get('samples_s')}); interpreter + imports alone: {_fmt(cs.get('python_imports_s'))} s")
+    grp = r.get("groups") or {}
+    lines += ["", "## Group fan-out (MLS group, relay as Delivery Service)", ""]
+    if grp.get("deliveries_expected") is not None:
+        lines.append(f"- {grp['members']} agents on {grp['gateways']} gateways, one sender, burst of "
+                     f"{grp['messages']:,}: {grp['group_msg_s']:,} group messages/s (every member has every "
+                     f"message), {grp['deliveries_s']:,} deliveries/s; delivered {grp['deliveries']:,} of "
+                     f"{grp['deliveries_expected']:,} (lost {grp['lost']:,}, duplicates {grp['duplicates']:,}); "
+                     f"commit adding {grp['members'] - 1} members {grp['add_commit_s']} s")
+    else:
+        lines.append(f"- {grp.get('status', 'not measured')}")
     mls = r.get("mls", {})
     lines += ["", "## MLS (gateway/protocol/mls, suite 1)", ""]
     if mls.get("members"):
