@@ -48,6 +48,7 @@ from gateway.groups_identity import (
     capabilities,
     fleet_validator,
 )
+from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMembership, _epoch, _group_id
 from gateway.groups_store import GroupRecords, InEntry, OutEntry
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
@@ -56,25 +57,20 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
+from gateway.protocol.mls.framing import MLSMessage
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
 from gateway.protocol.mls.key_package import KeyPackage
-from gateway.protocol.mls.key_package_bundle import KeyPackageBundle
 from gateway.protocol.mls.proposals import Add, Remove
 from gateway.protocol.mls.tree_math import LeafIndex
-from gateway.protocol.mls.welcome import open_welcome
 from gateway.protocol.mls.welcome_structs import Welcome
-from gateway.store import ConsentState, Store
+from gateway.store import Store
 
 log = logging.getLogger("agw.groups")
 
 MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
-ORPHANS = "_"  # buffer owner for messages of groups no local agent is in (yet); not a valid agent name
-ORPHANS_MAX = 200
-RECENT_MAX = 256  # per group, in memory: replayed to a local agent whose Welcome came after them
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
 
@@ -92,7 +88,7 @@ class _Op:
     error: str | None = None
 
 
-class Groups(GroupDelivery):
+class Groups(GroupMembership, GroupDelivery):
     """The GroupService the daemon wires in (gateway/group_hooks.py)."""
 
     def __init__(self, store: Store, identity: DeviceIdentity, link: RelayLink, bridge: MqttBridge,
@@ -132,6 +128,7 @@ class Groups(GroupDelivery):
         self.outbox = {e.entry_id: e for e in self.records.outbox()}
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
         self._spawn(self._loop(), "groups")
+        self._spawn(self._revocations(), "group-revocations")
         log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
 
     async def _load_signer(self, agent: str) -> None:
@@ -516,105 +513,9 @@ class Groups(GroupDelivery):
         for m in sorted(ready, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
             self._process_for(agent, group, m)
 
-    def _on_welcome(self, welcome: Welcome) -> None:
-        """A Welcome may name several local agents (one KeyPackage each): each joins on its own, then processes
-        what arrived for the group before the Welcome."""
-        joined: dict[str, list[str]] = {}
-        for agent, signer in self.signers.items():
-            held = self.records.key_packages(agent)
-            last = self.records.last_resort(agent)
-            for bundle in [*held, *([last] if last else [])]:
-                try:
-                    opened = open_welcome(self.cs, welcome, bundle.key_package, bundle.init_priv)
-                except MlsError:
-                    continue
-                group = self._join(agent, signer, welcome, bundle, opened.group_info.signer, held)
-                if group is not None:
-                    joined.setdefault(group, []).append(agent)
-                break
-        if not joined:
-            log.debug("a Welcome that no local agent joined (%d secrets)", len(welcome.secrets))
-        for group, agents in joined.items():
-            # What arrived before the Welcome: for no local member (orphans), or already taken by a local member
-            # that joined earlier (recent). Epoch order; what is too old fails harmlessly.
-            orphans = self.records.buffer(ORPHANS, group)
-            self.records.put_buffer(ORPHANS, group, [])
-            backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
-            with self.store.transaction():
-                for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
-                    for agent in agents:
-                        self._process_for(agent, group, m)
-
-    def _join(self, agent: str, signer: AgentSigner, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
-              held: list[KeyPackageBundle]) -> str | None:
-        """Join if the operator allows the adder; returns the group joined, or None."""
-        try:
-            g = Group.join(welcome, bundle, signer.signer, config=self.mls_config)
-        except MlsError as exc:
-            log.warning("a Welcome for %s failed: %s", agent, exc)
-            return None
-        group = g.group_id.decode(errors="replace")
-        adder_node = g.tree.leaf(LeafIndex(adder_leaf))
-        adder = agent_of(adder_node.credential) if adder_node is not None else "?"
-        with self.store.transaction():
-            if bundle in held:
-                self.records.put_key_packages(agent, [b for b in held if b != bundle])
-            try:
-                check_id("group", group)
-            except BadName:
-                self.counters.refused_joins += 1
-                return None
-            if not self._consents(agent, adder):
-                self.counters.refused_joins += 1
-                self.store.audit.append({"type": "group.join_refused", "agent": agent, "group": group,
-                                         "by": adder}, self.now_ms())
-                log.info("group %s: %s was added by %s without consent; refused (agw consent allow --agent %s "
-                         "--peer %s)", group, agent, adder, agent, adder)
-                return None
-            if (agent, group) in self.members:
-                return None
-            self.members[(agent, group)] = g
-            self.records.put_member(agent, group, group_to_bytes(g))
-            self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
-                                    self.now_ms())
-        self.counters.joined += 1
-        self._spawn(self._event(agent, group, {"op": "joined", "by": adder, "epoch": g.epoch,
-                                               "members": self._member_names(g)}), "group-event")
-        self._spawn(self._replenish(agent), "group-key-packages")
-        return group
-
-    def _consents(self, agent: str, adder: str) -> bool:
-        """An agent joins only groups its operator allowed the adder to put it in: the allow list (auto-accept)
-        or an `agw consent allow` decision. Adding itself (a local create) is always fine."""
-        if adder == self._me(agent):
-            return True
-        state = self.store.consent.state(agent, adder)
-        if state is ConsentState.DENIED:
-            return False
-        allow = self.cfg.agents[agent].allow if agent in self.cfg.agents else []
-        return state is ConsentState.ALLOWED or adder in allow or f"{adder.split('/')[0]}/*" in allow
-
 
 def _digest(m: AgentMessage) -> bytes:
     h = hashlib.sha256()
     for part in (m.topic.encode(), m.payload):
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
-
-
-def _group_id(msg: MLSMessage) -> bytes | None:
-    body = msg.body
-    if isinstance(body, PublicMessage):
-        return body.content.group_id
-    if isinstance(body, PrivateMessage):
-        return body.group_id
-    return None
-
-
-def _epoch(msg: MLSMessage) -> int:
-    body = msg.body
-    if isinstance(body, PublicMessage):
-        return body.content.epoch
-    if isinstance(body, PrivateMessage):
-        return body.epoch
-    return 0

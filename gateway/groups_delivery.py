@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import topics
 from gateway.bridge import BrokerUnavailable, MqttBridge
@@ -60,8 +60,9 @@ class GroupDelivery:
     _wake: asyncio.Event
     _publishing: set[bytes]
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by Groups
+        def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+            raise NotImplementedError
 
     # -- KeyPackages ---------------------------------------------------------------------------------------------
     def _new_bundle(self, agent: str) -> KeyPackageBundle:

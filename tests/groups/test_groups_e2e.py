@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,3 +300,16 @@ def test_agent_added_while_its_device_is_offline_joins_when_back(bed: Testbed) -
     wait_for(lambda: converged(bed, everyone, epoch), timeout=60, what="gw2 catches up and b2 joins")
     wait_for(lambda: b"hello b2" in agents["b2"].payloads(), what="b2 receives")
     wait_for(lambda: b"hello b2" in agents["b1"].payloads(), what="b1 receives")
+
+
+def test_revoked_device_is_removed_from_the_group(bed: Testbed) -> None:
+    """The fleet CA revokes gw3; once gw1 has the new CRL, its admin agent commits the removal of gw3's agents,
+    and the other members follow. (Last: gw3 stays revoked.)"""
+    before = show(bed, "gw1", "a1")
+    assert before is not None and {"gw3/c1", "gw3/c2"} <= set(before["members"])
+    bed.revoke("gw3")
+    shutil.copy(bed.ca_dir / "crl.pem", bed.gateways["gw1"].root / "state" / "crl.pem")
+    rest = ["a1", "a2", "b1", "b2"]
+    wait_for(lambda: converged(bed, rest, before["epoch"] + 1), what="the revoked device's agents removed")
+    after = show(bed, "gw1", "a1")
+    assert after is not None and after["members"] == ["gw1/a1", "gw1/a2", "gw2/b1", "gw2/b2"]
