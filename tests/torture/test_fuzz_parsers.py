@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -220,11 +219,7 @@ def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
 # test below. The fuzzer counts them as `known_bug` (in the figures) instead of failing at random; a new kind
 # of crash still fails. When the owner fixes one, its strict xfail test passes unexpectedly and fails the run,
 # which is the signal to delete the entry here.
-KNOWN_BUGS: dict[str, tuple[tuple[type[Exception], ...], str]] = {
-    "credential": ((x509.InvalidVersion,), "cryptography InvalidVersion escapes decode_credential"),
-    "relay_token": ((x509.InvalidVersion, ValueError),
-                    "InvalidVersion / lazily parsed certificate fields (ValueError) escape verify_relay_token"),
-}
+KNOWN_BUGS: dict[str, tuple[tuple[type[Exception], ...], str]] = {}
 
 
 def _bad_version(der: bytes) -> bytes:
@@ -233,16 +228,11 @@ def _bad_version(der: bytes) -> bytes:
     return der[: i + 4] + b"\x03" + der[i + 5 :]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: decode_credential lets cryptography.x509.InvalidVersion escape "
-                   "(gateway/protocol/identity/credential.py catches only ValueError)")
 def test_credential_with_bad_certificate_version() -> None:
     with pytest.raises(ProtocolError):
         decode_credential(_bad_version(CREDENTIAL))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: verify_relay_token lets cryptography.x509.InvalidVersion escape "
-                   "(tokens.py catches only ValueError around load_der_x509_certificate); the fuzzer also found "
-                   "a ValueError from a lazily parsed subject")
 def test_token_with_bad_certificate_version() -> None:
     header, claims, sig = TOKEN.split(".")
     h = json.loads(base64.urlsafe_b64decode(header + "=="))

@@ -43,7 +43,7 @@ def decode_credential(data: bytes) -> list[x509.Certificate]:
             raise CertificateError("credential truncated")
         try:
             certs.append(x509.load_der_x509_certificate(data[pos:pos + n]))
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise CertificateError(f"unreadable certificate in credential: {exc}") from None
         pos += n
     if pos != len(data):
@@ -54,7 +54,7 @@ def decode_credential(data: bytes) -> list[x509.Certificate]:
 def verify_peer_credential(trust: FleetTrust, device_id: str, credential: bytes, *, now: dt.datetime) -> VerifiedChain:
     """Check a peer's credential: chain to the fleet CA, not revoked, naming `device_id`, leaf a delegated
     Ed25519 key of the device itself."""
-    chain = trust.verify_chain(decode_credential(credential), now=now)
+    chain = trust.verify_chain(decode_credential(credential), now=now)  # parse errors become CertificateError
     if chain.device.device_id != device_id:
         raise CertificateError(f"credential is for device {chain.device.device_id!r}, not {device_id!r}")
     if chain.leaf == chain.device_certificate or chain.agent is not None:

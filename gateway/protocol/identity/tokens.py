@@ -95,7 +95,7 @@ def verify_relay_token(token: str, *, trust: FleetTrust, audience: str, challeng
         raise TokenError("token header must carry the certificate chain in x5c")
     try:
         chain = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in x5c]
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise TokenError(f"unreadable certificate in x5c: {exc}") from None
     when = dt.datetime.fromtimestamp(now, dt.UTC)
     try:

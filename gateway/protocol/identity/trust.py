@@ -91,7 +91,17 @@ class FleetTrust:
         return serial in self._revoked
 
     def verify_chain(self, chain: list[x509.Certificate], *, now: dt.datetime) -> VerifiedChain:
-        """Check a leaf-first chain (the CA itself may be appended) against this fleet at time `now`."""
+        """Check a leaf-first chain (the CA itself may be appended) against this fleet at time `now`.
+
+        `cryptography` parses certificate fields lazily, so a malformed field surfaces here, as a ValueError from
+        whichever accessor touches it first: every such failure becomes a `CertificateError`.
+        """
+        try:
+            return self._verify_chain(chain, now=now)
+        except (ValueError, TypeError, x509.InvalidVersion) as exc:
+            raise CertificateError(f"malformed certificate in chain: {exc}") from None
+
+    def _verify_chain(self, chain: list[x509.Certificate], *, now: dt.datetime) -> VerifiedChain:
         certs = [c for c in chain if c != self.ca]
         if not 1 <= len(certs) <= 2:
             raise CertificateError(f"a chain holds a device certificate and at most one delegated certificate, "
