@@ -73,6 +73,7 @@ MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
+SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
 
 
 class GroupError(ValueError):
@@ -114,6 +115,8 @@ class Groups(GroupMembership, GroupDelivery):
         self._seq = 0
         self._out_seq = 0
         self._recent: dict[str, collections.deque[bytes]] = {}
+        self._last_update: dict[tuple[str, str], float] = {}
+        self.self_update_s = SELF_UPDATE_S
         self._publishing: set[bytes] = set()
 
     # -- start-up ------------------------------------------------------------------------------------------------
@@ -129,6 +132,7 @@ class Groups(GroupMembership, GroupDelivery):
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
         self._spawn(self._loop(), "groups")
         self._spawn(self._revocations(), "group-revocations")
+        self._spawn(self._self_updates(), "group-self-updates")
         log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
 
     async def _load_signer(self, agent: str) -> None:
@@ -334,6 +338,7 @@ class Groups(GroupMembership, GroupDelivery):
                         raise GroupError("the group changed while our accepted commit was in flight")
                     g.merge_pending_commit(pending)
                     self.counters.commits += 1
+                    self._last_update[(agent, group)] = time.monotonic()
                     self._queue(agent, group, g, pending.message.to_bytes(), resend=True, devices=missed)
                     if pending.welcome is not None:
                         await self._send_welcome(agent, group, pending.welcome.to_bytes(), pending.added)
@@ -375,6 +380,22 @@ class Groups(GroupMembership, GroupDelivery):
         if agent_of(kp.leaf_node.credential) != name:
             raise GroupError(f"the KeyPackage published for {name} belongs to someone else")
         return kp
+
+    async def _self_updates(self) -> None:
+        """Every local member commits an update (new path secrets) at least every `self_update_s` seconds."""
+        started = time.monotonic()
+        while True:
+            await asyncio.sleep(min(60.0, self.self_update_s / 4))
+            for key in due_for_update(self._last_update, list(self.members), time.monotonic(), started,
+                                      self.self_update_s):
+                self._last_update[key] = time.monotonic()  # not again before the interval, even on failure
+                self._spawn(self._update(*key), "group-self-update")
+
+    async def _update(self, agent: str, group: str) -> None:
+        try:
+            await self.change(agent, group, update=True)
+        except Exception as exc:
+            log.warning("group %s: self-update of %s failed: %s", group, agent, exc)
 
     async def _wait_epoch(self, agent: str, group: str, epoch: int) -> None:
         async with self._epoch_changed:
@@ -512,6 +533,12 @@ class Groups(GroupMembership, GroupDelivery):
         self.records.put_buffer(agent, group, [m for m in buffered if m not in ready])
         for m in sorted(ready, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
             self._process_for(agent, group, m)
+
+
+def due_for_update(last: dict[tuple[str, str], float], keys: list[tuple[str, str]], now: float, started: float,
+                   interval: float) -> list[tuple[str, str]]:
+    """Memberships whose own last commit (or, if none, the service start) is at least `interval` old."""
+    return [k for k in keys if now - last.get(k, started) >= interval]
 
 
 def _digest(m: AgentMessage) -> bytes:

@@ -138,3 +138,13 @@ def test_records_round_trip() -> None:
     idx = GroupIndex({("a", "g")}, {b"\x01" * 16}, {b"\x02" * 16})
     assert GroupIndex.from_bytes(idx.to_bytes()) == idx
     assert admins_of((admins_extension(["d/a", "e/b"]),)) == ["d/a", "e/b"] and admins_of(()) == []
+
+
+def test_self_updates_fall_due_per_membership() -> None:
+    from gateway.groups import due_for_update
+
+    keys = [("a", "g1"), ("a", "g2"), ("b", "g1")]
+    last = {("a", "g1"): 100.0, ("b", "g1"): 10.0}
+    assert due_for_update(last, keys, now=105.0, started=0.0, interval=50.0) == [("a", "g2"), ("b", "g1")]
+    assert due_for_update(last, keys, now=150.0, started=120.0, interval=50.0) == [("a", "g1"), ("b", "g1")]
+    assert due_for_update({}, keys, now=10.0, started=0.0, interval=50.0) == []
