@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,7 @@ class Groups(GroupMembership, GroupDelivery):
         self._out_seq = 0
         self._recent: dict[str, collections.deque[bytes]] = {}
         self._last_update: dict[tuple[str, str], float] = {}
+        self._dirty: set[tuple[str, str]] | None = None
         self.self_update_s = SELF_UPDATE_S
         self._publishing: set[bytes] = set()
 
@@ -158,14 +159,36 @@ class Groups(GroupMembership, GroupDelivery):
     async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
         """Group publishes of a batch become durable in one transaction; a broker redelivery (DUP) of a publish
         already taken (same packet id and content) is not sent twice."""
+        with self._batch():
+            self._take(messages)
+
+    @contextlib.contextmanager
+    def _batch(self) -> Iterator[None]:
+        """One transaction for a batch of messages: each touched membership's state and the record index are
+        written once, at the end, inside it (state, outbox and inbox entries commit together)."""
+        outer = self._dirty is None
         with self.store.transaction():
             self.records.deferred += 1
+            if outer:
+                self._dirty = set()
             try:
-                self._take(messages)
+                yield
+                for key in self._dirty or ():
+                    g = self.members.get(key)
+                    if g is not None:
+                        self.records.put_member(*key, group_to_bytes(g))
             finally:
+                if outer:
+                    self._dirty = None
                 self.records.deferred -= 1
                 if not self.records.deferred:
                     self.records.flush_index()
+
+    def _save(self, agent: str, group: str) -> None:
+        if self._dirty is not None:
+            self._dirty.add((agent, group))
+        else:
+            self.records.put_member(agent, group, group_to_bytes(self.members[(agent, group)]))
 
     def _take(self, messages: list[AgentMessage]) -> None:
         for m in messages:
@@ -186,8 +209,9 @@ class Groups(GroupMembership, GroupDelivery):
             self.records.secrets.put(mark, digest)
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None:
-        for env in envelopes:
-            self.receive(env.sender, env.ciphertext)
+        with self._batch():
+            for env in envelopes:
+                self.receive(env.sender, env.ciphertext)
         await self._flush_inbox()
 
     async def on_link_event(self, event: object) -> None:
@@ -290,8 +314,8 @@ class Groups(GroupMembership, GroupDelivery):
         devices = self._devices(g) if devices is None else devices
         self._out_seq = max(self._out_seq + 1, time.time_ns())
         entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq)
-        with self.store.transaction():
-            self.records.put_member(agent, group, group_to_bytes(g))
+        with self._batch():
+            self._save(agent, group)
             if devices:
                 self.records.put_out(entry)
                 self.outbox[entry.entry_id] = entry
@@ -463,7 +487,7 @@ class Groups(GroupMembership, GroupDelivery):
             return
         recent = self._recent.setdefault(group, collections.deque(maxlen=RECENT_MAX))
         recent.append(data)
-        with self.store.transaction():
+        with self._batch():
             for agent in targets:
                 self._process_for(agent, group, data)
 
@@ -489,13 +513,13 @@ class Groups(GroupMembership, GroupDelivery):
         elif isinstance(result, StagedCommit):
             self._merge(agent, group, g, result)
         else:
-            self.records.put_member(agent, group, group_to_bytes(g))
+            self._save(agent, group)
 
     def _accept_application(self, agent: str, group: str, g: Group, app: ApplicationMessage) -> None:
         tree = g.tree if app.epoch == g.epoch else g.past_epochs()[app.epoch].tree
         leaf = tree.leaf(app.sender)
         sender = agent_of(leaf.credential) if leaf is not None else "?"
-        self.records.put_member(agent, group, group_to_bytes(g))
+        self._save(agent, group)
         if app.authenticated_data.decode(errors="replace") != sender:
             self.counters.dropped += 1
             log.warning("group %s: a message claims %r but is signed by %s", group, app.authenticated_data, sender)
@@ -519,7 +543,7 @@ class Groups(GroupMembership, GroupDelivery):
             log.info("group %s: %s was removed by %s", group, agent, who)
             self._spawn(self._event(agent, group, {"op": "removed", "by": who}), "group-event")
             return
-        self.records.put_member(agent, group, group_to_bytes(g))
+        self._save(agent, group)
         self._spawn(self._event(agent, group, {"op": "epoch", "epoch": g.epoch, "by": who,
                                                "members": self._member_names(g)}), "group-event")
         self._drain_buffer(agent, group)

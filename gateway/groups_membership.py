@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Coroutine
@@ -72,6 +73,9 @@ class GroupMembership:
         def _me(self, agent: str) -> str:
             raise NotImplementedError
 
+        def _batch(self) -> contextlib.AbstractContextManager[None]:
+            raise NotImplementedError
+
         async def change(self, agent: str, group: str, *, add: list[str] | None = None,
                          remove: list[str] | None = None, update: bool = False) -> dict[str, Any]:
             raise NotImplementedError
@@ -100,7 +104,7 @@ class GroupMembership:
             orphans = self.records.buffer(ORPHANS, group)
             self.records.put_buffer(ORPHANS, group, [])
             backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
-            with self.store.transaction():
+            with self._batch():
                 for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
                     for agent in agents:
                         self._process_for(agent, group, m)
