@@ -302,6 +302,23 @@ def test_agent_added_while_its_device_is_offline_joins_when_back(bed: Testbed) -
     wait_for(lambda: b"hello b2" in agents["b1"].payloads(), what="b1 receives")
 
 
+def test_burst_reaches_every_member_once_in_order(bed: Testbed) -> None:
+    agents = bed.agents  # type: ignore[attr-defined]
+    others = ["a2", "b1", "b2", "c1", "c2"]
+    start = {n: len(agents[n].payloads()) for n in others}
+    burst = [f"burst {i}".encode() for i in range(300)]
+    t0 = time.monotonic()
+    for p in burst:
+        agents["a1"].publish(GROUP, p)
+    for n in others:
+        wait_for(lambda n=n: len(agents[n].payloads()) - start[n] >= len(burst), timeout=60, what=f"{n} burst")
+    elapsed = time.monotonic() - t0
+    time.sleep(0.5)
+    for n in others:
+        assert agents[n].payloads()[start[n]:] == burst, f"{n}: lost, duplicated or reordered"
+    assert elapsed < 60
+
+
 def test_revoked_device_is_removed_from_the_group(bed: Testbed) -> None:
     """The fleet CA revokes gw3; once gw1 has the new CRL, its admin agent commits the removal of gw3's agents,
     and the other members follow. (Last: gw3 stays revoked.)"""
