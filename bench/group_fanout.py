@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import queue
 import signal
 import struct
@@ -32,6 +33,7 @@ from bench.paths import relay_config
 from gateway.testbed import Broker, Testbed
 
 GROUP = "bench"
+IDLE_S = 60.0  # a member process stops waiting after this long without a new delivery
 # The shipped ACL template does not yet let agents publish on their group topics (see tests/groups).
 GROUP_ACL = "pattern write agw/%u/group/+/out\npattern write agw/%u/group/+/ctl\n"
 
@@ -92,7 +94,7 @@ def _members(spec: dict[str, Any], out: Any, joined: Any) -> None:
             break
         if total != prev:
             prev, idle_since = total, time.monotonic()
-        elif total and time.monotonic() - idle_since > 20:
+        elif total and time.monotonic() - idle_since > IDLE_S:
             break
     for c in clients:
         c.loop_stop()
@@ -102,9 +104,10 @@ def _members(spec: dict[str, Any], out: Any, joined: Any) -> None:
                  "duplicates": sum(dups.values()), "t_last": last[0]})
 
 
-def run(gateways: int, agents: int, n: int, limit: float = 300) -> dict[str, Any]:
+def run(gateways: int, agents: int, n: int, limit: float = 480) -> dict[str, Any]:
+    keep = os.environ.get("AGW_BENCH_KEEP")  # a directory to keep the fleet's logs in, for a post-mortem
     with tempfile.TemporaryDirectory(prefix="agw-bench-groups-") as tmp:
-        bed = Testbed(Path(tmp))
+        bed = Testbed(Path(keep) if keep else Path(tmp))
         procs: list[mp.process.BaseProcess] = []
         try:
             bed.relay_extra = ["--config", str(relay_config(bed.root)), "--log-level", "warning"]
@@ -193,7 +196,8 @@ def run(gateways: int, agents: int, n: int, limit: float = 300) -> dict[str, Any
     return {"gateways": gateways, "members": len(others) + 1, "messages": n, "deliveries_expected": expected,
             "deliveries": received, "lost": expected - received, "duplicates": sum(r["duplicates"] for r in results),
             "setup_s": round(setup_s, 1), "add_commit_s": round(add_s, 2), "all_joined_s": round(joined_s, 2),
-            "group_msg_s": round(worst / span) if span else 0, "deliveries_s": round(received / span) if span else 0}
+            "idle_s": IDLE_S, "group_msg_s": round(worst / span) if span else 0,
+            "deliveries_s": round(received / span) if span else 0}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,7 +176,8 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"- {grp['members']} agents on {grp['gateways']} gateways, one sender, burst of "
                      f"{grp['messages']:,}: {grp['group_msg_s']:,} group messages/s (every member has every "
                      f"message), {grp['deliveries_s']:,} deliveries/s; delivered {grp['deliveries']:,} of "
-                     f"{grp['deliveries_expected']:,} (lost {grp['lost']:,}, duplicates {grp['duplicates']:,}); "
+                     f"{grp['deliveries_expected']:,} (missing {grp['lost']:,} when the members gave up after "
+                     f"{grp.get('idle_s')} s without progress; duplicates {grp['duplicates']:,}); "
                      f"commit adding {grp['members'] - 1} members {grp['add_commit_s']} s")
     else:
         lines.append(f"- {grp.get('status', 'not measured')}")
