@@ -62,7 +62,7 @@ from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
 from gateway.protocol.mls.key_package import KeyPackage
-from gateway.protocol.mls.proposals import Add, Remove
+from gateway.protocol.mls.proposals import Update
 from gateway.protocol.mls.tree_math import LeafIndex
 from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import Store
@@ -530,7 +530,8 @@ class Groups(GroupMembership, GroupDelivery):
     def _merge(self, agent: str, group: str, g: Group, staged: StagedCommit) -> None:
         committer = g.tree.leaf(LeafIndex(staged.committer.index or 0))
         who = agent_of(committer.credential) if committer is not None else "?"
-        changes = any(isinstance(p, Add | Remove) for p in staged.proposals)
+        # Anything but fresh keys for the committer's own leaf (Update) changes the group: admins only.
+        changes = any(not isinstance(p, Update) for p in staged.proposals)
         if changes and who not in admins_of(g.context.extensions):
             self.counters.dropped += 1
             log.warning("group %s: refusing a commit from %s, who is not an admin", group, who)
