@@ -33,7 +33,7 @@ def _client(agent: str, port: int, *, persistent: bool) -> mqtt.Client:
     props.SessionExpiryInterval = 3600 if persistent else 0
     c.connect("127.0.0.1", port, clean_start=not persistent, properties=props)
     c.loop_start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not c.is_connected():
         if time.monotonic() > deadline:
             raise TimeoutError(f"{agent} cannot connect to the broker on {port}")
