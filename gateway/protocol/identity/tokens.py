@@ -15,7 +15,6 @@ import json
 import os
 from dataclasses import dataclass
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -81,6 +80,8 @@ class VerifiedToken:
 
 def verify_relay_token(token: str, *, trust: FleetTrust, audience: str, challenge: bytes, now: int) -> VerifiedToken:
     """Check signature, chain (CA, validity, revocation), audience, challenge binding and lifetime."""
+    import jwt  # the relay verifies tokens; a gateway only mints them, and PyJWT costs it ~4 MB of memory
+
     if not isinstance(token, str) or len(token) > MAX_TOKEN_BYTES:
         raise TokenError("token missing or larger than 16 KiB")
     try:
