@@ -126,8 +126,9 @@ class Receiving:
             self.book.flush()
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage]] = []
+        settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         for peer, inner in data:
-            verdict = self._admit(peer, inner)
+            verdict = self._admit(peer, inner, settled)
             if verdict.publish:
                 accepted.append((peer, inner))
             elif verdict.ack:
@@ -200,7 +201,8 @@ class Receiving:
                                      "reason": type(exc).__name__}, now_ms())
             return None
 
-    def _admit(self, peer_device: str, inner: InnerMessage) -> Verdict:
+    def _admit(self, peer_device: str, inner: InnerMessage,
+               settled: dict[tuple[str, str, str], ConsentState] | None = None) -> Verdict:
         """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once."""
         agent = inner.recipient_agent
         peer = f"{peer_device}/{inner.sender_agent}"
@@ -213,7 +215,12 @@ class Receiving:
         if agent not in self.cfg.agents:
             self.store.audit.append({"type": "message.unknown_agent", "agent": agent, "peer": peer}, t)
             return Verdict(False, RejectReason.UNKNOWN_AGENT)
-        state = self._consent(agent, peer_device, inner.sender_agent)
+        key = (agent, peer_device, inner.sender_agent)
+        state = settled.get(key) if settled is not None else None
+        if state is None:
+            state = self._consent(*key)
+            if settled is not None and state in (ConsentState.ALLOWED, ConsentState.DENIED):
+                settled[key] = state
         if state is ConsentState.DENIED:
             self.store.audit.append({"type": "message.denied", "agent": agent, "peer": peer}, t)
             return Verdict(False, RejectReason.CONSENT_DENIED)

@@ -29,6 +29,7 @@ from .errors import StoreCorrupt
 DEK_BYTES = 32
 NONCE_BYTES = 12
 BLIND_BYTES = 16
+BLIND_CACHE = 4096  # memoised name keys; cleared when full
 MAC_BYTES = 32
 RECORD_FORMAT = 1
 _INFO_PREFIX = b"agw-store v1 "
@@ -47,7 +48,7 @@ def _subkey(dek: bytes, purpose: bytes) -> bytes:
 class Keyring:
     """The purpose subkeys derived from one DEK. Holds no reference to the DEK itself except for re-wrapping."""
 
-    __slots__ = ("_aead", "_audit_key", "_blind_key", "_check", "_dek")
+    __slots__ = ("_aead", "_audit_key", "_blind_cache", "_blind_key", "_check", "_dek")
 
     def __init__(self, dek: bytes) -> None:
         if len(dek) != DEK_BYTES:
@@ -56,6 +57,7 @@ class Keyring:
         self._aead = AESGCM(_subkey(dek, b"record"))
         self._audit_key = _subkey(dek, b"audit")
         self._blind_key = _subkey(dek, b"blind")
+        self._blind_cache: dict[tuple[str, str], bytes] = {}
         self._check = hmac.new(_subkey(dek, b"check"), _CHECK_LABEL, hashlib.sha256).digest()
 
     def __repr__(self) -> str:
@@ -99,10 +101,23 @@ class Keyring:
 
     # -- blind indexes and MACs ----------------------------------------------------------------------------------
     def blind(self, domain: str, value: bytes | str) -> bytes:
-        """A deterministic, keyed row key for `value` within `domain` (a table or column name)."""
+        """A deterministic, keyed row key for `value` within `domain` (a table or column name).
+
+        Names (peer devices, agents, secret names) recur on every message, so their keys are memoised; message
+        ids (bytes) are not.
+        """
+        if isinstance(value, str):
+            cached = self._blind_cache.get((domain, value))
+            if cached is not None:
+                return cached
         raw = value.encode() if isinstance(value, str) else value
         d = domain.encode()
-        return hmac.digest(self._blind_key, bytes([len(d)]) + d + raw, "sha256")[:BLIND_BYTES]
+        out = hmac.digest(self._blind_key, bytes([len(d)]) + d + raw, "sha256")[:BLIND_BYTES]
+        if isinstance(value, str):
+            if len(self._blind_cache) >= BLIND_CACHE:
+                self._blind_cache.clear()
+            self._blind_cache[(domain, value)] = out
+        return out
 
     def audit_mac(self, *parts: bytes) -> bytes:
         """HMAC-SHA256 under the audit subkey over the concatenation of `parts`."""
