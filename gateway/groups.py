@@ -134,6 +134,7 @@ class Groups(GroupMembership, GroupDelivery):
         self._spawn(self._loop(), "groups")
         self._spawn(self._revocations(), "group-revocations")
         self._spawn(self._self_updates(), "group-self-updates")
+        self._spawn(self._invitations(), "group-invitations")
         log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
 
     async def _load_signer(self, agent: str) -> None:

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -19,9 +20,10 @@ from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
 from gateway.groups_delivery import Counters
 from gateway.groups_identity import AgentSigner, admins_of, agent_of
-from gateway.groups_store import GroupRecords
+from gateway.groups_store import GroupRecords, bundle_from_bytes, bundle_to_bytes, pack, unpack
 from gateway.protocol.identity.errors import BadName, CertificateError, CertificateRevoked
 from gateway.protocol.identity.names import check_id
+from gateway.protocol.message import InnerMessage, Kind, new_message_id
 from gateway.protocol.mls.crypto import CipherSuite
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
@@ -38,6 +40,7 @@ log = logging.getLogger("agw.groups")
 ORPHANS = "_"  # buffer owner for messages of groups no local agent is in (yet); not a valid agent name
 ORPHANS_MAX = 200
 REVOCATION_POLL_S = 1.0
+INVITATION_POLL_S = 1.0
 RECENT_MAX = 256  # per group, in memory: replayed to a local agent whose Welcome came after them
 
 
@@ -99,15 +102,18 @@ class GroupMembership:
         if not joined:
             log.debug("a Welcome that no local agent joined (%d secrets)", len(welcome.secrets))
         for group, agents in joined.items():
-            # What arrived before the Welcome: for no local member (orphans), or already taken by a local member
-            # that joined earlier (recent). Epoch order; what is too old fails harmlessly.
-            orphans = self.records.buffer(ORPHANS, group)
-            self.records.put_buffer(ORPHANS, group, [])
-            backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
-            with self._batch():
-                for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
-                    for agent in agents:
-                        self._process_for(agent, group, m)
+            self._replay_backlog(group, agents)
+
+    def _replay_backlog(self, group: str, agents: list[str]) -> None:
+        """What arrived before the Welcome: for no local member (orphans), or already taken by a local member
+        that joined earlier (recent). Epoch order; what is too old fails harmlessly."""
+        orphans = self.records.buffer(ORPHANS, group)
+        self.records.put_buffer(ORPHANS, group, [])
+        backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
+        with self._batch():
+            for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
+                for agent in agents:
+                    self._process_for(agent, group, m)
 
     def _join(self, agent: str, signer: AgentSigner, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
               held: list[KeyPackageBundle]) -> str | None:
@@ -132,20 +138,70 @@ class GroupMembership:
                 self.counters.refused_joins += 1
                 self.store.audit.append({"type": "group.join_refused", "agent": agent, "group": group,
                                          "by": adder}, self.now_ms())
-                log.info("group %s: %s was added by %s without consent; refused (agw consent allow --agent %s "
-                         "--peer %s)", group, agent, adder, agent, adder)
+                log.info("group %s: %s was added by %s without consent; held until the operator decides (agw "
+                         "consent allow|deny --agent %s --peer %s)", group, agent, adder, agent, adder)
+                if self.store.consent.state(agent, adder) is not ConsentState.DENIED:
+                    self._hold_invitation(agent, group, adder, welcome, bundle)
                 return None
             if (agent, group) in self.members:
                 return None
-            self.members[(agent, group)] = g
-            self.records.put_member(agent, group, group_to_bytes(g))
-            self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
-                                    self.now_ms())
+            self._admit(agent, group, g, adder)
+        return group
+
+    def _admit(self, agent: str, group: str, g: Group, adder: str) -> None:
+        self.members[(agent, group)] = g
+        self.records.put_member(agent, group, group_to_bytes(g))
+        self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
+                                self.now_ms())
         self.counters.joined += 1
         self._spawn(self._event(agent, group, {"op": "joined", "by": adder, "epoch": g.epoch,
                                                "members": self._member_names(g)}), "group-event")
         self._spawn(self._replenish(agent), "group-key-packages")
-        return group
+
+    def _hold_invitation(self, agent: str, group: str, adder: str, welcome: Welcome, bundle: KeyPackageBundle
+                         ) -> None:
+        """Keep the Welcome (and the KeyPackage it opens) until the operator decides; the request shows in
+        `agw consent list`, and on `allow` the agent also gets a note in its inbox (the held first message)."""
+        self.records.put_invitation(agent, group, pack([welcome.to_bytes(), bundle_to_bytes(bundle),
+                                                        adder.encode()]))
+        adder_agent = adder.partition("/")[2]
+        t = self.now_ms()
+        note = InnerMessage(kind=Kind.DATA, message_id=new_message_id(), sender_agent=adder_agent,
+                            recipient_agent=agent, created_at_ms=t, expires_at_ms=t + 7 * 86_400_000,
+                            payload=json.dumps({"op": "group-invitation", "group": group, "by": adder}).encode(),
+                            content_type="application/json", payload_utf8=True)
+        self.store.consent.request(agent, adder, note.encode(), t)
+
+    async def _invitations(self) -> None:
+        """Join held invitations once the operator allowed the adder; forget them once denied."""
+        while True:
+            await asyncio.sleep(INVITATION_POLL_S)
+            for agent, group in sorted(self.records.index.invites):
+                try:
+                    self._decide_invitation(agent, group)
+                except Exception as exc:
+                    log.warning("group %s: held invitation for %s failed: %s", group, agent, exc)
+                    self.records.drop_invitation(agent, group)
+
+    def _decide_invitation(self, agent: str, group: str) -> None:
+        raw = self.records.invitation(agent, group)
+        if raw is None or agent not in self.signers or (agent, group) in self.members:
+            self.records.drop_invitation(agent, group)
+            return
+        welcome_raw, bundle_raw, adder_raw = unpack(raw)
+        adder = adder_raw.decode()
+        if self.store.consent.state(agent, adder) is ConsentState.DENIED:
+            self.records.drop_invitation(agent, group)
+            return
+        if not self._consents(agent, adder):
+            return
+        welcome = Welcome.from_bytes(welcome_raw)
+        g = Group.join(welcome, bundle_from_bytes(bundle_raw), self.signers[agent].signer, config=self.mls_config)
+        with self.store.transaction():
+            self._admit(agent, group, g, adder)
+            self.records.drop_invitation(agent, group)
+        log.info("group %s: %s joined after the operator allowed %s", group, agent, adder)
+        self._replay_backlog(group, [agent])
 
     async def _revocations(self) -> None:
         """Watch the CRL in the state directory: when it changes, load it (the fleet trust is shared with the

@@ -3,8 +3,9 @@
 Names, all under `grp/`: `signer/<agent>` (the agent's MLS signing key and chain), `member/<agent>/<group>` (one
 local agent's MLS state, `group_persist` format), `buffer/<agent>/<group>` (messages for a later epoch, waiting
 for the commit that leads there), `kp/<agent>` and `lastresort/<agent>` (KeyPackage private halves),
-`out/<id>` (a group message some devices have not received yet), `in/<id>` (a decrypted message waiting for
-the broker) and `index` (which of those exist). Callers group writes in `store.transaction()`.
+`invite/<agent>/<group>` (a Welcome held for the operator's consent), `out/<id>` (a group message some devices
+have not received yet), `in/<id>` (a decrypted message waiting for the broker) and `index` (which exist).
+Callers group writes in `store.transaction()`.
 """
 
 from __future__ import annotations
@@ -94,16 +95,17 @@ class GroupIndex:
     members: set[tuple[str, str]] = field(default_factory=set)
     out: set[bytes] = field(default_factory=set)
     inbox: set[bytes] = field(default_factory=set)
+    invites: set[tuple[str, str]] = field(default_factory=set)
 
     def to_bytes(self) -> bytes:
         return json.dumps({"members": sorted(self.members), "out": sorted(i.hex() for i in self.out),
-                           "in": sorted(i.hex() for i in self.inbox)}).encode()
+                           "in": sorted(i.hex() for i in self.inbox), "invites": sorted(self.invites)}).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> GroupIndex:
         d = json.loads(data)
         return cls({(a, g) for a, g in d["members"]}, {bytes.fromhex(i) for i in d["out"]},
-                   {bytes.fromhex(i) for i in d["in"]})
+                   {bytes.fromhex(i) for i in d["in"]}, {(a, g) for a, g in d.get("invites", [])})
 
 
 class GroupRecords:
@@ -175,6 +177,20 @@ class GroupRecords:
             self.secrets.put(f"grp/buffer/{agent}/{group}", pack(messages))
         else:
             self.secrets.delete(f"grp/buffer/{agent}/{group}")
+
+    # invitations held for the operator's consent
+    def invitation(self, agent: str, group: str) -> bytes | None:
+        return self.secrets.get(f"grp/invite/{agent}/{group}")
+
+    def put_invitation(self, agent: str, group: str, data: bytes) -> None:
+        self.secrets.put(f"grp/invite/{agent}/{group}", data)
+        self.index.invites.add((agent, group))
+        self._save_index()
+
+    def drop_invitation(self, agent: str, group: str) -> None:
+        self.secrets.delete(f"grp/invite/{agent}/{group}")
+        self.index.invites.discard((agent, group))
+        self._save_index()
 
     # outbox and inbox
     def outbox(self) -> list[OutEntry]:

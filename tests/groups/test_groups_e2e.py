@@ -198,12 +198,18 @@ def test_concurrent_commits_from_two_devices_one_winner_no_divergence(bed: Testb
 
 
 def test_join_needs_the_operators_consent(bed: Testbed) -> None:
-    """c2's operator allowed only gw1/a1: when b1 (an admin) adds c2, c2's gateway refuses the Welcome."""
+    """c2's operator allowed only gw1/a1: when b1 (an admin) adds c2, c2's gateway holds the Welcome as a consent
+    request, and joins when the operator allows b1."""
     res = agw(bed, "gw2", "add", "--agent", "b1", "--group", GROUP, "--member", "gw3/c2")
     assert res["epoch"] == 4
     wait_for(lambda: "group.join_refused" in bed.gateways["gw3"].agw("audit", "list").stdout, what="refusal")
     assert show(bed, "gw3", "c2") is None
     assert "gw2/b1" in bed.gateways["gw3"].agw("audit", "list").stdout
+    pending = bed.gateways["gw3"].agw("consent", "list", "--agent", "c2", "--json").stdout
+    assert "gw2/b1" in pending and "pending" in pending
+    # The operator allows it: the held Welcome is used, and c2 joins at the current epoch.
+    bed.gateways["gw3"].agw("consent", "allow", "--agent", "c2", "--peer", "gw2/b1")
+    wait_for(lambda: converged(bed, ["a1", "a2", "b1", "c1", "c2"], 4), what="c2 joins once allowed")
 
 
 def test_removed_agent_receives_nothing_more(bed: Testbed) -> None:
