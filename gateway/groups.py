@@ -111,6 +111,7 @@ class Groups(GroupMembership, GroupDelivery):
         self._epoch_changed = asyncio.Condition()
         self._commit_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._wake = asyncio.Event()
+        self._inbox_wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
         self._out_seq = 0
@@ -132,6 +133,7 @@ class Groups(GroupMembership, GroupDelivery):
         self.outbox = {e.entry_id: e for e in self.records.outbox()}
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
         self._spawn(self._loop(), "groups")
+        self._spawn(self._inbox_loop(), "group-inbox")
         self._spawn(self._revocations(), "group-revocations")
         self._spawn(self._self_updates(), "group-self-updates")
         self._spawn(self._invitations(), "group-invitations")
@@ -213,7 +215,7 @@ class Groups(GroupMembership, GroupDelivery):
         with self._batch():
             for env in envelopes:
                 self.receive(env.sender, env.ciphertext)
-        await self._flush_inbox()
+        self._inbox_wake.set()
 
     async def on_link_event(self, event: object) -> None:
         return None
@@ -368,7 +370,7 @@ class Groups(GroupMembership, GroupDelivery):
                     if pending.welcome is not None:
                         await self._send_welcome(agent, group, pending.welcome.to_bytes(), pending.added)
                     await self._notify_epoch()
-                    await self._flush_inbox()
+                    self._inbox_wake.set()
                     return self._describe(agent, group)
                 if status is not GroupStatus.STALE_EPOCH:
                     raise GroupError(f"the relay refused the commit: {status.name}")

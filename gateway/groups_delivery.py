@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,8 @@ KEY_PACKAGES_MAX_HELD = 100
 RETRY_MS = 2_000
 RETRY_MAX_MS = 10_000
 SEND_BATCH = 256
+INBOX_BATCH = 512
+ERROR_LOG_INTERVAL_S = 30.0
 REPLENISH_S = 30.0
 
 
@@ -58,6 +61,7 @@ class GroupDelivery:
     prefix: str
     now_ms: Callable[[], int]
     _wake: asyncio.Event
+    _inbox_wake: asyncio.Event
     _publishing: set[bytes]
 
     if TYPE_CHECKING:  # provided by Groups
@@ -93,6 +97,7 @@ class GroupDelivery:
     # -- delivery ------------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         next_replenish = 0.0
+        last_error = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
@@ -102,11 +107,22 @@ class GroupDelivery:
                     await self._send_due()
                     loop_t = asyncio.get_running_loop().time()
                     if loop_t >= next_replenish:
-                        next_replenish = loop_t + 30.0
+                        next_replenish = loop_t + REPLENISH_S
                         self._spawn(self._replenish_all(), "group-key-packages")
+            except Exception as exc:  # e.g. a full disk: retried every second, logged at most every 30 s
+                last_error = _log_limited(last_error, "group outbox", exc)
+
+    async def _inbox_loop(self) -> None:
+        """Hand decrypted group messages to the broker, apart from the relay's read loop."""
+        last_error = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._inbox_wake.wait(), 1.0)
+            self._inbox_wake.clear()
+            try:
                 await self._flush_inbox()
-            except Exception:
-                log.exception("group delivery loop error")
+            except Exception as exc:
+                last_error = _log_limited(last_error, "group inbox", exc)
 
     async def _send_due(self) -> None:
         """Hand due outbox entries to the relay, in the order they were made, pipelined (one frame each)."""
@@ -122,7 +138,7 @@ class GroupDelivery:
             try:
                 for entry, res in zip(due, results, strict=True):
                     if isinstance(res, BaseException):
-                        log.info("group send failed, will retry: %s", res)
+                        log.info("group send failed, will retry: %s: %s", type(res).__name__, res)
                     elif res.status is GroupStatus.ACCEPTED:
                         entry.devices = [d for d, _ in res.undelivered]
                     elif res.status is not GroupStatus.RATE_LIMITED:
@@ -145,25 +161,36 @@ class GroupDelivery:
             self._wake.set()
 
     async def _flush_inbox(self) -> None:
-        pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing]
-        if not pending or not self.bridge.connected:
-            return
-        self._publishing.update(e.entry_id for e in pending)
-        done: list[bytes] = []
-        try:
-            for e in pending:
-                try:
-                    await self.bridge.publish(
-                        topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
-                        user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group),
-                                         ("agw:epoch", str(e.epoch)), (topics.PROP_MESSAGE_ID, e.entry_id.hex())))
-                except (BrokerUnavailable, TimeoutError):
-                    break
-                done.append(e.entry_id)
-        finally:
-            self._publishing.difference_update(e.entry_id for e in pending)
-        if done:
-            self.records.drop_in(done)
-            self.counters.delivered += len(done)
+        """Publish inbox entries in arrival order, pipelined (up to INBOX_BATCH at once); drop the acknowledged."""
+        while self.bridge.connected:
+            pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing][:INBOX_BATCH]
+            if not pending:
+                return
+            self._publishing.update(e.entry_id for e in pending)
+            try:
+                results = await asyncio.gather(*(self.bridge.publish(
+                    topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
+                    user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group), ("agw:epoch", str(e.epoch)),
+                                     (topics.PROP_MESSAGE_ID, e.entry_id.hex()))) for e in pending),
+                    return_exceptions=True)
+            finally:
+                self._publishing.difference_update(e.entry_id for e in pending)
+            done = [e.entry_id for e, r in zip(pending, results, strict=True) if r is None]
+            if done:
+                with self.records.store.transaction(durable=False):
+                    self.records.drop_in(done)
+                self.counters.delivered += len(done)
+            if len(done) < len(pending):
+                failed = next(r for r in results if r is not None)
+                if not isinstance(failed, BrokerUnavailable | TimeoutError):
+                    raise failed
+                return
 
 
+def _log_limited(last: float, what: str, exc: BaseException) -> float:
+    now = time.monotonic()
+    if now - last < ERROR_LOG_INTERVAL_S:
+        return last
+    log.error("%s: %s: %s (retrying; logged at most every %.0f s)", what, type(exc).__name__, exc,
+              ERROR_LOG_INTERVAL_S)
+    return now

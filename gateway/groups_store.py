@@ -116,6 +116,7 @@ class GroupRecords:
         self.secrets = store.secrets
         raw = self.secrets.get("grp/index")
         self.index = GroupIndex.from_bytes(raw) if raw else GroupIndex()
+        self._inbox: dict[bytes, InEntry] | None = None
         self.deferred = 0  # > 0: index writes wait for flush_index() (one write per batch, same transaction)
         self._dirty = False
 
@@ -214,20 +215,27 @@ class GroupRecords:
         self._save_index()
 
     def inbox(self) -> list[InEntry]:
-        out = []
-        for i in self.index.inbox:
-            raw = self.secrets.get(f"grp/in/{i.hex()}")
-            if raw is not None:
-                out.append(InEntry.from_bytes(i, raw))
-        return sorted(out, key=lambda e: e.seq)
+        """Inbox entries in arrival order (mirrored in memory: read from the store once)."""
+        if self._inbox is None:
+            self._inbox = {}
+            for i in self.index.inbox:
+                raw = self.secrets.get(f"grp/in/{i.hex()}")
+                if raw is not None:
+                    self._inbox[i] = InEntry.from_bytes(i, raw)
+        return sorted(self._inbox.values(), key=lambda e: e.seq)
 
     def put_in(self, entry: InEntry) -> None:
+        self.inbox()
         self.secrets.put(f"grp/in/{entry.entry_id.hex()}", entry.to_bytes())
         self.index.inbox.add(entry.entry_id)
+        assert self._inbox is not None
+        self._inbox[entry.entry_id] = entry
         self._save_index()
 
     def drop_in(self, entry_ids: list[bytes]) -> None:
         for i in entry_ids:
             self.secrets.delete(f"grp/in/{i.hex()}")
             self.index.inbox.discard(i)
+            if self._inbox is not None:
+                self._inbox.pop(i, None)
         self._save_index()
