@@ -80,7 +80,9 @@ def silent_relay(f: Fleet, hold: float) -> None:
     lsock.close()
     f.bed.start_relay()
     record("stream.silent_relay", connections_held=len(held))
-    threading.Timer(60, lambda: [s.close() for s in held]).start()
+    closer = threading.Timer(60, lambda: [s.close() for s in held])
+    closer.daemon = True  # must not keep the test process alive at exit
+    closer.start()
 
 
 def _drained(f: Fleet, timeout: float = 120.0) -> None:
