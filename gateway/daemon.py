@@ -103,7 +103,12 @@ class Gateway(Sending, Receiving):
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
-        self.groups: GroupService = __import__("gateway.groups").groups.Groups(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms) if cfg.agents else NoGroups()  # noqa: E501
+        # Groups (MLS) only when the device has agents; the MLS code is not even imported otherwise.
+        self.groups: GroupService = NoGroups()
+        if cfg.agents:
+            from gateway.groups import Groups
+
+            self.groups = Groups(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
