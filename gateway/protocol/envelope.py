@@ -2,7 +2,7 @@
 
 Everything a relay needs to route a message, and nothing more: a kind, a random envelope id (so the sender can
 match an UNDELIVERABLE answer to its outbox entry), the sender and recipient device ids, and the opaque
-ciphertext. Layout (all integers big-endian), documented byte by byte in docs/protocol-link.md:
+ciphertext. Layout (all integers big-endian), documented byte by byte in docs/protocol.md ("Relay link"):
 
     version u8 (=1) | kind u8 | envelope_id [16] | sender_len u8 | sender | recipient_len u8 | recipient
     | ciphertext_len u32 | ciphertext

@@ -1,7 +1,7 @@
 """The relay link protocol, sans-I/O: frames and the client and server state machines.
 
 One link frame is one WebSocket binary message: `version u8 (=1) | type u8 | body`. The exact bodies are in
-docs/protocol-link.md. Strings are length-prefixed UTF-8, integers big-endian, and every length is checked
+docs/protocol.md ("Relay link"). Strings are length-prefixed UTF-8, integers big-endian, and every length is checked
 against `LinkLimits` before anything is read, so a peer cannot make us allocate more than a frame's size.
 
 The state machines follow websockets/h11: the I/O layer feeds each received message to `receive_data()`, the

@@ -1,4 +1,4 @@
-"""Relay link frames: the codec for the messages of docs/protocol-link.md, with strict size limits.
+"""Relay link frames: the codec for the messages of docs/protocol.md ("Relay link"), with strict size limits.
 
 One link frame is one WebSocket binary message: `version u8 (=1) | type u8 | body`. Each frame type is a frozen
 dataclass with `body()` (encode) and `read()` (decode from a bounded reader); `decode_frame()` rejects unknown

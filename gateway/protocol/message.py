@@ -1,6 +1,6 @@
 """The inner application message: what one gateway says to another inside a pairwise ciphertext.
 
-Versioned binary codec, big-endian, every length explicit and bounded (layout: docs/protocol-pairwise.md).
+Versioned binary codec, big-endian, every length explicit and bounded (layout: docs/protocol.md ("Pairwise")).
 Three kinds:
   DATA    an agent's message, with the MQTT 5 properties that pass through end to end;
   ACK     the recipient gateway handed these message ids to the local broker (the sender may drop them);

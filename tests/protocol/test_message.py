@@ -176,7 +176,7 @@ def test_reject_reason_finality_and_expiry() -> None:
 
 
 def test_layout_matches_the_document() -> None:
-    """docs/protocol-pairwise.md section 10, built by hand."""
+    """docs/protocol.md ("Pairwise") section 10, built by hand."""
     import struct
 
     mid = bytes(range(16))

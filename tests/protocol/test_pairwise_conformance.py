@@ -1,4 +1,4 @@
-"""Conformance with docs/protocol-pairwise.md: an independent implementation of the documented formats and key
+"""Conformance with docs/protocol.md ("Pairwise"): an independent implementation of the documented formats and key
 schedule (written from the document, using `cryptography` for X25519, HKDF and Ed25519) talks to the real code.
 
 If the code and the document drift apart, these tests fail."""

@@ -1,7 +1,7 @@
 """Pairwise end-to-end encryption between two devices: prekey-based setup, Double Ratchet, signed messages.
 
 Sans-I/O: bytes in, bytes out; no sockets, no clocks (times are passed in), randomness injectable.
-Formats: docs/protocol-pairwise.md.
+Formats: docs/protocol.md ("Pairwise").
 """
 
 from gateway.protocol.pairwise.book import NoSessionError, Received, Sent, SessionBook

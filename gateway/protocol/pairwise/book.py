@@ -1,7 +1,7 @@
 """All pairwise sessions of one device, and the rules for choosing between them.
 
 A device can hold several sessions with one peer: both sides may open one at the same moment, and every
-delegated-key rotation opens new ones. The rules (docs/protocol-pairwise.md, section 7): receive on any held
+delegated-key rotation opens new ones. The rules (docs/protocol.md ("Pairwise"), section 7): receive on any held
 session by its id; a setup (PREKEY) message for an unknown id makes a new session; send on the newest session
 with the peer that can still encrypt; keep at most `max_sessions_per_peer`, dropping the oldest.
 

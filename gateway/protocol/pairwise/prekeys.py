@@ -41,7 +41,7 @@ _OPK_CONTEXT = b"agw pairwise v1 one-time prekey\x00"
 
 
 def signed_prekey_tbs(device_id: str, prekey_id: int, public_key: bytes, created_at_ms: int) -> bytes:
-    """The bytes the delegated key signs for a signed prekey (documented in docs/protocol-pairwise.md)."""
+    """The bytes the delegated key signs for a signed prekey (documented in docs/protocol.md ("Pairwise"))."""
     return _SPK_CONTEXT + codec.text8(device_id) + codec.u32(prekey_id) + public_key + codec.u64(created_at_ms)
 
 

@@ -1,6 +1,6 @@
 """A pairwise session between two devices: asynchronous setup from a prekey bundle, then the Double Ratchet.
 
-Setup (X3DH without X25519 identity keys; rationale in docs/protocol-pairwise.md):
+Setup (X3DH without X25519 identity keys; rationale in docs/protocol.md ("Pairwise")):
     SK = HKDF(salt=0, ikm = 0xFF*32 || DH(EK_a, SPK_b) [|| DH(EK_a, OPK_b)], info = transcript)
 where the transcript names both device ids and both delegated verify keys. Each side is authenticated by its
 Ed25519 signature on every message, made with the delegated key its credential certifies, and checked before

@@ -4,7 +4,7 @@ and the sender's Ed25519 signature over all of it.
 `PairwiseMessage.parse` checks only the shape and sizes; the result is unverified. The session verifies the
 signature (over `SIGNATURE_CONTEXT || signed_part`) before it derives or uses any key, and passes `aad` (every
 byte before the ciphertext) to the AEAD, so header and setup fields are authenticated twice.
-Layout, byte by byte: docs/protocol-pairwise.md.
+Layout, byte by byte: docs/protocol.md ("Pairwise").
 """
 
 from __future__ import annotations
