@@ -88,7 +88,7 @@ def main() -> int:
             st = gw.wait_ready()
             print(f"{gw.name}: link {st['link']['state']}, MQTT connected {st['mqtt']['connected']}")
         asyncio.run(agents(tb))
-        time.sleep(0.5)
+        time.sleep(1.5)  # status.json is rewritten every second
         step("what the relay saw (it routes ciphertext; it cannot read it)")
         seen = [json.loads(line) for line in tap.read_text().splitlines()] if tap.exists() else []
         for e in seen:
