@@ -201,7 +201,7 @@ class Gateway(Sending, Receiving):
                 "mqtt": {"connected": self.bridge.connected},
                 "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
                 "pending_consent": self.store.consent.pending_count(),
-                "peers": sorted(self.book._sessions),
+                "peers": self.book.peers(),
                 "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"},
                 "groups": self.groups.status()}
 

@@ -94,6 +94,10 @@ class SessionBook:
         for peer in list(self._dirty):
             self._save(peer)
 
+    def peers(self) -> list[str]:
+        """Peers with a session loaded since start-up (what `agw status` lists)."""
+        return sorted(p for p, lst in self._sessions.items() if lst)
+
     def has_session(self, peer: str) -> bool:
         return any(s.can_encrypt for s in self.sessions(peer))
 
