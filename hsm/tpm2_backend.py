@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_ECC, TPM2_RC, TPM2_RH, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_ECC, TPM2_RH, TPMA_OBJECT
 from tpm2_pytss.tsskey import TSSPrivKey
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
@@ -44,11 +44,8 @@ from hsm.api import IdentityKey, KeyAlgorithm, KeyAttributes, KeyInfo, StorageKe
 from hsm.errors import BadKeyUri, KeyExists, KeyNotFound, KeyPolicyViolation, WrongKeyType
 from hsm.tpm2_context import (
     attributes_from_tpma,
-    classify,
-    is_transport_error,
+    load_object,
     primary,
-    rc_error,
-    rc_text,
     tpm_session,
     transient,
     write_private_file,
@@ -220,15 +217,7 @@ class TpmIdentityKey:
 
 
 def _load_blob(esys: Any, parent: Any, blob: Any, uri: str) -> Any:
-    try:
-        return esys.load(parent, blob.private, blob.public)
-    except TSS2_Exception as exc:
-        if is_transport_error(exc):
-            raise  # tpm_session reports it as TpmUnreachable and reconnects next time
-        if rc_error(exc) in (int(TPM2_RC.INTEGRITY), int(TPM2_RC.BINDING), int(TPM2_RC.SIZE)):
-            raise KeyNotFound("the key file was not made by this TPM's owner storage primary (owner hierarchy "
-                              "cleared, or another TPM)", uri=uri, rc=rc_text(exc)) from None
-        raise classify(exc, "load the key file", uri) from None
+    return load_object(esys, parent, blob.private, blob.public, uri=uri, what="key file")
 
 
 def _create_persistent(esys: Any, handle: int, *, force: bool, uri: str) -> None:

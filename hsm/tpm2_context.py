@@ -206,6 +206,20 @@ def classify(exc: TSS2_Exception, action: str, uri: str) -> HsmError:
     return HardwareError(f"the TPM failed to {action}", uri=uri, rc=rc_text(exc))
 
 
+def load_object(esys: Any, parent: Any, private: Any, public: Any, *, uri: str, what: str) -> Any:
+    """Load a saved object under the owner storage primary; a blob from another TPM (or a cleared owner
+    hierarchy) is `KeyNotFound`, a lost connection is left to `tpm_session`."""
+    try:
+        return esys.load(parent, private, public)
+    except TSS2_Exception as exc:
+        if is_transport_error(exc):
+            raise  # tpm_session reports it as TpmUnreachable and reconnects next time
+        if rc_error(exc) in (int(TPM2_RC.INTEGRITY), int(TPM2_RC.BINDING), int(TPM2_RC.SIZE)):
+            raise KeyNotFound(f"the {what} was not made by this TPM's owner storage primary (owner hierarchy "
+                              "cleared, or another TPM)", uri=uri, rc=rc_text(exc)) from None
+        raise classify(exc, f"load the {what}", uri) from None
+
+
 def flush(esys: Any, handle: Any) -> None:
     """Flush a transient object or session; never let a cleanup failure hide the real error."""
     with contextlib.suppress(TSS2_Exception):

@@ -51,6 +51,7 @@ from hsm.tpm2_context import (
     classify,
     flush,
     is_transport_error,
+    load_object,
     primary,
     rc_error,
     rc_text,
@@ -264,15 +265,7 @@ class TpmSealedStorageKey:
 
 
 def _load(esys: Any, parent: Any, blob: _Blob, uri: str) -> Any:
-    try:
-        return esys.load(parent, blob.private, blob.public)
-    except TSS2_Exception as exc:
-        if is_transport_error(exc):
-            raise  # tpm_session reports it as TpmUnreachable and reconnects next time
-        if rc_error(exc) in (int(TPM2_RC.INTEGRITY), int(TPM2_RC.BINDING), int(TPM2_RC.SIZE)):
-            raise KeyNotFound("the sealed blob was not made by this TPM's owner storage primary (owner hierarchy "
-                              "cleared, or another TPM)", uri=uri, rc=rc_text(exc)) from None
-        raise classify(exc, "load the sealed blob", uri) from None
+    return load_object(esys, parent, blob.private, blob.public, uri=uri, what="sealed blob")
 
 
 def _read_blob(ref: Tpm2Ref) -> _Blob:
