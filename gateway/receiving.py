@@ -160,24 +160,32 @@ class Receiving:
         return self._seq
 
     async def _publish_inbox(self, entries: list[tuple[str, str, InnerMessage]], *, claimed: bool = False) -> None:
-        """Hand inbox entries to the broker (in order, pipelined) and drop those it acknowledged. Entries are
-        claimed in `_publishing` first (by the caller when `claimed`), so no entry is published twice at once."""
+        """Hand inbox entries to the broker (in order, pipelined) and drop each as soon as the broker has
+        acknowledged it: the time between a PUBACK and the delete is the window in which a crash makes us
+        publish that message again after a restart, so it is kept to one small commit. Entries are claimed in
+        `_publishing` first (by the caller when `claimed`), so no entry is published twice at once."""
         if not claimed:
             entries = [e for e in entries if e[0] not in self._publishing]
             self._publishing.update(name for name, _, _ in entries)
+
+        async def one(name: str, peer: str, inner: InnerMessage) -> bool:
+            try:
+                await self._publish_to_agent(peer, inner)
+            except BrokerUnavailable:
+                return False
+            finally:
+                self._publishing.discard(name)
+            with self.store.transaction(durable=False):
+                self.store.inbox.delete(name)
+            self.counters.delivered += 1
+            return True
+
         try:
-            results = await asyncio.gather(*(self._publish_to_agent(p, i) for _, p, i in entries),
-                                           return_exceptions=True)
+            results = await asyncio.gather(*(one(*e) for e in entries))
         finally:
             self._publishing.difference_update(name for name, _, _ in entries)
-        done = [name for (name, _, _), r in zip(entries, results, strict=True) if r is None]
-        if len(done) < len(entries):
-            log.warning("%d message(s) wait in the inbox for the MQTT broker", len(entries) - len(done))
-        if done:
-            with self.store.transaction(durable=False):
-                for name in done:
-                    self.store.inbox.delete(name)
-            self.counters.delivered += len(done)
+        if not all(results):
+            log.warning("%d message(s) wait in the inbox for the MQTT broker", results.count(False))
 
     async def _inbox_loop(self) -> None:
         """Retry inbox entries left behind by a broker outage or a restart."""
