@@ -16,9 +16,9 @@ from gateway.protocol.mls.commit import Commit
 from gateway.protocol.mls.credentials import Credential
 from gateway.protocol.mls.crypto import Signer, get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.extensions import external_pub, find_extension
+from gateway.protocol.mls.extensions import external_pub
 from gateway.protocol.mls.framing import AuthenticatedContent, FramedContent, FramedContentAuthData, MLSMessage, Sender
-from gateway.protocol.mls.group import Group, GroupConfig
+from gateway.protocol.mls.group import Group, GroupConfig, checked_tree
 from gateway.protocol.mls.group_state import EpochState, new_secret_tree
 from gateway.protocol.mls.key_package import Capabilities, LeafNode
 from gateway.protocol.mls.key_package_bundle import DEFAULT_LIFETIME, default_capabilities
@@ -27,30 +27,9 @@ from gateway.protocol.mls.proposals import ExternalInit, PreSharedKey, PreShared
 from gateway.protocol.mls.psk import PskInput, psk_secret
 from gateway.protocol.mls.ratchet_tree import RatchetTree
 from gateway.protocol.mls.transcript import confirmation_tag, confirmed_transcript_hash, interim_transcript_hash
-from gateway.protocol.mls.tree_math import LeafIndex
 from gateway.protocol.mls.treekem import TreeKemPrivate, create_update_path
-from gateway.protocol.mls.welcome import verify_group_info
 from gateway.protocol.mls.welcome_structs import GroupContext, GroupInfo
-from gateway.protocol.mls.wire import ExtensionType, LeafNodeSource, ProtocolVersion, PskType, SenderType, WireFormat
-
-
-def _checked_tree(gi: GroupInfo, ratchet_tree: RatchetTree | None, config: GroupConfig) -> RatchetTree:
-    cs = get_suite(gi.group_context.cipher_suite)
-    ext = find_extension(gi.extensions, ExtensionType.RATCHET_TREE)
-    if ext is not None:
-        tree = RatchetTree.from_wire(ext.extension_data)
-    elif ratchet_tree is not None:
-        tree = ratchet_tree.copy()
-    else:
-        raise MlsError("the GroupInfo has no ratchet_tree extension and no tree was supplied")
-    signer_leaf = tree.leaf(LeafIndex(gi.signer))
-    if signer_leaf is None:
-        raise MlsError(f"GroupInfo signer {gi.signer} is not a member")
-    verify_group_info(cs, gi, signer_leaf.signature_key)
-    if tree.tree_hash(cs) != gi.group_context.tree_hash:
-        raise MlsError("the ratchet tree does not match the GroupInfo's tree hash")
-    tree.validate(cs, gi.group_context.group_id, gi.group_context.extensions, config.identity_validator)
-    return tree
+from gateway.protocol.mls.wire import LeafNodeSource, ProtocolVersion, PskType, SenderType, WireFormat
 
 
 def join_external(
@@ -74,7 +53,8 @@ def join_external(
         raise MlsError(f"GroupContext version {gc.version} is not mls10")
     cs = get_suite(gc.cipher_suite)
     cfg.identity_validator(credential, signer.public_key)
-    tree = _checked_tree(group_info, ratchet_tree, cfg)
+    tree = checked_tree(get_suite(group_info.group_context.cipher_suite), group_info, ratchet_tree,
+                        cfg.identity_validator)
     ext_pub = external_pub(group_info.extensions)
     if ext_pub is None:
         raise MlsError("the GroupInfo has no external_pub extension: the group does not accept external joins")

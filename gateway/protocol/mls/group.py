@@ -163,20 +163,7 @@ class Group:
         gc = gi.group_context
         if gc.version != ProtocolVersion.MLS10:
             raise MlsError(f"GroupContext version {gc.version} is not mls10")
-        tree_ext = find_extension(gi.extensions, ExtensionType.RATCHET_TREE)
-        if tree_ext is not None:
-            tree = RatchetTree.from_wire(tree_ext.extension_data)
-        elif ratchet_tree is not None:
-            tree = ratchet_tree.copy()
-        else:
-            raise MlsError("the Welcome has no ratchet_tree extension and no tree was supplied")
-        signer_leaf = tree.leaf(LeafIndex(gi.signer))
-        if signer_leaf is None:
-            raise MlsError(f"GroupInfo signer {gi.signer} is not a member")
-        verify_group_info(cs, gi, signer_leaf.signature_key)
-        if tree.tree_hash(cs) != gc.tree_hash:
-            raise MlsError("the ratchet tree does not match the GroupInfo's tree hash")
-        tree.validate(cs, gc.group_id, gc.extensions, cfg.identity_validator)
+        tree = checked_tree(cs, gi, ratchet_tree, cfg.identity_validator)
         own = next((i for i, leaf in tree.leaves() if leaf == kp.leaf_node), None)
         if own is None:
             raise MlsError("our KeyPackage's leaf is not in the tree")
@@ -593,6 +580,27 @@ class Group:
                                                 self.config.max_forward))
         return StagedCommit(self.epoch, committer, proposals, tuple(i for i, _ in fx.added), tuple(fx.removed),
                             False, next_state)
+
+
+def checked_tree(cs: CipherSuite, gi: GroupInfo, ratchet_tree: RatchetTree | None,
+                 identity_validator: IdentityValidator) -> RatchetTree:
+    """The ratchet tree a joiner (by Welcome or external commit) may trust: from the GroupInfo's ratchet_tree
+    extension or supplied out of band, with the GroupInfo signed by a member, matching the tree hash, valid."""
+    ext = find_extension(gi.extensions, ExtensionType.RATCHET_TREE)
+    if ext is not None:
+        tree = RatchetTree.from_wire(ext.extension_data)
+    elif ratchet_tree is not None:
+        tree = ratchet_tree.copy()
+    else:
+        raise MlsError("the GroupInfo has no ratchet_tree extension and no tree was supplied")
+    signer_leaf = tree.leaf(LeafIndex(gi.signer))
+    if signer_leaf is None:
+        raise MlsError(f"GroupInfo signer {gi.signer} is not a member")
+    verify_group_info(cs, gi, signer_leaf.signature_key)
+    if tree.tree_hash(cs) != gi.group_context.tree_hash:
+        raise MlsError("the ratchet tree does not match the GroupInfo's tree hash")
+    tree.validate(cs, gi.group_context.group_id, gi.group_context.extensions, identity_validator)
+    return tree
 
 
 def _auth(signature: bytes, tag: bytes) -> FramedContentAuthData:
