@@ -5,6 +5,12 @@ the broker only after the gateway has written it durably to its outbox (`ack()`)
 the broker redeliver it. The session is persistent (clean_start=False, long expiry), so messages agents publish
 while the gateway is down wait in the broker. paho's network thread hands messages to asyncio through
 `call_soon_threadsafe`; publishes to agents complete when the broker's PUBACK arrives.
+
+Messages for agents go out exactly once through MQTT 5 QoS 2 with packet identifiers the caller chooses and
+stores (`publish_exactly_once`): the broker forwards a QoS 2 message to subscribers only on PUBREL and recognises
+a resent PUBLISH by its packet id while it holds it, so a gateway that crashed mid-exchange resumes it after a
+restart (same id: PUBLISH again before the broker's PUBREC, PUBREL after it) without a second copy reaching the
+agent. The caller records "the broker has it" (`on_broker_has`) before the PUBREL goes out.
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ import contextlib
 import logging
 import socket
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -28,6 +38,12 @@ log = logging.getLogger("agw.bridge")
 
 SESSION_EXPIRY = 7 * 24 * 3600
 RECEIVE_MAXIMUM = 1024
+MAX_PACKET_ID = 65535
+MAX_EXACTLY_ONCE = 16_384  # packet ids held at once for stored messages; the rest wait in the inbox
+_OK = ReasonCode(PacketTypes.PUBREC, "Success")
+
+
+BrokerHas = Callable[[list[int]], None]
 
 
 class BrokerUnavailable(Exception):
@@ -50,6 +66,73 @@ class AgentMessage:
     user_properties: tuple[tuple[str, str], ...]
 
 
+class _PahoClient(mqtt.Client):
+    """paho's client with two hooks for exactly-once publishing: the next PUBLISH may use a packet id chosen by
+    the caller, and a PUBREC is handed to the gateway instead of being answered at once with PUBREL."""
+
+    def __init__(self, *args: Any, on_pubrec: Callable[[int, ReasonCode], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._forced_mid = threading.local()
+        self._on_pubrec = on_pubrec
+        self.reserved_ids: set[int] = set()  # ids the gateway holds for its stored messages
+
+    def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> mqtt.MQTTMessageInfo:
+        self._forced_mid.value = mid
+        try:
+            return self.publish(topic, payload, qos=2, properties=properties)
+        finally:
+            self._forced_mid.value = None
+
+    def _mid_generate(self) -> int:
+        forced = getattr(self._forced_mid, "value", None)
+        if forced is not None:
+            return int(forced)
+        while True:  # paho's own ids (subscriptions, QoS 1) never collide with the gateway's stored ones
+            mid = super()._mid_generate()
+            if mid not in self.reserved_ids:
+                return mid
+
+    def _handle_pubrec(self) -> mqtt.MQTTErrorCode:
+        rec = _packet.decode_pubrec(self._in_packet["command"], self._in_packet["packet"], self._protocol)
+        with self._out_message_mutex:
+            known = rec.mid in self._out_messages and self._out_messages[rec.mid].qos == 2
+        if known:
+            self._on_pubrec(rec.mid, rec.reason)
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def release(self, mid: int) -> None:
+        """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart)."""
+        with self._out_message_mutex:
+            msg = self._out_messages.get(mid)
+            if msg is None or msg.state == mqtt.mqtt_ms_wait_for_pubcomp:
+                return
+            msg.state = mqtt.mqtt_ms_wait_for_pubcomp
+            msg.timestamp = time.monotonic()
+            self._send_pubrel(mid)
+
+    def drop(self, mid: int) -> None:
+        """Forget a message the broker refused in its PUBREC (the QoS 2 exchange ends there)."""
+        with self._out_message_mutex:
+            if self._out_messages.pop(mid, None) is not None:
+                self._inflight_messages -= 1
+                if self._max_inflight_messages > 0:
+                    self._update_inflight()  # a queued message may go out now
+
+    def resume_released(self, mid: int, topic: str) -> None:
+        """Take up, after a restart, an exchange whose PUBREC was already recorded: only PUBREL is left to send
+        (now, or by paho after the next CONNACK)."""
+        msg = mqtt.MQTTMessage(mid, topic.encode())
+        msg.qos = 2
+        msg.state = mqtt.mqtt_ms_wait_for_pubcomp
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return
+            self._out_messages[mid] = msg
+            self._inflight_messages += 1
+        if self.is_connected():
+            self._send_pubrel(mid)
+
+
 class MqttBridge:
     def __init__(self, *, host: str, port: int, client_id: str, prefix: str, username: str | None = None,
                  password_file: Path | None = None, max_inflight: int = 256) -> None:
@@ -60,8 +143,13 @@ class MqttBridge:
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._early: dict[int, bool] = {}
         self._lock = threading.Lock()
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True)
+        # Exactly-once publishes by packet id, until PUBCOMP, with the callback that records (durably) that the
+        # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
+        self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
+        self._recs: list[tuple[int, ReasonCode]] = []
+        self._next_id = 0
+        c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                        manual_ack=True, on_pubrec=self._on_pubrec)
         if username:
             password = password_file.read_text().strip() if password_file else None
             c.username_pw_set(username, password)
@@ -130,9 +218,21 @@ class MqttBridge:
             user_properties=user)
         self._loop.call_soon_threadsafe(self.incoming.put_nowait, am)
 
+    def _on_pubrec(self, mid: int, reason: ReasonCode) -> None:
+        with self._lock:
+            first = not self._recs
+            self._recs.append((mid, reason))
+        if first:
+            self._loop.call_soon_threadsafe(self._take_recs)
+
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode,
                     properties: Properties | None = None) -> None:
         ok = not rc.is_failure
+        with self._lock:
+            once = self._once.pop(mid, None)
+        if once is not None:
+            self._loop.call_soon_threadsafe(_succeed, once[0])
+            return
         with self._lock:
             fut = self._pending.pop(mid, None)
             if fut is None:
@@ -144,6 +244,85 @@ class MqttBridge:
             self._loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable(f"broker refused the publish: {rc}"))
 
     # -- asyncio side -------------------------------------------------------------------------------------------
+    def _take_recs(self) -> None:
+        with self._lock:
+            recs, self._recs = self._recs, []
+        held: dict[BrokerHas, list[int]] = {}
+        for mid, reason in recs:
+            with self._lock:
+                once = self._once.get(mid)
+            if once is None:
+                continue
+            if reason.is_failure:
+                self._client.drop(mid)
+                with self._lock:
+                    self._once.pop(mid, None)
+                _fail(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
+            else:
+                held.setdefault(once[1], []).append(mid)
+        for record, mids in held.items():
+            try:
+                record(mids)
+            except Exception as exc:
+                # Not recorded: no PUBREL. The broker keeps the message; try again shortly (and paho resends the
+                # PUBLISH after a reconnect, which the broker answers with PUBREC again).
+                log.error("cannot record %d message(s) the broker holds (%s); retrying", len(mids), exc)
+                with self._lock:
+                    first = not self._recs
+                    self._recs.extend((mid, _OK) for mid in mids)
+                if first:
+                    self._loop.call_later(1.0, self._take_recs)
+                continue
+            for mid in mids:
+                self._client.release(mid)
+
+    def reserve_packet_id(self) -> int | None:
+        """A packet id for a new exactly-once publish, or None while too many are held (the caller waits)."""
+        reserved = self._client.reserved_ids
+        if len(reserved) >= MAX_EXACTLY_ONCE:
+            return None
+        while True:
+            self._next_id = self._next_id % MAX_PACKET_ID + 1
+            if self._next_id not in reserved and self._next_id not in self._client._out_messages:
+                reserved.add(self._next_id)
+                return self._next_id
+
+    def claim_packet_id(self, packet_id: int) -> None:
+        """Hold an id stored before a restart, so no other publish uses it."""
+        self._client.reserved_ids.add(packet_id)
+
+    def free_packet_id(self, packet_id: int) -> None:
+        self._client.reserved_ids.discard(packet_id)
+
+    async def publish_exactly_once(self, packet_id: int, topic: str, payload: bytes, *, on_broker_has: BrokerHas,
+                                   released: bool = False, response_topic: str | None = None,
+                                   correlation_data: bytes | None = None,
+                                   content_type: str | None = None, payload_utf8: bool = False,
+                                   user_properties: tuple[tuple[str, str], ...] = ()) -> None:
+        """Publish QoS 2 under `packet_id` (held with `reserve_packet_id` or `claim_packet_id` and stored with the
+        message) and wait for PUBCOMP. `on_broker_has(ids)` must record that the broker holds these ids before
+        it returns (it is called in batches, on the event loop). Resuming after a restart: the same call (the
+        broker recognises the id and content), or `released=True` once `on_broker_has` recorded the id (then
+        only PUBREL is sent).
+        A connection loss does not fail the call: paho resumes the exchange after reconnecting.
+        Raises `BrokerUnavailable` if the broker refuses the message in its PUBREC."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        with self._lock:
+            if packet_id in self._once:
+                raise BrokerUnavailable(f"packet id {packet_id} is already being published")
+            self._once[packet_id] = (fut, on_broker_has)
+        self._client.reserved_ids.add(packet_id)
+        if released:
+            self._client.resume_released(packet_id, topic)
+        else:
+            props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+            info = self._client.publish_with_id(packet_id, topic, payload, props)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                with self._lock:
+                    self._once.pop(packet_id, None)
+                raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+        await fut
+
     def ack(self, msg: AgentMessage) -> None:
         """PUBACK the agent's message: call only once it is durable in the outbox."""
         if msg.qos > 0:
@@ -156,17 +335,7 @@ class MqttBridge:
         """Publish QoS 1 to an agent and wait for the broker's PUBACK."""
         if not self._connected.is_set():
             raise BrokerUnavailable("not connected to the MQTT broker")
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic:
-            props.ResponseTopic = response_topic
-        if correlation_data is not None:
-            props.CorrelationData = correlation_data
-        if content_type:
-            props.ContentType = content_type
-        if payload_utf8:
-            props.PayloadFormatIndicator = 1
-        if user_properties:
-            props.UserProperty = list(user_properties)
+        props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -185,6 +354,22 @@ class MqttBridge:
             with self._lock:
                 self._pending.pop(info.mid, None)
             raise BrokerUnavailable(f"no PUBACK within {timeout:.0f} s") from None
+
+
+def _publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
+                        payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if content_type:
+        props.ContentType = content_type
+    if payload_utf8:
+        props.PayloadFormatIndicator = 1
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    return props
 
 
 def _succeed(fut: asyncio.Future[None]) -> None:

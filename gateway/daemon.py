@@ -30,6 +30,7 @@ from gateway.config import GatewayConfig
 from gateway.control import ControlServer
 from gateway.device_identity import DeviceIdentity
 from gateway.group_hooks import GroupService, NoGroups
+from gateway.inbox import InboxEntry
 from gateway.link import RelayLink, RelayLinkConfig
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
 from gateway.protocol.pairwise import Ed25519Signer
@@ -74,6 +75,7 @@ class Gateway(Sending, Receiving):
         self._inflight: defaultdict[str, dict[bytes, int]] = defaultdict(dict)
         self._seq = time.time_ns()
         self._publishing: set[str] = set()
+        self._in_flight: dict[int, InboxEntry] = {}  # inbox entries being published, by MQTT packet id
         self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier()
 
@@ -102,6 +104,7 @@ class Gateway(Sending, Receiving):
         self.bridge = MqttBridge(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=f"agw-gateway-{self.device_id}",
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
+        restored_inbox = self.restore_inbox()  # holds their packet ids before any new message takes one
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
         # Groups (MLS) only when the device has agents; the MLS code is not even imported otherwise.
         self.groups: GroupService = NoGroups()
@@ -122,7 +125,7 @@ class Gateway(Sending, Receiving):
         self.notifier.ready(f"device {self.device_id}")
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("agents", self._agent_loop()), ("link", self._link_loop()), ("sender", self._sender_loop()),
-            ("consent", self._consent_loop()), ("inbox", self._inbox_loop()),
+            ("consent", self._consent_loop()), ("inbox", self._inbox_loop(restored_inbox)),
             ("maintenance", self._maintenance_loop()))]
         try:
             stop = asyncio.create_task(self._stop.wait())

@@ -1,9 +1,10 @@
 """The receiving half of the gateway: frames from the relay, into the inbox, out to local agents.
 
-relay -> verify + decrypt -> drop duplicates -> consent -> inbox (durable) -> end-to-end ACK -> MQTT QoS 1 to
-the agent -> after the broker's PUBACK the inbox entry goes. A bad envelope from one peer is audited and
-dropped without disturbing the others. First contact from a peer agent not on the allowlist is held for the
-operator (`agw consent allow`).
+relay -> verify + decrypt -> drop duplicates -> consent -> inbox (durable) -> end-to-end ACK -> MQTT QoS 2 to
+the agent's topic under a stored packet id -> after the broker's PUBCOMP the inbox entry goes. A restart resumes
+each exchange where it stood (gateway/inbox.py), so the agent gets each message once. A bad envelope from one
+peer is audited and dropped without disturbing the others. First contact from a peer agent not on the allowlist
+is held for the operator (`agw consent allow`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from gateway import topics
 from gateway.bridge import BrokerUnavailable
+from gateway.inbox import InboxEntry, InboxRecordError, Phase
 from gateway.link import LinkDownError, LinkLost, LinkReady
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
@@ -40,18 +42,6 @@ class Verdict:
 
 ACK = Verdict(True)
 PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
-
-
-def _inbox_name(peer_device: str, inner: InnerMessage) -> str:
-    return f"{peer_device}/{inner.message_id.hex()}"
-
-
-def _inbox_record(seq: int, inner: InnerMessage) -> bytes:
-    return seq.to_bytes(8, "big") + inner.encode()
-
-
-def _inbox_decode(record: bytes) -> tuple[int, InnerMessage]:
-    return int.from_bytes(record[:8], "big"), InnerMessage.decode(record[8:])
 
 
 class Receiving:
@@ -138,17 +128,17 @@ class Receiving:
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.
+            entries = [InboxEntry.new(peer, self._inbox_seq(), inner) for peer, inner in accepted]
             t = now_ms()
             with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
-                for peer, inner in accepted:
-                    self.store.delivered.mark(inner.message_id, t)
-                    self.store.inbox.put(_inbox_name(peer, inner), _inbox_record(self._inbox_seq(), inner))
-                    acks[peer].append(inner.message_id)
-        if accepted:
+                for e in entries:
+                    self._give_packet_id(e)
+                    self.store.delivered.mark(e.message.message_id, t)
+                    self.store.inbox.put(e.name, e.record())
+                    acks[e.peer_device].append(e.message.message_id)
             # In the background, so the next frame from the relay is decrypted while the broker works; started
             # before the ACKs go out so the agent's copy is on its way first.
-            entries = [(_inbox_name(p, i), p, i) for p, i in accepted]
-            self._publishing.update(name for name, _, _ in entries)
+            self._publishing.update(e.name for e in entries)
             task = asyncio.create_task(self._publish_inbox(entries, claimed=True))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -159,44 +149,99 @@ class Receiving:
         self._seq += 1
         return self._seq
 
-    async def _publish_inbox(self, entries: list[tuple[str, str, InnerMessage]], *, claimed: bool = False) -> None:
-        """Hand inbox entries to the broker (in order, pipelined) and drop each as soon as the broker has
-        acknowledged it: the time between a PUBACK and the delete is the window in which a crash makes us
-        publish that message again after a restart, so it is kept to one small commit. Entries are claimed in
-        `_publishing` first (by the caller when `claimed`), so no entry is published twice at once."""
-        if not claimed:
-            entries = [e for e in entries if e[0] not in self._publishing]
-            self._publishing.update(name for name, _, _ in entries)
+    def _give_packet_id(self, e: InboxEntry) -> bool:
+        """Hold an MQTT packet id for the entry (stored with it before anything is sent); False while the broker
+        has too many of ours outstanding (the entry waits)."""
+        if e.phase is not Phase.WAITING:
+            return True
+        packet_id = self.bridge.reserve_packet_id()
+        if packet_id is None:
+            return False
+        e.packet_id, e.phase = packet_id, Phase.PUBLISHED
+        return True
 
-        async def one(name: str, peer: str, inner: InnerMessage) -> bool:
+    def restore_inbox(self) -> list[InboxEntry]:
+        """At start-up, before anything is published: the entries left by the last run, in arrival order, with
+        their packet ids held again so no new message takes one."""
+        entries = []
+        for name, record in self.store.inbox.items():
             try:
-                await self._publish_to_agent(peer, inner)
-            except BrokerUnavailable:
+                entries.append(InboxEntry.from_record(name, record))
+            except InboxRecordError as exc:
+                log.error("%s; left in the store", exc)
+        for e in entries:
+            if e.phase is not Phase.WAITING:
+                self.bridge.claim_packet_id(e.packet_id)
+        self._seq = max([self._seq, *(e.seq for e in entries)])
+        return sorted(entries, key=lambda e: e.seq)
+
+    def _broker_has(self, packet_ids: list[int]) -> None:
+        """The broker answered PUBREC: record it before the PUBREL that makes it deliver (see gateway/inbox.py).
+        A crash of the process, not a power loss, is what this must survive: the broker's own state does not
+        survive a power loss either."""
+        with self.store.transaction(durable=False):
+            for packet_id in packet_ids:
+                e = self._in_flight.get(packet_id)
+                if e is not None and e.phase is Phase.PUBLISHED:
+                    e.phase = Phase.BROKER_HAS
+                    self.store.inbox.put(e.name, e.record())
+
+    async def _publish_inbox(self, entries: list[InboxEntry], *, claimed: bool = False) -> None:
+        """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
+        the broker's PUBCOMP. Entries are claimed in `_publishing` first (by the caller when `claimed`), so no
+        entry is published twice at once."""
+        if not claimed:
+            entries = [e for e in entries if e.name not in self._publishing]
+            self._publishing.update(e.name for e in entries)
+        waiting = [e for e in entries if e.phase is Phase.WAITING]
+        if waiting:
+            with self.store.transaction(durable=False):  # the id must be stored before the PUBLISH goes out
+                for e in waiting:
+                    if self._give_packet_id(e):
+                        self.store.inbox.put(e.name, e.record())
+        ready = [e for e in entries if e.phase is not Phase.WAITING]
+        self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
+
+        async def one(e: InboxEntry) -> bool:
+            self._in_flight[e.packet_id] = e
+            try:
+                await self._publish_to_agent(e)
+            except BrokerUnavailable as exc:
+                log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
                 return False
             finally:
-                self._publishing.discard(name)
+                self._publishing.discard(e.name)
+                self._in_flight.pop(e.packet_id, None)
             with self.store.transaction(durable=False):
-                self.store.inbox.delete(name)
+                self.store.inbox.delete(e.name)
+            self.bridge.free_packet_id(e.packet_id)
             self.counters.delivered += 1
             return True
 
         try:
-            results = await asyncio.gather(*(one(*e) for e in entries))
+            results = await asyncio.gather(*(one(e) for e in ready))
         finally:
-            self._publishing.difference_update(name for name, _, _ in entries)
-        if not all(results):
-            log.warning("%d message(s) wait in the inbox for the MQTT broker", results.count(False))
+            self._publishing.difference_update(e.name for e in ready)
+        if not all(results) or len(ready) < len(entries):
+            log.warning("%d message(s) wait in the inbox for the MQTT broker",
+                        results.count(False) + len(entries) - len(ready))
 
-    async def _inbox_loop(self) -> None:
-        """Retry inbox entries left behind by a broker outage or a restart."""
+    async def _inbox_loop(self, pending: list[InboxEntry]) -> None:
+        """Resume the exchanges a restart interrupted, then retry entries left behind by a broker outage."""
         while True:
+            if self.bridge.connected and pending:
+                await self._publish_inbox(pending)
             await asyncio.sleep(1.0)
-            if not self.bridge.connected:
-                continue
-            pending = sorted(((*_inbox_decode(v), name) for name, v in self.store.inbox.items()
-                              if name not in self._publishing), key=lambda e: e[0])
-            if pending:
-                await self._publish_inbox([(name, name.split("/", 1)[0], inner) for _, inner, name in pending])
+            pending = [e for e in self._stored_inbox() if e.name not in self._publishing]
+
+    def _stored_inbox(self) -> list[InboxEntry]:
+        entries = []
+        for name, record in self.store.inbox.items():
+            try:
+                entries.append(InboxEntry.from_record(name, record))
+            except InboxRecordError:
+                continue  # reported once at start-up
+        return sorted(entries, key=lambda e: e.seq)
 
     def _open(self, env: Envelope) -> InnerMessage | None:
         """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
@@ -253,8 +298,9 @@ class Receiving:
             return ConsentState.ALLOWED
         return stored
 
-    async def _publish_to_agent(self, peer_device: str, inner: InnerMessage) -> None:
+    async def _publish_to_agent(self, e: InboxEntry) -> None:
         prefix = self.cfg.mqtt.topic_prefix
+        inner, peer_device = e.message, e.peer_device
         agent = inner.recipient_agent
         props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
         deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
@@ -266,9 +312,10 @@ class Receiving:
             response_topic = topics.reply_topic(prefix, agent, peer_device, inner.sender_agent, inner.response_topic)
         props += [(topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"),
                   (topics.PROP_MESSAGE_ID, inner.message_id.hex())]
-        await self.bridge.publish(topic, inner.payload, response_topic=response_topic,
-                                  correlation_data=inner.correlation_data, content_type=inner.content_type,
-                                  payload_utf8=inner.payload_utf8, user_properties=tuple(props))
+        await self.bridge.publish_exactly_once(
+            e.packet_id, topic, inner.payload, released=e.phase is Phase.BROKER_HAS, on_broker_has=self._broker_has,
+            response_topic=response_topic, correlation_data=inner.correlation_data, content_type=inner.content_type,
+            payload_utf8=inner.payload_utf8, user_properties=tuple(props))
 
     async def _send_acks(self, acks: dict[str, list[bytes]]) -> None:
         t = now_ms()
@@ -299,17 +346,19 @@ class Receiving:
         await self.link.send([Envelope(kind, inner.message_id, self.device_id, peer, wire)])
 
     async def _consent_loop(self) -> None:
-        """Deliver held first messages once the operator allowed them."""
+        """Deliver held first messages once the operator allowed them: they move into the inbox, which
+        publishes them like any other."""
         while True:
             await asyncio.sleep(0.5)
+            moved = []
             for entry in self.store.consent.held():
                 if entry.state is not ConsentState.ALLOWED or entry.held_message is None:
                     continue
-                inner = InnerMessage.decode(entry.held_message)
-                device = entry.peer.split("/", 1)[0]
-                try:
-                    await self._publish_to_agent(device, inner)
-                except BrokerUnavailable:
-                    continue
-                self.store.consent.release(entry.local_agent, entry.peer)
-                self.counters.delivered += 1
+                held = InnerMessage.decode(entry.held_message)
+                e = InboxEntry.new(entry.peer.split("/", 1)[0], self._inbox_seq(), held)
+                with self.store.transaction():
+                    self.store.inbox.put(e.name, e.record())
+                    self.store.consent.release(entry.local_agent, entry.peer)
+                moved.append(e)
+            if moved:
+                await self._publish_inbox(moved)

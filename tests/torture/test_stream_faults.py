@@ -186,12 +186,6 @@ def test_stream_exactly_once_through(fleet: Fleet, fault: str) -> None:
         assert (t.lost, t.duplicated, t.foreign) == (0, 0, 0), t
         assert t.delivered == N, t
     redelivered = ab.same_id_redeliveries + ba.same_id_redeliveries
-    if redelivered and fault.startswith("kill9_gateway"):
-        # Reported to the daemon's owner: a receiving gateway killed after its broker's PUBACK and before it
-        # commits the delivered id publishes the message again on restart (same agw:message-id; the SDK drops
-        # it, a raw MQTT agent sees it twice). Shown as XFAIL whenever it happens; anything else still fails.
-        pytest.xfail(f"BUG: {redelivered} message(s) published twice to a raw MQTT agent after kill -9 of the "
-                     "receiving gateway (same agw:message-id)")
     if not fault.startswith("kill9_broker"):
         # After a broker's own crash, Mosquitto sends again QoS 1 messages whose acknowledgement it had not
         # saved: MQTT at-least-once between broker and agent, same agw:message-id (counted in the figures;
