@@ -344,7 +344,10 @@ class RelayLink:
                 delays = backoff(self.config.backoff_initial, self.config.backoff_max)
             self._status = LinkStatus.BACKOFF
             delay = next(delays)
-            log.info("relay link down, retrying", extra={"event": "link_retry", "reason": str(error)})
+            # Say why, so an operator can act (a token that went away, a relay that is down, ...).
+            level = logging.WARNING if isinstance(error, TokenProviderError) else logging.INFO
+            log.log(level, "relay link down (%s: %s); retrying in %.1f s", type(error).__name__, error, delay,
+                    extra={"event": "link_retry", "reason": str(error)})
             await asyncio.sleep(delay)
 
     def _teardown(self, error: BaseException) -> None:

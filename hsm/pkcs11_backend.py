@@ -4,6 +4,11 @@ Identity key: Ed25519 (CKM_EDDSA) or ECDSA P-256 (SHA-256 on the host, CKM_ECDSA
 generated on the token with CKA_SENSITIVE=true and CKA_EXTRACTABLE=false; both are read back and checked every
 time the key is loaded. Storage key: AES-256 on the token; secrets are wrapped with CKM_AES_KEY_WRAP_PAD
 (RFC 5649) by importing them as short-lived session objects. Every call runs on the one PKCS#11 worker thread.
+
+A token can go away while the daemon runs (a USB token pulled, the token files of SoftHSM moved, the service
+behind a module restarted). An operation that fails the way a vanished token fails re-initialises the module,
+logs in again, finds the key again (refusing a different key under the same label) and retries once; while the
+token stays away the caller gets `TokenNotFound`/`HardwareError` and tries again later.
 """
 
 from __future__ import annotations
@@ -46,6 +51,50 @@ _DEFAULT_ID = {"identity": b"\x01", "storage": b"\x02"}
 _libs: dict[str, Any] = {}
 _sessions: dict[tuple[str, str], Any] = {}
 _state_lock = threading.Lock()
+_uninitialised: set[str] = set()  # modules whose re-initialisation failed (token away): retried on next use
+_generation: dict[str, int] = {}  # per module: bumped on each re-initialisation, which invalidates every handle
+
+# What an operation raises when the token, its session or its objects vanished underneath us.
+_TOKEN_GONE = (p11e.ObjectHandleInvalid, p11e.KeyHandleInvalid, p11e.SessionHandleInvalid, p11e.SessionClosed,
+               p11e.TokenNotPresent, p11e.TokenNotRecognised, p11e.DeviceRemoved, p11e.DeviceError,
+               p11e.GeneralError, p11e.UserNotLoggedIn, p11e.NoSuchKey, p11e.NoSuchToken)
+
+
+def _spki(key: PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _reset_module(module_path: str) -> None:
+    """Forget the module's sessions and re-initialise it, so a token that came back is seen again. If the token
+    is still away, initialisation may fail: the next lookup then fails clearly and resets again."""
+    for key in [k for k in _sessions if k[0] == module_path]:
+        try:
+            _sessions.pop(key).close()
+        except Exception:  # noqa: S110 - the session is already dead; closing is a courtesy
+            pass
+    lib = _libs.get(module_path)
+    if lib is not None:
+        try:
+            lib.reinitialize()
+            _uninitialised.discard(module_path)
+        except p11e.PKCS11Error:
+            _uninitialised.add(module_path)
+    _generation[module_path] = _generation.get(module_path, 0) + 1
+
+
+def _with_recovery(u: Pkcs11Uri, generation: int, reload: Any, op: Any) -> tuple[Any, int]:
+    """Run `op(handle)` on the worker thread, reloading the handle first if the module was re-initialised since
+    it was loaded, and once more after a re-initialisation if `op` fails as a vanished token does. Returns
+    (result, generation of the handle used)."""
+    handle = None
+    if generation != _generation.get(u.module_path, 0):
+        handle, generation = reload(), _generation.get(u.module_path, 0)
+    try:
+        return op(handle), generation
+    except _TOKEN_GONE:
+        _reset_module(u.module_path)
+        handle = reload()
+        return op(handle), _generation.get(u.module_path, 0)
 
 
 def _rc(exc: BaseException) -> str:
@@ -83,6 +132,13 @@ def _load_lib(module_path: str, uri: str) -> Any:
             raise LibraryNotFound(f"cannot load PKCS#11 module {module_path}: {type(exc).__name__}",
                                   uri=uri) from None
         _libs[module_path] = lib
+    if module_path in _uninitialised:
+        try:
+            lib.initialize()
+        except p11e.PKCS11Error as exc:
+            raise TokenNotFound("the PKCS#11 module cannot initialise: is the token (or its files) there?",
+                                uri=uri, rc=_rc(exc)) from None
+        _uninitialised.discard(module_path)
     return lib
 
 
@@ -178,6 +234,7 @@ class Pkcs11IdentityKey:
     def __init__(self, u: Pkcs11Uri, handles: _Handles) -> None:
         self._u = u
         self._h = handles
+        self._gen = _generation.get(u.module_path, 0)
 
     @property
     def uri(self) -> str:
@@ -192,18 +249,28 @@ class Pkcs11IdentityKey:
 
     def sign(self, data: bytes) -> bytes:
         if self._h.algorithm is KeyAlgorithm.ED25519:
-            return bytes(pkcs11_worker.run(lambda: self._call(lambda: self._h.private.sign(
-                data, mechanism=Mechanism.EDDSA))))
+            return bytes(pkcs11_worker.run(lambda: self._call(lambda key: key.sign(data, mechanism=Mechanism.EDDSA))))
         digest = hashes.Hash(hashes.SHA256())
         digest.update(data)
         h = digest.finalize()
-        raw = bytes(pkcs11_worker.run(lambda: self._call(lambda: self._h.private.sign(h, mechanism=Mechanism.ECDSA))))
+        raw = bytes(pkcs11_worker.run(lambda: self._call(lambda key: key.sign(h, mechanism=Mechanism.ECDSA))))
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
 
+    def _reload(self) -> Any:
+        """Find the key again after the module was re-initialised; it must be the same key, not a namesake."""
+        handles = _load_identity(self._u)
+        if handles.algorithm is not self._h.algorithm or _spki(handles.public_key) != _spki(self._h.public_key):
+            raise KeyPolicyViolation("the token that came back holds a different identity key under this label",
+                                     uri=self.uri)
+        self._h = handles
+        return handles.private
+
     def _call(self, fn: Any) -> Any:
         try:
-            return fn()
+            result, self._gen = _with_recovery(self._u, self._gen, self._reload,
+                                               lambda key: fn(self._h.private if key is None else key))
+            return result
         except Exception as exc:
             raise _translate(exc, self.uri, "signing") from None
 
@@ -223,6 +290,7 @@ class Pkcs11StorageKey:
     def __init__(self, u: Pkcs11Uri, key: Any) -> None:
         self._u = u
         self._key = key
+        self._gen = _generation.get(u.module_path, 0)
 
     @property
     def uri(self) -> str:
@@ -232,14 +300,14 @@ class Pkcs11StorageKey:
         if not 16 <= len(key) <= 512:
             raise ValueError("can wrap secrets of 16..512 bytes")
 
-        def op() -> bytes:
+        def op(wrapping: Any) -> bytes:
             session = _session(self._u)
             tmp = session.create_object({
                 Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.KEY_TYPE: KeyType.GENERIC_SECRET,
                 Attribute.VALUE: key, Attribute.TOKEN: False, Attribute.EXTRACTABLE: True,
                 Attribute.SENSITIVE: False})
             try:
-                return bytes(self._key.wrap_key(tmp, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+                return bytes(wrapping.wrap_key(tmp, mechanism=Mechanism.AES_KEY_WRAP_PAD))
             finally:
                 tmp.destroy()
 
@@ -249,8 +317,8 @@ class Pkcs11StorageKey:
         if not 24 <= len(blob) <= 520 or len(blob) % 8:
             raise UnwrapFailed("blob has an impossible length for AES key wrap", uri=self.uri)
 
-        def op() -> bytes:
-            tmp = self._key.unwrap_key(ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, blob,
+        def op(wrapping: Any) -> bytes:
+            tmp = wrapping.unwrap_key(ObjectClass.SECRET_KEY, KeyType.GENERIC_SECRET, blob,
                                        mechanism=Mechanism.AES_KEY_WRAP_PAD, store=False,
                                        template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False})
             try:
@@ -260,10 +328,17 @@ class Pkcs11StorageKey:
 
         return pkcs11_worker.run(lambda: self._guard(op, "unwrap"))
 
+    def _reload(self) -> Any:
+        self._key = _load_storage(self._u)
+        return self._key
+
     def _guard(self, op: Any, what: str) -> bytes:
         try:
-            out: bytes = op()
-            return out
+            out, self._gen = _with_recovery(self._u, self._gen, self._reload,
+                                            lambda key: op(self._key if key is None else key))
+            return bytes(out)
+        except HsmError:
+            raise
         except p11e.PKCS11Error as exc:
             if what == "unwrap" and not isinstance(exc, p11e.PinIncorrect | p11e.DeviceRemoved):
                 raise UnwrapFailed("blob is corrupt or was wrapped by another storage key", uri=self.uri,

@@ -193,3 +193,53 @@ def test_token_unavailable_at_start_is_a_clear_error(bed: Testbed, tmp_path: Pat
     finally:
         d.start()
         d.wait_ready(60)
+
+
+TOKEN_LOSS_MESSAGES = 400 if LONG else 60
+
+
+def test_token_going_away_while_running_queues_then_recovers(bed: Testbed) -> None:
+    """The PKCS#11 token of a running gateway goes away (its SoftHSM files moved, as a pulled USB token) while the
+    relay link must be re-authenticated: the gateway stays up, says why it cannot reconnect, keeps taking its
+    agents' messages, and once the token is back it reconnects by itself and everything arrives exactly once."""
+    c, d = bed.gateways["dev-c"], bed.gateways["dev-d"]
+    tokens = c.root / "softhsm" / "tokens"
+    away = c.root / "softhsm" / "tokens.away"
+    dave_in, carol_in = Receiver("dave", d.broker.port), Receiver("carol", c.broker.port)
+    carol = Sender("carol", c.broker.port, "dev-d/dave", batch=10)
+    dave = Sender("dave", d.broker.port, "dev-c/carol", batch=10)
+    for x in (dave_in, carol_in, carol, dave):
+        x.start()
+    log_mark = len(c.log_text())
+    shutil.move(tokens, away)
+    try:
+        bed.stop_relay(signal.SIGKILL)  # both gateways must authenticate again: dev-c needs its token for that
+        bed.start_relay()
+        pc, pd = b"token-loss|c>d|", b"token-loss|d>c|"
+        carol.run(pc, TOKEN_LOSS_MESSAGES)  # carol's broker PUBACKs: dev-c's outbox has them
+        dave.run(pd, TOKEN_LOSS_MESSAGES)  # dev-c is offline: they wait at dev-d
+        time.sleep(6)
+        during = (len(dave_in.payloads(pc)), len(carol_in.payloads(pd)))
+        alive = c.proc is not None and c.proc.poll() is None
+        status = c.status()
+        link_state = status["link"]["state"]  # type: ignore[index]
+        said = c.log_text()[log_mark:]
+    finally:
+        shutil.move(away, tokens)
+    wait_delivered(dave_in, pc, TOKEN_LOSS_MESSAGES, 120)
+    wait_delivered(carol_in, pd, TOKEN_LOSS_MESSAGES, 120)
+    time.sleep(1.5)
+    cd, dc = tally(carol.sent, dave_in.payloads(pc)), tally(dave.sent, carol_in.payloads(pd))
+    record("hsm.token_lost_while_running", delivered_while_away=list(during), link_state_while_away=link_state,
+           c_to_d=cd.as_dict(), d_to_c=dc.as_dict())
+    for x in (dave_in, carol_in, carol, dave):
+        x.stop()
+    assert alive, said[-3000:]
+    assert link_state != "ready", status
+    assert during == (0, 0), during
+    assert "TokenNotFound" in said or "HardwareError" in said, said[-3000:]
+    assert "Traceback" not in said, said[-3000:]
+    for t in (cd, dc):
+        assert (t.lost, t.duplicated, t.foreign, t.same_id_redeliveries) == (0, 0, 0, 0), t
+        assert t.delivered == t.copies == TOKEN_LOSS_MESSAGES
+    c.wait_ready(30)
