@@ -168,7 +168,10 @@ class Groups(GroupMembership, GroupDelivery):
         self.retired[agent] = [AgentSigner.from_bytes(r) for r in unpack(retired)] if retired else []
         if raw is not None:
             self.signers[agent] = AgentSigner.from_bytes(raw)
-            await self._refresh_signer(agent)  # a key renewed while the daemon was down
+            try:
+                await self._refresh_signer(agent)  # a key renewed while the daemon was down
+            except Exception as exc:  # not fatal: checked again on the next file change and hourly
+                log.warning("delegated key of %s not checked at start-up: %s", agent, exc)
             return
         key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)
         signer = self._agent_signer(agent, key)

@@ -17,9 +17,12 @@ from gateway.protocol.mls.framing import MLSMessage
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
-from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+from gateway.protocol.mls.key_package import LeafNode
+from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package, sign_leaf_node
+from gateway.protocol.mls.proposals import Update
 from gateway.protocol.mls.tree_math import LeafIndex
 from gateway.protocol.mls.welcome_structs import Welcome
+from gateway.protocol.mls.wire import LeafNodeSource
 
 SUITE = 1
 
@@ -234,3 +237,39 @@ def test_save_and_restore_across_the_rotation() -> None:
     # The restored group keeps rotating: a second rotation from the restored state.
     newer = _rotate(a, [b, c], b"m0#3")
     assert _leaf(c.g, 0) == (newer.public_key, Credential.basic(b"m0#3"))
+
+
+def _update_leaf(a: Member, signer: crypto.Ed25519Signer, credential: Credential) -> LeafNode:
+    old = a.g.tree.leaf(a.g.own_leaf)
+    assert old is not None
+    _, enc_pub = a.cs.derive_key_pair(b"\x07" * 32)
+    return sign_leaf_node(signer, LeafNode(enc_pub, signer.public_key, credential, old.capabilities,
+                                           LeafNodeSource.UPDATE, None, None, old.extensions),
+                          a.g.group_id, a.g.own_leaf)
+
+
+@pytest.mark.parametrize(("credential", "accepted"), [(b"m0#2", True), (b"mallory#1", False)])
+def test_an_update_proposal_changing_the_credential_is_checked_too(credential: bytes, accepted: bool) -> None:
+    """The same successor rule for an Update proposal whose leaf has a new key and credential (RFC 9420 5.3.1):
+    the member committing it, and every member processing that commit, apply it."""
+    a, b, c = _group()
+    new = crypto.Ed25519Signer.generate()
+    proposal = a.g._send_proposal(Update(_update_leaf(a, new, Credential.basic(credential))), b"")  # test only
+    for m in (b, c):
+        m.g.process(proposal.to_bytes())
+    if not accepted:
+        with pytest.raises(MlsCredentialError, match="not the same client"):
+            b.g.commit()
+        # A permissive committer includes it anyway: c refuses the commit and stays as it was.
+        cheat = Group(b.g.cs, b.g.state, b.signer, GroupConfig())
+        pending = cheat.commit()
+        before = _snapshot(c.g)
+        with pytest.raises(MlsCredentialError, match="not the same client"):
+            c.g.process(pending.message.to_bytes())
+        assert _snapshot(c.g) == before
+        return
+    pending = b.g.commit()
+    staged = c.g.process(pending.message.to_bytes())
+    assert isinstance(staged, StagedCommit)
+    c.g.merge_staged_commit(staged)
+    assert _leaf(c.g, 0) == (new.public_key, Credential.basic(credential))
