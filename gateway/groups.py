@@ -88,7 +88,8 @@ COMMIT_WAIT_S = 10.0
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
 ROTATION_POLL_S = 1.0  # how often the delegated key files are looked at (a stat; no hardware operation)
 RENEWAL_CHECK_S = 3_600.0  # how often each agent's delegated key is checked for expiry (renewed before it)
-ROTATION_RETRY_S = 10.0  # a failed rotation commit is tried again after this long
+ROTATION_RETRY_S = 10.0  # a failed rotation commit is tried again after this long, doubling up to 10 minutes
+ROTATION_RETRY_MAX_S = 600.0
 
 
 class GroupError(ValueError):
@@ -122,7 +123,8 @@ class Groups(GroupMembership, GroupDelivery):
         self.signers: dict[str, AgentSigner] = {}
         self.retired: dict[str, list[AgentSigner]] = {}
         """Older signers of each agent still held by a membership's leaf or a KeyPackage (until rotated away)."""
-        self._rotating: dict[tuple[str, str], float] = {}  # rotation commits in flight or failed (monotonic)
+        self._rotating: dict[tuple[str, str], float] = {}  # rotation commits in flight or failed: retry time
+        self._rotation_failures: dict[tuple[str, str], int] = {}
         self.members: dict[tuple[str, str], Group] = {}
         self.outbox: dict[bytes, OutEntry] = {}
         self.counters = Counters()
@@ -189,6 +191,7 @@ class Groups(GroupMembership, GroupDelivery):
     def signer_for(self, agent: str, public_key: bytes) -> AgentSigner | None:
         """The agent's signer (current or retired) holding `public_key`."""
         return next((s for s in self._all_signers(agent) if s.public_key == public_key), None)
+
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
@@ -480,7 +483,7 @@ class Groups(GroupMembership, GroupDelivery):
     async def _rotations(self) -> None:
         """Follow each agent's delegated key: notice a renewal on disk (a stat per second, no hardware), renew
         keys near expiry (hourly check), and have every membership whose leaf holds an older key commit the
-        new one (retried every ROTATION_RETRY_S until it lands)."""
+        new one (retried after ROTATION_RETRY_S, doubling, until it lands)."""
         stamps: dict[str, tuple[int, int] | None] = {}
         next_renewal = time.monotonic() + RENEWAL_CHECK_S  # start() checked expiry already
         last_error = 0.0
@@ -515,10 +518,13 @@ class Groups(GroupMembership, GroupDelivery):
             log.info("group %s: moving %s's leaf to its renewed delegated key", group, agent)
             await self.change(agent, group)
             self._rotating.pop(key, None)
+            self._rotation_failures.pop(key, None)
         except Exception as exc:
-            self._rotating[key] = time.monotonic() + ROTATION_RETRY_S
-            log.warning("group %s: key rotation commit of %s failed (retried in %.0f s): %s", group, agent,
-                        ROTATION_RETRY_S, exc)
+            failures = self._rotation_failures[key] = self._rotation_failures.get(key, 0) + 1
+            delay = min(ROTATION_RETRY_MAX_S, ROTATION_RETRY_S * 2 ** (failures - 1))
+            self._rotating[key] = time.monotonic() + delay
+            log.warning("group %s: key rotation commit of %s failed (retried in %.0f s): %s", group, agent, delay,
+                        exc)
 
     async def _refresh_signer(self, agent: str) -> bool:
         """Adopt the agent's delegated key if the one on disk is newer than our signer's (renewed by the
