@@ -7,22 +7,28 @@ Keys are compared by the fingerprint `agw group show` prints for each member (SH
 key, 16 hex digits) against the delegated certificate the operator's command wrote.
 
 First, in process with a real fleet CA: the gateway's successor rule (same agent, fleet chain, not revoked, not
-older) as the MLS engine applies it to a rotation commit.
+older) as the MLS engine applies it to a rotation commit; then the group service in process (real stores and the
+relay's DeliveryService, in-memory network as in test_groups_service.py): a key renewed near its expiry, and a
+rotation commit that loses its epoch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from gateway.groups_identity import SUITE, AgentSigner, capabilities, fleet_successor, fleet_validator
-from gateway.protocol.identity.delegation import delegate
+from gateway.groups import Groups
+from gateway.groups_identity import SUITE, AgentSigner, agent_of, capabilities, fleet_successor, fleet_validator
+from gateway.protocol.identity.delegation import DelegatedKey, delegate
 from gateway.protocol.identity.names import AgentName, DeviceName
 from gateway.protocol.identity.trust import FleetTrust
 from gateway.protocol.mls.credentials import MlsCredentialError
@@ -30,9 +36,12 @@ from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_state import StagedCommit
 from gateway.protocol.mls.key_package_bundle import create_key_package
 from gateway.protocol.mls.welcome_structs import Welcome
+from gateway.store import Store
 from gateway.testbed import Gateway, Testbed
 from tests.groups.test_groups_e2e import Agent, _allow_group_topics, wait_for
+from tests.groups.test_groups_service import FakeBridge, FakeIdentity, FakeLink, FakeRelay, bridge
 from tests.relay.conftest import FLEET, Device, Fleet, make_fleet
+from tests.store.conftest import SoftStorageKey
 
 GROUP = "rot"
 AGENTS = {"gw1": ["a1"], "gw2": ["b1", "b2"]}
@@ -119,6 +128,123 @@ def test_a_rotation_the_fleet_does_not_vouch_for_is_refused(ca: Fleet, case: str
         assert (receiver.epoch, receiver.state.tree.tree_hash(receiver.cs)) == (epoch, tree_hash)
     finally:
         ca.revoked.clear()
+
+
+# --- the group service in process: renewal near expiry, lost races ------------------------------------------
+
+
+class RenewingIdentity(FakeIdentity):
+    """FakeIdentity with the delegated key file of DeviceIdentity kept in memory: `delegated_key` renews a key
+    within `renew_before` of its expiry, as the real one does; `delegated_stamp` changes when it does."""
+
+    def __init__(self, fleet: Fleet, device: Device) -> None:
+        super().__init__(fleet, device)
+        self.renew_before = dt.timedelta(days=1)
+        self.keys: dict[str, DelegatedKey] = {}
+        self.renewals = 0
+
+    def delegated_key(self, *, agent: str) -> DelegatedKey:
+        now = dt.datetime.now(dt.UTC)
+        key = self.keys.get(agent)
+        if key is None or key.not_after - now < self.renew_before:
+            key = self.keys[agent] = super().delegated_key(agent=agent)
+            self.renewals += 1
+        return key
+
+    def delegated_certificate(self, agent: str) -> x509.Certificate | None:
+        key = self.keys.get(agent)
+        return key.certificate if key else None
+
+    def delegated_stamp(self, agent: str) -> tuple[int, int] | None:
+        return (self.renewals, 0)
+
+
+async def service(relay: FakeRelay, fleet: Fleet, tmp: Path, device_id: str, agents: list[str]) -> Groups:
+    store = Store.open(tmp / device_id / "agw.db", SoftStorageKey())
+    cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"), paths=SimpleNamespace(state_dir=tmp / device_id),
+                          agents={a: SimpleNamespace(allow=["dev-a/*", "dev-b/*"]) for a in agents})
+    gw = Groups(store, RenewingIdentity(fleet, fleet.device(device_id)), FakeLink(relay, device_id),  # type: ignore[arg-type]
+                FakeBridge(), cfg, lambda: int(dt.datetime.now(dt.UTC).timestamp() * 1000))  # type: ignore[arg-type]
+    relay.gateways[device_id] = gw
+    await gw.start()
+    await gw._replenish_all()
+    return gw
+
+
+async def eventually(pred: Any, what: str) -> None:
+    for _ in range(300):
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> Any:
+    """dev-a/a1 (admin) and dev-b/b1 in groups g1 and g2."""
+    fleet, relay = make_fleet(), FakeRelay()
+    a = await service(relay, fleet, tmp_path, "dev-a", ["a1"])
+    b = await service(relay, fleet, tmp_path, "dev-b", ["b1"])
+    for group in ("g1", "g2"):
+        a.create("a1", group)
+        await a.change("a1", group, add=["dev-b/b1"])
+    await eventually(lambda: all(("b1", g) in b.members for g in ("g1", "g2")), "b1 joins both groups")
+    yield a, b
+    for gw in (a, b):
+        for t in list(gw._tasks):
+            t.cancel()
+        gw.store.close()
+
+
+def leaf_key(gw: Groups, agent: str, group: str, of: str) -> bytes:
+    g = gw.members[(agent, group)]
+    return next(leaf.signature_key for _, leaf in g.members() if agent_of(leaf.credential) == of)
+
+
+async def test_a_key_near_expiry_is_renewed_and_every_group_follows(pair: Any) -> None:
+    a, b = pair
+    old = a.signers["a1"].public_key
+    identity = a.identity
+    assert isinstance(identity, RenewingIdentity)
+    identity.renew_before = dt.timedelta(days=30)  # every key is now "near expiry"
+    assert await a._refresh_signer("a1")
+    identity.renew_before = dt.timedelta(days=1)
+    new = a.signers["a1"].public_key
+    assert new != old and identity.keys["a1"].raw_public_key() == new
+    # New KeyPackages (the last-resort one first) carry the new key; the old key is retired, not forgotten.
+    assert a.records.last_resort("a1").key_package.leaf_node.signature_key == new
+    assert a._new_bundle("a1").key_package.leaf_node.signature_key == new
+    assert a.signer_for("a1", old) is not None
+    # Not yet committed: both memberships still sign with the old key.
+    assert {a.members[("a1", g)].signature_key for g in ("g1", "g2")} == {old}
+    a._start_rotations()
+    await eventually(lambda: all(leaf_key(b, "b1", g, "dev-a/a1") == new for g in ("g1", "g2")),
+                     "b1 sees a1's new key in both groups")
+    for g in ("g1", "g2"):
+        assert a.members[("a1", g)].signature_key == new
+        assert a.members[("a1", g)].epoch == b.members[("b1", g)].epoch == 2
+        a.send("a1", g, f"to {g} on the new key".encode())
+    await eventually(lambda: len(bridge(b).inbox("b1")) == 2, "b1 receives in both groups")
+    assert sorted(bridge(b).inbox("b1")) == [(b"to g1 on the new key", "dev-a/a1"),
+                                             (b"to g2 on the new key", "dev-a/a1")]
+
+
+async def test_a_rotation_that_loses_the_epoch_is_retried(pair: Any) -> None:
+    """b1 commits an update in the same epoch as a1's rotation commit and reaches the relay first: a1's commit
+    is refused (stale epoch); a1 processes the winner and commits its new key in the next epoch."""
+    a, b = pair
+    identity = a.identity
+    assert isinstance(identity, RenewingIdentity)
+    identity.renew_before = dt.timedelta(days=30)
+    assert await a._refresh_signer("a1")
+    identity.renew_before = dt.timedelta(days=1)
+    new = a.signers["a1"].public_key
+    await asyncio.gather(b.change("b1", "g1", update=True), a._rotate("a1", "g1"))
+    assert a.counters.commits_lost == 1 and b.counters.commits_lost == 0
+    await eventually(lambda: leaf_key(b, "b1", "g1", "dev-a/a1") == new and b.members[("b1", "g1")].epoch == 3,
+                     "both commits land, the rotation included")
+    assert a.members[("a1", "g1")].epoch == 3 and a.members[("a1", "g1")].signature_key == new
+    assert a.members[("a1", "g1")].epoch_authenticator == b.members[("b1", "g1")].epoch_authenticator
 
 
 # --- real processes -----------------------------------------------------------------------------------------
