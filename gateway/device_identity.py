@@ -159,6 +159,23 @@ class DeviceIdentity:
     def _delegated_path(self, agent: str | None) -> Path:
         return self.config.paths.state_dir / (f"delegated-{agent}.json" if agent else "delegated.json")
 
+    def delegated_stamp(self, agent: str | None = None) -> tuple[int, int] | None:
+        """(mtime_ns, size) of the delegated key file, None if missing: cheap, to notice a renewal (by the
+        daemon or by `agw keys delegate --force`) without touching the hardware."""
+        try:
+            st = self._delegated_path(agent).stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def delegated_certificate(self, agent: str | None = None) -> x509.Certificate | None:
+        """The certificate of the delegated key on disk (no hardware operation), None if there is none yet."""
+        try:
+            data = json.loads(self._delegated_path(agent).read_text())
+            return x509.load_pem_x509_certificate(data["certificate"].encode())
+        except (OSError, ValueError, KeyError):
+            return None
+
     @property
     def renew_before(self) -> dt.timedelta:
         """Renew a delegated key this long before it expires: a day, or half its lifetime if that is shorter."""

@@ -18,6 +18,12 @@ Service: one GROUP_SEND per message, fanned out once per member device, one comm
   list, or `agw consent allow`); otherwise it is refused and audited.
 - Commits: create, send, merge once the Delivery Service accepted it; if another commit won the epoch, wait to
   process the winner, then retry (up to COMMIT_ATTEMPTS times).
+- Key rotation: an agent's leaf follows its delegated key. When the key is renewed (a day before it expires,
+  by this service, or by the operator with `agw keys delegate --agent NAME --force`, noticed within a second),
+  or found newer than its leaves at start-up, the agent commits in each of its groups an UpdatePath whose leaf
+  carries the new key and chain (any commit it makes carries it; the loser of an epoch retries). Until that
+  commit is merged the membership signs with the old key, kept as a retired signer while a leaf or a held
+  KeyPackage still uses it. New KeyPackages use the new key.
 """
 
 from __future__ import annotations
@@ -29,16 +35,20 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
-from gateway.groups_delivery import Counters, GroupDelivery
+from gateway.groups_delivery import KEY_PACKAGES_MAX_HELD, Counters, GroupDelivery, _log_limited
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -46,12 +56,14 @@ from gateway.groups_identity import (
     admins_of,
     agent_of,
     capabilities,
+    fleet_successor,
     fleet_validator,
 )
 from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMembership, _epoch, _group_id
-from gateway.groups_store import GroupRecords, InEntry, OutEntry
+from gateway.groups_store import GroupRecords, InEntry, OutEntry, pack, unpack
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
+from gateway.protocol.identity.delegation import DelegatedKey
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
@@ -74,6 +86,10 @@ BUFFER_MAX = 1_000
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
+ROTATION_POLL_S = 1.0  # how often the delegated key files are looked at (a stat; no hardware operation)
+RENEWAL_CHECK_S = 3_600.0  # how often each agent's delegated key is checked for expiry (renewed before it)
+ROTATION_RETRY_S = 10.0  # a failed rotation commit is tried again after this long, doubling up to 10 minutes
+ROTATION_RETRY_MAX_S = 600.0
 
 
 class GroupError(ValueError):
@@ -102,8 +118,13 @@ class Groups(GroupMembership, GroupDelivery):
         self.records = GroupRecords(store)
         self.mls_config = GroupConfig(
             identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
+            credential_successor=fleet_successor(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
             max_past_epochs=2)
         self.signers: dict[str, AgentSigner] = {}
+        self.retired: dict[str, list[AgentSigner]] = {}
+        """Older signers of each agent still held by a membership's leaf or a KeyPackage (until rotated away)."""
+        self._rotating: dict[tuple[str, str], float] = {}  # rotation commits in flight or failed: retry time
+        self._rotation_failures: dict[tuple[str, str], int] = {}
         self.members: dict[tuple[str, str], Group] = {}
         self.outbox: dict[bytes, OutEntry] = {}
         self.counters = Counters()
@@ -129,7 +150,10 @@ class Groups(GroupMembership, GroupDelivery):
             raw = self.records.member(agent, group)
             if raw is None or agent not in self.signers:
                 continue
-            self.members[(agent, group)] = group_from_bytes(raw, self.signers[agent].signer, self.mls_config)
+            self.members[(agent, group)] = group_from_bytes(raw, [s.signer for s in self._all_signers(agent)],
+                                                            self.mls_config)
+        for agent in self.signers:
+            self._prune_retired(agent)
         self.outbox = {e.entry_id: e for e in self.records.outbox()}
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
         self._spawn(self._loop(), "groups")
@@ -137,20 +161,36 @@ class Groups(GroupMembership, GroupDelivery):
         self._spawn(self._revocations(), "group-revocations")
         self._spawn(self._self_updates(), "group-self-updates")
         self._spawn(self._invitations(), "group-invitations")
+        self._spawn(self._rotations(), "group-rotations")
         log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
 
     async def _load_signer(self, agent: str) -> None:
         raw = self.records.signer(agent)
+        retired = self.records.secrets.get(f"grp/signer-retired/{agent}")
+        self.retired[agent] = [AgentSigner.from_bytes(r) for r in unpack(retired)] if retired else []
         if raw is not None:
             self.signers[agent] = AgentSigner.from_bytes(raw)
+            try:
+                await self._refresh_signer(agent)  # a key renewed while the daemon was down
+            except Exception as exc:  # not fatal: checked again on the next file change and hourly
+                log.warning("delegated key of %s not checked at start-up: %s", agent, exc)
             return
-        from cryptography.hazmat.primitives.serialization import Encoding
-
         key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)
-        chain = (key.certificate.public_bytes(Encoding.DER), self.identity.certificate.public_bytes(Encoding.DER))
-        signer = AgentSigner(agent, key.raw_private_key(), chain)
+        signer = self._agent_signer(agent, key)
         self.records.put_signer(agent, signer.to_bytes())
         self.signers[agent] = signer
+
+    def _agent_signer(self, agent: str, key: DelegatedKey) -> AgentSigner:
+        chain = (key.certificate.public_bytes(Encoding.DER), self.identity.certificate.public_bytes(Encoding.DER))
+        return AgentSigner(agent, key.raw_private_key(), chain)
+
+    def _all_signers(self, agent: str) -> list[AgentSigner]:
+        """The agent's current signer first, then the retired ones still in use."""
+        return [self.signers[agent], *self.retired.get(agent, [])]
+
+    def signer_for(self, agent: str, public_key: bytes) -> AgentSigner | None:
+        """The agent's signer (current or retired) holding `public_key`."""
+        return next((s for s in self._all_signers(agent) if s.public_key == public_key), None)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -271,7 +311,8 @@ class Groups(GroupMembership, GroupDelivery):
     def _describe(self, agent: str, group: str) -> dict[str, Any]:
         g = self.members[(agent, group)]
         return {"agent": agent, "group": group, "epoch": g.epoch, "members": self._member_names(g),
-                "admins": admins_of(g.context.extensions), "epoch_authenticator": g.epoch_authenticator.hex()}
+                "admins": admins_of(g.context.extensions), "epoch_authenticator": g.epoch_authenticator.hex(),
+                "keys": {agent_of(leaf.credential): key_fingerprint(leaf.signature_key) for _, leaf in g.members()}}
 
     def _member_names(self, g: Group) -> list[str]:
         return sorted(agent_of(leaf.credential) for _, leaf in g.members())
@@ -334,7 +375,8 @@ class Groups(GroupMembership, GroupDelivery):
     async def change(self, agent: str, group: str, *, add: list[str] | None = None,
                      remove: list[str] | None = None, update: bool = False) -> dict[str, Any]:
         """Add and/or remove members in one commit (or, with `update`, refresh our path secrets: post-compromise
-        security); retried when another commit wins the epoch."""
+        security); retried when another commit wins the epoch. If the agent's delegated key was renewed since
+        its leaf was signed, the commit also moves the leaf to the new key (with nothing else asked, only that)."""
         g = self._member(agent, group)
         if (add or remove) and self._me(agent) not in admins_of(g.context.extensions):
             raise GroupError(f"{self._me(agent)} is not an admin of group {group}")
@@ -351,10 +393,13 @@ class Groups(GroupMembership, GroupDelivery):
                 current = {agent_of(leaf.credential): i for i, leaf in g.members()}
                 adds = [kp for name, kp in key_packages.items() if name not in current]
                 removes = [int(current[n]) for n in remove or [] if n in current]
-                if not adds and not removes and not update:
+                new = self._rotation_signer(agent, g)
+                if not adds and not removes and not update and new is None:
                     return self._describe(agent, group)
                 devices = self._devices(g)
-                pending = g.commit(add=adds, remove=removes, now=self.now_ms() // 1000)
+                pending = g.commit(add=adds, remove=removes, now=self.now_ms() // 1000,
+                                   new_signer=new.signer if new else None,
+                                   new_credential=new.credential if new else None)
                 base = g.epoch
                 status, ds_epoch, missed = GroupStatus.ACCEPTED, base + 1, list[str]()
                 if devices:
@@ -367,6 +412,11 @@ class Groups(GroupMembership, GroupDelivery):
                     self.counters.commits += 1
                     self._last_update[(agent, group)] = time.monotonic()
                     self._queue(agent, group, g, pending.message.to_bytes(), resend=True, devices=missed)
+                    if new is not None:
+                        log.info("group %s: %s's leaf now holds its renewed delegated key (certificate serial %#x, "
+                                 "valid until %s), epoch %d", group, agent, new.certificate.serial_number,
+                                 new.certificate.not_valid_after_utc.isoformat(), g.epoch)
+                        self._prune_retired(agent)
                     if pending.welcome is not None:
                         await self._send_welcome(agent, group, pending.welcome.to_bytes(), pending.added)
                     await self._notify_epoch()
@@ -423,6 +473,115 @@ class Groups(GroupMembership, GroupDelivery):
             await self.change(agent, group, update=True)
         except Exception as exc:
             log.warning("group %s: self-update of %s failed: %s", group, agent, exc)
+
+    # -- key rotation --------------------------------------------------------------------------------------------
+    def _rotation_signer(self, agent: str, g: Group) -> AgentSigner | None:
+        """The agent's current signer if this membership's leaf still holds an older key, else None."""
+        current = self.signers.get(agent)
+        return current if current is not None and g.signature_key != current.public_key else None
+
+    async def _rotations(self) -> None:
+        """Follow each agent's delegated key: notice a renewal on disk (a stat per second, no hardware), renew
+        keys near expiry (hourly check), and have every membership whose leaf holds an older key commit the
+        new one (retried after ROTATION_RETRY_S, doubling, until it lands)."""
+        stamps: dict[str, tuple[int, int] | None] = {}
+        next_renewal = time.monotonic() + RENEWAL_CHECK_S  # start() checked expiry already
+        last_error = 0.0
+        while True:
+            try:
+                renew = time.monotonic() >= next_renewal
+                if renew:
+                    next_renewal = time.monotonic() + RENEWAL_CHECK_S
+                for agent in list(self.signers):
+                    stamp = self.identity.delegated_stamp(agent)
+                    if renew or stamps.setdefault(agent, stamp) != stamp:
+                        stamps[agent] = stamp
+                        await self._refresh_signer(agent)
+                if self.link.state.value == "ready":
+                    self._start_rotations()
+            except Exception as exc:  # e.g. the token is busy: tried again on the next change or hourly check
+                last_error = _log_limited(last_error, "delegated key check", exc)
+            await asyncio.sleep(ROTATION_POLL_S)
+
+    def _start_rotations(self) -> None:
+        now = time.monotonic()
+        for (agent, group), g in list(self.members.items()):
+            key = (agent, group)
+            if self._rotation_signer(agent, g) is None or now < self._rotating.get(key, 0.0):
+                continue
+            self._rotating[key] = math.inf  # in flight
+            self._spawn(self._rotate(agent, group), "group-rotate")
+
+    async def _rotate(self, agent: str, group: str) -> None:
+        key = (agent, group)
+        try:
+            log.info("group %s: moving %s's leaf to its renewed delegated key", group, agent)
+            await self.change(agent, group)
+            self._rotating.pop(key, None)
+            self._rotation_failures.pop(key, None)
+        except Exception as exc:
+            failures = self._rotation_failures[key] = self._rotation_failures.get(key, 0) + 1
+            delay = min(ROTATION_RETRY_MAX_S, ROTATION_RETRY_S * 2 ** (failures - 1))
+            self._rotating[key] = time.monotonic() + delay
+            log.warning("group %s: key rotation commit of %s failed (retried in %.0f s): %s", group, agent, delay,
+                        exc)
+
+    async def _refresh_signer(self, agent: str) -> bool:
+        """Adopt the agent's delegated key if the one on disk is newer than our signer's (renewed by the
+        operator or the daemon), renewing it first (one hardware signature) if it is near expiry. Returns
+        whether the signer changed; the memberships then rotate (`_rotations`)."""
+        current = self.signers[agent]
+        cert = await asyncio.to_thread(self.identity.delegated_certificate, agent)
+        now = dt.datetime.now(dt.UTC)
+        near_expiry = cert is None or cert.not_valid_after_utc - now < self.identity.renew_before
+        if not near_expiry and (cert is None or not _newer(cert, current.certificate)):
+            return False
+        key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)  # renews when near expiry
+        if not _newer(key.certificate, current.certificate):
+            return False
+        self._install_signer(agent, self._agent_signer(agent, key))
+        return True
+
+    def _install_signer(self, agent: str, signer: AgentSigner) -> None:
+        """The agent signs new leaves and KeyPackages with `signer`; the old signer is retired (kept while a leaf
+        or KeyPackage holds its key). The old last-resort KeyPackage stays openable among the held ones."""
+        old = self.signers[agent]
+        with self.store.transaction():
+            self.signers[agent] = signer
+            self.retired[agent] = [old, *self.retired.get(agent, [])]
+            self.records.put_signer(agent, signer.to_bytes())
+            self._save_retired(agent)
+            last = self.records.last_resort(agent)
+            if last is not None:
+                held = self.records.key_packages(agent)
+                self.records.put_key_packages(agent, [*held, last][-KEY_PACKAGES_MAX_HELD:])
+            self.records.put_last_resort(agent, self._new_bundle(agent))
+        log.info("delegated key of %s renewed (certificate serial %#x, valid until %s): its leaves follow", agent,
+                 signer.certificate.serial_number, signer.certificate.not_valid_after_utc.isoformat())
+        self._spawn(self._replenish(agent), "group-key-packages")  # publishes the new last-resort KeyPackage
+
+    def _save_retired(self, agent: str) -> None:
+        self.records.secrets.put(f"grp/signer-retired/{agent}", pack([s.to_bytes() for s in self.retired[agent]]))
+
+    def _prune_retired(self, agent: str) -> None:
+        """Forget retired signers no membership leaf and no held KeyPackage (or invitation) still needs. Held
+        KeyPackages whose certificate expired are dropped first: no adder accepts them any more."""
+        if not self.retired.get(agent) or any(a == agent for a, _ in self.records.index.invites):
+            return
+        now = dt.datetime.now(dt.UTC)
+        held = self.records.key_packages(agent)
+        usable = [b for b in held if _certificate_of(b.key_package.leaf_node.credential.certificates[0])
+                  .not_valid_after_utc > now]
+        if len(usable) != len(held):
+            self.records.put_key_packages(agent, usable)
+        used = {g.signature_key for (a, _), g in self.members.items() if a == agent}
+        used |= {b.key_package.leaf_node.signature_key for b in usable}
+        keep = [s for s in self.retired[agent] if s.public_key in used]
+        if len(keep) != len(self.retired[agent]):
+            log.info("%d retired delegated key(s) of %s no longer used by any leaf or KeyPackage: forgotten",
+                     len(self.retired[agent]) - len(keep), agent)
+            self.retired[agent] = keep
+            self._save_retired(agent)
 
     async def _wait_epoch(self, agent: str, group: str, epoch: int) -> None:
         async with self._epoch_changed:
@@ -561,6 +720,22 @@ class Groups(GroupMembership, GroupDelivery):
         self.records.put_buffer(agent, group, [m for m in buffered if m not in ready])
         for m in sorted(ready, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
             self._process_for(agent, group, m)
+
+
+def key_fingerprint(public_key: bytes) -> str:
+    """How status and `agw group show` name a leaf's signature key: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def _certificate_of(der: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der)
+
+
+def _newer(cert: x509.Certificate, than: x509.Certificate) -> bool:
+    """A different key, certified no earlier than `than`: a renewal to adopt."""
+    raw = cert.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    old = than.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return raw != old and cert.not_valid_before_utc >= than.not_valid_before_utc
 
 
 def due_for_update(last: dict[tuple[str, str], float], keys: list[tuple[str, str]], now: float, started: float,

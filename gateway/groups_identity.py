@@ -6,6 +6,11 @@ the X.509 chain [agent delegated certificate, device certificate]; the fleet CA 
 certificate certifies exactly the leaf's signature key, the chain verifies against `FleetTrust` now (validity
 and the current CRL), and the certificate names an agent (`spiffe://<fleet>/device/<id>/agent/<name>`), never
 just a device. Group policy (who may add and remove) travels in a group context extension listing admins.
+
+Delegated keys are renewed (a day before they expire, or by the operator): the agent then commits, in each of
+its groups, an UpdatePath whose leaf carries the new key and chain. The `SuccessorValidator` given to the MLS
+engine accepts such a new credential only if it names the same agent (same SPIFFE name), chains to the fleet CA
+and is not revoked now, and its certificate is not older than the one it replaces.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from gateway.protocol.mls.credentials import (
     Credential,
     IdentityValidator,
     MlsCredentialError,
+    SuccessorValidator,
     x509_key_binding,
 )
 from gateway.protocol.mls.crypto import Ed25519Signer
@@ -57,6 +63,15 @@ class AgentSigner:
     @property
     def credential(self) -> Credential:
         return Credential.x509(self.chain)
+
+    @functools.cached_property
+    def certificate(self) -> x509.Certificate:
+        """The agent's delegated certificate (the first of the chain)."""
+        return x509.load_der_x509_certificate(self.chain[0])
+
+    @property
+    def public_key(self) -> bytes:
+        return self.signer.public_key
 
     def to_bytes(self) -> bytes:
         parts = [self.agent.encode(), self.seed, *self.chain]
@@ -101,7 +116,33 @@ def agent_of(credential: Credential) -> str:
 
 def fleet_validator(trust: Callable[[], FleetTrust], now: Callable[[], dt.datetime]) -> IdentityValidator:
     """The gateway's IdentityValidator: key binding, chain to the fleet CA (CRL read on every call), agent name."""
+    return x509_key_binding(_chain_check(trust, now))
 
+
+def fleet_successor(trust: Callable[[], FleetTrust], now: Callable[[], dt.datetime]) -> SuccessorValidator:
+    """The gateway's SuccessorValidator (RFC 9420 5.3.1), for a member whose leaf changes key or credential
+    (after a delegated key renewal): the new chain verifies against the fleet CA now (validity, CRL), names the
+    same agent (`spiffe://<fleet>/device/<id>/agent/<name>`) as the old one, and is not older than it."""
+    check_chain = _chain_check(trust, now)
+
+    def validate(old: Credential, new: Credential) -> None:
+        if agent_of(new) != agent_of(old):
+            raise MlsCredentialError(f"a leaf of {agent_of(old)} cannot change its credential to {agent_of(new)}'s")
+        check_chain(new.certificates)
+        try:
+            old_leaf = x509.load_der_x509_certificate(old.certificates[0])
+            new_leaf = x509.load_der_x509_certificate(new.certificates[0])
+        except ValueError as exc:
+            raise MlsCredentialError(f"unreadable certificate in credential: {exc}") from None
+        if new_leaf.not_valid_before_utc < old_leaf.not_valid_before_utc:
+            raise MlsCredentialError(f"{agent_of(new)}: the new delegated certificate is older than the one it "
+                                     "replaces")
+
+    return validate
+
+
+def _chain_check(trust: Callable[[], FleetTrust], now: Callable[[], dt.datetime]
+                 ) -> Callable[[tuple[bytes, ...]], None]:
     def check_chain(chain_der: tuple[bytes, ...]) -> None:
         try:
             certs = [x509.load_der_x509_certificate(c) for c in chain_der]
@@ -113,7 +154,7 @@ def fleet_validator(trust: Callable[[], FleetTrust], now: Callable[[], dt.dateti
         if _agent_of_der(chain_der[0]) != verified.agent.short:
             raise MlsCredentialError("the credential's agent name does not match its certificate")
 
-    return x509_key_binding(check_chain)
+    return check_chain
 
 
 def admins_extension(admins: list[str]) -> Extension:

@@ -24,7 +24,7 @@ from gateway.groups_store import GroupRecords, bundle_from_bytes, bundle_to_byte
 from gateway.protocol.identity.errors import BadName, CertificateError, CertificateRevoked
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
-from gateway.protocol.mls.crypto import CipherSuite
+from gateway.protocol.mls.crypto import CipherSuite, Ed25519Signer
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
 from gateway.protocol.mls.group import Group, GroupConfig
@@ -76,6 +76,9 @@ class GroupMembership:
         def _me(self, agent: str) -> str:
             raise NotImplementedError
 
+        def signer_for(self, agent: str, public_key: bytes) -> AgentSigner | None:
+            raise NotImplementedError
+
         def _batch(self) -> contextlib.AbstractContextManager[None]:
             raise NotImplementedError
 
@@ -87,7 +90,7 @@ class GroupMembership:
         """A Welcome may name several local agents (one KeyPackage each): each joins on its own, then processes
         what arrived for the group before the Welcome."""
         joined: dict[str, list[str]] = {}
-        for agent, signer in self.signers.items():
+        for agent in self.signers:
             held = self.records.key_packages(agent)
             last = self.records.last_resort(agent)
             for bundle in [*held, *([last] if last else [])]:
@@ -95,7 +98,7 @@ class GroupMembership:
                     opened = open_welcome(self.cs, welcome, bundle.key_package, bundle.init_priv)
                 except MlsError:
                     continue
-                group = self._join(agent, signer, welcome, bundle, opened.group_info.signer, held)
+                group = self._join(agent, welcome, bundle, opened.group_info.signer, held)
                 if group is not None:
                     joined.setdefault(group, []).append(agent)
                 break
@@ -115,11 +118,12 @@ class GroupMembership:
                 for agent in agents:
                     self._process_for(agent, group, m)
 
-    def _join(self, agent: str, signer: AgentSigner, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
+    def _join(self, agent: str, welcome: Welcome, bundle: KeyPackageBundle, adder_leaf: int,
               held: list[KeyPackageBundle]) -> str | None:
-        """Join if the operator allows the adder; returns the group joined, or None."""
+        """Join if the operator allows the adder; returns the group joined, or None. The KeyPackage may carry a
+        delegated key renewed since (a retired signer): the leaf then moves to the current key by a commit."""
         try:
-            g = Group.join(welcome, bundle, signer.signer, config=self.mls_config)
+            g = Group.join(welcome, bundle, self._bundle_signer(agent, bundle), config=self.mls_config)
         except MlsError as exc:
             log.warning("a Welcome for %s failed: %s", agent, exc)
             return None
@@ -196,12 +200,19 @@ class GroupMembership:
         if not self._consents(agent, adder):
             return
         welcome = Welcome.from_bytes(welcome_raw)
-        g = Group.join(welcome, bundle_from_bytes(bundle_raw), self.signers[agent].signer, config=self.mls_config)
+        bundle = bundle_from_bytes(bundle_raw)
+        g = Group.join(welcome, bundle, self._bundle_signer(agent, bundle), config=self.mls_config)
         with self.store.transaction():
             self._admit(agent, group, g, adder)
             self.records.drop_invitation(agent, group)
         log.info("group %s: %s joined after the operator allowed %s", group, agent, adder)
         self._replay_backlog(group, [agent])
+
+    def _bundle_signer(self, agent: str, bundle: KeyPackageBundle) -> Ed25519Signer:
+        signer = self.signer_for(agent, bundle.key_package.leaf_node.signature_key)
+        if signer is None:
+            raise MlsError(f"the KeyPackage used for {agent} holds a delegated key this gateway no longer has")
+        return signer.signer
 
     async def _revocations(self) -> None:
         """Watch the CRL in the state directory: when it changes, load it (the fleet trust is shared with the

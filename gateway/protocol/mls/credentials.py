@@ -66,6 +66,19 @@ def accept_any_identity(credential: Credential, signature_key: bytes) -> None:
     del credential, signature_key
 
 
+SuccessorValidator = Callable[[Credential, Credential], None]
+"""Called with (old credential, new credential) when a member's leaf is replaced by one with a different
+credential or signature key (an Update proposal, or the LeafNode of a commit's UpdatePath: RFC 9420 section
+5.3.1, "the AS MUST also verify that the set of presented identifiers in the new credential is valid as a
+successor to the set of presented identifiers in the old credential"); raises an `MlsError` to reject. The new
+credential has already passed the `IdentityValidator` with the new signature key."""
+
+
+def accept_any_successor(old: Credential, new: Credential) -> None:
+    """A `SuccessorValidator` for tests and conformance vectors only: any credential may replace any other."""
+    del old, new
+
+
 def x509_leaf_public_key(credential: Credential) -> bytes:
     """Raw public key of the first (end-entity) certificate of an X.509 credential."""
     if credential.credential_type != CredentialType.X509 or not credential.certificates:

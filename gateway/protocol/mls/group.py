@@ -8,11 +8,17 @@ Rules kept here:
   nothing changes until `merge_staged_commit()`. A message that fails any check raises `MlsError` and leaves the
   group exactly as it was (for a PrivateMessage, its ratchet key is consumed only once the message is accepted);
 - the committer never processes its own commit: it merges its `PendingCommit` when the delivery service has
-  accepted it.
+  accepted it;
+- a commit may rotate the committer's signature key and credential (`commit(new_signer=, new_credential=)`):
+  the commit's FramedContent is signed with the key the committer's leaf holds before the commit, the new
+  LeafNode of its UpdatePath with the new key. Receivers check the new leaf like any leaf (credential, signature
+  by its own signature_key, source commit, unique keys) and ask `GroupConfig.credential_successor` whether the
+  new credential is the same client. The committer keeps signing with the old key until it merges the commit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +26,13 @@ from dataclasses import dataclass, field
 from gateway.protocol.mls import key_schedule, protection
 from gateway.protocol.mls import tree_math as tm
 from gateway.protocol.mls.commit import Commit, ProposalOrRef, ProposalRef
-from gateway.protocol.mls.credentials import Credential, IdentityValidator, accept_any_identity
+from gateway.protocol.mls.credentials import (
+    Credential,
+    IdentityValidator,
+    SuccessorValidator,
+    accept_any_identity,
+    accept_any_successor,
+)
 from gateway.protocol.mls.crypto import CipherSuite, Signer, get_suite, ref_hash
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError
 from gateway.protocol.mls.extensions import Extension, ExternalPub, external_senders, find_extension
@@ -50,7 +62,7 @@ from gateway.protocol.mls.key_package_bundle import (
     default_capabilities,
     sign_leaf_node,
 )
-from gateway.protocol.mls.proposal_rules import ListedProposal, apply_proposals, select_pending
+from gateway.protocol.mls.proposal_rules import ListedProposal, apply_proposals, check_successor, select_pending
 from gateway.protocol.mls.proposals import (
     Add,
     ExternalInit,
@@ -93,6 +105,9 @@ class GroupConfig:
     """Policy a member applies; none of it is sent on the wire."""
 
     identity_validator: IdentityValidator = accept_any_identity
+    credential_successor: SuccessorValidator = accept_any_successor
+    """Whether a member's new credential (a leaf replaced with another credential or signature key) is the same
+    client as the old one (RFC 9420 section 5.3.1); the default accepts any, for tests and vectors only."""
     external_psks: dict[bytes, bytes] = field(default_factory=dict, repr=False)
     padding_block: int = 32
     out_of_order_window: int = 32
@@ -201,6 +216,11 @@ class Group:
         return self._state.tree.copy()
 
     @property
+    def signature_key(self) -> bytes:
+        """The public key this member signs with (its leaf's signature key)."""
+        return self._signer.public_key
+
+    @property
     def epoch_authenticator(self) -> bytes:
         return self._state.secrets.epoch_authenticator
 
@@ -278,11 +298,27 @@ class Group:
                psks: Sequence[PreSharedKeyID] = (), extensions: tuple[Extension, ...] | None = None,
                reinit: ReInit | None = None,
                force_path: bool = True, include_pending: bool = True, ratchet_tree_in_welcome: bool = True,
-               authenticated_data: bytes = b"", now: int | None = None) -> PendingCommit:
+               authenticated_data: bytes = b"", now: int | None = None,
+               new_signer: Signer | None = None, new_credential: Credential | None = None) -> PendingCommit:
         """Create a commit over the given proposals (by value) and the pending ones (by reference). Pass `now`
-        (seconds since the epoch) to refuse KeyPackages outside their lifetime."""
+        (seconds since the epoch) to refuse KeyPackages outside their lifetime.
+
+        `new_signer` and/or `new_credential` rotate our leaf's signature key and credential: the UpdatePath's
+        LeafNode carries them and is signed by `new_signer`; the commit itself is signed with our current key.
+        The group signs with `new_signer` once `merge_pending_commit()` merged this commit."""
         self._check_active()
         cs, st = self.cs, self._state
+        leaf_signer = self._signer
+        rotated: LeafNode | None = None
+        if new_signer is not None or new_credential is not None:
+            current = st.tree.leaf(self.own_leaf)
+            assert current is not None
+            leaf_signer = new_signer or self._signer
+            rotated = dataclasses.replace(current, signature_key=leaf_signer.public_key,
+                                          credential=new_credential or current.credential)
+            self.config.identity_validator(rotated.credential, rotated.signature_key)
+            check_successor(current, rotated, self.config.credential_successor)
+            force_path = True
         me = Sender.member(self.own_leaf)
         items: list[ListedProposal] = []
         refs: list[ProposalOrRef] = []
@@ -299,7 +335,7 @@ class Group:
         items += [ListedProposal(p, me, True) for p in inline]
         refs += inline
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, me, items,
-                             self.config.identity_validator, now)
+                             self.config.identity_validator, now, self.config.credential_successor)
         private = st.private.copy()
         private.prune(fx.tree)
         commit_secret = bytes(cs.hash_len)
@@ -308,10 +344,10 @@ class Group:
         tree = fx.tree
         added = tuple(fx.added)
         if fx.path_required or force_path:
-            own_leaf = fx.tree.leaf(self.own_leaf)
+            own_leaf = rotated or fx.tree.leaf(self.own_leaf)
             assert own_leaf is not None
             created = create_update_path(
-                cs, fx.tree, private, self.group_id, own_leaf, self._signer,
+                cs, fx.tree, private, self.group_id, own_leaf, leaf_signer,
                 lambda th: self._provisional_context(th, fx.extensions),
                 frozenset(i for i, _ in added))
             tree, private, commit_secret = created.tree, created.private, created.commit_secret
@@ -336,20 +372,23 @@ class Group:
             gi_ext: tuple[Extension, ...] = ()
             if ratchet_tree_in_welcome:
                 gi_ext = (Extension(ExtensionType.RATCHET_TREE, tree.to_wire()),)
-            gi = sign_group_info(self._signer, GroupInfo(new_ctx, gi_ext, tag, self.own_leaf))
+            gi = sign_group_info(leaf_signer, GroupInfo(new_ctx, gi_ext, tag, self.own_leaf))
             own_node = tm.leaf_to_node(self.own_leaf)
             members = []
             for index, kp in added:
                 start = tm.common_ancestor(own_node, tm.leaf_to_node(index))
                 members.append(NewMember(kp, path_secrets.get(start)))
             welcome = MLSMessage(create_welcome(cs, gi, secrets.joiner_secret, psk_value, members, tuple(fx.psks)))
-        return PendingCommit(self.epoch, message, welcome, added, next_state, fx.reinit)
+        return PendingCommit(self.epoch, message, welcome, added, next_state, fx.reinit,
+                             leaf_signer if rotated is not None else None)
 
     def merge_pending_commit(self, pending: PendingCommit) -> None:
         if pending.base_epoch != self.epoch:
             raise MlsError(f"pending commit was made in epoch {pending.base_epoch}, the group is at {self.epoch}")
         self._install(pending.next_state)
         self.reinit = pending.reinit
+        if pending.new_signer is not None:
+            self._signer = pending.new_signer
 
     def group_info(self, *, with_ratchet_tree: bool = True, with_external_pub: bool = True) -> GroupInfo:
         """A signed GroupInfo for the current epoch (for external joins)."""
@@ -533,7 +572,7 @@ class Group:
             else:
                 items.append(ListedProposal(por, committer, True))
         fx = apply_proposals(cs, st.tree, self.group_id, st.context.extensions, committer, items,
-                             self.config.identity_validator, now)
+                             self.config.identity_validator, now, self.config.credential_successor)
         if fx.path_required and commit.path is None:
             raise MlsError("this commit's proposals require an UpdatePath")
         proposals = tuple(i.proposal for i in items)
@@ -559,6 +598,12 @@ class Group:
         if commit.path is not None:
             validate_leaf_node(cs, tree, commit.path.leaf_node, committer_leaf, self.group_id, fx.extensions,
                                self.config.identity_validator, expected_source=LeafNodeSource.COMMIT)
+            if committer.sender_type == SenderType.MEMBER:
+                # The commit was verified with the committer's current key (above, before staging); a new key or
+                # credential in its UpdatePath leaf must be the same client's (RFC 9420 5.3.1, 7.5).
+                previous = st.tree.leaf(committer_leaf)
+                assert previous is not None
+                check_successor(previous, commit.path.leaf_node, self.config.credential_successor)
             processed = process_update_path(cs, tree, private, committer_leaf, commit.path, self.group_id,
                                             lambda th: self._provisional_context(th, fx.extensions),
                                             frozenset(i for i, _ in fx.added))

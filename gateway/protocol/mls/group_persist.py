@@ -2,13 +2,15 @@
 
 The blob holds every secret of the epoch (HPKE private keys, epoch secrets, the secret tree): the caller must
 store it encrypted (the gateway's store does). The signer and the policy (`GroupConfig`) are not in it: they
-are supplied again on restore. Decoding is strict; a corrupt blob raises `MlsDecodeError`, and a restored
-group is checked against itself (tree hash and our leaf's private key) before it is returned.
+are supplied again on restore (after a key rotation, a caller unsure which of its keys a saved group uses
+passes them all; the one our leaf holds is taken). Decoding is strict; a corrupt blob raises `MlsDecodeError`,
+and a restored group is checked against itself (tree hash and our leaf's private key) before it is returned.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from gateway.protocol.mls.codec import Reader, Writer, decode_all
 from gateway.protocol.mls.crypto import Signer, get_suite
@@ -61,7 +63,7 @@ def group_to_bytes(group: Group) -> bytes:
     return w.bytes()
 
 
-def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
+def _decode(r: Reader, signers: Sequence[Signer], config: GroupConfig) -> Group:
     version = r.u16()
     if version != FORMAT_VERSION:
         raise MlsDecodeError(f"group state format {version}, expected {FORMAT_VERSION}")
@@ -119,11 +121,14 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     if tree.tree_hash(cs) != context.tree_hash:
         raise MlsError("restored ratchet tree does not match the GroupContext tree hash")
     private = TreeKemPrivate(own, keys)
+    signer = signers[0]
     if active:
         private.check_leaf(cs, tree)
         leaf = tree.leaf(own)
-        if leaf is None or leaf.signature_key != signer.public_key:
-            raise MlsError("the signer supplied does not hold our leaf's signature key")
+        held = [s for s in signers if leaf is not None and s.public_key == leaf.signature_key]
+        if not held:
+            raise MlsError("no signer supplied holds our leaf's signature key")
+        signer = held[0]
     state = EpochState(context, tree, private, secrets, interim, tag, secret_tree, proposals, pending_updates)
     group = Group(cs, state, signer, config, resumption)
     group.active = bool(active)
@@ -132,9 +137,13 @@ def _decode(r: Reader, signer: Signer, config: GroupConfig) -> Group:
     return group
 
 
-def group_from_bytes(data: bytes, signer: Signer, config: GroupConfig | None = None) -> Group:
+def group_from_bytes(data: bytes, signer: Signer | Sequence[Signer], config: GroupConfig | None = None) -> Group:
+    """Restore a saved group; `signer` is our signing key, or several (after a rotation) to pick from."""
+    signers = list(signer) if isinstance(signer, Sequence) else [signer]
+    if not signers:
+        raise MlsError("no signer supplied")
     try:
-        return decode_all(data, lambda r: _decode(r, signer, config or GroupConfig()))
+        return decode_all(data, lambda r: _decode(r, signers, config or GroupConfig()))
     except (ValueError, KeyError) as e:  # structural rules of the wire dataclasses
         raise MlsDecodeError(f"group state: {e}") from None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.protocol.mls.crypto import CipherSuite
+from gateway.protocol.mls.crypto import CipherSuite, Signer
 from gateway.protocol.mls.framing import MLSMessage, Sender
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.key_schedule import EpochSecrets
@@ -118,3 +118,5 @@ class PendingCommit:
     added: tuple[tuple[LeafIndex, KeyPackage], ...]
     next_state: EpochState = field(repr=False)
     reinit: ReInit | None = None
+    new_signer: Signer | None = field(default=None, repr=False)
+    """Set when the commit rotates our signature key: the group signs with it once the commit is merged."""

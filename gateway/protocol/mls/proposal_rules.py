@@ -10,13 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.protocol.mls import tree_math as tm
-from gateway.protocol.mls.credentials import IdentityValidator
+from gateway.protocol.mls.credentials import IdentityValidator, SuccessorValidator, accept_any_successor
 from gateway.protocol.mls.crypto import CipherSuite, verify_with_label
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.extensions import Extension, required_capabilities
 from gateway.protocol.mls.framing import Sender
 from gateway.protocol.mls.group_state import CachedProposal
-from gateway.protocol.mls.key_package import KEY_PACKAGE_SIGN_LABEL, KeyPackage
+from gateway.protocol.mls.key_package import KEY_PACKAGE_SIGN_LABEL, KeyPackage, LeafNode
 from gateway.protocol.mls.proposals import (
     Add,
     ExternalInit,
@@ -160,6 +160,13 @@ def _check_list(items: Sequence[ListedProposal], committer: Sender, cs: CipherSu
         raise MlsProposalError("ExternalInit is only allowed in an external commit")
 
 
+def check_successor(old: LeafNode, new: LeafNode, successor_validator: SuccessorValidator) -> None:
+    """A member's leaf replaced by one with another credential or signature key (Update, or a commit's
+    UpdatePath): the application decides whether the new credential is the same client (RFC 9420 5.3.1)."""
+    if new.credential != old.credential or new.signature_key != old.signature_key:
+        successor_validator(old.credential, new.credential)
+
+
 def apply_proposals(
     cs: CipherSuite,
     tree: RatchetTree,
@@ -169,6 +176,7 @@ def apply_proposals(
     items: Sequence[ListedProposal],
     identity_validator: IdentityValidator,
     now: int | None = None,
+    successor_validator: SuccessorValidator = accept_any_successor,
 ) -> ProposalEffects:
     """Check the list, then apply it in the order of section 12.3 to a copy of `tree`. With `now` (seconds
     since the epoch, from the caller's clock), added KeyPackages must be within their lifetime."""
@@ -192,6 +200,7 @@ def apply_proposals(
                 raise MlsProposalError(f"Update for leaf {leaf_index} keeps the old encryption key")
             validate_leaf_node(cs, new_tree, p.leaf_node, leaf_index, group_id, fx.extensions, identity_validator,
                                expected_source=LeafNodeSource.UPDATE)
+            check_successor(old, p.leaf_node, successor_validator)
             new_tree.update_leaf(leaf_index, p.leaf_node)
             fx.updated.append(leaf_index)
     for item in items:
