@@ -76,6 +76,7 @@ class Gateway(Sending, Receiving):
         self._seq = time.time_ns()
         self._publishing: set[str] = set()
         self._in_flight: dict[int, InboxEntry] = {}  # inbox entries being published, by MQTT packet id
+        self._finished: list[InboxEntry] = []  # PUBCOMP received, entry not yet deleted
         self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier()
 

@@ -24,7 +24,7 @@ from gateway.protocol.link import Delivered, NotDelivered, UndeliverableReason
 from gateway.protocol.message import InnerMessage, Kind, RejectReason, new_message_id
 from gateway.runtime import now_ms
 from gateway.sending import CONGESTED_RETRY_MS, OFFLINE_RETRY_MS
-from gateway.store import ConsentState
+from gateway.store import ConsentState, StoreError
 
 log = logging.getLogger("agw.daemon")
 
@@ -206,25 +206,46 @@ class Receiving:
             self._in_flight[e.packet_id] = e
             try:
                 await self._publish_to_agent(e)
-            except BrokerUnavailable as exc:
+            except BaseException as exc:
+                self._publishing.discard(e.name)
+                if not isinstance(exc, BrokerUnavailable):
+                    raise
                 log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
                 return False
             finally:
-                self._publishing.discard(e.name)
                 self._in_flight.pop(e.packet_id, None)
-            with self.store.transaction(durable=False):
-                self.store.inbox.delete(e.name)
-            self.bridge.free_packet_id(e.packet_id)
-            self.counters.delivered += 1
+            self._delivered_to_broker(e)
             return True
 
-        try:
-            results = await asyncio.gather(*(one(e) for e in ready))
-        finally:
-            self._publishing.difference_update(e.name for e in ready)
+        results = await asyncio.gather(*(one(e) for e in ready))
         if not all(results) or len(ready) < len(entries):
             log.warning("%d message(s) wait in the inbox for the MQTT broker",
                         results.count(False) + len(entries) - len(ready))
+
+    def _delivered_to_broker(self, e: InboxEntry) -> None:
+        """PUBCOMP came: the entry goes, in one commit with the others completed in this turn of the loop. A
+        crash before that commit is harmless (the restart sends PUBREL again and the broker answers PUBCOMP), but
+        the entry stays claimed and its packet id held until the commit, so neither is reused meanwhile."""
+        if not self._finished:
+            asyncio.get_running_loop().call_soon(self._drop_finished)
+        self._finished.append(e)
+
+    def _drop_finished(self) -> None:
+        done, self._finished = self._finished, []
+        try:
+            with self.store.transaction(durable=False):
+                for e in done:
+                    self.store.inbox.delete(e.name)
+        except StoreError as exc:
+            log.error("cannot drop %d delivered inbox entries (%s); retrying", len(done), exc)
+            if not self._finished:
+                asyncio.get_running_loop().call_later(1.0, self._drop_finished)
+            self._finished[:0] = done
+            return
+        for e in done:
+            self.bridge.free_packet_id(e.packet_id)
+            self._publishing.discard(e.name)
+        self.counters.delivered += len(done)
 
     async def _inbox_loop(self, pending: list[InboxEntry]) -> None:
         """Resume the exchanges a restart interrupted, then retry entries left behind by a broker outage."""
