@@ -28,6 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
+from paho.mqtt.enums import _ConnectionState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -101,36 +102,57 @@ class _PahoClient(mqtt.Client):
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def release(self, mid: int) -> None:
-        """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart)."""
+        """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the
+        connection dropped meanwhile, paho sends the PUBREL after the next CONNACK instead of the PUBLISH."""
         with self._out_message_mutex:
             msg = self._out_messages.get(mid)
-            if msg is None or msg.state == mqtt.mqtt_ms_wait_for_pubcomp:
+            if msg is None or msg.qos != 2:
                 return
-            msg.state = mqtt.mqtt_ms_wait_for_pubcomp
-            msg.timestamp = time.monotonic()
-            self._send_pubrel(mid)
+            if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
+                msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
+                msg.timestamp = time.monotonic()
+                if self._state == _ConnectionState.MQTT_CS_CONNECTED:
+                    self._send_pubrel(mid)
+                # else the reconnect turns it into a PUBREL resend
+            elif msg.state == mqtt.mqtt_ms_publish:
+                msg.state = mqtt.mqtt_ms_resend_pubrel  # reset by a reconnect, not yet resent
 
     def drop(self, mid: int) -> None:
         """Forget a message the broker refused in its PUBREC (the QoS 2 exchange ends there)."""
         with self._out_message_mutex:
-            if self._out_messages.pop(mid, None) is not None:
+            msg = self._out_messages.pop(mid, None)
+            if msg is not None and msg.state in (mqtt.mqtt_ms_wait_for_pubrec, mqtt.mqtt_ms_wait_for_pubcomp):
                 self._inflight_messages -= 1
                 if self._max_inflight_messages > 0:
                     self._update_inflight()  # a queued message may go out now
 
-    def resume_released(self, mid: int, topic: str) -> None:
+    def resume_released(self, mid: int, topic: str, payload: bytes, properties: Properties) -> None:
         """Take up, after a restart, an exchange whose PUBREC was already recorded: only PUBREL is left to send
-        (now, or by paho after the next CONNACK)."""
+        (now, or by paho after the next CONNACK). The message is kept in case the broker turns out to have
+        lost our session (`publish_again_unreleased`)."""
         msg = mqtt.MQTTMessage(mid, topic.encode())
-        msg.qos = 2
+        msg.qos, msg.payload, msg.properties = 2, payload, properties
         msg.state = mqtt.mqtt_ms_wait_for_pubcomp
         with self._out_message_mutex:
             if mid in self._out_messages:
                 return
             self._out_messages[mid] = msg
             self._inflight_messages += 1
-        if self.is_connected():
-            self._send_pubrel(mid)
+            if self._state == _ConnectionState.MQTT_CS_CONNECTED:
+                self._send_pubrel(mid)
+
+    def publish_again_unreleased(self) -> int:
+        """The broker lost our session (CONNACK without session present): a PUBREL for a message it answered
+        PUBREC to before would now get PUBCOMP without delivery. Send those messages again as new ones (the
+        agent may see one twice, with the same message id: never none). Called in on_connect, before paho
+        resends. Returns how many."""
+        n = 0
+        with self._out_message_mutex:
+            for msg in self._out_messages.values():
+                if msg.qos == 2 and msg.state in (mqtt.mqtt_ms_resend_pubrel, mqtt.mqtt_ms_wait_for_pubcomp):
+                    msg.state, msg.dup = mqtt.mqtt_ms_publish, False
+                    n += 1
+        return n
 
 
 class MqttBridge:
@@ -148,6 +170,7 @@ class MqttBridge:
         self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
         self._next_id = 0
+        self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=True, on_pubrec=self._on_pubrec)
         if username:
@@ -194,6 +217,15 @@ class MqttBridge:
         if rc.is_failure:
             log.error("MQTT broker %s:%s refused the connection: %s", self.host, self.port, rc)
             return
+        present = bool(getattr(flags, "session_present", False))
+        if self._session_kept is None:
+            self._session_kept = present  # first connection of this process: decides for restored exchanges
+        if not present:
+            again = self._client.publish_again_unreleased()
+            if again:
+                log.warning("the MQTT broker lost this gateway's session: %d message(s) whose hand-over was "
+                            "interrupted are published again (an agent may see one twice, same agw:message-id)",
+                            again)
         client.subscribe([(t, 1) for t in (topics.out_subscription(self.prefix),
                                             *topics.group_subscriptions(self.prefix))])
         self._loop.call_soon_threadsafe(self._connected.set)
@@ -312,10 +344,14 @@ class MqttBridge:
                 raise BrokerUnavailable(f"packet id {packet_id} is already being published")
             self._once[packet_id] = (fut, on_broker_has)
         self._client.reserved_ids.add(packet_id)
+        props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+        if released and self._session_kept is False:
+            released = False  # stored before a restart, but the broker forgot us: a PUBREL would deliver nothing
+            log.warning("publishing again a message the broker had acknowledged before it lost this gateway's "
+                        "session (packet id %d; the agent may see it twice)", packet_id)
         if released:
-            self._client.resume_released(packet_id, topic)
+            self._client.resume_released(packet_id, topic, payload, props)
         else:
-            props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
             info = self._client.publish_with_id(packet_id, topic, payload, props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 with self._lock:

@@ -7,7 +7,8 @@ under the same id (the broker drops it if it holds it); `BROKER_HAS` means the b
 PUBREL is sent. See gateway/bridge.py and docs/reliability.md.
 
 Record layout (inside the store's sealed value): version 0x02 | seq u64 | packet id u16 | phase u8 | message.
-Records written before this layout (seq u64 | message, first byte 0x00) read as WAITING.
+Records written before this layout (seq u64 | message; the sequence is a nanosecond clock, so the first byte is
+never 0x02) read as WAITING.
 """
 
 from __future__ import annotations

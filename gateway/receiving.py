@@ -182,7 +182,8 @@ class Receiving:
         with self.store.transaction(durable=False):
             for packet_id in packet_ids:
                 e = self._in_flight.get(packet_id)
-                if e is not None and e.phase is Phase.PUBLISHED:
+                # (An entry an operator purged meanwhile is not written back.)
+                if e is not None and e.phase is Phase.PUBLISHED and self.store.inbox.get(e.name) is not None:
                     e.phase = Phase.BROKER_HAS
                     self.store.inbox.put(e.name, e.record())
 
@@ -252,8 +253,10 @@ class Receiving:
         while True:
             if self.bridge.connected and pending:
                 await self._publish_inbox(pending)
+                pending = []
             await asyncio.sleep(1.0)
-            pending = [e for e in self._stored_inbox() if e.name not in self._publishing]
+            if self.bridge.connected:  # (while the broker is away the inbox only grows: no need to read it)
+                pending = [e for e in self._stored_inbox() if e.name not in self._publishing]
 
     def _stored_inbox(self) -> list[InboxEntry]:
         entries = []

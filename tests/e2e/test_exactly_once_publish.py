@@ -58,8 +58,9 @@ class Subscriber:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bob", protocol=mqtt.MQTTv5)
         c.username_pw_set("bob", AGENT_PW)
         c.on_message = self._on_message
+        c.on_connect = lambda client, *_: client.subscribe(TOPIC, qos=1)  # again after a broker restart
+        c.reconnect_delay_set(0.1, 1)
         c.connect("127.0.0.1", port)
-        c.subscribe(TOPIC, qos=1)
         c.loop_start()
         self.client = c
 
@@ -129,3 +130,24 @@ def test_crash_after_pubcomp_then_resume_does_not_deliver_again(broker, bob) -> 
     # the counts above are able to see a duplicate.
     run(broker, 103, "publish", "m3")
     assert bob.copies("m3") == 2
+
+
+def test_broker_that_lost_the_session_gets_the_message_again_not_never(broker, bob) -> None:
+    """PUBREC recorded, then the gateway and the broker both lose their state (the broker's persistence file is
+    gone): a PUBREL alone would be answered PUBCOMP with nothing delivered. The bridge sees the session is gone
+    and publishes the message again instead."""
+    b, _ = broker
+    first = run(broker, 104, "crash-after-record", "m4")
+    assert first.returncode == 9 and "recorded [104]" in first.stdout, first.stderr
+    b.stop()
+    for f in b.root.glob("*.db"):
+        f.unlink()
+    b.start()
+    deadline = time.monotonic() + 10
+    while not bob.client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)  # bob subscribes again on connect
+    again = run(broker, 104, "resume-released", "m4")
+    assert again.returncode == 0 and "pubcomp" in again.stdout, again.stderr
+    assert "lost this gateway's session" in again.stderr, again.stderr
+    assert bob.copies("m4") == 1
