@@ -69,7 +69,7 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage
+from gateway.protocol.mls.framing import MLSMessage, PublicMessage
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
@@ -119,6 +119,7 @@ class Groups(GroupMembership, GroupDelivery):
         self.mls_config = GroupConfig(
             identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
             credential_successor=fleet_successor(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
+            allow_external_commits=False,  # members join by Welcome only; see docs/threat-model.md
             max_past_epochs=2)
         self.signers: dict[str, AgentSigner] = {}
         self.retired: dict[str, list[AgentSigner]] = {}
@@ -668,7 +669,16 @@ class Groups(GroupMembership, GroupDelivery):
         try:
             result = g.process(msg, now=self.now_ms() // 1000)
         except MlsError as exc:
-            log.debug("group %s: message for %s dropped: %s", group, agent, exc)
+            if isinstance(msg.body, PublicMessage):
+                # A handshake message the relay ordered into this epoch and we refuse: say so, because the
+                # members that accepted it have moved on (a fork only an operator can resolve).
+                self.counters.dropped += 1
+                log.warning("group %s: refused a handshake message for %s at epoch %d: %s", group, agent, epoch,
+                            exc)
+                self.store.audit.append({"type": "group.refused", "group": group, "agent": agent, "epoch": epoch,
+                                         "reason": type(exc).__name__}, self.now_ms())
+            else:
+                log.debug("group %s: message for %s dropped: %s", group, agent, exc)
             return
         if isinstance(result, ApplicationMessage):
             self._accept_application(agent, group, g, result)
@@ -690,7 +700,11 @@ class Groups(GroupMembership, GroupDelivery):
         self.records.put_in(InEntry(os.urandom(16), agent, group, sender, app.epoch, app.data, self._seq))
 
     def _merge(self, agent: str, group: str, g: Group, staged: StagedCommit) -> None:
-        committer = g.tree.leaf(LeafIndex(staged.committer.index or 0))
+        if staged.committer.index is None:  # only members commit here (external commits are refused)
+            self.counters.dropped += 1
+            log.warning("group %s: refusing a commit without a member sender", group)
+            return
+        committer = g.tree.leaf(LeafIndex(staged.committer.index))
         who = agent_of(committer.credential) if committer is not None else "?"
         # Anything but fresh keys for the committer's own leaf (Update) changes the group: admins only.
         changes = any(not isinstance(p, Update) for p in staged.proposals)

@@ -38,6 +38,7 @@ from gateway.protocol.mls.extensions import Extension, find_extension
 from gateway.protocol.mls.key_package import Capabilities
 from gateway.protocol.mls.wire import CredentialType, ProtocolVersion
 
+CLOCK_SKEW = dt.timedelta(minutes=5)  # members' clocks may differ this much from the issuing device's
 SUITE = 1  # MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519: delegated keys are Ed25519
 ADMINS_EXTENSION = 0xFA01  # private-use group context extension: who may add and remove members
 
@@ -121,22 +122,35 @@ def fleet_validator(trust: Callable[[], FleetTrust], now: Callable[[], dt.dateti
 
 def fleet_successor(trust: Callable[[], FleetTrust], now: Callable[[], dt.datetime]) -> SuccessorValidator:
     """The gateway's SuccessorValidator (RFC 9420 5.3.1), for a member whose leaf changes key or credential
-    (after a delegated key renewal): the new chain verifies against the fleet CA now (validity, CRL), names the
-    same agent (`spiffe://<fleet>/device/<id>/agent/<name>`) as the old one, and is not older than it."""
-    check_chain = _chain_check(trust, now)
+    (after a delegated key renewal): the new chain is signed by the fleet CA, names the same agent
+    (`spiffe://<fleet>/device/<id>/agent/<name>`) as the old one, and is not older than it.
+
+    Every member must reach the same verdict, whatever its clock and whichever CRL it has seen: a commit the relay
+    accepted but some members refuse forks the group (RFC 9420 5.3.2 asks members to accept commits signed with
+    since-expired credentials for the same reason). So validity is checked at the new certificate's own start,
+    and revocation is left to the removal commits that follow a new CRL (`_revocations`). `now` is unused here
+    and kept for symmetry with `fleet_validator`."""
+    del now
+    new_start: list[dt.datetime] = []
+    check_chain = _chain_check(lambda: FleetTrust(trust().ca), lambda: new_start[-1])
 
     def validate(old: Credential, new: Credential) -> None:
         if agent_of(new) != agent_of(old):
             raise MlsCredentialError(f"a leaf of {agent_of(old)} cannot change its credential to {agent_of(new)}'s")
-        check_chain(new.certificates)
         try:
             old_leaf = x509.load_der_x509_certificate(old.certificates[0])
             new_leaf = x509.load_der_x509_certificate(new.certificates[0])
+            start = new_leaf.not_valid_before_utc
         except ValueError as exc:
             raise MlsCredentialError(f"unreadable certificate in credential: {exc}") from None
-        if new_leaf.not_valid_before_utc < old_leaf.not_valid_before_utc:
+        if start < old_leaf.not_valid_before_utc:
             raise MlsCredentialError(f"{agent_of(new)}: the new delegated certificate is older than the one it "
                                      "replaces")
+        new_start.append(start)
+        try:
+            check_chain(new.certificates)
+        finally:
+            new_start.clear()
 
     return validate
 
@@ -146,7 +160,10 @@ def _chain_check(trust: Callable[[], FleetTrust], now: Callable[[], dt.datetime]
     def check_chain(chain_der: tuple[bytes, ...]) -> None:
         try:
             certs = [x509.load_der_x509_certificate(c) for c in chain_der]
-            verified = trust().verify_chain(certs, now=now())
+            t = now()
+            if certs and t < certs[0].not_valid_before_utc <= t + CLOCK_SKEW:
+                t = certs[0].not_valid_before_utc  # a clock a little behind the issuer's must not fork the group
+            verified = trust().verify_chain(certs, now=t)
         except (ValueError, CertificateError) as exc:
             raise MlsCredentialError(f"credential rejected: {exc}") from None
         if verified.agent is None:

@@ -6,15 +6,16 @@ new key into every group the agent is in. The tests run in order on one fleet, e
 Keys are compared by the fingerprint `agw group show` prints for each member (SHA-256 of the leaf's signature
 key, 16 hex digits) against the delegated certificate the operator's command wrote.
 
-First, in process with a real fleet CA: the gateway's successor rule (same agent, fleet chain, not revoked, not
-older) as the MLS engine applies it to a rotation commit; then the group service in process (real stores and the
-relay's DeliveryService, in-memory network as in test_groups_service.py): a key renewed near its expiry, and a
-rotation commit that loses its epoch.
+First, in process with a real fleet CA: the gateway's successor rule (same agent, fleet chain, not older; a
+verdict that does not depend on the receiver's clock or CRL) as the MLS engine applies it to a rotation commit;
+then the group service in process (real stores and the relay's DeliveryService, in-memory network as in
+test_groups_service.py): a key renewed near its expiry, and a rotation commit that loses its epoch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -32,6 +33,7 @@ from gateway.protocol.identity.delegation import DelegatedKey, delegate
 from gateway.protocol.identity.names import AgentName, DeviceName
 from gateway.protocol.identity.trust import FleetTrust
 from gateway.protocol.mls.credentials import MlsCredentialError
+from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_state import StagedCommit
 from gateway.protocol.mls.key_package_bundle import create_key_package
@@ -96,10 +98,10 @@ def test_a_renewed_key_of_the_same_agent_is_accepted(ca: Fleet) -> None:
 
 
 REASONS = {"another agent": "cannot change its credential to dev-1/a9", "another device": "to dev-3/a1",
-           "older certificate": "older than the one it replaces", "revoked device": "revoked"}
+           "older certificate": "older than the one it replaces", "another fleet": "not signed by"}
 
 
-@pytest.mark.parametrize("case", ["another agent", "another device", "older certificate", "revoked device"])
+@pytest.mark.parametrize("case", ["another agent", "another device", "older certificate", "another fleet"])
 def test_a_rotation_the_fleet_does_not_vouch_for_is_refused(ca: Fleet, case: str) -> None:
     """A committer that holds valid fleet credentials tries to move its leaf to one that is not its successor
     (it builds the commit with a permissive policy); the receiver refuses it and stays as it was."""
@@ -113,11 +115,7 @@ def test_a_rotation_the_fleet_does_not_vouch_for_is_refused(ca: Fleet, case: str
     elif case == "older certificate":
         new = delegated(ca.device("dev-1"), "a1", NOW - dt.timedelta(hours=2))
     else:
-        device = ca.device("dev-4")
-        a, b = two_members(ca, delegated(device, "a1", NOW - dt.timedelta(hours=1)))
-        new = delegated(device, "a1")
-        ca.revoked.append(device.cert.serial_number)
-        crl = ca.crl_pem()
+        new = delegated(make_fleet().device("dev-1"), "a1")  # same names, another fleet CA
     try:
         cheat = Group(a.cs, a.state, a._signer, GroupConfig())  # test only: no checks on the sending side
         pending = cheat.commit(new_signer=new.signer, new_credential=new.credential)
@@ -128,6 +126,46 @@ def test_a_rotation_the_fleet_does_not_vouch_for_is_refused(ca: Fleet, case: str
         assert (receiver.epoch, receiver.state.tree.tree_hash(receiver.cs)) == (epoch, tree_hash)
     finally:
         ca.revoked.clear()
+
+
+def test_the_verdict_on_a_rotation_does_not_depend_on_the_receivers_clock(ca: Fleet) -> None:
+    """A member device certifies its agent's new key with a start 30 s in the future (its clock is ahead): members
+    whose clocks are behind it, or a few minutes ahead, must all reach the same verdict (the relay already ordered
+    the commit; a split verdict would fork the group)."""
+    device = ca.device("dev-5")
+    a, b = two_members(ca, delegated(device, "a1", NOW - dt.timedelta(hours=1)))
+    new = delegated(device, "a1", NOW + dt.timedelta(seconds=30))
+    pending = a.commit(new_signer=new.signer, new_credential=new.credential)
+    verdicts = []
+    trust = FleetTrust.from_pem(ca.ca_pem)
+    for clock in (NOW, NOW + dt.timedelta(minutes=3), NOW - dt.timedelta(minutes=2)):
+        config = GroupConfig(identity_validator=fleet_validator(lambda: trust, lambda c=clock: c),
+                             credential_successor=fleet_successor(lambda: trust, lambda c=clock: c))
+        receiver = Group(b.cs, b.state, b._signer, config)
+        verdicts.append(type(receiver.process(pending.message.to_bytes())).__name__)
+    assert verdicts == ["StagedCommit"] * 3
+
+
+def test_an_external_commit_is_refused_by_the_gateways_policy(ca: Fleet) -> None:
+    """A member device (valid fleet credentials, holds the epoch's secrets) builds the GroupInfo itself and sends
+    an external commit that removes another member and puts its own agent in that leaf. The gateway's groups
+    never use external joins, so they refuse any; the engine also checks, where they are allowed, that a resync
+    replaces only the joiner's own former leaf (RFC 9420 12.2)."""
+    from gateway.protocol.mls.external_join import join_external
+
+    a, b = two_members(ca, delegated(ca.device("dev-1"), "a1", NOW - dt.timedelta(hours=1)))
+    mallory = delegated(ca.device("dev-6"), "m1")
+    gi = a.group_info()
+    _, message = join_external(gi, mallory.signer, mallory.credential, remove_prior=b.own_leaf,
+                               ratchet_tree=a.tree, config=GroupConfig())
+    epoch = a.epoch
+    gateway_policy = Group(a.cs, a.state, a._signer, dataclasses.replace(fleet_config(ca),
+                                                                        allow_external_commits=False))
+    with pytest.raises(MlsError, match="does not accept external commits"):
+        gateway_policy.process(message.to_bytes())
+    with pytest.raises(MlsCredentialError, match="cannot change its credential"):
+        a.process(message.to_bytes())  # external commits allowed, but the removed leaf is not the joiner's
+    assert a.epoch == epoch
 
 
 # --- the group service in process: renewal near expiry, lost races ------------------------------------------

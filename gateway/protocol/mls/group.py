@@ -108,6 +108,9 @@ class GroupConfig:
     credential_successor: SuccessorValidator = accept_any_successor
     """Whether a member's new credential (a leaf replaced with another credential or signature key) is the same
     client as the old one (RFC 9420 section 5.3.1); the default accepts any, for tests and vectors only."""
+    allow_external_commits: bool = True
+    """Whether to accept commits from new members (external joins, RFC 9420 section 12.4.3.2). An application
+    that never uses them turns them off: then no one can join, or replace a member, without a member's commit."""
     external_psks: dict[bytes, bytes] = field(default_factory=dict, repr=False)
     padding_block: int = 32
     out_of_order_window: int = 32
@@ -562,6 +565,8 @@ class Group:
         committer = ac.content.sender
         if committer.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
             raise MlsError(f"a {committer.sender_type.name} sender cannot commit")
+        if committer.sender_type == SenderType.NEW_MEMBER_COMMIT and not self.config.allow_external_commits:
+            raise MlsError("this group does not accept external commits")
         items: list[ListedProposal] = []
         for por in commit.proposals:
             if isinstance(por, ProposalRef):
@@ -591,6 +596,12 @@ class Group:
         commit_secret = bytes(cs.hash_len)
         if committer.sender_type == SenderType.NEW_MEMBER_COMMIT:
             assert commit.path is not None
+            for gone in fx.removed:
+                # Resync: the joiner may remove only its own former leaf, so the new leaf must be the same
+                # client as the removed one (RFC 9420 section 12.2).
+                previous = st.tree.leaf(gone)
+                assert previous is not None
+                check_successor(previous, commit.path.leaf_node, self.config.credential_successor)
             committer_leaf = tree.add_leaf(commit.path.leaf_node)
         else:
             assert committer.index is not None
