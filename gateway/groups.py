@@ -498,6 +498,8 @@ class Groups(GroupMembership, GroupDelivery):
                     if renew or stamps.setdefault(agent, stamp) != stamp:
                         stamps[agent] = stamp
                         await self._refresh_signer(agent)
+                    if renew:
+                        self._prune_retired(agent)  # retired keys go once nothing needs them, not at restart
                 if self.link.state.value == "ready":
                     self._start_rotations()
             except Exception as exc:  # e.g. the token is busy: tried again on the next change or hourly check
