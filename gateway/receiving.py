@@ -105,10 +105,7 @@ class Receiving:
         data: list[tuple[str, InnerMessage]] = []
         t = now_ms()
         with self.store.transaction(durable=False):
-            for env in envelopes:
-                inner = self._open(env)
-                if inner is None:
-                    continue
+            for env, inner in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
@@ -198,16 +195,32 @@ class Receiving:
             if pending:
                 await self._publish_inbox([(name, name.split("/", 1)[0], inner) for _, inner, name in pending])
 
-    def _open(self, env: Envelope) -> InnerMessage | None:
-        """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
+    def _open(self, env: Envelope) -> list[InnerMessage]:
+        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message).
+        A bad envelope, or a bad message inside a verified batch, is audited and dropped without disturbing the
+        rest."""
         try:
-            return InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))
+            if env.kind is EnvelopeKind.PAIRWISE_BATCH:
+                out = []
+                for r in self.book.decrypt_batch(env.sender, env.ciphertext):
+                    if isinstance(r, ProtocolError):
+                        self._rejected(env, r)
+                        continue
+                    try:
+                        out.append(InnerMessage.decode(r))
+                    except ProtocolError as exc:
+                        self._rejected(env, exc)
+                return out
+            return [InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))]
         except ProtocolError as exc:
-            self.counters.bad_input += 1
-            log.warning("rejected an envelope from %s: %s", env.sender, exc)
-            self.store.audit.append({"type": "message.rejected", "peer": env.sender,
-                                     "reason": type(exc).__name__}, now_ms())
-            return None
+            self._rejected(env, exc)
+            return []
+
+    def _rejected(self, env: Envelope, exc: ProtocolError) -> None:
+        self.counters.bad_input += 1
+        log.warning("rejected an envelope from %s: %s", env.sender, exc)
+        self.store.audit.append({"type": "message.rejected", "peer": env.sender,
+                                 "reason": type(exc).__name__}, now_ms())
 
     def _admit(self, peer_device: str, inner: InnerMessage,
                settled: dict[tuple[str, str, str], ConsentState] | None = None) -> Verdict:

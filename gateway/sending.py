@@ -20,6 +20,7 @@ from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
 from gateway.store import OutboxFull, StoreError
 
@@ -33,6 +34,8 @@ RETRY_MAX_MS = 60_000
 OFFLINE_RETRY_MS = 5_000
 CONGESTED_RETRY_MS = 250
 SEND_WINDOW = 512  # envelopes per peer sent and not yet answered
+BATCH_MESSAGES = 512  # messages per signed pairwise batch
+BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -41,6 +44,21 @@ def _digest(m: AgentMessage) -> bytes:
     for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
+
+
+def _chunks(entries: list[Any]) -> list[list[Any]]:
+    """Split outbox entries into batches of at most BATCH_MESSAGES messages and about BATCH_BYTES bytes."""
+    out: list[list[Any]] = []
+    size = 0
+    for e in entries:
+        n = len(e.record) + ITEM_OVERHEAD
+        if out and len(out[-1]) < BATCH_MESSAGES and size + n <= BATCH_BYTES:
+            out[-1].append(e)
+            size += n
+        else:
+            out.append([e])
+            size = n
+    return out
 
 
 class Sending:
@@ -129,10 +147,7 @@ class Sending:
                 envelopes = []
                 try:
                     with self.store.transaction(durable=False):
-                        for e in entries:
-                            wire, setup = self.book.encrypt(peer, e.record)
-                            kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
-                            envelopes.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+                        envelopes = self._encrypt_entries(peer, entries)
                         delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
                         self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
                         self.book.flush()
@@ -141,6 +156,22 @@ class Sending:
                     continue
                 inflight.update((e.msg_id, t) for e in entries)
                 await self.link.send(envelopes)
+
+    def _encrypt_entries(self, peer: str, entries: list[Any]) -> list[Envelope]:
+        """Envelopes for outbox entries to one peer: signed v2 batches on an established session (one Ed25519
+        signature per batch), else one v1 message per entry (they carry the session setup). A batch's envelope
+        id is its first entry's message id, so an UNDELIVERABLE answer still names an outbox entry of the peer."""
+        out: list[Envelope] = []
+        for chunk in _chunks(entries):
+            wire = self.book.encrypt_batch(peer, [e.record for e in chunk])
+            if wire is not None:
+                out.append(Envelope(EnvelopeKind.PAIRWISE_BATCH, chunk[0].msg_id, self.device_id, peer, wire))
+                continue
+            for e in chunk:
+                wire, setup = self.book.encrypt(peer, e.record)
+                kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
+                out.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+        return out
 
     def _ensure_session(self, peer: str) -> None:
         if peer in self._fetching:

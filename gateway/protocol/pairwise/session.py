@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+from gateway.protocol.pairwise import batch as v2
 from gateway.protocol.pairwise import codec
 from gateway.protocol.pairwise.codec import Reader
 from gateway.protocol.pairwise.crypto import (
@@ -39,6 +40,7 @@ from gateway.protocol.pairwise.crypto import (
 )
 from gateway.protocol.pairwise.errors import (
     PairwiseDecodeError,
+    PairwiseError,
     PairwiseUsageError,
     UnexpectedMessageError,
 )
@@ -325,6 +327,70 @@ class PairwiseSession:
         if msg.setup is not None:
             self._check_repeated_setup(msg.setup)
         return self._open(msg)
+
+    def encrypt_batch(self, plaintexts: list[bytes]) -> bytes:
+        """Encrypts 1..1024 messages and signs them once (pairwise v2 batch, docs/protocol.md section 7.2).
+
+        Only on an established session: until the peer has answered, messages must carry the setup, one by one
+        (`encrypt`). Each message gets its own ratchet key and nonce, as with `encrypt`."""
+        if not self.can_encrypt:
+            raise PairwiseUsageError(
+                "this session is bound to another delegated key (rotated?); open a new session to send. "
+                "It can still decrypt what the peer sends on it."
+            )
+        if self._pending_setup is not None:
+            raise PairwiseUsageError("batches need an established session: send the setup messages with encrypt()")
+        if not 1 <= len(plaintexts) <= v2.MAX_BATCH_COUNT:
+            raise PairwiseUsageError(f"a batch holds 1..{v2.MAX_BATCH_COUNT} messages, not {len(plaintexts)}")
+        nonces = self._random(NONCE_LEN * len(plaintexts))
+        parts = [v2.encode_head(self.session_id, len(plaintexts))]
+        for i, plaintext in enumerate(plaintexts):
+            dh_public, pn, n, mk = self._ratchet.next_send()
+            header = encode_header(dh_public, pn, n, nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN])
+            parts.append(v2.encode_item(header, aead_encrypt(mk, header[-NONCE_LEN:], plaintext,
+                                                             v2.item_aad(self.session_id, header))))
+        body = b"".join(parts)
+        return body + self._signer.sign(v2.signed_data(self.local_device_id, self.peer_device_id, body))
+
+    def decrypt_batch(
+        self, batch: bytes | v2.PairwiseBatch, *, sender_device_id: str | None = None
+    ) -> list[bytes | PairwiseError]:
+        """Verifies the batch signature once, then decrypts each message in order.
+
+        A bad signature (or a batch for another session or sender) raises and changes nothing. After that, each
+        entry of the result is the plaintext, or the error of that message alone (replayed, outside the window,
+        bad tag), for which the session is unchanged.
+        """
+        if sender_device_id is not None and sender_device_id != self.peer_device_id:
+            raise UnexpectedMessageError(
+                f"batch for the session with {self.peer_device_id!r} came from {sender_device_id!r}"
+            )
+        b = batch if isinstance(batch, v2.PairwiseBatch) else v2.PairwiseBatch.parse(
+            batch, max_size=self.max_message_size
+        )
+        if not hmac.compare_digest(b.session_id, self.session_id):
+            raise UnexpectedMessageError("batch belongs to another session")
+        self.peer_verifier.verify(
+            v2.signed_data(self.peer_device_id, self.local_device_id, b.signed_part), b.signature,
+            f"batch from {self.peer_device_id!r}",
+        )
+        out: list[bytes | PairwiseError] = []
+        for item in b.items:
+            h = item.header
+            try:
+                plan = self._ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number,
+                                                     random=self._random)
+                plaintext = aead_decrypt(plan.message_key, h.nonce, item.ciphertext,
+                                         v2.item_aad(self.session_id, item.header_bytes))
+            except PairwiseError as exc:
+                out.append(exc)
+                continue
+            self._ratchet.commit(plan)
+            if self._pending_setup is not None:
+                self._pending_setup = None
+                self._head = None
+            out.append(plaintext)
+        return out
 
     def _check_repeated_setup(self, setup: PrekeySetup) -> None:
         """The initiator repeats its setup until answered; it must be the one this session was built from."""
