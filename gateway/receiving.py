@@ -124,8 +124,13 @@ class Receiving:
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage]] = []
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
+        # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
+        # (a sender's retry next to the original) is a duplicate of the first.
+        seen = self.store.delivered.seen_many([inner.message_id for _, inner in data]) if data else set()
         for peer, inner in data:
-            verdict = self._admit(peer, inner, settled)
+            verdict = self._admit(peer, inner, settled, seen)
+            if verdict.publish or verdict.ack:
+                seen.add(inner.message_id)
             if verdict.publish:
                 accepted.append((peer, inner))
             elif verdict.ack:
@@ -223,12 +228,14 @@ class Receiving:
                                  "reason": type(exc).__name__}, now_ms())
 
     def _admit(self, peer_device: str, inner: InnerMessage,
-               settled: dict[tuple[str, str, str], ConsentState] | None = None) -> Verdict:
-        """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once."""
+               settled: dict[tuple[str, str, str], ConsentState] | None = None,
+               seen: set[bytes] | None = None) -> Verdict:
+        """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once. `seen`: the ids of
+        the frame already delivered or held, looked up at once by the caller (else one query here)."""
         agent = inner.recipient_agent
         peer = f"{peer_device}/{inner.sender_agent}"
         t = now_ms()
-        if self.store.delivered.seen(inner.message_id):
+        if inner.message_id in seen if seen is not None else self.store.delivered.seen(inner.message_id):
             self.counters.duplicates += 1
             return ACK  # delivered (or held) before; the sender missed our ACK
         if inner.is_expired(t):

@@ -97,8 +97,7 @@ class Sending:
                 try:
                     with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                         self.store.outbox.put_many(items)
-                        for name, digest in ingested:
-                            self.store.secrets.put(name, digest)
+                        self.store.secrets.put_many(ingested)
                     break
                 except (OutboxFull, StoreError) as exc:
                     # Not acknowledged: the broker keeps the messages; we try again shortly.

@@ -48,7 +48,7 @@ def _subkey(dek: bytes, purpose: bytes) -> bytes:
 class Keyring:
     """The purpose subkeys derived from one DEK. Holds no reference to the DEK itself except for re-wrapping."""
 
-    __slots__ = ("_aead", "_audit_key", "_blind_cache", "_blind_key", "_check", "_dek")
+    __slots__ = ("_aead", "_audit_key", "_blind_cache", "_blind_key", "_blind_recent", "_check", "_dek")
 
     def __init__(self, dek: bytes) -> None:
         if len(dek) != DEK_BYTES:
@@ -57,7 +57,8 @@ class Keyring:
         self._aead = AESGCM(_subkey(dek, b"record"))
         self._audit_key = _subkey(dek, b"audit")
         self._blind_key = _subkey(dek, b"blind")
-        self._blind_cache: dict[tuple[str, str], bytes] = {}
+        self._blind_cache: dict[tuple[str, bytes | str], bytes] = {}
+        self._blind_recent: dict[tuple[str, bytes | str], bytes] = {}
         self._check = hmac.new(_subkey(dek, b"check"), _CHECK_LABEL, hashlib.sha256).digest()
 
     def __repr__(self) -> str:
@@ -104,19 +105,19 @@ class Keyring:
         """A deterministic, keyed row key for `value` within `domain` (a table or column name).
 
         Names (peer devices, agents, secret names) recur on every message, so their keys are memoised; message
-        ids (bytes) are not.
+        ids (bytes) are looked up several times each within a short time (seen, then marked; stored, marked as
+        sent, deleted on the ACK), so the most recent ones are memoised apart from the names.
         """
-        if isinstance(value, str):
-            cached = self._blind_cache.get((domain, value))
-            if cached is not None:
-                return cached
+        cache = self._blind_cache if isinstance(value, str) else self._blind_recent
+        cached = cache.get((domain, value))
+        if cached is not None:
+            return cached
         raw = value.encode() if isinstance(value, str) else value
         d = domain.encode()
         out = hmac.digest(self._blind_key, bytes([len(d)]) + d + raw, "sha256")[:BLIND_BYTES]
-        if isinstance(value, str):
-            if len(self._blind_cache) >= BLIND_CACHE:
-                self._blind_cache.clear()
-            self._blind_cache[(domain, value)] = out
+        if len(cache) >= BLIND_CACHE:
+            cache.clear()
+        cache[(domain, value)] = out
         return out
 
     def audit_mac(self, *parts: bytes) -> bytes:

@@ -8,9 +8,11 @@ never stores one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
+import sys
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -187,6 +189,21 @@ def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byt
         return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key))
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify") from None
+
+
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a CPython bytes object's buffer starts
+_CAN_WIPE = sys.implementation.name == "cpython"
+
+
+def wipe(secret: bytes) -> None:
+    """Best effort: overwrite a used-up key's bytes in place (CPython does not clear memory it frees, so a
+    deleted message key would otherwise stay readable in the process's heap until reused).
+
+    Only for a key the caller is about to drop and that nothing else references: a `bytes` object is immutable
+    to the rest of Python, so wiping one still in use would corrupt it.
+    """
+    if _CAN_WIPE and type(secret) is bytes and len(secret) == KEY_LEN:
+        ctypes.memset(id(secret) + _BYTES_DATA_OFFSET, 0, KEY_LEN)
 
 
 def sha256(data: bytes) -> bytes:

@@ -36,6 +36,7 @@ from gateway.protocol.pairwise.crypto import (
     dh,
     hkdf,
     sha256,
+    wipe,
     x25519_keypair,
 )
 from gateway.protocol.pairwise.errors import (
@@ -305,6 +306,7 @@ class PairwiseSession:
             self._head = prefix_head(self.session_id, self._pending_setup)
         aad = self._head + encode_header(dh_public, pn, n, nonce)
         body = aad + aead_encrypt(mk, nonce, plaintext, aad)
+        wipe(mk)
         return body + self._signer.sign(SIGNATURE_CONTEXT + body)
 
     def decrypt(self, message: bytes | PairwiseMessage, *, sender_device_id: str | None = None) -> bytes:
@@ -349,6 +351,7 @@ class PairwiseSession:
             header = encode_header(dh_public, pn, n, nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN])
             parts.append(v2.encode_item(header, aead_encrypt(mk, header[-NONCE_LEN:], plaintext,
                                                              v2.item_aad(self.session_id, header))))
+            wipe(mk)
         body = b"".join(parts)
         return body + self._signer.sign(v2.signed_data(self.local_device_id, self.peer_device_id, body))
 
@@ -376,21 +379,25 @@ class PairwiseSession:
         )
         out: list[bytes | PairwiseError] = []
         for item in b.items:
-            h = item.header
             try:
-                plan = self._ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number,
-                                                     random=self._random)
-                plaintext = aead_decrypt(plan.message_key, h.nonce, item.ciphertext,
-                                         v2.item_aad(self.session_id, item.header_bytes))
+                out.append(self._open_item(item))
             except PairwiseError as exc:
-                out.append(exc)
-                continue
-            self._ratchet.commit(plan)
-            if self._pending_setup is not None:
-                self._pending_setup = None
-                self._head = None
-            out.append(plaintext)
+                # Without its traceback: the frames it references would keep message keys alive (and a
+                # reference cycle through `out` would leave them to the cyclic collector).
+                out.append(exc.with_traceback(None))
         return out
+
+    def _open_item(self, item: v2.BatchItem) -> bytes:
+        h = item.header
+        plan = self._ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number,
+                                             random=self._random)
+        plaintext = aead_decrypt(plan.message_key, h.nonce, item.ciphertext,
+                                 v2.item_aad(self.session_id, item.header_bytes))
+        self._ratchet.commit(plan)
+        if self._pending_setup is not None:
+            self._pending_setup = None  # the peer has answered: it holds the session
+            self._head = None
+        return plaintext
 
     def _check_repeated_setup(self, setup: PrekeySetup) -> None:
         """The initiator repeats its setup until answered; it must be the one this session was built from."""
