@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gateway import topics
+from gateway import stages, topics
 from gateway.bridge import BrokerUnavailable
 from gateway.link import LinkDownError, LinkLost, LinkReady
 from gateway.protocol.envelope import Envelope, EnvelopeKind
@@ -104,6 +105,7 @@ class Receiving:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
         data: list[tuple[str, InnerMessage]] = []
         t = now_ms()
+        frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
             for env, inner in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
@@ -121,6 +123,9 @@ class Receiving:
                 else:
                     data.append((env.sender, inner))
             self.book.flush()
+        if stages.enabled:
+            stages.mark("b.frame", (inner.message_id for _, inner in data), frame_ns)
+            stages.mark("b.opened", (inner.message_id for _, inner in data))
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage]] = []
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
@@ -137,6 +142,7 @@ class Receiving:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
+        stages.mark("b.admitted", (inner.message_id for _, inner in accepted))
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.

@@ -12,10 +12,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from gateway import topics
+from gateway import stages, topics
 from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
@@ -72,6 +73,7 @@ class Sending:
             batch = [await q.get()]
             while not q.empty() and len(batch) < 512:
                 batch.append(q.get_nowait())
+            dequeued_ns = time.time_ns() if stages.enabled else 0
             items: list[tuple[bytes, str, bytes, int]] = []
             ingested: list[tuple[str, bytes]] = []
             t = now_ms()
@@ -103,6 +105,9 @@ class Sending:
                     # Not acknowledged: the broker keeps the messages; we try again shortly.
                     log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
                     await asyncio.sleep(1.0)
+            if stages.enabled:
+                stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
+                stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
             self.counters.sent += len(items)
@@ -154,6 +159,7 @@ class Sending:
                     log.warning("cannot encrypt for %s: %s", peer, exc)
                     continue
                 inflight.update((e.msg_id, t) for e in entries)
+                stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
 
     def _encrypt_entries(self, peer: str, entries: list[Any]) -> list[Envelope]:
