@@ -20,6 +20,7 @@ from gateway.protocol.pairwise import (
     PrekeyBundle,
     PrekeyStore,
 )
+from gateway.protocol.pairwise.crypto import wipe
 from gateway.protocol.pairwise.errors import PairwiseError, UnexpectedMessageError
 from gateway.store import Store
 
@@ -85,8 +86,12 @@ class SessionBook:
         return self._sessions[peer]
 
     def _save(self, peer: str) -> None:
-        blob = b"".join(struct.pack(">I", len(e)) + e for e in (s.encode() for s in self._sessions[peer]))
-        self.store.sessions.put(peer, blob)
+        states = [s.encode() for s in self._sessions[peer]]
+        pieces = [struct.pack(">I", len(e)) + e for e in states]
+        blob = b"".join(pieces)
+        self.store.sessions.put(peer, blob, secret=True)
+        for temporary in (*states, *pieces, blob):  # copies of message and chain keys: not left in freed memory
+            wipe(temporary)
         self._dirty.discard(peer)
 
     def flush(self) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codec import expect, pack, unpack
+from .codec import expect, pack, unpack, wipe_bytes
 from .crypto import Keyring
 from .db import Database
 from .errors import InvalidRecord
@@ -78,12 +78,16 @@ class KeyedBlobs:
     def _k(self, name: str) -> bytes:
         return self._keys.blind(self._table, _check_name(name, "a name"))
 
-    def put(self, name: str, value: bytes) -> None:
-        """Insert or replace (a fresh nonce every time)."""
+    def put(self, name: str, value: bytes, *, secret: bool = False) -> None:
+        """Insert or replace (a fresh nonce every time). `secret`: the packed plaintext is overwritten once
+        sealed, so the value (e.g. session state with message keys) is not left in freed memory."""
         if not isinstance(value, bytes):
             raise InvalidRecord("values are bytes")
         k = self._k(name)
-        blob = self._keys.seal(self._table, k, pack((name, value)))
+        plaintext = pack((name, value))
+        blob = self._keys.seal(self._table, k, plaintext)
+        if secret:
+            wipe_bytes(plaintext)
         with self._db.write(f"writing {self._table}") as conn:
             conn.execute(
                 f"INSERT INTO {self._table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",  # noqa: S608

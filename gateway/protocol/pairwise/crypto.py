@@ -196,14 +196,16 @@ _CAN_WIPE = sys.implementation.name == "cpython"
 
 
 def wipe(secret: bytes) -> None:
-    """Best effort: overwrite a used-up key's bytes in place (CPython does not clear memory it frees, so a
-    deleted message key would otherwise stay readable in the process's heap until reused).
+    """Best effort: overwrite a used-up secret's bytes in place (CPython does not clear memory it frees, so a
+    deleted message key, or a serialised state holding keys, would otherwise stay readable in the process's heap
+    until reused).
 
-    Only for a key the caller is about to drop and that nothing else references: a `bytes` object is immutable
-    to the rest of Python, so wiping one still in use would corrupt it.
+    Only for an object the caller made and is about to drop, that nothing else references: a `bytes` object is
+    immutable to the rest of Python, so wiping one still in use would corrupt it. Objects of 0 or 1 bytes are
+    shared by the interpreter and left alone.
     """
-    if _CAN_WIPE and type(secret) is bytes and len(secret) == KEY_LEN:
-        ctypes.memset(id(secret) + _BYTES_DATA_OFFSET, 0, KEY_LEN)
+    if _CAN_WIPE and type(secret) is bytes and len(secret) > 1:
+        ctypes.memset(id(secret) + _BYTES_DATA_OFFSET, 0, len(secret))
 
 
 def sha256(data: bytes) -> bytes:

@@ -454,7 +454,8 @@ class PairwiseSession:
     # -- persistence ------------------------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        """Versioned state for the encrypted store. Contains secrets: never write it anywhere unencrypted."""
+        """Versioned state for the encrypted store. Contains secrets: never write it anywhere unencrypted, and
+        `crypto.wipe` it once sealed."""
         parts = [
             codec.u8(STATE_VERSION), self.session_id, codec.u8(self.role), codec.text8(self.local_device_id),
             codec.text8(self.peer_device_id), codec.opaque16(self.peer_credential), self.peer_verifier.raw,
@@ -464,8 +465,11 @@ class PairwiseSession:
             parts.append(b"\x00")
         else:
             parts += [b"\x01", self._pending_setup.encode()]
-        parts.append(self._ratchet.encode())
-        return b"".join(parts)
+        ratchet = self._ratchet.encode()
+        parts.append(ratchet)
+        out = b"".join(parts)
+        wipe(ratchet)  # a copy of every key: do not leave it in freed memory
+        return out
 
     @classmethod
     def decode(cls, data: bytes, *, signer: MessageSigner, random: RandomSource = os.urandom) -> PairwiseSession:
