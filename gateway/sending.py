@@ -48,13 +48,14 @@ def _digest(m: AgentMessage) -> bytes:
     return h.digest()[:16]
 
 
-def _chunks(entries: list[Any]) -> list[list[Any]]:
-    """Split outbox entries into batches of at most BATCH_MESSAGES messages and about BATCH_BYTES bytes."""
+def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]:
+    """Split outbox entries into batches of at most BATCH_MESSAGES messages and `max_bytes` bytes of messages (a
+    single larger message goes alone, as it would unbatched)."""
     out: list[list[Any]] = []
     size = 0
     for e in entries:
         n = len(e.record) + ITEM_OVERHEAD
-        if out and len(out[-1]) < BATCH_MESSAGES and size + n <= BATCH_BYTES:
+        if out and len(out[-1]) < BATCH_MESSAGES and size + n <= max_bytes:
             out[-1].append(e)
             size += n
         else:
@@ -171,7 +172,9 @@ class Sending:
         signature per batch), else one v1 message per entry (they carry the session setup). A batch's envelope
         id is its first entry's message id, so an UNDELIVERABLE answer still names an outbox entry of the peer."""
         out: list[Envelope] = []
-        for chunk in _chunks(entries):
+        # Below the link's envelope limit, with room for the envelope and batch headers.
+        max_bytes = min(BATCH_BYTES, self.link.config.max_envelope_size - 1024)
+        for chunk in _chunks(entries, max_bytes):
             wire = self.book.encrypt_batch(peer, [e.record for e in chunk])
             if wire is not None:
                 out.append(Envelope(EnvelopeKind.PAIRWISE_BATCH, chunk[0].msg_id, self.device_id, peer, wire))
