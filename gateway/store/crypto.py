@@ -4,7 +4,8 @@ One random 32-byte data-encryption key (DEK) per store, kept on disk only wrappe
 Every purpose gets its own subkey from HKDF-SHA256 of the DEK, so a weakness in one use (say, blind indexes,
 which are deterministic by design) says nothing about another:
 
-- `record`: AES-256-GCM for every stored value. Nonce: 12 random bytes per write. Associated data: a format
+- `record`: AES-256-GCM for every stored value. Nonce: 12 random bytes per write (from `os.urandom`, read in
+  4 KiB blocks). Associated data: a format
   byte, the table name and the row key, so a ciphertext copied into another row or table fails to open.
 - `audit`: HMAC-SHA256 chaining the audit log.
 - `blind`: HMAC-SHA256 "blind indexes", so peer ids, message ids and secret names need not appear in the file
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.protocol.message import RandomPool
+
 from .errors import StoreCorrupt
 
 DEK_BYTES = 32
@@ -34,6 +37,7 @@ MAC_BYTES = 32
 RECORD_FORMAT = 1
 _INFO_PREFIX = b"agw-store v1 "
 _CHECK_LABEL = b"agw-store dek check"
+_NONCES = RandomPool()  # record nonces: random, one system call per 4 KiB of them
 
 
 def new_dek() -> bytes:
@@ -85,7 +89,7 @@ class Keyring:
 
     def seal(self, table: str, key: bytes, plaintext: bytes) -> bytes:
         """Encrypt one value bound to its row: `format || nonce || ciphertext || tag`."""
-        nonce = os.urandom(NONCE_BYTES)
+        nonce = _NONCES.take(NONCE_BYTES)
         return bytes([RECORD_FORMAT]) + nonce + self._aead.encrypt(nonce, plaintext, self._ad(table, key))
 
     def open(self, table: str, key: bytes, blob: bytes) -> bytes:
