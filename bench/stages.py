@@ -11,7 +11,8 @@ measured exchanges; the JSON goes to DIR/stages.json.
 Segments (A = the pinger's gateway, B = the echoer's; the same stages then run the other way for the reply):
     client publish -> A a.dequeued   Mosquitto A, paho's network thread, hand-off to the event loop, queue wait
     a.dequeued -> a.stored           the outbox commit (fsync with store.durability power-loss)
-    a.stored -> a.sent               PUBACK to the broker, sender loop wake-up, encrypt + sign
+    a.stored -> a.due                PUBACKs to the broker, sender loop wake-up, expiry, reading the due entries
+    a.due -> a.sent                  encrypt + sign, attempt marks and session state in one commit
     a.sent -> B b.frame              link writer, TLS + WebSocket, relay, B's link reader, hand-off to the loop
     b.frame -> b.opened              verify + decrypt (one transaction)
     b.opened -> b.admitted           duplicate and consent checks
@@ -32,7 +33,7 @@ from typing import Any
 from bench.__main__ import load
 from bench.paths import DEV_A, DEV_B, OurPath
 
-STAGES = ["a.dequeued", "a.stored", "a.sent", "b.frame", "b.opened", "b.admitted"]
+STAGES = ["a.dequeued", "a.stored", "a.due", "a.sent", "b.frame", "b.opened", "b.admitted"]
 
 
 def _trace(path: Path) -> dict[str, dict[str, int]]:

@@ -139,6 +139,7 @@ class Sending:
                     self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                              "attempts": entry.attempts}, t)
             due = self.store.outbox.due(t, limit=SEND_WINDOW)
+            stages.mark("a.due", (e.msg_id for e in due))
             by_peer: dict[str, list[Any]] = defaultdict(list)
             for e in due:
                 if self._peer_retry_at.get(e.peer_device, 0) <= t:
