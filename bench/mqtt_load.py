@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -164,9 +165,12 @@ def _echoer(spec: dict[str, Any], ready: Any, stop: Any) -> None:
     side = _side(spec["echo"])
     c = _client(f"bench-echo-{os.getpid()}", side, 100)
     reply = spec["echo"]["pub_topic"]
+    times: list[tuple[int, int]] = []  # (received, replied) in time_ns, when spec["trace"] names a directory
 
     def on_message(cl: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        t = time.time_ns()
         cl.publish(reply, m.payload, qos=1)
+        times.append((t, time.time_ns()))
 
     c.on_message = on_message
     c.on_subscribe = lambda *a: ready.set()
@@ -175,6 +179,8 @@ def _echoer(spec: dict[str, Any], ready: Any, stop: Any) -> None:
     stop.wait(float(spec["limit_s"]) + 60)
     c.loop_stop()
     c.disconnect()
+    if spec.get("trace"):
+        (Path(spec["trace"]) / "echo.json").write_text(json.dumps(times))
 
 
 def rtt(spec: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +209,7 @@ def rtt(spec: dict[str, Any]) -> dict[str, Any]:
     subbed.wait(10)
     time.sleep(0.3)
     lat: list[float] = []
+    ping_times: list[tuple[int, int]] = []  # (published, reply received) in time_ns, measured exchanges only
     lost = 0
     deadline = time.monotonic() + limit
     topic = spec["ping"]["pub_topic"]
@@ -213,16 +220,20 @@ def rtt(spec: dict[str, Any]) -> dict[str, Any]:
         want[0] = struct.pack(">Q", i) + b"x" * 248
         got.clear()
         t = time.perf_counter()
+        t_ns = time.time_ns()
         c.publish(topic, want[0], qos=1)
         if not got.wait(30 if i == 0 else 5):
             lost += i >= warm
             continue
         if i >= warm:
             lat.append((time.perf_counter() - t) * 1e3)
+            ping_times.append((t_ns, time.time_ns()))
     stop.set()
     p.join(10)
     c.loop_stop()
     c.disconnect()
+    if spec.get("trace"):
+        (Path(spec["trace"]) / "ping.json").write_text(json.dumps(ping_times))
     lat.sort()
     if not lat:
         return {"n": 0, "lost": lost}

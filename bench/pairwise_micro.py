@@ -1,7 +1,8 @@
 """Micro-benchmark of the pairwise channel: messages/s for encrypt+sign and verify+decrypt of 256-byte
-payloads on one core, next to the bare primitives each message costs (the floor), with ratios.
+payloads on one core, v1 (one signature per message) and v2 batches (one per batch), next to the bare primitives a
+v1 message costs (the floor), with ratios.
 
-    .venv/bin/python bench/pairwise_micro.py [--messages 20000] [--size 256] [--repeat 3]
+    .venv/bin/python bench/pairwise_micro.py [--messages 20000] [--size 256] [--repeat 3] [--batch 256]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is reported")
+    parser.add_argument("--batch", type=int, default=256, help="messages per v2 batch")
     args = parser.parse_args()
     n, payload = args.messages, os.urandom(args.size)
 
@@ -60,9 +62,19 @@ def main() -> int:
             aead_decrypt(key, nonce, ct, b"h" * 80)
 
     encrypt_rate = decrypt_rate = full_send = full_recv = send_floor = recv_floor = 0.0
+    batch_send = batch_recv = 0.0
     wires: list[bytes] = []
     full: list[bytes] = []
+    batches: list[bytes] = []
+    per = args.batch
+
+    def send_batches() -> None:
+        batches.clear()
+        batches.extend(a.encrypt_batch([payload] * per) for _ in range(n // per))
+
     for _ in range(args.repeat):  # best of N, all measurements interleaved: the box is shared
+        batch_send = max(batch_send, rate(n // per * per, send_batches))
+        batch_recv = max(batch_recv, rate(n // per * per, lambda: [b.decrypt_batch(w) for w in batches]))
         wires.clear()
         encrypt_rate = max(encrypt_rate, rate(n, lambda: wires.extend(a.encrypt(payload) for _ in range(n))))
         send_floor = max(send_floor, rate(n, floor_send))
@@ -81,6 +93,8 @@ def main() -> int:
         ("verify+decrypt (session)", decrypt_rate, recv_floor),
         ("inner encode + encrypt+sign", full_send, send_floor),
         ("verify+decrypt + inner decode", full_recv, recv_floor),
+        (f"v2 batches of {per}: encrypt, sign once", batch_send, send_floor),
+        (f"v2 batches of {per}: verify once, decrypt", batch_recv, recv_floor),
         ("floor: HMAC step + AEAD + Ed25519 sign", send_floor, send_floor),
         ("floor: Ed25519 verify + HMAC step + AEAD", recv_floor, recv_floor),
     ]

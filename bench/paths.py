@@ -62,6 +62,7 @@ class OurPath:
     root: Path
     profile_dir: Path | None = None  # when set, both gateways run under cProfile and write their profiles here
     durability: str | None = None  # experiment: the gateways' store.durability ("crash" skips the fsync)
+    stage_dir: Path | None = None  # when set, each gateway writes per-stage timestamps here (bench/stages.py)
     bed: Testbed | None = None
 
     def start(self) -> None:
@@ -76,6 +77,9 @@ class OurPath:
             for gw in bed.gateways.values():
                 gw.config.write_text(gw.config.read_text() + f"store:\n  durability: {self.durability}\n")
         for name, gw in bed.gateways.items():
+            if self.stage_dir is not None:
+                self.stage_dir.mkdir(parents=True, exist_ok=True)
+                gw.env["AGW_STAGE_TRACE"] = str(self.stage_dir / f"{name}.trace")
             if self.profile_dir is not None:
                 start_profiled(gw, self.profile_dir / f"gateway-{name}.prof")
             else:

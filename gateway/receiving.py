@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from gateway import topics
+from gateway import stages, topics
 from gateway.bridge import BrokerUnavailable
 from gateway.inbox import InboxEntry, InboxRecordError, Phase
 from gateway.link import LinkDownError, LinkLost, LinkReady
@@ -94,11 +95,9 @@ class Receiving:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
         data: list[tuple[str, InnerMessage]] = []
         t = now_ms()
+        frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
-            for env in envelopes:
-                inner = self._open(env)
-                if inner is None:
-                    continue
+            for env, inner in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
@@ -114,17 +113,26 @@ class Receiving:
                 else:
                     data.append((env.sender, inner))
             self.book.flush()
+        if stages.enabled:
+            stages.mark("b.frame", (inner.message_id for _, inner in data), frame_ns)
+            stages.mark("b.opened", (inner.message_id for _, inner in data))
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage]] = []
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
+        # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
+        # (a sender's retry next to the original) is a duplicate of the first.
+        seen = self.store.delivered.seen_many([inner.message_id for _, inner in data]) if data else set()
         for peer, inner in data:
-            verdict = self._admit(peer, inner, settled)
+            verdict = self._admit(peer, inner, settled, seen)
+            if verdict.publish or verdict.ack:
+                seen.add(inner.message_id)
             if verdict.publish:
                 accepted.append((peer, inner))
             elif verdict.ack:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
+        stages.mark("b.admitted", (inner.message_id for _, inner in accepted))
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.
@@ -267,24 +275,42 @@ class Receiving:
                 continue  # reported once at start-up
         return sorted(entries, key=lambda e: e.seq)
 
-    def _open(self, env: Envelope) -> InnerMessage | None:
-        """Verify and decrypt one envelope; a bad one is audited and dropped without disturbing the rest."""
+    def _open(self, env: Envelope) -> list[InnerMessage]:
+        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message).
+        A bad envelope, or a bad message inside a verified batch, is audited and dropped without disturbing the
+        rest."""
         try:
-            return InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))
+            if env.kind is EnvelopeKind.PAIRWISE_BATCH:
+                out = []
+                for r in self.book.decrypt_batch(env.sender, env.ciphertext):
+                    if isinstance(r, ProtocolError):
+                        self._rejected(env, r)
+                        continue
+                    try:
+                        out.append(InnerMessage.decode(r))
+                    except ProtocolError as exc:
+                        self._rejected(env, exc)
+                return out
+            return [InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))]
         except ProtocolError as exc:
-            self.counters.bad_input += 1
-            log.warning("rejected an envelope from %s: %s", env.sender, exc)
-            self.store.audit.append({"type": "message.rejected", "peer": env.sender,
-                                     "reason": type(exc).__name__}, now_ms())
-            return None
+            self._rejected(env, exc)
+            return []
+
+    def _rejected(self, env: Envelope, exc: ProtocolError) -> None:
+        self.counters.bad_input += 1
+        log.warning("rejected an envelope from %s: %s", env.sender, exc)
+        self.store.audit.append({"type": "message.rejected", "peer": env.sender,
+                                 "reason": type(exc).__name__}, now_ms())
 
     def _admit(self, peer_device: str, inner: InnerMessage,
-               settled: dict[tuple[str, str, str], ConsentState] | None = None) -> Verdict:
-        """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once."""
+               settled: dict[tuple[str, str, str], ConsentState] | None = None,
+               seen: set[bytes] | None = None) -> Verdict:
+        """Decide what to do with a DATA message: PUBLISH it to the agent, or answer at once. `seen`: the ids of
+        the frame already delivered or held, looked up at once by the caller (else one query here)."""
         agent = inner.recipient_agent
         peer = f"{peer_device}/{inner.sender_agent}"
         t = now_ms()
-        if self.store.delivered.seen(inner.message_id):
+        if inner.message_id in seen if seen is not None else self.store.delivered.seen(inner.message_id):
             self.counters.duplicates += 1
             return ACK  # delivered (or held) before; the sender missed our ACK
         if inner.is_expired(t):

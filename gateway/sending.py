@@ -12,14 +12,16 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
-from gateway import topics
+from gateway import stages, topics
 from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
 from gateway.store import OutboxFull, StoreError
 
@@ -32,7 +34,10 @@ RETRY_MIN_MS = 5_000
 RETRY_MAX_MS = 60_000
 OFFLINE_RETRY_MS = 5_000
 CONGESTED_RETRY_MS = 250
+EXPIRE_EVERY_MS = 1_000  # how often the sender removes expired outbox entries
 SEND_WINDOW = 512  # envelopes per peer sent and not yet answered
+BATCH_MESSAGES = 256  # messages per signed pairwise batch
+BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -41,6 +46,22 @@ def _digest(m: AgentMessage) -> bytes:
     for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
+
+
+def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]:
+    """Split outbox entries into batches of at most BATCH_MESSAGES messages and `max_bytes` bytes of messages (a
+    single larger message goes alone, as it would unbatched)."""
+    out: list[list[Any]] = []
+    size = 0
+    for e in entries:
+        n = len(e.record) + ITEM_OVERHEAD
+        if out and len(out[-1]) < BATCH_MESSAGES and size + n <= max_bytes:
+            out[-1].append(e)
+            size += n
+        else:
+            out.append([e])
+            size = n
+    return out
 
 
 class Sending:
@@ -54,6 +75,7 @@ class Sending:
             batch = [await q.get()]
             while not q.empty() and len(batch) < 512:
                 batch.append(q.get_nowait())
+            dequeued_ns = time.time_ns() if stages.enabled else 0
             items: list[tuple[bytes, str, bytes, int]] = []
             ingested: list[tuple[str, bytes]] = []
             t = now_ms()
@@ -79,13 +101,15 @@ class Sending:
                 try:
                     with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                         self.store.outbox.put_many(items)
-                        for name, digest in ingested:
-                            self.store.secrets.put(name, digest)
+                        self.store.secrets.put_many(ingested)
                     break
                 except (OutboxFull, StoreError) as exc:
                     # Not acknowledged: the broker keeps the messages; we try again shortly.
                     log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
                     await asyncio.sleep(1.0)
+            if stages.enabled:
+                stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
+                stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
             self.counters.sent += len(items)
@@ -101,6 +125,7 @@ class Sending:
                             content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)
 
     async def _sender_loop(self) -> None:
+        expired_at = 0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake_sender.wait(), 1.0)
@@ -108,10 +133,13 @@ class Sending:
             if self.link.state.value != "ready":
                 continue
             t = now_ms()
-            for entry in self.store.outbox.expire(t):
-                self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
-                                         "attempts": entry.attempts}, t)
+            if t - expired_at >= EXPIRE_EVERY_MS:  # not on every wake: `due` skips expired entries anyway
+                expired_at = t
+                for entry in self.store.outbox.expire(t):
+                    self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
+                                             "attempts": entry.attempts}, t)
             due = self.store.outbox.due(t, limit=SEND_WINDOW)
+            stages.mark("a.due", (e.msg_id for e in due))
             by_peer: dict[str, list[Any]] = defaultdict(list)
             for e in due:
                 if self._peer_retry_at.get(e.peer_device, 0) <= t:
@@ -129,10 +157,7 @@ class Sending:
                 envelopes = []
                 try:
                     with self.store.transaction(durable=False):
-                        for e in entries:
-                            wire, setup = self.book.encrypt(peer, e.record)
-                            kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
-                            envelopes.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+                        envelopes = self._encrypt_entries(peer, entries)
                         delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
                         self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
                         self.book.flush()
@@ -140,7 +165,26 @@ class Sending:
                     log.warning("cannot encrypt for %s: %s", peer, exc)
                     continue
                 inflight.update((e.msg_id, t) for e in entries)
+                stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
+
+    def _encrypt_entries(self, peer: str, entries: list[Any]) -> list[Envelope]:
+        """Envelopes for outbox entries to one peer: signed v2 batches on an established session (one Ed25519
+        signature per batch), else one v1 message per entry (they carry the session setup). A batch's envelope
+        id is its first entry's message id, so an UNDELIVERABLE answer still names an outbox entry of the peer."""
+        out: list[Envelope] = []
+        # Below the link's envelope limit, with room for the envelope and batch headers.
+        max_bytes = min(BATCH_BYTES, self.link.config.max_envelope_size - 1024)
+        for chunk in _chunks(entries, max_bytes):
+            wire = self.book.encrypt_batch(peer, [e.record for e in chunk])
+            if wire is not None:
+                out.append(Envelope(EnvelopeKind.PAIRWISE_BATCH, chunk[0].msg_id, self.device_id, peer, wire))
+                continue
+            for e in chunk:
+                wire, setup = self.book.encrypt(peer, e.record)
+                kind = EnvelopeKind.PREKEY if setup else EnvelopeKind.PAIRWISE
+                out.append(Envelope(kind, e.msg_id, self.device_id, peer, wire))
+        return out
 
     def _ensure_session(self, peer: str) -> None:
         if peer in self._fetching:

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from gateway.protocol.pairwise import (
     MessageSigner,
     OneTimePrekey,
+    PairwiseBatch,
     PairwiseMessage,
     PairwiseSession,
     PrekeyBundle,
     PrekeyStore,
 )
-from gateway.protocol.pairwise.errors import UnexpectedMessageError
+from gateway.protocol.pairwise.crypto import wipe
+from gateway.protocol.pairwise.errors import PairwiseError, UnexpectedMessageError
 from gateway.store import Store
 
 MAX_SESSIONS_PER_PEER = 3
@@ -84,8 +86,12 @@ class SessionBook:
         return self._sessions[peer]
 
     def _save(self, peer: str) -> None:
-        blob = b"".join(struct.pack(">I", len(e)) + e for e in (s.encode() for s in self._sessions[peer]))
-        self.store.sessions.put(peer, blob)
+        states = [s.encode() for s in self._sessions[peer]]
+        pieces = [struct.pack(">I", len(e)) + e for e in states]
+        blob = b"".join(pieces)
+        self.store.sessions.put(peer, blob, secret=True)
+        for temporary in (*states, *pieces, blob):  # copies of message and chain keys: not left in freed memory
+            wipe(temporary)
         self._dirty.discard(peer)
 
     def flush(self) -> None:
@@ -127,6 +133,31 @@ class SessionBook:
                 self._dirty.add(peer)
                 return wire, not session.established
         raise LookupError(f"no session with {peer}")
+
+    def encrypt_batch(self, peer: str, plaintexts: list[bytes]) -> bytes | None:
+        """One signed v2 batch of `plaintexts` on the current session, or None if that session is not yet
+        established (its messages must carry the setup: use `encrypt` for each)."""
+        for session in self.sessions(peer):
+            if session.can_encrypt:
+                if not session.established:
+                    return None
+                wire = session.encrypt_batch(plaintexts)
+                self._dirty.add(peer)
+                return wire
+        raise LookupError(f"no session with {peer}")
+
+    def decrypt_batch(self, peer: str, wire: bytes) -> list[bytes | PairwiseError]:
+        """Verify a v2 batch from `peer` once, then decrypt each message; see PairwiseSession.decrypt_batch."""
+        batch = PairwiseBatch.parse(wire)
+        lst = self.sessions(peer)
+        for i, session in enumerate(lst):
+            if session.session_id == batch.session_id:
+                out = session.decrypt_batch(batch, sender_device_id=peer)
+                if i and any(isinstance(r, bytes) for r in out):
+                    lst.insert(0, lst.pop(i))
+                self._dirty.add(peer)
+                return out
+        raise UnexpectedMessageError(f"batch from {peer} names a session we do not have")
 
     def decrypt(self, peer: str, wire: bytes) -> bytes:
         """Decrypt a message from `peer`, accepting a new session if it is a setup message."""

@@ -41,6 +41,7 @@ class EnvelopeKind(enum.IntEnum):
     E2E_ACK = 2  # an end-to-end delivery acknowledgement (encrypted)
     PREKEY = 3  # a pairwise session-setup message built from a prekey bundle
     GROUP = 4  # an MLS message (the relay as MLS Delivery Service)
+    PAIRWISE_BATCH = 5  # a pairwise v2 batch: several ratchet messages to one peer under one signature
 
 
 @functools.lru_cache(maxsize=4096)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -202,9 +203,39 @@ class InnerMessage:
         return now_ms >= self.expires_at_ms
 
 
+class RandomPool:
+    """`os.urandom` bytes read in blocks and handed out in slices: one system call per `block` bytes instead of
+    one per id or nonce. Every slice is handed out once (under a lock, so threads never share one), and a forked
+    child drops the parent's unused bytes, so two processes never hand out the same ones."""
+
+    def __init__(self, block: int = 4096) -> None:
+        self._block = block
+        self._buf = b""
+        self._pos = 0
+        self._lock = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._buf, self._pos = b"", 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bytes:
+        if n > self._block:
+            return os.urandom(n)
+        with self._lock:
+            if self._pos + n > len(self._buf):
+                self._buf, self._pos = os.urandom(self._block), 0
+            out = self._buf[self._pos : self._pos + n]
+            self._pos += n
+            return out
+
+
+_IDS = RandomPool()
+
+
 def new_message_id() -> bytes:
     """A fresh random 16-byte message id (random, so ids reveal nothing about order or volume)."""
-    return os.urandom(MESSAGE_ID_LEN)
+    return _IDS.take(MESSAGE_ID_LEN)
 
 
 def _check(m: InnerMessage, max_payload: int) -> str | None:

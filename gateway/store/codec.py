@@ -7,8 +7,10 @@ an auditor should be able to recompute it with any JSON library.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,33 +19,42 @@ from .errors import InvalidRecord, StoreCorrupt
 Field = bytes | str | int | None
 
 _NONE, _INT, _BYTES, _STR = 0, 1, 2, 3
+_NONE_TAG, _INT_TAG, _BYTES_TAG, _STR_TAG = b"\x00", b"\x01", b"\x02", b"\x03"
 _LEN = struct.Struct(">I")
 _I64 = struct.Struct(">q")
 
 
 def pack(fields: Sequence[Field]) -> bytes:
-    """Encode a tuple of fields; bools are rejected (use ints) so decoding gives back exactly what went in."""
-    out = bytearray()
+    """Encode a tuple of fields; bools are rejected (use ints) so decoding gives back exactly what went in.
+
+    Built with one join (one allocation of the result, no growing buffer whose old copies would be freed
+    unwiped), so `wipe_bytes` on the result removes the only copy this function made of a secret value."""
+    out: list[bytes] = []
     for f in fields:
         if f is None:
-            out.append(_NONE)
+            out.append(_NONE_TAG)
         elif isinstance(f, bool):
             raise InvalidRecord("booleans are not storable fields; use 0/1")
         elif isinstance(f, int):
-            out.append(_INT)
-            out += _I64.pack(f)
+            out += (_INT_TAG, _I64.pack(f))
         elif isinstance(f, bytes):
-            out.append(_BYTES)
-            out += _LEN.pack(len(f))
-            out += f
+            out += (_BYTES_TAG + _LEN.pack(len(f)), f)
         elif isinstance(f, str):
             raw = f.encode()
-            out.append(_STR)
-            out += _LEN.pack(len(raw))
-            out += raw
+            out += (_STR_TAG + _LEN.pack(len(raw)), raw)
         else:
             raise InvalidRecord(f"unsupported field type {type(f).__name__}")
-    return bytes(out)
+    return b"".join(out) if len(out) != 1 else bytes(bytearray(out[0]))
+
+
+_BYTES_OFFSET = bytes.__basicsize__ - 1
+
+
+def wipe_bytes(secret: bytes) -> None:
+    """Best effort: overwrite a `bytes` object the caller made and is about to drop (CPython does not clear freed
+    memory). Never on an object anyone else may hold; 0- and 1-byte objects are shared and left alone."""
+    if sys.implementation.name == "cpython" and type(secret) is bytes and len(secret) > 1:
+        ctypes.memset(id(secret) + _BYTES_OFFSET, 0, len(secret))
 
 
 def unpack(data: bytes) -> tuple[Field, ...]:

@@ -4,7 +4,8 @@ One random 32-byte data-encryption key (DEK) per store, kept on disk only wrappe
 Every purpose gets its own subkey from HKDF-SHA256 of the DEK, so a weakness in one use (say, blind indexes,
 which are deterministic by design) says nothing about another:
 
-- `record`: AES-256-GCM for every stored value. Nonce: 12 random bytes per write. Associated data: a format
+- `record`: AES-256-GCM for every stored value. Nonce: 12 random bytes per write (from `os.urandom`, read in
+  4 KiB blocks). Associated data: a format
   byte, the table name and the row key, so a ciphertext copied into another row or table fails to open.
 - `audit`: HMAC-SHA256 chaining the audit log.
 - `blind`: HMAC-SHA256 "blind indexes", so peer ids, message ids and secret names need not appear in the file
@@ -24,6 +25,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from gateway.protocol.message import RandomPool
+
 from .errors import StoreCorrupt
 
 DEK_BYTES = 32
@@ -34,6 +37,7 @@ MAC_BYTES = 32
 RECORD_FORMAT = 1
 _INFO_PREFIX = b"agw-store v1 "
 _CHECK_LABEL = b"agw-store dek check"
+_NONCES = RandomPool()  # record nonces: random, one system call per 4 KiB of them
 
 
 def new_dek() -> bytes:
@@ -48,7 +52,7 @@ def _subkey(dek: bytes, purpose: bytes) -> bytes:
 class Keyring:
     """The purpose subkeys derived from one DEK. Holds no reference to the DEK itself except for re-wrapping."""
 
-    __slots__ = ("_aead", "_audit_key", "_blind_cache", "_blind_key", "_check", "_dek")
+    __slots__ = ("_aead", "_audit_key", "_blind_cache", "_blind_key", "_blind_recent", "_check", "_dek")
 
     def __init__(self, dek: bytes) -> None:
         if len(dek) != DEK_BYTES:
@@ -57,7 +61,8 @@ class Keyring:
         self._aead = AESGCM(_subkey(dek, b"record"))
         self._audit_key = _subkey(dek, b"audit")
         self._blind_key = _subkey(dek, b"blind")
-        self._blind_cache: dict[tuple[str, str], bytes] = {}
+        self._blind_cache: dict[tuple[str, bytes | str], bytes] = {}
+        self._blind_recent: dict[tuple[str, bytes | str], bytes] = {}
         self._check = hmac.new(_subkey(dek, b"check"), _CHECK_LABEL, hashlib.sha256).digest()
 
     def __repr__(self) -> str:
@@ -84,7 +89,7 @@ class Keyring:
 
     def seal(self, table: str, key: bytes, plaintext: bytes) -> bytes:
         """Encrypt one value bound to its row: `format || nonce || ciphertext || tag`."""
-        nonce = os.urandom(NONCE_BYTES)
+        nonce = _NONCES.take(NONCE_BYTES)
         return bytes([RECORD_FORMAT]) + nonce + self._aead.encrypt(nonce, plaintext, self._ad(table, key))
 
     def open(self, table: str, key: bytes, blob: bytes) -> bytes:
@@ -104,19 +109,19 @@ class Keyring:
         """A deterministic, keyed row key for `value` within `domain` (a table or column name).
 
         Names (peer devices, agents, secret names) recur on every message, so their keys are memoised; message
-        ids (bytes) are not.
+        ids (bytes) are looked up several times each within a short time (seen, then marked; stored, marked as
+        sent, deleted on the ACK), so the most recent ones are memoised apart from the names.
         """
-        if isinstance(value, str):
-            cached = self._blind_cache.get((domain, value))
-            if cached is not None:
-                return cached
+        cache = self._blind_cache if isinstance(value, str) else self._blind_recent
+        cached = cache.get((domain, value))
+        if cached is not None:
+            return cached
         raw = value.encode() if isinstance(value, str) else value
         d = domain.encode()
         out = hmac.digest(self._blind_key, bytes([len(d)]) + d + raw, "sha256")[:BLIND_BYTES]
-        if isinstance(value, str):
-            if len(self._blind_cache) >= BLIND_CACHE:
-                self._blind_cache.clear()
-            self._blind_cache[(domain, value)] = out
+        if len(cache) >= BLIND_CACHE:
+            cache.clear()
+        cache[(domain, value)] = out
         return out
 
     def audit_mac(self, *parts: bytes) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .codec import expect, pack, unpack
+from .codec import expect, pack, unpack, wipe_bytes
 from .crypto import Keyring
 from .db import Database
 from .errors import InvalidRecord
@@ -45,6 +45,18 @@ class DeliveredIds:
         with self._db.read("reading delivered message ids") as conn:
             return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
 
+    def seen_many(self, msg_ids: list[bytes]) -> set[bytes]:
+        """The ids among `msg_ids` already recorded: one query per 500 ids (a relay frame's worth at once)."""
+        keyed = {self._k(m): m for m in msg_ids}
+        keys = list(keyed)
+        found: set[bytes] = set()
+        with self._db.read("reading delivered message ids") as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                sql = f"SELECT k FROM delivered WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
+        return found
+
     def prune(self, older_than_ms: int) -> int:
         """Forget ids recorded before `older_than_ms`; returns how many."""
         with self._db.write("pruning delivered message ids") as conn:
@@ -66,16 +78,36 @@ class KeyedBlobs:
     def _k(self, name: str) -> bytes:
         return self._keys.blind(self._table, _check_name(name, "a name"))
 
-    def put(self, name: str, value: bytes) -> None:
-        """Insert or replace (a fresh nonce every time)."""
+    def put(self, name: str, value: bytes, *, secret: bool = False) -> None:
+        """Insert or replace (a fresh nonce every time). `secret`: the packed plaintext is overwritten once
+        sealed, so the value (e.g. session state with message keys) is not left in freed memory."""
         if not isinstance(value, bytes):
             raise InvalidRecord("values are bytes")
         k = self._k(name)
-        blob = self._keys.seal(self._table, k, pack((name, value)))
+        plaintext = pack((name, value))
+        blob = self._keys.seal(self._table, k, plaintext)
+        if secret:
+            wipe_bytes(plaintext)
         with self._db.write(f"writing {self._table}") as conn:
             conn.execute(
                 f"INSERT INTO {self._table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",  # noqa: S608
                 (k, blob),
+            )
+
+    def put_many(self, items: list[tuple[str, bytes]]) -> None:
+        """`put` for several names in one statement."""
+        rows = []
+        for name, value in items:
+            if not isinstance(value, bytes):
+                raise InvalidRecord("values are bytes")
+            k = self._k(name)
+            rows.append((k, self._keys.seal(self._table, k, pack((name, value)))))
+        if not rows:
+            return
+        with self._db.write(f"writing {self._table}") as conn:
+            conn.executemany(
+                f"INSERT INTO {self._table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = excluded.v",  # noqa: S608
+                rows,
             )
 
     def get(self, name: str) -> bytes | None:

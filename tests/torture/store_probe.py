@@ -2,7 +2,8 @@
 
     python -m tests.torture.store_probe <config> <peer> <old-store-dir> <new-store-dir> <wire-hex>...
 
-For each captured wire (a message the device received after the old copy was taken), the message key is
+For each captured wire (a message, or a v2 batch of messages, the device received after the old copy was taken;
+one entry per message), the message key is
 computed from the old copy's session state; the new copy (taken after ratchet steps) must neither hold that key
 in its decrypted session records nor decrypt the wire. Prints JSON; the test decides.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 import hsm
 from gateway.config import load_config
 from gateway.protocol.errors import ProtocolError
-from gateway.protocol.pairwise import PairwiseMessage, PairwiseSession
+from gateway.protocol.pairwise import PairwiseBatch, PairwiseMessage, PairwiseSession
 from gateway.protocol.pairwise.crypto import Ed25519Signer
 from gateway.store import Store
 
@@ -47,26 +48,36 @@ def main() -> None:
     keys: list[dict[str, object]] = []
     for wh in wires_hex:
         wire = bytes.fromhex(wh)
-        h = PairwiseMessage.parse(wire).header
-        mk = None
-        for s in old:
-            try:
-                probe = PairwiseSession.decode(s.encode(), signer=Ed25519Signer.generate())
-                mk = probe.ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number).message_key
-                break
-            except (ProtocolError, AttributeError, ValueError):
-                continue
-        decrypted_by_new = False
+        # A v2 batch carries several messages under one signature: one entry per message.
+        if PairwiseBatch.is_batch(wire):
+            headers = [item.header for item in PairwiseBatch.parse(wire).items]
+        else:
+            headers = [PairwiseMessage.parse(wire).header]
+        decrypted_by_new = [False] * len(headers)
         for s in new:
             try:
-                s.decrypt(wire)
-                decrypted_by_new = True
+                if PairwiseBatch.is_batch(wire):
+                    for i, r in enumerate(s.decrypt_batch(wire)):
+                        decrypted_by_new[i] |= isinstance(r, bytes)
+                else:
+                    s.decrypt(wire)
+                    decrypted_by_new[0] = True
             except ProtocolError:
                 pass
-        keys.append({"key": mk.hex() if mk else None,
-                     "in_new_store": bool(mk) and mk in new_raw,  # type: ignore[operator]
-                     "held_by_new": bool(mk) and any(s.ratchet.holds_message_key(mk) for s in new),  # type: ignore[arg-type]
-                     "decrypted_by_new": decrypted_by_new})
+        for i, h in enumerate(headers):
+            mk = None
+            for s in old:
+                try:
+                    probe = PairwiseSession.decode(s.encode(), signer=Ed25519Signer.generate())
+                    mk = probe.ratchet.prepare_receive(h.dh_public, h.previous_chain_length,
+                                                       h.message_number).message_key
+                    break
+                except (ProtocolError, AttributeError, ValueError):
+                    continue
+            keys.append({"key": mk.hex() if mk else None,
+                         "in_new_store": bool(mk) and mk in new_raw,  # type: ignore[operator]
+                         "held_by_new": bool(mk) and any(s.ratchet.holds_message_key(mk) for s in new),  # type: ignore[arg-type]
+                         "decrypted_by_new": decrypted_by_new[i]})
     result["keys"] = keys
     print(json.dumps(result))
 

@@ -45,7 +45,7 @@ from gateway.protocol.mls.framing import MLSMessage
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.proposals import Remove
 from gateway.protocol.mls.welcome_structs import GroupInfo
-from gateway.protocol.pairwise import PairwiseMessage, PairwiseSession, PrekeyBundle, PrekeyStore
+from gateway.protocol.pairwise import PairwiseBatch, PairwiseMessage, PairwiseSession, PrekeyBundle, PrekeyStore
 from gateway.protocol.pairwise.testing import ToyAuthority, ToyDevice
 from hsm.api import KeyAlgorithm
 from tests.mls.test_group import Member, _group
@@ -88,6 +88,7 @@ _resp, _ = PairwiseSession.accept(SETUP, local_device_id=BOB.device_id, signer=B
                                   verify_credential=AUTHORITY.verify_credential)
 _init.decrypt(_resp.encrypt(b"reply"))
 RATCHET = _init.encrypt(b"ratchet message")
+BATCH = _init.encrypt_batch([b"batched one", b"batched two", b"three"])
 SESSION = _resp.encode()
 
 INNER = InnerMessage(kind=Kind.DATA, message_id=new_message_id(), sender_agent="alice", recipient_agent="bob",
@@ -160,6 +161,10 @@ def _session_decrypt(data: bytes) -> None:
     PairwiseSession.decode(SESSION, signer=BOB.signer).decrypt(data)
 
 
+def _batch_decrypt(data: bytes) -> None:
+    PairwiseSession.decode(SESSION, signer=BOB.signer).decrypt_batch(data, sender_device_id=ALICE.device_id)
+
+
 def _accept(data: bytes) -> None:
     PairwiseSession.accept(data, local_device_id=BOB.device_id, signer=BOB.signer,
                            prekeys=PrekeyStore.decode(BOB.prekeys.encode()),
@@ -177,6 +182,8 @@ PARSERS: dict[str, tuple[Callable[[bytes], object], list[bytes], tuple[type[Exce
     "server_link": (_server_link, [encode_frame(Auth(TOKEN)), encode_frame(Envelopes((Envelope.parse(ENVELOPE),)))],
                     (ProtocolError,)),
     "pairwise_message": (PairwiseMessage.parse, [SETUP, RATCHET], (ProtocolError,)),
+    "pairwise_batch": (PairwiseBatch.parse, [BATCH], (ProtocolError,)),
+    "pairwise_batch_decrypt": (_batch_decrypt, [BATCH], (ProtocolError,)),
     "prekey_bundle": (_bundle, [BUNDLE.encode()], (ProtocolError,)),
     "pairwise_decrypt": (_session_decrypt, [RATCHET, SETUP], (ProtocolError,)),
     "pairwise_accept": (_accept, [SETUP], (ProtocolError,)),
@@ -189,7 +196,8 @@ PARSERS: dict[str, tuple[Callable[[bytes], object], list[bytes], tuple[type[Exce
     "mls_group_info": (GroupInfo.from_bytes, [GROUP_INFO], (ProtocolError,)),
     "mls_group_process": (_group_process, MLS_MSGS, (ProtocolError,)),
 }
-_SLOW = {"mls_group_process": 4, "relay_token": 2, "pairwise_accept": 2, "pairwise_decrypt": 2, "config": 2}
+_SLOW = {"mls_group_process": 4, "relay_token": 2, "pairwise_accept": 2, "pairwise_decrypt": 2,
+         "pairwise_batch_decrypt": 2, "config": 2}
 
 
 @st.composite

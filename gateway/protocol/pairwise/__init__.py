@@ -4,6 +4,7 @@ Sans-I/O: bytes in, bytes out; no sockets, no clocks (times are passed in), rand
 Formats: docs/protocol.md ("Pairwise").
 """
 
+from gateway.protocol.pairwise.batch import PairwiseBatch
 from gateway.protocol.pairwise.book import NoSessionError, Received, Sent, SessionBook
 from gateway.protocol.pairwise.crypto import Ed25519Signer, MessageSigner, RandomSource, VerifyCredential
 from gateway.protocol.pairwise.errors import (
@@ -30,6 +31,7 @@ __all__ = [
     "MessageType",
     "NoSessionError",
     "OneTimePrekey",
+    "PairwiseBatch",
     "PairwiseDecodeError",
     "PairwiseError",
     "PairwiseMessage",

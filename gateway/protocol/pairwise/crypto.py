@@ -8,9 +8,11 @@ never stores one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
+import sys
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -187,6 +189,23 @@ def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> byt
         return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key))
     except (nacl.exceptions.CryptoError, ValueError, TypeError):
         raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify") from None
+
+
+_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a CPython bytes object's buffer starts
+_CAN_WIPE = sys.implementation.name == "cpython"
+
+
+def wipe(secret: bytes) -> None:
+    """Best effort: overwrite a used-up secret's bytes in place (CPython does not clear memory it frees, so a
+    deleted message key, or a serialised state holding keys, would otherwise stay readable in the process's heap
+    until reused).
+
+    Only for an object the caller made and is about to drop, that nothing else references: a `bytes` object is
+    immutable to the rest of Python, so wiping one still in use would corrupt it. Objects of 0 or 1 bytes are
+    shared by the interpreter and left alone.
+    """
+    if _CAN_WIPE and type(secret) is bytes and len(secret) > 1:
+        ctypes.memset(id(secret) + _BYTES_DATA_OFFSET, 0, len(secret))
 
 
 def sha256(data: bytes) -> bytes:

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 
 from gateway.protocol.pairwise import codec
 from gateway.protocol.pairwise.codec import Reader
-from gateway.protocol.pairwise.crypto import KEY_LEN, RandomSource, dh, kdf_ck, kdf_rk, x25519_keypair, x25519_public
+from gateway.protocol.pairwise.crypto import (
+    KEY_LEN,
+    RandomSource,
+    dh,
+    kdf_ck,
+    kdf_rk,
+    wipe,
+    x25519_keypair,
+    x25519_public,
+)
 from gateway.protocol.pairwise.errors import (
     PairwiseDecodeError,
     PairwiseReplayError,
@@ -176,10 +185,13 @@ class RatchetState:
             )
 
     def commit(self, plan: _ReceivePlan) -> None:
-        """Applies a plan whose message has authenticated. The used message key is not kept anywhere."""
+        """Applies a plan whose message has authenticated. The used message key is not kept anywhere: call it
+        after the AEAD, when the key is no longer needed; its bytes are overwritten (`crypto.wipe`)."""
         if plan.used_skipped is not None:
             del self._skipped[plan.used_skipped]
+            wipe(plan.message_key)
             return
+        wipe(plan.message_key)
         for key, mk in plan.new_skipped:
             self._skipped[key] = mk
         while len(self._skipped) > self.max_skipped_total:

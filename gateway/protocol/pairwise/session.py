@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
+from gateway.protocol.pairwise import batch as v2
 from gateway.protocol.pairwise import codec
 from gateway.protocol.pairwise.codec import Reader
 from gateway.protocol.pairwise.crypto import (
@@ -35,10 +36,12 @@ from gateway.protocol.pairwise.crypto import (
     dh,
     hkdf,
     sha256,
+    wipe,
     x25519_keypair,
 )
 from gateway.protocol.pairwise.errors import (
     PairwiseDecodeError,
+    PairwiseError,
     PairwiseUsageError,
     UnexpectedMessageError,
 )
@@ -303,6 +306,7 @@ class PairwiseSession:
             self._head = prefix_head(self.session_id, self._pending_setup)
         aad = self._head + encode_header(dh_public, pn, n, nonce)
         body = aad + aead_encrypt(mk, nonce, plaintext, aad)
+        wipe(mk)
         return body + self._signer.sign(SIGNATURE_CONTEXT + body)
 
     def decrypt(self, message: bytes | PairwiseMessage, *, sender_device_id: str | None = None) -> bytes:
@@ -325,6 +329,75 @@ class PairwiseSession:
         if msg.setup is not None:
             self._check_repeated_setup(msg.setup)
         return self._open(msg)
+
+    def encrypt_batch(self, plaintexts: list[bytes]) -> bytes:
+        """Encrypts 1..1024 messages and signs them once (pairwise v2 batch, docs/protocol.md section 7.2).
+
+        Only on an established session: until the peer has answered, messages must carry the setup, one by one
+        (`encrypt`). Each message gets its own ratchet key and nonce, as with `encrypt`."""
+        if not self.can_encrypt:
+            raise PairwiseUsageError(
+                "this session is bound to another delegated key (rotated?); open a new session to send. "
+                "It can still decrypt what the peer sends on it."
+            )
+        if self._pending_setup is not None:
+            raise PairwiseUsageError("batches need an established session: send the setup messages with encrypt()")
+        if not 1 <= len(plaintexts) <= v2.MAX_BATCH_COUNT:
+            raise PairwiseUsageError(f"a batch holds 1..{v2.MAX_BATCH_COUNT} messages, not {len(plaintexts)}")
+        nonces = self._random(NONCE_LEN * len(plaintexts))
+        parts = [v2.encode_head(self.session_id, len(plaintexts))]
+        for i, plaintext in enumerate(plaintexts):
+            dh_public, pn, n, mk = self._ratchet.next_send()
+            header = encode_header(dh_public, pn, n, nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN])
+            parts.append(v2.encode_item(header, aead_encrypt(mk, header[-NONCE_LEN:], plaintext,
+                                                             v2.item_aad(self.session_id, header))))
+            wipe(mk)
+        body = b"".join(parts)
+        return body + self._signer.sign(v2.signed_data(self.local_device_id, self.peer_device_id, body))
+
+    def decrypt_batch(
+        self, batch: bytes | v2.PairwiseBatch, *, sender_device_id: str | None = None
+    ) -> list[bytes | PairwiseError]:
+        """Verifies the batch signature once, then decrypts each message in order.
+
+        A bad signature (or a batch for another session or sender) raises and changes nothing. After that, each
+        entry of the result is the plaintext, or the error of that message alone (replayed, outside the window,
+        bad tag), for which the session is unchanged.
+        """
+        if sender_device_id is not None and sender_device_id != self.peer_device_id:
+            raise UnexpectedMessageError(
+                f"batch for the session with {self.peer_device_id!r} came from {sender_device_id!r}"
+            )
+        b = batch if isinstance(batch, v2.PairwiseBatch) else v2.PairwiseBatch.parse(
+            batch, max_size=self.max_message_size
+        )
+        if not hmac.compare_digest(b.session_id, self.session_id):
+            raise UnexpectedMessageError("batch belongs to another session")
+        self.peer_verifier.verify(
+            v2.signed_data(self.peer_device_id, self.local_device_id, b.signed_part), b.signature,
+            f"batch from {self.peer_device_id!r}",
+        )
+        out: list[bytes | PairwiseError] = []
+        for item in b.items:
+            try:
+                out.append(self._open_item(item))
+            except PairwiseError as exc:
+                # Without its traceback: the frames it references would keep message keys alive (and a
+                # reference cycle through `out` would leave them to the cyclic collector).
+                out.append(exc.with_traceback(None))
+        return out
+
+    def _open_item(self, item: v2.BatchItem) -> bytes:
+        h = item.header
+        plan = self._ratchet.prepare_receive(h.dh_public, h.previous_chain_length, h.message_number,
+                                             random=self._random)
+        plaintext = aead_decrypt(plan.message_key, h.nonce, item.ciphertext,
+                                 v2.item_aad(self.session_id, item.header_bytes))
+        self._ratchet.commit(plan)
+        if self._pending_setup is not None:
+            self._pending_setup = None  # the peer has answered: it holds the session
+            self._head = None
+        return plaintext
 
     def _check_repeated_setup(self, setup: PrekeySetup) -> None:
         """The initiator repeats its setup until answered; it must be the one this session was built from."""
@@ -381,7 +454,8 @@ class PairwiseSession:
     # -- persistence ------------------------------------------------------------------------------------------
 
     def encode(self) -> bytes:
-        """Versioned state for the encrypted store. Contains secrets: never write it anywhere unencrypted."""
+        """Versioned state for the encrypted store. Contains secrets: never write it anywhere unencrypted, and
+        `crypto.wipe` it once sealed."""
         parts = [
             codec.u8(STATE_VERSION), self.session_id, codec.u8(self.role), codec.text8(self.local_device_id),
             codec.text8(self.peer_device_id), codec.opaque16(self.peer_credential), self.peer_verifier.raw,
@@ -391,8 +465,11 @@ class PairwiseSession:
             parts.append(b"\x00")
         else:
             parts += [b"\x01", self._pending_setup.encode()]
-        parts.append(self._ratchet.encode())
-        return b"".join(parts)
+        ratchet = self._ratchet.encode()
+        parts.append(ratchet)
+        out = b"".join(parts)
+        wipe(ratchet)  # a copy of every key: do not leave it in freed memory
+        return out
 
     @classmethod
     def decode(cls, data: bytes, *, signer: MessageSigner, random: RandomSource = os.urandom) -> PairwiseSession:

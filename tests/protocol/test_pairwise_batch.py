@@ -1,0 +1,223 @@
+"""Pairwise v2 batches: one signature over N ratchet messages, verified before anything is decrypted; a bad
+signature rejects the whole batch, a bad message inside a verified batch rejects only itself; replay and
+reordering are the ratchet's business, as for single messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.protocol.errors import ProtocolError
+from gateway.protocol.pairwise import (
+    MessageSigner,
+    PairwiseBatch,
+    PairwiseDecodeError,
+    PairwiseReplayError,
+    PairwiseSession,
+    PairwiseUsageError,
+    PairwiseVerificationError,
+    UnexpectedMessageError,
+)
+from gateway.protocol.pairwise import batch as v2
+from gateway.protocol.pairwise.crypto import SIGNATURE_LEN
+from gateway.protocol.pairwise.testing import ToyAuthority, ToyDevice
+from tests.protocol.test_pairwise_session import initiate, pair
+
+
+@pytest.fixture
+def authority() -> ToyAuthority:
+    return ToyAuthority()
+
+
+@pytest.fixture
+def sessions(authority: ToyAuthority) -> tuple[PairwiseSession, PairwiseSession]:
+    return pair(ToyDevice.make(authority, "dev-alice"), ToyDevice.make(authority, "dev-bob"), authority)
+
+
+def _texts(n: int, tag: bytes = b"m") -> list[bytes]:
+    return [tag + b"%d" % i * (i + 1) for i in range(n)]
+
+
+def _resign(wire: bytes, device: ToyDevice, sender: str, recipient: str) -> bytes:
+    """A batch body signed again by `device` (what a peer with a valid key could send)."""
+    body = wire[:-SIGNATURE_LEN]
+    return body + device.signer.sign(v2.signed_data(sender, recipient, body))
+
+
+def test_batch_round_trip_both_ways(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, b = sessions
+    for sender, receiver in ((a, b), (b, a), (a, b), (a, b), (b, a)):
+        msgs = _texts(7)
+        assert receiver.decrypt_batch(sender.encrypt_batch(msgs), sender_device_id=sender.local_device_id) == msgs
+    # v1 messages and v2 batches share the ratchet: they interleave freely.
+    assert b.decrypt(a.encrypt(b"single")) == b"single"
+    assert b.decrypt_batch(a.encrypt_batch([b"x", b"y"])) == [b"x", b"y"]
+
+
+class _CountingSigner:
+    def __init__(self, inner: MessageSigner) -> None:
+        self.inner = inner
+        self.signed: list[bytes] = []
+
+    @property
+    def verify_key(self) -> bytes:
+        return self.inner.verify_key
+
+    def sign(self, data: bytes) -> bytes:
+        self.signed.append(data)
+        return self.inner.sign(data)
+
+
+def test_one_signature_per_batch(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, _b = sessions
+    counting = _CountingSigner(a._signer)
+    a.use_signer(counting)
+    signs = counting.signed
+    wire = a.encrypt_batch(_texts(100))
+    assert len(signs) == 1
+    assert signs[0].startswith(v2.BATCH_SIGNATURE_CONTEXT + b"\x09dev-alice\x07dev-bob")
+    assert signs[0].endswith(wire[:-SIGNATURE_LEN])
+    parsed = PairwiseBatch.parse(wire)
+    assert len(parsed.items) == 100 and parsed.session_id == a.session_id
+    assert len(wire) == v2.BATCH_OVERHEAD + sum(len(t) + v2.ITEM_OVERHEAD for t in _texts(100))
+    assert len({i.header.nonce for i in parsed.items}) == 100
+    assert [i.header.message_number for i in parsed.items] == list(range(parsed.items[0].header.message_number,
+                                                                         parsed.items[0].header.message_number + 100))
+
+
+def test_bad_signature_rejects_the_whole_batch_without_state_change(
+    sessions: tuple[PairwiseSession, PairwiseSession],
+) -> None:
+    a, b = sessions
+    wire = a.encrypt_batch(_texts(5))
+    before = b.encode()
+    for i in (0, 5, 30, len(wire) - 100, len(wire) - 1):  # head, a header, a ciphertext, the signature
+        bad = bytearray(wire)
+        bad[i] ^= 1
+        with pytest.raises(ProtocolError):
+            b.decrypt_batch(bytes(bad))
+        assert b.encode() == before
+    assert b.decrypt_batch(wire) == _texts(5)
+
+
+def test_truncated_or_reordered_batch_is_rejected(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, b = sessions
+    msgs = [b"one", b"two"]
+    wire = a.encrypt_batch(msgs)
+    items = PairwiseBatch.parse(wire)
+    before = b.encode()
+    for cut in (1, 20, v2.BATCH_OVERHEAD, len(wire) // 2, len(wire) - 1):
+        with pytest.raises(PairwiseDecodeError):
+            b.decrypt_batch(wire[:cut])
+    # Swap the two messages (and fix the count): the signature no longer matches.
+    one = v2.encode_item(items.items[0].header_bytes, items.items[0].ciphertext)
+    two = v2.encode_item(items.items[1].header_bytes, items.items[1].ciphertext)
+    head = v2.encode_head(a.session_id, 2)
+    with pytest.raises(PairwiseVerificationError):
+        b.decrypt_batch(head + two + one + items.signature)
+    # Drop a message: same.
+    with pytest.raises(PairwiseVerificationError):
+        b.decrypt_batch(v2.encode_head(a.session_id, 1) + one + items.signature)
+    assert b.encode() == before
+    assert b.decrypt_batch(wire) == msgs
+
+
+def test_signature_binds_sender_and_recipient(authority: ToyAuthority) -> None:
+    alice, bob, carol = (ToyDevice.make(authority, d) for d in ("dev-alice", "dev-bob", "dev-carol"))
+    a, b = pair(alice, bob, authority)
+    wire = a.encrypt_batch([b"for bob"])
+    with pytest.raises(UnexpectedMessageError):
+        b.decrypt_batch(wire, sender_device_id="dev-carol")  # relayed as if carol sent it
+    # A batch signed by alice's key for another recipient does not verify at bob.
+    with pytest.raises(PairwiseVerificationError):
+        b.decrypt_batch(_resign(wire, alice, "dev-alice", "dev-carol"))
+    # Signed by anyone but alice's delegated key: rejected.
+    with pytest.raises(PairwiseVerificationError):
+        b.decrypt_batch(_resign(wire, carol, "dev-alice", "dev-bob"))
+    # Another session (alice <-> carol) refuses it by id before any key is used.
+    a2, c = pair(ToyDevice.make(authority, "dev-alice"), carol, authority)
+    del a2
+    with pytest.raises(UnexpectedMessageError):
+        c.decrypt_batch(wire)
+    assert b.decrypt_batch(wire) == [b"for bob"]
+
+
+def test_bad_message_inside_a_valid_batch_rejects_only_itself(authority: ToyAuthority) -> None:
+    alice, bob = ToyDevice.make(authority, "dev-alice"), ToyDevice.make(authority, "dev-bob")
+    a, b = pair(alice, bob, authority)
+    wire = a.encrypt_batch([b"first", b"second", b"third"])
+    parsed = PairwiseBatch.parse(wire)
+    items = [v2.encode_item(i.header_bytes, i.ciphertext) for i in parsed.items]
+    broken = bytearray(items[1])
+    broken[-1] ^= 1  # the tag of the second message
+    body = v2.encode_head(a.session_id, 3) + items[0] + bytes(broken) + items[2]
+    # Validly signed by alice's key (a buggy or malicious peer): the signature verifies, message 2 does not.
+    out = b.decrypt_batch(body + alice.signer.sign(v2.signed_data("dev-alice", "dev-bob", body)))
+    assert out[0] == b"first" and out[2] == b"third"
+    assert isinstance(out[1], PairwiseVerificationError)
+    # Its key was not consumed: the genuine batch delivers it; the two others are replays now.
+    out = b.decrypt_batch(wire)
+    assert isinstance(out[0], PairwiseReplayError) and out[1] == b"second" and isinstance(out[2], PairwiseReplayError)
+
+
+def test_replayed_batch_yields_only_errors(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, b = sessions
+    wire = a.encrypt_batch(_texts(4))
+    assert b.decrypt_batch(wire) == _texts(4)
+    state = b.encode()
+    assert all(isinstance(r, PairwiseReplayError) for r in b.decrypt_batch(wire))
+    assert b.encode() == state
+
+
+def test_batches_out_of_order(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, b = sessions
+    w1, w2, w3 = (a.encrypt_batch(_texts(3, tag)) for tag in (b"a", b"b", b"c"))
+    assert b.decrypt_batch(w3) == _texts(3, b"c")
+    assert b.decrypt_batch(w1) == _texts(3, b"a")
+    assert b.decrypt_batch(w2) == _texts(3, b"b")
+    # A ratchet step in between: batches of the previous chain still decrypt from the skipped keys.
+    w4 = a.encrypt_batch([b"late"])
+    assert a.decrypt_batch(b.encrypt_batch([b"reply"])) == [b"reply"]
+    w5 = a.encrypt_batch([b"new chain"])
+    assert b.decrypt_batch(w5) == [b"new chain"]
+    assert b.decrypt_batch(w4) == [b"late"]
+
+
+def test_batches_need_an_established_session(authority: ToyAuthority) -> None:
+    alice, bob = ToyDevice.make(authority, "dev-alice"), ToyDevice.make(authority, "dev-bob")
+    a = initiate(alice, bob, authority)
+    with pytest.raises(PairwiseUsageError):
+        a.encrypt_batch([b"too early"])  # setup messages go one by one, carrying the setup
+    a2, b = pair(alice, ToyDevice.make(authority, "dev-carol"), authority)
+    with pytest.raises(PairwiseUsageError):
+        a2.encrypt_batch([])
+    with pytest.raises(PairwiseUsageError):
+        a2.encrypt_batch([b"x"] * (v2.MAX_BATCH_COUNT + 1))
+    del b
+
+
+def test_restored_session_continues_batches(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, b = sessions
+    wire = a.encrypt_batch(_texts(3))
+    restored = PairwiseSession.decode(b.encode(), signer=b._signer)
+    assert restored.decrypt_batch(wire) == _texts(3)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x02", b"\x02\x03" + bytes(16), b"\x02\x03" + bytes(16) + b"\x00\x00" + bytes(64),
+    b"\x02\x03" + bytes(16) + b"\x04\x01" + bytes(64), b"\x01\x03" + bytes(82), b"\x02\x02" + bytes(82),
+    b"\x02\x03" + bytes(16) + b"\x00\x01" + bytes(64) + bytes(64),
+])
+def test_malformed_batches_raise_decode_errors(data: bytes) -> None:
+    with pytest.raises(PairwiseDecodeError):
+        PairwiseBatch.parse(data)
+
+
+def test_trailing_bytes_and_size_limit(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    a, _ = sessions
+    wire = a.encrypt_batch([b"x"])
+    body = wire[:-SIGNATURE_LEN]
+    with pytest.raises(PairwiseDecodeError):
+        PairwiseBatch.parse(body + b"\x00" + wire[-SIGNATURE_LEN:])
+    with pytest.raises(PairwiseDecodeError):
+        PairwiseBatch.parse(wire, max_size=len(wire) - 1)
+    assert PairwiseBatch.is_batch(wire) and not PairwiseBatch.is_batch(a.encrypt(b"v1"))
