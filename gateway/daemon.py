@@ -225,6 +225,6 @@ def configure_logging(cfg: GatewayConfig) -> None:
 def main_run(config_path: Path) -> int:
     from gateway.config import load_config
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, isolated=True)  # pydantic and PyYAML stay out of the daemon's memory
     configure_logging(cfg)
     return asyncio.run(run_gateway(cfg))
