@@ -125,3 +125,77 @@ def _python_startup() -> float:
     t = time.monotonic()
     subprocess.run([PY, "-c", "import gateway.daemon, gateway.cli"], check=True, capture_output=True)
     return round(time.monotonic() - t, 3)
+
+
+def memory_detail(pid: int) -> dict[str, int]:
+    """Where a process's resident memory is, in KiB: anonymous (heap, arenas, stacks) vs file-backed (shared
+    libraries, mostly), and its thread count (each thread reserves a stack and may get a malloc arena)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "Threads"):
+            out[key] = int(val.split()[0])
+    return out
+
+
+def load_footprint(sizes: list[tuple[int, int]], limit: float = 600.0, extra_env: dict[str, str] | None = None,
+                   cold_runs: int = 0) -> dict[str, Any]:
+    """The gateway footprint alone: both gateways of `OurPath` idle, then one throughput run per size with their
+    RSS sampled every 100 ms. "Under load" is the peak VmRSS of either gateway during a run."""
+    import functools
+    import tempfile
+
+    from bench.__main__ import load
+    from bench.paths import DEV_A, OurPath
+
+    out: dict[str, Any] = {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="agw-footprint-") as tmp:
+        ours = OurPath(Path(tmp) / "ours", extra_env=extra_env or {})
+        try:
+            ours.start()
+            assert ours.bed is not None
+            pids = {name: gw.proc.pid for name, gw in ours.bed.gateways.items() if gw.proc}
+            time.sleep(1.0)
+            out["idle"] = {name: memory_detail(pid) for name, pid in pids.items()}
+            for size, n in sizes:
+                spec = {**ours.tput_spec(), "n": n, "size": size}
+                with RssSampler(pids) as sampler:
+                    row = functools.partial(load, "tput", spec, limit)()
+                out["runs"].append({"size": size, "n": n, "msg_s": row["msg_s"], "lost": row["lost"],
+                                    "rss_peak_kib": dict(sampler.peak),
+                                    "after": {name: memory_detail(pid) for name, pid in pids.items()}})
+            if cold_runs:
+                out["cold_start"] = cold_start(ours.gateway(DEV_A), runs=cold_runs)
+        finally:
+            ours.close()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.footprint`: the gateway footprint without the rest of the bench."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m bench.footprint", description=main.__doc__)
+    p.add_argument("--messages", type=int, default=5000, help="messages per run at 256 B and 1 KiB")
+    p.add_argument("--messages-16k", type=int, default=5000)
+    p.add_argument("--sizes", default="256,1024,16384")
+    p.add_argument("--cold-runs", type=int, default=0)
+    p.add_argument("--env", action="append", default=[], help="KEY=VALUE for the gateways' environment")
+    a = p.parse_args(argv)
+    sizes = [(int(s), a.messages_16k if int(s) >= 16384 else a.messages) for s in a.sizes.split(",")]
+    env = dict(e.split("=", 1) for e in a.env)
+    r = load_footprint(sizes, extra_env=env, cold_runs=a.cold_runs)
+    for name, d in r["idle"].items():
+        print(f"idle {name}: {d}")
+    for run in r["runs"]:
+        print(f"{run['size']:>6} B x {run['n']}: {run['msg_s']:,} msg/s lost {run['lost']}, peak RSS "
+              f"{ {k: round(v / 1024, 1) for k, v in run['rss_peak_kib'].items()} } MB, after {run['after']}")
+    if "cold_start" in r:
+        print(f"cold start {r['cold_start']}")
+    print("RESULT " + json.dumps(r))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -63,6 +63,7 @@ class OurPath:
     profile_dir: Path | None = None  # when set, both gateways run under cProfile and write their profiles here
     durability: str | None = None  # experiment: the gateways' store.durability ("crash" skips the fsync)
     stage_dir: Path | None = None  # when set, each gateway writes per-stage timestamps here (bench/stages.py)
+    extra_env: dict[str, str] = field(default_factory=dict)  # experiment: e.g. MALLOC_ARENA_MAX for the gateways
     bed: Testbed | None = None
 
     def start(self) -> None:
@@ -76,6 +77,8 @@ class OurPath:
         if self.durability is not None:
             for gw in bed.gateways.values():
                 gw.config.write_text(gw.config.read_text() + f"store:\n  durability: {self.durability}\n")
+        for gw in bed.gateways.values():
+            gw.env.update(self.extra_env)
         for name, gw in bed.gateways.items():
             if self.stage_dir is not None:
                 self.stage_dir.mkdir(parents=True, exist_ok=True)

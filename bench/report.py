@@ -66,8 +66,13 @@ def checks(r: dict[str, Any]) -> list[Check]:
             kib = conns["bytes_per_connection"] / 1024
             out.append(_cmp("relay memory per connection", "<= 64 KiB", kib, kib <= 64, "{:,.1f} KiB"))
     gw = r.get("gateway", {})
+    if gw.get("rss_load_256_mb") is not None:
+        v = gw["rss_load_256_mb"]
+        out.append(_cmp("gateway RSS under load", "<= 60 MB", v, v <= 60, "{:.1f} MB (peak, 256 B run)"))
     if gw.get("rss_load_mb") is not None:
-        out.append(_cmp("gateway RSS under load", "<= 60 MB", gw["rss_load_mb"], gw["rss_load_mb"] <= 60, "{:.1f} MB"))
+        v = gw["rss_load_mb"]
+        out.append(_cmp("gateway RSS, every run (1 KiB, 16 KiB, round trips)", "<= 60 MB", v, v <= 60,
+                        "{:.1f} MB (peak)"))
     if gw.get("cold_start", {}).get("cold_start_s") is not None:
         v = gw["cold_start"]["cold_start_s"]
         out.append(_cmp("gateway cold start to ready (SoftHSM)", "<= 1.5 s", v, v <= 1.5, "{:.2f} s"))
@@ -164,8 +169,9 @@ def markdown(r: dict[str, Any]) -> str:
     gw = r.get("gateway", {})
     lines += ["", "## Gateway", "",
               f"- RSS idle: {_fmt(gw.get('rss_idle_mb'))} MB; under load (peak, largest of the two gateways): "
-              f"{_fmt(gw.get('rss_load_256_mb'))} MB in the 256 B run, {_fmt(gw.get('rss_load_mb'))} MB over all "
-              f"runs (per gateway: {gw.get('rss_peak_kib')} KiB)"]
+              f"{_fmt(gw.get('rss_load_256_mb'))} MB in the 256 B run (the target's figure), "
+              f"{_fmt(gw.get('rss_load_mb'))} MB over all runs; by message size: "
+              f"{gw.get('rss_load_by_size_mb')} MB (per gateway, all runs: {gw.get('rss_peak_kib')} KiB)"]
     cs = gw.get("cold_start") or {}
     if cs:
         lines.append(f"- cold start to link ready: {_fmt(cs.get('cold_start_s'))} s median of {cs.get('runs')} "

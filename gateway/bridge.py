@@ -28,7 +28,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
-from paho.mqtt.enums import _ConnectionState
+from paho.mqtt.enums import MQTTErrorCode, _ConnectionState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -39,6 +39,14 @@ log = logging.getLogger("agw.bridge")
 
 SESSION_EXPIRY = 7 * 24 * 3600
 RECEIVE_MAXIMUM = 1024
+# Agents' messages received and not yet taken by the gateway, in bytes: past this, paho's thread stops reading the
+# socket (the broker keeps the rest) until the outbox writer catches up. RECEIVE_MAXIMUM alone bounds the count,
+# which at 16 KiB per message would be 16 MB (and the copies made while they are stored). Reading resumes anyway
+# after INCOMING_PAUSE_MAX seconds, so PINGRESPs and acknowledgements keep the connection alive while the outbox is
+# full (the count bound still holds then).
+INCOMING_MAX_BYTES = 2 * 1024 * 1024
+INCOMING_PAUSE_MAX = 10.0
+MESSAGE_OVERHEAD = 256  # per message: the AgentMessage, its topic and properties, counted against the bound
 MAX_PACKET_ID = 65535
 MAX_EXACTLY_ONCE = 16_384  # packet ids held at once for stored messages; the rest wait in the inbox
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
@@ -71,11 +79,19 @@ class _PahoClient(mqtt.Client):
     """paho's client with two hooks for exactly-once publishing: the next PUBLISH may use a packet id chosen by
     the caller, and a PUBREC is handed to the gateway instead of being answered at once with PUBREL."""
 
-    def __init__(self, *args: Any, on_pubrec: Callable[[int, ReasonCode], None], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, on_pubrec: Callable[[int, ReasonCode], None],
+                 may_read: Callable[[], bool] = lambda: True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._forced_mid = threading.local()
         self._on_pubrec = on_pubrec
+        self._may_read = may_read
         self.reserved_ids: set[int] = set()  # ids the gateway holds for its stored messages
+
+    def _packet_read(self) -> MQTTErrorCode:
+        # Flow control in bytes: leave the next packet in the socket while the gateway holds too much.
+        if not self._may_read():
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        return super()._packet_read()
 
     def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> mqtt.MQTTMessageInfo:
         self._forced_mid.value = mid
@@ -155,11 +171,54 @@ class _PahoClient(mqtt.Client):
         return n
 
 
+class IncomingQueue(asyncio.Queue[AgentMessage]):
+    """Agents' messages for the outbox writer, with the bytes they hold: taking one out (`get`, `get_nowait`)
+    makes room, and wakes paho's thread if it waits for room."""
+
+    def __init__(self, max_bytes: int = INCOMING_MAX_BYTES, pause_max: float = INCOMING_PAUSE_MAX) -> None:
+        super().__init__()
+        self.max_bytes, self.pause_max = max_bytes, pause_max
+        self.held_bytes = 0
+        self._room = threading.Condition()
+        self._paused_since: float | None = None
+
+    @staticmethod
+    def cost(m: AgentMessage) -> int:
+        return len(m.payload) + len(m.correlation_data or b"") + MESSAGE_OVERHEAD
+
+    def add(self, m: AgentMessage) -> None:
+        """Count a message (from paho's thread) before it is handed to the event loop."""
+        with self._room:
+            self.held_bytes += self.cost(m)
+
+    def _get(self) -> AgentMessage:
+        m = super()._get()
+        with self._room:
+            self.held_bytes -= self.cost(m)
+            self._room.notify_all()
+        return m
+
+    def may_read(self) -> bool:
+        """In paho's thread, before each packet: whether to read it now. Waits briefly (50 ms) for room."""
+        with self._room:
+            if self.held_bytes < self.max_bytes:
+                self._paused_since = None
+                return True
+            now = time.monotonic()
+            if self._paused_since is None:
+                self._paused_since = now
+            elif now - self._paused_since >= self.pause_max:
+                return True  # the writer is stuck (outbox full?): fall back to the count bound
+            self._room.wait(0.05)
+            return self.held_bytes < self.max_bytes
+
+
 class MqttBridge:
     def __init__(self, *, host: str, port: int, client_id: str, prefix: str, username: str | None = None,
-                 password_file: Path | None = None, max_inflight: int = 256) -> None:
+                 password_file: Path | None = None, max_inflight: int = 256,
+                 incoming_max_bytes: int = INCOMING_MAX_BYTES, incoming_pause_max: float = INCOMING_PAUSE_MAX) -> None:
         self.host, self.port, self.prefix = host, port, prefix
-        self.incoming: asyncio.Queue[AgentMessage] = asyncio.Queue()
+        self.incoming = IncomingQueue(incoming_max_bytes, incoming_pause_max)
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
         self._pending: dict[int, asyncio.Future[None]] = {}
@@ -172,7 +231,7 @@ class MqttBridge:
         self._next_id = 0
         self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True, on_pubrec=self._on_pubrec)
+                        manual_ack=True, on_pubrec=self._on_pubrec, may_read=self.incoming.may_read)
         if username:
             password = password_file.read_text().strip() if password_file else None
             c.username_pw_set(username, password)
@@ -248,6 +307,7 @@ class MqttBridge:
             response_topic=getattr(p, "ResponseTopic", None), correlation_data=getattr(p, "CorrelationData", None),
             content_type=getattr(p, "ContentType", None), payload_utf8=getattr(p, "PayloadFormatIndicator", 0) == 1,
             user_properties=user)
+        self.incoming.add(am)
         self._loop.call_soon_threadsafe(self.incoming.put_nowait, am)
 
     def _on_pubrec(self, mid: int, reason: ReasonCode) -> None:

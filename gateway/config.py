@@ -1,5 +1,10 @@
 """The gateway's configuration: one YAML file, a typed model, a published JSON schema.
 
+The model that validates the file and publishes the schema is in `gateway.config_schema` (pydantic). What the
+gateway's code reads is here: plain frozen dataclasses built from the validated file, every default filled in.
+`agw run` validates in a short-lived forked child (`load_config(path, isolated=True)`) so that the long-running
+daemon never imports pydantic or PyYAML (about 10 MB of resident memory); the other commands validate in-process.
+
 Errors name the file, the key path and what was expected (`ConfigError`). Relative paths are resolved against the
 directory of the config file, so a configuration and its files can be moved together. Secrets are never in this
 file: PINs come from a pin-source (file, environment, systemd credential) named in the key URIs.
@@ -8,122 +13,91 @@ file: PINs come from a pin-source (file, environment, systemd credential) named 
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any, Literal
 
 from hsm.api import KeyAlgorithm
-from hsm.errors import BadKeyUri
-from hsm.uri import Pkcs11Uri, Tpm2Ref
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "firmware-config" / "schema" / "agw-config.schema.json"
-
-Name = Annotated[str, Field(pattern=r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")]
 
 
 class ConfigError(Exception):
     """A configuration file is missing, unreadable or invalid. The message lists every problem."""
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+@dataclass(frozen=True, slots=True)
+class DeviceSection:
+    fleet: str
+    id: str | None
 
 
-def _check_key_uri(value: str) -> str:
-    try:
-        if value.startswith("pkcs11:"):
-            Pkcs11Uri.parse(value)
-        elif value.startswith("tpm2:"):
-            Tpm2Ref.parse(value)
-        else:
-            raise ValueError("a key URI must start with 'pkcs11:' or 'tpm2:'")
-    except BadKeyUri as exc:
-        raise ValueError(str(exc)) from None
-    return value
+@dataclass(frozen=True, slots=True)
+class KeysSection:
+    identity: str
+    storage: str
+    algorithm: KeyAlgorithm
+    delegated_lifetime_hours: int
 
 
-class DeviceSection(_Model):
-    """Who this device is in the fleet."""
-
-    fleet: Annotated[str, Field(pattern=r"^[a-z0-9](?:[a-z0-9.-]{0,251}[a-z0-9])?$",
-                                description="Fleet name: the SPIFFE trust domain")]
-    id: Name | None = Field(default=None, description="Device id; set at enrollment")
-
-
-class KeysSection(_Model):
-    """Where the hardware keys live."""
-
-    identity: str = Field(description="pkcs11: URI (RFC 7512) or tpm2: reference of the identity key")
-    storage: str = Field(description="pkcs11: URI or tpm2:sealed= reference of the storage key")
-    algorithm: KeyAlgorithm = Field(default=KeyAlgorithm.ED25519,
-                                    description="Identity key algorithm: ed25519 (PKCS#11 with CKM_EDDSA) or "
-                                                "ecdsa-p256 (any PKCS#11 token, TPM)")
-    delegated_lifetime_hours: int = Field(default=168, ge=1, le=24 * 90,
-                                          description="Lifetime of delegated signing keys (default 7 days)")
-
-    @field_validator("identity", "storage")
-    @classmethod
-    def _uri(cls, value: str) -> str:
-        return _check_key_uri(value)
+@dataclass(frozen=True, slots=True)
+class PathsSection:
+    state_dir: Path
+    certificate: Path | None
+    ca_certificate: Path | None
 
 
-class PathsSection(_Model):
-    state_dir: Path = Field(default=Path("/var/lib/agw"), description="Where the store and certificates live")
-    certificate: Path | None = Field(default=None, description="Device certificate (default state_dir/device.pem)")
-    ca_certificate: Path | None = Field(default=None, description="Fleet CA certificate (default state_dir/ca.pem)")
+@dataclass(frozen=True, slots=True)
+class RelaySection:
+    url: str
+    ca_file: Path
+    audience: str
+    server_name: str | None
 
 
-class RelaySection(_Model):
-    url: Annotated[str, Field(pattern=r"^wss://[^\s/]+(/\S*)?$", description="wss://host:port of the relay")]
-    ca_file: Path = Field(description="CA bundle that signs the relay's TLS certificate")
-    audience: str = Field(min_length=1, description="The relay's name as it appears in auth tokens")
-    server_name: str | None = Field(default=None, description="TLS server name, if not the URL host")
+@dataclass(frozen=True, slots=True)
+class MqttSection:
+    host: str
+    port: int
+    username: str | None
+    password_file: Path | None
+    topic_prefix: str
 
 
-class MqttSection(_Model):
-    host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password_file: Path | None = None
-    topic_prefix: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] = "agw"
+@dataclass(frozen=True, slots=True)
+class AgentSection:
+    allow: list[str]
 
 
-class AgentSection(_Model):
-    allow: list[str] = Field(default_factory=list,
-                             description="Peers allowed to send to this agent, as <device-id>/<agent> "
-                                         "(or <device-id>/* for every agent of a device)")
+@dataclass(frozen=True, slots=True)
+class StoreSection:
+    durability: Literal["power-loss", "crash"]
+    outbox_max_entries: int
+    outbox_max_bytes: int
+    message_ttl_seconds: int
+    delivered_retention_days: int
+    audit_retention_days: int
 
 
-class StoreSection(_Model):
-    durability: Literal["power-loss", "crash"] = Field(
-        default="power-loss",
-        description="power-loss: fsync each outbox write before acknowledging the broker (survives power loss); "
-                    "crash: survives a crash of any process but not a power loss, saving ~one fsync per message")
-    outbox_max_entries: int = Field(default=100_000, ge=1)
-    outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
-    message_ttl_seconds: int = Field(default=24 * 3600, ge=1)
-    delivered_retention_days: int = Field(default=30, ge=1)
-    audit_retention_days: int = Field(default=365, ge=1)
+@dataclass(frozen=True, slots=True)
+class LoggingSection:
+    level: Literal["debug", "info", "warning", "error"]
+    format: Literal["text", "json"]
 
 
-class LoggingSection(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
-
-
-class GatewayConfig(_Model):
-    """The whole configuration file."""
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """The whole configuration file, validated (see `gateway.config_schema` for the rules and defaults)."""
 
     device: DeviceSection
     keys: KeysSection
-    paths: PathsSection = Field(default_factory=PathsSection)
-    relay: RelaySection | None = None
-    mqtt: MqttSection = Field(default_factory=MqttSection)
-    agents: dict[Name, AgentSection] = Field(default_factory=dict)
-    store: StoreSection = Field(default_factory=StoreSection)
-    logging: LoggingSection = Field(default_factory=LoggingSection)
+    paths: PathsSection
+    relay: RelaySection | None
+    mqtt: MqttSection
+    agents: dict[str, AgentSection]
+    store: StoreSection
+    logging: LoggingSection
 
     @property
     def certificate_path(self) -> Path:
@@ -134,68 +108,76 @@ class GatewayConfig(_Model):
         return self.paths.ca_certificate or self.paths.state_dir / "ca.pem"
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration ({exc.error_count()} problem{'s' * (exc.error_count() > 1)}):"]
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        kind = err["type"]
-        if kind == "extra_forbidden":
-            msg = "unknown key (check the spelling; see firmware-config/schema/agw-config.schema.json)"
-        elif kind == "missing":
-            msg = "required key is missing"
-        else:
-            msg = err["msg"]
-            if "input" in err and not isinstance(err["input"], dict | list):
-                msg += f" (got {err['input']!r})"
-        lines.append(f"  {loc}: {msg}")
-    return "\n".join(lines)
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
 
 
-def _resolve(base: Path, data: Any) -> Any:
-    """Resolve relative filesystem paths against the config file's directory."""
-    if not isinstance(data, dict):
-        return data
-    paths = data.get("paths")
-    if isinstance(paths, dict):
-        for k in ("state_dir", "certificate", "ca_certificate"):
-            if isinstance(paths.get(k), str) and not Path(paths[k]).is_absolute():
-                paths[k] = str(base / paths[k])
-    for section, keys in (("relay", ("ca_file",)), ("mqtt", ("password_file",))):
-        sec = data.get(section)
-        if isinstance(sec, dict):
-            for k in keys:
-                if isinstance(sec.get(k), str) and not Path(sec[k]).is_absolute():
-                    sec[k] = str(base / sec[k])
-    return data
+def from_validated(d: dict[str, Any]) -> GatewayConfig:
+    """The dataclasses for a validated configuration (`gateway.config_schema.validated`)."""
+    k, p, m, r = d["keys"], d["paths"], d["mqtt"], d["relay"]
+    return GatewayConfig(
+        device=DeviceSection(**d["device"]),
+        keys=KeysSection(identity=k["identity"], storage=k["storage"], algorithm=KeyAlgorithm(k["algorithm"]),
+                         delegated_lifetime_hours=k["delegated_lifetime_hours"]),
+        paths=PathsSection(state_dir=Path(p["state_dir"]), certificate=_path(p["certificate"]),
+                           ca_certificate=_path(p["ca_certificate"])),
+        relay=None if r is None else RelaySection(url=r["url"], ca_file=Path(r["ca_file"]), audience=r["audience"],
+                                                  server_name=r["server_name"]),
+        mqtt=MqttSection(host=m["host"], port=m["port"], username=m["username"],
+                         password_file=_path(m["password_file"]), topic_prefix=m["topic_prefix"]),
+        agents={name: AgentSection(allow=list(a["allow"])) for name, a in d["agents"].items()},
+        store=StoreSection(**d["store"]),
+        logging=LoggingSection(**d["logging"]))
 
 
-def load_config(path: Path | str) -> GatewayConfig:
+def load_config(path: Path | str, *, isolated: bool = False) -> GatewayConfig:
+    """Read and validate a configuration file. `isolated`: validate in a forked child process, which alone
+    imports pydantic and PyYAML (for the daemon: they are needed once, at start-up)."""
     path = Path(path)
+    if not isolated:
+        from gateway.config_schema import validated
+
+        return from_validated(validated(path))
+    return from_validated(_validated_in_child(path))
+
+
+def _validated_in_child(path: Path) -> dict[str, Any]:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: validate, write one JSON answer, exit without running any cleanup of the parent's
+        code = 0
+        try:
+            os.close(r)
+            try:
+                from gateway.config_schema import validated
+
+                answer: dict[str, Any] = {"ok": validated(path)}
+            except ConfigError as exc:
+                answer = {"error": str(exc)}
+            except Exception as exc:  # reported by the parent as a ConfigError naming the file
+                answer = {"error": f"{path}: cannot load the configuration: {type(exc).__name__}: {exc}"}
+            with os.fdopen(w, "wb") as f:
+                f.write(json.dumps(answer).encode())
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        raw = f.read()
+    _, status = os.waitpid(pid, 0)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: configuration file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                          "save the file as UTF-8") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level (device:, keys:, ...)")
-    try:
-        return GatewayConfig.model_validate(_resolve(path.resolve().parent, data))
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc)) from None
+        answer = json.loads(raw)
+    except ValueError:
+        raise ConfigError(f"{path}: the configuration check failed (exit status {status:#x}); run "
+                          f"`agw config check --config {path}` to see why") from None
+    if "error" in answer:
+        raise ConfigError(answer["error"])
+    return answer["ok"]  # type: ignore[no-any-return]
 
 
 def json_schema() -> str:
-    schema = GatewayConfig.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://agw.dev/schema/agw-config.schema.json"
-    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+    """The published JSON schema (firmware-config/schema/agw-config.schema.json) of the configuration file."""
+    from gateway.config_schema import json_schema as schema
+
+    return schema()

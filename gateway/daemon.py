@@ -45,6 +45,9 @@ log = logging.getLogger("agw.daemon")
 
 HOUSEKEEPING_INTERVAL = 3600.0
 SIGNED_PREKEY_ROTATION_MS = 7 * 86_400_000
+# Frames received from the relay and not yet handled (each up to LinkLimits.max_frame_size, 1 MiB): past this the
+# link stops reading and TCP pushes back to the relay. The link's default (10,000) could hold gigabytes.
+LINK_EVENT_QUEUE = 16
 
 
 
@@ -100,8 +103,8 @@ class Gateway(Sending, Receiving):
                                                                       lambda: dt.datetime.now(dt.UTC)),
                                 now_ms=now_ms)
         relay = cfg.relay
-        self.link = RelayLink(RelayLinkConfig(url=relay.url, ca_file=relay.ca_file, server_name=relay.server_name),
-                              self._token)
+        self.link = RelayLink(RelayLinkConfig(url=relay.url, ca_file=relay.ca_file, server_name=relay.server_name,
+                                              event_queue=LINK_EVENT_QUEUE), self._token)
         self.bridge = MqttBridge(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=f"agw-gateway-{self.device_id}",
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
@@ -226,6 +229,6 @@ def configure_logging(cfg: GatewayConfig) -> None:
 def main_run(config_path: Path) -> int:
     from gateway.config import load_config
 
-    cfg = load_config(config_path)
+    cfg = load_config(config_path, isolated=True)  # pydantic and PyYAML stay out of the daemon's memory
     configure_logging(cfg)
     return asyncio.run(run_gateway(cfg))

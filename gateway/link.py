@@ -141,7 +141,8 @@ class RelayLinkConfig:
     open_timeout: float = 10.0
     request_timeout: float = 10.0
     refresh_fraction: float = 0.8  # refresh after this share of the token's remaining life
-    send_queue: int = 10_000
+    send_queue: int = 10_000  # envelopes queued for the relay and not yet written ...
+    send_queue_bytes: int = 2 * 1024 * 1024  # ... and their bytes: 10,000 envelopes of 16 KiB would be 160 MB
     event_queue: int = 10_000
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -174,6 +175,8 @@ class RelayLink:
         self.expires_at: int | None = None
         self.connects = 0
         self._outgoing: asyncio.Queue[Envelope] = asyncio.Queue(config.send_queue)
+        self._outgoing_bytes = 0  # sum of the queued envelopes' sizes
+        self._room = asyncio.Event()  # set when the writer has taken envelopes off the queue
         self._events: asyncio.Queue[LinkEvent | None] = asyncio.Queue(config.event_queue)
         self._pending: dict[int, asyncio.Future[ClientEvent]] = {}
         self._ready = asyncio.Event()
@@ -245,10 +248,17 @@ class RelayLink:
         for env in envelopes:
             if env.size > self.config.max_envelope_size:
                 raise ValueError(f"envelope of {env.size} bytes exceeds the {self.config.max_envelope_size} limit")
+        limit = self.config.send_queue_bytes
         for env in envelopes:
+            # Bounded in bytes as well as in envelopes; one envelope always fits into an empty queue.
+            while self._outgoing_bytes and self._outgoing_bytes + env.size > limit and self.fatal_error is None:
+                self._room.clear()
+                self._wake.set()
+                await self._room.wait()
             if self.fatal_error is not None:
                 raise LinkDownError(f"link failed: {self.fatal_error}") from self.fatal_error
             await self._outgoing.put(env)
+            self._outgoing_bytes += env.size
             self._wake.set()
 
     async def events(self) -> AsyncIterator[LinkEvent]:
@@ -337,6 +347,7 @@ class RelayLink:
             if not is_retryable(error):
                 self.fatal_error = error
                 self._status = LinkStatus.FAILED
+                self._room.set()  # senders waiting for room see the error
                 log.error("relay link failed for good", extra={"event": "link_failed", "reason": str(error)})
                 self._end_events()
                 return
@@ -441,6 +452,8 @@ class RelayLink:
                 batch: list[Envelope] = []
                 while not self._outgoing.empty() and len(batch) < 4 * self.config.limits.max_envelopes_per_frame:
                     batch.append(self._outgoing.get_nowait())
+                self._outgoing_bytes -= sum(env.size for env in batch)
+                self._room.set()
                 link.send_envelopes(batch)
                 if not self._outgoing.empty():
                     self._wake.set()  # more to come after this write

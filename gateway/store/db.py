@@ -31,6 +31,7 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 _NO_PAGE_LIMIT = 4294967294
 _WAL_LIMIT = 4 * 1024 * 1024  # the WAL is cut back to this after a checkpoint resets it
+_CACHE_KIB = 512  # page cache per connection (SQLite default 2,000 KiB): the hot pages are the outbox and inbox heads
 
 
 def translate(exc: sqlite3.Error, action: str) -> StoreError:
@@ -57,7 +58,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
     try:
         pragmas = ("trusted_schema=OFF", "cell_size_check=ON", "secure_delete=ON", "foreign_keys=ON",
-                   f"journal_size_limit={_WAL_LIMIT}")
+                   f"journal_size_limit={_WAL_LIMIT}", f"cache_size=-{_CACHE_KIB}")
         for pragma in pragmas:
             conn.execute(f"PRAGMA {pragma}")
     except sqlite3.Error:
