@@ -38,7 +38,7 @@ from typing import Any
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
-from gateway.groups_delivery import Counters, GroupDelivery
+from gateway.groups_delivery import RETRY_MS, Counters, GroupDelivery
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -52,12 +52,13 @@ from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMem
 from gateway.groups_store import GroupRecords, InEntry, OutEntry
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
+from gateway.protocol.group_ack import is_group_ack, message_id
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage
+from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
@@ -313,15 +314,23 @@ class Groups(GroupMembership, GroupDelivery):
 
     def _queue(self, agent: str, group: str, g: Group, msg: bytes, *, resend: bool,
                devices: list[str] | None = None, welcome: bool = False) -> None:
-        """Persist our state and an outbox entry in one transaction, deliver to other local members now."""
-        devices = self._devices(g) if devices is None else devices
+        """Persist our state and an outbox entry in one transaction, deliver to other local members now. The entry
+        waits for every member device's end-to-end ack (groups_delivery); a commit already sent once by `change`
+        (resend) waits for all current member devices too, plus those the relay could not reach (a removed
+        device among them is not waited for: it left), and is resent only if they do not ack in time."""
+        if devices is None:
+            devices = self._devices(g)
+        elif resend and not welcome:
+            devices = sorted({*devices, *self._devices(g)})
         self._out_seq = max(self._out_seq + 1, time.time_ns())
-        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq)
-        with self._batch():
+        first = self.now_ms() + RETRY_MS if resend else 0
+        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq,
+                         next_ms=first, attempts=1 if resend else 0, agent=agent, group=group)
+        with self._batch() if self._dirty is None else contextlib.nullcontext():
             self._save(agent, group)
             if devices:
                 self.records.put_out(entry)
-                self.outbox[entry.entry_id] = entry
+                self._track(entry)
             if not welcome:
                 self._process_local(agent, group, msg)
         self._wake.set()
@@ -466,15 +475,21 @@ class Groups(GroupMembership, GroupDelivery):
 
     # -- receiving -----------------------------------------------------------------------------------------------
     def receive(self, sender_device: str, data: bytes) -> None:
-        """One MLSMessage from the relay (or from a local member): Welcome, commit or application message."""
+        """One MLSMessage from the relay (or from a local member): Welcome, commit or application message; or an
+        end-to-end GroupAck for our own messages. What is durably taken (inbox, epoch buffer, merged, or refused
+        for good) or a known duplicate (same message id) is acknowledged to the sending device."""
+        if is_group_ack(data):
+            self._on_group_ack(sender_device, data)
+            return
         try:
             msg = MLSMessage.from_bytes(data)
         except (MlsError, ValueError) as exc:
             self.counters.dropped += 1
             log.warning("undecodable group message from %s: %s", sender_device, exc)
             return
+        msg_id = message_id(data)
         if isinstance(msg.body, Welcome):
-            self._on_welcome(msg.body)
+            self._receive_welcome(sender_device, msg.body, msg_id)
             return
         group_id = _group_id(msg)
         if group_id is None:
@@ -484,15 +499,58 @@ class Groups(GroupMembership, GroupDelivery):
         targets = [a for (a, gname) in self.members if gname == group]
         if not targets:
             # Perhaps for a group a local agent is being added to, whose Welcome (from another sender) is late.
+            # Not acknowledged: the sender resends until the Welcome made us a member.
             orphans = self.records.buffer(ORPHANS, group)
             if data not in orphans and len(orphans) < ORPHANS_MAX:
                 self.records.put_buffer(ORPHANS, group, [*orphans, data])
             return
+        if self.records.seen(group, msg_id):
+            self.counters.duplicates += 1
+            self._ack_later(sender_device, group, msg_id)
+            return
         recent = self._recent.setdefault(group, collections.deque(maxlen=RECENT_MAX))
         recent.append(data)
-        with self._batch():
+        before = (self.counters.dropped, self._seq, self.counters.buffered,
+                  [self.members[(a, group)].epoch for a in targets])
+        with self._batch() if self._dirty is None else contextlib.nullcontext():
             for agent in targets:
                 self._process_for(agent, group, data)
+            self.records.mark_seen(group, msg_id)
+            if sender_device != self.device:
+                self._audit_refusal(sender_device, group, msg, targets, before)
+        self._ack_later(sender_device, group, msg_id)
+
+    def _audit_refusal(self, sender_device: str, group: str, msg: MLSMessage, targets: list[str],
+                       before: tuple[int, int, int, list[int]]) -> None:
+        """A commit or application message that no local member took (refused by MLS: bad signature, replayed
+        generation, unknown sender, or by our policy) goes to the audit log; group state is unchanged by it."""
+        dropped, seq, buffered, epochs = before
+        after = [self.members[(a, group)].epoch if (a, group) in self.members else -1 for a in targets]
+        taken = self._seq != seq or self.counters.buffered != buffered or after != epochs
+        kind = _content_kind(msg)
+        if taken or kind == "proposal":
+            return
+        self.counters.extra["refused"] = self.counters.extra.get("refused", 0) + 1
+        self.store.audit.append({"type": "group.message_refused", "group": group, "peer": sender_device,
+                                 "kind": kind, "epoch": _epoch(msg),
+                                 "by_policy": self.counters.dropped != dropped}, self.now_ms())
+        log.warning("group %s: a %s from %s was refused (audited)", group, kind, sender_device)
+
+    def _receive_welcome(self, sender_device: str, welcome: Welcome, msg_id: bytes) -> None:
+        """A Welcome is acknowledged (signed by the invited agent's leaf key, which the adder's tree holds) once
+        it made a membership or an invitation held for consent; again when it comes again."""
+        known = self.records.welcomed(msg_id)
+        if known is None:
+            before = set(self.members) | set(self.records.index.invites)
+            self._on_welcome(welcome)
+            new = sorted((set(self.members) | set(self.records.index.invites)) - before)
+            if new:
+                known = new[0]
+                self.records.put_welcomed(msg_id, *known)
+        else:
+            self.counters.duplicates += 1
+        if known is not None and sender_device != self.device:
+            self._ack_later(sender_device, known[1], msg_id, acker=known[0])
 
     def _process_for(self, agent: str, group: str, data: bytes) -> None:
         g = self.members.get((agent, group))
@@ -574,3 +632,12 @@ def _digest(m: AgentMessage) -> bytes:
     for part in (m.topic.encode(), m.payload):
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
+
+
+def _content_kind(msg: MLSMessage) -> str:
+    body = msg.body
+    if isinstance(body, PrivateMessage):
+        return body.content_type.name.lower()
+    if isinstance(body, PublicMessage):
+        return body.content.content_type.name.lower()
+    return "other"
