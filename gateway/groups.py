@@ -321,7 +321,9 @@ class Groups(GroupMembership, GroupDelivery):
         if devices is None:
             devices = self._devices(g)
         elif resend and not welcome:
-            devices = sorted({*devices, *self._devices(g)})
+            prev = g.past_epochs().get(g.epoch - 1)  # the commit is for the members of the epoch before it
+            before = {agent_of(leaf.credential).split("/")[0] for _, leaf in prev.tree.leaves()} if prev else set()
+            devices = sorted(({*devices} | before) - {self.device})
         self._out_seq = max(self._out_seq + 1, time.time_ns())
         first = self.now_ms() + RETRY_MS if resend else 0
         entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq,
@@ -504,7 +506,10 @@ class Groups(GroupMembership, GroupDelivery):
             if data not in orphans and len(orphans) < ORPHANS_MAX:
                 self.records.put_buffer(ORPHANS, group, [*orphans, data])
             return
-        if self.records.seen(group, msg_id):
+        # Seen per (message, sending device): a sender's resend is a duplicate (dropped, acknowledged again);
+        # the same bytes from another device are a replay that MLS refuses and the audit log records.
+        seen_key = message_id(msg_id + sender_device.encode())
+        if self.records.seen(group, seen_key):
             self.counters.duplicates += 1
             self._ack_later(sender_device, group, msg_id)
             return
@@ -515,7 +520,7 @@ class Groups(GroupMembership, GroupDelivery):
         with self._batch() if self._dirty is None else contextlib.nullcontext():
             for agent in targets:
                 self._process_for(agent, group, data)
-            self.records.mark_seen(group, msg_id)
+            self.records.mark_seen(group, seen_key)
             if sender_device != self.device:
                 self._audit_refusal(sender_device, group, msg, targets, before)
         self._ack_later(sender_device, group, msg_id)
