@@ -74,6 +74,9 @@ MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
+# Keys of skipped generations kept per sender (MLS default 32): a message the relay lost (kill -9) is resent
+# after later ones arrived, and must still be readable then (the same bound as max_forward).
+OUT_OF_ORDER_WINDOW = 1_000
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
 
 
@@ -103,7 +106,7 @@ class Groups(GroupMembership, GroupDelivery):
         self.records = GroupRecords(store)
         self.mls_config = GroupConfig(
             identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
-            max_past_epochs=2)
+            max_past_epochs=2, out_of_order_window=OUT_OF_ORDER_WINDOW)
         self.signers: dict[str, AgentSigner] = {}
         self.members: dict[tuple[str, str], Group] = {}
         self.outbox: dict[bytes, OutEntry] = {}

@@ -283,10 +283,12 @@ class GroupDelivery:
                                      "reason": f"{type(exc).__name__}: {exc}"[:200]}, self.now_ms())
             return
         done = []
+        newest = 0
         for msg_id in ack.message_ids:
             entry = self.outbox.get(self._dstate.by_msg_id.get(msg_id, b""))
             if entry is None or sender_device not in entry.devices:
                 continue
+            newest = max(newest, entry.seq)
             entry.devices.remove(sender_device)
             self.counters.acks_received += 1
             if not entry.devices:
@@ -295,6 +297,21 @@ class GroupDelivery:
             # again and acknowledge it as a duplicate; one write per ack would cost more than that rare resend)
         if done:
             self._forget(done)
+        if newest:
+            self._fill_gaps(sender_device, newest)
+
+    def _fill_gaps(self, device: str, newest: int) -> None:
+        """`device` acknowledged a message sent after some it has not acknowledged: the relay delivers in order,
+        so those were lost (relay or gateway restart). Resend them now, oldest first, rather than after their
+        backoff: the receiver's MLS keeps skipped keys only for a bounded window of generations."""
+        now = self.now_ms()
+        woke = False
+        for e in self.outbox.values():
+            if e.seq < newest and e.attempts and device in e.devices and e.next_ms > now:
+                e.next_ms = now
+                woke = True
+        if woke:
+            self._wake.set()
 
     async def _flush_inbox(self) -> None:
         """Publish inbox entries in arrival order, pipelined (up to INBOX_BATCH at once); drop the acknowledged."""
