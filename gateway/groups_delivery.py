@@ -53,6 +53,7 @@ class _DeliveryState:
     # (device, group, acking agent or "" for any local member) -> message ids
     acks_due: dict[tuple[str, str, str], dict[bytes, None]] = field(default_factory=dict)
     by_msg_id: dict[bytes, bytes] = field(default_factory=dict)  # message id -> outbox entry id
+    rosters: dict[str, tuple[tuple[int, int], dict[str, bytes]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,15 +172,26 @@ class GroupDelivery:
         for e in self.outbox.values():
             e.next_ms = min(e.next_ms, t)
 
+    def _roster(self, group: str) -> dict[str, bytes]:
+        """`<device>/<agent>` -> leaf signature key of the group's current members, from one local member's tree
+        (all local members are at the same epoch once caught up); cached per epoch."""
+        g = next((g for (_a, gname), g in self.members.items() if gname == group), None)
+        if g is None:
+            return {}
+        st = self._dstate
+        cached = st.rosters.get(group)
+        if cached is not None and cached[0] == (id(g), g.epoch):
+            return cached[1]
+        roster = {agent_of(leaf.credential): leaf.signature_key for _, leaf in g.members()}
+        st.rosters[group] = ((id(g), g.epoch), roster)
+        return roster
+
     def _pending_devices(self, entry: OutEntry) -> list[str]:
         """The devices still to acknowledge `entry` that still have a member in its group (devices that left
         are not waited for). Entries of older versions (no group recorded) keep their list."""
         if not entry.group:
             return entry.devices
-        devices: set[str] = set()
-        for (_agent, group), g in self.members.items():
-            if group == entry.group:
-                devices.update(agent_of(leaf.credential).split("/")[0] for _, leaf in g.members())
+        devices = {name.split("/")[0] for name in self._roster(entry.group)}
         return [d for d in entry.devices if d in devices]
 
     def _track(self, entry: OutEntry) -> None:
@@ -271,8 +283,7 @@ class GroupDelivery:
             group = ack.group_id.decode("ascii")
             if ack.target != self.device or ack.acker_device != sender_device:
                 raise _Refused(f"ack from {sender_device} names {ack.acker} for {ack.target}")
-            key = next((leaf.signature_key for (_a, gname), g in self.members.items() if gname == group
-                        for _, leaf in g.members() if agent_of(leaf.credential) == ack.acker), None)
+            key = self._roster(group).get(ack.acker)
             if key is None:
                 raise _Refused(f"{ack.acker} is not a member of group {group} here")
             ack.verify(self.cs, key)
