@@ -58,7 +58,7 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
+from gateway.protocol.mls.framing import MLSMessage
 from gateway.protocol.mls.group import Group, GroupConfig
 from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
 from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
@@ -504,10 +504,12 @@ class Groups(GroupMembership, GroupDelivery):
         targets = [a for (a, gname) in self.members if gname == group]
         if not targets:
             # Perhaps for a group a local agent is being added to, whose Welcome (from another sender) is late.
-            # Not acknowledged: the sender resends until the Welcome made us a member.
+            # Held durably, it counts as seen: a resend is then acknowledged by whichever local agent the Welcome
+            # made a member (none yet: no ack, and the sender resends later).
             orphans = self.records.buffer(ORPHANS, group)
             if data not in orphans and len(orphans) < ORPHANS_MAX:
                 self.records.put_buffer(ORPHANS, group, [*orphans, data])
+                self.records.mark_seen(group, message_id(msg_id + sender_device.encode()))
             return
         # Seen per (message, sending device): a sender's resend is a duplicate (dropped, acknowledged again);
         # the same bytes from another device are a replay that MLS refuses and the audit log records.
@@ -527,38 +529,6 @@ class Groups(GroupMembership, GroupDelivery):
             if sender_device != self.device:
                 self._audit_refusal(sender_device, group, msg, targets, before)
         self._ack_later(sender_device, group, msg_id)
-
-    def _audit_refusal(self, sender_device: str, group: str, msg: MLSMessage, targets: list[str],
-                       before: tuple[int, int, int, list[int]]) -> None:
-        """A commit or application message that no local member took (refused by MLS: bad signature, replayed
-        generation, unknown sender, or by our policy) goes to the audit log; group state is unchanged by it."""
-        dropped, seq, buffered, epochs = before
-        after = [self.members[(a, group)].epoch if (a, group) in self.members else -1 for a in targets]
-        taken = self._seq != seq or self.counters.buffered != buffered or after != epochs
-        kind = _content_kind(msg)
-        if taken or kind == "proposal":
-            return
-        self.counters.extra["refused"] = self.counters.extra.get("refused", 0) + 1
-        self.store.audit.append({"type": "group.message_refused", "group": group, "peer": sender_device,
-                                 "kind": kind, "epoch": _epoch(msg),
-                                 "by_policy": self.counters.dropped != dropped}, self.now_ms())
-        log.warning("group %s: a %s from %s was refused (audited)", group, kind, sender_device)
-
-    def _receive_welcome(self, sender_device: str, welcome: Welcome, msg_id: bytes) -> None:
-        """A Welcome is acknowledged (signed by the invited agent's leaf key, which the adder's tree holds) once
-        it made a membership or an invitation held for consent; again when it comes again."""
-        known = self.records.welcomed(msg_id)
-        if known is None:
-            before = set(self.members) | set(self.records.index.invites)
-            self._on_welcome(welcome)
-            new = sorted((set(self.members) | set(self.records.index.invites)) - before)
-            if new:
-                known = new[0]
-                self.records.put_welcomed(msg_id, *known)
-        else:
-            self.counters.duplicates += 1
-        if known is not None and sender_device != self.device:
-            self._ack_later(sender_device, known[1], msg_id, acker=known[0])
 
     def _process_for(self, agent: str, group: str, data: bytes) -> None:
         g = self.members.get((agent, group))
@@ -641,11 +611,3 @@ def _digest(m: AgentMessage) -> bytes:
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
 
-
-def _content_kind(msg: MLSMessage) -> str:
-    body = msg.body
-    if isinstance(body, PrivateMessage):
-        return body.content_type.name.lower()
-    if isinstance(body, PublicMessage):
-        return body.content.content_type.name.lower()
-    return "other"

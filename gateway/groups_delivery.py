@@ -28,8 +28,10 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.group_ack import MAX_IDS, GroupAck
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import CipherSuite
+from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
 from gateway.protocol.mls.group import Group
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
+from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import Store
 
 log = logging.getLogger("agw.groups")
@@ -91,8 +93,12 @@ class GroupDelivery:
     _wake: asyncio.Event
     _inbox_wake: asyncio.Event
     _publishing: set[bytes]
+    _seq: int
 
-    if TYPE_CHECKING:  # provided by Groups
+    if TYPE_CHECKING:  # provided by Groups and GroupMembership
+        def _on_welcome(self, welcome: Welcome) -> None:
+            raise NotImplementedError
+
         def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
             raise NotImplementedError
 
@@ -276,6 +282,38 @@ class GroupDelivery:
                 log.info("group acks not sent (%s: %s); the senders will resend and get them again",
                          type(exc).__name__, exc)
 
+    def _audit_refusal(self, sender_device: str, group: str, msg: MLSMessage, targets: list[str],
+                       before: tuple[int, int, int, list[int]]) -> None:
+        """A commit or application message that no local member took (refused by MLS: bad signature, replayed
+        generation, unknown sender, or by our policy) goes to the audit log; group state is unchanged by it."""
+        dropped, seq, buffered, epochs = before
+        after = [self.members[(a, group)].epoch if (a, group) in self.members else -1 for a in targets]
+        taken = self._seq != seq or self.counters.buffered != buffered or after != epochs
+        kind = _content_kind(msg)
+        if taken or kind == "proposal":
+            return
+        self.counters.extra["refused"] = self.counters.extra.get("refused", 0) + 1
+        self.store.audit.append({"type": "group.message_refused", "group": group, "peer": sender_device,
+                                 "kind": kind, "epoch": _epoch_of(msg),
+                                 "by_policy": self.counters.dropped != dropped}, self.now_ms())
+        log.warning("group %s: a %s from %s was refused (audited)", group, kind, sender_device)
+
+    def _receive_welcome(self, sender_device: str, welcome: Welcome, msg_id: bytes) -> None:
+        """A Welcome is acknowledged (signed by the invited agent's leaf key, which the adder's tree holds) once
+        it made a membership or an invitation held for consent; again when it comes again."""
+        known = self.records.welcomed(msg_id)
+        if known is None:
+            before = set(self.members) | set(self.records.index.invites)
+            self._on_welcome(welcome)
+            new = sorted((set(self.members) | set(self.records.index.invites)) - before)
+            if new:
+                known = new[0]
+                self.records.put_welcomed(msg_id, *known)
+        else:
+            self.counters.duplicates += 1
+        if known is not None and sender_device != self.device:
+            self._ack_later(sender_device, known[1], msg_id, acker=known[0])
+
     def _on_group_ack(self, sender_device: str, data: bytes) -> None:
         """A member device acknowledges our group messages: verified against its leaf in our group tree."""
         try:
@@ -349,6 +387,24 @@ class GroupDelivery:
                 if not isinstance(failed, BrokerUnavailable | TimeoutError):
                     raise failed
                 return
+
+
+def _epoch_of(msg: MLSMessage) -> int:
+    body = msg.body
+    if isinstance(body, PrivateMessage):
+        return body.epoch
+    if isinstance(body, PublicMessage):
+        return body.content.epoch
+    return 0
+
+
+def _content_kind(msg: MLSMessage) -> str:
+    body = msg.body
+    if isinstance(body, PrivateMessage):
+        return body.content_type.name.lower()
+    if isinstance(body, PublicMessage):
+        return body.content.content_type.name.lower()
+    return "other"
 
 
 class _Refused(Exception):
