@@ -56,6 +56,8 @@ class _DeliveryState:
     acks_due: dict[tuple[str, str, str], dict[bytes, None]] = field(default_factory=dict)
     by_msg_id: dict[bytes, bytes] = field(default_factory=dict)  # message id -> outbox entry id
     rosters: dict[str, tuple[tuple[int, int], dict[str, bytes]]] = field(default_factory=dict)
+    last_ack_ms: dict[str, int] = field(default_factory=dict)  # device -> when it last acknowledged anything
+    gaps: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices that skipped it (resend now)
 
 
 @dataclass
@@ -174,6 +176,7 @@ class GroupDelivery:
                 last_error = _log_limited(last_error, "group inbox", exc)
 
     def _resend_soon(self) -> None:
+        self._dstate.last_ack_ms.clear()  # whatever the old relay held for any device may be gone
         t = self.now_ms() + RELINK_RESEND_MS
         for e in self.outbox.values():
             e.next_ms = min(e.next_ms, t)
@@ -211,14 +214,28 @@ class GroupDelivery:
         t = self.now_ms()
         due = sorted((e for e in self.outbox.values() if e.next_ms <= t), key=lambda e: e.seq)[:SEND_BATCH]
         done = [e.entry_id for e in due if e.expires_ms <= t]
+        for e in due:
+            if e.expires_ms <= t and e.devices:
+                log.warning("group %s: a message expired unacknowledged by %s", e.group or "?", ", ".join(e.devices))
         due = [e for e in due if e.expires_ms > t]
         for e in due:
             e.devices = self._pending_devices(e)
         done += [e.entry_id for e in due if not e.devices]
         due = [e for e in due if e.devices]
-        self.counters.resent += sum(len(e.devices) for e in due if e.attempts)
-        results = await asyncio.gather(*(self.link.group_send(e.devices, e.entry_id, e.message, resend=e.resend)
-                                         for e in due), return_exceptions=True)
+        # A resend goes only to devices that have been silent for a while: one that acknowledges (a backlog, say)
+        # is alive, and if it skipped this message, its ack of a later one resends it at once (_fill_gaps).
+        last_ack, gaps = self._dstate.last_ack_ms, self._dstate.gaps
+        targets = {e.entry_id: [d for d in e.devices if not e.attempts or t - last_ack.get(d, 0) >= RETRY_MS
+                                or d in gaps.get(e.entry_id, ())] for e in due}
+        for e in due:
+            gaps.pop(e.entry_id, None)
+        for e in due:
+            if not targets[e.entry_id]:
+                e.next_ms = t + RETRY_MS
+        due = [e for e in due if targets[e.entry_id]]
+        self.counters.resent += sum(len(targets[e.entry_id]) for e in due if e.attempts)
+        results = await asyncio.gather(*(self.link.group_send(targets[e.entry_id], e.entry_id, e.message,
+                                                              resend=e.resend) for e in due), return_exceptions=True)
         with self.records.store.transaction(durable=False):
             self.records.deferred += 1
             try:
@@ -244,6 +261,7 @@ class GroupDelivery:
     def _forget(self, entry_ids: list[bytes]) -> None:
         st = self._dstate
         for i in entry_ids:
+            st.gaps.pop(i, None)
             e = self.outbox.pop(i, None)
             if e is not None:
                 st.by_msg_id.pop(e.msg_id, None)
@@ -304,14 +322,19 @@ class GroupDelivery:
         known = self.records.welcomed(msg_id)
         if known is None:
             before = set(self.members) | set(self.records.index.invites)
+            refused = self.counters.refused_joins
             self._on_welcome(welcome)
             new = sorted((set(self.members) | set(self.records.index.invites)) - before)
             if new:
                 known = new[0]
                 self.records.put_welcomed(msg_id, *known)
+            elif self.counters.refused_joins != refused:
+                # Refused (no consent) and audited once: resends are dropped unprocessed. Not acknowledged (we
+                # do not learn the group of a refused Welcome), so the adder resends it until it expires.
+                self.records.put_welcomed(msg_id, "", "")
         else:
             self.counters.duplicates += 1
-        if known is not None and sender_device != self.device:
+        if known is not None and known[0] and sender_device != self.device:
             self._ack_later(sender_device, known[1], msg_id, acker=known[0])
 
     def _on_group_ack(self, sender_device: str, data: bytes) -> None:
@@ -331,6 +354,7 @@ class GroupDelivery:
             self.store.audit.append({"type": "group.ack_refused", "peer": sender_device,
                                      "reason": f"{type(exc).__name__}: {exc}"[:200]}, self.now_ms())
             return
+        self._dstate.last_ack_ms[sender_device] = self.now_ms()
         done = []
         newest = 0
         for msg_id in ack.message_ids:
@@ -358,6 +382,7 @@ class GroupDelivery:
         for e in self.outbox.values():
             if e.seq < newest and e.attempts and device in e.devices and e.next_ms > now:
                 e.next_ms = now
+                self._dstate.gaps.setdefault(e.entry_id, set()).add(device)
                 woke = True
         if woke:
             self._wake.set()

@@ -107,7 +107,8 @@ async def test_lost_by_the_relay_is_resent_to_that_device_only_and_delivered_onc
     assert entry.devices == ["dev-c"]  # b acked, c never got it
     link(a).lose_to = set()
     link(a).sent_to.clear()
-    entry.next_ms = 0  # the backoff elapsed
+    entry.next_ms = 0  # the backoff elapsed, and dev-c has been silent since
+    a._dstate.last_ack_ms.clear()
     a._wake.set()
     await until(lambda: not a.outbox)
     assert link(a).sent_to == ["dev-c"]
@@ -167,9 +168,29 @@ async def test_devices_that_leave_are_not_waited_for(trio: Any) -> None:
     await until(lambda: ("c1", "g") not in c.members)
     for e in a.outbox.values():
         e.next_ms = 0
+    a._dstate.last_ack_ms.clear()
     a._wake.set()
     await until(lambda: not a.outbox)
     assert [p for p, _ in bridge(c).inbox("c1")].count(b"five") == 0
+
+
+async def test_a_device_that_keeps_acking_is_not_resent_to_on_a_timer_but_its_gaps_are(trio: Any) -> None:
+    a, _, c = trio
+    link(a).lose_to = {"dev-c"}
+    a.send("a1", "g", b"six")
+    await until(lambda: [e.devices for e in a.outbox.values()] == [["dev-c"]])
+    link(a).sent_to.clear()
+    entry = next(iter(a.outbox.values()))
+    a._dstate.last_ack_ms["dev-c"] = a.now_ms()  # dev-c acknowledged something just now: alive, maybe busy
+    entry.next_ms = 0
+    a._wake.set()
+    await settle()
+    assert link(a).sent_to == []  # no resend on the timer; postponed
+    link(a).lose_to = set()
+    a.send("a1", "g", b"seven")  # dev-c acks it: "six", older and unacknowledged, was lost: resent at once
+    await until(lambda: not a.outbox, timeout=3.0)
+    assert link(a).sent_to.count("dev-c") == 2
+    assert [p for p, _ in bridge(c).inbox("c1")][-2:] == [b"seven", b"six"]
 
 
 def test_group_ack_layout_byte_by_byte() -> None:
