@@ -58,6 +58,7 @@ class _DeliveryState:
     rosters: dict[str, tuple[tuple[int, int], dict[str, bytes]]] = field(default_factory=dict)
     last_ack_ms: dict[str, int] = field(default_factory=dict)  # device -> when it last acknowledged anything
     gaps: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices that skipped it (resend now)
+    ack_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -163,17 +164,32 @@ class GroupDelivery:
                 last_error = _log_limited(last_error, "group outbox", exc)
 
     async def _inbox_loop(self) -> None:
-        """Hand decrypted group messages to the broker, apart from the relay's read loop."""
+        """Hand decrypted group messages to the broker, apart from the relay's read loop (and start the ack
+        task: acks must not wait behind the broker's PUBACKs, or senders resend what we already hold)."""
+        self._spawn(self._ack_loop(), "group-acks")
         last_error = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._inbox_wake.wait(), 1.0)
             self._inbox_wake.clear()
             try:
-                await self._flush_acks()
                 await self._flush_inbox()
             except Exception as exc:
                 last_error = _log_limited(last_error, "group inbox", exc)
+
+    async def _ack_loop(self) -> None:
+        """Send queued GroupAcks as soon as the receive batch that took their messages has committed (this task
+        runs only when the synchronous receive path has returned, i.e. after its transaction)."""
+        wake = self._dstate.ack_wake
+        last_error = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), 1.0)
+            wake.clear()
+            try:
+                await self._flush_acks()
+            except Exception as exc:
+                last_error = _log_limited(last_error, "group acks", exc)
 
     def _resend_soon(self) -> None:
         self._dstate.last_ack_ms.clear()  # whatever the old relay held for any device may be gone
@@ -272,7 +288,7 @@ class GroupDelivery:
         """Acknowledge `msg_id` to `device` once the current transaction is committed (the inbox task sends)."""
         if device != self.device:
             self._dstate.acks_due.setdefault((device, group, acker), {})[msg_id] = None
-            self._inbox_wake.set()
+            self._dstate.ack_wake.set()
 
     async def _flush_acks(self) -> None:
         """One signed GroupAck per (sending device, group), up to MAX_IDS ids each, all in one ENVELOPES frame.
