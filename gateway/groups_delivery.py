@@ -59,6 +59,7 @@ class _DeliveryState:
     last_ack_ms: dict[str, int] = field(default_factory=dict)  # device -> when it last acknowledged anything
     gaps: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices that skipped it (resend now)
     ack_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    unsent: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices known not to have it
 
 
 @dataclass
@@ -192,10 +193,13 @@ class GroupDelivery:
                 last_error = _log_limited(last_error, "group acks", exc)
 
     def _resend_soon(self) -> None:
-        self._dstate.last_ack_ms.clear()  # whatever the old relay held for any device may be gone
-        t = self.now_ms() + RELINK_RESEND_MS
+        """The relay link is back; the relay may have restarted and lost whatever it held for any device: every
+        unacknowledged message counts as not sent, and goes again now, oldest first."""
+        st = self._dstate
+        st.last_ack_ms.clear()
         for e in self.outbox.values():
-            e.next_ms = min(e.next_ms, t)
+            e.next_ms = 0
+            st.unsent[e.entry_id] = set(e.devices)
 
     def _roster(self, group: str) -> dict[str, bytes]:
         """`<device>/<agent>` -> leaf signature key of the group's current members, from one local member's tree
@@ -240,9 +244,25 @@ class GroupDelivery:
         due = [e for e in due if e.devices]
         # A resend goes only to devices that have been silent for a while: one that acknowledges (a backlog, say)
         # is alive, and if it skipped this message, its ack of a later one resends it at once (_fill_gaps).
-        last_ack, gaps = self._dstate.last_ack_ms, self._dstate.gaps
-        targets = {e.entry_id: [d for d in e.devices if not e.attempts or t - last_ack.get(d, 0) >= RETRY_MS
-                                or d in gaps.get(e.entry_id, ())] for e in due}
+        # Per device, messages go in the order they were made: a device is not sent a message while an older
+        # one it is known not to have (offline, congested, failed send) waits for its retry; the receiver's MLS
+        # keeps skipped keys only for a bounded window of generations.
+        st = self._dstate
+        last_ack, gaps, unsent = st.last_ack_ms, st.gaps, st.unsent
+        held_from: dict[str, int] = {}
+        for e in self.outbox.values():
+            if e.next_ms > t:
+                for d in unsent.get(e.entry_id, ()):
+                    held_from[d] = min(held_from.get(d, e.seq), e.seq)
+
+        def wanted(e: OutEntry, d: str) -> bool:
+            if held_from.get(d, e.seq) < e.seq:
+                unsent.setdefault(e.entry_id, set()).add(d)
+                return False
+            return (not e.attempts or d in unsent.get(e.entry_id, ()) or d in gaps.get(e.entry_id, ())
+                    or t - last_ack.get(d, 0) >= RETRY_MS)
+
+        targets = {e.entry_id: [d for d in e.devices if wanted(e, d)] for e in due}
         for e in due:
             gaps.pop(e.entry_id, None)
         for e in due:
@@ -256,9 +276,16 @@ class GroupDelivery:
             self.records.deferred += 1
             try:
                 for entry, res in zip(due, results, strict=True):
+                    missed = unsent.setdefault(entry.entry_id, set())
+                    missed.difference_update(targets[entry.entry_id])
                     if isinstance(res, BaseException):
+                        missed.update(targets[entry.entry_id])
                         log.info("group send failed, will retry: %s: %s", type(res).__name__, res)
-                    elif res.status not in (GroupStatus.ACCEPTED, GroupStatus.RATE_LIMITED):
+                    elif res.status is GroupStatus.RATE_LIMITED:
+                        missed.update(targets[entry.entry_id])
+                    elif res.status is GroupStatus.ACCEPTED:
+                        missed.update(d for d, _ in res.undelivered)
+                    else:
                         log.warning("the relay refused a group message (%s); dropping it", res.status.name)
                         entry.devices = []
                     if not entry.devices or entry.entry_id not in self.outbox:  # refused, or acknowledged meanwhile
@@ -278,6 +305,7 @@ class GroupDelivery:
         st = self._dstate
         for i in entry_ids:
             st.gaps.pop(i, None)
+            st.unsent.pop(i, None)
             e = self.outbox.pop(i, None)
             if e is not None:
                 st.by_msg_id.pop(e.msg_id, None)
@@ -392,13 +420,20 @@ class GroupDelivery:
     def _fill_gaps(self, device: str, newest: int) -> None:
         """`device` acknowledged a message sent after some it has not acknowledged: the relay delivers in order,
         so those were lost (relay or gateway restart). Resend them now, oldest first, rather than after their
-        backoff: the receiver's MLS keeps skipped keys only for a bounded window of generations."""
+        backoff: the receiver's MLS keeps skipped keys only for a bounded window of generations. What it is
+        known not to have (held back, or undelivered while it was offline) goes now as well."""
         now = self.now_ms()
         woke = False
+        unsent = self._dstate.unsent
         for e in self.outbox.values():
-            if e.seq < newest and e.attempts and device in e.devices and e.next_ms > now:
+            if device not in e.devices or e.next_ms <= now:
+                continue
+            if e.seq < newest and e.attempts:
                 e.next_ms = now
                 self._dstate.gaps.setdefault(e.entry_id, set()).add(device)
+                woke = True
+            elif device in unsent.get(e.entry_id, ()):  # held back or undelivered: the device is reachable now
+                e.next_ms = now
                 woke = True
         if woke:
             self._wake.set()
