@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bench.paths import relay_config
+from bench.paths import relay_config, start_profiled
 from gateway.testbed import Broker, Testbed
 
 GROUP = "bench"
@@ -118,9 +118,13 @@ def run(gateways: int, agents: int, n: int, limit: float = 480) -> dict[str, Any
             t = time.monotonic()
             for d in devs:
                 bed.add_gateway(d, agents={a: everyone for a in names[d]})
+            profile = os.environ.get("AGW_BENCH_PROFILE")  # a directory: the sender and one member under cProfile
             for gw in bed.gateways.values():
                 _allow_group_topics(gw.broker)
-                gw.start()
+                if profile and gw.name in (devs[0], devs[-1]):
+                    start_profiled(gw, Path(profile) / f"{gw.name}.prof")
+                else:
+                    gw.start()
             for gw in bed.gateways.values():
                 gw.wait_ready(60)
             setup_s = time.monotonic() - t

@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
-from gateway.groups_delivery import KEY_PACKAGES_MAX_HELD, Counters, GroupDelivery, _log_limited
+from gateway.groups_delivery import KEY_PACKAGES_MAX_HELD, RETRY_MS, Counters, GroupDelivery, _log_limited
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -63,6 +63,7 @@ from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMem
 from gateway.groups_store import GroupRecords, InEntry, OutEntry, pack, unpack
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
+from gateway.protocol.group_ack import is_group_ack, message_id
 from gateway.protocol.identity.delegation import DelegatedKey
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
@@ -85,6 +86,9 @@ MESSAGE_TTL_MS = 24 * 3_600_000
 BUFFER_MAX = 1_000
 COMMIT_ATTEMPTS = 5
 COMMIT_WAIT_S = 10.0
+# Keys of skipped generations kept per sender (MLS default 32): a message the relay lost (kill -9) is resent
+# after later ones arrived, and must still be readable then (the same bound as max_forward).
+OUT_OF_ORDER_WINDOW = 1_000
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
 ROTATION_POLL_S = 1.0  # how often the delegated key files are looked at (a stat; no hardware operation)
 RENEWAL_CHECK_S = 3_600.0  # how often each agent's delegated key is checked for expiry (renewed before it)
@@ -120,7 +124,7 @@ class Groups(GroupMembership, GroupDelivery):
             identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
             credential_successor=fleet_successor(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
             allow_external_commits=False,  # members join by Welcome only; see docs/threat-model.md
-            max_past_epochs=2)
+            max_past_epochs=2, out_of_order_window=OUT_OF_ORDER_WINDOW)
         self.signers: dict[str, AgentSigner] = {}
         self.retired: dict[str, list[AgentSigner]] = {}
         """Older signers of each agent still held by a membership's leaf or a KeyPackage (until rotated away)."""
@@ -355,15 +359,25 @@ class Groups(GroupMembership, GroupDelivery):
 
     def _queue(self, agent: str, group: str, g: Group, msg: bytes, *, resend: bool,
                devices: list[str] | None = None, welcome: bool = False) -> None:
-        """Persist our state and an outbox entry in one transaction, deliver to other local members now."""
-        devices = self._devices(g) if devices is None else devices
+        """Persist our state and an outbox entry in one transaction, deliver to other local members now. The entry
+        waits for every member device's end-to-end ack (groups_delivery); a commit already sent once by `change`
+        (resend) waits for all current member devices too, plus those the relay could not reach (a removed
+        device among them is not waited for: it left), and is resent only if they do not ack in time."""
+        if devices is None:
+            devices = self._devices(g)
+        elif resend and not welcome:
+            prev = g.past_epochs().get(g.epoch - 1)  # the commit is for the members of the epoch before it
+            before = {agent_of(leaf.credential).split("/")[0] for _, leaf in prev.tree.leaves()} if prev else set()
+            devices = sorted(({*devices} | before) - {self.device})
         self._out_seq = max(self._out_seq + 1, time.time_ns())
-        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq)
-        with self._batch():
+        first = self.now_ms() + RETRY_MS if resend else 0
+        entry = OutEntry(os.urandom(16), msg, devices, resend, self.now_ms() + MESSAGE_TTL_MS, seq=self._out_seq,
+                         next_ms=first, attempts=1 if resend else 0, agent=agent, group=group)
+        with self._batch() if self._dirty is None else contextlib.nullcontext():
             self._save(agent, group)
             if devices:
                 self.records.put_out(entry)
-                self.outbox[entry.entry_id] = entry
+                self._track(entry)
             if not welcome:
                 self._process_local(agent, group, msg)
         self._wake.set()
@@ -628,15 +642,21 @@ class Groups(GroupMembership, GroupDelivery):
 
     # -- receiving -----------------------------------------------------------------------------------------------
     def receive(self, sender_device: str, data: bytes) -> None:
-        """One MLSMessage from the relay (or from a local member): Welcome, commit or application message."""
+        """One MLSMessage from the relay (or from a local member): Welcome, commit or application message; or an
+        end-to-end GroupAck for our own messages. What is durably taken (inbox, epoch buffer, merged, or refused
+        for good) or a known duplicate (same message id) is acknowledged to the sending device."""
+        if is_group_ack(data):
+            self._on_group_ack(sender_device, data)
+            return
         try:
             msg = MLSMessage.from_bytes(data)
         except (MlsError, ValueError) as exc:
             self.counters.dropped += 1
             log.warning("undecodable group message from %s: %s", sender_device, exc)
             return
+        msg_id = message_id(data)
         if isinstance(msg.body, Welcome):
-            self._on_welcome(msg.body)
+            self._receive_welcome(sender_device, msg.body, msg_id)
             return
         group_id = _group_id(msg)
         if group_id is None:
@@ -646,15 +666,31 @@ class Groups(GroupMembership, GroupDelivery):
         targets = [a for (a, gname) in self.members if gname == group]
         if not targets:
             # Perhaps for a group a local agent is being added to, whose Welcome (from another sender) is late.
+            # Held durably, it counts as seen: a resend is then acknowledged by whichever local agent the Welcome
+            # made a member (none yet: no ack, and the sender resends later).
             orphans = self.records.buffer(ORPHANS, group)
             if data not in orphans and len(orphans) < ORPHANS_MAX:
                 self.records.put_buffer(ORPHANS, group, [*orphans, data])
+                self.records.mark_seen(group, message_id(msg_id + sender_device.encode()))
+            return
+        # Seen per (message, sending device): a sender's resend is a duplicate (dropped, acknowledged again);
+        # the same bytes from another device are a replay that MLS refuses and the audit log records.
+        seen_key = message_id(msg_id + sender_device.encode())
+        if self.records.seen(group, seen_key):
+            self.counters.duplicates += 1
+            self._ack_later(sender_device, group, msg_id)
             return
         recent = self._recent.setdefault(group, collections.deque(maxlen=RECENT_MAX))
         recent.append(data)
-        with self._batch():
+        before = (self.counters.dropped, self._seq, self.counters.buffered,
+                  [self.members[(a, group)].epoch for a in targets])
+        with self._batch() if self._dirty is None else contextlib.nullcontext():
             for agent in targets:
                 self._process_for(agent, group, data)
+            self.records.mark_seen(group, seen_key)
+            if sender_device != self.device:
+                self._audit_refusal(sender_device, group, msg, targets, before)
+        self._ack_later(sender_device, group, msg_id)
 
     def _process_for(self, agent: str, group: str, data: bytes) -> None:
         g = self.members.get((agent, group))
@@ -674,11 +710,9 @@ class Groups(GroupMembership, GroupDelivery):
             if isinstance(msg.body, PublicMessage):
                 # A handshake message the relay ordered into this epoch and we refuse: say so, because the
                 # members that accepted it have moved on (a fork only an operator can resolve).
-                self.counters.dropped += 1
+                # (`receive` audits it as group.message_refused.)
                 log.warning("group %s: refused a handshake message for %s at epoch %d: %s", group, agent, epoch,
                             exc)
-                self.store.audit.append({"type": "group.refused", "group": group, "agent": agent, "epoch": epoch,
-                                         "reason": type(exc).__name__}, self.now_ms())
             else:
                 log.debug("group %s: message for %s dropped: %s", group, agent, exc)
             return
@@ -765,3 +799,4 @@ def _digest(m: AgentMessage) -> bytes:
     for part in (m.topic.encode(), m.payload):
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
+

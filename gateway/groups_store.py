@@ -4,7 +4,9 @@ Names, all under `grp/`: `signer/<agent>` (the agent's MLS signing key and chain
 local agent's MLS state, `group_persist` format), `buffer/<agent>/<group>` (messages for a later epoch, waiting
 for the commit that leads there), `kp/<agent>` and `lastresort/<agent>` (KeyPackage private halves),
 `invite/<agent>/<group>` (a Welcome held for the operator's consent), `out/<id>` (a group message some devices
-have not received yet), `in/<id>` (a decrypted message waiting for the broker) and `index` (which exist).
+have not acknowledged yet), `in/<id>` (a decrypted message waiting for the broker), `seen/<group>/<n>` (the ids
+of the last group messages taken, SEEN_CHUNK per chunk, SEEN_CHUNKS chunks in a ring: duplicates are dropped and
+acknowledged again), `welcomed/<message id>` (which agent and group a Welcome was for) and `index` (which exist).
 Callers group writes in `store.transaction()`.
 """
 
@@ -14,6 +16,7 @@ import json
 import struct
 from dataclasses import dataclass, field
 
+from gateway.protocol.group_ack import message_id
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle
 from gateway.store import Store
@@ -45,27 +48,41 @@ def bundle_from_bytes(data: bytes) -> KeyPackageBundle:
     return KeyPackageBundle(KeyPackage.from_bytes(kp), init_priv, enc_priv)
 
 
+SEEN_CHUNK = 256
+SEEN_CHUNKS = 32  # the last 8,192 message ids per group
+
+
 @dataclass
 class OutEntry:
-    """A group message not yet handed to every member device (they were offline): resent until expiry."""
+    """A group message some member devices have not acknowledged end to end yet: resent to them, with backoff,
+    until they do, leave the group, or it expires."""
 
     entry_id: bytes
     message: bytes
-    devices: list[str]
+    devices: list[str]  # the devices still to acknowledge it
     resend: bool  # a commit the relay accepted: resends must say so
     expires_ms: int
     seq: int = 0  # send order: a sender's messages reach each device in the order they were made
     next_ms: int = 0
     attempts: int = 0
+    agent: str = ""  # the local member that sent it, and its group ("" in entries of older versions)
+    group: str = ""
+    msg_id: bytes = b""
+
+    def __post_init__(self) -> None:
+        if not self.msg_id:
+            self.msg_id = message_id(self.message)
 
     def to_bytes(self) -> bytes:
         return json.dumps({"m": self.message.hex(), "d": self.devices, "r": self.resend,
-                           "x": self.expires_ms, "q": self.seq}).encode()
+                           "x": self.expires_ms, "q": self.seq, "a": self.agent, "g": self.group,
+                           "n": self.attempts}).encode()
 
     @classmethod
     def from_bytes(cls, entry_id: bytes, data: bytes) -> OutEntry:
         d = json.loads(data)
-        return cls(entry_id, bytes.fromhex(d["m"]), list(d["d"]), bool(d["r"]), int(d["x"]), int(d.get("q", 0)))
+        return cls(entry_id, bytes.fromhex(d["m"]), list(d["d"]), bool(d["r"]), int(d["x"]), int(d.get("q", 0)),
+                   attempts=int(d.get("n", 0)), agent=str(d.get("a", "")), group=str(d.get("g", "")))
 
 
 @dataclass
@@ -119,6 +136,8 @@ class GroupRecords:
         self._inbox: dict[bytes, InEntry] | None = None
         self.deferred = 0  # > 0: index writes wait for flush_index() (one write per batch, same transaction)
         self._dirty = False
+        self._seen: dict[str, _Seen] = {}
+        self._seen_dirty: set[tuple[str, int]] = set()
 
     def _save_index(self) -> None:
         if self.deferred:
@@ -128,6 +147,7 @@ class GroupRecords:
         self._dirty = False
 
     def flush_index(self) -> None:
+        self._flush_seen()
         if self._dirty:
             self.secrets.put("grp/index", self.index.to_bytes())
             self._dirty = False
@@ -225,7 +245,8 @@ class GroupRecords:
         return sorted(self._inbox.values(), key=lambda e: e.seq)
 
     def put_in(self, entry: InEntry) -> None:
-        self.inbox()
+        if self._inbox is None:
+            self.inbox()
         self.secrets.put(f"grp/in/{entry.entry_id.hex()}", entry.to_bytes())
         self.index.inbox.add(entry.entry_id)
         assert self._inbox is not None
@@ -239,3 +260,62 @@ class GroupRecords:
             if self._inbox is not None:
                 self._inbox.pop(i, None)
         self._save_index()
+
+    # ids of the group messages taken (inbox, epoch buffer or processed), for duplicate detection
+    def _seen_ids(self, group: str) -> _Seen:
+        seen = self._seen.get(group)
+        if seen is None:
+            seen = self._seen[group] = _Seen()
+            for n in range(SEEN_CHUNKS):
+                raw = self.secrets.get(f"grp/seen/{group}/{n}")
+                if raw and len(raw) >= 8:
+                    (seq,) = struct.unpack_from("!Q", raw)
+                    seen.chunks[seq] = [raw[i:i + 16] for i in range(8, len(raw) - 15, 16)]
+            seen.chunks = dict(sorted(seen.chunks.items()))
+            for ids in seen.chunks.values():
+                seen.ids.update(ids)
+        return seen
+
+    def seen(self, group: str, msg_id: bytes) -> bool:
+        return msg_id in self._seen_ids(group).ids
+
+    def mark_seen(self, group: str, msg_id: bytes) -> None:
+        """Remember a taken message id; written with the batch's transaction (one chunk write per batch)."""
+        seen = self._seen_ids(group)
+        if msg_id in seen.ids:
+            return
+        seq = max(seen.chunks, default=0)
+        if len(seen.chunks.get(seq, ())) >= SEEN_CHUNK:
+            seq += 1
+        seen.chunks.setdefault(seq, []).append(msg_id)
+        seen.ids.add(msg_id)
+        while len(seen.chunks) > SEEN_CHUNKS:
+            old = min(seen.chunks)
+            seen.ids.difference_update(seen.chunks.pop(old))
+        self._seen_dirty.add((group, seq))
+        if not self.deferred:
+            self._flush_seen()
+
+    def _flush_seen(self) -> None:
+        """The ring: chunk number `seq` lives in slot seq % SEEN_CHUNKS, prefixed by seq (load order)."""
+        for group, seq in sorted(self._seen_dirty):
+            ids = self._seen_ids(group).chunks.get(seq)
+            if ids is not None:
+                self.secrets.put(f"grp/seen/{group}/{seq % SEEN_CHUNKS}", struct.pack("!Q", seq) + b"".join(ids))
+        self._seen_dirty.clear()
+
+    def welcomed(self, msg_id: bytes) -> tuple[str, str] | None:
+        raw = self.secrets.get(f"grp/welcomed/{msg_id.hex()}")
+        if raw is None:
+            return None
+        agent, _, group = raw.decode().partition("\n")
+        return agent, group
+
+    def put_welcomed(self, msg_id: bytes, agent: str, group: str) -> None:
+        self.secrets.put(f"grp/welcomed/{msg_id.hex()}", f"{agent}\n{group}".encode())
+
+
+@dataclass
+class _Seen:
+    chunks: dict[int, list[bytes]] = field(default_factory=dict)
+    ids: set[bytes] = field(default_factory=set)

@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from gateway.protocol.envelope import EnvelopeKind
+from gateway.protocol.envelope import Envelope, EnvelopeKind
+from gateway.protocol.group_ack import GroupAck, is_group_ack
 from gateway.protocol.link import Delivered, GroupStatus, LinkLimits, UndeliverableReason
 from gateway.protocol.link_frames import (
     GroupResult,
@@ -138,3 +139,16 @@ async def test_key_packages_per_agent_one_time_then_last_resort(env: RelayEnv) -
     assert (s.one_time, s.bundle) == (b"kp-s", None)
     assert await la.publish_key_packages("planner", b"", [b"kp3"]) == 1  # the last resort is kept
     assert (await lb.fetch_key_package("dev-a", "planner")).bundle == b"last-resort"
+
+
+async def test_group_acks_travel_as_group_envelopes_with_the_authenticated_sender(env: RelayEnv) -> None:
+    """A GroupAck is an ordinary GROUP envelope in an ENVELOPES frame: the relay routes it unread, and the
+    recipient sees the sender the relay authenticated (the sending gateway checks it against the acker)."""
+    await env.start()
+    la, lb = await env.link(env.fleet.device("dev-a")), await env.link(env.fleet.device("dev-b"))
+    ack = GroupAck(b"team", "dev-b/b1", "dev-a", (os.urandom(16),)).signed(crypto.Ed25519Signer.generate())
+    await lb.send([Envelope(EnvelopeKind.GROUP, os.urandom(16), "dev-b", "dev-a", ack.to_bytes())])
+    (got,) = (await next_event(la, Delivered)).envelopes
+    assert (got.kind, got.sender) == (EnvelopeKind.GROUP, "dev-b")
+    assert is_group_ack(got.ciphertext) and GroupAck.from_bytes(got.ciphertext) == ack
+    assert env.relay is not None and len(env.relay.ds) == 0  # not an MLS message: the DS never saw it

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from gateway.config import ConfigError, load_config
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
+from gateway.protocol.group_ack import GroupAck
 from gateway.protocol.identity.credential import decode_credential, encode_credential
 from gateway.protocol.identity.signer import SoftwareSigner
 from gateway.protocol.identity.tokens import mint_relay_token, verify_relay_token
@@ -41,6 +42,7 @@ from gateway.protocol.link import (
     encode_frame,
 )
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.protocol.mls.crypto import Ed25519Signer, get_suite
 from gateway.protocol.mls.framing import MLSMessage
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.proposals import Remove
@@ -109,6 +111,10 @@ _joiner = Member("joiner", 1)
 KEY_PACKAGE = _joiner.key_package().key_package.to_bytes()
 GROUP_INFO = _mls_a.g.group_info().to_bytes()
 
+_ACK_SIGNER = Ed25519Signer(bytes(range(32)))
+GROUP_ACK = GroupAck(b"team", "pi-1/planner", "pi-2", (os.urandom(16), os.urandom(16))).signed(_ACK_SIGNER).to_bytes()
+_ACK_SUITE = get_suite(1)
+
 CONFIG = b"""device: { fleet: fleet.example, id: pi-17 }
 keys:
   identity: "pkcs11:token=agw;object=agw-identity?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/p"
@@ -171,6 +177,10 @@ def _accept(data: bytes) -> None:
                            verify_credential=AUTHORITY.verify_credential)
 
 
+def _group_ack(data: bytes) -> None:
+    GroupAck.from_bytes(data).verify(_ACK_SUITE, _ACK_SIGNER.public_key)
+
+
 def _group_process(data: bytes) -> None:
     _mls_b.g.process(data)
 
@@ -195,6 +205,7 @@ PARSERS: dict[str, tuple[Callable[[bytes], object], list[bytes], tuple[type[Exce
     "mls_key_package": (KeyPackage.from_bytes, [KEY_PACKAGE], (ProtocolError,)),
     "mls_group_info": (GroupInfo.from_bytes, [GROUP_INFO], (ProtocolError,)),
     "mls_group_process": (_group_process, MLS_MSGS, (ProtocolError,)),
+    "group_ack": (_group_ack, [GROUP_ACK], (ProtocolError,)),
 }
 _SLOW = {"mls_group_process": 4, "relay_token": 2, "pairwise_accept": 2, "pairwise_decrypt": 2,
          "pairwise_batch_decrypt": 2, "config": 2}
@@ -253,7 +264,8 @@ def test_token_with_bad_certificate_version() -> None:
 def test_seeds_are_accepted() -> None:
     """The seeds are genuine, so the mutations start from input that gets past the first checks."""
     for name in ("envelope", "link_frame", "pairwise_message", "prekey_bundle", "inner_message", "relay_token",
-                 "credential", "config", "mls_message", "mls_key_package", "mls_group_info", "client_link"):
+                 "credential", "config", "mls_message", "mls_key_package", "mls_group_info", "client_link",
+                 "group_ack"):
         fn, seeds, _ = PARSERS[name]
         for seed in seeds[:1] if name == "client_link" else seeds:
             fn(seed)
