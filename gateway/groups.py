@@ -161,6 +161,7 @@ class Groups(GroupMembership, GroupDelivery):
             self._prune_retired(agent)
         self.outbox = {e.entry_id: e for e in self.records.outbox()}
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
+        self._claim_inbox_ids()
         self._spawn(self._loop(), "groups")
         self._spawn(self._inbox_loop(), "group-inbox")
         self._spawn(self._revocations(), "group-revocations")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from gateway import topics
 from gateway.bridge import BrokerUnavailable, MqttBridge
 from gateway.groups_identity import AgentSigner, agent_of, capabilities
-from gateway.groups_store import GroupRecords, OutEntry
+from gateway.groups_store import GroupRecords, InEntry, OutEntry
+from gateway.inbox import Phase
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
@@ -60,6 +61,7 @@ class _DeliveryState:
     gaps: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices that skipped it (resend now)
     ack_wake: asyncio.Event = field(default_factory=asyncio.Event)
     unsent: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices known not to have it
+    inbox_in_flight: dict[int, InEntry] = field(default_factory=dict)  # being published, by MQTT packet id
 
 
 @dataclass
@@ -438,26 +440,64 @@ class GroupDelivery:
         if woke:
             self._wake.set()
 
+    def _claim_inbox_ids(self) -> None:
+        """At start-up, before anything is published: hold the packet ids the stored entries carry."""
+        for e in self.records.inbox():
+            if e.phase != Phase.WAITING:
+                self.bridge.claim_packet_id(e.packet_id)
+
+    def _broker_has(self, packet_ids: list[int]) -> None:
+        """The broker answered PUBREC: record it before PUBREL (see gateway/inbox.py; crash-durable suffices)."""
+        in_flight = self._dstate.inbox_in_flight
+        with self.records.store.transaction(durable=False):
+            for packet_id in packet_ids:
+                e = in_flight.get(packet_id)
+                if e is not None and e.phase == Phase.PUBLISHED:
+                    e.phase = Phase.BROKER_HAS
+                    self.records.update_in(e)
+
     async def _flush_inbox(self) -> None:
-        """Publish inbox entries in arrival order, pipelined (up to INBOX_BATCH at once); drop the acknowledged."""
+        """Publish inbox entries in arrival order, pipelined (up to INBOX_BATCH at once), each exactly once (MQTT
+        QoS 2 under a packet id stored with the entry first); drop the completed."""
+        in_flight = self._dstate.inbox_in_flight
         while self.bridge.connected:
             pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing][:INBOX_BATCH]
             if not pending:
                 return
+            waiting = [e for e in pending if e.phase == Phase.WAITING]
+            if waiting:
+                with self.records.store.transaction(durable=False):  # stored before the PUBLISH leaves
+                    for e in waiting:
+                        packet_id = self.bridge.reserve_packet_id()
+                        if packet_id is None:
+                            break
+                        e.packet_id, e.phase = packet_id, Phase.PUBLISHED
+                        self.records.update_in(e)
+            pending = [e for e in pending if e.phase != Phase.WAITING]
+            if not pending:
+                return  # every packet id is in use: the next round takes these
             self._publishing.update(e.entry_id for e in pending)
+            in_flight.update((e.packet_id, e) for e in pending)
             try:
-                results = await asyncio.gather(*(self.bridge.publish(
-                    topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
+                results = await asyncio.gather(*(self.bridge.publish_exactly_once(
+                    e.packet_id, topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
+                    on_broker_has=self._broker_has, released=e.phase == Phase.BROKER_HAS,
                     user_properties=((topics.PROP_FROM, e.sender), ("agw:group", e.group), ("agw:epoch", str(e.epoch)),
                                      (topics.PROP_MESSAGE_ID, e.entry_id.hex()))) for e in pending),
                     return_exceptions=True)
             finally:
+                for e in pending:
+                    in_flight.pop(e.packet_id, None)
+            done = [e for e, r in zip(pending, results, strict=True) if r is None]
+            try:
+                if done:
+                    with self.records.store.transaction(durable=False):
+                        self.records.drop_in([e.entry_id for e in done])
+                    for e in done:
+                        self.bridge.free_packet_id(e.packet_id)
+                    self.counters.delivered += len(done)
+            finally:
                 self._publishing.difference_update(e.entry_id for e in pending)
-            done = [e.entry_id for e, r in zip(pending, results, strict=True) if r is None]
-            if done:
-                with self.records.store.transaction(durable=False):
-                    self.records.drop_in(done)
-                self.counters.delivered += len(done)
             if len(done) < len(pending):
                 failed = next(r for r in results if r is not None)
                 if not isinstance(failed, BrokerUnavailable | TimeoutError):

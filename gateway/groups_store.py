@@ -87,7 +87,9 @@ class OutEntry:
 
 @dataclass
 class InEntry:
-    """A decrypted group message for a local agent, kept until the broker acknowledged it."""
+    """A decrypted group message for a local agent, kept until the broker completed its QoS 2 exchange. Like the
+    pairwise inbox (gateway/inbox.py), it records the MQTT packet id and how far that exchange got (`phase`, a
+    `gateway.inbox.Phase`), so a restart resumes it instead of publishing again."""
 
     entry_id: bytes
     agent: str
@@ -96,15 +98,18 @@ class InEntry:
     epoch: int
     payload: bytes
     seq: int
+    packet_id: int = 0
+    phase: int = 0
 
     def to_bytes(self) -> bytes:
         return json.dumps({"a": self.agent, "g": self.group, "s": self.sender, "e": self.epoch,
-                           "p": self.payload.hex(), "q": self.seq}).encode()
+                           "p": self.payload.hex(), "q": self.seq, "i": self.packet_id, "h": self.phase}).encode()
 
     @classmethod
     def from_bytes(cls, entry_id: bytes, data: bytes) -> InEntry:
         d = json.loads(data)
-        return cls(entry_id, d["a"], d["g"], d["s"], int(d["e"]), bytes.fromhex(d["p"]), int(d["q"]))
+        return cls(entry_id, d["a"], d["g"], d["s"], int(d["e"]), bytes.fromhex(d["p"]), int(d["q"]),
+                   int(d.get("i", 0)), int(d.get("h", 0)))
 
 
 @dataclass
@@ -252,6 +257,12 @@ class GroupRecords:
         assert self._inbox is not None
         self._inbox[entry.entry_id] = entry
         self._save_index()
+
+    def update_in(self, entry: InEntry) -> None:
+        """Rewrite an entry that is already in the inbox (its publish state changed); no index change."""
+        if self._inbox is not None and entry.entry_id in self._inbox:
+            self.secrets.put(f"grp/in/{entry.entry_id.hex()}", entry.to_bytes())
+            self._inbox[entry.entry_id] = entry
 
     def drop_in(self, entry_ids: list[bytes]) -> None:
         for i in entry_ids:

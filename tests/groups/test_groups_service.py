@@ -70,6 +70,23 @@ class FakeBridge:
     async def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.published.append((topic, payload, dict(kw.get("user_properties") or ())))
 
+    # The exactly-once hand-over (gateway/bridge.py; with a real broker in tests/e2e/test_exactly_once_publish.py).
+    def reserve_packet_id(self) -> int:
+        self.last_id = getattr(self, "last_id", 0) + 1
+        return self.last_id
+
+    def claim_packet_id(self, packet_id: int) -> None:
+        pass
+
+    def free_packet_id(self, packet_id: int) -> None:
+        pass
+
+    async def publish_exactly_once(self, packet_id: int, topic: str, payload: bytes, *, on_broker_has: Any,
+                                   released: bool = False, **kw: Any) -> None:
+        if not released:
+            on_broker_has([packet_id])
+        await self.publish(topic, payload, **kw)
+
     def inbox(self, agent: str) -> list[tuple[bytes, str]]:
         return [(p, props["agw:from"]) for t, p, props in self.published if t.startswith(f"agw/{agent}/group/")
                 and t.endswith("/in")]
