@@ -1,0 +1,110 @@
+"""Hostile input, the CI run: coverage-guided fuzzing (atheris, i.e. libFuzzer) of every parser in the table of
+`test_fuzz_parsers.py`, at least AGW_FUZZ_CI_INPUTS inputs per parser (default 100,000, also in `make test`).
+
+The hypothesis tests in `test_fuzz_parsers.py` stay: they shrink a failure to a readable input. This run is the
+volume: each parser is fuzzed by `fuzz_ci_worker.py` in its own process (the slowest parsers split into several
+independent runs with their own libFuzzer seed), AGW_FUZZ_CI_WORKERS processes at a time (default: one per
+core). Every input is checked exactly as there: the parser's declared errors are a rejection, anything else is a
+crash, reported with the input (hex) and the traceback, and fails the test. A parser that did not get its
+inputs (a worker killed, hung past libFuzzer's per-input timeout, or exiting early) fails the test too.
+
+Reproduce a run with AGW_FUZZ_CI_SEED=<seed from the figures or the failure>; iterate locally with fewer inputs,
+e.g. AGW_FUZZ_CI_INPUTS=5000.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.torture.conftest import record
+from tests.torture.test_fuzz_parsers import PARSERS
+
+INPUTS = int(os.environ.get("AGW_FUZZ_CI_INPUTS", "100000"))
+WORKERS = int(os.environ.get("AGW_FUZZ_CI_WORKERS", str(os.cpu_count() or 2)))
+SEED = int(os.environ.get("AGW_FUZZ_CI_SEED", str(random.randrange(1, 2**31))))
+WORKER_TIMEOUT_S = 1800  # one worker; the whole run takes a few minutes on 2 cores
+ROOT = Path(__file__).resolve().parents[2]
+
+# Relative cost of one input (measured on the 2-core box, instrumented): the order in which the runs start,
+# longest first, so that the workers finish together. Parsers not listed cost 1.
+COST = {"mls_group_process": 12, "config": 8, "pairwise_decrypt": 4, "pairwise_accept": 4,
+        "pairwise_batch_decrypt": 3, "relay_token": 3, "prekey_bundle": 3}
+# Runs per parser: the expensive ones in several independent runs so that no single one decides the wall clock.
+SHARDS = {"mls_group_process": 3, "config": 2}
+
+
+@dataclass(frozen=True)
+class Run:
+    parser: str
+    shard: int
+    inputs: int
+    seed: int
+
+
+def _runs() -> list[Run]:
+    runs = []
+    for name in PARSERS:
+        k = SHARDS.get(name, 1)
+        per = -(-INPUTS // k)  # ceil: the shards together run at least INPUTS
+        runs += [Run(name, i, per, SEED + 1000 * i + len(runs)) for i in range(k)]
+    return sorted(runs, key=lambda r: -COST.get(r.parser, 1) * r.inputs)
+
+
+def _fuzz(run: Run, workdir: Path) -> dict[str, Any]:
+    out = workdir / f"{run.parser}-{run.shard}.json"
+    log = workdir / f"{run.parser}-{run.shard}.log"
+    t0 = time.monotonic()
+    with log.open("wb") as fh:
+        try:
+            rc: int | str = subprocess.run(
+                [sys.executable, "-m", "tests.torture.fuzz_ci_worker", run.parser, str(run.inputs), str(run.seed),
+                 str(out)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout after {WORKER_TIMEOUT_S} s"
+    text = log.read_text(errors="replace")
+    try:
+        figures = json.loads(out.read_text())
+    except (OSError, ValueError):
+        figures = {"inputs": 0, "rejected": 0, "accepted": 0, "known_bug": 0, "crashes": 0, "crash_reports": []}
+    cov = re.findall(r"cov: (\d+) ft: (\d+)", text)
+    return {**figures, "run": run, "rc": rc, "wall": time.monotonic() - t0, "log": log, "log_tail": text[-3000:],
+            "cov": int(cov[-1][0]) if cov else 0, "ft": int(cov[-1][1]) if cov else 0}
+
+
+def test_every_parser_fuzzed_in_ci(tmp_path: Path) -> None:
+    runs = _runs()
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(WORKERS, 1)) as pool:
+        results = list(pool.map(lambda r: _fuzz(r, tmp_path), runs))
+    wall = time.monotonic() - t0
+
+    problems: list[str] = []
+    for name in sorted(PARSERS):
+        mine = [r for r in results if r["run"].parser == name]
+        total = {k: sum(r[k] for r in mine) for k in ("inputs", "rejected", "accepted", "known_bug", "crashes")}
+        record(f"fuzz_ci.{name}", **total, runs=len(mine), seconds=round(sum(r["wall"] for r in mine), 1),
+               coverage_edges=max(r["cov"] for r in mine), coverage_features=max(r["ft"] for r in mine))
+        for r in mine:
+            if r["crashes"]:
+                for rep in r["crash_reports"][:3]:
+                    problems.append(f"{name} (seed {r['run'].seed}): {rep['exception']}\n  input (hex): "
+                                    f"{rep['input_hex']}\n{rep['traceback']}")
+            if r["rc"] != 0 or r["inputs"] < r["run"].inputs:
+                problems.append(f"{name} (seed {r['run'].seed}): worker exit {r['rc']} after {r['inputs']} of "
+                                f"{r['run'].inputs} inputs; log {r['log']}:\n{r['log_tail']}")
+        if total["inputs"] < INPUTS:
+            problems.append(f"{name}: {total['inputs']} inputs, fewer than {INPUTS}")
+    record("fuzz_ci", parsers=len(PARSERS), inputs_per_parser=INPUTS, workers=WORKERS, seed=SEED,
+           inputs=sum(r["inputs"] for r in results), crashes=sum(r["crashes"] for r in results),
+           wall_seconds=round(wall, 1))
+    assert not problems, f"{len(problems)} problem(s) (AGW_FUZZ_CI_SEED={SEED}):\n\n" + "\n\n".join(problems[:8])
