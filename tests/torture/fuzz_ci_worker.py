@@ -53,6 +53,25 @@ HARNESSES: dict[str, Callable[[Any], Callable[[bytes], object]]] = {
 }
 
 
+def _planted_crash(data: bytes) -> None:
+    """Not a parser of ours: the self-test's stand-in with a planted bug (an undeclared KeyError for every input
+    whose length is 3 modulo 7, a declared error otherwise), which the CI fuzzer must report as a crash."""
+    from gateway.protocol.errors import ProtocolError
+
+    if len(data) % 7 == 3:
+        raise KeyError("planted")
+    raise ProtocolError("rejected")
+
+
+def _entry(name: str, table: Any) -> tuple[Callable[[bytes], object], list[bytes], tuple[type[Exception], ...]]:
+    if name == "selftest_planted_crash":
+        from gateway.protocol.errors import ProtocolError
+
+        return _planted_crash, [b"seed"], (ProtocolError,)
+    fn, seeds, declared = table.PARSERS[name]
+    return (HARNESSES[name](table) if name in HARNESSES else fn), seeds, declared
+
+
 def main(argv: list[str]) -> None:
     name, runs, seed, out = argv[1], int(argv[2]), int(argv[3]), Path(argv[4])
     if Path("/dev/shm").is_dir():
@@ -62,9 +81,7 @@ def main(argv: list[str]) -> None:
     with atheris.instrument_imports(include=["gateway", "hsm"]):
         from tests.torture import test_fuzz_parsers as table
 
-    fn, seeds, declared = table.PARSERS[name]
-    if name in HARNESSES:
-        fn = HARNESSES[name](table)
+    fn, seeds, declared = _entry(name, table)
     known = table.KNOWN_BUGS.get(name, ((), ""))[0]
     stats = {"inputs": 0, "rejected": 0, "accepted": 0, "known_bug": 0, "crashes": 0}
     reports: list[dict[str, str]] = []
