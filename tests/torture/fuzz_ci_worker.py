@@ -117,7 +117,9 @@ def main(argv: list[str]) -> None:
         (corpus / f"seed-{i}").write_bytes(s)
     max_len = max(1024, max(len(s) for s in seeds) + 512)
     atheris.Setup([argv[0], f"-runs={runs}", f"-seed={seed}", f"-max_len={max_len}", "-len_control=0",
-                   "-timeout=30", "-rss_limit_mb=2048", "-print_final_stats=1", str(corpus)], one_input)
+                   "-timeout=30", "-rss_limit_mb=2048", "-print_final_stats=1",
+                   f"-artifact_prefix={out.parent}/{name}-",  # a hang or out-of-memory input lands next to OUT
+                   str(corpus)], one_input)
     atheris.Fuzz()  # libFuzzer exits the process after RUNS inputs
 
 
