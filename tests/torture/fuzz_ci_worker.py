@@ -8,14 +8,17 @@ The project's code (`gateway`, `hsm`) is imported under atheris instrumentation,
 branches an input reached and keeps the inputs that reach new ones. The genuine seeds of the table are the
 starting corpus. Every input is checked as in the hypothesis test: the parser's declared errors are a rejection,
 an entry of `KNOWN_BUGS` counts as `known_bug`, anything else is a crash, recorded with its input (hex) and
-traceback. The run does not stop at a crash (the figures count them all; the test fails on any). The figures
-are written to OUT.json every 1,000 inputs and after the last one; libFuzzer then exits the process itself
-(Python's atexit handlers do not run), printing its own final statistics to stderr.
+traceback. An input that runs longer than AGW_FUZZ_CI_TIMEOUT seconds (default 30) makes libFuzzer stop the run
+with an error (the input is saved next to OUT.json). The run does not stop at a crash (the figures count them
+all; the test fails on any). The figures are written to OUT.json every 1,000 inputs and after the last one;
+libFuzzer then exits the process itself (Python's atexit handlers do not run), printing its own final
+statistics to stderr.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -63,11 +66,24 @@ def _planted_crash(data: bytes) -> None:
     raise ProtocolError("rejected")
 
 
+def _planted_hang(data: bytes) -> None:
+    """The self-test's stand-in for a parser that hangs on some inputs (length 3 modulo 7)."""
+    from gateway.protocol.errors import ProtocolError
+
+    if len(data) % 7 == 3:
+        time.sleep(3600)
+    raise ProtocolError("rejected")
+
+
 def _entry(name: str, table: Any) -> tuple[Callable[[bytes], object], list[bytes], tuple[type[Exception], ...]]:
     if name == "selftest_planted_crash":
         from gateway.protocol.errors import ProtocolError
 
         return _planted_crash, [b"seed"], (ProtocolError,)
+    if name == "selftest_planted_hang":
+        from gateway.protocol.errors import ProtocolError
+
+        return _planted_hang, [b"seed"], (ProtocolError,)
     fn, seeds, declared = table.PARSERS[name]
     return (HARNESSES[name](table) if name in HARNESSES else fn), seeds, declared
 
@@ -117,7 +133,8 @@ def main(argv: list[str]) -> None:
         (corpus / f"seed-{i}").write_bytes(s)
     max_len = max(1024, max(len(s) for s in seeds) + 512)
     atheris.Setup([argv[0], f"-runs={runs}", f"-seed={seed}", f"-max_len={max_len}", "-len_control=0",
-                   "-timeout=30", "-rss_limit_mb=2048", "-print_final_stats=1",
+                   f"-timeout={os.environ.get('AGW_FUZZ_CI_TIMEOUT', '30')}", "-rss_limit_mb=2048",
+                   "-print_final_stats=1",
                    f"-artifact_prefix={out.parent}/{name}-",  # a hang or out-of-memory input lands next to OUT
                    str(corpus)], one_input)
     atheris.Fuzz()  # libFuzzer exits the process after RUNS inputs

@@ -69,7 +69,7 @@ def _runs() -> list[Run]:
     return sorted(runs, key=lambda r: -COST.get(r.parser, 3) * r.inputs)
 
 
-def _fuzz(run: Run, workdir: Path) -> dict[str, Any]:
+def _fuzz(run: Run, workdir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     out = workdir / f"{run.parser}-{run.shard}.json"
     log = workdir / f"{run.parser}-{run.shard}.log"
     t0 = time.monotonic()
@@ -77,7 +77,8 @@ def _fuzz(run: Run, workdir: Path) -> dict[str, Any]:
         try:
             rc: int | str = subprocess.run(
                 [sys.executable, "-m", "tests.torture.fuzz_ci_worker", run.parser, str(run.inputs), str(run.seed),
-                 str(out)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S).returncode
+                 str(out)], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
+                env={**os.environ, **(env or {})}).returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout after {WORKER_TIMEOUT_S} s"
     text = log.read_text(errors="replace")
@@ -120,6 +121,18 @@ def test_ci_fuzzer_reports_an_undeclared_exception(tmp_path: Path) -> None:
     assert "raise KeyError(\"planted\")" in report["traceback"]
     problems = _problems("selftest_planted_crash", [result], 2000)
     assert problems and "input (hex): " + report["input_hex"] in problems[0]
+
+
+def test_ci_fuzzer_reports_a_hang(tmp_path: Path) -> None:
+    """A stand-in parser that hangs on some inputs: libFuzzer's per-input timeout stops the worker, and the run
+    is reported as a problem (not counted as done), with the hanging input saved next to the figures."""
+    result = _fuzz(Run("selftest_planted_hang", 0, 2000, SEED), tmp_path, env={"AGW_FUZZ_CI_TIMEOUT": "2"})
+    assert result["rc"] != 0 and result["inputs"] < 2000, result["log_tail"]
+    assert "ALARM: working on the last Unit for" in result["log_tail"]
+    saved = list(tmp_path.glob("selftest_planted_hang-timeout-*"))
+    assert len(saved) == 1 and len(saved[0].read_bytes()) % 7 == 3
+    problems = _problems("selftest_planted_hang", [result], 2000)
+    assert any("worker exit" in p for p in problems) and any("fewer than 2000" in p for p in problems)
 
 
 def test_every_parser_fuzzed_in_ci(tmp_path: Path) -> None:
