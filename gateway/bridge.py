@@ -404,7 +404,7 @@ class MqttBridge:
                 raise BrokerUnavailable(f"packet id {packet_id} is already being published")
             self._once[packet_id] = (fut, on_broker_has)
         self._client.reserved_ids.add(packet_id)
-        props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+        props = publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         if released and self._session_kept is False:
             released = False  # stored before a restart, but the broker forgot us: a PUBREL would deliver nothing
             log.warning("publishing again a message the broker had acknowledged before it lost this gateway's "
@@ -431,7 +431,7 @@ class MqttBridge:
         """Publish QoS 1 to an agent and wait for the broker's PUBACK."""
         if not self._connected.is_set():
             raise BrokerUnavailable("not connected to the MQTT broker")
-        props = _publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+        props = publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
@@ -452,8 +452,9 @@ class MqttBridge:
             raise BrokerUnavailable(f"no PUBACK within {timeout:.0f} s") from None
 
 
-def _publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
-                        payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> Properties:
+def publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
+                       payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> Properties:
+    """MQTT 5 PUBLISH properties, only those set (shared with the agent SDK, gateway/client.py)."""
     props = Properties(PacketTypes.PUBLISH)
     if response_topic:
         props.ResponseTopic = response_topic

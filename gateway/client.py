@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from gateway import topics
+from gateway.bridge import publish_properties
 
 T = TypeVar("T")
 SEEN_IDS = 10_000
@@ -125,15 +124,7 @@ class AgentClient:
     async def _publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
                        correlation_data: bytes | None = None, content_type: str | None = None,
                        user_properties: list[tuple[str, str]] | None = None) -> None:
-        props = Properties(PacketTypes.PUBLISH)
-        if response_topic:
-            props.ResponseTopic = response_topic
-        if correlation_data is not None:
-            props.CorrelationData = correlation_data
-        if content_type:
-            props.ContentType = content_type
-        if user_properties:
-            props.UserProperty = user_properties
+        props = publish_properties(response_topic, correlation_data, content_type, False, tuple(user_properties or ()))
         await self._mqtt.publish(topic, payload, qos=1, properties=props)
 
     def _out(self, to: str) -> str:

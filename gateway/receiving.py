@@ -30,6 +30,10 @@ from gateway.store import ConsentState, StoreError
 log = logging.getLogger("agw.daemon")
 
 PENDING_RETRY_MS = 30_000
+# Messages handed to the local broker and not yet complete. Past this the gateway stops taking frames from the
+# relay until the broker catches up: the relay then holds (and finally refuses, "congested") what is meant for
+# us, and the sender slows down. Without it a slow broker or agent makes the gateway hold the backlog in memory.
+PUBLISH_BACKLOG = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,9 @@ class Receiving:
                     await self.groups.on_envelopes(group_envs)
                 pairwise = tuple(e for e in ev.envelopes if e.kind is not EnvelopeKind.GROUP)
                 if pairwise:
+                    while len(self._publishing) >= PUBLISH_BACKLOG:
+                        self._publish_room.clear()
+                        await self._publish_room.wait()
                     await self._on_delivered(pairwise)
             elif isinstance(ev, NotDelivered):
                 t = now_ms()
@@ -210,6 +217,7 @@ class Receiving:
                         self.store.inbox.put(e.name, e.record())
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
+        self._publish_room.set()
 
         async def one(e: InboxEntry) -> bool:
             self._in_flight[e.packet_id] = e
@@ -217,6 +225,7 @@ class Receiving:
                 await self._publish_to_agent(e)
             except BaseException as exc:
                 self._publishing.discard(e.name)
+                self._publish_room.set()
                 if not isinstance(exc, BrokerUnavailable):
                     raise
                 log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
@@ -255,6 +264,7 @@ class Receiving:
             self.bridge.free_packet_id(e.packet_id)
             self._publishing.discard(e.name)
         self.counters.delivered += len(done)
+        self._publish_room.set()
 
     async def _inbox_loop(self, pending: list[InboxEntry]) -> None:
         """Resume the exchanges a restart interrupted, then retry entries left behind by a broker outage."""

@@ -24,7 +24,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from gateway import topics
-from gateway.testbed import Broker, Gateway, Testbed
+from gateway.testbed import Gateway, Testbed
+from tests.groups.test_groups_e2e import _allow_group_topics
 from tests.torture.conftest import LONG, record
 from tests.torture.stream import _client, tally
 
@@ -33,19 +34,9 @@ N_LONG = 3000
 N = N_LONG if LONG else N_SHORT
 TIMEOUT = 1200.0 if LONG else 240.0
 GROUP = "faults"
-GROUP_ACL = "pattern write agw/%u/group/+/out\npattern write agw/%u/group/+/ctl\n"
 AGENTS = {"gw1": ["s1", "s2"], "gw2": ["m1", "m2"], "gw3": ["n1"]}
 EVERYONE = [f"{g}/*" for g in AGENTS]
 SENDER = "s1"
-
-
-def _allow_group_topics(broker: Broker) -> None:
-    acl = broker.root / "acl"
-    if "group/+/out" not in acl.read_text():
-        acl.write_text(acl.read_text() + GROUP_ACL)
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
 
 
 class GroupInbox:
