@@ -30,10 +30,11 @@ from gateway.store import ConsentState, StoreError
 log = logging.getLogger("agw.daemon")
 
 PENDING_RETRY_MS = 30_000
-# Messages handed to the local broker and not yet complete. Past this the gateway stops taking frames from the
-# relay until the broker catches up: the relay then holds (and finally refuses, "congested") what is meant for
-# us, and the sender slows down. Without it a slow broker or agent makes the gateway hold the backlog in memory.
-PUBLISH_BACKLOG = 1024
+# Messages handed to the local broker and not yet complete (paho keeps 256 in flight, queues the rest). Past this
+# the gateway stops taking frames from the relay until the broker catches up: the relay then holds (and finally
+# refuses, "congested") what is meant for us, and the sender slows down. Without it a slow broker or agent makes
+# the gateway hold the backlog in memory.
+PUBLISH_BACKLOG = 512
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,7 +35,8 @@ RETRY_MAX_MS = 60_000
 OFFLINE_RETRY_MS = 5_000
 CONGESTED_RETRY_MS = 250
 EXPIRE_EVERY_MS = 1_000  # how often the sender removes expired outbox entries
-SEND_WINDOW = 512  # envelopes per peer sent and not yet answered
+SEND_WINDOW = 512  # messages per peer sent and not yet answered
+SEND_READ_BYTES = 1024 * 1024  # messages read from the outbox per round (large messages: fewer at once)
 BATCH_MESSAGES = 256  # messages per signed pairwise batch
 BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
 
@@ -138,7 +139,7 @@ class Sending:
                 for entry in self.store.outbox.expire(t):
                     self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                              "attempts": entry.attempts}, t)
-            due = self.store.outbox.due(t, limit=SEND_WINDOW)
+            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES)
             stages.mark("a.due", (e.msg_id for e in due))
             by_peer: dict[str, list[Any]] = defaultdict(list)
             for e in due:

@@ -204,9 +204,12 @@ class Outbox:
             return conn.execute("DELETE FROM outbox WHERE peer = ?", (self._peer(peer_device),)).rowcount
 
     # -- reading -------------------------------------------------------------------------------------------------
-    def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None) -> list[OutboxEntry]:
-        """Unexpired entries due by `now_ms`, oldest first, at most `limit`."""
-        sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts FROM outbox "
+    def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None,
+            max_bytes: int | None = None) -> list[OutboxEntry]:
+        """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
+        messages: rows are read until the budget is passed (always at least one), so a backlog of large
+        messages is not all in memory at once."""
+        sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox "
                "WHERE due_at_ms <= ? AND expires_at_ms > ?")
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
@@ -214,9 +217,15 @@ class Outbox:
             args.append(self._peer(peer_device))
         sql += " ORDER BY seq LIMIT ?"
         args.append(int(limit))
+        out: list[OutboxEntry] = []
+        total = 0
         with self._db.read("reading due messages") as conn:
-            rows = conn.execute(sql, args).fetchall()
-            return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            for r in conn.execute(sql, args):
+                out.append(self._entry(r[0], r[1], r[2], r[3], r[4]))
+                total += int(r[5])
+                if max_bytes is not None and total >= max_bytes:
+                    break
+        return out
 
     def get(self, msg_id: bytes) -> OutboxEntry | None:
         k = self._k(msg_id)
