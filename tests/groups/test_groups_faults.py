@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 
-from gateway import topics
 from gateway.testbed import Gateway, Testbed
 from tests.groups.test_groups_e2e import _allow_group_topics
 from tests.torture.conftest import LONG, record
-from tests.torture.stream import _client, tally
+from tests.torture.stream import Receiver, _client, tally
 
 N_SHORT = 300
 N_LONG = 3000
@@ -39,34 +36,18 @@ EVERYONE = [f"{g}/*" for g in AGENTS]
 SENDER = "s1"
 
 
-class GroupInbox:
+def group_inbox(agent: str, port: int) -> Receiver:
     """Every PUBLISH on agw/<agent>/group/+/in, with its agw:message-id (persistent MQTT session)."""
-
-    def __init__(self, agent: str, port: int) -> None:
-        self.agent = agent
-        self.copies: list[tuple[str, bytes]] = []
-        self.lock = threading.Lock()
-        self.client = _client(agent, port, persistent=True)
-        self.client.on_message = self._on_message
-        topic = f"agw/{agent}/group/+/in"
-        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
-        self.client.subscribe(topic, qos=1)
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        props = dict(getattr(msg.properties, "UserProperty", None) or [])
-        with self.lock:
-            self.copies.append((props.get(topics.PROP_MESSAGE_ID, ""), bytes(msg.payload)))
-
-    def payloads(self, prefix: bytes) -> list[tuple[str, bytes]]:
-        with self.lock:
-            return [(i, p) for i, p in self.copies if p.startswith(prefix)]
+    r = Receiver(agent, port, topic=f"agw/{agent}/group/+/in")
+    r.start()
+    return r
 
 
 class World:
     def __init__(self, bed: Testbed) -> None:
         self.bed = bed
         self.gw = bed.gateways
-        self.inboxes = {a: GroupInbox(a, self.gw[g].broker.port) for g, names in AGENTS.items() for a in names
+        self.inboxes = {a: group_inbox(a, self.gw[g].broker.port) for g, names in AGENTS.items() for a in names
                         if a != SENDER}
         self.sender = _client(SENDER, self.gw["gw1"].broker.port, persistent=True)
 

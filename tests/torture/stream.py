@@ -47,14 +47,16 @@ class Receiver:
 
     agent: str
     port: int
+    topic: str | None = None  # default: the agent's inbox topic (a group test passes agw/<agent>/group/+/in)
     copies: list[tuple[str, bytes]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
+        topic = self.topic or topics.inbox_topic("agw", self.agent)
         self.client = _client(self.agent, self.port, persistent=True)
         self.client.on_message = self._on_message
-        self.client.on_connect = lambda c, *_: c.subscribe(topics.inbox_topic("agw", self.agent), qos=1)
-        self.client.subscribe(topics.inbox_topic("agw", self.agent), qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.subscribe(topic, qos=1)
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         props = dict(getattr(msg.properties, "UserProperty", None) or [])

@@ -72,11 +72,7 @@ class PairwiseBatch:
 
     @classmethod
     def parse(cls, data: bytes, *, max_size: int = DEFAULT_MAX_BATCH_SIZE) -> PairwiseBatch:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise PairwiseDecodeError(f"pairwise batch: expected bytes, got {type(data).__name__}")
-        if len(data) > max_size:
-            raise PairwiseDecodeError(f"pairwise batch: {len(data)} bytes exceeds the limit of {max_size}")
-        data = bytes(data)
+        data = codec.wire_bytes(data, max_size, "pairwise batch")
         if len(data) < _HEAD.size + SIGNATURE_LEN:
             raise PairwiseDecodeError("pairwise batch: too short for a header and a signature")
         version, kind, session_id, count = _HEAD.unpack_from(data)

@@ -9,6 +9,15 @@ from __future__ import annotations
 from gateway.protocol.pairwise.errors import PairwiseDecodeError
 
 
+def wire_bytes(data: object, max_size: int, what: str) -> bytes:
+    """Bytes from outside, as an immutable copy, refused when not bytes-like or larger than `max_size`."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise PairwiseDecodeError(f"{what}: expected bytes, got {type(data).__name__}")
+    if len(data) > max_size:
+        raise PairwiseDecodeError(f"{what}: {len(data)} bytes exceeds the limit of {max_size}")
+    return bytes(data)
+
+
 class Reader:
     """Consumes a bytes object front to back; every read checks bounds first."""
 

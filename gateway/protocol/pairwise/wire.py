@@ -136,11 +136,7 @@ class PairwiseMessage:
 
     @classmethod
     def parse(cls, data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> PairwiseMessage:
-        if not isinstance(data, bytes | bytearray | memoryview):
-            raise PairwiseDecodeError(f"pairwise message: expected bytes, got {type(data).__name__}")
-        if len(data) > max_size:
-            raise PairwiseDecodeError(f"pairwise message: {len(data)} bytes exceeds the limit of {max_size}")
-        data = bytes(data)
+        data = codec.wire_bytes(data, max_size, "pairwise message")
         if len(data) >= 2 and data[0] == WIRE_VERSION and data[1] == MessageType.RATCHET:
             return cls._parse_ratchet(data)
         return cls._parse_general(data)
