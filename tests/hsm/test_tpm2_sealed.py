@@ -51,7 +51,8 @@ def test_wrap_unwrap_round_trip(tpm: SwTpm, tmp_path: Path, size: int) -> None:
     assert isinstance(key, StorageKey)
     dek = bytes(range(size))
     wrapped = key.wrap(dek)
-    assert dek not in wrapped
+    if size >= 8:  # a 1-byte secret turns up in 16 random bytes by chance (~6%): only longer ones say anything
+        assert dek not in wrapped
     assert len(wrapped) == 8 + -(-size // 8) * 8  # RFC 5649: 8-byte AIV + padded input
     assert key.unwrap(wrapped) == dek
 
