@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import signal
 import struct
 import sys
 import tempfile
@@ -30,20 +29,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bench.paths import relay_config, start_profiled
-from gateway.testbed import Broker, Testbed
+from gateway.testbed import Testbed
 
 GROUP = "bench"
 IDLE_S = 60.0  # a member process stops waiting after this long without a new delivery
-# The shipped ACL template does not yet let agents publish on their group topics (see tests/groups).
-GROUP_ACL = "pattern write agw/%u/group/+/out\npattern write agw/%u/group/+/ctl\n"
-
-
-def _allow_group_topics(broker: Broker) -> None:
-    acl = broker.root / "acl"
-    if "group/+/out" not in acl.read_text():
-        acl.write_text(acl.read_text() + GROUP_ACL)
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)
 
 
 def _agent_client(name: str, password: str, port: int) -> mqtt.Client:
@@ -120,7 +109,6 @@ def run(gateways: int, agents: int, n: int, limit: float = 480) -> dict[str, Any
                 bed.add_gateway(d, agents={a: everyone for a in names[d]})
             profile = os.environ.get("AGW_BENCH_PROFILE")  # a directory: the sender and one member under cProfile
             for gw in bed.gateways.values():
-                _allow_group_topics(gw.broker)
                 if profile and gw.name in (devs[0], devs[-1]):
                     start_profiled(gw, Path(profile) / f"{gw.name}.prof")
                 else:

@@ -24,22 +24,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.client import AgentClient, AgentClientError
-from gateway.testbed import Broker, Testbed
+from gateway.testbed import Testbed
 
 PW = "agent-secret"
 GROUP = "team"
-GROUP_ACL = "pattern write agw/%u/group/+/out\npattern write agw/%u/group/+/ctl\n"
 AGENTS = {"gw1": ["a1", "a2"], "gw2": ["b1", "b2"], "gw3": ["c1", "c2"]}
 EVERYONE = ["gw1/*", "gw2/*", "gw3/*"]
-
-
-def _allow_group_topics(broker: Broker) -> None:
-    acl = broker.root / "acl"
-    if "group/+/out" not in acl.read_text():
-        acl.write_text(acl.read_text() + GROUP_ACL)
-        assert broker.proc is not None
-        broker.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.3)
 
 
 class Agent:
@@ -101,7 +91,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Any:
         # c2 accepts groups only from gw1/a1: a group add by anyone else needs its operator's consent.
         tb.add_gateway(gw, agents={n: (["gw1/a1"] if n == "c2" else EVERYONE) for n in names})
     for gw in tb.gateways.values():
-        _allow_group_topics(gw.broker)
         gw.start()
     for gw in tb.gateways.values():
         gw.wait_ready()

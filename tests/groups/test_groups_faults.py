@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from gateway.testbed import Gateway, Testbed
-from tests.groups.test_groups_e2e import _allow_group_topics
 from tests.torture.conftest import LONG, record
 from tests.torture.stream import Receiver, _client, tally
 
@@ -66,7 +65,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         for g, names in AGENTS.items():
             bed.add_gateway(g, agents={a: EVERYONE for a in names})
         for gw in bed.gateways.values():
-            _allow_group_topics(gw.broker)
             gw.start()
         for gw in bed.gateways.values():
             gw.wait_ready()

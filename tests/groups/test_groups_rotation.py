@@ -40,7 +40,7 @@ from gateway.protocol.mls.key_package_bundle import create_key_package
 from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import Store
 from gateway.testbed import Gateway, Testbed
-from tests.groups.test_groups_e2e import Agent, _allow_group_topics, wait_for
+from tests.groups.test_groups_e2e import Agent, wait_for
 from tests.groups.test_groups_service import FakeBridge, FakeIdentity, FakeLink, FakeRelay, bridge
 from tests.relay.conftest import FLEET, Device, Fleet, make_fleet
 from tests.store.conftest import SoftStorageKey
@@ -295,7 +295,6 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Any:
     for gw, names in AGENTS.items():
         tb.add_gateway(gw, agents={n: EVERYONE for n in names})
     for gw in tb.gateways.values():
-        _allow_group_topics(gw.broker)
         gw.start()
     for gw in tb.gateways.values():
         gw.wait_ready()
