@@ -35,7 +35,7 @@ from gateway.link import RelayLink, RelayLinkConfig
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
 from gateway.protocol.pairwise import Ed25519Signer
 from gateway.receiving import Receiving
-from gateway.runtime import Counters, now_ms
+from gateway.runtime import Counters, event_loop_factory, now_ms
 from gateway.sd_notify import Notifier
 from gateway.sending import Sending
 from gateway.sessions import SessionBook
@@ -232,4 +232,8 @@ def main_run(config_path: Path) -> int:
 
     cfg = load_config(config_path, isolated=True)  # pydantic and PyYAML stay out of the daemon's memory
     configure_logging(cfg)
-    return asyncio.run(run_gateway(cfg))
+    factory = event_loop_factory()
+    log.info("event loop: %s", "uvloop" if factory is not None else "asyncio")
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(run_gateway(cfg))
+

@@ -47,6 +47,23 @@ async def test_messages_both_ways_with_properties(bed):
         assert (back.sender, back.payload) == ("dev-b/bob", b"hello alice")
 
 
+def test_gateways_run_on_uvloop(bed):
+    """uvloop is a dependency (issue 7: throughput), so a gateway started as users start it runs on it."""
+    for gw in bed.gateways.values():
+        assert gw.log is not None and "event loop: uvloop" in gw.log.read_text()
+
+
+def test_event_loop_choice(monkeypatch):
+    import uvloop
+
+    from gateway.runtime import event_loop_factory
+
+    monkeypatch.delenv("AGW_EVENT_LOOP", raising=False)
+    assert event_loop_factory() is uvloop.new_event_loop
+    monkeypatch.setenv("AGW_EVENT_LOOP", "asyncio")
+    assert event_loop_factory() is None
+
+
 async def test_request_reply_round_trip_end_to_end(bed):
     async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
         async def serve() -> None:
