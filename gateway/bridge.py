@@ -42,6 +42,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
 from paho.mqtt.client import PUBLISH
 from paho.mqtt.enums import MQTTErrorCode, _ConnectionState
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -68,6 +69,8 @@ CONNECT_TIMEOUT = 5.0  # TCP connect
 READ_CHUNK = 65536  # bytes per recv
 READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
+_PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(PacketTypes.PUBCOMP, "Success")
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # handed to on_publish, which ignores it
 
 
 BrokerHas = Callable[[list[int]], None]
@@ -181,6 +184,96 @@ def publish_properties(response_topic: str | None, correlation_data: bytes | Non
     return PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
 
 
+def _read_vbi(b: bytes | bytearray, pos: int) -> tuple[int, int]:
+    n, mult = 0, 1
+    for i in range(4):
+        byte = b[pos + i]
+        n += (byte & 0x7F) * mult
+        if byte < 0x80:
+            return n, pos + i + 1
+        mult *= 128
+    raise MalformedPacket("Variable Byte Integer longer than 4 bytes")
+
+
+def _read_bin(b: bytes | bytearray, pos: int, end: int) -> tuple[bytes, int]:
+    n = (b[pos] << 8) | b[pos + 1]
+    pos += 2
+    if pos + n > end:
+        raise MalformedPacket("length-prefixed field runs past its end")
+    return bytes(b[pos:pos + n]), pos + n
+
+
+def _read_str(b: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
+    raw, pos = _read_bin(b, pos, end)
+    s = raw.decode()  # strict: invalid UTF-8 (and encoded surrogates) raise
+    if "\x00" in s or "\ufeff" in s:
+        raise MalformedPacket("NUL or U+FEFF in an MQTT string")
+    return s, pos
+
+
+def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage:
+    """An MQTT 5 PUBLISH packet (fixed header byte, then everything after the remaining length) as the
+    `AgentMessage` paho's decoder plus `MqttBridge._on_message` would make of it, without building paho's
+    `Properties` (which scans its name table per property). Raises paho's `MalformedPacket` on bad input, which
+    paho's reader turns into a protocol error and a closed connection, as for its own decoder."""
+    try:
+        qos = (header >> 1) & 3
+        if qos == 3:
+            raise MalformedPacket("PUBLISH with QoS 3")
+        end = len(packet)
+        topic_b, pos = _read_bin(packet, 0, end)
+        topic = topic_b.decode()
+        mid = 0
+        if qos:
+            mid = (packet[pos] << 8) | packet[pos + 1]
+            pos += 2
+        plen, pos = _read_vbi(packet, pos)
+        pend = pos + plen
+        if pend > end:
+            raise MalformedPacket("PUBLISH properties run past the packet")
+        response_topic = content_type = None
+        correlation_data = None
+        utf8 = False
+        user: list[tuple[str, str]] = []
+        seen: set[int] = set()
+        while pos < pend:
+            ident = packet[pos]
+            pos += 1
+            if ident in seen and ident not in (_USER_PROPERTY, 0x0B):
+                raise MalformedPacket(f"property {ident:#04x} more than once")
+            seen.add(ident)
+            if ident == _PAYLOAD_FORMAT:
+                if packet[pos] > 1:
+                    raise MalformedPacket("payload format indicator is neither 0 nor 1")
+                utf8 = packet[pos] == 1
+                pos += 1
+            elif ident == 0x02:  # message expiry interval
+                pos += 4
+            elif ident == _CONTENT_TYPE:
+                content_type, pos = _read_str(packet, pos, pend)
+            elif ident == _RESPONSE_TOPIC:
+                response_topic, pos = _read_str(packet, pos, pend)
+            elif ident == _CORRELATION_DATA:
+                correlation_data, pos = _read_bin(packet, pos, pend)
+            elif ident == 0x0B:  # subscription identifier
+                _, pos = _read_vbi(packet, pos)
+            elif ident == 0x23:  # topic alias
+                pos += 2
+            elif ident == _USER_PROPERTY:
+                k, pos = _read_str(packet, pos, pend)
+                v, pos = _read_str(packet, pos, pend)
+                user.append((k, v))
+            else:
+                raise MalformedPacket(f"property {ident:#04x} is not one of PUBLISH")
+        if pos != pend:
+            raise MalformedPacket("PUBLISH properties overrun their length")
+    except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise MalformedPacket(f"malformed PUBLISH: {exc}") from exc
+    return AgentMessage(topic=topic, payload=bytes(packet[pend:]), mid=mid, qos=qos, dup=bool(header & 0x08),
+                        response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
+                        payload_utf8=utf8, user_properties=tuple(user))
+
+
 # -- paho, adapted ----------------------------------------------------------------------------------------------
 class _PahoClient(mqtt.Client):
     """paho's client, driven by the bridge from the event loop, with hooks for exactly-once publishing (the next
@@ -189,8 +282,11 @@ class _PahoClient(mqtt.Client):
     event loop."""
 
     def __init__(self, *args: Any, on_pubrec: Callable[[int, ReasonCode], None],
+                 on_agent_message: Callable[[AgentMessage], None],
                  may_read: Callable[[], bool] = lambda: True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._on_agent_message = on_agent_message
+        self._maybe_queued = False  # a QoS>0 message may wait for room in flight (paho's mqtt_ms_queued)
         self._forced_mid: int | None = None
         self._on_pubrec = on_pubrec
         self._may_read = may_read
@@ -283,11 +379,53 @@ class _PahoClient(mqtt.Client):
                 return mid
 
     def _handle_pubrec(self) -> mqtt.MQTTErrorCode:
-        rec = _packet.decode_pubrec(self._in_packet["command"], self._in_packet["packet"], self._protocol)
-        msg = self._out_messages.get(rec.mid)
+        packet = self._in_packet["packet"]
+        if len(packet) == 2:  # success, no properties (the reason code may be left out): no decoder needed
+            mid, reason = (packet[0] << 8) | packet[1], _OK
+        else:
+            rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
+            mid, reason = rec.mid, rec.reason
+        msg = self._out_messages.get(mid)
         if msg is not None and msg.qos == 2:
-            self._on_pubrec(rec.mid, rec.reason)
+            self._on_pubrec(mid, reason)
         return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]  # success, no properties: paho's decoder builds objects for nothing
+        if mid in self._out_messages:
+            return self._do_on_publish(mid, _PUBACK_OK if cmd == "PUBACK" else _PUBCOMP_OK, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        if header & 0x06 == 0x04 or not self._manual_ack:  # QoS 2 (never subscribed): paho's own handling
+            return super()._handle_publish()
+        self._on_agent_message(decode_agent_publish(header, self._in_packet["packet"]))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS  # QoS 1: acknowledged by the gateway (manual ack)
+
+    # paho walks every message in flight after each acknowledgement, looking for queued ones to send
+    def publish(self, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
+        info = super().publish(*args, **kwargs)
+        msg = self._out_messages.get(info.mid)
+        if msg is not None and msg.state == mqtt.mqtt_ms_queued:
+            self._maybe_queued = True
+        return info
+
+    def _messages_reconnect_reset_out(self) -> None:
+        super()._messages_reconnect_reset_out()
+        self._maybe_queued = True
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        if not self._maybe_queued:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        rc = super()._update_inflight()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and (
+                self._max_inflight_messages == 0 or self._inflight_messages < self._max_inflight_messages):
+            self._maybe_queued = False  # paho stops only when in flight is full or nothing is queued
+        return rc
 
     def release(self, mid: int) -> None:
         """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the
@@ -419,7 +557,8 @@ class MqttBridge:
         self._in_read = False
         self._connected_once = False  # the current connection got a CONNACK: the next backoff starts over
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True, on_pubrec=self._on_pubrec, may_read=self.incoming.may_read)
+                        manual_ack=True, on_pubrec=self._on_pubrec, on_agent_message=self.incoming.put_nowait,
+                        may_read=self.incoming.may_read)
         if username:
             password = password_file.read_text().strip() if password_file else None
             c.username_pw_set(username, password)
