@@ -286,7 +286,7 @@ class _PahoClient(mqtt.Client):
                  may_read: Callable[[], bool] = lambda: True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._on_agent_message = on_agent_message
-        self._maybe_queued = False  # a QoS>0 message may wait for room in flight (paho's mqtt_ms_queued)
+        self._queued: dict[int, None] = {}  # ids of messages waiting for room in flight, oldest first
         self._forced_mid: int | None = None
         self._on_pubrec = on_pubrec
         self._may_read = may_read
@@ -406,26 +406,36 @@ class _PahoClient(mqtt.Client):
         self._on_agent_message(decode_agent_publish(header, self._in_packet["packet"]))
         return MQTTErrorCode.MQTT_ERR_SUCCESS  # QoS 1: acknowledged by the gateway (manual ack)
 
-    # paho walks every message in flight after each acknowledgement, looking for queued ones to send
+    # Messages waiting for room in flight (paho's mqtt_ms_queued), oldest first: paho finds them by walking every
+    # message it holds after each acknowledgement, which at hundreds in flight costs more than the publish.
     def publish(self, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
         info = super().publish(*args, **kwargs)
         msg = self._out_messages.get(info.mid)
         if msg is not None and msg.state == mqtt.mqtt_ms_queued:
-            self._maybe_queued = True
+            self._queued[info.mid] = None
         return info
 
     def _messages_reconnect_reset_out(self) -> None:
         super()._messages_reconnect_reset_out()
-        self._maybe_queued = True
+        self._queued = dict.fromkeys(mid for mid, m in self._out_messages.items() if m.state == mqtt.mqtt_ms_queued)
 
     def _update_inflight(self) -> MQTTErrorCode:
-        if not self._maybe_queued:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS
-        rc = super()._update_inflight()
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and (
-                self._max_inflight_messages == 0 or self._inflight_messages < self._max_inflight_messages):
-            self._maybe_queued = False  # paho stops only when in flight is full or nothing is queued
-        return rc
+        """paho's, sending the queued messages in the same order, without the walk."""
+        queued = self._queued
+        while queued and (self._max_inflight_messages == 0
+                          or self._inflight_messages < self._max_inflight_messages):
+            mid = next(iter(queued))
+            del queued[mid]
+            m = self._out_messages.get(mid)
+            if m is None or m.qos == 0 or m.state != mqtt.mqtt_ms_queued:
+                continue  # acknowledged, dropped or resent meanwhile
+            self._inflight_messages += 1
+            m.state = mqtt.mqtt_ms_wait_for_puback if m.qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
+            rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                                    properties=m.properties)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def release(self, mid: int) -> None:
         """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the

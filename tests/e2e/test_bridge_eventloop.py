@@ -89,7 +89,11 @@ async def test_no_network_thread_and_reconnects_after_broker_restart(broker: tup
         await asyncio.to_thread(alice.publish, "agw/alice/out/dev-b/bob", b"unacked")
         unacked = await asyncio.wait_for(bridge.incoming.get(), 10)
         assert unacked.payload == b"unacked"  # taken, never acknowledged: the broker must keep it
-        await asyncio.sleep(1.5)  # Mosquitto's autosave (1 s) writes the session with the message in flight
+        # Mosquitto's autosave writes the session, with the message in flight, within a couple of seconds; a
+        # SIGKILL before that would lose it in the broker (session not present), which is not what this tests.
+        log = b.root / "mosquitto.log"
+        saves = log.read_text().count("Saving in-memory database")
+        await _until(lambda: log.read_text().count("Saving in-memory database") > saves)
 
         b.stop(signal.SIGKILL)
         await _until(lambda: not bridge.connected)
@@ -164,3 +168,29 @@ async def test_byte_bound_holds_with_many_small_packets_per_read(broker: tuple[B
     finally:
         await bridge.stop()
         await asyncio.to_thread(alice.close)
+
+
+async def test_publishes_beyond_max_inflight_wait_their_turn_in_order(broker: tuple[Broker, Path]) -> None:
+    """More exactly-once publishes than `max_inflight`: the rest wait (paho's queued state) and go out in order
+    as acknowledgements make room; every one completes and reaches the agent once."""
+    b, pw = broker
+    bridge = MqttBridge(host="127.0.0.1", port=b.port, client_id="agw-gateway-inflight", prefix="agw",
+                        username="agw-gateway", password_file=pw, max_inflight=4)
+    await bridge.start()
+    bob = await asyncio.to_thread(Agent, "bob", b.port, "agw/bob/in")
+    try:
+        await asyncio.sleep(0.3)
+        ids = [bridge.reserve_packet_id() for _ in range(60)]
+        assert None not in ids
+        recorded: list[int] = []
+        await asyncio.wait_for(asyncio.gather(*(
+            bridge.publish_exactly_once(pid, "agw/bob/in", f"m{i}".encode(), on_broker_has=recorded.extend)
+            for i, pid in enumerate(ids))), 20)
+        assert sorted(recorded) == sorted(ids)
+        await _until(lambda: len(bob.received()) >= 60)
+        await asyncio.sleep(0.5)  # a second copy would arrive now
+        assert bob.received() == [f"m{i}".encode() for i in range(60)]
+        assert bridge._client._inflight_messages == 0 and not bridge._client._out_messages
+    finally:
+        await bridge.stop()
+        await asyncio.to_thread(bob.close)
