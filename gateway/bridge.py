@@ -608,7 +608,7 @@ class MqttBridge:
         c = self._client
         if c._sock is not None:
             self._lost.clear()
-            c.disconnect()  # DISCONNECT is written by the next flush, then paho closes the socket
+            c.disconnect()  # DISCONNECT goes out now (or with this iteration's flush), then paho closes the socket
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._lost.wait(), 2.0)
         if self._task is not None:
