@@ -70,7 +70,7 @@ READ_CHUNK = 65536  # bytes per recv
 READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
 _PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(PacketTypes.PUBCOMP, "Success")
-_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # handed to on_publish, which ignores it
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
 
 
 BrokerHas = Callable[[list[int]], None]
@@ -140,13 +140,14 @@ def encode_publish_properties(response_topic: str | None, correlation_data: byte
     return _vbi(len(body)) + body
 
 
-_TEMPLATE = Properties(PacketTypes.PUBLISH)
+_TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
 class PublishProperties(Properties):
     """PUBLISH properties encoded once, up front: `pack()` returns the bytes. Reading them back as attributes
     (`ResponseTopic`, `UserProperty`, ...) works as with paho's class; setting new ones is not supported."""
 
+    _packed: bytes
     # paho's tables, shared instead of built per instance (they are never changed)
     types = _TEMPLATE.types
     names = _TEMPLATE.names
@@ -175,7 +176,7 @@ class PublishProperties(Properties):
         raise AttributeError("PublishProperties are encoded when created; build a new one instead")
 
     def pack(self) -> bytes:
-        return self._packed  # type: ignore[no-any-return]
+        return self._packed
 
 
 def publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
@@ -378,7 +379,7 @@ class _PahoClient(mqtt.Client):
             if mid not in self.reserved_ids:
                 return mid
 
-    def _handle_pubrec(self) -> mqtt.MQTTErrorCode:
+    def _handle_pubrec(self) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if len(packet) == 2:  # success, no properties (the reason code may be left out): no decoder needed
             mid, reason = (packet[0] << 8) | packet[1], _OK
@@ -388,7 +389,7 @@ class _PahoClient(mqtt.Client):
         msg = self._out_messages.get(mid)
         if msg is not None and msg.qos == 2:
             self._on_pubrec(mid, reason)
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
