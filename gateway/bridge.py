@@ -1,16 +1,28 @@
-"""The MQTT side of the gateway: one MQTT 5 session with the local Mosquitto.
+"""The MQTT side of the gateway: one MQTT 5 session with the local Mosquitto, driven by the gateway's event loop.
 
-Built on paho-mqtt directly (aiomqtt hides manual acknowledgement): a message from an agent is acknowledged to
-the broker only after the gateway has written it durably to its outbox (`ack()`), so a crash in between makes
-the broker redeliver it. The session is persistent (clean_start=False, long expiry), so messages agents publish
-while the gateway is down wait in the broker. paho's network thread hands messages to asyncio through
-`call_soon_threadsafe`; publishes to agents complete when the broker's PUBACK arrives.
+Built on paho-mqtt directly (aiomqtt hides manual acknowledgement), without paho's network thread: the socket is
+registered with the asyncio loop (`add_reader`; `add_writer` only while the kernel's send buffer is full), paho's
+`_packet_read`/`loop_write`/`loop_misc` run as loop callbacks, and the bridge connects and reconnects itself
+(backoff 0.2 s doubling to 5 s, as paho's `loop_forever` did). Nothing crosses threads: no locks, no
+`call_soon_threadsafe`. Reads go through a 64 KiB buffer (paho reads a packet a few bytes per `recv`), and writes
+queued in one loop iteration (acks for a batch, a batch of publishes) leave in one `send`.
+
+A message from an agent is acknowledged to the broker only after the gateway has written it durably to its outbox
+(`ack()`), so a crash in between makes the broker redeliver it. The session is persistent (clean_start=False, long
+expiry), so messages agents publish while the gateway is down wait in the broker. Receive Maximum bounds how many
+unacknowledged messages the broker sends; `IncomingQueue` bounds their bytes: past the bound the bridge stops
+reading the socket (`remove_reader`) until the outbox writer takes messages off the queue, or until
+INCOMING_PAUSE_MAX seconds have passed (then the count bound alone holds, and PINGRESPs keep the connection alive).
+Publishes to agents complete when the broker's PUBACK arrives.
 
 Messages for agents go out exactly once through MQTT 5 QoS 2 with packet identifiers the caller chooses and
 stores (`publish_exactly_once`): the broker forwards a QoS 2 message to subscribers only on PUBREL and recognises
 a resent PUBLISH by its packet id while it holds it, so a gateway that crashed mid-exchange resumes it after a
 restart (same id: PUBLISH again before the broker's PUBREC, PUBREL after it) without a second copy reaching the
 agent. The caller records "the broker has it" (`on_broker_has`) before the PUBREL goes out.
+
+PUBLISH properties are encoded directly (`encode_publish_properties`, MQTT 5 section 2.2.2) into a `Properties`
+subclass whose `pack()` returns the bytes: paho's own `Properties` scans its name table on every attribute set.
 """
 
 from __future__ import annotations
@@ -19,7 +31,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-import threading
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +40,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
+from paho.mqtt.client import PUBLISH
 from paho.mqtt.enums import MQTTErrorCode, _ConnectionState
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -39,7 +53,8 @@ log = logging.getLogger("agw.bridge")
 
 SESSION_EXPIRY = 7 * 24 * 3600
 RECEIVE_MAXIMUM = 1024
-# Agents' messages received and not yet taken by the gateway, in bytes: past this, paho's thread stops reading the
+KEEPALIVE = 30
+# Agents' messages received and not yet taken by the gateway, in bytes: past this, the bridge stops reading the
 # socket (the broker keeps the rest) until the outbox writer catches up. RECEIVE_MAXIMUM alone bounds the count,
 # which at 16 KiB per message would be 16 MB (and the copies made while they are stored). Reading resumes anyway
 # after INCOMING_PAUSE_MAX seconds, so PINGRESPs and acknowledgements keep the connection alive while the outbox is
@@ -49,7 +64,13 @@ INCOMING_PAUSE_MAX = 10.0
 MESSAGE_OVERHEAD = 256  # per message: the AgentMessage, its topic and properties, counted against the bound
 MAX_PACKET_ID = 65535
 MAX_EXACTLY_ONCE = 16_384  # packet ids held at once for stored messages; the rest wait in the inbox
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0  # seconds between connection attempts, doubling
+CONNECT_TIMEOUT = 5.0  # TCP connect
+READ_CHUNK = 65536  # bytes per recv
+READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
+_PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(PacketTypes.PUBCOMP, "Success")
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
 
 
 BrokerHas = Callable[[list[int]], None]
@@ -75,87 +96,384 @@ class AgentMessage:
     user_properties: tuple[tuple[str, str], ...]
 
 
+# -- PUBLISH properties -----------------------------------------------------------------------------------------
+_PAYLOAD_FORMAT, _CONTENT_TYPE, _RESPONSE_TOPIC, _CORRELATION_DATA, _USER_PROPERTY = 0x01, 0x03, 0x08, 0x09, 0x26
+_U16 = struct.Struct("!H")
+
+
+def _vbi(n: int) -> bytes:
+    """MQTT Variable Byte Integer (section 1.5.5)."""
+    if n < 128:
+        return bytes((n,))
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        if n:
+            out.append(digit | 0x80)
+        else:
+            out.append(digit)
+            return bytes(out)
+
+
+def _field(b: bytes, what: str) -> bytes:
+    if len(b) > 0xFFFF:
+        raise ValueError(f"MQTT property {what} is {len(b)} bytes; at most 65535 fit (shorten it)")
+    return _U16.pack(len(b)) + b
+
+
+def encode_publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
+                              payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> bytes:
+    """The PUBLISH properties field (MQTT 5 section 2.2.2: Variable Byte Integer length, then identifier and value
+    per property), in the order paho writes them, only those set."""
+    parts: list[bytes] = []
+    if payload_utf8:
+        parts.append(b"\x01\x01")
+    if content_type:
+        parts.append(b"\x03" + _field(content_type.encode(), "content type"))
+    if response_topic:
+        parts.append(b"\x08" + _field(response_topic.encode(), "response topic"))
+    if correlation_data is not None:
+        parts.append(b"\x09" + _field(bytes(correlation_data), "correlation data"))
+    for k, v in user_properties:
+        parts.append(b"\x26" + _field(k.encode(), "user property name") + _field(v.encode(), "user property value"))
+    body = b"".join(parts)
+    return _vbi(len(body)) + body
+
+
+_TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+class PublishProperties(Properties):
+    """PUBLISH properties encoded once, up front: `pack()` returns the bytes. Reading them back as attributes
+    (`ResponseTopic`, `UserProperty`, ...) works as with paho's class; setting new ones is not supported."""
+
+    _packed: bytes
+    # paho's tables, shared instead of built per instance (they are never changed)
+    types = _TEMPLATE.types
+    names = _TEMPLATE.names
+    properties = _TEMPLATE.properties
+
+    def __init__(self, response_topic: str | None = None, correlation_data: bytes | None = None,
+                 content_type: str | None = None, payload_utf8: bool = False,
+                 user_properties: tuple[tuple[str, str], ...] = ()) -> None:
+        # no super().__init__(): it builds paho's tables again
+        put = object.__setattr__
+        put(self, "packetType", PacketTypes.PUBLISH)
+        put(self, "_packed", encode_publish_properties(response_topic, correlation_data, content_type, payload_utf8,
+                                                       user_properties))
+        if payload_utf8:
+            put(self, "PayloadFormatIndicator", 1)
+        if content_type:
+            put(self, "ContentType", content_type)
+        if response_topic:
+            put(self, "ResponseTopic", response_topic)
+        if correlation_data is not None:
+            put(self, "CorrelationData", correlation_data)
+        if user_properties:
+            put(self, "UserProperty", list(user_properties))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("PublishProperties are encoded when created; build a new one instead")
+
+    def pack(self) -> bytes:
+        return self._packed
+
+
+def publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
+                       payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> Properties:
+    """MQTT 5 PUBLISH properties, only those set (shared with the agent SDK, gateway/client.py)."""
+    return PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+
+
+def _read_vbi(b: bytes | bytearray, pos: int) -> tuple[int, int]:
+    n, mult = 0, 1
+    for i in range(4):
+        byte = b[pos + i]
+        n += (byte & 0x7F) * mult
+        if byte < 0x80:
+            return n, pos + i + 1
+        mult *= 128
+    raise MalformedPacket("Variable Byte Integer longer than 4 bytes")
+
+
+def _read_bin(b: bytes | bytearray, pos: int, end: int) -> tuple[bytes, int]:
+    n = (b[pos] << 8) | b[pos + 1]
+    pos += 2
+    if pos + n > end:
+        raise MalformedPacket("length-prefixed field runs past its end")
+    return bytes(b[pos:pos + n]), pos + n
+
+
+def _read_str(b: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
+    raw, pos = _read_bin(b, pos, end)
+    s = raw.decode()  # strict: invalid UTF-8 (and encoded surrogates) raise
+    if "\x00" in s or "\ufeff" in s:
+        raise MalformedPacket("NUL or U+FEFF in an MQTT string")
+    return s, pos
+
+
+def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage:
+    """An MQTT 5 PUBLISH packet (fixed header byte, then everything after the remaining length) as the
+    `AgentMessage` paho's decoder plus `MqttBridge._on_message` would make of it, without building paho's
+    `Properties` (which scans its name table per property). Raises paho's `MalformedPacket` on bad input, which
+    paho's reader turns into a protocol error and a closed connection, as for its own decoder."""
+    try:
+        qos = (header >> 1) & 3
+        if qos == 3:
+            raise MalformedPacket("PUBLISH with QoS 3")
+        end = len(packet)
+        topic_b, pos = _read_bin(packet, 0, end)
+        topic = topic_b.decode()
+        mid = 0
+        if qos:
+            mid = (packet[pos] << 8) | packet[pos + 1]
+            pos += 2
+        plen, pos = _read_vbi(packet, pos)
+        pend = pos + plen
+        if pend > end:
+            raise MalformedPacket("PUBLISH properties run past the packet")
+        response_topic = content_type = None
+        correlation_data = None
+        utf8 = False
+        user: list[tuple[str, str]] = []
+        seen: set[int] = set()
+        while pos < pend:
+            ident = packet[pos]
+            pos += 1
+            if ident in seen and ident not in (_USER_PROPERTY, 0x0B):
+                raise MalformedPacket(f"property {ident:#04x} more than once")
+            seen.add(ident)
+            if ident == _PAYLOAD_FORMAT:
+                if packet[pos] > 1:
+                    raise MalformedPacket("payload format indicator is neither 0 nor 1")
+                utf8 = packet[pos] == 1
+                pos += 1
+            elif ident == 0x02:  # message expiry interval
+                pos += 4
+            elif ident == _CONTENT_TYPE:
+                content_type, pos = _read_str(packet, pos, pend)
+            elif ident == _RESPONSE_TOPIC:
+                response_topic, pos = _read_str(packet, pos, pend)
+            elif ident == _CORRELATION_DATA:
+                correlation_data, pos = _read_bin(packet, pos, pend)
+            elif ident == 0x0B:  # subscription identifier
+                _, pos = _read_vbi(packet, pos)
+            elif ident == 0x23:  # topic alias
+                pos += 2
+            elif ident == _USER_PROPERTY:
+                k, pos = _read_str(packet, pos, pend)
+                v, pos = _read_str(packet, pos, pend)
+                user.append((k, v))
+            else:
+                raise MalformedPacket(f"property {ident:#04x} is not one of PUBLISH")
+        if pos != pend:
+            raise MalformedPacket("PUBLISH properties overrun their length")
+    except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
+        raise MalformedPacket(f"malformed PUBLISH: {exc}") from exc
+    return AgentMessage(topic=topic, payload=bytes(packet[pend:]), mid=mid, qos=qos, dup=bool(header & 0x08),
+                        response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
+                        payload_utf8=utf8, user_properties=tuple(user))
+
+
+# -- paho, adapted ----------------------------------------------------------------------------------------------
 class _PahoClient(mqtt.Client):
-    """paho's client with two hooks for exactly-once publishing: the next PUBLISH may use a packet id chosen by
-    the caller, and a PUBREC is handed to the gateway instead of being answered at once with PUBREL."""
+    """paho's client, driven by the bridge from the event loop, with hooks for exactly-once publishing (the next
+    PUBLISH may use a packet id chosen by the caller; a PUBREC is handed to the gateway instead of being answered
+    at once with PUBREL), flow control in bytes, buffered reads, coalesced writes and a socket connected by the
+    event loop."""
 
     def __init__(self, *args: Any, on_pubrec: Callable[[int, ReasonCode], None],
+                 on_agent_message: Callable[[AgentMessage], None],
                  may_read: Callable[[], bool] = lambda: True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._forced_mid = threading.local()
+        self._on_agent_message = on_agent_message
+        self._queued: dict[int, None] = {}  # ids of messages waiting for room in flight, oldest first
+        self._forced_mid: int | None = None
         self._on_pubrec = on_pubrec
         self._may_read = may_read
         self.reserved_ids: set[int] = set()  # ids the gateway holds for its stored messages
+        self.connected_sock: socket.socket | None = None  # for the next reconnect(), connected by the bridge
+        self._rbuf = b""
+        self._rpos = 0
+
+    # socket I/O
+    def _create_socket(self) -> Any:
+        sock, self.connected_sock = self.connected_sock, None
+        return sock if sock is not None else super()._create_socket()
+
+    def reconnect(self) -> MQTTErrorCode:
+        self._rbuf, self._rpos = b"", 0  # nothing read from the old socket is parsed as the new one's
+        return super().reconnect()
+
+    def buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            if self._sock is None:
+                raise ConnectionError("self._sock is None")
+            data = self._sock.recv(READ_CHUNK)  # BlockingIOError when empty: paho's "try again"
+            if not data:
+                return b""
+            self._rbuf, self._rpos = data, 0
+        end = min(self._rpos + bufsize, len(self._rbuf))
+        out = self._rbuf[self._rpos:end]
+        self._rpos = end
+        return out
 
     def _packet_read(self) -> MQTTErrorCode:
-        # Flow control in bytes: leave the next packet in the socket while the gateway holds too much.
+        # Flow control in bytes: leave the next packet unread while the gateway holds too much.
         if not self._may_read():
             return MQTTErrorCode.MQTT_ERR_AGAIN
         return super()._packet_read()
 
+    def _packet_write(self) -> MQTTErrorCode:
+        # Everything queued goes out in one send; paho's own loop (one send per packet) handles what needs
+        # callbacks on completion (QoS 0 PUBLISH, DISCONNECT) and partial sends.
+        out = self._out_packet
+        if len(out) > 1 and self._sock is not None:
+            batch = []
+            for p in out:
+                if p["pos"] or p["command"] & 0xF0 == mqtt.DISCONNECT or (
+                        p["command"] & 0xF0 == PUBLISH and p["qos"] == 0):
+                    break
+                batch.append(p)
+            if len(batch) > 1:
+                data = b"".join([p["packet"] for p in batch])
+                try:
+                    sent = self._sock_send(data)
+                except BlockingIOError:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except (AttributeError, ValueError):
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+                except OSError as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                for p in batch:
+                    if sent <= 0:
+                        break
+                    n = min(sent, p["to_process"])
+                    p["to_process"] -= n
+                    p["pos"] += n
+                    sent -= n
+                    if p["to_process"] == 0:
+                        out.popleft()
+                self._last_msg_out = time.monotonic()
+                if out and out[0]["pos"]:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN  # the kernel took part: wait for writable
+        return super()._packet_write()
+
+    # exactly-once
     def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> mqtt.MQTTMessageInfo:
-        self._forced_mid.value = mid
+        self._forced_mid = mid
         try:
             return self.publish(topic, payload, qos=2, properties=properties)
         finally:
-            self._forced_mid.value = None
+            self._forced_mid = None
 
     def _mid_generate(self) -> int:
-        forced = getattr(self._forced_mid, "value", None)
-        if forced is not None:
-            return int(forced)
+        if self._forced_mid is not None:
+            return self._forced_mid
         while True:  # paho's own ids (subscriptions, QoS 1) never collide with the gateway's stored ones
             mid = super()._mid_generate()
             if mid not in self.reserved_ids:
                 return mid
 
-    def _handle_pubrec(self) -> mqtt.MQTTErrorCode:
-        rec = _packet.decode_pubrec(self._in_packet["command"], self._in_packet["packet"], self._protocol)
-        with self._out_message_mutex:
-            known = rec.mid in self._out_messages and self._out_messages[rec.mid].qos == 2
-        if known:
-            self._on_pubrec(rec.mid, rec.reason)
-        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+    def _handle_pubrec(self) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if len(packet) == 2:  # success, no properties (the reason code may be left out): no decoder needed
+            mid, reason = (packet[0] << 8) | packet[1], _OK
+        else:
+            rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
+            mid, reason = rec.mid, rec.reason
+        msg = self._out_messages.get(mid)
+        if msg is not None and msg.qos == 2:
+            self._on_pubrec(mid, reason)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        packet = self._in_packet["packet"]
+        if len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = (packet[0] << 8) | packet[1]  # success, no properties: paho's decoder builds objects for nothing
+        if mid in self._out_messages:
+            return self._do_on_publish(mid, _PUBACK_OK if cmd == "PUBACK" else _PUBCOMP_OK, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header = self._in_packet["command"]
+        if header & 0x06 == 0x04 or not self._manual_ack:  # QoS 2 (never subscribed): paho's own handling
+            return super()._handle_publish()
+        self._on_agent_message(decode_agent_publish(header, self._in_packet["packet"]))
+        return MQTTErrorCode.MQTT_ERR_SUCCESS  # QoS 1: acknowledged by the gateway (manual ack)
+
+    # Messages waiting for room in flight (paho's mqtt_ms_queued), oldest first: paho finds them by walking every
+    # message it holds after each acknowledgement, which at hundreds in flight costs more than the publish.
+    def publish(self, *args: Any, **kwargs: Any) -> mqtt.MQTTMessageInfo:
+        info = super().publish(*args, **kwargs)
+        msg = self._out_messages.get(info.mid)
+        if msg is not None and msg.state == mqtt.mqtt_ms_queued:
+            self._queued[info.mid] = None
+        return info
+
+    def _messages_reconnect_reset_out(self) -> None:
+        super()._messages_reconnect_reset_out()
+        self._queued = dict.fromkeys(mid for mid, m in self._out_messages.items() if m.state == mqtt.mqtt_ms_queued)
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        """paho's, sending the queued messages in the same order, without the walk."""
+        queued = self._queued
+        while queued and (self._max_inflight_messages == 0
+                          or self._inflight_messages < self._max_inflight_messages):
+            mid = next(iter(queued))
+            del queued[mid]
+            m = self._out_messages.get(mid)
+            if m is None or m.qos == 0 or m.state != mqtt.mqtt_ms_queued:
+                continue  # acknowledged, dropped or resent meanwhile
+            self._inflight_messages += 1
+            m.state = mqtt.mqtt_ms_wait_for_puback if m.qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
+            rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                                    properties=m.properties)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def release(self, mid: int) -> None:
         """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the
         connection dropped meanwhile, paho sends the PUBREL after the next CONNACK instead of the PUBLISH."""
-        with self._out_message_mutex:
-            msg = self._out_messages.get(mid)
-            if msg is None or msg.qos != 2:
-                return
-            if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
-                msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
-                msg.timestamp = time.monotonic()
-                if self._state == _ConnectionState.MQTT_CS_CONNECTED:
-                    self._send_pubrel(mid)
-                # else the reconnect turns it into a PUBREL resend
-            elif msg.state == mqtt.mqtt_ms_publish:
-                msg.state = mqtt.mqtt_ms_resend_pubrel  # reset by a reconnect, not yet resent
+        msg = self._out_messages.get(mid)
+        if msg is None or msg.qos != 2:
+            return
+        if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
+            msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
+            msg.timestamp = time.monotonic()
+            if self._state == _ConnectionState.MQTT_CS_CONNECTED:
+                self._send_pubrel(mid)
+            # else the reconnect turns it into a PUBREL resend
+        elif msg.state == mqtt.mqtt_ms_publish:
+            msg.state = mqtt.mqtt_ms_resend_pubrel  # reset by a reconnect, not yet resent
 
     def drop(self, mid: int) -> None:
         """Forget a message the broker refused in its PUBREC (the QoS 2 exchange ends there)."""
-        with self._out_message_mutex:
-            msg = self._out_messages.pop(mid, None)
-            if msg is not None and msg.state in (mqtt.mqtt_ms_wait_for_pubrec, mqtt.mqtt_ms_wait_for_pubcomp):
-                self._inflight_messages -= 1
-                if self._max_inflight_messages > 0:
-                    self._update_inflight()  # a queued message may go out now
+        msg = self._out_messages.pop(mid, None)
+        if msg is not None and msg.state in (mqtt.mqtt_ms_wait_for_pubrec, mqtt.mqtt_ms_wait_for_pubcomp):
+            self._inflight_messages -= 1
+            if self._max_inflight_messages > 0:
+                self._update_inflight()  # a queued message may go out now
 
     def resume_released(self, mid: int, topic: str, payload: bytes, properties: Properties) -> None:
         """Take up, after a restart, an exchange whose PUBREC was already recorded: only PUBREL is left to send
         (now, or by paho after the next CONNACK). The message is kept in case the broker turns out to have
         lost our session (`publish_again_unreleased`)."""
+        if mid in self._out_messages:
+            return
         msg = mqtt.MQTTMessage(mid, topic.encode())
         msg.qos, msg.payload, msg.properties = 2, payload, properties
         msg.state = mqtt.mqtt_ms_wait_for_pubcomp
-        with self._out_message_mutex:
-            if mid in self._out_messages:
-                return
-            self._out_messages[mid] = msg
-            self._inflight_messages += 1
-            if self._state == _ConnectionState.MQTT_CS_CONNECTED:
-                self._send_pubrel(mid)
+        self._out_messages[mid] = msg
+        self._inflight_messages += 1
+        if self._state == _ConnectionState.MQTT_CS_CONNECTED:
+            self._send_pubrel(mid)
 
     def publish_again_unreleased(self) -> int:
         """The broker lost our session (CONNACK without session present): a PUBREL for a message it answered
@@ -163,54 +481,65 @@ class _PahoClient(mqtt.Client):
         agent may see one twice, with the same message id: never none). Called in on_connect, before paho
         resends. Returns how many."""
         n = 0
-        with self._out_message_mutex:
-            for msg in self._out_messages.values():
-                if msg.qos == 2 and msg.state in (mqtt.mqtt_ms_resend_pubrel, mqtt.mqtt_ms_wait_for_pubcomp):
-                    msg.state, msg.dup = mqtt.mqtt_ms_publish, False
-                    n += 1
+        for msg in self._out_messages.values():
+            if msg.qos == 2 and msg.state in (mqtt.mqtt_ms_resend_pubrel, mqtt.mqtt_ms_wait_for_pubcomp):
+                msg.state, msg.dup = mqtt.mqtt_ms_publish, False
+                n += 1
         return n
 
 
 class IncomingQueue(asyncio.Queue[AgentMessage]):
-    """Agents' messages for the outbox writer, with the bytes they hold: taking one out (`get`, `get_nowait`)
-    makes room, and wakes paho's thread if it waits for room."""
+    """Agents' messages for the outbox writer, with the bytes they hold. Past `max_bytes` the bridge stops reading
+    (`may_read` says no, `paused` is set); taking messages out (`get`, `get_nowait`) below the bound, or
+    `pause_max` seconds, resumes reading through the callback the bridge sets (`on_resume`)."""
 
     def __init__(self, max_bytes: int = INCOMING_MAX_BYTES, pause_max: float = INCOMING_PAUSE_MAX) -> None:
         super().__init__()
         self.max_bytes, self.pause_max = max_bytes, pause_max
         self.held_bytes = 0
-        self._room = threading.Condition()
-        self._paused_since: float | None = None
+        self.paused = False
+        self.on_resume: Callable[[], None] = lambda: None
+        self._overflow = False  # paused for pause_max: read anyway until the bytes fall below the bound
+        self._timer: asyncio.TimerHandle | None = None
 
     @staticmethod
     def cost(m: AgentMessage) -> int:
         return len(m.payload) + len(m.correlation_data or b"") + MESSAGE_OVERHEAD
 
-    def add(self, m: AgentMessage) -> None:
-        """Count a message (from paho's thread) before it is handed to the event loop."""
-        with self._room:
-            self.held_bytes += self.cost(m)
+    def _put(self, m: AgentMessage) -> None:
+        super()._put(m)
+        self.held_bytes += self.cost(m)
 
     def _get(self) -> AgentMessage:
         m = super()._get()
-        with self._room:
-            self.held_bytes -= self.cost(m)
-            self._room.notify_all()
+        self.held_bytes -= self.cost(m)
+        if self.paused and self.held_bytes < self.max_bytes:
+            self._resume()
         return m
 
     def may_read(self) -> bool:
-        """In paho's thread, before each packet: whether to read it now. Waits briefly (50 ms) for room."""
-        with self._room:
-            if self.held_bytes < self.max_bytes:
-                self._paused_since = None
-                return True
-            now = time.monotonic()
-            if self._paused_since is None:
-                self._paused_since = now
-            elif now - self._paused_since >= self.pause_max:
-                return True  # the writer is stuck (outbox full?): fall back to the count bound
-            self._room.wait(0.05)
-            return self.held_bytes < self.max_bytes
+        """Before each packet: whether to read it now. No: reading pauses until there is room (or pause_max)."""
+        if self.held_bytes < self.max_bytes:
+            self._overflow = False
+            return True
+        if self._overflow:
+            return True  # the writer is stuck (outbox full?): fall back to the count bound
+        if not self.paused:
+            self.paused = True
+            self._timer = asyncio.get_running_loop().call_later(self.pause_max, self._expire)
+        return False
+
+    def _expire(self) -> None:
+        self._timer = None
+        self._overflow = True
+        self._resume()
+
+    def _resume(self) -> None:
+        self.paused = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.on_resume()
 
 
 class MqttBridge:
@@ -219,30 +548,41 @@ class MqttBridge:
                  incoming_max_bytes: int = INCOMING_MAX_BYTES, incoming_pause_max: float = INCOMING_PAUSE_MAX) -> None:
         self.host, self.port, self.prefix = host, port, prefix
         self.incoming = IncomingQueue(incoming_max_bytes, incoming_pause_max)
+        self.incoming.on_resume = self._resume_reading
         self._loop = asyncio.get_running_loop()
         self._connected = asyncio.Event()
+        self._lost = asyncio.Event()  # the current connection (or attempt) ended
         self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: dict[int, bool] = {}
-        self._lock = threading.Lock()
         # Exactly-once publishes by packet id, until PUBCOMP, with the callback that records (durably) that the
         # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
         self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
         self._next_id = 0
         self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._reading_fd = -1  # the socket registered with add_reader, or -1
+        self._writing_fd = -1  # the socket registered with add_writer, or -1
+        self._flush_due = False
+        self._read_due = False
+        self._in_read = False
+        self._connected_once = False  # the current connection got a CONNACK: the next backoff starts over
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
-                        manual_ack=True, on_pubrec=self._on_pubrec, may_read=self.incoming.may_read)
+                        manual_ack=True, on_pubrec=self._on_pubrec, on_agent_message=self.incoming.put_nowait,
+                        may_read=self.incoming.may_read)
         if username:
             password = password_file.read_text().strip() if password_file else None
             c.username_pw_set(username, password)
         c.max_inflight_messages_set(max_inflight)
         c.max_queued_messages_set(0)
-        c.reconnect_delay_set(0.2, 5)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
         c.on_socket_open = self._on_socket_open
+        c.on_socket_close = self._on_socket_close
+        c.on_socket_register_write = self._on_register_write
+        c.on_socket_unregister_write = self._on_unregister_write
         self._client = c
 
     @property
@@ -255,27 +595,179 @@ class MqttBridge:
         # Flow control: the broker sends at most this many unacknowledged messages, and we acknowledge only
         # after the outbox write, so a burst waits in the broker instead of in our memory.
         props.ReceiveMaximum = RECEIVE_MAXIMUM
-        self._client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
-        self._client.loop_start()
+        self._client.connect_async(self.host, self.port, keepalive=KEEPALIVE, clean_start=False, properties=props)
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="mqtt-bridge")
         try:
             await asyncio.wait_for(self._connected.wait(), timeout)
         except TimeoutError:
+            await self.stop()
             raise BrokerUnavailable(f"no MQTT connection to {self.host}:{self.port} within {timeout:.0f} s") from None
 
     async def stop(self) -> None:
-        self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        self._stopping = True
+        c = self._client
+        if c._sock is not None:
+            self._lost.clear()
+            c.disconnect()  # DISCONNECT goes out now (or with this iteration's flush), then paho closes the socket
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), 2.0)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        c._sock_close()
+        self._connected.clear()
 
-    # -- paho callbacks (network thread) ------------------------------------------------------------------------
-    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: object) -> None:
+    # -- connection ---------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        """Connect, keep alive, and reconnect after a loss with paho's backoff (what loop_forever did)."""
+        c = self._client
+        delay: float | None = None
+        first = True
+        while not self._stopping:
+            if not first:
+                delay = RECONNECT_MIN if delay is None or self._connected_once else min(delay * 2, RECONNECT_MAX)
+                await asyncio.sleep(delay)
+            first = False
+            self._connected_once = False
+            try:
+                c.connected_sock = await self._open_socket()
+                self._lost.clear()
+                c.reconnect()  # sends CONNECT; on_socket_open registers the socket
+            except OSError as exc:
+                c.connected_sock = None
+                log.debug("cannot connect to MQTT broker %s:%s: %s", self.host, self.port, exc)
+                continue
+            while c._sock is not None and not self._stopping:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._lost.wait(), 1.0)
+                if self._lost.is_set() or c._sock is None:
+                    break
+                c.loop_misc()  # keepalive: PINGREQ, or close the connection when the broker went silent
+            if c._sock is not None and not self._stopping:
+                c._sock_close()
+
+    async def _open_socket(self) -> socket.socket:
+        infos = await self._loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
+        err: BaseException | None = None
+        for family, kind, proto, _, addr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setblocking(False)
+                await asyncio.wait_for(self._loop.sock_connect(sock, addr), CONNECT_TIMEOUT)
+                return sock
+            except (OSError, TimeoutError) as exc:
+                sock.close()
+                err = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise OSError(f"cannot connect to {self.host}:{self.port}: {err}")
+
+    # -- socket callbacks ---------------------------------------------------------------------------------------
+    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
         with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self.incoming.paused:
+            self._add_reader(sock.fileno())
 
+    def _on_socket_close(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        self._remove_reader()
+        self._remove_writer()
+        self._lost.set()
+
+    def _add_reader(self, fd: int) -> None:
+        if self._reading_fd < 0:
+            self._loop.add_reader(fd, self._on_readable)
+            self._reading_fd = fd
+
+    def _remove_reader(self) -> None:
+        if self._reading_fd >= 0:
+            self._loop.remove_reader(self._reading_fd)
+            self._reading_fd = -1
+
+    def _remove_writer(self) -> None:
+        if self._writing_fd >= 0:
+            self._loop.remove_writer(self._writing_fd)
+            self._writing_fd = -1
+
+    def _on_readable(self) -> None:
+        self._read_due = False
+        if self._client._sock is None:
+            return
+        self._in_read = True
+        try:
+            self._read()
+        finally:
+            self._in_read = False
+
+    def _read(self) -> None:
+        c = self._client
+        for _ in range(READ_BUDGET):
+            rc = c._packet_read()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                c._loop_rc_handle(rc)  # closes the socket and reports the loss
+                return
+            if c._sock is None:
+                return
+        else:
+            self._read_soon()  # more may wait in the buffer or the socket: after the other callbacks
+            return
+        if self.incoming.paused:
+            self._remove_reader()  # the broker keeps the rest until the writer makes room
+        elif c.buffered():
+            self._read_soon()  # the socket may not signal again for bytes already read into the buffer
+
+    def _read_soon(self) -> None:
+        if not self._read_due:
+            self._read_due = True
+            self._loop.call_soon(self._on_readable)
+
+    def _resume_reading(self) -> None:
+        sock = self._client._sock
+        if sock is not None:
+            self._add_reader(sock.fileno())
+            self._read_soon()
+
+    def _on_register_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        # paho queued a packet. The first of a loop iteration goes out now (a lone request waits for nothing);
+        # those queued after it in the same iteration (a batch's acks or publishes) leave together, in one send,
+        # from a callback scheduled now. Packets queued while reading (paho answering the broker) wait for that
+        # callback too: writing could close the socket under the reader.
+        if self._flush_due:
+            return
+        self._flush_due = True
+        self._loop.call_soon(self._flush)
+        if not self._in_read:
+            self._write()
+
+    def _on_unregister_write(self, client: mqtt.Client, userdata: object, sock: Any) -> None:
+        self._remove_writer()
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self._write()
+
+    def _write(self) -> None:
+        c = self._client
+        if c._sock is None:
+            return
+        c.loop_write()  # unregisters (removing the writer) once everything is written
+        if c.want_write() and c._sock is not None and self._writing_fd < 0:
+            self._writing_fd = c._sock.fileno()
+            self._loop.add_writer(self._writing_fd, self._write)  # the kernel's buffer is full: when writable
+
+    # -- paho callbacks -----------------------------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: ReasonCode,
                     properties: Properties | None = None) -> None:
         if rc.is_failure:
             log.error("MQTT broker %s:%s refused the connection: %s", self.host, self.port, rc)
             return
+        self._connected_once = True
         present = bool(getattr(flags, "session_present", False))
         if self._session_kept is None:
             self._session_kept = present  # first connection of this process: decides for restored exchanges
@@ -287,68 +779,60 @@ class MqttBridge:
                             again)
         client.subscribe([(t, 1) for t in (topics.out_subscription(self.prefix),
                                             *topics.group_subscriptions(self.prefix))])
-        self._loop.call_soon_threadsafe(self._connected.set)
+        self._connected.set()
         log.info("connected to MQTT broker %s:%s", self.host, self.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: ReasonCode,
                        properties: Properties | None = None) -> None:
-        self._loop.call_soon_threadsafe(self._connected.clear)
-        with self._lock:
-            pending, self._pending = self._pending, {}
+        self._connected.clear()
+        self._lost.set()
+        pending, self._pending = self._pending, {}
         for fut in pending.values():
-            self._loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable("MQTT connection lost before PUBACK"))
-        log.warning("MQTT broker connection lost (%s); reconnecting", rc)
+            _fail(fut, BrokerUnavailable("MQTT connection lost before PUBACK"))
+        if self._stopping:
+            log.info("disconnected from MQTT broker %s:%s", self.host, self.port)
+        else:
+            log.warning("MQTT broker connection lost (%s); reconnecting", rc)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         p = getattr(msg, "properties", None)
         user = tuple((str(k), str(v)) for k, v in getattr(p, "UserProperty", []) or [])
-        am = AgentMessage(
+        self.incoming.put_nowait(AgentMessage(
             topic=msg.topic, payload=bytes(msg.payload), mid=msg.mid, qos=msg.qos, dup=bool(msg.dup),
             response_topic=getattr(p, "ResponseTopic", None), correlation_data=getattr(p, "CorrelationData", None),
             content_type=getattr(p, "ContentType", None), payload_utf8=getattr(p, "PayloadFormatIndicator", 0) == 1,
-            user_properties=user)
-        self.incoming.add(am)
-        self._loop.call_soon_threadsafe(self.incoming.put_nowait, am)
+            user_properties=user))
 
     def _on_pubrec(self, mid: int, reason: ReasonCode) -> None:
-        with self._lock:
-            first = not self._recs
-            self._recs.append((mid, reason))
-        if first:
-            self._loop.call_soon_threadsafe(self._take_recs)
+        if not self._recs:
+            self._loop.call_soon(self._take_recs)  # the PUBRECs read in this loop iteration, in one record
+        self._recs.append((mid, reason))
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode,
                     properties: Properties | None = None) -> None:
-        ok = not rc.is_failure
-        with self._lock:
-            once = self._once.pop(mid, None)
+        once = self._once.pop(mid, None)
         if once is not None:
-            self._loop.call_soon_threadsafe(_succeed, once[0])
+            _succeed(once[0])
             return
-        with self._lock:
-            fut = self._pending.pop(mid, None)
-            if fut is None:
-                self._early[mid] = ok
-                return
-        if ok:
-            self._loop.call_soon_threadsafe(_succeed, fut)
+        fut = self._pending.pop(mid, None)
+        if fut is None:
+            return  # the caller timed out
+        if rc.is_failure:
+            _fail(fut, BrokerUnavailable(f"broker refused the publish: {rc}"))
         else:
-            self._loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable(f"broker refused the publish: {rc}"))
+            _succeed(fut)
 
-    # -- asyncio side -------------------------------------------------------------------------------------------
+    # -- exactly-once -------------------------------------------------------------------------------------------
     def _take_recs(self) -> None:
-        with self._lock:
-            recs, self._recs = self._recs, []
+        recs, self._recs = self._recs, []
         held: dict[BrokerHas, list[int]] = {}
         for mid, reason in recs:
-            with self._lock:
-                once = self._once.get(mid)
+            once = self._once.get(mid)
             if once is None:
                 continue
             if reason.is_failure:
                 self._client.drop(mid)
-                with self._lock:
-                    self._once.pop(mid, None)
+                self._once.pop(mid, None)
                 _fail(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
             else:
                 held.setdefault(once[1], []).append(mid)
@@ -359,11 +843,9 @@ class MqttBridge:
                 # Not recorded: no PUBREL. The broker keeps the message; try again shortly (and paho resends the
                 # PUBLISH after a reconnect, which the broker answers with PUBREC again).
                 log.error("cannot record %d message(s) the broker holds (%s); retrying", len(mids), exc)
-                with self._lock:
-                    first = not self._recs
-                    self._recs.extend((mid, _OK) for mid in mids)
-                if first:
+                if not self._recs:
                     self._loop.call_later(1.0, self._take_recs)
+                self._recs.extend((mid, _OK) for mid in mids)
                 continue
             for mid in mids:
                 self._client.release(mid)
@@ -396,15 +878,14 @@ class MqttBridge:
         it returns (it is called in batches, on the event loop). Resuming after a restart: the same call (the
         broker recognises the id and content), or `released=True` once `on_broker_has` recorded the id (then
         only PUBREL is sent).
-        A connection loss does not fail the call: paho resumes the exchange after reconnecting.
+        A connection loss does not fail the call: the exchange resumes after reconnecting.
         Raises `BrokerUnavailable` if the broker refuses the message in its PUBREC."""
+        if packet_id in self._once:
+            raise BrokerUnavailable(f"packet id {packet_id} is already being published")
         fut: asyncio.Future[None] = self._loop.create_future()
-        with self._lock:
-            if packet_id in self._once:
-                raise BrokerUnavailable(f"packet id {packet_id} is already being published")
-            self._once[packet_id] = (fut, on_broker_has)
+        self._once[packet_id] = (fut, on_broker_has)
         self._client.reserved_ids.add(packet_id)
-        props = publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+        props = PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         if released and self._session_kept is False:
             released = False  # stored before a restart, but the broker forgot us: a PUBREL would deliver nothing
             log.warning("publishing again a message the broker had acknowledged before it lost this gateway's "
@@ -414,11 +895,11 @@ class MqttBridge:
         else:
             info = self._client.publish_with_id(packet_id, topic, payload, props)
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                with self._lock:
-                    self._once.pop(packet_id, None)
+                self._once.pop(packet_id, None)
                 raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
         await fut
 
+    # -- agents' messages ---------------------------------------------------------------------------------------
     def ack(self, msg: AgentMessage) -> None:
         """PUBACK the agent's message: call only once it is durable in the outbox."""
         if msg.qos > 0:
@@ -431,42 +912,19 @@ class MqttBridge:
         """Publish QoS 1 to an agent and wait for the broker's PUBACK."""
         if not self._connected.is_set():
             raise BrokerUnavailable("not connected to the MQTT broker")
-        props = publish_properties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
+        props = PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         info = self._client.publish(topic, payload, qos=1, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+        if not self._connected.is_set():  # lost while writing it
+            raise BrokerUnavailable("MQTT connection lost before PUBACK")
         fut: asyncio.Future[None] = self._loop.create_future()
-        with self._lock:
-            early = self._early.pop(info.mid, None)
-            if early is None:
-                self._pending[info.mid] = fut
-        if early is not None:
-            if not early:
-                raise BrokerUnavailable("broker refused the publish")
-            return
+        self._pending[info.mid] = fut  # the PUBACK is read by a later loop callback, never before this
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError:
-            with self._lock:
-                self._pending.pop(info.mid, None)
+            self._pending.pop(info.mid, None)
             raise BrokerUnavailable(f"no PUBACK within {timeout:.0f} s") from None
-
-
-def publish_properties(response_topic: str | None, correlation_data: bytes | None, content_type: str | None,
-                       payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> Properties:
-    """MQTT 5 PUBLISH properties, only those set (shared with the agent SDK, gateway/client.py)."""
-    props = Properties(PacketTypes.PUBLISH)
-    if response_topic:
-        props.ResponseTopic = response_topic
-    if correlation_data is not None:
-        props.CorrelationData = correlation_data
-    if content_type:
-        props.ContentType = content_type
-    if payload_utf8:
-        props.PayloadFormatIndicator = 1
-    if user_properties:
-        props.UserProperty = list(user_properties)
-    return props
 
 
 def _succeed(fut: asyncio.Future[None]) -> None:

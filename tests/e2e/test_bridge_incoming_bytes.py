@@ -1,7 +1,7 @@
 """The MQTT bridge bounds what it holds of agents' messages in bytes (gateway/bridge.py `IncomingQueue`), with a
-real Mosquitto: past the bound paho's thread leaves the rest in the broker until the gateway takes messages off the
-queue; nothing is lost; and when nobody takes them for `incoming_pause_max` seconds, reading resumes (the broker's
-Receive Maximum still bounds the count) so the connection stays alive."""
+real Mosquitto: past the bound the bridge stops reading its socket (the rest waits in the broker) until the gateway
+takes messages off the queue; nothing is lost; and when nobody takes them for `incoming_pause_max` seconds, reading
+resumes (the broker's Receive Maximum still bounds the count) so the connection stays alive."""
 
 from __future__ import annotations
 

@@ -1,0 +1,162 @@
+"""The bridge's own MQTT 5 PUBLISH encoding and decoding (gateway/bridge.py) against paho's: the property encoder
+(`encode_publish_properties`, `PublishProperties`) gives the same bytes as paho's `Properties.pack()` for every
+combination, decoded by paho's `unpack()` to the same values, read back as attributes like paho's class; the
+PUBLISH decoder (`decode_agent_publish`) gives what paho's decoder gives, and refuses (MalformedPacket) what paho
+refuses."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.bridge import (
+    AgentMessage,
+    PublishProperties,
+    decode_agent_publish,
+    encode_publish_properties,
+    publish_properties,
+)
+
+# MQTT strings: UTF-8 without surrogates; paho's decoder also refuses NUL and U+FEFF.
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff"), max_size=40)
+combos = st.tuples(st.none() | text, st.none() | st.binary(max_size=40), st.none() | text, st.booleans(),
+                   st.lists(st.tuples(text, text), max_size=4).map(tuple))
+
+
+def paho(response_topic, correlation_data, content_type, payload_utf8, user_properties) -> Properties:
+    """What the bridge built before (paho's class, attribute by attribute)."""
+    props = Properties(PacketTypes.PUBLISH)
+    if response_topic:
+        props.ResponseTopic = response_topic
+    if correlation_data is not None:
+        props.CorrelationData = correlation_data
+    if content_type:
+        props.ContentType = content_type
+    if payload_utf8:
+        props.PayloadFormatIndicator = 1
+    if user_properties:
+        props.UserProperty = list(user_properties)
+    return props
+
+
+NAMES = ("ResponseTopic", "CorrelationData", "ContentType", "PayloadFormatIndicator", "UserProperty")
+
+
+def attributes(p: Properties) -> dict[str, object]:
+    return {n: getattr(p, n) for n in NAMES if hasattr(p, n)}
+
+
+@settings(max_examples=400, deadline=None)
+@given(combos)
+def test_same_bytes_as_paho_and_paho_decodes_them(args) -> None:
+    ours = encode_publish_properties(*args)
+    theirs = paho(*args)
+    assert ours == theirs.pack()
+    decoded, length = Properties(PacketTypes.PUBLISH).unpack(ours)
+    assert length == len(ours)
+    assert attributes(decoded) == attributes(theirs)
+
+
+@settings(max_examples=200, deadline=None)
+@given(combos)
+def test_publish_properties_reads_back_like_paho(args) -> None:
+    p = publish_properties(*args)
+    assert isinstance(p, Properties) and p.packetType == PacketTypes.PUBLISH
+    assert p.pack() == encode_publish_properties(*args)
+    assert attributes(p) == attributes(paho(*args))
+    assert p.isEmpty() == paho(*args).isEmpty()
+    assert p.json() == paho(*args).json()
+
+
+@pytest.mark.parametrize("args", [
+    (None, None, None, False, ()),  # nothing: a zero length
+    ("agw/bob/reply", b"\x00\xff" * 70, "application/json", True, (("agw:message-id", "m" * 60),)),  # 2-byte VBI
+    (None, b"c" * 20_000, None, False, tuple((f"k{i}", "v" * 5000) for i in 3 * [0])),  # > 16383: 3-byte VBI
+    ("r", None, None, False, (("same", "1"), ("same", "2"), ("", ""))),  # repeated and empty user properties
+    ("ünïcödé/☃", "🙂".encode(), "text/plain; charset=utf-8", True, (("ключ", "値"),)),
+])
+def test_boundaries_match_paho(args) -> None:
+    ours = encode_publish_properties(*args)
+    assert ours == paho(*args).pack()
+    assert attributes(Properties(PacketTypes.PUBLISH).unpack(ours)[0]) == attributes(paho(*args))
+
+
+def test_a_field_longer_than_mqtt_allows_is_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="correlation data is 65536 bytes"):
+        encode_publish_properties(None, b"x" * 65536, None, False, ())
+    with pytest.raises(ValueError, match="user property value"):
+        encode_publish_properties(None, None, None, False, (("k", "v" * 70_000),))
+
+
+def test_set_after_encoding_is_refused_not_silently_lost() -> None:
+    p = PublishProperties(response_topic="a")
+    with pytest.raises(AttributeError):
+        p.ContentType = "text/plain"
+    assert p.pack() == paho("a", None, None, False, ()).pack()
+
+
+# -- decoding ---------------------------------------------------------------------------------------------------
+def paho_decoded(header: int, packet: bytes) -> AgentMessage:
+    """What paho's decoder gives, mapped as the bridge mapped paho's messages before (MqttBridge._on_message)."""
+    r = _packet.decode_publish(header, bytearray(packet), MQTTProtocolVersion.MQTTv5)
+    p = r.properties
+    return AgentMessage(
+        topic=r.topic.decode(), payload=bytes(r.payload), mid=r.mid, qos=r.qos, dup=r.dup,
+        response_topic=getattr(p, "ResponseTopic", None), correlation_data=getattr(p, "CorrelationData", None),
+        content_type=getattr(p, "ContentType", None), payload_utf8=getattr(p, "PayloadFormatIndicator", 0) == 1,
+        user_properties=tuple((str(k), str(v)) for k, v in getattr(p, "UserProperty", []) or []))
+
+
+def publish_packet(topic: str, qos: int, mid: int, props: Properties, payload: bytes) -> bytes:
+    t = topic.encode()
+    return struct.pack("!H", len(t)) + t + (struct.pack("!H", mid) if qos else b"") + props.pack() + payload
+
+
+@settings(max_examples=400, deadline=None)
+@given(combos, text.filter(bool), st.sampled_from([0, 1]), st.integers(1, 65535), st.booleans(),
+       st.binary(max_size=300), st.none() | st.integers(0, 2**32 - 1), st.none() | st.integers(1, 268_435_455))
+def test_decoder_gives_what_paho_gives(args, topic, qos, mid, dup, payload, expiry, sub_id) -> None:
+    props = paho(*args)
+    if expiry is not None:  # the broker may add these: skipped, never in the way
+        props.MessageExpiryInterval = expiry
+    if sub_id is not None:
+        props.SubscriptionIdentifier = sub_id
+    header = 0x30 | (0x08 if dup else 0) | (qos << 1)
+    packet = publish_packet(topic, qos, mid, props, payload)
+    assert decode_agent_publish(header, packet) == paho_decoded(header, packet)
+    assert decode_agent_publish(header, bytearray(packet)) == paho_decoded(header, packet)
+
+
+def _paho_refuses(header: int, packet: bytes) -> bool:
+    try:
+        paho_decoded(header, packet)
+    except (MalformedPacket, UnicodeDecodeError):
+        return True
+    return False
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from([0x30, 0x32, 0x3A]), st.binary(max_size=80))
+@example(0x32, b"\x00\x01a\x00\x05\x03\x01\x02")  # payload format indicator 2
+@example(0x32, b"\x00\x01a\x00\x05\x04\x01\x01\x01\x01")  # the same property twice
+@example(0x32, b"\x00\x01a\x00\x05\x05\x2a\x00")  # a property PUBLISH does not have
+@example(0x32, b"\x00\x01a\x00\x05\x06\x08\x00\x03a\x00b")  # NUL in a string
+@example(0x32, b"\x00\x01a\x00\x05\x05\x08\x00\x09abc")  # a string longer than the properties
+@example(0x30, b"\x00\x02\xc3\x28\x00")  # a topic that is not UTF-8
+def test_decoder_refuses_what_paho_refuses(header, packet) -> None:
+    """Arbitrary bytes: either both decoders refuse them, or both give the same message. Ours refuses with
+    MalformedPacket only (paho's reader turns that into a protocol error and closes the connection)."""
+    try:
+        ours = decode_agent_publish(header, packet)
+    except MalformedPacket:
+        assert _paho_refuses(header, packet)
+        return
+    assert ours == paho_decoded(header, packet)
