@@ -41,6 +41,14 @@ class DeliveredIds:
             cur = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", (self._k(msg_id), now_ms))
             return cur.rowcount == 1
 
+    def mark_many(self, msg_ids: list[bytes], now_ms: int) -> int:
+        """`mark` for a batch in one statement; returns how many ids were new."""
+        rows = [(self._k(m), now_ms) for m in msg_ids]
+        if not rows:
+            return 0
+        with self._db.write("recording delivered message ids") as conn:
+            return conn.executemany("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", rows).rowcount
+
     def seen(self, msg_id: bytes) -> bool:
         with self._db.read("reading delivered message ids") as conn:
             return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
