@@ -43,8 +43,8 @@ SEND_WINDOW = 512  # messages per peer sent and not yet answered
 SEND_READ_BYTES = 1024 * 1024  # messages read from the outbox per round (large messages: fewer at once)
 BATCH_MESSAGES = 256  # messages per signed pairwise batch
 BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
-HANDOVER_ENTRIES = 2048  # messages stored and held in memory for the sender loop (see Handover)
-HANDOVER_BYTES = 1024 * 1024  # and their bytes
+HANDOVER_ENTRIES = 4096  # messages stored and held in memory for the sender loop (see Handover)
+HANDOVER_BYTES = 2 * 1024 * 1024  # and their bytes
 HANDOVER_DUE_MS = RETRY_MAX_MS  # a handed-over entry is stored due this much later: it goes from memory first
 
 
@@ -76,19 +76,18 @@ class Handover:
     """Outbox entries just stored and handed to the sender loop in memory, so it does not read and unseal them
     back from the outbox. The outbox row stays the durable copy: it is stored due only after HANDOVER_DUE_MS
     (so `due` does not return it meanwhile), and at start-up every entry never sent is made due at once
-    (`Outbox.release_unsent`). Bounded: while it is full, or while the outbox may still hold entries that
-    were not handed over (`spilled`: from the last run, or stored while this was full), new entries are stored
-    due at once and `due` reads them, oldest first, as before."""
+    (`Outbox.release_unsent`). Bounded: a batch that would overfill it is stored due at once and read back by
+    `due`, as before. The sender sends what `due` returns (older: retries, the last run's, overflow) before
+    what is held here, so the order stays oldest first except around an overflow."""
 
-    __slots__ = ("bytes", "entries", "spilled")
+    __slots__ = ("bytes", "entries")
 
     def __init__(self) -> None:
         self.entries: dict[bytes, OutboxEntry] = {}  # by message id, in the order stored
         self.bytes = 0
-        self.spilled = True  # until a read of `due` comes back short
 
     def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
-        return (not self.spilled and len(self.entries) + len(items) <= HANDOVER_ENTRIES
+        return (len(self.entries) + len(items) <= HANDOVER_ENTRIES
                 and self.bytes + sum(len(i[2]) for i in items) <= HANDOVER_BYTES)
 
     def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int) -> None:
@@ -193,23 +192,25 @@ class Sending:
                     self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                              "attempts": entry.attempts}, t)
                 hand.remove([m for m, e in hand.entries.items() if e.expires_at_ms <= t])
-            # Retries, entries from the last run and entries not handed over come from the outbox, oldest first;
-            # then the entries handed over in memory (an entry in both goes from memory).
-            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES)
-            if len(due) < SEND_WINDOW and sum(len(e.record) for e in due) < SEND_READ_BYTES:
-                hand.spilled = False  # everything due in the outbox was read: hand new entries over again
+            # Peers that cannot take more now: their window is full, or they are offline or congested.
+            blocked = {p for p, until in self._peer_retry_at.items() if until > t}
+            for peer, inflight in self._inflight.items():
+                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
+                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
+                if len(inflight) >= SEND_WINDOW:
+                    blocked.add(peer)
+            # Retries, entries from the last run and overflow come from the outbox, oldest first (not read for
+            # blocked peers); then the entries handed over in memory (an entry in both goes from memory).
+            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked)
             by_peer: dict[str, list[Any]] = defaultdict(list)
             for e in itertools.chain((e for e in due if e.msg_id not in hand.entries), hand.entries.values()):
-                if e.expires_at_ms > t and self._peer_retry_at.get(e.peer_device, 0) <= t:
+                if e.expires_at_ms > t and e.peer_device not in blocked:
                     by_peer[e.peer_device].append(e)
             for peer, entries in by_peer.items():
                 if not self.book.has_session(peer):
                     self._ensure_session(peer)
                     continue
-                inflight = self._inflight[peer]
-                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
-                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
-                entries = entries[:max(0, SEND_WINDOW - len(inflight))]
+                entries = entries[:max(0, SEND_WINDOW - len(self._inflight[peer]))]
                 if not entries:
                     continue
                 stages.mark("a.due", (e.msg_id for e in entries))
@@ -233,7 +234,7 @@ class Sending:
                 if not entries:
                     continue
                 hand.remove(e.msg_id for e in entries)
-                inflight.update((e.msg_id, t) for e in entries)
+                self._inflight[peer].update((e.msg_id, t) for e in entries)
                 stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
 

@@ -226,16 +226,20 @@ class Outbox:
 
     # -- reading -------------------------------------------------------------------------------------------------
     def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None,
-            max_bytes: int | None = None) -> list[OutboxEntry]:
+            max_bytes: int | None = None, except_peers: Iterable[str] = ()) -> list[OutboxEntry]:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
-        messages is not all in memory at once."""
+        messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed)."""
         sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox "
                "WHERE due_at_ms <= ? AND expires_at_ms > ?")
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
             sql += " AND peer = ?"
             args.append(self._peer(peer_device))
+        skip = [self._peer(p) for p in except_peers]
+        if 0 < len(skip) <= 500:  # (more: read them all, the caller skips them)
+            sql += f" AND peer NOT IN ({','.join('?' * len(skip))})"
+            args += skip
         sql += " ORDER BY seq LIMIT ?"
         args.append(int(limit))
         out: list[OutboxEntry] = []
