@@ -131,6 +131,14 @@ class KeyedBlobs:
         with self._db.write(f"deleting from {self._table}") as conn:
             return conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (self._k(name),)).rowcount == 1  # noqa: S608
 
+    def delete_many(self, names: list[str]) -> int:
+        """`delete` for several names in one statement; returns how many existed."""
+        keys = [(self._k(n),) for n in names]
+        if not keys:
+            return 0
+        with self._db.write(f"deleting from {self._table}") as conn:
+            return conn.executemany(f"DELETE FROM {self._table} WHERE k = ?", keys).rowcount  # noqa: S608
+
     def items(self) -> list[tuple[str, bytes]]:
         """Every (name, value), decrypted, sorted by name."""
         with self._db.read(f"reading {self._table}") as conn:

@@ -91,3 +91,10 @@ def test_delivered_ids_marked_in_one_statement(store: Store) -> None:
     assert store.delivered.mark_many([mid(2), mid(3)], 1_001) == 1
     assert store.delivered.seen_many([mid(1), mid(3), mid(4)]) == {mid(1), mid(3)}
     assert store.delivered.mark_many([], 0) == 0
+
+
+def test_keyed_blobs_delete_many(store: Store) -> None:
+    store.inbox.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    assert store.inbox.delete_many(["a", "c", "zz"]) == 2
+    assert store.inbox.items() == [("b", b"2")]
+    assert store.inbox.delete_many([]) == 0
