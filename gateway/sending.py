@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Iterable
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -80,27 +79,49 @@ class Handover:
     `due`, as before. The sender sends what `due` returns (older: retries, the last run's, overflow) before
     what is held here, so the order stays oldest first except around an overflow."""
 
-    __slots__ = ("bytes", "entries")
+    __slots__ = ("bytes", "count", "peers")
 
     def __init__(self) -> None:
-        self.entries: dict[bytes, OutboxEntry] = {}  # by message id, in the order stored
+        self.peers: dict[str, dict[bytes, OutboxEntry]] = {}  # by peer, then message id, in the order stored
+        self.count = 0
         self.bytes = 0
 
     def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
-        return (len(self.entries) + len(items) <= HANDOVER_ENTRIES
+        return (self.count + len(items) <= HANDOVER_ENTRIES
                 and self.bytes + sum(len(i[2]) for i in items) <= HANDOVER_BYTES)
 
     def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int) -> None:
         for msg_id, peer, record, expires in items:
-            if msg_id not in self.entries:
-                self.entries[msg_id] = OutboxEntry(msg_id, peer, record, expires, 0, due_at_ms)
+            held = self.peers.setdefault(peer, {})
+            if msg_id not in held:
+                held[msg_id] = OutboxEntry(msg_id, peer, record, expires, 0, due_at_ms)
+                self.count += 1
                 self.bytes += len(record)
 
-    def remove(self, msg_ids: Iterable[bytes]) -> None:
+    def holds(self, e: OutboxEntry) -> bool:
+        held = self.peers.get(e.peer_device)
+        return held is not None and e.msg_id in held
+
+    def first(self, peer: str, n: int) -> list[OutboxEntry]:
+        """The oldest `n` entries held for `peer`."""
+        held = self.peers.get(peer)
+        return list(itertools.islice(held.values(), n)) if held and n > 0 else []
+
+    def remove(self, peer: str, msg_ids: Iterable[bytes]) -> None:
+        held = self.peers.get(peer)
+        if not held:
+            return
         for m in msg_ids:
-            e = self.entries.pop(m, None)
+            e = held.pop(m, None)
             if e is not None:
+                self.count -= 1
                 self.bytes -= len(e.record)
+        if not held:
+            del self.peers[peer]
+
+    def remove_expired(self, now_ms: int) -> None:
+        for peer, held in list(self.peers.items()):
+            self.remove(peer, [m for m, e in held.items() if e.expires_at_ms <= now_ms])
 
 
 class Sending:
@@ -191,7 +212,7 @@ class Sending:
                 for entry in self.store.outbox.expire(t):
                     self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                              "attempts": entry.attempts}, t)
-                hand.remove([m for m, e in hand.entries.items() if e.expires_at_ms <= t])
+                hand.remove_expired(t)
             # Peers that cannot take more now: their window is full, or they are offline or congested.
             blocked = {p for p, until in self._peer_retry_at.items() if until > t}
             for peer, inflight in self._inflight.items():
@@ -202,15 +223,20 @@ class Sending:
             # Retries, entries from the last run and overflow come from the outbox, oldest first (not read for
             # blocked peers); then the entries handed over in memory (an entry in both goes from memory).
             due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked)
-            by_peer: dict[str, list[Any]] = defaultdict(list)
-            for e in itertools.chain((e for e in due if e.msg_id not in hand.entries), hand.entries.values()):
-                if e.expires_at_ms > t and e.peer_device not in blocked:
-                    by_peer[e.peer_device].append(e)
+            by_peer: dict[str, list[Any]] = {}
+            for e in due:
+                if not hand.holds(e) and e.peer_device not in blocked:
+                    by_peer.setdefault(e.peer_device, []).append(e)
+            for peer in hand.peers:
+                if peer not in blocked:
+                    by_peer.setdefault(peer, [])
             for peer, entries in by_peer.items():
                 if not self.book.has_session(peer):
                     self._ensure_session(peer)
                     continue
-                entries = entries[:max(0, SEND_WINDOW - len(self._inflight[peer]))]
+                room = max(0, SEND_WINDOW - len(self._inflight[peer]))
+                entries = entries[:room]
+                entries += [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
                 if not entries:
                     continue
                 stages.mark("a.due", (e.msg_id for e in entries))
@@ -223,7 +249,7 @@ class Sending:
                             # Some left the outbox since they were read or handed over (answered, expired,
                             # purged by the operator): those are not sent.
                             kept = self.store.outbox.existing(ids)
-                            hand.remove(i for i in ids if i not in kept)
+                            hand.remove(peer, [i for i in ids if i not in kept])
                             entries = [e for e in entries if e.msg_id in kept]
                         if entries:
                             envelopes = self._encrypt_entries(peer, entries)
@@ -233,7 +259,7 @@ class Sending:
                     continue
                 if not entries:
                     continue
-                hand.remove(e.msg_id for e in entries)
+                hand.remove(peer, [e.msg_id for e in entries])
                 self._inflight[peer].update((e.msg_id, t) for e in entries)
                 stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
