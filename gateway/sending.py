@@ -43,7 +43,7 @@ SEND_READ_BYTES = 1024 * 1024  # messages read from the outbox per round (large 
 BATCH_MESSAGES = 256  # messages per signed pairwise batch
 BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
 HANDOVER_ENTRIES = 4096  # messages stored and held in memory for the sender loop (see Handover)
-HANDOVER_BYTES = 2 * 1024 * 1024  # and their bytes
+HANDOVER_BYTES = 1024 * 1024  # and their bytes
 HANDOVER_DUE_MS = RETRY_MAX_MS  # a handed-over entry is stored due this much later: it goes from memory first
 
 
