@@ -202,7 +202,8 @@ class Sending:
         self.store.outbox.release_unsent(now_ms())  # entries the last run meant to send from memory
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_sender.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # (no task per wake, unlike wait_for)
+                    await self._wake_sender.wait()
             self._wake_sender.clear()
             if self.link.state.value != "ready":
                 continue
