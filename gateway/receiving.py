@@ -149,9 +149,9 @@ class Receiving:
             with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                 for e in entries:
                     self._give_packet_id(e)
-                    self.store.delivered.mark(e.message.message_id, t)
-                    self.store.inbox.put(e.name, e.record())
                     acks[e.peer_device].append(e.message.message_id)
+                self.store.delivered.mark_many([e.message.message_id for e in entries], t)
+                self.store.inbox.put_many([(e.name, e.record()) for e in entries])
             # In the background, so the next frame from the relay is decrypted while the broker works; started
             # before the ACKs go out so the agent's copy is on its way first.
             self._publishing.update(e.name for e in entries)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import time
-from collections import defaultdict
+from collections.abc import Iterable
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from gateway import stages, topics
@@ -23,7 +25,8 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
 from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
-from gateway.store import OutboxFull, StoreError
+from gateway.store import OutboxEntry, OutboxFull, StoreError
+from gateway.store.marks import RedeliveryMarks
 
 if TYPE_CHECKING:
     pass
@@ -39,6 +42,9 @@ SEND_WINDOW = 512  # messages per peer sent and not yet answered
 SEND_READ_BYTES = 1024 * 1024  # messages read from the outbox per round (large messages: fewer at once)
 BATCH_MESSAGES = 256  # messages per signed pairwise batch
 BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
+HANDOVER_ENTRIES = 4096  # messages stored and held in memory for the sender loop (see Handover)
+HANDOVER_BYTES = 1024 * 1024  # and their bytes
+HANDOVER_DUE_MS = RETRY_MAX_MS  # a handed-over entry is stored due this much later: it goes from memory first
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -65,8 +71,69 @@ def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]
     return out
 
 
+class Handover:
+    """Outbox entries just stored and handed to the sender loop in memory, so it does not read and unseal them
+    back from the outbox. The outbox row stays the durable copy: it is stored due only after HANDOVER_DUE_MS
+    (so `due` does not return it meanwhile), and at start-up every entry never sent is made due at once
+    (`Outbox.release_unsent`). Bounded: a batch that would overfill it is stored due at once and read back by
+    `due`, as before. The sender sends what `due` returns (older: retries, the last run's, overflow) before
+    what is held here, so the order stays oldest first except around an overflow."""
+
+    __slots__ = ("bytes", "count", "peers")
+
+    def __init__(self) -> None:
+        self.peers: dict[str, dict[bytes, OutboxEntry]] = {}  # by peer, then message id, in the order stored
+        self.count = 0
+        self.bytes = 0
+
+    def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
+        return (self.count + len(items) <= HANDOVER_ENTRIES
+                and self.bytes + sum(len(i[2]) for i in items) <= HANDOVER_BYTES)
+
+    def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int) -> None:
+        for msg_id, peer, record, expires in items:
+            held = self.peers.setdefault(peer, {})
+            if msg_id not in held:
+                held[msg_id] = OutboxEntry(msg_id, peer, record, expires, 0, due_at_ms)
+                self.count += 1
+                self.bytes += len(record)
+
+    def holds(self, e: OutboxEntry) -> bool:
+        held = self.peers.get(e.peer_device)
+        return held is not None and e.msg_id in held
+
+    def first(self, peer: str, n: int) -> list[OutboxEntry]:
+        """The oldest `n` entries held for `peer`."""
+        held = self.peers.get(peer)
+        return list(itertools.islice(held.values(), n)) if held and n > 0 else []
+
+    def remove(self, peer: str, msg_ids: Iterable[bytes]) -> None:
+        held = self.peers.get(peer)
+        if not held:
+            return
+        for m in msg_ids:
+            e = held.pop(m, None)
+            if e is not None:
+                self.count -= 1
+                self.bytes -= len(e.record)
+        if not held:
+            del self.peers[peer]
+
+    def remove_expired(self, now_ms: int) -> None:
+        for peer, held in list(self.peers.items()):
+            self.remove(peer, [m for m, e in held.items() if e.expires_at_ms <= now_ms])
+
+
 class Sending:
     """Mixed into `Gateway`: the methods of the sending half."""
+
+    @cached_property
+    def _handover(self) -> Handover:
+        return Handover()
+
+    @cached_property
+    def _marks(self) -> RedeliveryMarks:
+        return RedeliveryMarks(self.store.secrets, "mqtt-in/")
 
     async def _agent_loop(self) -> None:
         q = self.bridge.incoming
@@ -93,21 +160,25 @@ class Sending:
                 except (topics.TopicError, ValueError) as exc:
                     log.warning("dropping a message on %r: %s", m.topic, exc)
                     continue
-                mark_name, digest = f"mqtt-in/{m.mid}", _digest(m)
-                if m.dup and self.store.secrets.get(mark_name) == digest:
+                digest = _digest(m)
+                if m.dup and self._marks.is_copy(m.mid, digest):
                     continue  # the broker resends what we stored but had not acknowledged before a crash
                 items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
-                ingested.append((mark_name, digest))
+                ingested.append((m.mid, digest))
+            handover = self._handover.takes(items)  # sent from memory, the outbox row due later (Handover)
             while True:
                 try:
                     with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
-                        self.store.outbox.put_many(items)
-                        self.store.secrets.put_many(ingested)
+                        self.store.outbox.put_many(items, due_at_ms=t + HANDOVER_DUE_MS if handover else 0)
+                        self._marks.put(ingested)
                     break
                 except (OutboxFull, StoreError) as exc:
+                    self._marks.forget()  # rolled back
                     # Not acknowledged: the broker keeps the messages; we try again shortly.
                     log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
                     await asyncio.sleep(1.0)
+            if handover:
+                self._handover.add(items, t + HANDOVER_DUE_MS)
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
                 stages.mark("a.stored", (i[0] for i in items))
@@ -127,9 +198,12 @@ class Sending:
 
     async def _sender_loop(self) -> None:
         expired_at = 0
+        hand = self._handover
+        self.store.outbox.release_unsent(now_ms())  # entries the last run meant to send from memory
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_sender.wait(), 1.0)
+                async with asyncio.timeout(1.0):  # (no task per wake, unlike wait_for)
+                    await self._wake_sender.wait()
             self._wake_sender.clear()
             if self.link.state.value != "ready":
                 continue
@@ -139,33 +213,55 @@ class Sending:
                 for entry in self.store.outbox.expire(t):
                     self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                              "attempts": entry.attempts}, t)
-            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES)
-            stages.mark("a.due", (e.msg_id for e in due))
-            by_peer: dict[str, list[Any]] = defaultdict(list)
+                hand.remove_expired(t)
+            # Peers that cannot take more now: their window is full, or they are offline or congested.
+            blocked = {p for p, until in self._peer_retry_at.items() if until > t}
+            for peer, inflight in self._inflight.items():
+                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
+                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
+                if len(inflight) >= SEND_WINDOW:
+                    blocked.add(peer)
+            # Retries, entries from the last run and overflow come from the outbox, oldest first (not read for
+            # blocked peers); then the entries handed over in memory (an entry in both goes from memory).
+            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked)
+            by_peer: dict[str, list[Any]] = {}
             for e in due:
-                if self._peer_retry_at.get(e.peer_device, 0) <= t:
-                    by_peer[e.peer_device].append(e)
+                if not hand.holds(e) and e.peer_device not in blocked:
+                    by_peer.setdefault(e.peer_device, []).append(e)
+            for peer in hand.peers:
+                if peer not in blocked:
+                    by_peer.setdefault(peer, [])
             for peer, entries in by_peer.items():
                 if not self.book.has_session(peer):
                     self._ensure_session(peer)
                     continue
-                inflight = self._inflight[peer]
-                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
-                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
-                entries = entries[:max(0, SEND_WINDOW - len(inflight))]
+                room = max(0, SEND_WINDOW - len(self._inflight[peer]))
+                entries = entries[:room]
+                entries += [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
                 if not entries:
                     continue
+                stages.mark("a.due", (e.msg_id for e in entries))
                 envelopes = []
                 try:
                     with self.store.transaction(durable=False):
-                        envelopes = self._encrypt_entries(peer, entries)
+                        ids = [e.msg_id for e in entries]
                         delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
-                        self.store.outbox.mark_attempts([e.msg_id for e in entries], t + delay)
-                        self.book.flush()
+                        if self.store.outbox.mark_attempts(ids, t + delay) != len(ids):
+                            # Some left the outbox since they were read or handed over (answered, expired,
+                            # purged by the operator): those are not sent.
+                            kept = self.store.outbox.existing(ids)
+                            hand.remove(peer, [i for i in ids if i not in kept])
+                            entries = [e for e in entries if e.msg_id in kept]
+                        if entries:
+                            envelopes = self._encrypt_entries(peer, entries)
+                            self.book.flush()
                 except (ProtocolError, LookupError) as exc:
                     log.warning("cannot encrypt for %s: %s", peer, exc)
                     continue
-                inflight.update((e.msg_id, t) for e in entries)
+                if not entries:
+                    continue
+                hand.remove(peer, [e.msg_id for e in entries])
+                self._inflight[peer].update((e.msg_id, t) for e in entries)
                 stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
 

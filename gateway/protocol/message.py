@@ -149,7 +149,11 @@ class InnerMessage:
         """Strict decode: every field checked, no trailing bytes, payload within `limits.max_payload`."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise MessageDecodeError(f"inner message: expected bytes, got {type(data).__name__}")
-        r = _Reader(bytes(data))
+        data = bytes(data)
+        fast = _decode_fast(cls, data, limits.max_payload)
+        if fast is not None:
+            return fast
+        r = _Reader(data)
         version, kind_value, message_id = _FIXED.unpack(r.take(_FIXED.size, "header"))
         if version != VERSION:
             raise MessageDecodeError(f"inner message: unsupported version {version} (expected {VERSION})")
@@ -201,6 +205,82 @@ class InnerMessage:
     def is_expired(self, now_ms: int) -> bool:
         """Whether the message has expired at `now_ms` (a time the caller read; this module reads no clock)."""
         return now_ms >= self.expires_at_ms
+
+
+_HEAD = struct.Struct(">BB16sB")
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+_DATA = Kind.DATA
+_ACK = Kind.ACK
+
+
+def _decode_fast(cls: type[InnerMessage], data: bytes, max_payload: int) -> InnerMessage | None:
+    """`decode` for a well-formed DATA or ACK message in straight-line code (no reader calls per field), or None
+    whenever anything is off (short, over a limit, another kind, a bad field): `decode` then parses it again
+    step by step, for the exact error. Returns only what the step-by-step parse would return."""
+    try:
+        version, kind, message_id, n = _HEAD.unpack_from(data, 0)
+        if version != VERSION or kind not in (1, 2):
+            return None
+        p = 19 + n
+        sender = data[19:p].decode()
+        n = data[p]
+        recipient = data[p + 1:p + 1 + n].decode()
+        p += 1 + n
+        created, expires = _TIMES.unpack_from(data, p)
+        p += 16
+        if kind == 2:
+            (count,) = _U16.unpack_from(data, p)
+            p += 2
+            ids = tuple(data[p + i * MESSAGE_ID_LEN:p + (i + 1) * MESSAGE_ID_LEN] for i in range(count))
+            if p + count * MESSAGE_ID_LEN != len(data):
+                return None
+            return cls(_ACK, message_id, sender, recipient, created, expires, ids=ids)
+        flags = data[p]
+        p += 1
+        if flags & ~_KNOWN_FLAGS:
+            return None
+        response_topic = correlation_data = content_type = None
+        if flags & _FLAG_RESPONSE_TOPIC:
+            (n,) = _U16.unpack_from(data, p)
+            if n > MAX_STRING:
+                return None
+            response_topic = data[p + 2:p + 2 + n].decode()
+            p += 2 + n
+        if flags & _FLAG_CORRELATION_DATA:
+            (n,) = _U16.unpack_from(data, p)
+            correlation_data = data[p + 2:p + 2 + n]
+            p += 2 + n
+        if flags & _FLAG_CONTENT_TYPE:
+            (n,) = _U16.unpack_from(data, p)
+            if n > MAX_STRING:
+                return None
+            content_type = data[p + 2:p + 2 + n].decode()
+            p += 2 + n
+        (count,) = _U16.unpack_from(data, p)
+        p += 2
+        if count > MAX_USER_PROPERTIES:
+            return None
+        props = []
+        for _ in range(count):
+            (n,) = _U16.unpack_from(data, p)
+            key = data[p + 2:p + 2 + n].decode()
+            p += 2 + n
+            (m,) = _U16.unpack_from(data, p)
+            value = data[p + 2:p + 2 + m].decode()
+            p += 2 + m
+            if n > MAX_STRING or m > MAX_STRING:
+                return None
+            props.append((key, value))
+        (size,) = _U32.unpack_from(data, p)
+        p += 4
+        if size > max_payload or p + size != len(data):
+            return None
+        return cls(_DATA, message_id, sender, recipient, created, expires, payload=data[p:],
+                   response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
+                   payload_utf8=bool(flags & _FLAG_PAYLOAD_UTF8), user_properties=tuple(props))
+    except (struct.error, IndexError, UnicodeDecodeError, InvalidMessageError):
+        return None
 
 
 class RandomPool:

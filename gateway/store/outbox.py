@@ -88,9 +88,11 @@ class Outbox:
         return OutboxEntry(msg_id, peer, record, expires, attempts + attempts_col, due)
 
     # -- writing -------------------------------------------------------------------------------------------------
-    def put_many(self, items: Iterable[OutboxItem]) -> int:
+    def put_many(self, items: Iterable[OutboxItem], due_at_ms: int = 0) -> int:
         """Store a batch in one transaction (one fsync). Returns how many were new; known ids are left unchanged.
 
+        `due_at_ms`: when `due` first returns the entries (0: at once). A sender that keeps the batch in memory
+        and sends it from there stores it due later, so `due` does not read it back (see `release_unsent`).
         Raises `OutboxFull` (nothing stored) if a limit would be exceeded, `StoreFull` if the disk is full.
         """
         rows: list[tuple[bytes, bytes, int, int, int, bytes]] = []
@@ -111,7 +113,7 @@ class Outbox:
             peer = self._peer(peer_device)
             peers[peer] = peer_device
             blob = self._seal(k, msg_id, peer_device, record, int(expires_at_ms), 0)
-            rows.append((k, peer, len(record), int(expires_at_ms), 0, blob))
+            rows.append((k, peer, len(record), int(expires_at_ms), int(due_at_ms), blob))
         if not rows:
             return 0
         with self._db.write("storing outbound messages") as conn:
@@ -169,6 +171,25 @@ class Outbox:
             return conn.executemany("UPDATE outbox SET due_at_ms = ?, attempts = attempts + 1 WHERE k = ?",
                                     keys).rowcount
 
+    def release_unsent(self, now_ms: int) -> int:
+        """Make every entry never sent due now (at start-up: entries a previous run stored due later because it
+        meant to send them from memory). Returns how many."""
+        with self._db.write("releasing unsent messages") as conn:
+            return conn.execute("UPDATE outbox SET due_at_ms = ? WHERE attempts = 0 AND due_at_ms > ?",
+                                (int(now_ms), int(now_ms))).rowcount
+
+    def existing(self, msg_ids: Iterable[bytes]) -> set[bytes]:
+        """The ids among `msg_ids` still in the outbox (one query per 500 ids)."""
+        keyed = {self._k(m): m for m in msg_ids}
+        keys = list(keyed)
+        found: set[bytes] = set()
+        with self._db.read("reading outbound message ids") as conn:
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                sql = f"SELECT k FROM outbox WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
+        return found
+
     def reschedule_peer(self, peer_device: str, due_at_ms: int) -> int:
         """Make every entry for a peer due at `due_at_ms` (e.g. now, when it comes back online)."""
         with self._db.write("rescheduling a peer's messages") as conn:
@@ -205,16 +226,20 @@ class Outbox:
 
     # -- reading -------------------------------------------------------------------------------------------------
     def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None,
-            max_bytes: int | None = None) -> list[OutboxEntry]:
+            max_bytes: int | None = None, except_peers: Iterable[str] = ()) -> list[OutboxEntry]:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
-        messages is not all in memory at once."""
+        messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed)."""
         sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox "
                "WHERE due_at_ms <= ? AND expires_at_ms > ?")
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
             sql += " AND peer = ?"
             args.append(self._peer(peer_device))
+        skip = [self._peer(p) for p in except_peers]
+        if 0 < len(skip) <= 500:  # (more: read them all, the caller skips them)
+            sql += f" AND peer NOT IN ({','.join('?' * len(skip))})"
+            args += skip
         sql += " ORDER BY seq LIMIT ?"
         args.append(int(limit))
         out: list[OutboxEntry] = []

@@ -41,6 +41,14 @@ class DeliveredIds:
             cur = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", (self._k(msg_id), now_ms))
             return cur.rowcount == 1
 
+    def mark_many(self, msg_ids: list[bytes], now_ms: int) -> int:
+        """`mark` for a batch in one statement; returns how many ids were new."""
+        rows = [(self._k(m), now_ms) for m in msg_ids]
+        if not rows:
+            return 0
+        with self._db.write("recording delivered message ids") as conn:
+            return conn.executemany("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", rows).rowcount
+
     def seen(self, msg_id: bytes) -> bool:
         with self._db.read("reading delivered message ids") as conn:
             return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
@@ -122,6 +130,14 @@ class KeyedBlobs:
     def delete(self, name: str) -> bool:
         with self._db.write(f"deleting from {self._table}") as conn:
             return conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (self._k(name),)).rowcount == 1  # noqa: S608
+
+    def delete_many(self, names: list[str]) -> int:
+        """`delete` for several names in one statement; returns how many existed."""
+        keys = [(self._k(n),) for n in names]
+        if not keys:
+            return 0
+        with self._db.write(f"deleting from {self._table}") as conn:
+            return conn.executemany(f"DELETE FROM {self._table} WHERE k = ?", keys).rowcount  # noqa: S608
 
     def items(self) -> list[tuple[str, bytes]]:
         """Every (name, value), decrypted, sorted by name."""

@@ -68,3 +68,39 @@ def test_generated_data_messages_round_trip(
     m = InnerMessage(Kind.DATA, message_id, sender, recipient, created, created + extra, payload=payload,
                      response_topic=topic, correlation_data=corr, content_type=ctype, user_properties=tuple(props))
     assert InnerMessage.decode(m.encode()) == m
+
+
+def _step_by_step(data: bytes, limits: MessageLimits) -> InnerMessage | str:
+    """The reader-based parse alone (the straight-line fast path switched off), as a result or an error text."""
+    import gateway.protocol.message as message_module
+
+    fast = message_module._decode_fast
+    message_module._decode_fast = lambda *_: None  # type: ignore[assignment]
+    try:
+        return InnerMessage.decode(data, limits=limits)
+    except MessageDecodeError as exc:
+        return str(exc)
+    finally:
+        message_module._decode_fast = fast
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=256), mutated()), st.sampled_from([0, 4, 4096]))
+def test_fast_decode_agrees_with_the_step_by_step_parse(data: bytes, max_payload: int) -> None:
+    """The straight-line decode of DATA and ACK messages returns exactly what the reader-based parse returns, and
+    leaves every input it does not accept to it (so errors keep their exact text)."""
+    limits = MessageLimits(max_payload=max_payload)
+    try:
+        got: InnerMessage | str = InnerMessage.decode(data, limits=limits)
+    except MessageDecodeError as exc:
+        got = str(exc)
+    assert got == _step_by_step(data, limits)
+
+
+def test_fast_decode_takes_the_common_messages() -> None:
+    """The fast path is really used for DATA and ACK (else the test above compares the slow path with itself)."""
+    import gateway.protocol.message as message_module
+
+    for seed in SEEDS[:3]:
+        assert message_module._decode_fast(InnerMessage, seed, 4096) == InnerMessage.decode(seed)
+    assert message_module._decode_fast(InnerMessage, SEEDS[3], 4096) is None  # REJECT: step by step

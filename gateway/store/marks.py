@@ -1,0 +1,77 @@
+"""Broker-redelivery marks: which PUBLISH (MQTT packet id, content digest) was stored last under each packet id.
+
+A broker resends (with DUP set) a QoS 1 PUBLISH whose PUBACK it did not get, e.g. when we stored the message and
+crashed before acknowledging it. The mark of the last message stored under that packet id tells the copy apart
+from a new message that reuses the id: same id and same digest, it is the copy (acknowledge, do not store).
+
+Layout: the 65,536 packet ids fall into buckets of 64; a bucket is one sealed record in the `secrets` table
+named `<prefix>b<bucket>`, holding 64 slots of 16-byte digests (all zero: no mark). One ingest batch writes the
+buckets its ids fall into (a broker numbers packets in sequence, so 512 messages touch about nine), in the ingest
+transaction, instead of one sealed record per message. Buckets read or written are kept in memory (at most
+1 MiB). Stores written before this format hold one record per id, `<prefix><packet id>`: they are still read
+for an id whose slot is empty, so a restart across the upgrade keeps recognising redeliveries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .errors import InvalidRecord
+from .records import KeyedBlobs
+
+PER_BUCKET = 64
+DIGEST_BYTES = 16
+_EMPTY = bytes(DIGEST_BYTES)
+_BUCKET_BYTES = PER_BUCKET * DIGEST_BYTES
+
+
+class RedeliveryMarks:
+    """Marks under one name prefix (e.g. `mqtt-in/`) in a `KeyedBlobs` table.
+
+    Call `put` inside the transaction that stores the messages; if that transaction fails, call `forget` (the
+    buckets in memory then come again from the store, as it was rolled back).
+    """
+
+    def __init__(self, blobs: KeyedBlobs, prefix: str) -> None:
+        self._blobs = blobs
+        self._prefix = prefix
+        self._buckets: dict[int, bytearray] = {}
+
+    def _bucket(self, n: int) -> bytearray:
+        got = self._buckets.get(n)
+        if got is None:
+            raw = self._blobs.get(f"{self._prefix}b{n}")
+            got = bytearray(raw) if raw is not None and len(raw) == _BUCKET_BYTES else bytearray(_BUCKET_BYTES)
+            self._buckets[n] = got
+        return got
+
+    @staticmethod
+    def _check(packet_id: int, digest: bytes) -> None:
+        if not 0 <= packet_id <= 0xFFFF:
+            raise InvalidRecord(f"MQTT packet ids are 0..65535, not {packet_id}")
+        if len(digest) != DIGEST_BYTES or digest == _EMPTY:
+            raise InvalidRecord(f"redelivery digests are {DIGEST_BYTES} bytes, not all zero")
+
+    def is_copy(self, packet_id: int, digest: bytes) -> bool:
+        """Whether the last message stored under `packet_id` had this digest (a DUP PUBLISH is then a copy)."""
+        self._check(packet_id, digest)
+        i = (packet_id % PER_BUCKET) * DIGEST_BYTES
+        slot = bytes(self._bucket(packet_id // PER_BUCKET)[i:i + DIGEST_BYTES])
+        if slot != _EMPTY:
+            return slot == digest
+        return self._blobs.get(f"{self._prefix}{packet_id}") == digest  # a mark in the format before buckets
+
+    def put(self, marks: Iterable[tuple[int, bytes]]) -> None:
+        """Record (packet id, digest) for messages being stored: one sealed record per bucket touched."""
+        touched: set[int] = set()
+        for packet_id, digest in marks:
+            self._check(packet_id, digest)
+            n = packet_id // PER_BUCKET
+            i = (packet_id % PER_BUCKET) * DIGEST_BYTES
+            self._bucket(n)[i:i + DIGEST_BYTES] = digest
+            touched.add(n)
+        self._blobs.put_many([(f"{self._prefix}b{n}", bytes(self._buckets[n])) for n in sorted(touched)])
+
+    def forget(self) -> None:
+        """Drop the buckets held in memory (after a failed transaction): they are read again when needed."""
+        self._buckets.clear()

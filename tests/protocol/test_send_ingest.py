@@ -1,0 +1,75 @@
+"""The sender's ingest (gateway/sending.py `_agent_loop`) on a real store: a broker redelivery (DUP) of a PUBLISH
+already stored is acknowledged and not stored again, across a restart (store closed and opened again, marks
+read back from their bucket records); a DUP under a reused packet id with other content, or a new PUBLISH that
+reuses a packet id, is stored. Each stored batch is also handed to the sender loop in memory, its outbox row due
+only later. (The MQTT side is a queue here; the real broker and SIGKILL cases are in tests/torture and
+tests/e2e/test_handover.py.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from gateway.bridge import AgentMessage
+from gateway.runtime import Counters, now_ms
+from gateway.sending import HANDOVER_DUE_MS, Sending
+from gateway.store import Store
+from tests.store.conftest import SoftStorageKey
+
+
+class _NoGroups:
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+        raise AssertionError("no group topics in this test")
+
+
+class Ingest(Sending):
+    """The sending half over a real store, fed through a queue as the MQTT bridge feeds it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"),
+                                   store=SimpleNamespace(message_ttl_seconds=3600, durability="power-loss"))
+        self.acked: list[AgentMessage] = []
+        self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append)
+        self.groups = _NoGroups()
+        self.counters = Counters()
+        self._wake_sender = asyncio.Event()
+
+    async def feed(self, *messages: AgentMessage) -> None:
+        before = len(self.acked)
+        for m in messages:
+            self.bridge.incoming.put_nowait(m)
+        task = asyncio.create_task(self._agent_loop())
+        try:
+            while len(self.acked) < before + len(messages):
+                await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+
+def publish(mid: int, payload: bytes, *, dup: bool = False) -> AgentMessage:
+    return AgentMessage(topic="agw/alice/out/dev-b/bob", payload=payload, mid=mid, qos=1, dup=dup,
+                        response_topic=None, correlation_data=None, content_type=None, payload_utf8=False,
+                        user_properties=())
+
+
+async def test_redelivery_is_not_stored_twice_across_a_restart(tmp_path: Path) -> None:
+    key, path = SoftStorageKey(), tmp_path / "agw.db"
+    with Store.open(path, key) as store:
+        first = Ingest(store)
+        await first.feed(*(publish(mid, f"m{mid}".encode()) for mid in range(1, 101)))
+        assert store.outbox.depth() == 100 and first.counters.sent == 100
+        held = first._handover.peers["dev-b"]
+        assert len(held) == 100  # handed over in memory ...
+        assert store.outbox.due(now_ms() + HANDOVER_DUE_MS // 2, limit=1000) == []  # ... and not read back
+    with Store.open(path, key) as store:  # a restart: the broker resends what it has no PUBACK for
+        again = Ingest(store)
+        await again.feed(publish(7, b"m7", dup=True), publish(99, b"m99", dup=True))
+        assert store.outbox.depth() == 100 and again.counters.sent == 0  # acknowledged, not stored again
+        assert len(again.acked) == 2
+        await again.feed(publish(8, b"other content", dup=True),  # not the message stored under id 8
+                         publish(9, b"m9"))  # a new PUBLISH reusing id 9 (not DUP): a new message
+        assert store.outbox.depth() == 102 and again.counters.sent == 2
+        await again.feed(publish(8, b"other content", dup=True))  # its own redelivery now is a copy
+        assert store.outbox.depth() == 102

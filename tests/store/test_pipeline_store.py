@@ -1,0 +1,100 @@
+"""Store parts of the sender's in-memory hand-over and of the broker-redelivery marks (gateway/sending.py):
+outbox entries stored due later and released at start-up, the due read leaving out blocked peers, the ids still
+queued, marks in buckets that survive a restart, are rolled back with their transaction and still read the
+per-id marks of stores written before the buckets, and batched delivered-id marks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from gateway.store import InvalidRecord, OutboxFull, OutboxLimits, Store
+from gateway.store.marks import PER_BUCKET, RedeliveryMarks
+
+from .conftest import SoftStorageKey, mid
+
+
+def digest(n: int) -> bytes:
+    return hashlib.sha256(n.to_bytes(4, "big")).digest()[:16]
+
+
+def test_entries_stored_due_later_are_not_read_back_until_released(db_path: Path, key: SoftStorageKey) -> None:
+    with Store.open(db_path, key) as s:
+        s.outbox.put_many([(mid(1), "dev-b", b"handed over", 10_000_000)], due_at_ms=1_060_000)
+        s.outbox.put_many([(mid(2), "dev-b", b"read back", 10_000_000)])
+        assert [e.msg_id for e in s.outbox.due(1_000_000)] == [mid(2)]
+        s.outbox.mark_attempts([mid(2)], 1_005_000)
+    with Store.open(db_path, key) as s:  # a restart: what the last run held in memory is due at once
+        assert s.outbox.release_unsent(1_000_100) == 1  # the sent one keeps its retry time
+        assert [(e.msg_id, e.record, e.attempts) for e in s.outbox.due(1_000_100)] == [(mid(1), b"handed over", 0)]
+        assert [e.msg_id for e in s.outbox.due(1_005_000)] == [mid(1), mid(2)]
+
+
+def test_due_leaves_out_blocked_peers_and_existing_names_what_is_queued(store: Store) -> None:
+    store.outbox.put_many([(mid(i), f"dev-{i % 3}", b"x", 10_000) for i in range(9)])
+    got = store.outbox.due(0, limit=100, except_peers={"dev-0", "dev-2"})
+    assert [e.msg_id for e in got] == [mid(1), mid(4), mid(7)]
+    assert len(store.outbox.due(0, limit=100, except_peers=())) == 9
+    store.outbox.delete_many([mid(4)])
+    assert store.outbox.existing([mid(1), mid(4), mid(99)]) == {mid(1)}
+    assert store.outbox.existing([mid(i) for i in range(1200)]) == {mid(i) for i in range(9)} - {mid(4)}
+
+
+def test_redelivery_marks_survive_a_restart_and_follow_packet_id_reuse(db_path: Path, key: SoftStorageKey) -> None:
+    with Store.open(db_path, key) as s:
+        marks = RedeliveryMarks(s.secrets, "mqtt-in/")
+        with s.transaction():
+            marks.put([(i, digest(i)) for i in range(1, 200)])
+        assert marks.is_copy(5, digest(5)) and not marks.is_copy(5, digest(6)) and not marks.is_copy(300, digest(300))
+        with s.transaction():
+            marks.put([(5, digest(1005))])  # the broker reused packet id 5 for another message
+        count = s.secrets.count()
+    assert count == (199 // PER_BUCKET) + 1  # one record per bucket, not per message
+    with Store.open(db_path, key) as s:
+        marks = RedeliveryMarks(s.secrets, "mqtt-in/")
+        assert marks.is_copy(5, digest(1005)) and not marks.is_copy(5, digest(5))
+        assert marks.is_copy(199, digest(199)) and marks.is_copy(1, digest(1))
+        assert not marks.is_copy(0, digest(0)) and not marks.is_copy(65535, digest(65535))
+
+
+def test_marks_of_a_failed_transaction_are_forgotten(store: Store) -> None:
+    store.outbox.limits = OutboxLimits(max_entries=1)
+    marks = RedeliveryMarks(store.secrets, "mqtt-in/")
+    with pytest.raises(OutboxFull), store.transaction():
+        store.outbox.put_many([(mid(1), "dev-b", b"a", 10), (mid(2), "dev-b", b"b", 10)])
+        marks.put([(7, digest(7)), (8, digest(8))])
+    marks.forget()  # what sending.py does when the ingest transaction fails
+    assert not marks.is_copy(7, digest(7))  # not stored, so a redelivery must be stored, not dropped
+
+
+def test_per_id_marks_from_before_the_buckets_are_still_read(store: Store) -> None:
+    store.secrets.put_many([("mqtt-in/9", digest(9)), ("mqtt-in/70", digest(70))])  # the previous format
+    marks = RedeliveryMarks(store.secrets, "mqtt-in/")
+    assert marks.is_copy(9, digest(9)) and marks.is_copy(70, digest(70)) and not marks.is_copy(9, digest(8))
+    with store.transaction():
+        marks.put([(9, digest(900))])  # a newer message under id 9: its bucket slot wins over the old record
+    assert marks.is_copy(9, digest(900)) and not marks.is_copy(9, digest(9))
+    assert RedeliveryMarks(store.secrets, "mqtt-in/").is_copy(70, digest(70))
+
+
+def test_marks_refuse_bad_packet_ids_and_digests(store: Store) -> None:
+    marks = RedeliveryMarks(store.secrets, "mqtt-in/")
+    for bad in ((-1, digest(1)), (65536, digest(1)), (1, b"short"), (1, bytes(16))):
+        with pytest.raises(InvalidRecord):
+            marks.put([bad])
+
+
+def test_delivered_ids_marked_in_one_statement(store: Store) -> None:
+    assert store.delivered.mark_many([mid(1), mid(2)], 1_000) == 2
+    assert store.delivered.mark_many([mid(2), mid(3)], 1_001) == 1
+    assert store.delivered.seen_many([mid(1), mid(3), mid(4)]) == {mid(1), mid(3)}
+    assert store.delivered.mark_many([], 0) == 0
+
+
+def test_keyed_blobs_delete_many(store: Store) -> None:
+    store.inbox.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
+    assert store.inbox.delete_many(["a", "c", "zz"]) == 2
+    assert store.inbox.items() == [("b", b"2")]
+    assert store.inbox.delete_many([]) == 0
