@@ -195,13 +195,17 @@ class Receiving:
         """The broker answered PUBREC: record it before the PUBREL that makes it deliver (see gateway/inbox.py).
         A crash of the process, not a power loss, is what this must survive: the broker's own state does not
         survive a power loss either."""
-        with self.store.transaction(durable=False):
-            for packet_id in packet_ids:
-                e = self._in_flight.get(packet_id)
-                # (An entry an operator purged meanwhile is not written back.)
-                if e is not None and e.phase is Phase.PUBLISHED and self.store.inbox.get(e.name) is not None:
-                    e.phase = Phase.BROKER_HAS
-                    self.store.inbox.put(e.name, e.record())
+        entries = [e for e in map(self._in_flight.get, packet_ids) if e is not None and e.phase is Phase.PUBLISHED]
+        for e in entries:
+            e.phase = Phase.BROKER_HAS
+        try:
+            with self.store.transaction(durable=False):
+                # One statement for the batch; an entry an operator purged meanwhile is not written back.
+                self.store.inbox.update_many([(e.name, e.record()) for e in entries])
+        except BaseException:
+            for e in entries:
+                e.phase = Phase.PUBLISHED  # not recorded: the bridge retries the batch
+            raise
 
     async def _publish_inbox(self, entries: list[InboxEntry], *, claimed: bool = False) -> None:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after

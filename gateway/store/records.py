@@ -118,6 +118,20 @@ class KeyedBlobs:
                 rows,
             )
 
+    def update_many(self, items: list[tuple[str, bytes]]) -> int:
+        """Replace the values of names that exist, in one statement (names that are gone stay gone: no get
+        first); returns how many existed."""
+        rows = []
+        for name, value in items:
+            if not isinstance(value, bytes):
+                raise InvalidRecord("values are bytes")
+            k = self._k(name)
+            rows.append((self._keys.seal(self._table, k, pack((name, value))), k))
+        if not rows:
+            return 0
+        with self._db.write(f"writing {self._table}") as conn:
+            return conn.executemany(f"UPDATE {self._table} SET v = ? WHERE k = ?", rows).rowcount  # noqa: S608
+
     def get(self, name: str) -> bytes | None:
         k = self._k(name)
         with self._db.read(f"reading {self._table}") as conn:

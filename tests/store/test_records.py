@@ -56,6 +56,16 @@ def test_secrets(store: Store) -> None:
         store.put_secret("n", "str")  # type: ignore[arg-type]
 
 
+def test_update_many_rewrites_only_names_that_exist(store: Store) -> None:
+    """The inbox's PUBREC record: a purged entry must not come back."""
+    store.inbox.put_many([("a", b"1"), ("b", b"2")])
+    assert store.inbox.update_many([("a", b"1x"), ("gone", b"?"), ("b", b"2x")]) == 2
+    assert store.inbox.items() == [("a", b"1x"), ("b", b"2x")]
+    assert store.inbox.get("gone") is None and store.inbox.update_many([]) == 0
+    with pytest.raises(InvalidRecord):
+        store.inbox.update_many([("a", "str")])  # type: ignore[list-item]
+
+
 def test_sessions_and_secrets_are_separate_tables(store: Store) -> None:
     store.sessions.put("same", b"session")
     store.put_secret("same", b"secret")
