@@ -230,6 +230,7 @@ class MqttBridge:
         self._recs: list[tuple[int, ReasonCode]] = []
         self._next_id = 0
         self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
+        self.connects = 0  # successful connections so far (gateway/receipts.py publishes held messages on each)
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=True, on_pubrec=self._on_pubrec, may_read=self.incoming.may_read)
         if username:
@@ -285,9 +286,8 @@ class MqttBridge:
                 log.warning("the MQTT broker lost this gateway's session: %d message(s) whose hand-over was "
                             "interrupted are published again (an agent may see one twice, same agw:message-id)",
                             again)
-        client.subscribe([(t, 1) for t in (topics.out_subscription(self.prefix),
-                                            *topics.group_subscriptions(self.prefix))])
-        self._loop.call_soon_threadsafe(self._connected.set)
+        client.subscribe([(t, 1) for t in topics.gateway_subscriptions(self.prefix)])
+        self._loop.call_soon_threadsafe(self._count_connect)
         log.info("connected to MQTT broker %s:%s", self.host, self.port)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: object, flags: object, rc: ReasonCode,
@@ -336,6 +336,10 @@ class MqttBridge:
             self._loop.call_soon_threadsafe(_fail, fut, BrokerUnavailable(f"broker refused the publish: {rc}"))
 
     # -- asyncio side -------------------------------------------------------------------------------------------
+    def _count_connect(self) -> None:
+        self.connects += 1
+        self._connected.set()
+
     def _take_recs(self) -> None:
         with self._lock:
             recs, self._recs = self._recs, []
