@@ -43,7 +43,7 @@ from gateway import topics
 from gateway.bridge import publish_properties
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
-from gateway.protocol.receipts import MAX_IDS, ReceiptFormatError, decode_ids, encode_ids
+from gateway.protocol.receipts import GOODBYE, MAX_IDS, ReceiptFormatError, decode_ids, encode_ids
 
 T = TypeVar("T")
 log = logging.getLogger("agw.client")
@@ -118,6 +118,9 @@ class AgentClient:
         self._background: set[asyncio.Task[None]] = set()
         self._up = asyncio.Event()  # connected, subscribed and announced
         self._closing = False
+        # What the guarantees cost so far (for tests and diagnostics): messages published again for want of a
+        # receipt or after a reconnect, copies received and dropped by message id, reconnects to the broker.
+        self.stats = {"resent": 0, "copies_dropped": 0, "reconnects": 0}
 
     def _new_mqtt(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)
@@ -146,9 +149,12 @@ class AgentClient:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await task
-        if self._acks and self._up.is_set():
-            with contextlib.suppress(aiomqtt.MqttError, ReceiptFormatError):
+        if self._up.is_set():
+            # The last acks, then goodbye: the gateway stops keeping this agent's messages until a client of it
+            # announces itself again (so a raw MQTT client of the same agent later is served as before).
+            with contextlib.suppress(aiomqtt.MqttError):
                 await self._send_acks()
+                await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), GOODBYE, qos=1)
         for fut in self._pending.values():
             fut.cancel()
         for out in self._unreceipted.values():
@@ -181,6 +187,7 @@ class AgentClient:
         now = time.monotonic()
         for out in list(self._unreceipted.values()):
             out.sent_at = now
+            self.stats["resent"] += 1
             self._spawn(self._publish_out(out))
 
     async def _run(self) -> None:
@@ -205,6 +212,7 @@ class AgentClient:
                 await client.__aenter__()
                 self._mqtt = client
                 await self._on_connected()
+                self.stats["reconnects"] += 1
                 log.info("agent %s: reconnected to the local broker", self.agent)
                 return
             except aiomqtt.MqttError as exc:
@@ -222,6 +230,7 @@ class AgentClient:
             for out in list(self._unreceipted.values()):
                 if now - out.sent_at >= out.timeout:
                     out.sent_at, out.timeout = now, min(out.timeout * 2, RECEIPT_TIMEOUT_MAX)
+                    self.stats["resent"] += 1
                     self._spawn(self._publish_out(out))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -263,6 +272,7 @@ class AgentClient:
                 # not saved as acknowledged): acknowledged again, not handed to the application.
                 self._ack(mid)
                 if mid in self._seen:
+                    self.stats["copies_dropped"] += 1
                     return
                 self._seen[mid] = None
                 if len(self._seen) > SEEN_IDS:

@@ -30,6 +30,7 @@ from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.message import new_message_id
 from gateway.protocol.receipts import (
+    GOODBYE,
     MAX_IDS,
     ReceiptFormatError,
     decode_ids,
@@ -137,6 +138,14 @@ class Receipts:
         if agent not in self.cfg.agents:
             self.receipt_counters["bad_input"] += 1
             log.warning("an ack on the topic of %r, which is not an agent of this device: ignored", agent)
+            return
+        if payload == GOODBYE:
+            if agent in self._acking:
+                with self.store.transaction(durable=False):
+                    self.store.secrets.delete(ACKING_KEY + agent)
+                self._acking.discard(agent)
+                log.info("agent %s stopped acknowledging (its SDK client closed): its messages go at PUBCOMP again",
+                         agent)
             return
         try:
             ids = decode_ids(payload)

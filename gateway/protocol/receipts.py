@@ -5,7 +5,8 @@ Sans-I/O. Sending: the SDK gives each message a random 16-byte id, carried as th
 the sending agent (`derive_message_id`), and answers with a receipt on `agw/<agent>/receipt` once the message is
 durable. Receiving: the SDK acknowledges the `agw:message-id` of each message it hands to the application on
 `agw/<agent>/ack`. Receipt and ack payloads are both a concatenation of 16-byte ids (`encode_ids`, `decode_ids`);
-an empty ack says "this agent acknowledges" (sent on every connect).
+an empty ack says "this agent acknowledges" (sent on every connect), and the one-byte ack `GOODBYE` says "this
+agent stops acknowledging" (sent by an SDK client that closes cleanly).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from gateway.protocol.errors import DecodeError
 ID_SIZE = 16
 MAX_IDS = 4096  # per receipt or ack payload (64 KiB)
 DERIVE_LABEL = b"agw sdk message id v1"
+GOODBYE = b"\x00"  # the ack payload of a client that closes cleanly
 
 
 class ReceiptFormatError(DecodeError):
@@ -52,7 +54,7 @@ def encode_ids(ids: Iterable[bytes]) -> bytes:
 
 
 def decode_ids(payload: bytes) -> list[bytes]:
-    """The ids of a receipt or ack payload (possibly none)."""
+    """The ids of a receipt or ack payload (possibly none; the caller checks for `GOODBYE` first)."""
     if len(payload) % ID_SIZE:
         raise ReceiptFormatError(f"a receipt or ack payload is a multiple of {ID_SIZE} bytes (got {len(payload)})")
     if len(payload) > MAX_IDS * ID_SIZE:
