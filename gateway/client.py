@@ -51,6 +51,9 @@ log = logging.getLogger("agw.client")
 SEEN_IDS = 20_000  # message ids remembered to drop copies
 RECEIPT_TIMEOUT = 5.0  # seconds without a receipt before a message is published again (then doubling, up to 60)
 RECEIPT_TIMEOUT_MAX = 60.0
+# aiomqtt warns at every publish beyond 10 awaiting their PUBACK: normal for pipelined sends.
+_mqtt_log = logging.getLogger("agw.client.mqtt")
+_mqtt_log.setLevel(logging.ERROR)
 SESSION_EXPIRY = 600  # seconds the broker keeps our session (and queues our messages) while we are away
 RECONNECT_MAX = 5.0  # seconds between reconnect attempts, at most
 
@@ -127,7 +130,7 @@ class AgentClient:
         props.SessionExpiryInterval = self._session_expiry
         return aiomqtt.Client(self._host, self._port, username=self._username, password=self._password,
                               identifier=self._identifier, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
-                              properties=props, timeout=10,
+                              properties=props, timeout=10, logger=_mqtt_log,
                               socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
     async def __aenter__(self) -> AgentClient:

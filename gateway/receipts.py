@@ -47,6 +47,7 @@ ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the a
 EARLY_ACKS = 65_536  # acks remembered for entries not (yet) HANDED: an ack may overtake our PUBCOMP
 WATCH_EVERY = 0.2  # seconds between looks at the broker connection
 EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
+HELLO_GRACE = 2.0  # seconds after an agent's announcement before its older held entries are published again
 
 
 class Receipts:
@@ -60,7 +61,8 @@ class Receipts:
 
     def _init_receipts(self) -> None:
         self._acking: set[str] = {a for a in self.cfg.agents if self.store.secrets.get(ACKING_KEY + a) is not None}
-        self._held: defaultdict[str, dict[bytes, tuple[str, int]]] = defaultdict(dict)  # agent -> id -> name, expiry
+        # agent -> message id -> (entry name, expiry, broker connection it was handed in, when (loop time))
+        self._held: defaultdict[str, dict[bytes, tuple[str, int, int, float]]] = defaultdict(dict)
         self._early_acks: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.receipt_counters = {"receipts": 0, "acks": 0, "held_expired": 0, "republished": 0, "bad_input": 0}
 
@@ -158,8 +160,12 @@ class Receipts:
                 self.store.secrets.put(ACKING_KEY + agent, b"\x01")
             self._acking.add(agent)
             log.info("agent %s acknowledges what it receives: its messages are kept until it does", agent)
-        if not ids:  # the agent (re)connected: send again what it has not acknowledged
-            self._republish_held(agent)
+        if not ids:
+            # The agent (re)connected. What was handed to the broker while it was away waits in its session and
+            # arrives now; after a grace period, what is still unacknowledged from before this announcement is
+            # sent again (its session may have been lost, e.g. with the broker's unsaved state).
+            loop = asyncio.get_running_loop()
+            loop.call_later(HELLO_GRACE, self._republish_held, agent, None, loop.time())
             return
         self.receipt_counters["acks"] += len(ids)
         held = self._held.get(agent, {})
@@ -194,26 +200,33 @@ class Receipts:
 
     def _after_pubcomp(self, held: list[InboxEntry]) -> None:
         """After `_drop_finished`'s commit (and after the packet ids were freed): index the entries now held."""
+        when = asyncio.get_running_loop().time()
         for e in held:
             e.handed()
-            self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms)
+            self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms,
+                                                                          self.bridge.connects, when)
 
     def _restored_held(self, entries: list[InboxEntry]) -> list[InboxEntry]:
         """At start-up: index the HANDED entries (published again at the first connection); returns the others."""
         rest = []
         for e in entries:
             if e.phase is Phase.HANDED:
-                self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms)
+                self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms, 0,
+                                                                              float("-inf"))
             else:
                 rest.append(e)
         return rest
 
-    def _republish_held(self, agent: str | None = None) -> None:
-        """Publish the held entries (of one agent, or all) again, each in a new QoS 2 exchange."""
+    def _republish_held(self, agent: str | None = None, before_connect: int | None = None,
+                        before: float | None = None) -> None:
+        """Publish the held entries (of one agent, or all; handed in a broker connection before `before_connect`,
+        or before loop time `before`) again, each in a new QoS 2 exchange."""
         if not self.bridge.connected:
             return
         wanted = {name for a, held in self._held.items() if agent is None or a == agent
-                  for name, _ in held.values() if name not in self._publishing}
+                  for name, _, connect, when in held.values()
+                  if name not in self._publishing and (before_connect is None or connect < before_connect)
+                  and (before is None or when < before)}
         if not wanted:
             return
         entries = []
@@ -235,7 +248,8 @@ class Receipts:
     def _expire_held(self) -> None:
         t = now_ms()
         for agent, held in self._held.items():
-            gone = [(i, name) for i, (name, expires) in held.items() if expires <= t and name not in self._publishing]
+            gone = [(i, name) for i, (name, expires, _, _) in held.items()
+                    if expires <= t and name not in self._publishing]
             if not gone:
                 continue
             with self.store.transaction(durable=False):
@@ -257,7 +271,7 @@ class Receipts:
             connects = self.bridge.connects
             if connects != seen_connects and self.bridge.connected:
                 seen_connects = connects
-                self._republish_held()
+                self._republish_held(before_connect=connects)  # (handed since: in the agent's session now)
             if loop.time() - expired_at >= EXPIRE_EVERY:
                 expired_at = loop.time()
                 try:

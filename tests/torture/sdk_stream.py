@@ -66,13 +66,15 @@ class SdkAgent:
 
     async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None]) -> None:
         room = asyncio.Semaphore(self.window)
+        done = 0
 
         async def one(payload: bytes) -> None:
+            nonlocal done
             async with room:
                 await self.client.send(self.peer, payload)
             with self.lock:
                 self.sent.append(payload)
-                done = len(self.sent)
+            done += 1
             on_progress(done)
 
         await asyncio.gather(*(one(prefix + str(i).encode()) for i in range(n)))

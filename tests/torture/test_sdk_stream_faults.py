@@ -99,7 +99,10 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
         # Mid-stream: both senders keep going, with up to `window` sends each awaiting their receipt.
         in_flight_at_kill.update(alice_unreceipted=len(f.alice.client._unreceipted),
                                  bob_unreceipted=len(f.bob.client._unreceipted),
-                                 alice_sent=len(f.alice.sent), bob_sent=len(f.bob.sent))
+                                 alice_sent=sum(1 for p in f.alice.sent if p.startswith(pa)),
+                                 bob_sent=sum(1 for p in f.bob.sent if p.startswith(pb)),
+                                 alice_received=len(f.alice.received_with(pb)),
+                                 bob_received=len(f.bob.received_with(pa)))
         gw.broker.stop(signal.SIGKILL)
         time.sleep(BROKER_DOWN)
         gw.broker.start()
@@ -127,6 +130,7 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
            sdk={"alice": dict(f.alice.client.stats), "bob": dict(f.bob.client.stats)}, gateways=statuses)
     # The kill happened mid-stream: the stream was still running on both sides.
     assert in_flight_at_kill["alice_sent"] < N and in_flight_at_kill["bob_sent"] < N, in_flight_at_kill
+    assert in_flight_at_kill["alice_unreceipted"] > 0 and in_flight_at_kill["bob_unreceipted"] > 0, in_flight_at_kill
     for t in (ab, ba):
         assert t.sent == N, t
         assert (t.lost, t.duplicated, t.foreign) == (0, 0, 0), t
