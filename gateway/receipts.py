@@ -201,13 +201,21 @@ class Receipts:
     def _after_pubcomp(self, held: list[InboxEntry]) -> None:
         """After `_drop_finished`'s commit (and after the packet ids were freed): index the entries now held."""
         when = asyncio.get_running_loop().time()
+        suspects = []
         for e in held:
             e.handed()
             self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms,
-                                                                          self.bridge.connects, when)
+                                                                          e.exchange_connect, when)
+            if e.exchange_connect < self.bridge.connects:
+                suspects.append(e.name)
+        if suspects:
+            # The exchange started before the broker connection it ended in: a restarted broker may have answered
+            # PUBCOMP for a message it lost (a PUBREL for an id it no longer knows). Publish these again now.
+            self._republish_names(set(suspects), "after a broker reconnect")
 
     def _restored_held(self, entries: list[InboxEntry]) -> list[InboxEntry]:
-        """At start-up: index the HANDED entries (published again at the first connection); returns the others."""
+        """At start-up: index the HANDED entries (published again at the first connection: exchange in
+        connection 0); returns the others."""
         rest = []
         for e in entries:
             if e.phase is Phase.HANDED:
@@ -219,15 +227,18 @@ class Receipts:
 
     def _republish_held(self, agent: str | None = None, before_connect: int | None = None,
                         before: float | None = None) -> None:
-        """Publish the held entries (of one agent, or all; handed in a broker connection before `before_connect`,
-        or before loop time `before`) again, each in a new QoS 2 exchange."""
+        """Publish the held entries (of one agent, or all; whose exchange started in a broker connection before
+        `before_connect`, or handed before loop time `before`) again, each in a new QoS 2 exchange."""
         if not self.bridge.connected:
             return
         wanted = {name for a, held in self._held.items() if agent is None or a == agent
                   for name, _, connect, when in held.values()
                   if name not in self._publishing and (before_connect is None or connect < before_connect)
                   and (before is None or when < before)}
-        if not wanted:
+        self._republish_names(wanted, f"not yet acknowledged by {agent or 'their agents'}")
+
+    def _republish_names(self, wanted: set[str], why: str) -> None:
+        if not wanted or not self.bridge.connected:
             return
         entries = []
         for name in sorted(wanted):
@@ -240,7 +251,7 @@ class Receipts:
                 entries.append(e)
         entries.sort(key=lambda e: e.seq)
         self.receipt_counters["republished"] += len(entries)
-        log.info("publishing again %d message(s) not yet acknowledged by %s", len(entries), agent or "their agents")
+        log.info("publishing again %d held message(s) %s", len(entries), why)
         task = asyncio.create_task(self._publish_inbox(entries))  # type: ignore[attr-defined]
         self._background.add(task)
         task.add_done_callback(self._background.discard)

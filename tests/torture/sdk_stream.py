@@ -60,16 +60,22 @@ class SdkAgent:
             with self.lock:
                 self.received.append(m.payload)
 
-    def run(self, prefix: bytes, n: int, on_progress: Callable[[int], None] = lambda _i: None) -> None:
-        """Send `n` numbered payloads (blocking the calling thread until every send() returned)."""
-        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress), self._loop).result()
+    def run(self, prefix: bytes, n: int, on_progress: Callable[[int], None] = lambda _i: None,
+            hold_at: int | None = None, go: threading.Event | None = None) -> None:
+        """Send `n` numbered payloads (blocking the calling thread until every send() returned). With `hold_at`
+        and `go`: payloads from number `hold_at` on wait until `go` is set."""
+        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress, hold_at, go), self._loop).result()
 
-    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None]) -> None:
+    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None], hold_at: int | None,
+                      go: threading.Event | None) -> None:
         room = asyncio.Semaphore(self.window)
         done = 0
 
-        async def one(payload: bytes) -> None:
+        async def one(i: int, payload: bytes) -> None:
             nonlocal done
+            if go is not None and hold_at is not None and i >= hold_at:
+                while not go.is_set():
+                    await asyncio.sleep(0.01)
             async with room:
                 await self.client.send(self.peer, payload)
             with self.lock:
@@ -77,7 +83,7 @@ class SdkAgent:
             done += 1
             on_progress(done)
 
-        await asyncio.gather(*(one(prefix + str(i).encode()) for i in range(n)))
+        await asyncio.gather(*(one(i, prefix + str(i).encode()) for i in range(n)))
 
     def received_with(self, prefix: bytes) -> list[bytes]:
         with self.lock:

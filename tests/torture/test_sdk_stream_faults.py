@@ -77,9 +77,11 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
     gw = f.a if broker == "a" else f.b
     t0 = time.monotonic()
     pa, pb = f"kill9_broker_{broker}|a>b|".encode(), f"kill9_broker_{broker}|b>a|".encode()
-    trigger = threading.Event()
+    trigger, go = threading.Event(), threading.Event()
     errors: list[BaseException] = []
     in_flight_at_kill: dict[str, int] = {}
+    hold_at = N // 3
+    progress_of = {"alice": 0, "bob": 0}
 
     def guarded(fn: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -88,15 +90,23 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
             except BaseException as exc:
                 errors.append(exc)
                 trigger.set()
+                go.set()
         return run
 
-    def progress(i: int) -> None:
-        if i >= N // 3:
-            trigger.set()
+    def progress(agent: str) -> Callable[[int], None]:
+        def seen(i: int) -> None:
+            progress_of[agent] = i
+            if min(progress_of.values()) >= hold_at:
+                trigger.set()
+        return seen
 
     def kill() -> None:
+        # Both senders wait at a third of their stream (so that neither can finish before the fault), are let go
+        # together, and the broker dies while both streams run at full speed, with up to `window` sends each
+        # awaiting their receipt.
         trigger.wait(DELIVERY_TIMEOUT)
-        # Mid-stream: both senders keep going, with up to `window` sends each awaiting their receipt.
+        go.set()
+        time.sleep(0.3)
         in_flight_at_kill.update(alice_unreceipted=len(f.alice.client._unreceipted),
                                  bob_unreceipted=len(f.bob.client._unreceipted),
                                  alice_sent=sum(1 for p in f.alice.sent if p.startswith(pa)),
@@ -107,8 +117,8 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
         time.sleep(BROKER_DOWN)
         gw.broker.start()
 
-    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress))),
-               threading.Thread(target=guarded(lambda: f.bob.run(pb, N))),
+    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress("alice"), hold_at, go))),
+               threading.Thread(target=guarded(lambda: f.bob.run(pb, N, progress("bob"), hold_at, go))),
                threading.Thread(target=guarded(kill))]
     for t in threads:
         t.start()
@@ -129,8 +139,10 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
            seconds=round(time.monotonic() - t0, 1), at_kill=in_flight_at_kill,
            sdk={"alice": dict(f.alice.client.stats), "bob": dict(f.bob.client.stats)}, gateways=statuses)
     # The kill happened mid-stream: the stream was still running on both sides.
-    assert in_flight_at_kill["alice_sent"] < N and in_flight_at_kill["bob_sent"] < N, in_flight_at_kill
-    assert in_flight_at_kill["alice_unreceipted"] > 0 and in_flight_at_kill["bob_unreceipted"] > 0, in_flight_at_kill
+    at_kill = in_flight_at_kill
+    assert at_kill["alice_sent"] < N and at_kill["bob_sent"] < N, at_kill
+    assert at_kill["alice_unreceipted"] > 0 and at_kill["bob_unreceipted"] > 0, at_kill
+    assert at_kill["alice_received"] < N and at_kill["bob_received"] < N, at_kill
     for t in (ab, ba):
         assert t.sent == N, t
         assert (t.lost, t.duplicated, t.foreign) == (0, 0, 0), t
