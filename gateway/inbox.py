@@ -48,8 +48,8 @@ class InboxEntry:
     packet_id: int = 0
     phase: Phase = Phase.WAITING
     # Not stored: the broker connection (MqttBridge.connects) in which the current QoS 2 exchange started (0: in an
-    # earlier run). An exchange that spans a reconnect may end in a PUBCOMP from a restarted broker that lost the
-    # message: gateway/receipts.py publishes such an entry again once it is HANDED.
+    # earlier run; see Receipts._exchange_connect). An exchange that spans a reconnect may end in a PUBCOMP from a
+    # restarted broker that lost the message: gateway/receipts.py publishes such an entry again once it is HANDED.
     exchange_connect: int = 0
 
     @classmethod

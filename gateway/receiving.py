@@ -174,7 +174,7 @@ class Receiving:
         if packet_id is None:
             return False
         e.packet_id, e.phase = packet_id, Phase.PUBLISHED
-        e.exchange_connect = self.bridge.connects  # (receipts: see gateway/receipts.py)
+        e.exchange_connect = self._exchange_connect()  # (receipts: see gateway/receipts.py)
         return True
 
     def restore_inbox(self) -> list[InboxEntry]:
