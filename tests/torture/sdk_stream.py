@@ -61,21 +61,23 @@ class SdkAgent:
                 self.received.append(m.payload)
 
     def run(self, prefix: bytes, n: int, on_progress: Callable[[int], None] = lambda _i: None,
-            hold_at: int | None = None, go: threading.Event | None = None) -> None:
-        """Send `n` numbered payloads (blocking the calling thread until every send() returned). With `hold_at`
-        and `go`: payloads from number `hold_at` on wait until `go` is set."""
-        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress, hold_at, go), self._loop).result()
+            hold_at: int | None = None) -> None:
+        """Send `n` numbered payloads (blocking the calling thread until every send() returned). With `hold_at`:
+        payloads from number `hold_at` on wait for `release()`."""
+        self._go = asyncio.Event()
+        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress, hold_at), self._loop).result()
 
-    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None], hold_at: int | None,
-                      go: threading.Event | None) -> None:
+    def release(self) -> None:
+        self._loop.call_soon_threadsafe(self._go.set)
+
+    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None], hold_at: int | None) -> None:
         room = asyncio.Semaphore(self.window)
         done = 0
 
         async def one(i: int, payload: bytes) -> None:
             nonlocal done
-            if go is not None and hold_at is not None and i >= hold_at:
-                while not go.is_set():
-                    await asyncio.sleep(0.01)
+            if hold_at is not None and i >= hold_at:
+                await self._go.wait()
             async with room:
                 await self.client.send(self.peer, payload)
             with self.lock:

@@ -77,7 +77,7 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
     gw = f.a if broker == "a" else f.b
     t0 = time.monotonic()
     pa, pb = f"kill9_broker_{broker}|a>b|".encode(), f"kill9_broker_{broker}|b>a|".encode()
-    trigger, go = threading.Event(), threading.Event()
+    trigger = threading.Event()
     errors: list[BaseException] = []
     in_flight_at_kill: dict[str, int] = {}
     hold_at = N // 3
@@ -90,7 +90,6 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
             except BaseException as exc:
                 errors.append(exc)
                 trigger.set()
-                go.set()
         return run
 
     def progress(agent: str) -> Callable[[int], None]:
@@ -105,7 +104,8 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
         # together, and the broker dies while both streams run at full speed, with up to `window` sends each
         # awaiting their receipt.
         trigger.wait(DELIVERY_TIMEOUT)
-        go.set()
+        f.alice.release()
+        f.bob.release()
         time.sleep(0.3)
         in_flight_at_kill.update(alice_unreceipted=len(f.alice.client._unreceipted),
                                  bob_unreceipted=len(f.bob.client._unreceipted),
@@ -117,8 +117,8 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
         time.sleep(BROKER_DOWN)
         gw.broker.start()
 
-    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress("alice"), hold_at, go))),
-               threading.Thread(target=guarded(lambda: f.bob.run(pb, N, progress("bob"), hold_at, go))),
+    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress("alice"), hold_at))),
+               threading.Thread(target=guarded(lambda: f.bob.run(pb, N, progress("bob"), hold_at))),
                threading.Thread(target=guarded(kill))]
     for t in threads:
         t.start()
