@@ -5,6 +5,7 @@ withheld): an ack that is not sent, a retransmission with the same id, a malform
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -232,3 +233,25 @@ async def test_the_gateway_keeps_held_entries_across_its_restart(bed: Testbed, r
     b.wait_ready(60)
     time.sleep(2.0)
     assert len(raw_bob.wait_for(3, "agw/bob/in", timeout=0.5)) == 2  # acknowledged: not published again
+
+
+async def test_the_sdk_survives_a_malformed_receipt(bed: Testbed, caplog: pytest.LogCaptureFixture) -> None:
+    """A receipt that is not a multiple of 16 bytes (only the gateway's user may publish there) is logged and
+    ignored by the SDK, which keeps working."""
+    a = bed.gateways["dev-a"]
+    async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+        gateway = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fake-gw-{uuid.uuid4().hex[:6]}",
+                              protocol=mqtt.MQTTv5)
+        gateway.username_pw_set("agw-gateway", "gateway-secret")
+        gateway.connect("127.0.0.1", a.broker.port)
+        gateway.loop_start()
+        try:
+            gateway.publish("agw/alice/receipt", b"\x01" * 17, qos=1).wait_for_publish(10)
+            deadline = time.monotonic() + 10
+            while "malformed receipt" not in caplog.text and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert "alice: ignoring a malformed receipt" in caplog.text
+        finally:
+            gateway.loop_stop()
+            gateway.disconnect()
+        await asyncio.wait_for(alice.send("dev-b/bob", b"after a bad receipt"), 30)
