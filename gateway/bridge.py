@@ -567,6 +567,7 @@ class MqttBridge:
         self._read_due = False
         self._in_read = False
         self._connected_once = False  # the current connection got a CONNACK: the next backoff starts over
+        self.connects = 0  # successful connections so far (gateway/receipts.py publishes held messages on each)
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=True, on_pubrec=self._on_pubrec, on_agent_message=self.incoming.put_nowait,
                         may_read=self.incoming.may_read)
@@ -777,8 +778,8 @@ class MqttBridge:
                 log.warning("the MQTT broker lost this gateway's session: %d message(s) whose hand-over was "
                             "interrupted are published again (an agent may see one twice, same agw:message-id)",
                             again)
-        client.subscribe([(t, 1) for t in (topics.out_subscription(self.prefix),
-                                            *topics.group_subscriptions(self.prefix))])
+        client.subscribe([(t, 1) for t in topics.gateway_subscriptions(self.prefix)])
+        self.connects += 1
         self._connected.set()
         log.info("connected to MQTT broker %s:%s", self.host, self.port)
 

@@ -9,6 +9,15 @@
 `SyncAgentClient` offers the same calls for code without asyncio. Both speak MQTT 5 (aiomqtt) to the local
 broker; the gateway does the rest. Requests use a response topic under the agent's own namespace and a random
 correlation id, which the gateways carry end to end.
+
+End-to-end receipts (docs/protocol.md, "Receipts and acks"): each message the SDK sends (send, request, reply)
+carries a random 16-byte id in the user property `agw:message-id`; the gateway answers on agw/<agent>/receipt once
+the message is durable in its outbox, and until then the SDK publishes it again (same id) after every reconnect
+and whenever no receipt came within `receipt_timeout`. Each message the SDK receives is acknowledged on
+agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until then; copies
+are dropped by message id. Together with a reconnect loop on a persistent MQTT session this survives a crash of
+the local broker (which acknowledges before it saves) with every message delivered exactly once. Group messages
+(`send_group`, `group_messages`) are not covered: they keep MQTT QoS 1 semantics.
 """
 
 from __future__ import annotations
@@ -16,21 +25,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from gateway import topics
 from gateway.bridge import publish_properties
+from gateway.protocol.identity.errors import BadName
+from gateway.protocol.identity.names import check_id
+from gateway.protocol.receipts import GOODBYE, MAX_IDS, ReceiptFormatError, decode_ids, encode_ids
 
 T = TypeVar("T")
-SEEN_IDS = 10_000
+log = logging.getLogger("agw.client")
+
+SEEN_IDS = 20_000  # message ids remembered to drop copies
+RECEIPT_TIMEOUT = 5.0  # seconds without a receipt before a message is published again (then doubling, up to 60)
+RECEIPT_TIMEOUT_MAX = 60.0
+# aiomqtt warns at every publish beyond 10 awaiting their PUBACK: normal for pipelined sends.
+_mqtt_log = logging.getLogger("agw.client.mqtt")
+_mqtt_log.setLevel(logging.ERROR)
+SESSION_EXPIRY = 600  # seconds the broker keeps our session (and queues our messages) while we are away
+RECONNECT_MAX = 5.0  # seconds between reconnect attempts, at most
 
 
 class AgentClientError(Exception):
@@ -52,101 +77,309 @@ class Message:
     _client: AgentClient | None = field(default=None, repr=False, compare=False)
 
     async def reply(self, payload: bytes, *, content_type: str | None = None) -> None:
-        """Answer a request: published on the response topic the gateway gave us, with its correlation data."""
+        """Answer a request: published on the response topic the gateway gave us, with its correlation data.
+        Returns once the gateway has the reply durably (its receipt came)."""
         if not self.response_topic or self._client is None:
             raise AgentClientError("this message is not a request (it has no response topic)")
-        await self._client._publish(self.response_topic, payload, correlation_data=self.correlation_data,
+        await self._client._tracked(self.response_topic, payload, correlation_data=self.correlation_data,
                                     content_type=content_type)
+
+
+@dataclass
+class _Outgoing:
+    """A message sent and not yet receipted by the gateway."""
+
+    topic: str
+    payload: bytes
+    properties: Properties
+    receipt: asyncio.Future[None]
+    sent_at: float = 0.0
+    timeout: float = RECEIPT_TIMEOUT
 
 
 class AgentClient:
     def __init__(self, agent: str, *, host: str = "127.0.0.1", port: int = 1883, password: str | None = None,
-                 username: str | None = None, prefix: str = "agw") -> None:
+                 username: str | None = None, prefix: str = "agw", receipt_timeout: float = RECEIPT_TIMEOUT,
+                 session_expiry: int = SESSION_EXPIRY) -> None:
         self.agent = agent
         self.prefix = prefix
-        self._mqtt = aiomqtt.Client(host, port, username=username or agent, password=password,
-                                    identifier=f"{agent}-{os.urandom(4).hex()}",
-                                    protocol=aiomqtt.ProtocolVersion.V5,
-                                    socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._host, self._port, self._username, self._password = host, port, username or agent, password
+        self._identifier = f"{agent}-{os.urandom(4).hex()}"  # the same for every reconnect: one session
+        self._session_expiry = session_expiry
+        self._receipt_timeout = receipt_timeout
+        self._mqtt = self._new_mqtt()
         self._reply_base = f"{prefix}/{agent}/reply/{os.urandom(6).hex()}"
+        self._receipt_topic = topics.receipt_topic(prefix, agent)
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._resender: asyncio.Task[None] | None = None
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._unreceipted: dict[bytes, _Outgoing] = {}
+        self._acks: list[bytes] = []  # ids to acknowledge, sent once per event-loop turn
+        self._ack_scheduled = False
+        self._background: set[asyncio.Task[None]] = set()
+        self._up = asyncio.Event()  # connected, subscribed and announced
+        self._closing = False
+        # What the guarantees cost so far (for tests and diagnostics): messages published again for want of a
+        # receipt or after a reconnect, copies received and dropped by message id, reconnects to the broker.
+        self.stats = {"resent": 0, "copies_dropped": 0, "reconnects": 0}
+
+    def _new_mqtt(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._session_expiry
+        return aiomqtt.Client(self._host, self._port, username=self._username, password=self._password,
+                              identifier=self._identifier, protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+                              properties=props, timeout=10, logger=_mqtt_log,
+                              socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
     async def __aenter__(self) -> AgentClient:
         try:
             await self._mqtt.__aenter__()
+            await self._on_connected()
         except aiomqtt.MqttError as exc:
+            with contextlib.suppress(Exception):
+                await self._mqtt.__aexit__(None, None, None)
             raise AgentClientError(f"cannot connect to the local broker: {exc}") from None
-        await self._mqtt.subscribe(topics.inbox_topic(self.prefix, self.agent), qos=1)
-        await self._mqtt.subscribe(self._reply_base + "/#", qos=1)
-        self._task = asyncio.create_task(self._dispatch())
+        self._task = asyncio.create_task(self._run())
+        self._resender = asyncio.create_task(self._resend_loop())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                await self._task
+        self._closing = True
+        for task in (self._task, self._resender):
+            if task:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+        if self._up.is_set():
+            # The last acks, then goodbye: the gateway stops keeping this agent's messages until a client of it
+            # announces itself again (so a raw MQTT client of the same agent later is served as before).
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._send_acks()
+                await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), GOODBYE, qos=1)
         for fut in self._pending.values():
             fut.cancel()
-        await self._mqtt.__aexit__(None, None, None)
+        for out in self._unreceipted.values():
+            out.receipt.cancel()
+        for task in list(self._background):
+            task.cancel()
+        await self._close_session()
 
-    async def _dispatch(self) -> None:
-        async for m in self._mqtt.messages:
-            p = m.properties
-            user = tuple((str(k), str(v)) for k, v in (getattr(p, "UserProperty", None) or []))
-            props = dict(user)
-            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
-            msg = Message(sender=props.get(topics.PROP_FROM, ""), payload=payload, topic=str(m.topic),
-                          message_id=props.get(topics.PROP_MESSAGE_ID),
-                          response_topic=getattr(p, "ResponseTopic", None),
-                          correlation_data=getattr(p, "CorrelationData", None),
-                          content_type=getattr(p, "ContentType", None),
-                          user_properties=tuple(kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
-                          _client=self)
-            if msg.message_id is not None:
-                # A gateway killed between the broker's PUBACK and its own commit may deliver a message twice;
-                # both copies carry the same agw:message-id, so the SDK drops the second.
-                if msg.message_id in self._seen:
-                    continue
-                self._seen[msg.message_id] = None
+    async def _close_session(self) -> None:
+        """Disconnect and let the broker drop our session now (Session Expiry Interval 0 on DISCONNECT): this
+        client's identifier is never used again."""
+        client = self._mqtt
+        if not client._disconnected.done():
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+            client._client.disconnect(properties=props)
+            with contextlib.suppress(TimeoutError, aiomqtt.MqttError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(client._disconnected), 5)
+        with contextlib.suppress(Exception):
+            await client.__aexit__(None, None, None)
+
+    # -- the connection: subscribe, announce, resend; reconnect when the broker goes ----------------------------
+    async def _on_connected(self) -> None:
+        for t in (topics.inbox_topic(self.prefix, self.agent), self._reply_base + "/#", self._receipt_topic):
+            await self._mqtt.subscribe(t, qos=1)
+        # The empty ack (with any acks not sent yet) tells the gateway that this agent acknowledges, and asks it
+        # to send again what it still holds for us.
+        await self._send_acks(announce=True)
+        self._up.set()
+        now = time.monotonic()
+        for out in list(self._unreceipted.values()):
+            out.sent_at = now
+            self.stats["resent"] += 1
+            self._spawn(self._publish_out(out))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async for m in self._mqtt.messages:
+                    self._handle(m)
+            except aiomqtt.MqttError as exc:
+                log.warning("agent %s: lost the local broker (%s); reconnecting", self.agent, exc)
+            self._up.clear()
+            with contextlib.suppress(Exception):
+                await self._mqtt.__aexit__(None, None, None)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = 0.1
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RECONNECT_MAX)
+            client = self._new_mqtt()  # aiomqtt's client is not meant to survive an unexpected disconnection
+            try:
+                await client.__aenter__()
+                self._mqtt = client
+                await self._on_connected()
+                self.stats["reconnects"] += 1
+                log.info("agent %s: reconnected to the local broker", self.agent)
+                return
+            except aiomqtt.MqttError as exc:
+                log.info("agent %s: broker not reachable yet (%s)", self.agent, exc)
+                with contextlib.suppress(Exception):
+                    await client.__aexit__(None, None, None)
+
+    async def _resend_loop(self) -> None:
+        """Publish again (same id) what was not receipted in time, with the timeout doubling each round."""
+        while True:
+            await asyncio.sleep(min(1.0, self._receipt_timeout / 4))
+            if not self._up.is_set():
+                continue
+            now = time.monotonic()
+            for out in list(self._unreceipted.values()):
+                if now - out.sent_at >= out.timeout:
+                    out.sent_at, out.timeout = now, min(out.timeout * 2, RECEIPT_TIMEOUT_MAX)
+                    self.stats["resent"] += 1
+                    self._spawn(self._publish_out(out))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish_out(self, out: _Outgoing) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):  # the next reconnect or timeout sends it again
+            await self._mqtt.publish(out.topic, out.payload, qos=1, properties=out.properties)
+
+    # -- receiving ---------------------------------------------------------------------------------------------
+    def _handle(self, m: aiomqtt.Message) -> None:
+        payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+        topic = str(m.topic)
+        if topic == self._receipt_topic:
+            self._on_receipt(payload)
+            return
+        p = m.properties
+        user = tuple((str(k), str(v)) for k, v in (getattr(p, "UserProperty", None) or []))
+        props = dict(user)
+        msg = Message(sender=props.get(topics.PROP_FROM, ""), payload=payload, topic=topic,
+                      message_id=props.get(topics.PROP_MESSAGE_ID),
+                      response_topic=getattr(p, "ResponseTopic", None),
+                      correlation_data=getattr(p, "CorrelationData", None),
+                      content_type=getattr(p, "ContentType", None),
+                      user_properties=tuple(kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
+                      _client=self)
+        if msg.message_id is not None:
+            try:
+                mid = bytes.fromhex(msg.message_id)
+                if len(mid) != 16:
+                    raise ValueError("not 16 bytes")
+            except ValueError:
+                log.warning("agent %s: a message on %s has a malformed agw:message-id; not acknowledged", self.agent,
+                            topic)
+            else:
+                # A copy (the gateway sends again what it holds unacknowledged; a broker sends again what it had
+                # not saved as acknowledged): acknowledged again, not handed to the application.
+                self._ack(mid)
+                if mid in self._seen:
+                    self.stats["copies_dropped"] += 1
+                    return
+                self._seen[mid] = None
                 if len(self._seen) > SEEN_IDS:
                     self._seen.popitem(last=False)
-            if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
-                fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
-                if not fut.done():
-                    fut.set_result(msg)
-            else:
-                self._inbox.put_nowait(msg)
+        if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
+            fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
+            if not fut.done():
+                fut.set_result(msg)
+        else:
+            self._inbox.put_nowait(msg)
 
-    async def _publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
-                       correlation_data: bytes | None = None, content_type: str | None = None,
-                       user_properties: list[tuple[str, str]] | None = None) -> None:
-        props = publish_properties(response_topic, correlation_data, content_type, False, tuple(user_properties or ()))
-        await self._mqtt.publish(topic, payload, qos=1, properties=props)
+    def _on_receipt(self, payload: bytes) -> None:
+        try:
+            ids = decode_ids(payload)
+        except ReceiptFormatError as exc:
+            log.warning("agent %s: ignoring a malformed receipt (%s)", self.agent, exc)
+            return
+        for i in ids:
+            out = self._unreceipted.pop(i, None)
+            if out is not None and not out.receipt.done():
+                out.receipt.set_result(None)
+
+    def _ack(self, mid: bytes) -> None:
+        self._acks.append(mid)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        if self._up.is_set() and self._acks:
+            self._spawn(self._send_acks_later())
+
+    async def _send_acks_later(self) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):  # kept; sent after the next connect
+            await self._send_acks()
+
+    async def _send_acks(self, *, announce: bool = False) -> None:
+        """Publish the pending acks (QoS 1); on failure they wait for the next connection. `announce`: publish
+        even when there is nothing to acknowledge (the empty ack sent on every connect)."""
+        while self._acks or announce:
+            announce = False
+            chunk, self._acks = self._acks[:MAX_IDS], self._acks[MAX_IDS:]
+            try:
+                await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids(chunk), qos=1)
+            except aiomqtt.MqttError:
+                self._acks[:0] = chunk
+                raise
+
+    # -- sending -----------------------------------------------------------------------------------------------
+    def _register(self, topic: str, payload: bytes, *, response_topic: str | None = None,
+                  correlation_data: bytes | None = None, content_type: str | None = None,
+                  user_properties: list[tuple[str, str]] | None = None) -> _Outgoing:
+        sdk_id = os.urandom(16)
+        user = tuple(kv for kv in (user_properties or ()) if kv[0] != topics.PROP_MESSAGE_ID)
+        props = publish_properties(response_topic, correlation_data, content_type, False,
+                                   (*user, (topics.PROP_MESSAGE_ID, sdk_id.hex())))
+        out = _Outgoing(topic, payload, props, asyncio.get_running_loop().create_future(),
+                        time.monotonic(), self._receipt_timeout)
+        self._unreceipted[sdk_id] = out
+        return out
+
+    async def _tracked(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        """Publish with an SDK message id and wait for the gateway's receipt (publishing again meanwhile)."""
+        out = self._register(topic, payload, **kwargs)
+        if self._up.is_set():
+            await self._publish_out(out)
+        try:
+            await out.receipt
+        except asyncio.CancelledError:
+            if self._closing:
+                raise AgentClientError("the client closed before the gateway receipted the message") from None
+            raise
 
     def _out(self, to: str) -> str:
         device, sep, agent = to.partition("/")
         if not sep:
             raise ValueError(f"address {to!r} must be <device-id>/<agent>")
+        try:
+            check_id("device", device)
+            check_id("agent", agent)
+        except BadName as exc:
+            raise ValueError(f"address {to!r}: {exc}") from None
         return f"{self.prefix}/{self.agent}/out/{device}/{agent}"
 
     async def send(self, to: str, payload: bytes, *, content_type: str | None = None,
                    user_properties: list[tuple[str, str]] | None = None) -> None:
-        """Send to `<device-id>/<agent>`; returns once the local broker (and so the gateway's path) has it."""
-        await self._publish(self._out(to), payload, content_type=content_type, user_properties=user_properties)
+        """Send to `<device-id>/<agent>`. Returns once the gateway's receipt came, i.e. once the gateway has the
+        message durably in its outbox (it then delivers it exactly once); until then the SDK publishes it again
+        after every reconnect and whenever no receipt came in time, so this waits while the broker or the gateway
+        is down. Concurrent sends are pipelined."""
+        await self._tracked(self._out(to), payload, content_type=content_type, user_properties=user_properties)
 
     async def request(self, to: str, payload: bytes, *, timeout: float = 10.0,
                       content_type: str | None = None) -> Message:
-        """Send a request and wait for the reply."""
+        """Send a request and wait for the reply (the request is receipted and resent like `send`)."""
         corr = os.urandom(16)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[corr] = fut
         try:
-            await self._publish(self._out(to), payload, response_topic=f"{self._reply_base}/r",
-                                correlation_data=corr, content_type=content_type)
+            out = self._register(self._out(to), payload, response_topic=f"{self._reply_base}/r",
+                                 correlation_data=corr, content_type=content_type)
+            if self._up.is_set():
+                await self._publish_out(out)
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise AgentClientError(f"no reply from {to} within {timeout} s") from None
@@ -157,10 +390,7 @@ class AgentClient:
     def _group_session(self) -> aiomqtt.Client:
         """A second MQTT session for group traffic, so that `receive()` and `messages()` see direct messages only.
         It reuses this client's broker address and credentials."""
-        paho = self._mqtt._client
-        pw = paho.password
-        return aiomqtt.Client(self._mqtt._hostname, self._mqtt._port, username=paho.username,
-                              password=pw.decode() if isinstance(pw, bytes) else pw,
+        return aiomqtt.Client(self._host, self._port, username=self._username, password=self._password,
                               identifier=f"{self.agent}-g-{os.urandom(4).hex()}", protocol=aiomqtt.ProtocolVersion.V5,
                               socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
@@ -200,8 +430,13 @@ class AgentClient:
         return await self._group_ctl(group, {"op": "remove", "members": list(members)}, timeout)
 
     async def send_group(self, group: str, payload: bytes) -> None:
-        """Send to every other member of the group; returns once the gateway has it durably."""
-        await self._publish(self._group_topic(group, "out"), payload)
+        """Send to every other member of the group; returns once the local broker acknowledged it (MQTT QoS 1:
+        group messages have no end-to-end receipt)."""
+        await self._up.wait()
+        try:
+            await self._mqtt.publish(self._group_topic(group, "out"), payload, qos=1)
+        except aiomqtt.MqttError as exc:
+            raise AgentClientError(f"group send failed: {exc}") from None
 
     async def group_messages(self, group: str) -> AsyncIterator[Message]:
         """Messages of one group, as they arrive (a session of its own, closed when the iteration ends)."""

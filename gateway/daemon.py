@@ -34,6 +34,7 @@ from gateway.inbox import InboxEntry
 from gateway.link import RelayLink, RelayLinkConfig
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
 from gateway.protocol.pairwise import Ed25519Signer
+from gateway.receipts import Receipts
 from gateway.receiving import Receiving
 from gateway.runtime import Counters, event_loop_factory, now_ms
 from gateway.sd_notify import Notifier
@@ -64,7 +65,7 @@ LINK_EVENT_QUEUE = 16
 
 
 
-class Gateway(Sending, Receiving):
+class Gateway(Sending, Receiving, Receipts):
     """A running gateway: start-up, wiring, housekeeping and status; the halves live in `sending` and
     `receiving`."""
 
@@ -109,6 +110,7 @@ class Gateway(Sending, Receiving):
         self.bridge = MqttBridge(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=f"agw-gateway-{self.device_id}",
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
+        self._init_receipts()
         restored_inbox = self.restore_inbox()  # holds their packet ids before any new message takes one
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
         # Groups (MLS) only when the device has agents; the MLS code is not even imported otherwise.
@@ -131,7 +133,7 @@ class Gateway(Sending, Receiving):
         tasks = [asyncio.create_task(c, name=n) for n, c in (
             ("agents", self._agent_loop()), ("link", self._link_loop()), ("sender", self._sender_loop()),
             ("consent", self._consent_loop()), ("inbox", self._inbox_loop(restored_inbox)),
-            ("maintenance", self._maintenance_loop()))]
+            ("maintenance", self._maintenance_loop()), ("receipts", self._receipts_loop()))]
         try:
             stop = asyncio.create_task(self._stop.wait())
             done, _ = await asyncio.wait([stop, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -211,7 +213,7 @@ class Gateway(Sending, Receiving):
                 "pending_consent": self.store.consent.pending_count(),
                 "peers": self.book.peers(),
                 "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"},
-                "groups": self.groups.status()}
+                "groups": self.groups.status(), "receipts": self.receipts_status()}
 
 
 async def run_gateway(cfg: GatewayConfig) -> int:

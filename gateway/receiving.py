@@ -174,6 +174,7 @@ class Receiving:
         if packet_id is None:
             return False
         e.packet_id, e.phase = packet_id, Phase.PUBLISHED
+        e.exchange_connect = self._exchange_connect()  # (receipts: see gateway/receipts.py)
         return True
 
     def restore_inbox(self) -> list[InboxEntry]:
@@ -186,9 +187,10 @@ class Receiving:
             except InboxRecordError as exc:
                 log.error("%s; left in the store", exc)
         for e in entries:
-            if e.phase is not Phase.WAITING:
+            if e.in_exchange:
                 self.bridge.claim_packet_id(e.packet_id)
         self._seq = max([self._seq, *(e.seq for e in entries)])
+        entries = self._restored_held(entries)  # receipts: HANDED entries wait for the broker (gateway/receipts.py)
         return sorted(entries, key=lambda e: e.seq)
 
     def _broker_has(self, packet_ids: list[int]) -> None:
@@ -255,10 +257,16 @@ class Receiving:
 
     def _drop_finished(self) -> None:
         done, self._finished = self._finished, []
+        held: list[InboxEntry] = []
         try:
             with self.store.transaction(durable=False):
+                gone = []
                 for e in done:
-                    self.store.inbox.delete(e.name)
+                    if self._hold_on_pubcomp(e):  # receipts: kept until an acking agent acks it
+                        held.append(e)
+                    else:
+                        gone.append(e.name)
+                self.store.inbox.delete_many(gone)
         except StoreError as exc:
             log.error("cannot drop %d delivered inbox entries (%s); retrying", len(done), exc)
             if not self._finished:
@@ -268,6 +276,7 @@ class Receiving:
         for e in done:
             self.bridge.free_packet_id(e.packet_id)
             self._publishing.discard(e.name)
+        self._after_pubcomp(held)
         self.counters.delivered += len(done)
         self._publish_room.set()
 
@@ -279,7 +288,8 @@ class Receiving:
                 pending = []
             await asyncio.sleep(1.0)
             if self.bridge.connected:  # (while the broker is away the inbox only grows: no need to read it)
-                pending = [e for e in self._stored_inbox() if e.name not in self._publishing]
+                pending = [e for e in self._stored_inbox() if e.name not in self._publishing and
+                           e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
 
     def _stored_inbox(self) -> list[InboxEntry]:
         entries = []

@@ -22,7 +22,7 @@ from gateway import stages, topics
 from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
-from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.protocol.message import InnerMessage, Kind
 from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
 from gateway.store import OutboxEntry, OutboxFull, StoreError
@@ -153,6 +153,7 @@ class Sending:
                 for m in group_msgs:
                     self.bridge.ack(m)
                 batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
+            batch = self._take_acks(batch)  # receipts: agents' acks of what they received (gateway/receipts.py)
             for m in batch:
                 try:
                     out = topics.parse_out_topic(prefix, m.topic)
@@ -184,6 +185,7 @@ class Sending:
                 stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
+            self._send_receipts(batch)  # receipts: tell SDK agents what is now durable (gateway/receipts.py)
             self.counters.sent += len(items)
             self._wake_sender.set()
 
@@ -191,7 +193,7 @@ class Sending:
         props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
         if out.deliver_to is not None:
             props += ((topics.PROP_DELIVER_TO, out.deliver_to),)
-        return InnerMessage(kind=Kind.DATA, message_id=new_message_id(), sender_agent=out.agent,
+        return InnerMessage(kind=Kind.DATA, message_id=self._e2e_message_id(m, out.agent), sender_agent=out.agent,
                             recipient_agent=out.peer_agent, created_at_ms=t, expires_at_ms=t + ttl,
                             payload=m.payload, response_topic=m.response_topic, correlation_data=m.correlation_data,
                             content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)

@@ -4,8 +4,11 @@
     agw/<agent>/out/<peer-device>/<peer-agent>/r/<topic>   a reply, to be delivered at the peer on <topic>
     agw/<agent>/in                                         the agent receives here
     agw/<agent>/...                                        the agent's own namespace (e.g. reply topics)
+    agw/<agent>/receipt                                    the gateway: SDK message ids it has durably (receipts)
+    agw/<agent>/ack                                        the SDK: message ids it handed to the application
 
-Agents may only write under agw/<agent>/out/ and read under agw/<agent>/ (firmware-config ACL template).
+Agents may only write under agw/<agent>/out/ (and agw/<agent>/ack, group topics) and read under agw/<agent>/
+(firmware-config ACL template).
 Messages delivered to an agent carry the user properties `agw:from` (<device>/<agent>) and `agw:message-id`.
 A request's response topic is rewritten for the recipient to the reply form above, so that the reply travels
 back end to end and arrives on the requester's own response topic.
@@ -54,6 +57,34 @@ def parse_out_topic(prefix: str, topic: str) -> OutTopic:
 
 def out_subscription(prefix: str) -> str:
     return f"{prefix}/+/out/#"
+
+
+def ack_subscription(prefix: str) -> str:
+    return f"{prefix}/+/ack"
+
+
+def gateway_subscriptions(prefix: str) -> list[str]:
+    """Everything the gateway subscribes to on its broker (QoS 1)."""
+    return [out_subscription(prefix), *group_subscriptions(prefix), ack_subscription(prefix)]
+
+
+def ack_topic(prefix: str, agent: str) -> str:
+    return f"{prefix}/{agent}/ack"
+
+
+def receipt_topic(prefix: str, agent: str) -> str:
+    return f"{prefix}/{agent}/receipt"
+
+
+def ack_agent(prefix: str, topic: str) -> str | None:
+    """The agent of an ack topic agw/<agent>/ack, else None."""
+    parts = topic.split("/")
+    if len(parts) == 3 and parts[0] == prefix and parts[2] == "ack":
+        try:
+            return check_id("agent", parts[1])
+        except BadName:
+            return None
+    return None
 
 
 def inbox_topic(prefix: str, agent: str) -> str:

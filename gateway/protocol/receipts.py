@@ -1,0 +1,62 @@
+"""End-to-end receipts between the agent SDK and its gateway (docs/protocol.md, "Receipts and acks").
+
+Sans-I/O. Sending: the SDK gives each message a random 16-byte id, carried as the MQTT 5 user property
+`agw:message-id` (32 lowercase hex digits); the gateway derives the end-to-end message id from it, namespaced by
+the sending agent (`derive_message_id`), and answers with a receipt on `agw/<agent>/receipt` once the message is
+durable. Receiving: the SDK acknowledges the `agw:message-id` of each message it hands to the application on
+`agw/<agent>/ack`. Receipt and ack payloads are both a concatenation of 16-byte ids (`encode_ids`, `decode_ids`);
+an empty ack says "this agent acknowledges" (sent on every connect), and the one-byte ack `GOODBYE` says "this
+agent stops acknowledging" (sent by an SDK client that closes cleanly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+from gateway.protocol.errors import DecodeError
+
+ID_SIZE = 16
+MAX_IDS = 4096  # per receipt or ack payload (64 KiB)
+DERIVE_LABEL = b"agw sdk message id v1"
+GOODBYE = b"\x00"  # the ack payload of a client that closes cleanly
+
+
+class ReceiptFormatError(DecodeError):
+    """A receipt, an ack or an SDK message id is malformed."""
+
+
+def parse_sdk_id(value: str) -> bytes:
+    """The 16-byte id of an `agw:message-id` user property set by an agent: exactly 32 lowercase hex digits."""
+    if len(value) != 2 * ID_SIZE or any(c not in "0123456789abcdef" for c in value):
+        raise ReceiptFormatError(f"agw:message-id must be {2 * ID_SIZE} lowercase hex digits "
+                                 f"(got {len(value)} characters)")
+    return bytes.fromhex(value)
+
+
+def derive_message_id(agent: str, sdk_id: bytes) -> bytes:
+    """The end-to-end message id of an SDK message: SHA-256(len(label) | label | len(agent) | agent | sdk id)[:16],
+    lengths as one byte. Two agents choosing the same SDK id get different message ids."""
+    if len(sdk_id) != ID_SIZE:
+        raise ReceiptFormatError(f"an SDK message id is {ID_SIZE} bytes, not {len(sdk_id)}")
+    name = agent.encode()
+    if not 0 < len(name) < 256:
+        raise ReceiptFormatError("the agent name must be 1-255 bytes")
+    h = hashlib.sha256(bytes([len(DERIVE_LABEL)]) + DERIVE_LABEL + bytes([len(name)]) + name + sdk_id)
+    return h.digest()[:ID_SIZE]
+
+
+def encode_ids(ids: Iterable[bytes]) -> bytes:
+    out = b"".join(ids)
+    if len(out) % ID_SIZE or len(out) > MAX_IDS * ID_SIZE:
+        raise ReceiptFormatError(f"ids are {ID_SIZE} bytes each, at most {MAX_IDS} per payload")
+    return out
+
+
+def decode_ids(payload: bytes) -> list[bytes]:
+    """The ids of a receipt or ack payload (possibly none; the caller checks for `GOODBYE` first)."""
+    if len(payload) % ID_SIZE:
+        raise ReceiptFormatError(f"a receipt or ack payload is a multiple of {ID_SIZE} bytes (got {len(payload)})")
+    if len(payload) > MAX_IDS * ID_SIZE:
+        raise ReceiptFormatError(f"a receipt or ack payload holds at most {MAX_IDS} ids")
+    return [payload[i:i + ID_SIZE] for i in range(0, len(payload), ID_SIZE)]

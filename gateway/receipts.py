@@ -1,0 +1,301 @@
+"""End-to-end receipts and acks between the gateway and agents that use the SDK (gateway/client.py).
+
+Sending direction: an agent's message with a well-formed `agw:message-id` (the SDK's random 16-byte id) gets the
+end-to-end message id `derive_message_id(agent, sdk id)`, so a retransmission has the same id: the outbox does
+not store it twice (INSERT OR IGNORE), and once delivered the receiving gateway's delivered-id table answers it
+with an ACK instead of a second delivery (for `store.delivered_retention_days`). After each ingest commit the
+gateway publishes, per agent, one receipt on agw/<agent>/receipt naming the SDK ids of the batch (duplicates too:
+the first receipt may have died with the broker). A malformed `agw:message-id` is treated as absent (a fresh id,
+no receipt) with a warning: only a non-SDK client sets one, and such a client does not wait for receipts, so
+dropping its message would lose it.
+
+Receiving direction: an agent that publishes on agw/<agent>/ack (the SDK sends an empty ack on every connect) is
+remembered in the store as acknowledging. Its inbox entries are not deleted at PUBCOMP but kept as HANDED until
+its ack names them (only its own entries), published again after every (re)connect to the broker and whenever it
+announces itself, and deleted with a warning when they expire unacknowledged (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+from gateway import topics
+from gateway.bridge import AgentMessage, BrokerUnavailable
+from gateway.inbox import InboxEntry, Phase
+from gateway.protocol.identity.errors import BadName
+from gateway.protocol.identity.names import check_id
+from gateway.protocol.message import new_message_id
+from gateway.protocol.receipts import (
+    GOODBYE,
+    MAX_IDS,
+    ReceiptFormatError,
+    decode_ids,
+    derive_message_id,
+    encode_ids,
+    parse_sdk_id,
+)
+from gateway.runtime import now_ms
+from gateway.store import StoreError
+
+log = logging.getLogger("agw.receipts")
+
+ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the agent acknowledged anything
+EARLY_ACKS = 65_536  # acks remembered for entries not (yet) HANDED: an ack may overtake our PUBCOMP
+WATCH_EVERY = 0.2  # seconds between looks at the broker connection
+EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
+HELLO_GRACE = 2.0  # seconds after an agent's announcement before its older held entries are published again
+
+
+class Receipts:
+    """Mixed into `Gateway`. Call `_init_receipts()` once the store is open, before `restore_inbox()`."""
+
+    cfg: Any
+    store: Any
+    bridge: Any
+    _publishing: set[str]
+    _background: set[asyncio.Task[None]]
+
+    def _init_receipts(self) -> None:
+        self._acking: set[str] = {a for a in self.cfg.agents if self.store.secrets.get(ACKING_KEY + a) is not None}
+        # agent -> message id -> (entry name, expiry, broker connection it was handed in, when (loop time))
+        self._held: defaultdict[str, dict[bytes, tuple[str, int, int, float]]] = defaultdict(dict)
+        self._early_acks: OrderedDict[tuple[str, bytes], None] = OrderedDict()
+        self.receipt_counters = {"receipts": 0, "acks": 0, "held_expired": 0, "republished": 0, "bad_input": 0}
+
+    # -- sending direction -------------------------------------------------------------------------------------
+    def _sdk_id(self, m: AgentMessage, agent: str, *, warn: bool) -> bytes | None:
+        value = next((v for k, v in m.user_properties if k == topics.PROP_MESSAGE_ID), None)
+        if value is None:
+            return None
+        try:
+            return parse_sdk_id(value)
+        except ReceiptFormatError as exc:
+            if warn:
+                self.receipt_counters["bad_input"] += 1
+                log.warning("agent %s published on %s with a malformed agw:message-id (%s): it gets a fresh message "
+                            "id and no receipt", agent, m.topic, exc)
+            return None
+
+    def _e2e_message_id(self, m: AgentMessage, agent: str) -> bytes:
+        """The end-to-end id of an agent's message: derived from its SDK id, else fresh."""
+        sdk_id = self._sdk_id(m, agent, warn=True)
+        return new_message_id() if sdk_id is None else derive_message_id(agent, sdk_id)
+
+    def _send_receipts(self, batch: list[AgentMessage]) -> None:
+        """After the ingest commit: one receipt per agent naming the SDK ids of its messages in the batch (stored
+        now, stored before, or refused for good and logged: the SDK must stop resending them either way)."""
+        prefix = self.cfg.mqtt.topic_prefix
+        by_agent: dict[str, list[bytes]] = defaultdict(list)
+        for m in batch:
+            parts = m.topic.split("/")
+            if len(parts) < 3 or parts[2] != "out":
+                continue
+            try:
+                agent = check_id("agent", parts[1])
+            except BadName:
+                continue
+            sdk_id = self._sdk_id(m, agent, warn=False)
+            if sdk_id is not None:
+                by_agent[agent].append(sdk_id)
+        for agent, ids in by_agent.items():
+            for i in range(0, len(ids), MAX_IDS):
+                self._spawn_receipt(topics.receipt_topic(prefix, agent), encode_ids(ids[i:i + MAX_IDS]))
+
+    def _spawn_receipt(self, topic: str, payload: bytes) -> None:
+        async def publish() -> None:
+            try:
+                await self.bridge.publish(topic, payload)
+                self.receipt_counters["receipts"] += 1
+            except BrokerUnavailable as exc:  # the SDK publishes again and gets a new receipt
+                log.info("a receipt on %s was not published (%s)", topic, exc)
+
+        task = asyncio.create_task(publish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- receiving direction: acks -----------------------------------------------------------------------------
+    def _take_acks(self, batch: list[AgentMessage]) -> list[AgentMessage]:
+        """Handle the acks in a batch from the broker (and PUBACK them); returns the other messages."""
+        prefix = self.cfg.mqtt.topic_prefix
+        rest = []
+        for m in batch:
+            agent = topics.ack_agent(prefix, m.topic)
+            if agent is None:
+                rest.append(m)
+                continue
+            try:
+                self._on_ack(agent, m.payload)
+            except StoreError as exc:
+                # Not PUBACKed: the broker delivers the ack again after a reconnect. Held entries stay meanwhile.
+                log.error("cannot record an ack of %s (%s)", agent, exc)
+                continue
+            self.bridge.ack(m)
+        return rest
+
+    def _on_ack(self, agent: str, payload: bytes) -> None:
+        if agent not in self.cfg.agents:
+            self.receipt_counters["bad_input"] += 1
+            log.warning("an ack on the topic of %r, which is not an agent of this device: ignored", agent)
+            return
+        if payload == GOODBYE:
+            if agent in self._acking:
+                with self.store.transaction(durable=False):
+                    self.store.secrets.delete(ACKING_KEY + agent)
+                self._acking.discard(agent)
+                log.info("agent %s stopped acknowledging (its SDK client closed): its messages go at PUBCOMP again",
+                         agent)
+            return
+        try:
+            ids = decode_ids(payload)
+        except ReceiptFormatError as exc:
+            self.receipt_counters["bad_input"] += 1
+            log.warning("agent %s sent a malformed ack (%s): ignored", agent, exc)
+            return
+        if agent not in self._acking:
+            with self.store.transaction(durable=False):
+                self.store.secrets.put(ACKING_KEY + agent, b"\x01")
+            self._acking.add(agent)
+            log.info("agent %s acknowledges what it receives: its messages are kept until it does", agent)
+        if not ids:
+            # The agent (re)connected. What was handed to the broker while it was away waits in its session and
+            # arrives now; after a grace period, what is still unacknowledged from before this announcement is
+            # sent again (its session may have been lost, e.g. with the broker's unsaved state).
+            loop = asyncio.get_running_loop()
+            loop.call_later(HELLO_GRACE, self._republish_held, agent, None, loop.time())
+            return
+        self.receipt_counters["acks"] += len(ids)
+        held = self._held.get(agent, {})
+        names = []
+        for i in ids:
+            got = held.pop(i, None)
+            if got is not None and got[0] not in self._publishing:
+                names.append(got[0])
+            else:  # not handed yet (the ack overtook our PUBCOMP), or being published again: drop it at PUBCOMP
+                self._early_acks[(agent, i)] = None
+                if len(self._early_acks) > EARLY_ACKS:
+                    self._early_acks.popitem(last=False)
+        if names:
+            with self.store.transaction(durable=False):
+                for name in names:
+                    self.store.inbox.delete(name)
+
+    # -- receiving direction: hooks of the inbox (gateway/receiving.py) ----------------------------------------
+    def _hold_on_pubcomp(self, e: InboxEntry) -> bool:
+        """In `_drop_finished`'s transaction: True if the entry is kept as HANDED (written now) instead of
+        deleted, i.e. its agent acknowledges and has not acknowledged it yet."""
+        agent = e.message.recipient_agent
+        if agent not in self._acking:
+            return False
+        if (agent, e.message.message_id) in self._early_acks:
+            del self._early_acks[(agent, e.message.message_id)]
+            return False  # the ack came first
+        if self.store.inbox.get(e.name) is None:
+            return False  # purged meanwhile: not written back
+        self.store.inbox.put(e.name, dataclasses.replace(e, phase=Phase.HANDED, packet_id=0).record())
+        return True
+
+    def _exchange_connect(self) -> int:
+        """The broker connection a QoS 2 exchange starting now goes out in: while disconnected, paho sends the
+        PUBLISH after the next connect. (If the disconnection is not noticed yet, the current one: that only
+        makes the entry publish again once, needlessly.)"""
+        return self.bridge.connects if self.bridge.connected else self.bridge.connects + 1
+
+    def _after_pubcomp(self, held: list[InboxEntry]) -> None:
+        """After `_drop_finished`'s commit (and after the packet ids were freed): index the entries now held."""
+        when = asyncio.get_running_loop().time()
+        suspects = []
+        for e in held:
+            e.handed()
+            self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms,
+                                                                          e.exchange_connect, when)
+            if e.exchange_connect < self.bridge.connects:
+                suspects.append(e.name)
+        if suspects:
+            # The exchange started before the broker connection it ended in: a restarted broker may have answered
+            # PUBCOMP for a message it lost (a PUBREL for an id it no longer knows). Publish these again now.
+            self._republish_names(set(suspects), "after a broker reconnect")
+
+    def _restored_held(self, entries: list[InboxEntry]) -> list[InboxEntry]:
+        """At start-up: index the HANDED entries (published again at the first connection: exchange in
+        connection 0); returns the others."""
+        rest = []
+        for e in entries:
+            if e.phase is Phase.HANDED:
+                self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms, 0,
+                                                                              float("-inf"))
+            else:
+                rest.append(e)
+        return rest
+
+    def _republish_held(self, agent: str | None = None, before_connect: int | None = None,
+                        before: float | None = None) -> None:
+        """Publish the held entries (of one agent, or all; whose exchange started in a broker connection before
+        `before_connect`, or handed before loop time `before`) again, each in a new QoS 2 exchange."""
+        if not self.bridge.connected:
+            return
+        wanted = {name for a, held in self._held.items() if agent is None or a == agent
+                  for name, _, connect, when in held.values()
+                  if name not in self._publishing and (before_connect is None or connect < before_connect)
+                  and (before is None or when < before)}
+        self._republish_names(wanted, f"not yet acknowledged by {agent or 'their agents'}")
+
+    def _republish_names(self, wanted: set[str], why: str) -> None:
+        if not wanted or not self.bridge.connected:
+            return
+        entries = []
+        for name in sorted(wanted):
+            record = self.store.inbox.get(name)
+            if record is None:
+                continue
+            e = InboxEntry.from_record(name, record)
+            if e.phase is Phase.HANDED:
+                e.to_publish_again()
+                entries.append(e)
+        entries.sort(key=lambda e: e.seq)
+        self.receipt_counters["republished"] += len(entries)
+        log.info("publishing again %d held message(s) %s", len(entries), why)
+        task = asyncio.create_task(self._publish_inbox(entries))  # type: ignore[attr-defined]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _expire_held(self) -> None:
+        t = now_ms()
+        for agent, held in self._held.items():
+            gone = [(i, name) for i, (name, expires, _, _) in held.items()
+                    if expires <= t and name not in self._publishing]
+            if not gone:
+                continue
+            with self.store.transaction(durable=False):
+                for i, name in gone:
+                    self.store.inbox.delete(name)
+                    del held[i]
+            self.receipt_counters["held_expired"] += len(gone)
+            log.warning("%d message(s) handed to agent %s expired without its acknowledgement (it may have received "
+                        "them; an agent that stopped acknowledging should not be remembered as acknowledging: see "
+                        "docs/operations.md)", len(gone), agent)
+
+    async def _receipts_loop(self) -> None:
+        """Publish held entries again after every (re)connect to the broker (the first included), and expire them."""
+        seen_connects = 0
+        loop = asyncio.get_running_loop()
+        expired_at = loop.time()
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            connects = self.bridge.connects
+            if connects != seen_connects and self.bridge.connected:
+                seen_connects = connects
+                self._republish_held(before_connect=connects)  # (handed since: in the agent's session now)
+            if loop.time() - expired_at >= EXPIRE_EVERY:
+                expired_at = loop.time()
+                try:
+                    self._expire_held()
+                except StoreError as exc:
+                    log.error("cannot expire held inbox entries (%s); retrying", exc)
+
+    def receipts_status(self) -> dict[str, Any]:
+        return {"acking_agents": sorted(self._acking), "held": sum(len(h) for h in self._held.values()),
+                **self.receipt_counters}

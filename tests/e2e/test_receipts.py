@@ -1,0 +1,257 @@
+"""End-to-end receipts and acks (gateway/receipts.py, docs/protocol.md "Receipts and acks"), with real gateways,
+brokers and the shipped ACL. Raw MQTT clients play the SDK's part here so that each step can be seen (and
+withheld): an ack that is not sent, a retransmission with the same id, a malformed id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway.client import AgentClient
+from gateway.protocol.receipts import derive_message_id
+from gateway.testbed import Testbed
+
+PW = "agent-secret"
+
+
+class Raw:
+    """A raw MQTT 5 client of one agent: records what it receives and the broker's answer to each publish."""
+
+    def __init__(self, agent: str, port: int, *subscriptions: str) -> None:
+        self.agent = agent
+        self.got: list[tuple[str, bytes, dict[str, str]]] = []
+        self.acks: dict[int, Any] = {}  # mid -> PUBACK reason code
+        self.lock = threading.Lock()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{agent}-raw-{uuid.uuid4().hex[:6]}",
+                        protocol=mqtt.MQTTv5)
+        c.username_pw_set(agent, PW)
+        c.on_message = self._on_message
+        c.on_publish = self._on_publish
+        c.connect("127.0.0.1", port)
+        c.loop_start()
+        deadline = time.monotonic() + 20
+        while not c.is_connected():
+            assert time.monotonic() < deadline, f"{agent} cannot connect"
+            time.sleep(0.02)
+        for t in subscriptions:
+            c.subscribe(t, qos=1)
+        time.sleep(0.3)
+        self.client = c
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        props = dict(getattr(msg.properties, "UserProperty", None) or [])
+        with self.lock:
+            self.got.append((msg.topic, bytes(msg.payload), props))
+
+    def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: Any, _p: object = None) -> None:
+        with self.lock:
+            self.acks[mid] = rc
+
+    def publish(self, topic: str, payload: bytes, user: list[tuple[str, str]] | None = None) -> Any:
+        """Publish QoS 1; returns the broker's PUBACK reason code."""
+        props = Properties(PacketTypes.PUBLISH)
+        if user:
+            props.UserProperty = user
+        info = self.client.publish(topic, payload, qos=1, properties=props)
+        info.wait_for_publish(10)
+        deadline = time.monotonic() + 10
+        while info.mid not in self.acks:
+            assert time.monotonic() < deadline, "no PUBACK"
+            time.sleep(0.01)
+        return self.acks[info.mid]
+
+    def wait_for(self, n: int, topic_part: str, timeout: float = 30.0) -> list[tuple[str, bytes, dict[str, str]]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                got = [g for g in self.got if topic_part in g[0]]
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def receipts_of(gw: Any) -> dict[str, Any]:
+    return gw.status()["receipts"]  # type: ignore[no-any-return]
+
+
+def wait_status(gw: Any, pred: Any, timeout: float = 20.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = receipts_of(gw)
+        if pred(st) or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
+    tb = Testbed(tmp_path_factory.mktemp("receipts"))
+    try:
+        tb.start_relay()
+        tb.add_gateway("dev-a", agents={"alice": ["dev-b/*"]})
+        tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"], "carol": ["dev-a/alice"]})
+        for gw in tb.gateways.values():
+            gw.start()
+        for gw in tb.gateways.values():
+            gw.wait_ready(90)
+        yield tb
+    finally:
+        tb.close()
+
+
+async def sdk_send(tb: Testbed, payload: bytes) -> None:
+    async with AgentClient("alice", port=tb.gateways["dev-a"].broker.port, password=PW) as alice:
+        await alice.send("dev-b/bob", payload)  # returns on the gateway's receipt
+
+
+@pytest.fixture
+def raw_bob(bed: Testbed) -> Iterator[Raw]:
+    """bob as a raw client that announces itself as acknowledging, then acknowledges only when told to."""
+    b = bed.gateways["dev-b"]
+    bob = Raw("bob", b.broker.port, "agw/bob/in")
+    assert bob.publish("agw/bob/ack", b"").is_failure is False
+    assert "bob" in wait_status(b, lambda st: "bob" in st["acking_agents"])["acking_agents"]
+    yield bob
+    bob.close()
+
+
+async def test_an_ack_cannot_delete_another_agents_entries(bed: Testbed, raw_bob: Raw) -> None:
+    b = bed.gateways["dev-b"]
+    await sdk_send(bed, b"for bob only")
+    (_, payload, props), = raw_bob.wait_for(1, "agw/bob/in")
+    assert payload == b"for bob only"
+    mid = bytes.fromhex(props["agw:message-id"])
+    assert wait_status(b, lambda st: st["held"] == 1)["held"] == 1  # handed, not yet acknowledged: kept
+    carol = Raw("carol", b.broker.port)
+    try:
+        # The ACL: carol may not publish on bob's ack topic (MQTT 5: PUBACK "Not authorized").
+        rc = carol.publish("agw/bob/ack", mid)
+        assert rc.is_failure and rc.value == 0x87, rc
+        # The gateway: carol's own ack naming bob's message deletes nothing of bob's.
+        assert not carol.publish("agw/carol/ack", mid).is_failure
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert receipts_of(b)["held"] == 1
+            time.sleep(0.2)
+    finally:
+        carol.close()
+    # bob's own ack does.
+    assert not raw_bob.publish("agw/bob/ack", mid).is_failure
+    assert wait_status(b, lambda st: st["held"] == 0)["held"] == 0
+
+
+async def test_malformed_ack_and_message_id_are_logged_not_fatal(bed: Testbed, raw_bob: Raw) -> None:
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    bad_before = receipts_of(b)["bad_input"]
+    assert not raw_bob.publish("agw/bob/ack", b"\x01" * 5).is_failure
+    assert wait_status(b, lambda st: st["bad_input"] > bad_before)["bad_input"] == bad_before + 1
+    assert "bob sent a malformed ack" in b.log_text()
+    # A malformed agw:message-id: the message still goes (with a fresh id), without a receipt.
+    alice = Raw("alice", a.broker.port, "agw/alice/receipt")
+    try:
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"odd id", [("agw:message-id", "xyz")]).is_failure
+        (_, payload, props), = raw_bob.wait_for(1, "agw/bob/in")
+        assert payload == b"odd id" and len(props["agw:message-id"]) == 32
+        assert "malformed agw:message-id" in a.log_text()
+        time.sleep(1.0)
+        assert alice.wait_for(1, "receipt", timeout=0.1) == []
+    finally:
+        alice.close()
+    assert not raw_bob.publish("agw/bob/ack", bytes.fromhex(props["agw:message-id"])).is_failure
+    assert wait_status(b, lambda st: st["held"] == 0)["held"] == 0
+    assert a.proc is not None and a.proc.poll() is None and b.proc is not None and b.proc.poll() is None
+
+
+async def test_a_retransmitted_message_is_delivered_once(bed: Testbed, raw_bob: Raw) -> None:
+    a = bed.gateways["dev-a"]
+    sdk_id = os.urandom(16)
+    alice = Raw("alice", a.broker.port, "agw/alice/receipt")
+    user = [("agw:message-id", sdk_id.hex())]
+    try:
+        # Twice at once (the second finds the first in the outbox) ...
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"only once", user).is_failure
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"only once", user).is_failure
+        got = raw_bob.wait_for(1, "agw/bob/in")
+        # ... and once more after delivery, when the sender's outbox no longer has it (the peer ACKed it): the
+        # receiving gateway's delivered ids recognise it.
+        deadline = time.monotonic() + 30
+        while a.status()["queue"]["outbox_depth"] and time.monotonic() < deadline:  # type: ignore[index]
+            time.sleep(0.1)
+        assert a.status()["queue"]["outbox_depth"] == 0  # type: ignore[index]
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"only once", user).is_failure
+        # Every copy is receipted (the SDK's retransmission means an earlier receipt was lost).
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            receipted = b"".join(p for _, p, _ in alice.wait_for(0, "receipt", timeout=0))
+            if receipted.count(sdk_id) >= 3:
+                break
+            time.sleep(0.1)
+        assert receipted.count(sdk_id) == 3
+        time.sleep(3.0)  # a second copy, if any, would have arrived by now
+        got = raw_bob.wait_for(1, "agw/bob/in")
+        assert [p for _, p, _ in got] == [b"only once"]
+        assert got[0][2]["agw:message-id"] == derive_message_id("alice", sdk_id).hex()
+    finally:
+        alice.close()
+    assert not raw_bob.publish("agw/bob/ack", derive_message_id("alice", sdk_id)).is_failure
+
+
+async def test_the_gateway_keeps_held_entries_across_its_restart(bed: Testbed, raw_bob: Raw) -> None:
+    b = bed.gateways["dev-b"]
+    await sdk_send(bed, b"keep me")
+    first = raw_bob.wait_for(1, "agw/bob/in")
+    assert [p for _, p, _ in first] == [b"keep me"]
+    mid = first[0][2]["agw:message-id"]
+    assert wait_status(b, lambda st: st["held"] == 1)["held"] == 1
+    b.stop(signal.SIGKILL)
+    b.start()
+    b.wait_ready(60)
+    # Published again at start-up (a new QoS 2 exchange), same message id; still held.
+    again = raw_bob.wait_for(2, "agw/bob/in")
+    assert [(p, props["agw:message-id"]) for _, p, props in again] == [(b"keep me", mid)] * 2
+    assert receipts_of(b)["held"] == 1 and "bob" in receipts_of(b)["acking_agents"]
+    assert not raw_bob.publish("agw/bob/ack", bytes.fromhex(mid)).is_failure
+    assert wait_status(b, lambda st: st["held"] == 0)["held"] == 0
+    b.stop()
+    b.start()
+    b.wait_ready(60)
+    time.sleep(2.0)
+    assert len(raw_bob.wait_for(3, "agw/bob/in", timeout=0.5)) == 2  # acknowledged: not published again
+
+
+async def test_the_sdk_survives_a_malformed_receipt(bed: Testbed, caplog: pytest.LogCaptureFixture) -> None:
+    """A receipt that is not a multiple of 16 bytes (only the gateway's user may publish there) is logged and
+    ignored by the SDK, which keeps working."""
+    a = bed.gateways["dev-a"]
+    async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+        gateway = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"fake-gw-{uuid.uuid4().hex[:6]}",
+                              protocol=mqtt.MQTTv5)
+        gateway.username_pw_set("agw-gateway", "gateway-secret")
+        gateway.connect("127.0.0.1", a.broker.port)
+        gateway.loop_start()
+        try:
+            gateway.publish("agw/alice/receipt", b"\x01" * 17, qos=1).wait_for_publish(10)
+            deadline = time.monotonic() + 10
+            while "malformed receipt" not in caplog.text and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert "alice: ignoring a malformed receipt" in caplog.text
+        finally:
+            gateway.loop_stop()
+            gateway.disconnect()
+        await asyncio.wait_for(alice.send("dev-b/bob", b"after a bad receipt"), 30)
