@@ -80,6 +80,12 @@ class BrokerUnavailable(Exception):
     """The local broker is not connected, or refused a publish; the caller retries later."""
 
 
+class BrokerLostMessage(BrokerUnavailable):
+    """The broker answered our PUBREL with a failure PUBCOMP (e.g. "packet identifier not found"): it no longer
+    holds a message it had acknowledged with PUBREC, typically because it restarted from a save older than the
+    exchange. Nothing was delivered: the caller must publish the message again, as a new exchange."""
+
+
 @dataclass(frozen=True, slots=True)
 class AgentMessage:
     """A message an agent published under agw/<agent>/out/..."""
@@ -813,7 +819,10 @@ class MqttBridge:
                     properties: Properties | None = None) -> None:
         once = self._once.pop(mid, None)
         if once is not None:
-            _succeed(once[0])
+            if rc.is_failure:
+                _fail(once[0], BrokerLostMessage(f"the broker answered PUBREL for packet id {mid} with {rc}"))
+            else:
+                _succeed(once[0])
             return
         fut = self._pending.pop(mid, None)
         if fut is None:

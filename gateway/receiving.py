@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from gateway import stages, topics
-from gateway.bridge import BrokerUnavailable
+from gateway.bridge import BrokerLostMessage, BrokerUnavailable
 from gateway.inbox import InboxEntry, InboxRecordError, Phase
 from gateway.link import LinkDownError, LinkLost, LinkReady
 from gateway.protocol.envelope import Envelope, EnvelopeKind
@@ -227,7 +227,8 @@ class Receiving:
         self._publish_room.set()
 
         async def one(e: InboxEntry) -> bool:
-            self._in_flight[e.packet_id] = e
+            packet_id = e.packet_id  # (`_exchange_lost` may reset the entry's)
+            self._in_flight[packet_id] = e
             try:
                 await self._publish_to_agent(e)
             except BaseException as exc:
@@ -235,10 +236,12 @@ class Receiving:
                 self._publish_room.set()
                 if not isinstance(exc, BrokerUnavailable):
                     raise
+                if isinstance(exc, BrokerLostMessage):
+                    self._exchange_lost(e)
                 log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
                 return False
             finally:
-                self._in_flight.pop(e.packet_id, None)
+                self._in_flight.pop(packet_id, None)
             self._delivered_to_broker(e)
             return True
 
@@ -246,6 +249,23 @@ class Receiving:
         if not all(results) or len(ready) < len(entries):
             log.warning("%d message(s) wait in the inbox for the MQTT broker",
                         results.count(False) + len(entries) - len(ready))
+
+    def _exchange_lost(self, e: InboxEntry) -> None:
+        """The broker lost the message after its PUBREC (restarted from an older save): nothing was delivered, so
+        the entry starts over as WAITING (a new packet id, a new exchange: `_inbox_loop` publishes it again).
+        If this cannot be stored, the entry stays BROKER_HAS and the next attempt lands here again."""
+        log.warning("the MQTT broker lost a message for %s after acknowledging it (restarted?); publishing it "
+                    "again", e.message.recipient_agent)
+        packet_id = e.packet_id
+        e.phase, e.packet_id = Phase.WAITING, 0
+        try:
+            with self.store.transaction(durable=False):
+                self.store.inbox.update_many([(e.name, e.record())])
+        except StoreError as exc:
+            log.error("cannot record that the broker lost a message (%s); retrying later", exc)
+            e.phase, e.packet_id = Phase.BROKER_HAS, packet_id
+            return
+        self.bridge.free_packet_id(packet_id)
 
     def _delivered_to_broker(self, e: InboxEntry) -> None:
         """PUBCOMP came: the entry goes, in one commit with the others completed in this turn of the loop. A

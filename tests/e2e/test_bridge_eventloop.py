@@ -194,3 +194,32 @@ async def test_publishes_beyond_max_inflight_wait_their_turn_in_order(broker: tu
     finally:
         await bridge.stop()
         await asyncio.to_thread(bob.close)
+
+
+
+async def test_pubcomp_with_a_failure_reason_is_not_taken_for_delivery(broker: tuple[Broker, Path]) -> None:
+    """A broker that lost a message after its PUBREC (restarted from an older save) answers our PUBREL with
+    PUBCOMP 0x92 "packet identifier not found" (MQTT 5 section 3.7.2.1): nothing was delivered, so
+    `publish_exactly_once` must raise `BrokerLostMessage` (gateway/receiving.py `_exchange_lost` then publishes
+    the entry again). Mosquitto 2.0 answers such a PUBREL with a success PUBCOMP instead (checked by hand:
+    SIGKILL after PUBREC, restart from a save that has the session), so the failure PUBCOMP is fed to the
+    bridge's paho callback here, on a real connection."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from gateway.bridge import BrokerLostMessage
+
+    b, pw = broker
+    bridge = MqttBridge(host="127.0.0.1", port=b.port, client_id="agw-gateway-lost", prefix="agw",
+                        username="agw-gateway", password_file=pw)
+    await bridge.start()
+    try:
+        def answer_with_failure(ids: list[int]) -> None:
+            bridge._on_publish(bridge._client, None, ids[0], ReasonCode(PacketTypes.PUBCOMP, identifier=0x92))
+
+        bridge.claim_packet_id(9)
+        with pytest.raises(BrokerLostMessage, match="packet id 9"):
+            await asyncio.wait_for(
+                bridge.publish_exactly_once(9, "agw/bob/in", b"lost", on_broker_has=answer_with_failure), 10)
+    finally:
+        await bridge.stop()
