@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from gateway.bridge import AgentMessage
+from gateway.receipts import Receipts
 from gateway.runtime import Counters, now_ms
 from gateway.sending import HANDOVER_DUE_MS, Sending
 from gateway.store import Store
@@ -23,13 +24,17 @@ class _NoGroups:
         raise AssertionError("no group topics in this test")
 
 
-class Ingest(Sending):
-    """The sending half over a real store, fed through a queue as the MQTT bridge feeds it."""
+class Ingest(Sending, Receipts):
+    """The sending half (with its receipts hooks) over a real store, fed through a queue as the MQTT bridge
+    feeds it."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"),
+        self.cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"), agents={"alice": None},
                                    store=SimpleNamespace(message_ttl_seconds=3600, durability="power-loss"))
+        self._background: set[asyncio.Task[None]] = set()
+        self._publishing: set[str] = set()
+        self._init_receipts()
         self.acked: list[AgentMessage] = []
         self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append)
         self.groups = _NoGroups()
@@ -42,8 +47,12 @@ class Ingest(Sending):
             self.bridge.incoming.put_nowait(m)
         task = asyncio.create_task(self._agent_loop())
         try:
-            while len(self.acked) < before + len(messages):
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(30):
+                while len(self.acked) < before + len(messages):
+                    if task.done():
+                        task.result()  # the loop died: show why
+                        raise AssertionError("the ingest loop returned")
+                    await asyncio.sleep(0.01)
         finally:
             task.cancel()
 
