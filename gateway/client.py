@@ -11,7 +11,7 @@ broker; the gateway does the rest. Requests use a response topic under the agent
 correlation id, which the gateways carry end to end.
 
 End-to-end receipts (docs/protocol.md, "Receipts and acks"): each message the SDK sends (send, request, reply)
-carries a random 16-byte id in the user property `agw:message-id`; the gateway answers on agw/<agent>/receipt once
+carries a random 16-byte id in the user property `agw:sdk-id`; the gateway answers on agw/<agent>/receipt once
 the message is durable in its outbox, and until then the SDK publishes it again (same id) after every reconnect
 and whenever no receipt came within `receipt_timeout`. Each message the SDK receives is acknowledged on
 agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until then; copies
@@ -43,6 +43,7 @@ from gateway import topics
 from gateway.bridge import publish_properties
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
+from gateway.protocol.message import mqtt_utf8_ok
 from gateway.protocol.receipts import GOODBYE, MAX_IDS, ReceiptFormatError, decode_ids, encode_ids
 
 T = TypeVar("T")
@@ -114,7 +115,7 @@ class AgentClient:
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._resender: asyncio.Task[None] | None = None
-        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._seen: OrderedDict[bytes, bool] = OrderedDict()  # message id -> taken by the application (acked)
         self._unreceipted: dict[bytes, _Outgoing] = {}
         self._acks: list[bytes] = []  # ids to acknowledge, sent once per event-loop turn
         self._ack_scheduled = False
@@ -272,20 +273,34 @@ class AgentClient:
                             topic)
             else:
                 # A copy (the gateway sends again what it holds unacknowledged; a broker sends again what it had
-                # not saved as acknowledged): acknowledged again, not handed to the application.
-                self._ack(mid)
+                # not saved as acknowledged) is not handed to the application again; it is acknowledged again if
+                # the application has taken the first copy (else that ack comes when it does).
                 if mid in self._seen:
                     self.stats["copies_dropped"] += 1
+                    if self._seen[mid]:
+                        self._ack(mid)
                     return
-                self._seen[mid] = None
+                self._seen[mid] = False
                 if len(self._seen) > SEEN_IDS:
                     self._seen.popitem(last=False)
         if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
             fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
             if not fut.done():
                 fut.set_result(msg)
+            self._taken(msg)  # (a reply whose request gave up is not wanted: acknowledged all the same)
         else:
             self._inbox.put_nowait(msg)
+
+    def _taken(self, msg: Message) -> Message:
+        """The application has the message: only now is it acknowledged, so the gateway keeps it until then (a
+        crash or close with messages still queued here loses none of them)."""
+        if msg.message_id is not None:
+            with contextlib.suppress(ValueError):
+                mid = bytes.fromhex(msg.message_id)
+                if mid in self._seen and not self._seen[mid]:
+                    self._seen[mid] = True
+                    self._ack(mid)
+        return msg
 
     def _on_receipt(self, payload: bytes) -> None:
         try:
@@ -316,8 +331,9 @@ class AgentClient:
     async def _send_acks(self, *, announce: bool = False) -> None:
         """Publish the pending acks (QoS 1); on failure they wait for the next connection. `announce`: publish
         even when there is nothing to acknowledge (the empty ack sent on every connect)."""
-        while self._acks or announce:
-            announce = False
+        if announce:  # its own message: only an empty ack announces (gateway/receipts.py)
+            await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids([]), qos=1)
+        while self._acks:
             chunk, self._acks = self._acks[:MAX_IDS], self._acks[MAX_IDS:]
             try:
                 await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids(chunk), qos=1)
@@ -330,9 +346,12 @@ class AgentClient:
                   correlation_data: bytes | None = None, content_type: str | None = None,
                   user_properties: list[tuple[str, str]] | None = None) -> _Outgoing:
         sdk_id = os.urandom(16)
-        user = tuple(kv for kv in (user_properties or ()) if kv[0] != topics.PROP_MESSAGE_ID)
+        user = tuple(kv for kv in (user_properties or ()) if not kv[0].startswith(topics.RESERVED_PREFIX))
+        for s in (response_topic, content_type, *(x for kv in user for x in kv)):
+            if s is not None and not mqtt_utf8_ok(s):
+                raise ValueError(f"{s!r}: MQTT strings may not hold control characters or non-characters")
         props = publish_properties(response_topic, correlation_data, content_type, False,
-                                   (*user, (topics.PROP_MESSAGE_ID, sdk_id.hex())))
+                                   (*user, (topics.PROP_SDK_ID, sdk_id.hex())))
         out = _Outgoing(topic, payload, props, asyncio.get_running_loop().create_future(),
                         time.monotonic(), self._receipt_timeout)
         self._unreceipted[sdk_id] = out
@@ -452,12 +471,13 @@ class AgentClient:
                               user_properties=user)
 
     async def messages(self) -> AsyncIterator[Message]:
-        """Messages sent to this agent, as they arrive."""
+        """Messages sent to this agent, as they arrive; each is acknowledged to the gateway as it is handed out."""
         while True:
-            yield await self._inbox.get()
+            yield self._taken(await self._inbox.get())
 
     async def receive(self, timeout: float | None = None) -> Message:
-        return await asyncio.wait_for(self._inbox.get(), timeout)
+        """The next message sent to this agent (acknowledged to the gateway as it is returned)."""
+        return self._taken(await asyncio.wait_for(self._inbox.get(), timeout))
 
 
 class SyncAgentClient:

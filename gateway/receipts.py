@@ -1,11 +1,11 @@
 """End-to-end receipts and acks between the gateway and agents that use the SDK (gateway/client.py).
 
-Sending direction: an agent's message with a well-formed `agw:message-id` (the SDK's random 16-byte id) gets the
+Sending direction: an agent's message with a well-formed `agw:sdk-id` (the SDK's random 16-byte id) gets the
 end-to-end message id `derive_message_id(agent, sdk id)`, so a retransmission has the same id: the outbox does
 not store it twice (INSERT OR IGNORE), and once delivered the receiving gateway's delivered-id table answers it
 with an ACK instead of a second delivery (for `store.delivered_retention_days`). After each ingest commit the
 gateway publishes, per agent, one receipt on agw/<agent>/receipt naming the SDK ids of the batch (duplicates too:
-the first receipt may have died with the broker). A malformed `agw:message-id` is treated as absent (a fresh id,
+the first receipt may have died with the broker). A malformed `agw:sdk-id` is treated as absent (a fresh id,
 no receipt) with a warning: only a non-SDK client sets one, and such a client does not wait for receipts, so
 dropping its message would lose it.
 
@@ -68,7 +68,7 @@ class Receipts:
 
     # -- sending direction -------------------------------------------------------------------------------------
     def _sdk_id(self, m: AgentMessage, agent: str, *, warn: bool) -> bytes | None:
-        value = next((v for k, v in m.user_properties if k == topics.PROP_MESSAGE_ID), None)
+        value = next((v for k, v in m.user_properties if k == topics.PROP_SDK_ID), None)
         if value is None:
             return None
         try:
@@ -76,7 +76,7 @@ class Receipts:
         except ReceiptFormatError as exc:
             if warn:
                 self.receipt_counters["bad_input"] += 1
-                log.warning("agent %s published on %s with a malformed agw:message-id (%s): it gets a fresh message "
+                log.warning("agent %s published on %s with a malformed agw:sdk-id (%s): it gets a fresh message "
                             "id and no receipt", agent, m.topic, exc)
             return None
 

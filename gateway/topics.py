@@ -24,6 +24,10 @@ from gateway.protocol.identity.names import check_id
 RESERVED_PREFIX = "agw:"
 PROP_FROM = "agw:from"
 PROP_MESSAGE_ID = "agw:message-id"
+# The SDK's own id for a message it sends (gateway/receipts.py). Not agw:message-id: every delivered message carries
+# that one, and a raw client that forwards a message with its properties must not have its copies taken for
+# retransmissions of one message.
+PROP_SDK_ID = "agw:sdk-id"
 PROP_DELIVER_TO = "agw:deliver-to"
 
 

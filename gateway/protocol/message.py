@@ -318,6 +318,18 @@ def new_message_id() -> bytes:
     return _IDS.take(MESSAGE_ID_LEN)
 
 
+# What an MQTT broker refuses in a UTF-8 string (MQTT 5 section 1.5.4; Mosquitto disconnects the client for it):
+# NUL and the other control characters, surrogates, and the Unicode non-characters. A peer's message carrying one
+# would make every hand-over of it to our broker fail, so it is refused here, at the edge.
+_NOT_MQTT_UTF8 = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+                            + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17)) + "]")
+
+
+def mqtt_utf8_ok(s: str) -> bool:
+    """Whether `s` may travel as an MQTT UTF-8 string (topic, content type, user property)."""
+    return _NOT_MQTT_UTF8.search(s) is None
+
+
 def _check(m: InnerMessage, max_payload: int) -> str | None:
     """The first rule `m` breaks, or None. Shared by construction and decoding."""
     if not isinstance(m.kind, Kind):
@@ -346,14 +358,16 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
             except UnicodeDecodeError:
                 return "payload is flagged UTF-8 but is not valid UTF-8"
         if m.response_topic is not None:
-            if not m.response_topic or any(c in m.response_topic for c in "+#\x00"):
-                return "response topic must be a non-empty MQTT topic name without wildcards or NUL"
+            if not m.response_topic or any(c in m.response_topic for c in "+#") or \
+                    not mqtt_utf8_ok(m.response_topic):
+                return "response topic must be a non-empty MQTT topic name without wildcards or control characters"
             if len(m.response_topic.encode()) > MAX_STRING:
                 return f"response topic longer than {MAX_STRING} bytes"
         if m.correlation_data is not None and len(m.correlation_data) > MAX_CORRELATION_DATA:
             return f"correlation data longer than {MAX_CORRELATION_DATA} bytes"
-        if m.content_type is not None and (len(m.content_type.encode()) > MAX_STRING or "\x00" in m.content_type):
-            return f"content type must be at most {MAX_STRING} bytes without NUL"
+        if m.content_type is not None and (len(m.content_type.encode()) > MAX_STRING or
+                                           not mqtt_utf8_ok(m.content_type)):
+            return f"content type must be at most {MAX_STRING} bytes without control characters"
         if len(m.user_properties) > MAX_USER_PROPERTIES:
             return f"more than {MAX_USER_PROPERTIES} user properties"
         total = 0
@@ -362,8 +376,8 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
                 return "user properties must be (str, str) pairs"
             for s in pair:
                 size = len(s.encode())
-                if size > MAX_STRING or "\x00" in s:
-                    return f"user property strings must be at most {MAX_STRING} bytes without NUL"
+                if size > MAX_STRING or not mqtt_utf8_ok(s):
+                    return f"user property strings must be at most {MAX_STRING} bytes without control characters"
                 total += size
         if total > MAX_USER_PROPERTY_BYTES:
             return f"user properties exceed {MAX_USER_PROPERTY_BYTES} bytes in total"

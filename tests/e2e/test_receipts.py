@@ -162,13 +162,13 @@ async def test_malformed_ack_and_message_id_are_logged_not_fatal(bed: Testbed, r
     assert not raw_bob.publish("agw/bob/ack", b"\x01" * 5).is_failure
     assert wait_status(b, lambda st: st["bad_input"] > bad_before)["bad_input"] == bad_before + 1
     assert "bob sent a malformed ack" in b.log_text()
-    # A malformed agw:message-id: the message still goes (with a fresh id), without a receipt.
+    # A malformed agw:sdk-id: the message still goes (with a fresh id), without a receipt.
     alice = Raw("alice", a.broker.port, "agw/alice/receipt")
     try:
-        assert not alice.publish("agw/alice/out/dev-b/bob", b"odd id", [("agw:message-id", "xyz")]).is_failure
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"odd id", [("agw:sdk-id", "xyz")]).is_failure
         (_, payload, props), = raw_bob.wait_for(1, "agw/bob/in")
         assert payload == b"odd id" and len(props["agw:message-id"]) == 32
-        assert "malformed agw:message-id" in a.log_text()
+        assert "malformed agw:sdk-id" in a.log_text()
         time.sleep(1.0)
         assert alice.wait_for(1, "receipt", timeout=0.1) == []
     finally:
@@ -182,7 +182,7 @@ async def test_a_retransmitted_message_is_delivered_once(bed: Testbed, raw_bob: 
     a = bed.gateways["dev-a"]
     sdk_id = os.urandom(16)
     alice = Raw("alice", a.broker.port, "agw/alice/receipt")
-    user = [("agw:message-id", sdk_id.hex())]
+    user = [("agw:sdk-id", sdk_id.hex())]
     try:
         # Twice at once (the second finds the first in the outbox) ...
         assert not alice.publish("agw/alice/out/dev-b/bob", b"only once", user).is_failure
@@ -255,3 +255,50 @@ async def test_the_sdk_survives_a_malformed_receipt(bed: Testbed, caplog: pytest
             gateway.loop_stop()
             gateway.disconnect()
         await asyncio.wait_for(alice.send("dev-b/bob", b"after a bad receipt"), 30)
+
+
+async def test_a_raw_client_forwarding_agw_message_id_is_not_deduplicated(bed: Testbed, raw_bob: Raw) -> None:
+    """Every delivered message carries agw:message-id; a raw client that forwards one with its properties, twice,
+    sends two messages (only the SDK's own agw:sdk-id marks retransmissions of one message)."""
+    a = bed.gateways["dev-a"]
+    alice = Raw("alice", a.broker.port)
+    echoed = [("agw:message-id", os.urandom(16).hex())]
+    try:
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"forwarded", echoed).is_failure
+        assert not alice.publish("agw/alice/out/dev-b/bob", b"forwarded", echoed).is_failure
+        got = [g for g in raw_bob.wait_for(2, "agw/bob/in") if g[1] == b"forwarded"]
+        deadline = time.monotonic() + 30
+        while len(got) < 2 and time.monotonic() < deadline:  # (a message of an earlier test may come first)
+            got = [g for g in raw_bob.wait_for(0, "agw/bob/in", timeout=0) if g[1] == b"forwarded"]
+            time.sleep(0.05)
+        assert [p for _, p, _ in got] == [b"forwarded", b"forwarded"]
+        ids = [props["agw:message-id"] for _, _, props in got]
+        assert len(set(ids)) == 2 and echoed[0][1] not in ids
+    finally:
+        alice.close()
+    for i in ids:  # (acknowledged, so the next tests start with nothing of this one held)
+        assert not raw_bob.publish("agw/bob/ack", bytes.fromhex(i)).is_failure
+
+
+async def test_the_sdk_acknowledges_only_what_the_application_took(bed: Testbed) -> None:
+    """A message that reached the SDK but that the application never took is not acknowledged: closing the client
+    leaves it held at the gateway, and the next client of the agent gets it."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    async with AgentClient("carol", port=b.broker.port, password=PW) as carol:
+        await asyncio.sleep(0.5)  # announced
+        async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+            await alice.send("dev-b/carol", b"taken")
+            await alice.send("dev-b/carol", b"left in the queue")
+        got = await carol.receive(timeout=30)
+        assert got.payload == b"taken"
+        deadline = time.monotonic() + 30
+        while carol._inbox.empty() and time.monotonic() < deadline:  # the second reached the SDK, not the app
+            await asyncio.sleep(0.05)
+        assert not carol._inbox.empty()
+    # The first client's session is gone with it (a clean close drops it), so only the gateway, which still holds
+    # the unacknowledged message, can give it to the next client.
+    async with AgentClient("carol", port=b.broker.port, password=PW) as carol_again:
+        again = await carol_again.receive(timeout=30)
+        assert again.payload == b"left in the queue"
+        with pytest.raises(TimeoutError):
+            await carol_again.receive(timeout=3)  # and "taken" was acknowledged: not given again

@@ -119,6 +119,13 @@ def test_invalid_utf8_agent_name_is_a_decode_error() -> None:
         {"response_topic": "agw/+/in"},
         {"response_topic": ""},
         {"content_type": "a\x00b"},
+        # What Mosquitto refuses in an MQTT string (it would disconnect the gateway at every hand-over):
+        {"content_type": "text\x7f"},
+        {"response_topic": "agw/x\u0085y"},
+        {"user_properties": (("k", "a\tb"),)},
+        {"user_properties": (("k\ufffe", "v"),)},
+        {"user_properties": (("k", "\U0010ffff"),)},
+        {"user_properties": (("\ufdd0", "v"),)},
         {"payload": b"\xff", "payload_utf8": True},
         {"user_properties": (("k", "v"),) * 65},
         {"user_properties": (("k" * 4097, "v"),)},
@@ -130,6 +137,12 @@ def test_invalid_utf8_agent_name_is_a_decode_error() -> None:
 def test_local_construction_is_validated(kw: dict[str, object]) -> None:
     with pytest.raises(InvalidMessageError):
         data_message(**kw)
+
+
+def test_any_other_unicode_is_fine_in_mqtt_strings() -> None:
+    m = data_message(content_type="text/plain; charset=utf-8 \u00e9", response_topic="agw/\u65e5\u672c/r",
+                     user_properties=(("emoji", "\U0001f600"), ("bmp-end", "\ufffd"), ("latin", "\u00a0\u00ff")))
+    assert InnerMessage.decode(m.encode()) == m
 
 
 def test_ack_and_reject_rules() -> None:

@@ -8,7 +8,14 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.protocol.message import InnerMessage, Kind, MessageDecodeError, MessageLimits, RejectReason
+from gateway.protocol.message import (
+    InnerMessage,
+    Kind,
+    MessageDecodeError,
+    MessageLimits,
+    RejectReason,
+    mqtt_utf8_ok,
+)
 
 EXAMPLES = int(os.environ.get("AGW_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None)
@@ -50,7 +57,8 @@ def test_decode_raises_only_decode_errors(data: bytes) -> None:
 
 
 names = st.from_regex(r"[a-z0-9]([a-z0-9._-]{0,10}[a-z0-9])?", fullmatch=True)
-text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=20)
+# What MQTT strings may hold (gateway.protocol.message.mqtt_utf8_ok: no control characters or non-characters).
+text = st.text(st.characters(blacklist_categories=["Cs", "Cc"]), max_size=20).filter(mqtt_utf8_ok)
 
 
 @FUZZ
