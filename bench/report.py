@@ -130,7 +130,7 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"\nOurs, {o['size']:,} B: the receiving gateway saw {dups:,} duplicate deliveries "
                          f"(sender retransmissions before the end-to-end ACK arrived) for {o['n']:,} messages.")
     lines += ["", "CPU seconds per process during each run (main thread + other threads; for a gateway the main "
-              "thread is the asyncio loop, the others mostly paho's network thread):", ""]
+              "thread is the asyncio loop, the others are the store's and the token's helper threads, if any):", ""]
     for path in ("ours", "bridge"):
         for o in r.get("throughput", {}).get(path, []):
             cpu = o.get("cpu_s") or {}
