@@ -286,6 +286,17 @@ class Database:
                 os.close(self._lock_fd)
 
 
+def keys_present(conn: sqlite3.Connection, table: str, keyed: dict[bytes, bytes]) -> set[bytes]:
+    """The values of `keyed` (blind key -> id) whose key is a row of `table`: one query per 500 keys."""
+    keys = list(keyed)
+    found: set[bytes] = set()
+    for i in range(0, len(keys), 500):
+        chunk = keys[i:i + 500]
+        sql = f"SELECT k FROM {table} WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+        found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
+    return found
+
+
 def _statements(script: str) -> list[str]:
     """Split DDL into statements (triggers contain `;` inside BEGIN ... END) using SQLite's own completeness test."""
     out: list[str] = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .codec import expect, pack, unpack
 from .crypto import Keyring
-from .db import Database
+from .db import Database, keys_present
 from .errors import InvalidRecord, OutboxFull, StoreCorrupt
 
 MSG_ID_BYTES = 16
@@ -180,15 +180,8 @@ class Outbox:
 
     def existing(self, msg_ids: Iterable[bytes]) -> set[bytes]:
         """The ids among `msg_ids` still in the outbox (one query per 500 ids)."""
-        keyed = {self._k(m): m for m in msg_ids}
-        keys = list(keyed)
-        found: set[bytes] = set()
         with self._db.read("reading outbound message ids") as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
-                sql = f"SELECT k FROM outbox WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
-                found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
-        return found
+            return keys_present(conn, "outbox", {self._k(m): m for m in msg_ids})
 
     def reschedule_peer(self, peer_device: str, due_at_ms: int) -> int:
         """Make every entry for a peer due at `due_at_ms` (e.g. now, when it comes back online)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .codec import expect, pack, unpack, wipe_bytes
 from .crypto import Keyring
-from .db import Database
+from .db import Database, keys_present
 from .errors import InvalidRecord
 from .outbox import check_msg_id
 
@@ -55,15 +55,8 @@ class DeliveredIds:
 
     def seen_many(self, msg_ids: list[bytes]) -> set[bytes]:
         """The ids among `msg_ids` already recorded: one query per 500 ids (a relay frame's worth at once)."""
-        keyed = {self._k(m): m for m in msg_ids}
-        keys = list(keyed)
-        found: set[bytes] = set()
         with self._db.read("reading delivered message ids") as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
-                sql = f"SELECT k FROM delivered WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
-                found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
-        return found
+            return keys_present(conn, "delivered", {self._k(m): m for m in msg_ids})
 
     def prune(self, older_than_ms: int) -> int:
         """Forget ids recorded before `older_than_ms`; returns how many."""

@@ -145,3 +145,15 @@ def wait_delivered(receiver: Receiver, prefix: bytes, expected: int, timeout: fl
         if len({p for _, p in receiver.payloads(prefix)}) >= expected:
             return
         time.sleep(0.2)
+
+
+def guarded(fn: Callable[[], None], errors: list[BaseException], trigger: threading.Event) -> Callable[[], None]:
+    """`fn` for a worker thread: an exception is kept in `errors` and sets `trigger` (so the fault injector, which
+    waits on it, does not wait forever) instead of dying silently with the thread."""
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            errors.append(exc)
+            trigger.set()
+    return run

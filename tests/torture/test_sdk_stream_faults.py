@@ -23,6 +23,7 @@ import pytest
 from gateway.testbed import Testbed
 from tests.torture.conftest import LONG, record
 from tests.torture.sdk_stream import SdkAgent, app_tally
+from tests.torture.stream import guarded
 
 SDK_SHORT = 1_000
 SDK_LONG = 10_000
@@ -83,15 +84,6 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
     hold_at = N // 3
     progress_of = {"alice": 0, "bob": 0}
 
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                errors.append(exc)
-                trigger.set()
-        return run
-
     def progress(agent: str) -> Callable[[int], None]:
         def seen(i: int) -> None:
             progress_of[agent] = i
@@ -117,9 +109,11 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
         time.sleep(BROKER_DOWN)
         gw.broker.start()
 
-    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress("alice"), hold_at))),
-               threading.Thread(target=guarded(lambda: f.bob.run(pb, N, progress("bob"), hold_at))),
-               threading.Thread(target=guarded(kill))]
+    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress("alice"), hold_at), errors,
+                                               trigger)),
+               threading.Thread(target=guarded(lambda: f.bob.run(pb, N, progress("bob"), hold_at), errors,
+                                               trigger)),
+               threading.Thread(target=guarded(kill, errors, trigger))]
     for t in threads:
         t.start()
     for t in threads:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.testbed import Testbed
 from tests.torture.conftest import LONG, record
-from tests.torture.stream import Receiver, Sender, tally, wait_delivered
+from tests.torture.stream import Receiver, Sender, guarded, tally, wait_delivered
 
 STREAM_SHORT = 300
 STREAM_LONG = 10_000
@@ -149,15 +149,6 @@ def test_stream_exactly_once_through(fleet: Fleet, fault: str) -> None:
     trigger = threading.Event()
     errors: list[BaseException] = []
 
-    def guarded(fn: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                errors.append(exc)
-                trigger.set()
-        return run
-
     def progress(i: int) -> None:
         if i >= N // 3:
             trigger.set()
@@ -166,9 +157,9 @@ def test_stream_exactly_once_through(fleet: Fleet, fault: str) -> None:
         trigger.wait(DELIVERY_TIMEOUT)
         FAULTS[fault](f)
 
-    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress))),
-               threading.Thread(target=guarded(lambda: f.bob.run(pb, N))),
-               threading.Thread(target=guarded(inject))]
+    threads = [threading.Thread(target=guarded(lambda: f.alice.run(pa, N, progress), errors, trigger)),
+               threading.Thread(target=guarded(lambda: f.bob.run(pb, N), errors, trigger)),
+               threading.Thread(target=guarded(inject, errors, trigger))]
     for t in threads:
         t.start()
     for t in threads:
