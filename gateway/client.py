@@ -63,6 +63,10 @@ class AgentClientError(Exception):
     """The local broker refused us, or a request timed out."""
 
 
+class MessageRefused(AgentClientError):
+    """The gateway refused the message for good at ingest (the reason says why); it was not sent and will not be."""
+
+
 @dataclass(frozen=True)
 class Message:
     """A message received by an agent."""
@@ -250,11 +254,11 @@ class AgentClient:
     def _handle(self, m: aiomqtt.Message) -> None:
         payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
         topic = str(m.topic)
-        if topic == self._receipt_topic:
-            self._on_receipt(payload)
-            return
         p = m.properties
         user = tuple((str(k), str(v)) for k, v in (getattr(p, "UserProperty", None) or []))
+        if topic == self._receipt_topic:
+            self._on_receipt(payload, dict(user).get(topics.PROP_REFUSED))
+            return
         props = dict(user)
         msg = Message(sender=props.get(topics.PROP_FROM, ""), payload=payload, topic=topic,
                       message_id=props.get(topics.PROP_MESSAGE_ID),
@@ -302,7 +306,9 @@ class AgentClient:
                     self._ack(mid)
         return msg
 
-    def _on_receipt(self, payload: bytes) -> None:
+    def _on_receipt(self, payload: bytes, refused: str | None) -> None:
+        """A receipt ends the wait of the sends it names: normally, or with `MessageRefused` if it carries a
+        reason (`agw:refused`)."""
         try:
             ids = decode_ids(payload)
         except ReceiptFormatError as exc:
@@ -311,7 +317,10 @@ class AgentClient:
         for i in ids:
             out = self._unreceipted.pop(i, None)
             if out is not None and not out.receipt.done():
-                out.receipt.set_result(None)
+                if refused is None:
+                    out.receipt.set_result(None)
+                else:
+                    out.receipt.set_exception(MessageRefused(f"the gateway refused the message: {refused}"))
 
     def _ack(self, mid: bytes) -> None:
         self._acks.append(mid)
@@ -397,6 +406,7 @@ class AgentClient:
         try:
             out = self._register(self._out(to), payload, response_topic=f"{self._reply_base}/r",
                                  correlation_data=corr, content_type=content_type)
+            out.receipt.add_done_callback(lambda r: _fail_with_refusal(r, fut))
             if self._up.is_set():
                 await self._publish_out(out)
             return await asyncio.wait_for(fut, timeout)
@@ -516,3 +526,12 @@ class SyncAgentClient:
 
     def reply(self, msg: Message, payload: bytes) -> None:
         self._call(msg.reply(payload))
+
+
+def _fail_with_refusal(receipt: asyncio.Future[None], reply: asyncio.Future[Message]) -> None:
+    """A refused request gets no reply: its caller hears the refusal at once instead of a timeout."""
+    if receipt.cancelled():
+        return
+    exc = receipt.exception()
+    if exc is not None and not reply.done():
+        reply.set_exception(exc)

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import OrderedDict, defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 from gateway import topics
@@ -32,6 +33,7 @@ from gateway.protocol.message import new_message_id
 from gateway.protocol.receipts import (
     GOODBYE,
     MAX_IDS,
+    MAX_REASON,
     ReceiptFormatError,
     decode_ids,
     derive_message_id,
@@ -85,11 +87,14 @@ class Receipts:
         sdk_id = self._sdk_id(m, agent, warn=True)
         return new_message_id() if sdk_id is None else derive_message_id(agent, sdk_id)
 
-    def _send_receipts(self, batch: list[AgentMessage]) -> None:
-        """After the ingest commit: one receipt per agent naming the SDK ids of its messages in the batch (stored
-        now, stored before, or refused for good and logged: the SDK must stop resending them either way)."""
+    def _send_receipts(self, batch: list[AgentMessage], refused: Sequence[tuple[AgentMessage, str]] = ()) -> None:
+        """After the ingest commit: one receipt per agent naming the SDK ids of its messages in the batch that are
+        stored (now, or before: a retransmission), and one per agent and reason naming those refused for good at
+        ingest, with the reason in the user property `agw:refused` (the SDK's send() raises it). Either way the
+        SDK stops resending them."""
         prefix = self.cfg.mqtt.topic_prefix
-        by_agent: dict[str, list[bytes]] = defaultdict(list)
+        refused_ids = {id(m): reason for m, reason in refused}
+        by_agent: dict[tuple[str, str | None], list[bytes]] = defaultdict(list)
         for m in batch:
             parts = m.topic.split("/")
             if len(parts) < 3 or parts[2] != "out":
@@ -100,15 +105,16 @@ class Receipts:
                 continue
             sdk_id = self._sdk_id(m, agent, warn=False)
             if sdk_id is not None:
-                by_agent[agent].append(sdk_id)
-        for agent, ids in by_agent.items():
+                by_agent[agent, refused_ids.get(id(m))].append(sdk_id)
+        for (agent, reason), ids in by_agent.items():
+            props = () if reason is None else ((topics.PROP_REFUSED, reason[:MAX_REASON]),)
             for i in range(0, len(ids), MAX_IDS):
-                self._spawn_receipt(topics.receipt_topic(prefix, agent), encode_ids(ids[i:i + MAX_IDS]))
+                self._spawn_receipt(topics.receipt_topic(prefix, agent), encode_ids(ids[i:i + MAX_IDS]), props)
 
-    def _spawn_receipt(self, topic: str, payload: bytes) -> None:
+    def _spawn_receipt(self, topic: str, payload: bytes, props: tuple[tuple[str, str], ...] = ()) -> None:
         async def publish() -> None:
             try:
-                await self.bridge.publish(topic, payload)
+                await self.bridge.publish(topic, payload, user_properties=props)
                 self.receipt_counters["receipts"] += 1
             except BrokerUnavailable as exc:  # the SDK publishes again and gets a new receipt
                 log.info("a receipt on %s was not published (%s)", topic, exc)

@@ -154,12 +154,14 @@ class Sending:
                     self.bridge.ack(m)
                 batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
             batch = self._take_acks(batch)  # receipts: agents' acks of what they received (gateway/receipts.py)
+            refused: list[tuple[AgentMessage, str]] = []
             for m in batch:
                 try:
                     out = topics.parse_out_topic(prefix, m.topic)
                     inner = self._inner_from_agent(m, out, t, ttl)
                 except (topics.TopicError, ValueError) as exc:
                     log.warning("dropping a message on %r: %s", m.topic, exc)
+                    refused.append((m, str(exc)))
                     continue
                 digest = _digest(m)
                 if m.dup and self._marks.is_copy(m.mid, digest):
@@ -185,7 +187,8 @@ class Sending:
                 stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
-            self._send_receipts(batch)  # receipts: tell SDK agents what is now durable (gateway/receipts.py)
+            # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
+            self._send_receipts(batch, refused)
             self.counters.sent += len(items)
             self._wake_sender.set()
 

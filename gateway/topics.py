@@ -29,6 +29,8 @@ PROP_MESSAGE_ID = "agw:message-id"
 # retransmissions of one message.
 PROP_SDK_ID = "agw:sdk-id"
 PROP_DELIVER_TO = "agw:deliver-to"
+# On a receipt: the SDK ids it names were refused for good at ingest, for this reason (gateway/receipts.py).
+PROP_REFUSED = "agw:refused"
 
 
 class TopicError(ValueError):

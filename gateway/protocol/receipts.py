@@ -19,6 +19,7 @@ from gateway.protocol.errors import DecodeError
 ID_SIZE = 16
 MAX_IDS = 4096  # per receipt or ack payload (64 KiB)
 DERIVE_LABEL = b"agw sdk message id v1"
+MAX_REASON = 256  # characters of the agw:refused reason on a refusal receipt
 GOODBYE = b"\x00"  # the ack payload of a client that closes cleanly
 
 

@@ -19,7 +19,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.client import AgentClient
+from gateway.client import AgentClient, MessageRefused
 from gateway.protocol.receipts import derive_message_id
 from gateway.testbed import Testbed
 
@@ -306,3 +306,22 @@ async def test_the_sdk_acknowledges_only_what_the_application_took(bed: Testbed)
         assert again.payload == b"left in the queue"
         with pytest.raises(TimeoutError):
             await carol_again.receive(timeout=3)  # and "taken" was acknowledged: not given again
+
+
+async def test_a_message_refused_at_ingest_fails_the_send(bed: Testbed) -> None:
+    """A message the gateway refuses for good at ingest (here: more user properties than an inner message may
+    carry) is not stored and not sent; its receipt carries the reason, so send() and request() raise
+    MessageRefused instead of returning as if it were on its way. Other messages of the same client go through."""
+    a = bed.gateways["dev-a"]
+    too_many = [(f"k{i}", "v") for i in range(65)]
+    stored_before = a.status()["counters"]["sent"]
+    async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+        with pytest.raises(MessageRefused, match="user properties"):
+            await asyncio.wait_for(alice.send("dev-b/bob", b"refused", user_properties=too_many), 30)
+        assert not alice._unreceipted  # not published again
+        await asyncio.wait_for(alice.send("dev-b/bob", b"accepted", user_properties=too_many[:64]), 30)
+    deadline = time.monotonic() + 20  # (the status the gateway reports lags a little)
+    while a.status()["counters"]["sent"] < stored_before + 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(1.0)
+    assert a.status()["counters"]["sent"] == stored_before + 1  # only the accepted one was stored
