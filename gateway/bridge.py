@@ -46,6 +46,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from gateway import topics
 
@@ -68,6 +69,7 @@ RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0  # seconds between connection attempts, 
 CONNECT_TIMEOUT = 5.0  # TCP connect
 READ_CHUNK = 65536  # bytes per recv
 READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
+WRITE_COALESCE_BYTES = 256 * 1024  # queued packets joined into one send, at most (a full socket: copied again later)
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
 _PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(PacketTypes.PUBCOMP, "Success")
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
@@ -339,11 +341,13 @@ class _PahoClient(mqtt.Client):
         out = self._out_packet
         if len(out) > 1 and self._sock is not None:
             batch = []
+            size = 0
             for p in out:
                 if p["pos"] or p["command"] & 0xF0 == mqtt.DISCONNECT or (
-                        p["command"] & 0xF0 == PUBLISH and p["qos"] == 0):
+                        p["command"] & 0xF0 == PUBLISH and p["qos"] == 0) or size >= WRITE_COALESCE_BYTES:
                     break
                 batch.append(p)
+                size += len(p["packet"])
             if len(batch) > 1:
                 data = b"".join([p["packet"] for p in batch])
                 try:
@@ -784,7 +788,10 @@ class MqttBridge:
                 log.warning("the MQTT broker lost this gateway's session: %d message(s) whose hand-over was "
                             "interrupted are published again (an agent may see one twice, same agw:message-id)",
                             again)
-        client.subscribe([(t, 1) for t in topics.gateway_subscriptions(self.prefix)])
+        # Retain handling 2: a message an agent published with the retain flag is taken once, live, never again at
+        # a (re)subscription (it would be a new message each time: a raw agent's copies get fresh ids).
+        client.subscribe([(t, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+                          for t in topics.gateway_subscriptions(self.prefix)])
         self.connects += 1
         self._connected.set()
         log.info("connected to MQTT broker %s:%s", self.host, self.port)
