@@ -253,7 +253,7 @@ class Receipts:
         if not wanted or not self.bridge.connected:
             return
         entries = []
-        for name in sorted(wanted):
+        for name in sorted(wanted - self._publishing):
             record = self.store.inbox.get(name)
             if record is None:
                 continue
@@ -262,9 +262,12 @@ class Receipts:
                 e.to_publish_again()
                 entries.append(e)
         entries.sort(key=lambda e: e.seq)
+        # Claimed now, not when the task starts: an ack handled in between must see them as being published (it
+        # then drops them at PUBCOMP) rather than delete an entry the task would write back and deliver again.
+        self._publishing.update(e.name for e in entries)
         self.receipt_counters["republished"] += len(entries)
         log.info("publishing again %d held message(s) %s", len(entries), why)
-        task = asyncio.create_task(self._publish_inbox(entries))  # type: ignore[attr-defined]
+        task = asyncio.create_task(self._publish_inbox(entries, claimed=True))  # type: ignore[attr-defined]
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
