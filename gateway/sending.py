@@ -112,6 +112,13 @@ class Handover:
                 self.count += 1
                 self.bytes += len(record)
 
+    def sync(self, epoch: int) -> None:
+        """Call with `Outbox.epoch` before adding or sending: if rows were rescheduled or purged since the last
+        call, the entries held until then are made stale."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.stale()
+
     def stale(self) -> None:
         """The held entries' rows may have changed: each is sent with an attempt mark (whose row count shows
         whether it is still queued)."""
@@ -202,6 +209,7 @@ class Sending:
                     log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
                     await asyncio.sleep(1.0)
             if handover:
+                self._handover.sync(self.store.outbox.epoch)
                 self._handover.add(items, t + HANDOVER_DUE_MS, counted=added == len(items))
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
@@ -262,9 +270,7 @@ class Sending:
                     continue
                 room = max(0, SEND_WINDOW - len(self._inflight[peer]))
                 entries = entries[:room]
-                if hand.epoch != self.store.outbox.epoch:  # rows rescheduled or purged since: not as stored
-                    hand.epoch = self.store.outbox.epoch
-                    hand.stale()
+                hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
                 held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
                 # Held entries sent soon enough after being stored need no attempt mark (see Handover).
                 counted = [e for e in held if e.attempts and e.due_at_ms - t < RETRY_MIN_MS]

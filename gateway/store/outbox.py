@@ -242,6 +242,7 @@ class Outbox:
         """Make due now every entry sent at most once and not yet due (at start-up: entries a previous run
         stored due later, their first attempt counted, because it meant to send them from memory; whether it
         did is not known, and a second copy is only a duplicate the receiver drops). Returns how many."""
+        self.epoch += 1  # (a batch handed over before this ran must not trust its rows' due time)
         with self._db.write("releasing unsent messages") as conn:
             return conn.execute("UPDATE outbox SET due_at_ms = ? WHERE attempts <= 1 AND due_at_ms > ?",
                                 (int(now_ms), int(now_ms))).rowcount
