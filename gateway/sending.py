@@ -50,6 +50,11 @@ HANDOVER_BYTES = 1024 * 1024  # and their bytes
 # HANDOVER_DUE_MS after that send (and `due` does not read it back meanwhile). Later sends are marked as usual.
 HANDOVER_FRESH_MS = 2_000
 HANDOVER_DUE_MS = HANDOVER_FRESH_MS + RETRY_MIN_MS
+# A batch that does not fit waits up to this long for the sender to make room, if the sender is taking entries
+# (it took some within HANDOVER_MOVING_S): sent from memory it costs less than read back and marked. The broker
+# keeps the messages meanwhile (nothing is acknowledged before it is stored).
+HANDOVER_WAIT_S = 0.5
+HANDOVER_MOVING_S = 0.5
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -90,13 +95,30 @@ class Handover:
     the row's due time as stored, 0 once the row may have changed (`stale`: rescheduled or purged, see
     `Outbox.epoch`), which also makes the sender mark it and learn from the row count whether it is gone."""
 
-    __slots__ = ("bytes", "count", "epoch", "peers")
+    __slots__ = ("bytes", "count", "epoch", "peers", "room", "taken_at")
 
     def __init__(self) -> None:
         self.peers: dict[str, dict[bytes, OutboxEntry]] = {}  # by peer, then message id, in the order stored
         self.count = 0
         self.bytes = 0
         self.epoch = 0  # the `Outbox.epoch` the held entries' rows are known to be as stored under
+        self.room = asyncio.Event()  # set when entries leave
+        self.taken_at = 0.0  # monotonic time entries last left
+
+    async def wait_room(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
+        """Whether `items` fit, after waiting up to HANDOVER_WAIT_S for the sender to make room if they would fit
+        an empty hand-over and the sender is taking entries."""
+        if self.takes(items):
+            return True
+        if (len(items) > HANDOVER_ENTRIES or sum(len(i[2]) for i in items) > HANDOVER_BYTES
+                or time.monotonic() - self.taken_at > HANDOVER_MOVING_S):
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                while not self.takes(items):
+                    self.room.clear()
+                    await self.room.wait()
+        return self.takes(items)
 
     def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
         return (self.count + len(items) <= HANDOVER_ENTRIES
@@ -140,6 +162,7 @@ class Handover:
         held = self.peers.get(peer)
         if not held:
             return
+        n = self.count
         for m in msg_ids:
             e = held.pop(m, None)
             if e is not None:
@@ -147,6 +170,9 @@ class Handover:
                 self.bytes -= len(e.record)
         if not held:
             del self.peers[peer]
+        if self.count < n:
+            self.taken_at = time.monotonic()
+            self.room.set()
 
     def remove_expired(self, now_ms: int) -> None:
         for peer, held in list(self.peers.items()):
@@ -195,12 +221,13 @@ class Sending:
                     continue  # the broker resends what we stored but had not acknowledged before a crash
                 items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
                 ingested.append((m.mid, digest))
-            handover = self._handover.takes(items)  # sent from memory, the outbox row due later (Handover)
+            handover = await self._handover.wait_room(items)  # sent from memory, the row due later (Handover)
+            stored_at = now_ms() if handover else t
             while True:
                 try:
                     with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
-                        added = self.store.outbox.put_many(items, due_at_ms=t + HANDOVER_DUE_MS if handover else 0,
-                                                           attempts=1 if handover else 0)
+                        due_at = stored_at + HANDOVER_DUE_MS if handover else 0
+                        added = self.store.outbox.put_many(items, due_at_ms=due_at, attempts=int(handover))
                         self._marks.put(ingested)
                     break
                 except (OutboxFull, StoreError) as exc:
@@ -210,7 +237,7 @@ class Sending:
                     await asyncio.sleep(1.0)
             if handover:
                 self._handover.sync(self.store.outbox.epoch)
-                self._handover.add(items, t + HANDOVER_DUE_MS, counted=added == len(items))
+                self._handover.add(items, stored_at + HANDOVER_DUE_MS, counted=added == len(items))
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
                 stages.mark("a.stored", (i[0] for i in items))
