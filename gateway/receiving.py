@@ -109,9 +109,11 @@ class Receiving:
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
+                    self._handover.remove(env.sender, inner.ids)  # (held ids are not sent yet: none, normally)
                 elif inner.kind is Kind.REJECT:
                     assert inner.reason is not None
                     self._settled(env.sender, inner.ids)
+                    self._handover.remove(env.sender, inner.ids)
                     if inner.reason.is_final:
                         self.store.outbox.delete_many(inner.ids)
                         self.store.audit.append({"type": "message.refused", "peer": env.sender,

@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +45,16 @@ BATCH_MESSAGES = 256  # messages per signed pairwise batch
 BATCH_BYTES = 192 * 1024  # and bytes per batch, well below the relay's envelope limit (256 KiB by default)
 HANDOVER_ENTRIES = 4096  # messages stored and held in memory for the sender loop (see Handover)
 HANDOVER_BYTES = 1024 * 1024  # and their bytes
-HANDOVER_DUE_MS = RETRY_MAX_MS  # a handed-over entry is stored due this much later: it goes from memory first
+# A handed-over entry sent within HANDOVER_FRESH_MS of being stored needs no attempt mark: its row was stored with
+# the first attempt counted and due HANDOVER_DUE_MS later, so without an ACK it is retried RETRY_MIN_MS to
+# HANDOVER_DUE_MS after that send (and `due` does not read it back meanwhile). Later sends are marked as usual.
+HANDOVER_FRESH_MS = 2_000
+HANDOVER_DUE_MS = HANDOVER_FRESH_MS + RETRY_MIN_MS
+# A batch that does not fit waits up to this long for the sender to make room, if the sender is taking entries
+# (it took some within HANDOVER_MOVING_S): sent from memory it costs less than read back and marked. The broker
+# keeps the messages meanwhile (nothing is acknowledged before it is stored).
+HANDOVER_WAIT_S = 0.5
+HANDOVER_MOVING_S = 0.5
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -73,30 +83,71 @@ def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]
 
 class Handover:
     """Outbox entries just stored and handed to the sender loop in memory, so it does not read and unseal them
-    back from the outbox. The outbox row stays the durable copy: it is stored due only after HANDOVER_DUE_MS
-    (so `due` does not return it meanwhile), and at start-up every entry never sent is made due at once
+    back from the outbox. The outbox row stays the durable copy: it is stored with its first attempt counted and
+    due only after HANDOVER_DUE_MS (so `due` does not return it meanwhile, and a first send from memory within
+    HANDOVER_FRESH_MS needs no attempt mark), and at start-up every entry sent at most once is made due at once
     (`Outbox.release_unsent`). Bounded: a batch that would overfill it is stored due at once and read back by
     `due`, as before. The sender sends what `due` returns (older: retries, the last run's, overflow) before
-    what is held here, so the order stays oldest first except around an overflow."""
+    what is held here, so the order stays oldest first except around an overflow.
 
-    __slots__ = ("bytes", "count", "peers")
+    A held entry's `attempts` is 1 if its row is the one stored with it (the first attempt counted), 0 if the
+    batch met ids already queued (the row may be an older one: it is marked like any entry); its `due_at_ms` is
+    the row's due time as stored, 0 once the row may have changed (`stale`: rescheduled or purged, see
+    `Outbox.epoch`), which also makes the sender mark it and learn from the row count whether it is gone."""
+
+    __slots__ = ("bytes", "count", "epoch", "peers", "room", "taken_at")
 
     def __init__(self) -> None:
         self.peers: dict[str, dict[bytes, OutboxEntry]] = {}  # by peer, then message id, in the order stored
         self.count = 0
         self.bytes = 0
+        self.epoch = 0  # the `Outbox.epoch` the held entries' rows are known to be as stored under
+        self.room = asyncio.Event()  # set when entries leave
+        self.taken_at = 0.0  # monotonic time entries last left
+
+    async def wait_room(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
+        """Whether `items` fit, after waiting up to HANDOVER_WAIT_S for the sender to make room if they would fit
+        an empty hand-over and the sender is taking entries."""
+        if self.takes(items):
+            return True
+        if (len(items) > HANDOVER_ENTRIES or sum(len(i[2]) for i in items) > HANDOVER_BYTES
+                or time.monotonic() - self.taken_at > HANDOVER_MOVING_S):
+            return False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HANDOVER_WAIT_S):
+                while not self.takes(items):
+                    self.room.clear()
+                    await self.room.wait()
+        return self.takes(items)
 
     def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
         return (self.count + len(items) <= HANDOVER_ENTRIES
                 and self.bytes + sum(len(i[2]) for i in items) <= HANDOVER_BYTES)
 
-    def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int) -> None:
+    def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int, counted: bool) -> None:
+        """Hold a stored batch; `counted`: every row is new, stored due `due_at_ms` with its first attempt."""
+        attempts = 1 if counted else 0
         for msg_id, peer, record, expires in items:
             held = self.peers.setdefault(peer, {})
             if msg_id not in held:
-                held[msg_id] = OutboxEntry(msg_id, peer, record, expires, 0, due_at_ms)
+                held[msg_id] = OutboxEntry(msg_id, peer, record, expires, attempts, due_at_ms)
                 self.count += 1
                 self.bytes += len(record)
+
+    def sync(self, epoch: int) -> None:
+        """Call with `Outbox.epoch` before adding or sending: if rows were rescheduled or purged since the last
+        call, the entries held until then are made stale."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.stale()
+
+    def stale(self) -> None:
+        """The held entries' rows may have changed: each is sent with an attempt mark (whose row count shows
+        whether it is still queued)."""
+        for held in self.peers.values():
+            for m, e in list(held.items()):
+                if e.due_at_ms:
+                    held[m] = replace(e, due_at_ms=0)
 
     def holds(self, e: OutboxEntry) -> bool:
         held = self.peers.get(e.peer_device)
@@ -111,6 +162,7 @@ class Handover:
         held = self.peers.get(peer)
         if not held:
             return
+        n = self.count
         for m in msg_ids:
             e = held.pop(m, None)
             if e is not None:
@@ -118,6 +170,9 @@ class Handover:
                 self.bytes -= len(e.record)
         if not held:
             del self.peers[peer]
+        if self.count < n:
+            self.taken_at = time.monotonic()
+            self.room.set()
 
     def remove_expired(self, now_ms: int) -> None:
         for peer, held in list(self.peers.items()):
@@ -168,11 +223,13 @@ class Sending:
                     continue  # the broker resends what we stored but had not acknowledged before a crash
                 items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
                 ingested.append((m.mid, digest))
-            handover = self._handover.takes(items)  # sent from memory, the outbox row due later (Handover)
+            handover = await self._handover.wait_room(items)  # sent from memory, the row due later (Handover)
+            stored_at = now_ms() if handover else t
             while True:
                 try:
                     with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
-                        self.store.outbox.put_many(items, due_at_ms=t + HANDOVER_DUE_MS if handover else 0)
+                        due_at = stored_at + HANDOVER_DUE_MS if handover else 0
+                        added = self.store.outbox.put_many(items, due_at_ms=due_at, attempts=int(handover))
                         self._marks.put(ingested)
                     break
                 except (OutboxFull, StoreError) as exc:
@@ -181,7 +238,8 @@ class Sending:
                     log.error("outbox refuses new messages (%s); holding %d unacknowledged", exc, len(items))
                     await asyncio.sleep(1.0)
             if handover:
-                self._handover.add(items, t + HANDOVER_DUE_MS)
+                self._handover.sync(self.store.outbox.epoch)
+                self._handover.add(items, stored_at + HANDOVER_DUE_MS, counted=added == len(items))
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
                 stages.mark("a.stored", (i[0] for i in items))
@@ -242,21 +300,26 @@ class Sending:
                     continue
                 room = max(0, SEND_WINDOW - len(self._inflight[peer]))
                 entries = entries[:room]
-                entries += [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
+                hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
+                held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
+                # Held entries sent soon enough after being stored need no attempt mark (see Handover).
+                counted = [e for e in held if e.attempts and e.due_at_ms - t < RETRY_MIN_MS]
+                marked = entries + [e for e in held if not e.attempts]
+                entries += held
                 if not entries:
                     continue
                 stages.mark("a.due", (e.msg_id for e in entries))
                 envelopes = []
                 try:
                     with self.store.transaction(durable=False):
-                        ids = [e.msg_id for e in entries]
-                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(entries[0].attempts, 4))
-                        if self.store.outbox.mark_attempts(ids, t + delay) != len(ids):
-                            # Some left the outbox since they were read or handed over (answered, expired,
-                            # purged by the operator): those are not sent.
-                            kept = self.store.outbox.existing(ids)
-                            hand.remove(peer, [i for i in ids if i not in kept])
-                            entries = [e for e in entries if e.msg_id in kept]
+                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(marked[0].attempts, 4)) if marked else 0
+                        # Some may have left the outbox since they were read or handed over (answered, expired,
+                        # purged by the operator): those are not sent.
+                        gone = (self._left_outbox(marked, t + delay, count=True)
+                                | self._left_outbox(counted, t + RETRY_MIN_MS, count=False))
+                        if gone:
+                            hand.remove(peer, gone)
+                            entries = [e for e in entries if e.msg_id not in gone]
                         if entries:
                             envelopes = self._encrypt_entries(peer, entries)
                             self.book.flush()
@@ -269,6 +332,16 @@ class Sending:
                 self._inflight[peer].update((e.msg_id, t) for e in entries)
                 stages.mark("a.sent", (e.msg_id for e in entries))
                 await self.link.send(envelopes)
+
+    def _left_outbox(self, entries: list[OutboxEntry], next_due_ms: int, *, count: bool) -> set[bytes]:
+        """Mark a send attempt of these entries; returns the ids no longer in the outbox (by the row count)."""
+        if not entries:
+            return set()
+        ids = [e.msg_id for e in entries]
+        if self.store.outbox.mark_attempts(ids, next_due_ms, count=count) == len(ids):
+            return set()
+        kept = self.store.outbox.existing(ids)
+        return {i for i in ids if i not in kept}
 
     def _encrypt_entries(self, peer: str, entries: list[Any]) -> list[Envelope]:
         """Envelopes for outbox entries to one peer: signed v2 batches on an established session (one Ed25519

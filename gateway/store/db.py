@@ -85,6 +85,7 @@ class Database:
         self.lock = threading.RLock()
         self._depth = 0
         self._durable = True
+        self._undo: list[Callable[[], None]] = []  # run if the current transaction rolls back (see on_rollback)
 
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
@@ -146,6 +147,9 @@ class Database:
                 conn.execute("BEGIN IMMEDIATE")
                 for stmt in _statements(DDL_V1):  # not executescript(): it would COMMIT our transaction
                     conn.execute(stmt)
+                for v in range(2, SCHEMA_VERSION + 1):  # (a new store takes the same path as an upgraded one)
+                    for stmt in _statements(MIGRATIONS[v]):
+                        conn.execute(stmt)
                 initialise(conn)
                 conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 conn.execute("COMMIT")
@@ -241,11 +245,22 @@ class Database:
                 conn.execute("COMMIT")
             except BaseException as exc:
                 self._rollback(conn)
+                undo, self._undo = self._undo, []
+                for fn in reversed(undo):
+                    fn()
                 if isinstance(exc, sqlite3.Error):
                     raise translate(exc, action) from exc
                 raise
             finally:
                 self._depth = 0
+                self._undo.clear()
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Call `fn` if the current write transaction rolls back: state kept in memory beside the file (the
+        outbox's usage counts) follows the file. Only inside `write`."""
+        if not self._depth:
+            raise StoreError("on_rollback outside a write transaction")
+        self._undo.append(fn)
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:

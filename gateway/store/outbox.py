@@ -8,6 +8,11 @@ caller simply does not acknowledge the broker and the agent's MQTT client retrie
 Row layout: `k` = blind(msg id), `peer` = blind(peer device), plaintext `size`/`expires_at_ms`/`due_at_ms`
 (needed by SQL for limits, expiry and scheduling), and the sealed tuple (msg id, peer device, record, expiry,
 attempts). The sealed expiry is authoritative; a plaintext copy that disagrees is reported as corruption.
+
+Usage (entries and record bytes, per peer and in total) is counted in memory: loaded with one aggregate query
+when the store opens, changed by every write here (deletes report what they removed with RETURNING) and put back
+if the transaction rolls back (`Database.on_rollback`). The store's file lock keeps other processes out, so
+nothing else changes the rows meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .errors import InvalidRecord, OutboxFull, StoreCorrupt
 
 MSG_ID_BYTES = 16
 TABLE = "outbox"
+DUE_BY_INDEX = 2048  # `due`: up to this many rows due, read them through the due index (see there)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +75,47 @@ class Outbox:
         self._db = db
         self._keys = keys
         self.limits = limits
+        # Bumped when rows change other than by the sender's own bookkeeping (rescheduled, purged): a sender that
+        # holds entries in memory checks it before trusting that their rows are as it stored them.
+        self.epoch = 0
+        self._usage: dict[bytes, list[int]] = {}  # blind(peer) -> [entries, record bytes]
+        self._total = [0, 0]
+        with db.read("measuring the outbox") as conn:
+            for peer, n, size in conn.execute("SELECT peer, COUNT(*), SUM(size) FROM outbox GROUP BY peer"):
+                self._usage[peer] = [int(n), int(size)]
+                self._total[0] += int(n)
+                self._total[1] += int(size)
+
+    def _apply(self, deltas: dict[bytes, list[int]]) -> None:
+        for peer, (dn, dsize) in deltas.items():
+            u = self._usage.setdefault(peer, [0, 0])
+            u[0] += dn
+            u[1] += dsize
+            self._total[0] += dn
+            self._total[1] += dsize
+            if u[0] <= 0:
+                del self._usage[peer]
+
+    def _count(self, deltas: dict[bytes, list[int]]) -> None:
+        """Change the usage counts by per-peer [entries, bytes], and back if the transaction rolls back."""
+        if deltas:
+            self._apply(deltas)
+            self._db.on_rollback(lambda: self._apply({p: [-dn, -ds] for p, (dn, ds) in deltas.items()}))
+
+    def _delete_keys(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> int:
+        """Delete rows by key, one statement per 500 keys; returns how many existed."""
+        deltas: dict[bytes, list[int]] = {}
+        n = 0
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            sql = f"DELETE FROM outbox WHERE k IN ({','.join('?' * len(chunk))}) RETURNING peer, size"  # noqa: S608
+            for peer, size in conn.execute(sql, chunk).fetchall():
+                d = deltas.setdefault(peer, [0, 0])
+                d[0] -= 1
+                d[1] -= int(size)
+                n += 1
+        self._count(deltas)
+        return n
 
     def _k(self, msg_id: bytes) -> bytes:
         return self._keys.blind("outbox.msg", check_msg_id(msg_id))
@@ -88,12 +135,14 @@ class Outbox:
         return OutboxEntry(msg_id, peer, record, expires, attempts + attempts_col, due)
 
     # -- writing -------------------------------------------------------------------------------------------------
-    def put_many(self, items: Iterable[OutboxItem], due_at_ms: int = 0) -> int:
+    def put_many(self, items: Iterable[OutboxItem], due_at_ms: int = 0, attempts: int = 0) -> int:
         """Store a batch in one transaction (one fsync). Returns how many were new; known ids are left unchanged.
 
-        `due_at_ms`: when `due` first returns the entries (0: at once). A sender that keeps the batch in memory
-        and sends it from there stores it due later, so `due` does not read it back (see `release_unsent`).
-        Raises `OutboxFull` (nothing stored) if a limit would be exceeded, `StoreFull` if the disk is full.
+        `due_at_ms`: when `due` first returns the entries (0: at once). `attempts`: sends already counted. A
+        sender that keeps the batch in memory and sends it from there at once stores it due later with its first
+        attempt counted, so `due` does not read it back and the first send needs no `mark_attempts` (see
+        `release_unsent`). Raises `OutboxFull` (nothing stored) if a limit would be exceeded, `StoreFull` if the
+        disk is full.
         """
         rows: list[tuple[bytes, bytes, int, int, int, bytes]] = []
         peers: dict[bytes, str] = {}
@@ -113,25 +162,38 @@ class Outbox:
             peer = self._peer(peer_device)
             peers[peer] = peer_device
             blob = self._seal(k, msg_id, peer_device, record, int(expires_at_ms), 0)
-            rows.append((k, peer, len(record), int(expires_at_ms), int(due_at_ms), blob))
+            rows.append((k, peer, len(record), int(expires_at_ms), int(due_at_ms), int(attempts), blob))
         if not rows:
             return 0
         with self._db.write("storing outbound messages") as conn:
-            # rowcount sums the rows each statement changed itself (not the usage triggers' rows).
             added = conn.executemany(
-                "INSERT OR IGNORE INTO outbox (k, peer, size, expires_at_ms, due_at_ms, v) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO outbox (k, peer, size, expires_at_ms, due_at_ms, attempts, v) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             ).rowcount
-            self._check_limits(conn, peers)
+            deltas: dict[bytes, list[int]] = {}
+            if added == len(rows):
+                for r in rows:
+                    d = deltas.setdefault(r[1], [0, 0])
+                    d[0] += 1
+                    d[1] += r[2]
+            elif added:  # some ids were known: count these peers' rows again (rare)
+                sql = (f"SELECT peer, COUNT(*), SUM(size) FROM outbox WHERE peer IN ({','.join('?' * len(peers))}) "  # noqa: S608
+                       "GROUP BY peer")
+                for peer, n, size in conn.execute(sql, list(peers)):
+                    old = self._usage.get(peer, [0, 0])
+                    deltas[peer] = [int(n) - old[0], int(size) - old[1]]
+            self._count(deltas)
+            self._check_limits(peers)
         return added
 
     def put(self, msg_id: bytes, peer_device: str, record: bytes, expires_at_ms: int) -> bool:
         """Store one message; True if it was new."""
         return self.put_many([(msg_id, peer_device, record, expires_at_ms)]) == 1
 
-    def _check_limits(self, conn: sqlite3.Connection, peers: dict[bytes, str]) -> None:
+    def _check_limits(self, peers: dict[bytes, str]) -> None:
         lim = self.limits
-        n, size = conn.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(bytes), 0) FROM outbox_usage").fetchone()
+        n, size = self._total
         if n > lim.max_entries:
             raise OutboxFull(f"outbox holds {n} > max_entries={lim.max_entries}; retry after deliveries drain",
                              limit="max_entries")
@@ -139,7 +201,7 @@ class Outbox:
             raise OutboxFull(f"outbox holds {size} bytes > max_bytes={lim.max_bytes}; retry after deliveries drain",
                              limit="max_bytes")
         for peer, name in peers.items():
-            row = conn.execute("SELECT n, bytes FROM outbox_usage WHERE peer = ?", (peer,)).fetchone()
+            row = self._usage.get(peer)
             if row is None:
                 continue
             if row[0] > lim.max_entries_per_peer:
@@ -164,18 +226,26 @@ class Outbox:
                                "RETURNING attempts", (int(next_due_ms), k)).fetchone()
             return None if row is None else int(row[0])
 
-    def mark_attempts(self, msg_ids: Iterable[bytes], next_due_ms: int) -> int:
-        """`mark_attempt` for a batch sent in one frame, in one statement; returns how many entries existed."""
-        keys = [(int(next_due_ms), self._k(m)) for m in msg_ids]
+    def mark_attempts(self, msg_ids: Iterable[bytes], next_due_ms: int, *, count: bool = True) -> int:
+        """`mark_attempt` for a batch sent in one frame, one statement per 500 ids; returns how many entries
+        existed. `count=False`: only reschedule (the attempt was counted when the entry was stored)."""
+        keys = [self._k(m) for m in msg_ids]
+        sets = "due_at_ms = ?, attempts = attempts + 1" if count else "due_at_ms = ?"
+        n = 0
         with self._db.write("recording send attempts") as conn:
-            return conn.executemany("UPDATE outbox SET due_at_ms = ?, attempts = attempts + 1 WHERE k = ?",
-                                    keys).rowcount
+            for i in range(0, len(keys), 500):
+                chunk = keys[i:i + 500]
+                sql = f"UPDATE outbox SET {sets} WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+                n += conn.execute(sql, [int(next_due_ms), *chunk]).rowcount
+        return n
 
     def release_unsent(self, now_ms: int) -> int:
-        """Make every entry never sent due now (at start-up: entries a previous run stored due later because it
-        meant to send them from memory). Returns how many."""
+        """Make due now every entry sent at most once and not yet due (at start-up: entries a previous run
+        stored due later, their first attempt counted, because it meant to send them from memory; whether it
+        did is not known, and a second copy is only a duplicate the receiver drops). Returns how many."""
+        self.epoch += 1  # (a batch handed over before this ran must not trust its rows' due time)
         with self._db.write("releasing unsent messages") as conn:
-            return conn.execute("UPDATE outbox SET due_at_ms = ? WHERE attempts = 0 AND due_at_ms > ?",
+            return conn.execute("UPDATE outbox SET due_at_ms = ? WHERE attempts <= 1 AND due_at_ms > ?",
                                 (int(now_ms), int(now_ms))).rowcount
 
     def existing(self, msg_ids: Iterable[bytes]) -> set[bytes]:
@@ -185,6 +255,7 @@ class Outbox:
 
     def reschedule_peer(self, peer_device: str, due_at_ms: int) -> int:
         """Make every entry for a peer due at `due_at_ms` (e.g. now, when it comes back online)."""
+        self.epoch += 1
         with self._db.write("rescheduling a peer's messages") as conn:
             sql = "UPDATE outbox SET due_at_ms = ? WHERE peer = ?"
             return conn.execute(sql, (int(due_at_ms), self._peer(peer_device))).rowcount
@@ -194,12 +265,12 @@ class Outbox:
         return self.delete_many([msg_id]) == 1
 
     def delete_many(self, msg_ids: Iterable[bytes]) -> int:
-        """Remove acknowledged entries in one transaction; returns how many existed."""
-        keys = [(self._k(m),) for m in msg_ids]
+        """Remove acknowledged entries in one transaction (one statement per 500); returns how many existed."""
+        keys = [self._k(m) for m in msg_ids]
         if not keys:
             return 0
         with self._db.write("deleting acknowledged messages") as conn:
-            return conn.executemany("DELETE FROM outbox WHERE k = ?", keys).rowcount
+            return self._delete_keys(conn, keys)
 
     def expire(self, now_ms: int) -> list[OutboxEntry]:
         """Remove and return entries whose expiry is at or before `now_ms` (the caller may tell the sender)."""
@@ -209,21 +280,37 @@ class Outbox:
                 (now_ms,),
             ).fetchall()
             out = [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-            conn.executemany("DELETE FROM outbox WHERE k = ?", [(r[0],) for r in rows])
+            self._delete_keys(conn, [r[0] for r in rows])
             return out
 
     def purge_peer(self, peer_device: str) -> int:
         """Remove every entry for a peer (data-subject erasure); returns the count."""
+        self.epoch += 1
+        peer = self._peer(peer_device)
         with self._db.write("purging a peer's messages") as conn:
-            return conn.execute("DELETE FROM outbox WHERE peer = ?", (self._peer(peer_device),)).rowcount
+            n = conn.execute("DELETE FROM outbox WHERE peer = ?", (peer,)).rowcount
+            u = self._usage.get(peer)
+            if u is not None:
+                self._count({peer: [-u[0], -u[1]]})
+            return n
 
     # -- reading -------------------------------------------------------------------------------------------------
     def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None,
             max_bytes: int | None = None, except_peers: Iterable[str] = ()) -> list[OutboxEntry]:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
-        messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed)."""
-        sql = ("SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox "
+        messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
+
+        How: the rows due are counted on the due index first. None: no read. A few (the usual case while most
+        rows wait for an answer or are held in memory by the sender): read through the due index and sorted.
+        Many: read in queue order, which stops after `limit` (SQLite's own choice, a scan by seq, reads every
+        row not yet due before the first due one)."""
+        with self._db.read("reading due messages") as conn:
+            n_due = conn.execute("SELECT COUNT(*) FROM outbox WHERE due_at_ms <= ?", (now_ms,)).fetchone()[0]
+        if not n_due:
+            return []
+        by_due = "INDEXED BY outbox_by_due " if n_due <= DUE_BY_INDEX else ""
+        sql = (f"SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox {by_due}"  # noqa: S608
                "WHERE due_at_ms <= ? AND expires_at_ms > ?")
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
@@ -264,15 +351,9 @@ class Outbox:
 
     def usage(self, peer_device: str | None = None) -> tuple[int, int]:
         """(entries, record bytes) in total or for one peer."""
-        with self._db.read("measuring the outbox") as conn:
-            if peer_device is None:
-                row = conn.execute("SELECT COALESCE(SUM(n), 0), COALESCE(SUM(bytes), 0) FROM outbox_usage").fetchone()
-            else:
-                row = conn.execute(
-                    "SELECT COALESCE(SUM(n), 0), COALESCE(SUM(bytes), 0) FROM outbox_usage WHERE peer = ?",
-                    (self._peer(peer_device),),
-                ).fetchone()
-            return int(row[0]), int(row[1])
+        with self._db.read("measuring the outbox"):  # (the lock: not halfway through another thread's write)
+            row = self._total if peer_device is None else self._usage.get(self._peer(peer_device), [0, 0])
+            return row[0], row[1]
 
     def depth(self, peer_device: str | None = None) -> int:
         """Number of queued entries, in total or for one peer."""

@@ -3,12 +3,14 @@
 Plaintext columns hold only what SQL must compare: blinded row keys (HMAC, see `crypto`), times used for
 ordering, expiry and pruning, and record sizes used for limits. Everything else lives in the sealed `v` column.
 Tables are STRICT, so a value of the wrong type is refused on write.
-Outbox usage per peer is kept by triggers so limits are checked in O(peers), not by scanning the outbox.
+Outbox usage per peer (for the limits) is counted in memory by `Outbox`: loaded with one aggregate query at open,
+kept with each write (version 1 kept it in a table by triggers, three extra row writes per outbox row).
+A new store is made with DDL_V1 and then every migration, so old and new stores take the same path.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
 
 DDL_V1 = """
@@ -58,9 +60,17 @@ CREATE INDEX consent_by_peer ON consent (peer);
 CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, v BLOB NOT NULL, mac BLOB NOT NULL) STRICT;
 """
 
-# Version n -> SQL that upgrades a version n-1 store to n. Empty until the first schema change.
-MIGRATIONS: dict[int, str] = {}
+# Version n -> SQL that upgrades a version n-1 store to n.
+MIGRATIONS: dict[int, str] = {
+    # 2: the outbox's usage per peer is counted in memory (gateway/store/outbox.py), not by triggers.
+    2: """
+DROP TRIGGER IF EXISTS outbox_usage_ins;
+DROP TRIGGER IF EXISTS outbox_usage_del;
+DROP TRIGGER IF EXISTS outbox_usage_upd;
+DROP TABLE IF EXISTS outbox_usage;
+""",
+}
 
 EXPECTED_TABLES = frozenset(
-    {"meta", "outbox", "outbox_usage", "delivered", "sessions", "secrets", "inbox", "peers", "consent", "audit"}
+    {"meta", "outbox", "delivered", "sessions", "secrets", "inbox", "peers", "consent", "audit"}
 )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from gateway.store import InvalidRecord, OutboxFull, OutboxLimits, Store, StoreFull
+from gateway.store.schema import DDL_V1, SCHEMA_VERSION
 
 from .conftest import SoftStorageKey, mid
 
@@ -133,3 +135,53 @@ def test_outbox_survives_restart(db_path: Path, key: SoftStorageKey) -> None:
         due = s.outbox.due(1, 10)
         assert [(e.msg_id, e.record, e.attempts) for e in due] == [(mid(0), b"r0", 1), (mid(2), b"r2", 0)]
         assert s.outbox.usage() == (2, 4)
+
+
+def test_usage_follows_rollbacks_purges_expiry_and_a_restart(db_path: Path, key: SoftStorageKey) -> None:
+    # Usage is counted in memory (no triggers): every path that changes rows keeps it, a rollback puts it back.
+    limits = OutboxLimits(max_entries_per_peer=3)
+    with Store.open(db_path, key, limits=limits) as s:
+        s.outbox.put_many([(mid(1), "a", b"xx", FAR), (mid(2), "b", b"yyy", 50)])
+        with pytest.raises(RuntimeError), s.transaction():
+            s.outbox.put_many([(mid(3), "a", b"zzzz", FAR)])
+            s.outbox.delete_many([mid(1)])
+            assert s.outbox.usage() == (2, 7) and s.outbox.usage("a") == (1, 4)
+            raise RuntimeError("rolled back")
+        assert s.outbox.usage() == (2, 5) and s.outbox.usage("a") == (1, 2) and s.outbox.get(mid(3)) is None
+        with pytest.raises(OutboxFull), s.transaction():  # the limit is checked after the first put counted
+            s.outbox.put_many([(mid(4), "a", b"1", FAR), (mid(5), "a", b"2", FAR)])
+            s.outbox.put_many([(mid(6), "a", b"3", FAR)])
+        assert s.outbox.usage("a") == (1, 2) and s.outbox.depth() == 2
+        assert [e.msg_id for e in s.outbox.expire(50)] == [mid(2)]
+        assert s.outbox.usage() == (1, 2) and s.outbox.usage("b") == (0, 0)
+        s.outbox.put_many([(mid(7), "c", b"c", FAR), (mid(8), "c", b"cc", FAR)])
+        assert s.purge_peer("c")["outbox"] == 2
+        assert s.outbox.usage() == (1, 2) and s.outbox.usage("c") == (0, 0)
+        s.outbox.put_many([(mid(9), "a", b"aaa", FAR), (mid(1), "a", b"known id", FAR)])  # one new, one known
+        assert s.outbox.usage("a") == (2, 5)
+    with Store.open(db_path, key, limits=limits) as s:  # loaded with one aggregate query at open
+        assert s.outbox.usage() == (2, 5) and s.outbox.usage("a") == (2, 5)
+        s.outbox.put(mid(10), "a", b"!", FAR)
+        with pytest.raises(OutboxFull) as err:
+            s.outbox.put(mid(11), "a", b"!", FAR)
+        assert err.value.limit == "max_entries_per_peer"
+
+
+def test_a_version_1_store_loses_its_usage_triggers(db_path: Path, key: SoftStorageKey) -> None:
+    with Store.open(db_path, key) as s:
+        s.outbox.put_many([(mid(i), "devA", b"r%d" % i, FAR) for i in range(3)])
+    conn = sqlite3.connect(db_path)  # back to version 1: its usage table and triggers
+    conn.executescript(DDL_V1[DDL_V1.index("CREATE TABLE outbox_usage"):DDL_V1.index("CREATE TABLE delivered")])
+    conn.execute("INSERT INTO outbox_usage (peer, n, bytes) SELECT peer, COUNT(*), SUM(size) FROM outbox GROUP BY peer")
+    conn.commit()
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Store.open(db_path, key) as s:
+        assert s.outbox.usage() == (3, 6)
+        s.outbox.delete(mid(0))  # (with the triggers left, their table would count it too: see below)
+        assert s.outbox.usage() == (2, 4)
+    conn = sqlite3.connect(db_path)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE name LIKE 'outbox_usage%'")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    assert names == set() and version == SCHEMA_VERSION == 2

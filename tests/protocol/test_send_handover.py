@@ -1,0 +1,135 @@
+"""The sender loop (gateway/sending.py `_sender_loop`) on a real store, with the relay link and the pairwise
+sessions faked: a batch handed over in memory goes out once, and its first send within HANDOVER_FRESH_MS of
+being stored writes nothing (the insert counted the attempt and set the retry time); sent later, or after its rows
+were rescheduled, purged or released, each entry is marked (rescheduled, not counted again) and what left the
+outbox is not sent. An unanswered entry is retried from the outbox after its stored due time, not before."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gateway import sending
+from gateway.protocol.envelope import Envelope
+from gateway.sending import HANDOVER_DUE_MS, HANDOVER_FRESH_MS, RETRY_MIN_MS
+from gateway.store import Store
+from tests.protocol.test_send_ingest import Ingest, publish
+from tests.store.conftest import SoftStorageKey
+
+T0 = 1_900_000_000_000
+
+
+class _Book:
+    def has_session(self, peer: str) -> bool:
+        return True
+
+    def encrypt_batch(self, peer: str, records: list[bytes]) -> bytes:
+        return b"".join(records)
+
+    def flush(self) -> None:
+        pass
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.state = SimpleNamespace(value="ready")
+        self.config = SimpleNamespace(max_envelope_size=256 * 1024)
+        self.sent: list[Envelope] = []
+
+    async def send(self, envelopes: list[Envelope]) -> None:
+        self.sent.extend(envelopes)
+
+
+class Sender(Ingest):
+    def __init__(self, store: Store) -> None:
+        super().__init__(store)
+        self.link = _Link()
+        self.book = _Book()
+        self.device_id = "dev-a"
+        self._peer_retry_at: dict[str, int] = {}
+        self._inflight: defaultdict[str, dict[bytes, int]] = defaultdict(dict)
+        self._fetching: dict[str, object] = {}
+
+    async def pass_(self) -> list[bytes]:
+        """Let the running sender loop make one pass; the message ids it sent."""
+        before = len(self.link.sent)
+        self._wake_sender.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return [e.envelope_id for e in self.link.sent[before:]]
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    now = [T0]
+    monkeypatch.setattr(sending, "now_ms", lambda: now[0])
+    return now
+
+
+def _rows(store: Store) -> dict[bytes, tuple[int, int]]:
+    return {e.msg_id: (e.due_at_ms, e.attempts) for e in store.outbox.entries()}
+
+
+async def test_a_first_send_from_memory_writes_nothing_and_is_retried_after_its_due_time(
+        tmp_path: Path, clock: list[int]) -> None:
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        loop = asyncio.create_task(s._sender_loop())
+        try:
+            await s.pass_()  # (start-up: release_unsent)
+            s.link.state.value = "connecting"
+            await s.feed(*(publish(i, f"m{i}".encode()) for i in range(1, 6)))
+            stored = _rows(store)
+            assert set(stored.values()) == {(T0 + HANDOVER_DUE_MS, 1)}
+            clock[0] += HANDOVER_FRESH_MS // 2  # still fresh
+            s.link.state.value = "ready"
+            sent = await s.pass_()
+            assert len(sent) == 1 and len(s.link.sent[0].ciphertext) > 0  # one batch of five
+            assert _rows(store) == stored and not s._handover.peers  # no attempt mark
+            s._inflight.clear()  # (the window: nothing answered)
+            clock[0] = T0 + HANDOVER_DUE_MS - 1
+            assert await s.pass_() == []  # not retried before the stored due time ...
+            clock[0] = T0 + HANDOVER_DUE_MS
+            assert len(await s.pass_()) == 1  # ... then from the outbox, marked as a second attempt
+            assert set(_rows(store).values()) == {(T0 + HANDOVER_DUE_MS + 2 * RETRY_MIN_MS, 2)}
+        finally:
+            loop.cancel()
+
+
+async def test_late_rescheduled_or_purged_entries_are_marked_and_what_left_is_not_sent(
+        tmp_path: Path, clock: list[int]) -> None:
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        s.link.state.value = "connecting"  # nothing goes out yet
+        loop = asyncio.create_task(s._sender_loop())
+        try:
+            await s.pass_()
+            await s.feed(*(publish(i, f"m{i}".encode()) for i in range(1, 4)))
+            ids = list(_rows(store))
+            store.outbox.delete_many([ids[0]])  # left the outbox while held (as if purged one by one)
+            clock[0] += HANDOVER_FRESH_MS + 1  # too late for the stored retry time
+            s.link.state.value = "ready"
+            await s.pass_()
+            assert s.link.sent[0].envelope_id == ids[1]  # the one that left is not sent
+            assert _rows(store) == {i: (clock[0] + RETRY_MIN_MS, 1) for i in ids[1:]}  # rescheduled, not counted
+
+            s.link.state.value = "connecting"
+            await s.feed(*(publish(i, f"n{i}".encode()) for i in range(10, 13)))
+            new = [i for i in _rows(store) if i not in ids]
+            store.purge_peer("dev-b")  # by the operator, through the control socket (same loop)
+            s.link.state.value = "ready"
+            assert await s.pass_() == [] and not s._handover.peers  # fresh, but its rows are gone
+
+            s.link.state.value = "connecting"
+            await s.feed(*(publish(i, f"o{i}".encode()) for i in range(20, 23)))
+            store.outbox.reschedule_peer("dev-b", clock[0] + 250)  # the relay said congested
+            s._inflight.clear()
+            s.link.state.value = "ready"
+            assert len(await s.pass_()) == 1
+            assert {v for i, v in _rows(store).items() if i not in new} == {(clock[0] + RETRY_MIN_MS, 1)}
+        finally:
+            loop.cancel()
