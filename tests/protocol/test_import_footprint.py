@@ -20,3 +20,18 @@ def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
     assert out[0] == "[]"
     assert out[1] == "True"  # imported on first use
+
+
+def test_the_group_service_imports_the_mls_engine_only_when_a_group_needs_it() -> None:
+    """A gateway with agents runs the group service (it publishes their KeyPackages); the MLS engine (framing,
+    group state, TreeKEM, Welcome) is imported once a group is created, joined or restored, or a group message
+    arrives (tests/groups exercise those paths)."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups\n"
+            "engine = ('framing', 'group', 'group_persist', 'welcome', 'welcome_structs', 'treekem', 'commit')\n"
+            "print(sorted(m for m in sys.modules if m.startswith('gateway.protocol.mls.') and\n"
+            "             m.rsplit('.', 1)[1] in engine))\n"
+            "print('gateway.protocol.mls.key_package_bundle' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"  # KeyPackages are published at every link-ready
