@@ -210,6 +210,7 @@ class Gateway(Sending, Receiving, Receipts):
                          "connects": self.link.connects},
                 "mqtt": {"connected": self.bridge.connected},
                 "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
+                "inbox": {"publishing": len(self._publishing)},  # handed to the broker, not yet complete
                 "pending_consent": self.store.consent.pending_count(),
                 "peers": self.book.peers(),
                 "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"},

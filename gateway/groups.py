@@ -40,7 +40,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -70,15 +71,15 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage, PublicMessage
-from gateway.protocol.mls.group import Group, GroupConfig
-from gateway.protocol.mls.group_persist import group_from_bytes, group_to_bytes
-from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
 from gateway.protocol.mls.key_package import KeyPackage
-from gateway.protocol.mls.proposals import Update
 from gateway.protocol.mls.tree_math import LeafIndex
-from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import Store
+
+if TYPE_CHECKING:
+    # The MLS engine (framing, group state, TreeKEM, Welcome; ~2 MB of RSS) is imported where it is first used:
+    # a gateway whose agents are in no group only publishes KeyPackages (gateway/protocol/mls/key_package_bundle).
+    from gateway.protocol.mls.group import Group, GroupConfig
+    from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
 
 log = logging.getLogger("agw.groups")
 
@@ -120,11 +121,6 @@ class Groups(GroupMembership, GroupDelivery):
         self.prefix = cfg.mqtt.topic_prefix
         self.cs = get_suite(SUITE)
         self.records = GroupRecords(store)
-        self.mls_config = GroupConfig(
-            identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
-            credential_successor=fleet_successor(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
-            allow_external_commits=False,  # members join by Welcome only; see docs/threat-model.md
-            max_past_epochs=2, out_of_order_window=OUT_OF_ORDER_WINDOW)
         self.signers: dict[str, AgentSigner] = {}
         self.retired: dict[str, list[AgentSigner]] = {}
         """Older signers of each agent still held by a membership's leaf or a KeyPackage (until rotated away)."""
@@ -147,6 +143,16 @@ class Groups(GroupMembership, GroupDelivery):
         self.self_update_s = SELF_UPDATE_S
         self._publishing: set[bytes] = set()
 
+    @cached_property
+    def mls_config(self) -> GroupConfig:
+        from gateway.protocol.mls.group import GroupConfig
+
+        return GroupConfig(
+            identity_validator=fleet_validator(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
+            credential_successor=fleet_successor(lambda: self.identity.trust, lambda: dt.datetime.now(dt.UTC)),
+            allow_external_commits=False,  # members join by Welcome only; see docs/threat-model.md
+            max_past_epochs=2, out_of_order_window=OUT_OF_ORDER_WINDOW)
+
     # -- start-up ------------------------------------------------------------------------------------------------
     async def start(self) -> None:
         for agent in self.cfg.agents:
@@ -155,6 +161,8 @@ class Groups(GroupMembership, GroupDelivery):
             raw = self.records.member(agent, group)
             if raw is None or agent not in self.signers:
                 continue
+            from gateway.protocol.mls.group_persist import group_from_bytes
+
             self.members[(agent, group)] = group_from_bytes(raw, [s.signer for s in self._all_signers(agent)],
                                                             self.mls_config)
         for agent in self.signers:
@@ -225,7 +233,7 @@ class Groups(GroupMembership, GroupDelivery):
                 for key in self._dirty or ():
                     g = self.members.get(key)
                     if g is not None:
-                        self.records.put_member(*key, group_to_bytes(g))
+                        self.records.put_member(*key, _group_to_bytes(g))
             finally:
                 if outer:
                     self._dirty = None
@@ -237,7 +245,7 @@ class Groups(GroupMembership, GroupDelivery):
         if self._dirty is not None:
             self._dirty.add((agent, group))
         else:
-            self.records.put_member(agent, group, group_to_bytes(self.members[(agent, group)]))
+            self.records.put_member(agent, group, _group_to_bytes(self.members[(agent, group)]))
 
     def _take(self, messages: list[AgentMessage]) -> None:
         for m in messages:
@@ -334,11 +342,13 @@ class Groups(GroupMembership, GroupDelivery):
         if signer is None:
             raise GroupError(f"{agent!r} is not an agent of this gateway")
         admin_list = [self._me(agent), *[a for a in admins or [] if a != self._me(agent)]]
+        from gateway.protocol.mls.group import Group
+
         g = Group.create(SUITE, group.encode(), signer.signer, signer.credential, capabilities=capabilities(),
                          extensions=(admins_extension(admin_list),), config=self.mls_config)
         with self.store.transaction():
             self.members[(agent, group)] = g
-            self.records.put_member(agent, group, group_to_bytes(g))
+            self.records.put_member(agent, group, _group_to_bytes(g))
         log.info("group %s created by %s", group, agent)
         return self._describe(agent, group)
 
@@ -649,6 +659,9 @@ class Groups(GroupMembership, GroupDelivery):
         if is_group_ack(data):
             self._on_group_ack(sender_device, data)
             return
+        from gateway.protocol.mls.framing import MLSMessage
+        from gateway.protocol.mls.welcome_structs import Welcome
+
         try:
             msg = MLSMessage.from_bytes(data)
         except (MlsError, ValueError) as exc:
@@ -697,6 +710,9 @@ class Groups(GroupMembership, GroupDelivery):
         g = self.members.get((agent, group))
         if g is None:
             return
+        from gateway.protocol.mls.framing import MLSMessage, PublicMessage
+        from gateway.protocol.mls.group_state import ApplicationMessage, StagedCommit
+
         msg = MLSMessage.from_bytes(data)
         epoch = _epoch(msg)
         if epoch > g.epoch:
@@ -741,6 +757,8 @@ class Groups(GroupMembership, GroupDelivery):
             self.counters.dropped += 1
             log.warning("group %s: refusing a commit without a member sender", group)
             return
+        from gateway.protocol.mls.proposals import Update
+
         committer = g.tree.leaf(LeafIndex(staged.committer.index))
         who = agent_of(committer.credential) if committer is not None else "?"
         # Anything but fresh keys for the committer's own leaf (Update) changes the group: admins only.
@@ -767,6 +785,8 @@ class Groups(GroupMembership, GroupDelivery):
         buffered = self.records.buffer(agent, group)
         if g is None or not buffered:
             return
+        from gateway.protocol.mls.framing import MLSMessage
+
         ready = [m for m in buffered if _epoch(MLSMessage.from_bytes(m)) <= g.epoch]
         self.records.put_buffer(agent, group, [m for m in buffered if m not in ready])
         for m in sorted(ready, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
@@ -801,3 +821,8 @@ def _digest(m: AgentMessage) -> bytes:
         h.update(len(part).to_bytes(4, "big") + part)
     return h.digest()[:16]
 
+
+def _group_to_bytes(g: Group) -> bytes:
+    from gateway.protocol.mls.group_persist import group_to_bytes
+
+    return group_to_bytes(g)

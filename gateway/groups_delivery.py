@@ -29,11 +29,13 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.group_ack import MAX_IDS, GroupAck
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import CipherSuite
-from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
-from gateway.protocol.mls.group import Group
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
-from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import Store
+
+if TYPE_CHECKING:  # the MLS engine is imported where first used (see gateway/groups.py)
+    from gateway.protocol.mls.framing import MLSMessage
+    from gateway.protocol.mls.group import Group
+    from gateway.protocol.mls.welcome_structs import Welcome
 
 log = logging.getLogger("agw.groups")
 
@@ -506,6 +508,8 @@ class GroupDelivery:
 
 
 def _epoch_of(msg: MLSMessage) -> int:
+    from gateway.protocol.mls.framing import PrivateMessage, PublicMessage
+
     body = msg.body
     if isinstance(body, PrivateMessage):
         return body.epoch
@@ -515,6 +519,8 @@ def _epoch_of(msg: MLSMessage) -> int:
 
 
 def _content_kind(msg: MLSMessage) -> str:
+    from gateway.protocol.mls.framing import PrivateMessage, PublicMessage
+
     body = msg.body
     if isinstance(body, PrivateMessage):
         return body.content_type.name.lower()

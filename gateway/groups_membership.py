@@ -26,14 +26,14 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.message import InnerMessage, Kind, new_message_id
 from gateway.protocol.mls.crypto import CipherSuite, Ed25519Signer
 from gateway.protocol.mls.errors import MlsError
-from gateway.protocol.mls.framing import MLSMessage, PrivateMessage, PublicMessage
-from gateway.protocol.mls.group import Group, GroupConfig
-from gateway.protocol.mls.group_persist import group_to_bytes
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle
 from gateway.protocol.mls.tree_math import LeafIndex
-from gateway.protocol.mls.welcome import open_welcome
-from gateway.protocol.mls.welcome_structs import Welcome
 from gateway.store import ConsentState, Store
+
+if TYPE_CHECKING:  # the MLS engine is imported where first used (see gateway/groups.py)
+    from gateway.protocol.mls.framing import MLSMessage
+    from gateway.protocol.mls.group import Group, GroupConfig
+    from gateway.protocol.mls.welcome_structs import Welcome
 
 log = logging.getLogger("agw.groups")
 
@@ -89,6 +89,8 @@ class GroupMembership:
     def _on_welcome(self, welcome: Welcome) -> None:
         """A Welcome may name several local agents (one KeyPackage each): each joins on its own, then processes
         what arrived for the group before the Welcome."""
+        from gateway.protocol.mls.welcome import open_welcome
+
         joined: dict[str, list[str]] = {}
         for agent in self.signers:
             held = self.records.key_packages(agent)
@@ -113,6 +115,8 @@ class GroupMembership:
         orphans = self.records.buffer(ORPHANS, group)
         self.records.put_buffer(ORPHANS, group, [])
         backlog = list(dict.fromkeys([*self._recent.get(group, ()), *orphans]))
+        from gateway.protocol.mls.framing import MLSMessage
+
         with self._batch():
             for m in sorted(backlog, key=lambda m: _epoch(MLSMessage.from_bytes(m))):
                 for agent in agents:
@@ -122,6 +126,8 @@ class GroupMembership:
               held: list[KeyPackageBundle]) -> str | None:
         """Join if the operator allows the adder; returns the group joined, or None. The KeyPackage may carry a
         delegated key renewed since (a retired signer): the leaf then moves to the current key by a commit."""
+        from gateway.protocol.mls.group import Group
+
         try:
             g = Group.join(welcome, bundle, self._bundle_signer(agent, bundle), config=self.mls_config)
         except MlsError as exc:
@@ -153,6 +159,8 @@ class GroupMembership:
         return group
 
     def _admit(self, agent: str, group: str, g: Group, adder: str) -> None:
+        from gateway.protocol.mls.group_persist import group_to_bytes
+
         self.members[(agent, group)] = g
         self.records.put_member(agent, group, group_to_bytes(g))
         self.store.audit.append({"type": "group.joined", "agent": agent, "group": group, "by": adder},
@@ -199,6 +207,9 @@ class GroupMembership:
             return
         if not self._consents(agent, adder):
             return
+        from gateway.protocol.mls.group import Group
+        from gateway.protocol.mls.welcome_structs import Welcome
+
         welcome = Welcome.from_bytes(welcome_raw)
         bundle = bundle_from_bytes(bundle_raw)
         g = Group.join(welcome, bundle, self._bundle_signer(agent, bundle), config=self.mls_config)
@@ -273,6 +284,8 @@ class GroupMembership:
 
 
 def _group_id(msg: MLSMessage) -> bytes | None:
+    from gateway.protocol.mls.framing import PrivateMessage, PublicMessage
+
     body = msg.body
     if isinstance(body, PublicMessage):
         return body.content.group_id
@@ -282,6 +295,8 @@ def _group_id(msg: MLSMessage) -> bytes | None:
 
 
 def _epoch(msg: MLSMessage) -> int:
+    from gateway.protocol.mls.framing import PrivateMessage, PublicMessage
+
     body = msg.body
     if isinstance(body, PublicMessage):
         return body.content.epoch

@@ -2,7 +2,8 @@
 
 `cryptography`'s builders only sign with in-memory keys; a token- or TPM-held key cannot be used with them. So the
 to-be-signed structures are built with `asn1crypto`, signed through the `Signer`, and loaded back into
-`cryptography` objects, which every consumer then uses.
+`cryptography` objects, which every consumer then uses. asn1crypto is imported only when something is built (~3 MB
+of RSS): a daemon restarted with a valid delegated key never loads it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,6 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from asn1crypto import algos as a_algos
-from asn1crypto import crl as a_crl
-from asn1crypto import csr as a_csr
-from asn1crypto import keys as a_keys
-from asn1crypto import x509 as a_x509
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -25,11 +21,15 @@ from hsm.api import KeyAlgorithm, PublicKey
 
 
 def _sig_alg(signer: Signer) -> Any:
+    from asn1crypto import algos as a_algos
+
     name = "ed25519" if signer.algorithm is KeyAlgorithm.ED25519 else "sha256_ecdsa"
     return a_algos.SignedDigestAlgorithm({"algorithm": name})
 
 
 def _time(t: dt.datetime) -> Any:
+    from asn1crypto import x509 as a_x509
+
     t = t.astimezone(dt.UTC).replace(microsecond=0)
     if t.year < 2050:
         return a_x509.Time(name="utc_time", value=t)
@@ -37,11 +37,15 @@ def _time(t: dt.datetime) -> Any:
 
 
 def _name(common_name: str, organization: str) -> Any:
+    from asn1crypto import x509 as a_x509
+
     return a_x509.Name.build({"organization_name": organization, "common_name": common_name})
 
 
 def key_identifier(public_key: PublicKey) -> bytes:
     """RFC 5280 method 1: SHA-1 of the subjectPublicKey bit string."""
+    from asn1crypto import keys as a_keys
+
     spki = a_keys.PublicKeyInfo.load(public_key_der(public_key))
     return hashlib.sha1(spki["public_key"].contents[1:], usedforsecurity=False).digest()
 
@@ -75,6 +79,9 @@ def issue_certificate(
     profile: CertProfile,
 ) -> x509.Certificate:
     """Issue a certificate; `issuer=None` makes it self-signed (the fleet CA)."""
+    from asn1crypto import keys as a_keys
+    from asn1crypto import x509 as a_x509
+
     subject = _name(common_name, organization)
     if issuer is None:
         issuer_name = subject
@@ -114,6 +121,10 @@ def issue_certificate(
 
 def build_csr(signer: Signer, *, common_name: str, organization: str, san_uri: str) -> x509.CertificateSigningRequest:
     """A PKCS#10 request signed by `signer` (the device's hardware identity key), asking for `san_uri`."""
+    from asn1crypto import csr as a_csr
+    from asn1crypto import keys as a_keys
+    from asn1crypto import x509 as a_x509
+
     san = a_x509.Extension({"extn_id": "subject_alt_name", "critical": False,
                             "extn_value": [a_x509.GeneralName(name="uniform_resource_identifier", value=san_uri)]})
     info = a_csr.CertificationRequestInfo({
@@ -138,6 +149,9 @@ def build_crl(
     next_update: dt.datetime,
 ) -> x509.CertificateRevocationList:
     """A v2 CRL listing `revoked` (serial, revocation time), signed by the fleet CA."""
+    from asn1crypto import crl as a_crl
+    from asn1crypto import x509 as a_x509
+
     issuer_name = a_x509.Certificate.load(issuer.public_bytes(Encoding.DER))["tbs_certificate"]["subject"]
     tbs: dict[str, Any] = {
         "version": "v2",
