@@ -890,6 +890,20 @@ class MqttBridge:
         only PUBREL is sent).
         A connection loss does not fail the call: the exchange resumes after reconnecting.
         Raises `BrokerUnavailable` if the broker refuses the message in its PUBREC."""
+        await self.start_exactly_once(
+            packet_id, topic, payload, on_broker_has=on_broker_has, released=released, response_topic=response_topic,
+            correlation_data=correlation_data, content_type=content_type, payload_utf8=payload_utf8,
+            user_properties=user_properties)
+
+    def start_exactly_once(self, packet_id: int, topic: str, payload: bytes, *, on_broker_has: BrokerHas,
+                           released: bool = False, response_topic: str | None = None,
+                           correlation_data: bytes | None = None, content_type: str | None = None,
+                           payload_utf8: bool = False,
+                           user_properties: tuple[tuple[str, str], ...] = ()) -> asyncio.Future[None]:
+        """`publish_exactly_once` without the wait: the PUBLISH (or PUBREL) is written before this returns (no
+        turn of the event loop in between, so a lone message waits for nothing), and the future completes at
+        PUBCOMP (or fails as `publish_exactly_once` raises). Raises `BrokerUnavailable` at once if the publish
+        cannot start."""
         if packet_id in self._once:
             raise BrokerUnavailable(f"packet id {packet_id} is already being published")
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -907,7 +921,7 @@ class MqttBridge:
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._once.pop(packet_id, None)
                 raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
-        await fut
+        return fut
 
     # -- agents' messages ---------------------------------------------------------------------------------------
     def ack(self, msg: AgentMessage) -> None:

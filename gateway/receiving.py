@@ -46,6 +46,9 @@ class Verdict:
     publish: bool = False
 
 
+# An inbox entry whose hand-over to the broker started: its packet id, and the exchange's future (or the error).
+Started = tuple[InboxEntry, int, "asyncio.Future[None] | Exception"]
+
 ACK = Verdict(True)
 PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
 
@@ -152,13 +155,15 @@ class Receiving:
                     acks[e.peer_device].append(e.message.message_id)
                 self.store.delivered.mark_many([e.message.message_id for e in entries], t)
                 self.store.inbox.put_many([(e.name, e.record()) for e in entries])
-            # In the background, so the next frame from the relay is decrypted while the broker works; started
-            # before the ACKs go out so the agent's copy is on its way first.
+            stages.mark("b.stored", (e.message.message_id for e in entries))
+            # The PUBLISH packets leave now, before the ACKs are encrypted (the agent's copy is on its way first);
+            # their completion is awaited in the background, so the next frame from the relay is decrypted while
+            # the broker works.
             self._publishing.update(e.name for e in entries)
-            task = asyncio.create_task(self._publish_inbox(entries, claimed=True))
+            started = self._start_publishes(entries, claimed=True)
+            task = asyncio.create_task(self._finish_publishes(started, len(entries)))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-            await asyncio.sleep(0)  # let the publishes reach paho before encrypting the ACKs
         await self._send_acks(acks)
 
     def _inbox_seq(self) -> int:
@@ -198,6 +203,7 @@ class Receiving:
         A crash of the process, not a power loss, is what this must survive: the broker's own state does not
         survive a power loss either."""
         entries = [e for e in map(self._in_flight.get, packet_ids) if e is not None and e.phase is Phase.PUBLISHED]
+        stages.mark("b.pubrec", (e.message.message_id for e in entries))
         for e in entries:
             e.phase = Phase.BROKER_HAS
         try:
@@ -213,6 +219,14 @@ class Receiving:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
         the broker's PUBCOMP. Entries are claimed in `_publishing` first (by the caller when `claimed`), so no
         entry is published twice at once."""
+        await self._finish_publishes(self._start_publishes(entries, claimed=claimed), len(entries))
+
+    def _start_publishes(self, entries: list[InboxEntry], *, claimed: bool = False
+                         ) -> list[Started]:
+        """The first half of `_publish_inbox`, without a turn of the event loop: claim the entries, store packet
+        ids for those waiting for one, and write their PUBLISH packets (in order). Returns, per entry started,
+        its packet id and the future of its exchange (or the error that stopped it, raised by `_finish_publishes`
+        as before in the background)."""
         if not claimed:
             entries = [e for e in entries if e.name not in self._publishing]
             self._publishing.update(e.name for e in entries)
@@ -225,12 +239,24 @@ class Receiving:
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
         self._publish_room.set()
-
-        async def one(e: InboxEntry) -> bool:
+        started: list[Started] = []
+        for e in ready:
             packet_id = e.packet_id  # (`_exchange_lost` may reset the entry's)
             self._in_flight[packet_id] = e
             try:
-                await self._publish_to_agent(e)
+                started.append((e, packet_id, self._publish_to_agent(e)))
+            except Exception as exc:
+                started.append((e, packet_id, exc))
+        return started
+
+    async def _finish_publishes(self, started: list[Started], total: int) -> None:
+        """The second half of `_publish_inbox`: wait for each exchange's PUBCOMP, then drop the entry."""
+
+        async def one(e: InboxEntry, packet_id: int, fut: asyncio.Future[None] | Exception) -> bool:
+            try:
+                if isinstance(fut, Exception):
+                    raise fut
+                await fut
             except BaseException as exc:
                 self._publishing.discard(e.name)
                 self._publish_room.set()
@@ -245,10 +271,10 @@ class Receiving:
             self._delivered_to_broker(e)
             return True
 
-        results = await asyncio.gather(*(one(e) for e in ready))
-        if not all(results) or len(ready) < len(entries):
+        results = await asyncio.gather(*(one(*s) for s in started))
+        if not all(results) or len(started) < total:
             log.warning("%d message(s) wait in the inbox for the MQTT broker",
-                        results.count(False) + len(entries) - len(ready))
+                        results.count(False) + total - len(started))
 
     def _exchange_lost(self, e: InboxEntry) -> None:
         """The broker lost the message after its PUBREC (restarted from an older save): nothing was delivered, so
@@ -393,9 +419,11 @@ class Receiving:
             return ConsentState.ALLOWED
         return stored
 
-    async def _publish_to_agent(self, e: InboxEntry) -> None:
+    def _publish_to_agent(self, e: InboxEntry) -> asyncio.Future[None]:
+        """Write the entry's PUBLISH (or PUBREL) now; the future completes at PUBCOMP."""
         prefix = self.cfg.mqtt.topic_prefix
         inner, peer_device = e.message, e.peer_device
+        stages.mark("b.publish", (inner.message_id,))
         agent = inner.recipient_agent
         props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
         deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
@@ -407,7 +435,7 @@ class Receiving:
             response_topic = topics.reply_topic(prefix, agent, peer_device, inner.sender_agent, inner.response_topic)
         props += [(topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"),
                   (topics.PROP_MESSAGE_ID, inner.message_id.hex())]
-        await self.bridge.publish_exactly_once(
+        return self.bridge.start_exactly_once(
             e.packet_id, topic, inner.payload, released=e.phase is Phase.BROKER_HAS, on_broker_has=self._broker_has,
             response_topic=response_topic, correlation_data=inner.correlation_data, content_type=inner.content_type,
             payload_utf8=inner.payload_utf8, user_properties=tuple(props))

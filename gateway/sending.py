@@ -185,6 +185,7 @@ class Sending:
                 stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
+            stages.mark("a.acked", (i[0] for i in items))
             self._send_receipts(batch)  # receipts: tell SDK agents what is now durable (gateway/receipts.py)
             self.counters.sent += len(items)
             self._wake_sender.set()
