@@ -563,6 +563,7 @@ class MqttBridge:
         # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
         self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
+        self._recs_soon: asyncio.Handle | None = None  # _take_recs scheduled for PUBRECs being read
         self._next_id = 0
         self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
         self._task: asyncio.Task[None] | None = None
@@ -709,6 +710,11 @@ class MqttBridge:
             self._read()
         finally:
             self._in_read = False
+        if self._recs_soon is not None:
+            # The PUBRECs just read are recorded and answered with PUBREL now, not a loop turn later: the broker
+            # delivers a QoS 2 message only on PUBREL, so this wait would be on every message's way to its agent.
+            self._recs_soon.cancel()
+            self._take_recs()
 
     def _read(self) -> None:
         c = self._client
@@ -811,8 +817,8 @@ class MqttBridge:
             user_properties=user))
 
     def _on_pubrec(self, mid: int, reason: ReasonCode) -> None:
-        if not self._recs:
-            self._loop.call_soon(self._take_recs)  # the PUBRECs read in this loop iteration, in one record
+        if not self._recs:  # the PUBRECs read in this readable event, in one record (see _on_readable)
+            self._recs_soon = self._loop.call_soon(self._take_recs)
         self._recs.append((mid, reason))
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode,
@@ -834,6 +840,7 @@ class MqttBridge:
 
     # -- exactly-once -------------------------------------------------------------------------------------------
     def _take_recs(self) -> None:
+        self._recs_soon = None
         recs, self._recs = self._recs, []
         held: dict[BrokerHas, list[int]] = {}
         for mid, reason in recs:
