@@ -80,6 +80,7 @@ class Gateway(Sending, Receiving, Receipts):
         self._seq = time.time_ns()
         self._publishing: set[str] = set()
         self._in_flight: dict[int, InboxEntry] = {}  # inbox entries being published, by MQTT packet id
+        self._ack_waits: dict[asyncio.Future[None], set[int]] = {}  # a frame's ACKs wait for these PUBRECs
         self._finished: list[InboxEntry] = []  # PUBCOMP received, entry not yet deleted
         self._publish_room = asyncio.Event()  # set when inbox entries leave `_publishing` (see PUBLISH_BACKLOG)
         self._background: set[asyncio.Task[None]] = set()

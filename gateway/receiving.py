@@ -13,7 +13,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import stages, topics
 from gateway.bridge import BrokerLostMessage, BrokerUnavailable
@@ -35,6 +37,9 @@ PENDING_RETRY_MS = 30_000
 # refuses, "congested") what is meant for us, and the sender slows down. Without it a slow broker or agent makes
 # the gateway hold the backlog in memory.
 PUBLISH_BACKLOG = 512
+# How long a frame's end-to-end ACKs wait for the broker's PUBREC of the messages they name (see _on_delivered),
+# in seconds; under load (paho's in-flight window full) they go after this.
+ACK_WAIT_MAX = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,10 +166,41 @@ class Receiving:
             # the broker works.
             self._publishing.update(e.name for e in entries)
             started = self._start_publishes(entries, claimed=True)
-            task = asyncio.create_task(self._finish_publishes(started, len(entries)))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._finish_publishes(started, len(entries)))
+            under_way = {packet_id for _, packet_id, fut in started if isinstance(fut, asyncio.Future)}
+            if under_way:
+                # The frame's ACKs go once the broker has these messages (PUBREC recorded, PUBREL sent), or after
+                # ACK_WAIT_MAX: encrypting and sending them costs ~0.2 ms of this loop, which would otherwise
+                # stand between the broker's PUBREC and our PUBREL, i.e. on every message's way to its agent.
+                # The sender needs the ACK only to forget the message, which is safe as of the inbox commit.
+                recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._ack_waits[recorded] = under_way
+                self._in_background(self._send_acks_when(recorded, acks))
+                return
         await self._send_acks(acks)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_acks_when(self, recorded: asyncio.Future[None], acks: dict[str, list[bytes]]) -> None:
+        try:
+            await asyncio.wait_for(recorded, ACK_WAIT_MAX)
+        except TimeoutError:
+            pass
+        finally:
+            self._ack_waits.pop(recorded, None)
+        await self._send_acks(acks)
+
+    def _acks_may_go(self, packet_ids: list[int]) -> None:
+        """The broker has these (see `_broker_has`): the ACKs waiting for nothing else may go."""
+        for recorded, ids in list(self._ack_waits.items()):
+            ids.difference_update(packet_ids)
+            if not ids:
+                del self._ack_waits[recorded]
+                if not recorded.done():
+                    recorded.set_result(None)
 
     def _inbox_seq(self) -> int:
         self._seq += 1
@@ -214,6 +250,8 @@ class Receiving:
             for e in entries:
                 e.phase = Phase.PUBLISHED  # not recorded: the bridge retries the batch
             raise
+        if self._ack_waits:
+            self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
 
     async def _publish_inbox(self, entries: list[InboxEntry], *, claimed: bool = False) -> None:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
