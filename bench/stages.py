@@ -17,6 +17,9 @@ Segments (A = the pinger's gateway, B = the echoer's; the same stages then run t
     b.frame -> b.opened              verify + decrypt (one transaction)
     b.opened -> b.admitted           duplicate and consent checks
     b.admitted -> client receive     inbox commit, MQTT publish to Mosquitto B, delivery to the client
+Finer stages, shown when the gateways write them: a.acked (PUBACKs written), a.written (the link writer sent the
+frame), b.read (B's link reader got it), b.stored (inbox commit done), b.publish (QoS 2 PUBLISH written),
+b.pubrec (Mosquitto's PUBREC read; the PUBREL follows once it is recorded).
 """
 
 from __future__ import annotations
