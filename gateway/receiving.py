@@ -174,8 +174,9 @@ class Receiving:
                 # stand between the broker's PUBREC and our PUBREL, i.e. on every message's way to its agent.
                 # The sender needs the ACK only to forget the message, which is safe as of the inbox commit.
                 recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._ack_waits[recorded] = under_way
-                self._in_background(self._send_acks_when(recorded, acks))
+                for packet_id in under_way:
+                    self._ack_waits[packet_id] = (recorded, under_way)
+                self._in_background(self._send_acks_when(recorded, under_way, acks))
                 return
         await self._send_acks(acks)
 
@@ -184,22 +185,26 @@ class Receiving:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_acks_when(self, recorded: asyncio.Future[None], acks: dict[str, list[bytes]]) -> None:
+    async def _send_acks_when(self, recorded: asyncio.Future[None], packet_ids: set[int],
+                              acks: dict[str, list[bytes]]) -> None:
         try:
             await asyncio.wait_for(recorded, ACK_WAIT_MAX)
         except TimeoutError:
             pass
         finally:
-            self._ack_waits.pop(recorded, None)
+            for packet_id in packet_ids:  # (left after a timeout; an id taken again since belongs to another frame)
+                if self._ack_waits.get(packet_id, (None,))[0] is recorded:
+                    del self._ack_waits[packet_id]
         await self._send_acks(acks)
 
     def _acks_may_go(self, packet_ids: list[int]) -> None:
         """The broker has these (see `_broker_has`): the ACKs waiting for nothing else may go."""
-        for recorded, ids in list(self._ack_waits.items()):
-            ids.difference_update(packet_ids)
-            if not ids:
-                del self._ack_waits[recorded]
-                if not recorded.done():
+        for packet_id in packet_ids:
+            wait = self._ack_waits.pop(packet_id, None)
+            if wait is not None:
+                recorded, ids = wait
+                ids.discard(packet_id)
+                if not ids and not recorded.done():
                     recorded.set_result(None)
 
     def _inbox_seq(self) -> int:
