@@ -17,6 +17,9 @@ Segments (A = the pinger's gateway, B = the echoer's; the same stages then run t
     b.frame -> b.opened              verify + decrypt (one transaction)
     b.opened -> b.admitted           duplicate and consent checks
     b.admitted -> client receive     inbox commit, MQTT publish to Mosquitto B, delivery to the client
+Finer stages, shown when the gateways write them: a.acked (PUBACKs written), a.written (the link writer sent the
+frame), b.read (B's link reader got it), b.stored (inbox commit done), b.publish (QoS 2 PUBLISH written),
+b.pubrec (Mosquitto's PUBREC read; the PUBREL follows once it is recorded).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ from bench.__main__ import load
 from bench.paths import DEV_A, DEV_B, OurPath
 
 STAGES = ["a.dequeued", "a.stored", "a.due", "a.sent", "b.frame", "b.opened", "b.admitted"]
+# Finer stages, in time order with the above; each used when the trace has it (older gateways write fewer).
+ALL_STAGES = ["a.dequeued", "a.stored", "a.acked", "a.due", "a.sent", "a.written", "b.read", "b.frame", "b.opened",
+              "b.admitted", "b.stored", "b.publish", "b.pubrec"]
 
 
 def _trace(path: Path) -> dict[str, dict[str, int]]:
@@ -47,32 +53,34 @@ def _trace(path: Path) -> dict[str, dict[str, int]]:
 
 
 def _leg(sender: dict[str, dict[str, int]], receiver: dict[str, dict[str, int]], start: int,
-         end: int) -> dict[str, int] | None:
+         end: int, stages: list[str]) -> dict[str, int] | None:
     """The stage times of the one DATA message whose a.dequeued lies in [start, end] at `sender`."""
     ids = [m for m, st in sender.items() if start <= st.get("a.dequeued", -1) <= end]
     if len(ids) != 1:
         return None
     times = {s: t for s, t in sender[ids[0]].items() if s.startswith("a.")}
     times.update({s: t for s, t in receiver.get(ids[0], {}).items() if s.startswith("b.")})
-    return times if all(s in times for s in STAGES) else None
+    return times if all(s in times for s in stages) else None
 
 
 def analyse(d: Path) -> dict[str, Any]:
     ping = json.loads((d / "ping.json").read_text())
     echo = json.loads((d / "echo.json").read_text())
     a, b = _trace(d / f"{DEV_A}.trace"), _trace(d / f"{DEV_B}.trace")
+    written = {s for trace in (a, b) for times in trace.values() for s in times}
+    stages = [s for s in ALL_STAGES if s in written or s in STAGES]
     segs: dict[str, list[float]] = defaultdict(list)
     used = 0
     for p0, p1 in ping:
         e = [x for x in echo if p0 <= x[0] <= p1]
-        req, rep = _leg(a, b, p0, p1), _leg(b, a, p0, p1)
+        req, rep = _leg(a, b, p0, p1, stages), _leg(b, a, p0, p1, stages)
         if len(e) != 1 or req is None or rep is None:
             continue
         used += 1
         e_recv, e_reply = e[0]
-        points = [("client publish", p0)] + [(f"A {s}" if s.startswith("a.") else f"B {s}", req[s]) for s in STAGES]
+        points = [("client publish", p0)] + [(f"A {s}" if s.startswith("a.") else f"B {s}", req[s]) for s in stages]
         points += [("echo receive", e_recv), ("echo publish", e_reply)]
-        points += [(f"B {s}" if s.startswith("a.") else f"A {s}", rep[s]) for s in STAGES]
+        points += [(f"B {s}" if s.startswith("a.") else f"A {s}", rep[s]) for s in stages]
         points += [("client receive", p1)]
         for (n0, t0), (n1, t1) in itertools.pairwise(points):
             segs[f"{n0} -> {n1}"].append((t1 - t0) / 1e6)

@@ -567,6 +567,7 @@ class MqttBridge:
         # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
         self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
+        self._recs_soon: asyncio.Handle | None = None  # _take_recs scheduled for PUBRECs being read
         self._next_id = 0
         self._session_kept: bool | None = None  # did the broker still hold our session at the first CONNACK?
         self._task: asyncio.Task[None] | None = None
@@ -713,6 +714,11 @@ class MqttBridge:
             self._read()
         finally:
             self._in_read = False
+        if self._recs_soon is not None:
+            # The PUBRECs just read are recorded and answered with PUBREL now, not a loop turn later: the broker
+            # delivers a QoS 2 message only on PUBREL, so this wait would be on every message's way to its agent.
+            self._recs_soon.cancel()
+            self._take_recs()
 
     def _read(self) -> None:
         c = self._client
@@ -818,8 +824,8 @@ class MqttBridge:
             user_properties=user))
 
     def _on_pubrec(self, mid: int, reason: ReasonCode) -> None:
-        if not self._recs:
-            self._loop.call_soon(self._take_recs)  # the PUBRECs read in this loop iteration, in one record
+        if not self._recs:  # the PUBRECs read in this readable event, in one record (see _on_readable)
+            self._recs_soon = self._loop.call_soon(self._take_recs)
         self._recs.append((mid, reason))
 
     def _on_publish(self, client: mqtt.Client, userdata: object, mid: int, rc: ReasonCode,
@@ -841,6 +847,7 @@ class MqttBridge:
 
     # -- exactly-once -------------------------------------------------------------------------------------------
     def _take_recs(self) -> None:
+        self._recs_soon = None
         recs, self._recs = self._recs, []
         held: dict[BrokerHas, list[int]] = {}
         for mid, reason in recs:
@@ -897,6 +904,20 @@ class MqttBridge:
         only PUBREL is sent).
         A connection loss does not fail the call: the exchange resumes after reconnecting.
         Raises `BrokerUnavailable` if the broker refuses the message in its PUBREC."""
+        await self.start_exactly_once(
+            packet_id, topic, payload, on_broker_has=on_broker_has, released=released, response_topic=response_topic,
+            correlation_data=correlation_data, content_type=content_type, payload_utf8=payload_utf8,
+            user_properties=user_properties)
+
+    def start_exactly_once(self, packet_id: int, topic: str, payload: bytes, *, on_broker_has: BrokerHas,
+                           released: bool = False, response_topic: str | None = None,
+                           correlation_data: bytes | None = None, content_type: str | None = None,
+                           payload_utf8: bool = False,
+                           user_properties: tuple[tuple[str, str], ...] = ()) -> asyncio.Future[None]:
+        """`publish_exactly_once` without the wait: the PUBLISH (or PUBREL) is written before this returns (no
+        turn of the event loop in between, so a lone message waits for nothing), and the future completes at
+        PUBCOMP (or fails as `publish_exactly_once` raises). Raises `BrokerUnavailable` at once if the publish
+        cannot start."""
         if packet_id in self._once:
             raise BrokerUnavailable(f"packet id {packet_id} is already being published")
         fut: asyncio.Future[None] = self._loop.create_future()
@@ -914,7 +935,7 @@ class MqttBridge:
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._once.pop(packet_id, None)
                 raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
-        await fut
+        return fut
 
     # -- agents' messages ---------------------------------------------------------------------------------------
     def ack(self, msg: AgentMessage) -> None:

@@ -80,6 +80,8 @@ class Gateway(Sending, Receiving, Receipts):
         self._seq = time.time_ns()
         self._publishing: set[str] = set()
         self._in_flight: dict[int, InboxEntry] = {}  # inbox entries being published, by MQTT packet id
+        # A frame's ACKs wait for the PUBRECs of its messages: by packet id, (the frame's future, ids left)
+        self._ack_waits: dict[int, tuple[asyncio.Future[None], set[int]]] = {}
         self._finished: list[InboxEntry] = []  # PUBCOMP received, entry not yet deleted
         self._publish_room = asyncio.Event()  # set when inbox entries leave `_publishing` (see PUBLISH_BACKLOG)
         self._background: set[asyncio.Task[None]] = set()

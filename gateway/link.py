@@ -31,6 +31,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
+from gateway import stages
 from gateway.protocol.envelope import Envelope
 from gateway.protocol.errors import ProtocolError
 from gateway.protocol.link import (
@@ -408,8 +409,14 @@ class RelayLink:
         async for message in ws:
             if isinstance(message, str):
                 raise RelayClosedError(ErrorCode.PROTOCOL, "relay sent a text message")
+            read_ns = time.time_ns() if stages.enabled else 0
             link.receive_data(message)
-            for ev in link.events_received():
+            events = link.events_received()
+            if stages.enabled:
+                for ev in events:
+                    if isinstance(ev, Delivered):
+                        stages.mark("b.read", (e.envelope_id for e in ev.envelopes), read_ns)
+            for ev in events:
                 await self._on_link_event(link, ev)
             self._wake.set()
 
@@ -445,11 +452,12 @@ class RelayLink:
                     fut.set_result(ev)
 
     async def _writer(self, ws: ClientConnection, link: ClientLink) -> None:
+        batch: list[Envelope] = []
         while True:
             await self._wake.wait()
             self._wake.clear()
             if link.state in _LIVE and not self._outgoing.empty():
-                batch: list[Envelope] = []
+                batch = []
                 while not self._outgoing.empty() and len(batch) < 4 * self.config.limits.max_envelopes_per_frame:
                     batch.append(self._outgoing.get_nowait())
                 self._outgoing_bytes -= sum(env.size for env in batch)
@@ -460,6 +468,9 @@ class RelayLink:
             for msg in link.data_to_send():
                 await ws.send(msg)
                 self._last_sent = time.monotonic()
+            if stages.enabled and batch:
+                stages.mark("a.written", (e.envelope_id for e in batch))
+            batch = []
 
     async def _timer(self, link: ClientLink) -> None:
         """Token refresh before expiry and keepalive pings; the protocol core only says when they are due."""

@@ -13,7 +13,9 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import stages, topics
 from gateway.bridge import BrokerLostMessage, BrokerUnavailable
@@ -37,6 +39,9 @@ PENDING_RETRY_MS = 30_000
 # receiver's peak RSS in a 256 B burst with no loss of throughput (docs/performance.md, 2026-12-07). The check is
 # made before a frame is taken, so one frame (at most the sender's window) may add to it.
 PUBLISH_BACKLOG = 128
+# How long a frame's end-to-end ACKs wait for the broker's PUBREC of the messages they name (see _on_delivered),
+# in seconds; under load (paho's in-flight window full) they go after this.
+ACK_WAIT_MAX = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,9 @@ class Verdict:
     reason: RejectReason | None = None
     publish: bool = False
 
+
+# An inbox entry whose hand-over to the broker started: its packet id, and the exchange's future (or the error).
+Started = tuple[InboxEntry, int, "asyncio.Future[None] | Exception"]
 
 ACK = Verdict(True)
 PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
@@ -156,14 +164,52 @@ class Receiving:
                     acks[e.peer_device].append(e.message.message_id)
                 self.store.delivered.mark_many([e.message.message_id for e in entries], t)
                 self.store.inbox.put_many([(e.name, e.record()) for e in entries])
-            # In the background, so the next frame from the relay is decrypted while the broker works; started
-            # before the ACKs go out so the agent's copy is on its way first.
+            stages.mark("b.stored", (e.message.message_id for e in entries))
+            # The PUBLISH packets leave now, before the ACKs are encrypted (the agent's copy is on its way first);
+            # their completion is awaited in the background, so the next frame from the relay is decrypted while
+            # the broker works.
             self._publishing.update(e.name for e in entries)
-            task = asyncio.create_task(self._publish_inbox(entries, claimed=True))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            await asyncio.sleep(0)  # let the publishes reach paho before encrypting the ACKs
+            started = self._start_publishes(entries, claimed=True)
+            self._in_background(self._finish_publishes(started, len(entries)))
+            under_way = {packet_id for _, packet_id, fut in started if isinstance(fut, asyncio.Future)}
+            if under_way:
+                # The frame's ACKs go once the broker has these messages (PUBREC recorded, PUBREL sent), or after
+                # ACK_WAIT_MAX: encrypting and sending them costs ~0.2 ms of this loop, which would otherwise
+                # stand between the broker's PUBREC and our PUBREL, i.e. on every message's way to its agent.
+                # The sender needs the ACK only to forget the message, which is safe as of the inbox commit.
+                recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                for packet_id in under_way:
+                    self._ack_waits[packet_id] = (recorded, under_way)
+                self._in_background(self._send_acks_when(recorded, under_way, acks))
+                return
         await self._send_acks(acks)
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _send_acks_when(self, recorded: asyncio.Future[None], packet_ids: set[int],
+                              acks: dict[str, list[bytes]]) -> None:
+        try:
+            await asyncio.wait_for(recorded, ACK_WAIT_MAX)
+        except TimeoutError:
+            pass
+        finally:
+            for packet_id in packet_ids:  # (left after a timeout; an id taken again since belongs to another frame)
+                if self._ack_waits.get(packet_id, (None,))[0] is recorded:
+                    del self._ack_waits[packet_id]
+        await self._send_acks(acks)
+
+    def _acks_may_go(self, packet_ids: list[int]) -> None:
+        """The broker has these (see `_broker_has`): the ACKs waiting for nothing else may go."""
+        for packet_id in packet_ids:
+            wait = self._ack_waits.pop(packet_id, None)
+            if wait is not None:
+                recorded, ids = wait
+                ids.discard(packet_id)
+                if not ids and not recorded.done():
+                    recorded.set_result(None)
 
     def _inbox_seq(self) -> int:
         self._seq += 1
@@ -202,6 +248,7 @@ class Receiving:
         A crash of the process, not a power loss, is what this must survive: the broker's own state does not
         survive a power loss either."""
         entries = [e for e in map(self._in_flight.get, packet_ids) if e is not None and e.phase is Phase.PUBLISHED]
+        stages.mark("b.pubrec", (e.message.message_id for e in entries))
         for e in entries:
             e.phase = Phase.BROKER_HAS
         try:
@@ -212,11 +259,21 @@ class Receiving:
             for e in entries:
                 e.phase = Phase.PUBLISHED  # not recorded: the bridge retries the batch
             raise
+        if self._ack_waits:
+            self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
 
     async def _publish_inbox(self, entries: list[InboxEntry], *, claimed: bool = False) -> None:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
         the broker's PUBCOMP. Entries are claimed in `_publishing` first (by the caller when `claimed`), so no
         entry is published twice at once."""
+        await self._finish_publishes(self._start_publishes(entries, claimed=claimed), len(entries))
+
+    def _start_publishes(self, entries: list[InboxEntry], *, claimed: bool = False
+                         ) -> list[Started]:
+        """The first half of `_publish_inbox`, without a turn of the event loop: claim the entries, store packet
+        ids for those waiting for one, and write their PUBLISH packets (in order). Returns, per entry started,
+        its packet id and the future of its exchange (or the error that stopped it, raised by `_finish_publishes`
+        as before in the background)."""
         if not claimed:
             entries = [e for e in entries if e.name not in self._publishing]
             self._publishing.update(e.name for e in entries)
@@ -229,12 +286,24 @@ class Receiving:
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
         self._publish_room.set()
-
-        async def one(e: InboxEntry) -> bool:
+        started: list[Started] = []
+        for e in ready:
             packet_id = e.packet_id  # (`_exchange_lost` may reset the entry's)
             self._in_flight[packet_id] = e
             try:
-                await self._publish_to_agent(e)
+                started.append((e, packet_id, self._publish_to_agent(e)))
+            except Exception as exc:
+                started.append((e, packet_id, exc))
+        return started
+
+    async def _finish_publishes(self, started: list[Started], total: int) -> None:
+        """The second half of `_publish_inbox`: wait for each exchange's PUBCOMP, then drop the entry."""
+
+        async def one(e: InboxEntry, packet_id: int, fut: asyncio.Future[None] | Exception) -> bool:
+            try:
+                if isinstance(fut, Exception):
+                    raise fut
+                await fut
             except BaseException as exc:
                 self._publishing.discard(e.name)
                 self._publish_room.set()
@@ -249,10 +318,10 @@ class Receiving:
             self._delivered_to_broker(e)
             return True
 
-        results = await asyncio.gather(*(one(e) for e in ready))
-        if not all(results) or len(ready) < len(entries):
+        results = await asyncio.gather(*(one(*s) for s in started))
+        if not all(results) or len(started) < total:
             log.warning("%d message(s) wait in the inbox for the MQTT broker",
-                        results.count(False) + len(entries) - len(ready))
+                        results.count(False) + total - len(started))
 
     def _exchange_lost(self, e: InboxEntry) -> None:
         """The broker lost the message after its PUBREC (restarted from an older save): nothing was delivered, so
@@ -397,9 +466,11 @@ class Receiving:
             return ConsentState.ALLOWED
         return stored
 
-    async def _publish_to_agent(self, e: InboxEntry) -> None:
+    def _publish_to_agent(self, e: InboxEntry) -> asyncio.Future[None]:
+        """Write the entry's PUBLISH (or PUBREL) now; the future completes at PUBCOMP."""
         prefix = self.cfg.mqtt.topic_prefix
         inner, peer_device = e.message, e.peer_device
+        stages.mark("b.publish", (inner.message_id,))
         agent = inner.recipient_agent
         props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
         deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
@@ -411,7 +482,7 @@ class Receiving:
             response_topic = topics.reply_topic(prefix, agent, peer_device, inner.sender_agent, inner.response_topic)
         props += [(topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"),
                   (topics.PROP_MESSAGE_ID, inner.message_id.hex())]
-        await self.bridge.publish_exactly_once(
+        return self.bridge.start_exactly_once(
             e.packet_id, topic, inner.payload, released=e.phase is Phase.BROKER_HAS, on_broker_has=self._broker_has,
             response_topic=response_topic, correlation_data=inner.correlation_data, content_type=inner.content_type,
             payload_utf8=inner.payload_utf8, user_properties=tuple(props))

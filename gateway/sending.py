@@ -245,6 +245,7 @@ class Sending:
                 stages.mark("a.stored", (i[0] for i in items))
             for m in batch:
                 self.bridge.ack(m)
+            stages.mark("a.acked", (i[0] for i in items))
             # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
             self._send_receipts(batch, refused)
             self.counters.sent += len(items)

@@ -47,11 +47,16 @@ async def test_handed_over_messages_go_out_once_after_a_kill(tmp_path_factory: p
             async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
                 await alice.send("dev-b/bob", b"warm-up")  # opens the pairwise session
                 assert (await bob.receive(timeout=30)).payload == b"warm-up"
+                # and its end-to-end ACK reached dev-a (it may trail the delivery to bob): the outbox is empty
+                db = str(a.root / "state" / "agw.db")
+                deadline = time.monotonic() + 20
+                while _outbox_rows(db) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.05)
+                assert not _outbox_rows(db)
                 tb.stop_relay()
                 await asyncio.to_thread(_wait_link, a, False)
                 for i in range(n):
                     await alice.send("dev-b/bob", f"m{i}".encode())  # PUBACKed: stored by dev-a
-            db = str(a.root / "state" / "agw.db")
             deadline = time.monotonic() + 20
             while len(rows := _outbox_rows(db)) < n and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
