@@ -194,6 +194,7 @@ class Sending:
         q = self.bridge.incoming
         prefix = self.cfg.mqtt.topic_prefix
         ttl = self.cfg.store.message_ttl_seconds * 1000
+        max_record = self.store.outbox.limits.max_record_bytes
         while True:
             batch = [await q.get()]
             while not q.empty() and len(batch) < 512:
@@ -221,7 +222,14 @@ class Sending:
                 digest = _digest(m)
                 if m.dup and self._marks.is_copy(m.mid, digest):
                     continue  # the broker resends what we stored but had not acknowledged before a crash
-                items.append((inner.message_id, out.peer_device, inner.encode(), inner.expires_at_ms))
+                record = inner.encode()
+                if len(record) > max_record:  # never storable: refused, not retried (that would stall ingest)
+                    reason = (f"the message is {len(record)} bytes encoded, over the outbox's max_record_bytes "
+                              f"({max_record}); send smaller messages")
+                    log.warning("dropping a message on %r: %s", m.topic, reason)
+                    refused.append((m, reason))
+                    continue
+                items.append((inner.message_id, out.peer_device, record, inner.expires_at_ms))
                 ingested.append((m.mid, digest))
             handover = await self._handover.wait_room(items)  # sent from memory, the row due later (Handover)
             stored_at = now_ms() if handover else t

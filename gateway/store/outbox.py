@@ -144,7 +144,7 @@ class Outbox:
         `release_unsent`). Raises `OutboxFull` (nothing stored) if a limit would be exceeded, `StoreFull` if the
         disk is full.
         """
-        rows: list[tuple[bytes, bytes, int, int, int, bytes]] = []
+        rows: list[tuple[bytes, bytes, int, int, int, int, bytes]] = []
         peers: dict[bytes, str] = {}
         for msg_id, peer_device, record, expires_at_ms in items:
             if not isinstance(peer_device, str) or not peer_device:

@@ -319,6 +319,10 @@ async def test_a_message_refused_at_ingest_fails_the_send(bed: Testbed) -> None:
         with pytest.raises(MessageRefused, match="user properties"):
             await asyncio.wait_for(alice.send("dev-b/bob", b"refused", user_properties=too_many), 30)
         assert not alice._unreceipted  # not published again
+        # Over the outbox's record limit (1 MiB) though within the inner message's: refused the same way. Before,
+        # the ingest loop retried the whole batch every second, forever, stalling every agent of the device.
+        with pytest.raises(MessageRefused, match="max_record_bytes"):
+            await asyncio.wait_for(alice.send("dev-b/bob", b"x" * (1024 * 1024 + 1)), 30)
         await asyncio.wait_for(alice.send("dev-b/bob", b"accepted", user_properties=too_many[:64]), 30)
     deadline = time.monotonic() + 20  # (the status the gateway reports lags a little)
     while a.status()["counters"]["sent"] < stored_before + 1 and time.monotonic() < deadline:
