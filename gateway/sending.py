@@ -107,11 +107,14 @@ class Handover:
 
     async def wait_room(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
         """Whether `items` fit, after waiting up to HANDOVER_WAIT_S for the sender to make room if they would fit
-        an empty hand-over and the sender is taking entries."""
+        an empty hand-over, the sender is taking entries and every entry held is for a peer of this batch."""
         if self.takes(items):
             return True
+        # Only behind the same peers' messages: a batch never waits on room that another (slow) peer's held
+        # messages take, or its agents' PUBACKs and receipts would be delayed by a peer they do not send to.
         if (len(items) > HANDOVER_ENTRIES or sum(len(i[2]) for i in items) > HANDOVER_BYTES
-                or time.monotonic() - self.taken_at > HANDOVER_MOVING_S):
+                or time.monotonic() - self.taken_at > HANDOVER_MOVING_S
+                or not self.peers.keys() <= {i[1] for i in items}):
             return False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HANDOVER_WAIT_S):

@@ -301,31 +301,46 @@ class Outbox:
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
         messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
 
-        How: the rows due are counted on the due index first. None: no read. A few (the usual case while most
-        rows wait for an answer or are held in memory by the sender): read through the due index and sorted.
-        Many: read in queue order, which stops after `limit` (SQLite's own choice, a scan by seq, reads every
-        row not yet due before the first due one)."""
-        with self._db.read("reading due messages") as conn:
-            n_due = conn.execute("SELECT COUNT(*) FROM outbox WHERE due_at_ms <= ?", (now_ms,)).fetchone()[0]
-        if not n_due:
-            return []
-        by_due = "INDEXED BY outbox_by_due " if n_due <= DUE_BY_INDEX else ""
-        sql = (f"SELECT k, expires_at_ms, due_at_ms, v, attempts, size FROM outbox {by_due}"  # noqa: S608
-               "WHERE due_at_ms <= ? AND expires_at_ms > ?")
+        How: the rows due are counted on the due index first (stopping past DUE_BY_INDEX). None: no read. A few
+        (the usual case while most rows wait for an answer or are held in memory by the sender): their seq and
+        size are read through the due index, sorted here, and the rows fetched in that order until the budget is
+        passed (SQLite would otherwise read every due row in full and sort them, blobs and all, before returning
+        the first). Many: read in queue order, which stops after `limit` (SQLite's own choice, a scan by seq,
+        reads every row not yet due before the first due one)."""
+        where = "due_at_ms <= ? AND expires_at_ms > ?"
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
-            sql += " AND peer = ?"
+            where += " AND peer = ?"
             args.append(self._peer(peer_device))
         skip = [self._peer(p) for p in except_peers]
         if 0 < len(skip) <= 500:  # (more: read them all, the caller skips them)
-            sql += f" AND peer NOT IN ({','.join('?' * len(skip))})"
+            where += f" AND peer NOT IN ({','.join('?' * len(skip))})"
             args += skip
-        sql += " ORDER BY seq LIMIT ?"
-        args.append(int(limit))
         out: list[OutboxEntry] = []
         total = 0
+        cols = "k, expires_at_ms, due_at_ms, v, attempts, size"
         with self._db.read("reading due messages") as conn:
-            for r in conn.execute(sql, args):
+            n_due = conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE due_at_ms <= ? LIMIT ?)",
+                                 (now_ms, DUE_BY_INDEX + 1)).fetchone()[0]
+            if not n_due:
+                return []
+            if n_due <= DUE_BY_INDEX:
+                picked = sorted(conn.execute(
+                    f"SELECT seq, size FROM outbox INDEXED BY outbox_by_due WHERE {where}", args))  # noqa: S608
+                seqs: list[int] = []
+                for seq, size in picked[:int(limit)]:
+                    seqs.append(seq)
+                    total += int(size)
+                    if max_bytes is not None and total >= max_bytes:
+                        break
+                rows = []
+                for i in range(0, len(seqs), 500):
+                    chunk = seqs[i:i + 500]
+                    rows += conn.execute(f"SELECT {cols} FROM outbox WHERE seq IN "  # noqa: S608
+                                         f"({','.join('?' * len(chunk))}) ORDER BY seq", chunk).fetchall()
+                return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            for r in conn.execute(f"SELECT {cols} FROM outbox WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
+                                  [*args, int(limit)]):
                 out.append(self._entry(r[0], r[1], r[2], r[3], r[4]))
                 total += int(r[5])
                 if max_bytes is not None and total >= max_bytes:

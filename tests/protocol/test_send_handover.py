@@ -7,6 +7,7 @@ outbox is not sent. An unanswered entry is retried from the outbox after its sto
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -133,3 +134,22 @@ async def test_late_rescheduled_or_purged_entries_are_marked_and_what_left_is_no
             assert {v for i, v in _rows(store).items() if i not in new} == {(clock[0] + RETRY_MIN_MS, 1)}
         finally:
             loop.cancel()
+
+
+async def test_a_batch_waits_for_room_only_behind_its_own_peers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Handover.wait_room`: a batch that does not fit waits (bounded) while the sender drains the same peer's held
+    messages, but never behind another peer's: a slow peer filling the hand-over must not delay the PUBACKs and
+    receipts of agents that send elsewhere."""
+    monkeypatch.setattr(sending, "HANDOVER_ENTRIES", 4)
+    hand = sending.Handover()
+    hand.add([(bytes([i]) * 16, "slow", b"r", T0 + 10**9) for i in range(4)], T0, counted=True)
+    hand.taken_at = time.monotonic()  # the sender is moving
+    other = [(b"o" * 16, "other", b"r", T0 + 10**9)]
+    t = asyncio.get_running_loop().time()
+    assert await hand.wait_room(other) is False
+    assert asyncio.get_running_loop().time() - t < 0.1  # refused at once, no wait
+    same = [(b"s" * 16, "slow", b"r", T0 + 10**9)]
+    asyncio.get_running_loop().call_later(0.05, hand.remove, "slow", [bytes([0]) * 16])
+    t = asyncio.get_running_loop().time()
+    assert await hand.wait_room(same) is True  # room made by the sender within the wait
+    assert 0.04 <= asyncio.get_running_loop().time() - t < sending.HANDOVER_WAIT_S
