@@ -339,7 +339,7 @@ class _PahoClient(mqtt.Client):
         # Everything queued goes out in one send; paho's own loop (one send per packet) handles what needs
         # callbacks on completion (QoS 0 PUBLISH, DISCONNECT) and partial sends.
         out = self._out_packet
-        if len(out) > 1 and self._sock is not None:
+        while len(out) > 1 and self._sock is not None:  # in joins of at most WRITE_COALESCE_BYTES
             batch = []
             size = 0
             for p in out:
@@ -348,29 +348,30 @@ class _PahoClient(mqtt.Client):
                     break
                 batch.append(p)
                 size += len(p["packet"])
-            if len(batch) > 1:
-                data = b"".join([p["packet"] for p in batch])
-                try:
-                    sent = self._sock_send(data)
-                except BlockingIOError:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except (AttributeError, ValueError):
-                    return MQTTErrorCode.MQTT_ERR_SUCCESS
-                except OSError as err:
-                    self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                for p in batch:
-                    if sent <= 0:
-                        break
-                    n = min(sent, p["to_process"])
-                    p["to_process"] -= n
-                    p["pos"] += n
-                    sent -= n
-                    if p["to_process"] == 0:
-                        out.popleft()
-                self._last_msg_out = time.monotonic()
-                if out and out[0]["pos"]:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN  # the kernel took part: wait for writable
+            if len(batch) < 2:
+                break
+            data = b"".join([p["packet"] for p in batch])
+            try:
+                sent = self._sock_send(data)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except (AttributeError, ValueError):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            except OSError as err:
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            for p in batch:
+                if sent <= 0:
+                    break
+                n = min(sent, p["to_process"])
+                p["to_process"] -= n
+                p["pos"] += n
+                sent -= n
+                if p["to_process"] == 0:
+                    out.popleft()
+            self._last_msg_out = time.monotonic()
+            if out and out[0]["pos"]:
+                return MQTTErrorCode.MQTT_ERR_AGAIN  # the kernel took part: wait for writable
         return super()._packet_write()
 
     # exactly-once

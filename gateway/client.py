@@ -321,6 +321,7 @@ class AgentClient:
                     out.receipt.set_result(None)
                 else:
                     out.receipt.set_exception(MessageRefused(f"the gateway refused the message: {refused}"))
+                    out.receipt.add_done_callback(_retrieved)  # (its sender may have given up waiting)
 
     def _ack(self, mid: bytes) -> None:
         self._acks.append(mid)
@@ -394,12 +395,14 @@ class AgentClient:
         """Send to `<device-id>/<agent>`. Returns once the gateway's receipt came, i.e. once the gateway has the
         message durably in its outbox (it then delivers it exactly once); until then the SDK publishes it again
         after every reconnect and whenever no receipt came in time, so this waits while the broker or the gateway
-        is down. Concurrent sends are pipelined."""
+        is down. Concurrent sends are pipelined. Raises `MessageRefused` if the gateway refused the message for
+        good (over a limit, e.g. larger than the outbox's 1 MiB record limit, or more than 64 user properties)."""
         await self._tracked(self._out(to), payload, content_type=content_type, user_properties=user_properties)
 
     async def request(self, to: str, payload: bytes, *, timeout: float = 10.0,
                       content_type: str | None = None) -> Message:
-        """Send a request and wait for the reply (the request is receipted and resent like `send`)."""
+        """Send a request and wait for the reply (the request is receipted and resent like `send`; a refused
+        request raises `MessageRefused` at once)."""
         corr = os.urandom(16)
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[corr] = fut
@@ -535,3 +538,9 @@ def _fail_with_refusal(receipt: asyncio.Future[None], reply: asyncio.Future[Mess
     exc = receipt.exception()
     if exc is not None and not reply.done():
         reply.set_exception(exc)
+
+
+def _retrieved(receipt: asyncio.Future[None]) -> None:
+    """Mark a refusal as seen, so a receipt nobody awaits any more is not reported as a lost exception."""
+    if not receipt.cancelled():
+        receipt.exception()
