@@ -274,6 +274,17 @@ logging:
         self.gateways[name] = gw
         return gw
 
+    def start_alice_and_bob(self, timeout: float = 30.0) -> tuple[Gateway, Gateway]:
+        """The usual pair: the relay, dev-a with alice and dev-b with bob (allowed to each other), both ready."""
+        self.start_relay()
+        a = self.add_gateway("dev-a", agents={"alice": ["dev-b/bob"]})
+        b = self.add_gateway("dev-b", agents={"bob": ["dev-a/alice"]})
+        for gw in (a, b):
+            gw.start()
+        for gw in (a, b):
+            gw.wait_ready(timeout)
+        return a, b
+
     def revoke(self, name: str) -> None:
         self._agw("ca", "revoke", "--dir", str(self.ca_dir), "--device-id", name)
 

@@ -35,13 +35,7 @@ def _wait_link(gw: object, ready: bool, timeout: float = 30.0) -> None:
 async def test_handed_over_messages_go_out_once_after_a_kill(tmp_path_factory: pytest.TempPathFactory) -> None:
     tb = Testbed(tmp_path_factory.mktemp("handover"))
     try:
-        tb.start_relay()
-        a = tb.add_gateway("dev-a", agents={"alice": ["dev-b/bob"]})
-        b = tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"]})
-        for gw in (a, b):
-            gw.start()
-        for gw in (a, b):
-            gw.wait_ready()
+        a, b = tb.start_alice_and_bob()
         n = 20
         async with AgentClient("bob", port=b.broker.port, password=PW) as bob:
             async with AgentClient("alice", port=a.broker.port, password=PW) as alice:

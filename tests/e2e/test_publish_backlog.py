@@ -81,13 +81,7 @@ def wait_for(pred: object, timeout: float, what: str) -> None:
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
     tb = Testbed(tmp_path_factory.mktemp("backlog"))
     try:
-        tb.start_relay()
-        a = tb.add_gateway("dev-a", agents={"alice": ["dev-b/bob"]})
-        b = tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"]})
-        for gw in (a, b):
-            gw.start()
-        for gw in (a, b):
-            gw.wait_ready()
+        a, b = tb.start_alice_and_bob()
         yield a, b
     finally:
         tb.close()

@@ -9,6 +9,11 @@ import subprocess
 import sys
 
 
+def _lines_printed_by(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter (nothing imported yet) and return what it printed, line by line."""
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+
+
 def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -> None:
     code = ("import sys\n"
             "import gateway.cli, gateway.daemon, gateway.groups, hsm.tpm2_backend\n"
@@ -17,7 +22,7 @@ def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -
             "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
             "x509build.key_identifier(ed25519.Ed25519PrivateKey.generate().public_key())\n"
             "print('asn1crypto.keys' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    out = _lines_printed_by(code)
     assert out[0] == "[]"
     assert out[1] == "True"  # imported on first use
 
@@ -32,6 +37,6 @@ def test_the_group_service_imports_the_mls_engine_only_when_a_group_needs_it() -
             "print(sorted(m for m in sys.modules if m.startswith('gateway.protocol.mls.') and\n"
             "             m.rsplit('.', 1)[1] in engine))\n"
             "print('gateway.protocol.mls.key_package_bundle' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    out = _lines_printed_by(code)
     assert out[0] == "[]"
     assert out[1] == "True"  # KeyPackages are published at every link-ready

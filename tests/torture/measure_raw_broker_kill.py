@@ -25,13 +25,7 @@ def run(n: int, which: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as d:
         bed = Testbed(Path(d))
         try:
-            bed.start_relay()
-            a = bed.add_gateway("dev-a", agents={"alice": ["dev-b/bob"]})
-            b = bed.add_gateway("dev-b", agents={"bob": ["dev-a/alice"]})
-            for gw in (a, b):
-                gw.start()
-            for gw in (a, b):
-                gw.wait_ready(90)
+            a, b = bed.start_alice_and_bob(90)
             alice_in, bob_in = Receiver("alice", a.broker.port), Receiver("bob", b.broker.port)
             alice, bob = Sender("alice", a.broker.port, "dev-b/bob"), Sender("bob", b.broker.port, "dev-a/alice")
             for part in (alice_in, bob_in, alice, bob):
