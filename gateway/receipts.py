@@ -59,7 +59,6 @@ class Receipts:
     store: Any
     bridge: Any
     _publishing: set[str]
-    _background: set[asyncio.Task[None]]
 
     def _init_receipts(self) -> None:
         self._acking: set[str] = {a for a in self.cfg.agents if self.store.secrets.get(ACKING_KEY + a) is not None}
@@ -119,9 +118,7 @@ class Receipts:
             except BrokerUnavailable as exc:  # the SDK publishes again and gets a new receipt
                 log.info("a receipt on %s was not published (%s)", topic, exc)
 
-        task = asyncio.create_task(publish())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(publish())  # type: ignore[attr-defined]
 
     # -- receiving direction: acks -----------------------------------------------------------------------------
     def _take_acks(self, batch: list[AgentMessage]) -> list[AgentMessage]:
@@ -267,9 +264,7 @@ class Receipts:
         self._publishing.update(e.name for e in entries)
         self.receipt_counters["republished"] += len(entries)
         log.info("publishing again %d held message(s) %s", len(entries), why)
-        task = asyncio.create_task(self._publish_inbox(entries, claimed=True))  # type: ignore[attr-defined]
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._publish_inbox(entries, claimed=True))  # type: ignore[attr-defined]
 
     def _expire_held(self) -> None:
         t = now_ms()
