@@ -9,17 +9,12 @@ Why it is built this way:
   complete store: an empty, truncated or foreign file is `StoreCorrupt`, never a silently re-created store.
 - A lock file (`flock`) keeps a second process from opening the same store; it is released if we are killed.
 - `PRAGMA quick_check`, the application id and the schema version are checked on every open.
-- The WAL is copied into the main file by a thread of its own (`_Checkpointer`, a second connection), not by
-  SQLite's automatic checkpoint inside a commit: that one ran on the event loop every ~1,000 pages and held the
-  commit (and every message behind it) for a few milliseconds, the round trip's p99. The automatic checkpoint
-  stays on as a backstop at 4x the usual size should the thread fall behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
 import os
 import sqlite3
 import threading
@@ -37,10 +32,6 @@ _SQLITE_LOCKED = 6
 _NO_PAGE_LIMIT = 4294967294
 _WAL_LIMIT = 4 * 1024 * 1024  # the WAL is cut back to this after a checkpoint resets it
 _CACHE_KIB = 512  # page cache per connection (SQLite default 2,000 KiB): the hot pages are the outbox and inbox heads
-_BACKSTOP_PAGES = 4000  # the writer's own automatic checkpoint, only if the checkpointer thread falls this far behind
-_CHECKPOINT_PAUSE_S = 0.2  # the checkpointer runs at most this often: each run fsyncs the WAL and the main file
-
-log = logging.getLogger(__name__)
 
 
 def translate(exc: sqlite3.Error, action: str) -> StoreError:
@@ -84,53 +75,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Checkpointer:
-    """Copies committed WAL frames into the main file from its own thread and connection, after commits.
-
-    A PASSIVE checkpoint never waits for the writer and the writer never waits for it (WAL mode), so the
-    connection that commits on the event loop no longer pays for the copy and its fsyncs. `lock` keeps an explicit
-    `Database.checkpoint()` (TRUNCATE, for secure deletion) from running beside it and finding it busy.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10.0)
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self.lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._failed = False
-        self._thread = threading.Thread(target=self._run, name="agw-store-checkpoint", daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        """A transaction was committed: there is something to copy."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        while True:
-            self._wake.wait()
-            if self._stop.is_set():
-                return
-            self._wake.clear()
-            with self.lock:
-                try:
-                    self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    if not self._failed:  # once per failure streak; the backstop keeps the WAL bounded meanwhile
-                        log.warning("background store checkpoint failed (%s); the writer's own checkpoint takes "
-                                    "over until it succeeds", translate(exc, "checkpointing the store"))
-                    self._failed = True
-                else:
-                    self._failed = False
-            self._stop.wait(_CHECKPOINT_PAUSE_S)  # a pause that `stop` cuts short
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join()
-        self._conn.close()
-
-
 class Database:
     """The store file: one connection, one lock, explicit transactions."""
 
@@ -142,11 +86,6 @@ class Database:
         self._depth = 0
         self._durable = True
         self._undo: list[Callable[[], None]] = []  # run if the current transaction rolls back (see on_rollback)
-        try:
-            conn.execute(f"PRAGMA wal_autocheckpoint={_BACKSTOP_PAGES}")
-            self._checkpointer = _Checkpointer(path)
-        except sqlite3.Error as exc:
-            raise translate(exc, f"opening store {path}") from exc
 
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
@@ -184,11 +123,10 @@ class Database:
                 raise translate(exc, f"opening store {path}") from exc
             try:
                 cls._check(conn, path)
-                db = cls(path, conn, lock_fd)
             except BaseException:
                 conn.close()
                 raise
-            return db, created
+            return cls(path, conn, lock_fd), created
         except BaseException:
             os.close(lock_fd)
             raise
@@ -305,7 +243,6 @@ class Database:
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
-                self._checkpointer.poke()
             except BaseException as exc:
                 self._rollback(conn)
                 undo, self._undo = self._undo, []
@@ -350,7 +287,7 @@ class Database:
 
     def checkpoint(self) -> None:
         """Copy the WAL into the main file and truncate it, so overwritten or deleted records leave the WAL too."""
-        with self._checkpointer.lock, self.read("checkpointing the store") as conn:
+        with self.read("checkpointing the store") as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def close(self) -> None:
@@ -358,7 +295,6 @@ class Database:
             if self._conn is None:
                 return
             try:
-                self._checkpointer.stop()  # first: the last connection to close checkpoints and removes the WAL
                 self._conn.close()
             finally:
                 self._conn = None

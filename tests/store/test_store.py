@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sqlite3
 import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -437,23 +435,3 @@ def test_hardware_errors_propagate_and_leave_nothing_behind(db_path: Path, key: 
         Store.open(db_path, _AbsentToken())
     with Store.open(db_path, key) as s:  # the lock was released
         assert s.outbox.depth() == 0
-
-
-def test_commits_reach_the_main_file_without_a_checkpoint_in_the_commit(db_path: Path, key: SoftStorageKey,
-                                                                        tmp_path: Path) -> None:
-    """The background checkpointer copies committed frames into the main file soon after the commits; SQLite's own
-    checkpoint would wait for ~1,000 pages (4,000 here, its backstop), far more than these rows take."""
-    with Store.open(db_path, key) as s:
-        s.outbox.put_many([(mid(i), "d", os.urandom(300), FAR) for i in range(300)])
-        copy = tmp_path / "main-file-only.db"
-        deadline = time.monotonic() + 10
-        rows = 0
-        while time.monotonic() < deadline:
-            copy.write_bytes(db_path.read_bytes())  # the main file alone, without its -wal
-            with contextlib.closing(sqlite3.connect(copy)) as conn:
-                rows = conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-            if rows == 300:
-                break
-            time.sleep(0.05)
-        assert rows == 300
-        assert Path(f"{db_path}-wal").exists()  # still open: the rows were copied, not flushed by a close
