@@ -3,7 +3,7 @@
 Built on paho-mqtt directly (aiomqtt hides manual acknowledgement), without paho's network thread: the socket is
 registered with the asyncio loop (`add_reader`; `add_writer` only while the kernel's send buffer is full), paho's
 `_packet_read`/`loop_write`/`loop_misc` run as loop callbacks, and the bridge connects and reconnects itself
-(backoff 0.2 s doubling to 5 s, as paho's `loop_forever` did). Nothing crosses threads: no locks, no
+(backoff 0.2 s doubling to 1 s; paho's `loop_forever` went to 5 s). Nothing crosses threads: no locks, no
 `call_soon_threadsafe`. Reads go through a 64 KiB buffer (paho reads a packet a few bytes per `recv`), and writes
 queued in one loop iteration (acks for a batch, a batch of publishes) leave in one `send`.
 
@@ -65,7 +65,10 @@ INCOMING_PAUSE_MAX = 10.0
 MESSAGE_OVERHEAD = 256  # per message: the AgentMessage, its topic and properties, counted against the bound
 MAX_PACKET_ID = 65535
 MAX_EXACTLY_ONCE = 16_384  # packet ids held at once for stored messages; the rest wait in the inbox
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0  # seconds between connection attempts, doubling
+# Seconds between connection attempts, doubling. The cap is short: a broker that restarts without our session
+# (killed before it saved it) routes what agents publish meanwhile to nobody, so every second away can lose raw
+# agents' messages; an attempt against the local broker costs one refused connect.
+RECONNECT_MIN, RECONNECT_MAX = 0.2, 1.0
 CONNECT_TIMEOUT = 5.0  # TCP connect
 READ_CHUNK = 65536  # bytes per recv
 READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
@@ -789,6 +792,10 @@ class MqttBridge:
         present = bool(getattr(flags, "session_present", False))
         if self._session_kept is None:
             self._session_kept = present  # first connection of this process: decides for restored exchanges
+        if not present and self.connects:
+            log.warning("the MQTT broker lost this gateway's session (restarted before saving it?): what agents "
+                        "published after its restart and before this reconnect had no subscriber and was dropped "
+                        "by the broker; SDK agents send it again, raw MQTT agents do not")
         if not present:
             again = self._client.publish_again_unreleased()
             if again:

@@ -115,6 +115,31 @@ def test_a_retained_message_is_sent_once_not_at_every_reconnect(bed):
     assert out.splitlines() == ["retained once"], out
 
 
+def test_a_broker_restarted_without_the_gateways_session_is_reported_and_subscribed_again(bed):
+    """Mosquitto restarted without its saved state (a crash before its first save, or a lost mosquitto.db) has no
+    session and no subscription for the gateway: until the gateway reconnects it drops what agents publish. The
+    gateway says so in its log (operators can tell raw agents lost messages) and subscribes again."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    before = a.log_text().count("lost this gateway's session")
+    a.broker.stop()  # SIGTERM saves the state: remove it, as a crash before the save would
+    for f in a.broker.root.glob("*.db"):
+        f.unlink()
+    a.broker.start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and a.log_text().count("lost this gateway's session") == before:
+        time.sleep(0.1)
+    assert a.log_text().count("lost this gateway's session") == before + 1, a.log_text()[-2000:]
+    sub = subprocess.Popen(["mosquitto_sub", "-p", str(b.broker.port), "-u", "bob", "-P", PW, "-t", "agw/bob/in",
+                            "-q", "1", "-C", "1", "-W", "20", "-V", "mqttv5", "-F", "%p"],
+                           stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
+                    "agw/alice/out/dev-b/bob", "-q", "1", "-m", "after the broker lost its state", "-V", "mqttv5"],
+                   check=True)
+    out, _ = sub.communicate(timeout=30)
+    assert out.splitlines() == ["after the broker lost its state"], out
+
+
 async def test_consent_request_approval_and_revocation(bed):
     a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
     async with client(bed, "dev-a", "dora") as dora, client(bed, "dev-b", "bob") as bob:
