@@ -78,6 +78,7 @@ class StoreSection:
     message_ttl_seconds: int
     delivered_retention_days: int
     audit_retention_days: int
+    held_max_per_agent: int
 
 
 @dataclass(frozen=True, slots=True)

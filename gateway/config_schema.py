@@ -103,6 +103,11 @@ class StoreSection(_Model):
     message_ttl_seconds: int = Field(default=24 * 3600, ge=1)
     delivered_retention_days: int = Field(default=30, ge=1)
     audit_retention_days: int = Field(default=365, ge=1)
+    held_max_per_agent: int = Field(
+        default=10_000, ge=0,
+        description="messages kept after hand-over for one acknowledging (SDK) agent until it acknowledges them; "
+                    "beyond this, further messages to that agent are deleted once the broker has them, as for a "
+                    "raw MQTT agent (0: never hold)")
 
 
 class LoggingSection(_Model):

@@ -12,7 +12,9 @@ dropping its message would lose it.
 Receiving direction: an agent that publishes on agw/<agent>/ack (the SDK sends an empty ack on every connect) is
 remembered in the store as acknowledging. Its inbox entries are not deleted at PUBCOMP but kept as HANDED until
 its ack names them (only its own entries), published again after every (re)connect to the broker and whenever it
-announces itself, and deleted with a warning when they expire unacknowledged (docs/operations.md).
+announces itself (at most once per HELLO_EVERY), and deleted with a warning when they expire unacknowledged
+(docs/operations.md). At most `store.held_max_per_agent` are held per agent; past that its messages are deleted at
+PUBCOMP, as for a raw agent, so an agent that announces and never acks cannot fill the store.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ EARLY_ACKS = 65_536  # acks remembered for entries not (yet) HANDED: an ack may 
 WATCH_EVERY = 0.2  # seconds between looks at the broker connection
 EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
 HELLO_GRACE = 2.0  # seconds after an agent's announcement before its older held entries are published again
+HELLO_EVERY = 10.0  # seconds: at most one announcement-driven republish per agent (a flood of announcements is one)
+OVER_CAP_LOG_EVERY = 60.0  # seconds between warnings that an agent's held messages reached their cap
 
 
 class Receipts:
@@ -65,7 +69,12 @@ class Receipts:
         # agent -> message id -> (entry name, expiry, broker connection it was handed in, when (loop time))
         self._held: defaultdict[str, dict[bytes, tuple[str, int, int, float]]] = defaultdict(dict)
         self._early_acks: OrderedDict[tuple[str, bytes], None] = OrderedDict()
-        self.receipt_counters = {"receipts": 0, "acks": 0, "held_expired": 0, "republished": 0, "bad_input": 0}
+        self.receipt_counters = {"receipts": 0, "acks": 0, "held_expired": 0, "republished": 0, "bad_input": 0,
+                                 "not_held_over_cap": 0}
+        self._hello_before: dict[str, float] = {}  # agent -> its latest announcement (loop time), republish pending
+        self._hello_last: dict[str, float] = {}  # agent -> when its last announcement-driven republish ran
+        self._over_cap_logged: dict[str, float] = {}
+        self._holding: defaultdict[str, set[str]] = defaultdict(set)
 
     # -- sending direction -------------------------------------------------------------------------------------
     def _sdk_id(self, m: AgentMessage, agent: str, *, warn: bool) -> bytes | None:
@@ -167,8 +176,7 @@ class Receipts:
             # The agent (re)connected. What was handed to the broker while it was away waits in its session and
             # arrives now; after a grace period, what is still unacknowledged from before this announcement is
             # sent again (its session may have been lost, e.g. with the broker's unsaved state).
-            loop = asyncio.get_running_loop()
-            loop.call_later(HELLO_GRACE, self._republish_held, agent, None, loop.time())
+            self._on_hello(agent)
             return
         self.receipt_counters["acks"] += len(ids)
         held = self._held.get(agent, {})
@@ -186,6 +194,23 @@ class Receipts:
                 for name in names:
                     self.store.inbox.delete(name)
 
+    def _on_hello(self, agent: str) -> None:
+        """Schedule one republish of the agent's older held entries, HELLO_GRACE after its announcement, and at
+        most one per HELLO_EVERY: announcements arriving meanwhile only move `before` forward. A local agent that
+        floods announcements thus costs one pass over its held entries per HELLO_EVERY, not one per announcement."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        pending = agent in self._hello_before
+        self._hello_before[agent] = now
+        if not pending:
+            at = max(now + HELLO_GRACE, self._hello_last.get(agent, float("-inf")) + HELLO_EVERY)
+            loop.call_at(at, self._hello_due, agent)
+
+    def _hello_due(self, agent: str) -> None:
+        before = self._hello_before.pop(agent)
+        self._hello_last[agent] = asyncio.get_running_loop().time()
+        self._republish_held(agent, None, before)
+
     # -- receiving direction: hooks of the inbox (gateway/receiving.py) ----------------------------------------
     def _hold_on_pubcomp(self, e: InboxEntry) -> bool:
         """In `_drop_finished`'s transaction: True if the entry is kept as HANDED (written now) instead of
@@ -198,8 +223,23 @@ class Receipts:
             return False  # the ack came first
         if self.store.inbox.get(e.name) is None:
             return False  # purged meanwhile: not written back
+        holding = self._holding[agent]  # held by this batch's transaction, indexed in `_after_pubcomp`
+        if e.name not in holding and len(self._held.get(agent, ())) + len(holding) >= self.cfg.store.held_max_per_agent:
+            self._over_cap(agent)
+            return False
         self.store.inbox.put(e.name, dataclasses.replace(e, phase=Phase.HANDED, packet_id=0).record())
+        holding.add(e.name)  # (a set: a rolled-back batch retried does not count twice)
         return True
+
+    def _over_cap(self, agent: str) -> None:
+        self.receipt_counters["not_held_over_cap"] += 1
+        t = asyncio.get_running_loop().time()
+        if t - self._over_cap_logged.get(agent, float("-inf")) >= OVER_CAP_LOG_EVERY:
+            self._over_cap_logged[agent] = t
+            log.warning("agent %s has %d unacknowledged message(s) held, its cap (store.held_max_per_agent): "
+                        "further messages to it are not kept after the broker has them until it acknowledges "
+                        "(is it reading and acknowledging? see docs/operations.md)", agent,
+                        len(self._held.get(agent, ())) + len(self._holding[agent]))
 
     def _exchange_connect(self) -> int:
         """The broker connection a QoS 2 exchange starting now goes out in: while disconnected, paho sends the
@@ -212,6 +252,7 @@ class Receipts:
         when = asyncio.get_running_loop().time()
         suspects = []
         for e in held:
+            self._holding[e.message.recipient_agent].discard(e.name)
             e.handed()
             self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms,
                                                                           e.exchange_connect, when)

@@ -20,10 +20,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway.client import AgentClient, MessageRefused
-from gateway.protocol.receipts import derive_message_id
+from gateway.protocol.receipts import derive_message_id, encode_ids
+from gateway.receipts import HELLO_EVERY, HELLO_GRACE
 from gateway.testbed import Testbed
 
 PW = "agent-secret"
+HELD_CAP = 3  # dev-b's store.held_max_per_agent
 
 
 class Raw:
@@ -105,7 +107,10 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
     try:
         tb.start_relay()
         tb.add_gateway("dev-a", agents={"alice": ["dev-b/*"]})
-        tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"], "carol": ["dev-a/alice"]})
+        b = tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"], "carol": ["dev-a/alice"],
+                                            "dave": ["dev-a/alice"]})
+        with b.config.open("a") as f:
+            f.write(f"store:\n  held_max_per_agent: {HELD_CAP}\n")
         for gw in tb.gateways.values():
             gw.start()
         for gw in tb.gateways.values():
@@ -329,3 +334,57 @@ async def test_a_message_refused_at_ingest_fails_the_send(bed: Testbed) -> None:
         await asyncio.sleep(0.1)
     await asyncio.sleep(1.0)
     assert a.status()["counters"]["sent"] == stored_before + 1  # only the accepted one was stored
+
+
+async def test_held_messages_are_capped_per_agent(bed: Testbed) -> None:
+    """An agent that announces itself and never acknowledges: dev-b holds HELD_CAP of its messages, no more;
+    the others are delivered all the same and deleted at PUBCOMP, as for a raw agent."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    dave = Raw("dave", b.broker.port, "agw/dave/in")
+    try:
+        assert not dave.publish("agw/dave/ack", b"").is_failure
+        wait_status(b, lambda st: "dave" in st["acking_agents"])
+        before = receipts_of(b)
+        sent = [b"capped %d" % i for i in range(HELD_CAP + 2)]
+        async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+            await asyncio.gather(*(alice.send("dev-b/dave", p) for p in sent))  # one burst: batched by dev-b
+        got = dave.wait_for(len(sent), "agw/dave/in")
+        assert sorted(p for _, p, _ in got) == sorted(sent)
+        st = wait_status(b, lambda st: st["not_held_over_cap"] - before["not_held_over_cap"] == 2)
+        assert st["not_held_over_cap"] - before["not_held_over_cap"] == 2
+        assert st["held"] - before["held"] == HELD_CAP
+        assert "its cap (store.held_max_per_agent)" in b.log_text()
+        assert not dave.publish("agw/dave/ack", encode_ids([bytes.fromhex(props["agw:message-id"])
+                                                            for _, _, props in got])).is_failure
+        assert wait_status(b, lambda st: st["held"] == before["held"])["held"] == before["held"]
+    finally:
+        dave.close()
+
+
+async def test_a_flood_of_announcements_publishes_held_messages_again_once(bed: Testbed) -> None:
+    """Each announcement asks for the agent's older held messages again; a local agent announcing in a loop gets
+    one republish per HELLO_EVERY, not one per announcement."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    dave = Raw("dave", b.broker.port, "agw/dave/in")
+    try:
+        assert not dave.publish("agw/dave/ack", b"").is_failure
+        wait_status(b, lambda st: "dave" in st["acking_agents"])
+        async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+            await alice.send("dev-b/dave", b"held once")
+        first = dave.wait_for(1, "agw/dave/in")
+        assert [p for _, p, _ in first] == [b"held once"]
+        before = receipts_of(b)["republished"]
+        flood_end = time.monotonic() + 2.5 * HELLO_GRACE  # announcements for longer than the grace, twice over
+        while time.monotonic() < flood_end:
+            dave.publish("agw/dave/ack", b"")
+            time.sleep(0.05)
+        # The republish came HELLO_GRACE after the flood began (or HELLO_EVERY after dave's previous one). One per
+        # announcement older than the copy's hand-over would have brought a copy every HELLO_GRACE.
+        dave.wait_for(2, "agw/dave/in", timeout=HELLO_EVERY + HELLO_GRACE)
+        time.sleep(max(0.0, flood_end + HELLO_GRACE + 1 - time.monotonic()))
+        copies = dave.wait_for(3, "agw/dave/in", timeout=0)
+        assert [p for _, p, _ in copies] == [b"held once"] * 2  # the original and one copy
+        assert wait_status(b, lambda st: st["republished"] > before)["republished"] - before == 1  # (status lags)
+        assert not dave.publish("agw/dave/ack", bytes.fromhex(first[0][2]["agw:message-id"])).is_failure
+    finally:
+        dave.close()
