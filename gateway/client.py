@@ -462,13 +462,13 @@ class AgentClient:
         return await self._group_ctl(group, {"op": "remove", "members": list(members)}, timeout)
 
     async def send_group(self, group: str, payload: bytes) -> None:
-        """Send to every other member of the group; returns once the local broker acknowledged it (MQTT QoS 1:
-        group messages have no end-to-end receipt)."""
-        await self._up.wait()
-        try:
-            await self._mqtt.publish(self._group_topic(group, "out"), payload, qos=1)
-        except aiomqtt.MqttError as exc:
-            raise AgentClientError(f"group send failed: {exc}") from None
+        """Send to every other member of the group. Returns once the gateway's receipt came, i.e. once the gateway
+        has it encrypted for the group and durably queued for every member device; until then the SDK publishes it
+        again (same `agw:sdk-id`, which the gateway takes once) after every reconnect and whenever no receipt came
+        in time, as for `send`. Raises `MessageRefused` if the gateway refused it (e.g. this agent is not a
+        member of the group, or groups are not enabled on the gateway)."""
+        check_id("group", group)
+        await self._tracked(self._group_topic(group, "out"), payload)
 
     async def group_messages(self, group: str) -> AsyncIterator[Message]:
         """Messages of one group, as they arrive (a session of its own, closed when the iteration ends)."""

@@ -19,8 +19,9 @@ log = logging.getLogger("agw.groups")
 class GroupService(Protocol):
     async def start(self) -> None: ...
 
-    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
-        """Take agents' group publishes; return once they are durable (the daemon then PUBACKs them)."""
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
+        """Take agents' group publishes; return once they are durable (the daemon then PUBACKs them and sends the
+        SDK's receipts). Returns the group messages (.../out) refused for good, with the reason."""
         ...
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None: ...
@@ -40,9 +41,10 @@ class NoGroups:
     async def start(self) -> None:
         return None
 
-    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
         for m in messages:
             log.warning("groups are not enabled; dropping a publish on %s", m.topic)
+        return [(m, "groups are not enabled on this gateway") for m in messages]
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None:
         for e in envelopes:

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from gateway import topics
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
@@ -73,6 +74,7 @@ from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.tree_math import LeafIndex
+from gateway.protocol.receipts import ReceiptFormatError, derive_group_send_id, parse_sdk_id
 from gateway.store import Store
 
 if TYPE_CHECKING:
@@ -213,11 +215,12 @@ class Groups(GroupMembership, GroupDelivery):
         return task
 
     # -- daemon hooks ----------------------------------------------------------------------------------------------
-    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
         """Group publishes of a batch become durable in one transaction; a broker redelivery (DUP) of a publish
-        already taken (same packet id and content) is not sent twice."""
+        already taken (same packet id and content) is not sent twice, nor an SDK retransmission (same
+        `agw:sdk-id`). Returns the group messages refused, with the reason (for the SDK's receipts)."""
         with self._batch():
-            self._take(messages)
+            return self._take(messages)
 
     @contextlib.contextmanager
     def _batch(self) -> Iterator[None]:
@@ -247,7 +250,8 @@ class Groups(GroupMembership, GroupDelivery):
         else:
             self.records.put_member(agent, group, _group_to_bytes(self.members[(agent, group)]))
 
-    def _take(self, messages: list[AgentMessage]) -> None:
+    def _take(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
+        refused: list[tuple[AgentMessage, str]] = []
         for m in messages:
             parts = m.topic.split("/")
             agent, group, verb = parts[1], parts[3], parts[4]
@@ -256,14 +260,21 @@ class Groups(GroupMembership, GroupDelivery):
                 continue
             try:
                 if verb == "out":
-                    self.send(agent, group, m.payload)
+                    send_id = _sdk_send_id(m, agent, group)
+                    if send_id is None or not self.store.delivered.seen(send_id):
+                        self.send(agent, group, m.payload)
+                        if send_id is not None:  # (in this batch's transaction: remembered iff it was queued)
+                            self.store.delivered.mark(send_id, self.now_ms())
                 else:
                     self._spawn(self._ctl(agent, group, m.payload), f"group-ctl-{agent}-{group}")
             except (GroupError, MlsError, BadName) as exc:
                 self.counters.dropped += 1
                 log.warning("group publish on %s refused: %s", m.topic, exc)
                 self._spawn(self._event(agent, group, {"ok": False, "error": str(exc)}), "group-event")
+                if verb == "out":
+                    refused.append((m, str(exc)))
             self.records.secrets.put(mark, digest)
+        return refused
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None:
         with self._batch():
@@ -813,6 +824,17 @@ def due_for_update(last: dict[tuple[str, str], float], keys: list[tuple[str, str
                    interval: float) -> list[tuple[str, str]]:
     """Memberships whose own last commit (or, if none, the service start) is at least `interval` old."""
     return [k for k in keys if now - last.get(k, started) >= interval]
+
+
+def _sdk_send_id(m: AgentMessage, agent: str, group: str) -> bytes | None:
+    """The id an SDK group send is remembered by (its retransmissions carry the same `agw:sdk-id`), or None."""
+    value = next((v for k, v in m.user_properties if k == topics.PROP_SDK_ID), None)
+    if value is None:
+        return None
+    try:
+        return derive_group_send_id(agent, group, parse_sdk_id(value))
+    except ReceiptFormatError:
+        return None  # (a malformed id: taken as a message without one, as for pairwise sends)
 
 
 def _digest(m: AgentMessage) -> bytes:

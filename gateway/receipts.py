@@ -105,7 +105,9 @@ class Receipts:
         by_agent: dict[tuple[str, str | None], list[bytes]] = defaultdict(list)
         for m in batch:
             parts = m.topic.split("/")
-            if len(parts) < 3 or parts[2] != "out":
+            pairwise = len(parts) >= 3 and parts[2] == "out"  # <prefix>/<agent>/out/<device>/<agent>
+            group = len(parts) == 5 and parts[2] == "group" and parts[4] == "out"  # <prefix>/<agent>/group/<g>/out
+            if not (pairwise or group):
                 continue
             try:
                 agent = check_id("agent", parts[1])

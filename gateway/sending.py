@@ -208,9 +208,10 @@ class Sending:
             t = now_ms()
             group_msgs = [m for m in batch if topics.is_group_topic(prefix, m.topic)]
             if group_msgs:
-                await self.groups.on_agent_messages(group_msgs)
+                group_refused = await self.groups.on_agent_messages(group_msgs)
                 for m in group_msgs:
                     self.bridge.ack(m)
+                self._send_receipts(group_msgs, group_refused)  # SDK group sends: stored, or refused for good
                 batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
             batch = self._take_acks(batch)  # receipts: agents' acks of what they received (gateway/receipts.py)
             refused: list[tuple[AgentMessage, str]] = []

@@ -19,6 +19,7 @@ from gateway.protocol.errors import DecodeError
 ID_SIZE = 16
 MAX_IDS = 4096  # per receipt or ack payload (64 KiB)
 DERIVE_LABEL = b"agw sdk message id v1"
+GROUP_SEND_LABEL = b"agw sdk group send v1"
 MAX_REASON = 256  # characters of the agw:refused reason on a refusal receipt
 GOODBYE = b"\x00"  # the ack payload of a client that closes cleanly
 
@@ -38,13 +39,26 @@ def parse_sdk_id(value: str) -> bytes:
 def derive_message_id(agent: str, sdk_id: bytes) -> bytes:
     """The end-to-end message id of an SDK message: SHA-256(len(label) | label | len(agent) | agent | sdk id)[:16],
     lengths as one byte. Two agents choosing the same SDK id get different message ids."""
+    return _derive(DERIVE_LABEL, (agent,), sdk_id)
+
+
+def derive_group_send_id(agent: str, group: str, sdk_id: bytes) -> bytes:
+    """The id under which the sending gateway remembers an SDK group send, to take a retransmission once:
+    SHA-256(len(label) | label | len(agent) | agent | len(group) | group | sdk id)[:16], label
+    GROUP_SEND_LABEL. Never on the wire (MLS application messages carry no id)."""
+    return _derive(GROUP_SEND_LABEL, (agent, group), sdk_id)
+
+
+def _derive(label: bytes, names: tuple[str, ...], sdk_id: bytes) -> bytes:
     if len(sdk_id) != ID_SIZE:
         raise ReceiptFormatError(f"an SDK message id is {ID_SIZE} bytes, not {len(sdk_id)}")
-    name = agent.encode()
-    if not 0 < len(name) < 256:
-        raise ReceiptFormatError("the agent name must be 1-255 bytes")
-    h = hashlib.sha256(bytes([len(DERIVE_LABEL)]) + DERIVE_LABEL + bytes([len(name)]) + name + sdk_id)
-    return h.digest()[:ID_SIZE]
+    data = bytes([len(label)]) + label
+    for name in names:
+        raw = name.encode()
+        if not 0 < len(raw) < 256:
+            raise ReceiptFormatError("agent and group names must be 1-255 bytes")
+        data += bytes([len(raw)]) + raw
+    return hashlib.sha256(data + sdk_id).digest()[:ID_SIZE]
 
 
 def encode_ids(ids: Iterable[bytes]) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from gateway.client import AgentClient, AgentClientError
+from gateway.client import AgentClient, AgentClientError, MessageRefused
+from gateway.protocol.receipts import decode_ids
 from gateway.testbed import Testbed
 
 PW = "agent-secret"
@@ -65,9 +67,12 @@ class Agent:
         with self._lock:
             return [p for _, p, _ in self.got]
 
-    def publish(self, group: str, payload: bytes, verb: str = "out") -> None:
-        info = self.client.publish(f"agw/{self.name}/group/{group}/{verb}", payload, qos=1,
-                                   properties=Properties(PacketTypes.PUBLISH))
+    def publish(self, group: str, payload: bytes, verb: str = "out", user: list[tuple[str, str]] | None = None
+                ) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        if user:
+            props.UserProperty = user
+        info = self.client.publish(f"agw/{self.name}/group/{group}/{verb}", payload, qos=1, properties=props)
         info.wait_for_publish(10)
 
     def close(self) -> None:
@@ -153,6 +158,29 @@ def test_messages_reach_every_other_member_once(bed: Testbed) -> None:
     assert topic == f"agw/b2/group/{GROUP}/in"
     assert props["agw:from"] == "gw3/c1" and props["agw:group"] == GROUP and props["agw:epoch"] == "1"
     assert agents["c2"].payloads() == []  # not a member
+
+
+def test_an_sdk_group_send_is_receipted_and_a_retransmission_taken_once(bed: Testbed) -> None:
+    """What the SDK does, step by step with a raw client: each publish with an `agw:sdk-id` gets a receipt once the
+    gateway has it queued for the group; a retransmission (same id) is receipted again but not sent again, while
+    the same bytes under a new id are a new message."""
+    agents = bed.agents  # type: ignore[attr-defined]
+    a1, payload = agents["a1"], b"sent twice, taken once"
+    receipts: list[bytes] = []
+    a1.client.message_callback_add("agw/a1/receipt", lambda _c, _u, msg: receipts.append(bytes(msg.payload)))
+    a1.client.subscribe("agw/a1/receipt", qos=1)
+    time.sleep(0.5)
+    once, other = os.urandom(16), os.urandom(16)
+    for sdk_id in (once, once, other):
+        a1.publish(GROUP, payload, user=[("agw:sdk-id", sdk_id.hex())])
+    wait_for(lambda: sum(len(decode_ids(r)) for r in receipts) >= 3, what="three receipts")
+    ids = [i for r in receipts for i in decode_ids(r)]
+    assert sorted(ids) == sorted([once, once, other])
+    others = ["a2", "b1", "b2", "c1"]
+    wait_for(lambda: all(agents[n].payloads().count(payload) >= 2 for n in others), what="delivery")
+    time.sleep(1.5)  # a third copy would arrive now
+    assert {n: agents[n].payloads().count(payload) for n in others} == dict.fromkeys(others, 2)
+    assert agents["a1"].payloads().count(payload) == 0
 
 
 def test_concurrent_commits_from_two_devices_one_winner_no_divergence(bed: Testbed) -> None:
@@ -259,6 +287,8 @@ async def test_sdk_create_add_send_receive_remove(bed: Testbed) -> None:
         msg = await asyncio.wait_for(receiver, 30)
         assert (msg.sender, msg.payload, msg.topic) == ("gw2/b2", b"via the sdk", "agw/a2/group/sdk/in")
         assert (await b2.remove("sdk", "gw1/a2"))["members"] == ["gw2/b2"]
+        with pytest.raises(MessageRefused, match="not a member"):
+            await a2.send_group("sdk", b"after the removal")  # refused at once, not resent forever
         with pytest.raises(AgentClientError, match=r"not an admin|not a member"):
             await a2.add("sdk", "gw3/c1")
 

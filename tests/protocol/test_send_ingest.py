@@ -20,7 +20,7 @@ from tests.store.conftest import SoftStorageKey
 
 
 class _NoGroups:
-    async def on_agent_messages(self, messages: list[AgentMessage]) -> None:
+    async def on_agent_messages(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
         raise AssertionError("no group topics in this test")
 
 
