@@ -69,6 +69,7 @@ MAX_EXACTLY_ONCE = 16_384  # packet ids held at once for stored messages; the re
 # (killed before it saved it) routes what agents publish meanwhile to nobody, so every second away can lose raw
 # agents' messages; an attempt against the local broker costs one refused connect.
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 1.0
+REFUSED_RETRY = 10.0  # seconds before trying a broker again that refused our CONNECT (credentials): logged each time
 CONNECT_TIMEOUT = 5.0  # TCP connect
 READ_CHUNK = 65536  # bytes per recv
 READ_BUDGET = 512  # packets handled per readable event before other callbacks get a turn
@@ -582,6 +583,7 @@ class MqttBridge:
         self._read_due = False
         self._in_read = False
         self._connected_once = False  # the current connection got a CONNACK: the next backoff starts over
+        self._refused = False  # the last CONNACK was a failure: retry after REFUSED_RETRY
         self.connects = 0  # successful connections so far (gateway/receipts.py publishes held messages on each)
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=True, on_pubrec=self._on_pubrec, on_agent_message=self.incoming.put_nowait,
@@ -645,9 +647,9 @@ class MqttBridge:
         while not self._stopping:
             if not first:
                 delay = RECONNECT_MIN if delay is None or self._connected_once else min(delay * 2, RECONNECT_MAX)
-                await asyncio.sleep(delay)
+                await asyncio.sleep(REFUSED_RETRY if self._refused else delay)
             first = False
-            self._connected_once = False
+            self._connected_once = self._refused = False
             try:
                 c.connected_sock = await self._open_socket()
                 self._lost.clear()
@@ -786,7 +788,9 @@ class MqttBridge:
     def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, rc: ReasonCode,
                     properties: Properties | None = None) -> None:
         if rc.is_failure:
-            log.error("MQTT broker %s:%s refused the connection: %s", self.host, self.port, rc)
+            log.error("MQTT broker %s:%s refused the connection: %s (retrying in %.0f s)", self.host, self.port, rc,
+                      REFUSED_RETRY)
+            self._refused = True
             return
         self._connected_once = True
         present = bool(getattr(flags, "session_present", False))

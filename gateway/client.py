@@ -10,14 +10,16 @@
 broker; the gateway does the rest. Requests use a response topic under the agent's own namespace and a random
 correlation id, which the gateways carry end to end.
 
-End-to-end receipts (docs/protocol.md, "Receipts and acks"): each message the SDK sends (send, request, reply)
-carries a random 16-byte id in the user property `agw:sdk-id`; the gateway answers on agw/<agent>/receipt once
-the message is durable in its outbox, and until then the SDK publishes it again (same id) after every reconnect
-and whenever no receipt came within `receipt_timeout`. Each message the SDK receives is acknowledged on
-agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until then; copies
-are dropped by message id. Together with a reconnect loop on a persistent MQTT session this survives a crash of
-the local broker (which acknowledges before it saves) with every message delivered exactly once. Group messages
-(`send_group`, `group_messages`) are not covered: they keep MQTT QoS 1 semantics.
+End-to-end receipts (docs/protocol.md, "Receipts and acks"): each message the SDK sends (send, request, reply,
+send_group) carries a random 16-byte id in the user property `agw:sdk-id`; the gateway answers on
+agw/<agent>/receipt once the message is durable in its outbox, and until then the SDK publishes it again (same id)
+after every reconnect and whenever no receipt came within `receipt_timeout`. Each message the SDK receives is
+acknowledged on agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until
+then; copies are dropped by message id. Together with a reconnect loop on a persistent MQTT session this survives a
+crash of the local broker (which acknowledges before it saves) with every message delivered exactly once. Group
+sends are receipted (the gateway takes a retransmission once); group messages received (`group_messages`) are not
+acknowledged: they keep MQTT QoS 1 semantics. `send_group` needs a gateway of this version or later (an older one
+sends no group receipts: the send would be published again and again, each a new group message).
 """
 
 from __future__ import annotations
@@ -467,7 +469,10 @@ class AgentClient:
         again (same `agw:sdk-id`, which the gateway takes once) after every reconnect and whenever no receipt came
         in time, as for `send`. Raises `MessageRefused` if the gateway refused it (e.g. this agent is not a
         member of the group, or groups are not enabled on the gateway)."""
-        check_id("group", group)
+        try:
+            check_id("group", group)
+        except BadName as exc:
+            raise ValueError(f"group {group!r}: {exc}") from None
         await self._tracked(self._group_topic(group, "out"), payload)
 
     async def group_messages(self, group: str) -> AsyncIterator[Message]:

@@ -264,7 +264,7 @@ class Groups(GroupMembership, GroupDelivery):
                     if send_id is None or not self.store.delivered.seen(send_id):
                         self.send(agent, group, m.payload)
                         if send_id is not None:  # (in this batch's transaction: remembered iff it was queued)
-                            self.store.delivered.mark(send_id, self.now_ms())
+                            self.store.delivered.mark(send_id, self._send_id_mark_ms())
                 else:
                     self._spawn(self._ctl(agent, group, m.payload), f"group-ctl-{agent}-{group}")
             except (GroupError, MlsError, BadName) as exc:
@@ -275,6 +275,13 @@ class Groups(GroupMembership, GroupDelivery):
                     refused.append((m, str(exc)))
             self.records.secrets.put(mark, digest)
         return refused
+
+    def _send_id_mark_ms(self) -> int:
+        """The time an SDK group send's id is marked at: back-dated so that the daemon's hourly prune (by
+        `store.delivered_retention_days`) drops it after MESSAGE_TTL_MS, the group message's own lifetime, not 30
+        days later: one row per group message sent."""
+        retention_ms = self.cfg.store.delivered_retention_days * 86_400_000
+        return self.now_ms() - max(0, retention_ms - MESSAGE_TTL_MS)
 
     async def on_envelopes(self, envelopes: list[Envelope]) -> None:
         with self._batch():

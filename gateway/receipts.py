@@ -53,6 +53,7 @@ WATCH_EVERY = 0.2  # seconds between looks at the broker connection
 EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
 HELLO_GRACE = 2.0  # seconds after an agent's announcement before its older held entries are published again
 HELLO_EVERY = 10.0  # seconds: at most one announcement-driven republish per agent (a flood of announcements is one)
+HELLO_EVERY_MAX = 600.0  # ... doubling up to this while the agent acknowledges nothing between two of them
 OVER_CAP_LOG_EVERY = 60.0  # seconds between warnings that an agent's held messages reached their cap
 
 
@@ -73,6 +74,7 @@ class Receipts:
                                  "not_held_over_cap": 0}
         self._hello_before: dict[str, float] = {}  # agent -> its latest announcement (loop time), republish pending
         self._hello_last: dict[str, float] = {}  # agent -> when its last announcement-driven republish ran
+        self._hello_every: dict[str, float] = {}  # agent -> its current interval (absent: HELLO_EVERY)
         self._over_cap_logged: dict[str, float] = {}
         self._holding: defaultdict[str, set[str]] = defaultdict(set)
 
@@ -181,6 +183,7 @@ class Receipts:
             self._on_hello(agent)
             return
         self.receipt_counters["acks"] += len(ids)
+        self._hello_every.pop(agent, None)  # it acknowledges: its announcements are honoured at the usual rate
         held = self._held.get(agent, {})
         names = []
         for i in ids:
@@ -197,46 +200,68 @@ class Receipts:
                     self.store.inbox.delete(name)
 
     def _on_hello(self, agent: str) -> None:
-        """Schedule one republish of the agent's older held entries, HELLO_GRACE after its announcement, and at
-        most one per HELLO_EVERY: announcements arriving meanwhile only move `before` forward. A local agent that
-        floods announcements thus costs one pass over its held entries per HELLO_EVERY, not one per announcement."""
+        """Schedule one republish of the agent's held entries handed before its announcement, HELLO_GRACE after
+        its latest announcement, and at most one per interval: HELLO_EVERY, doubling (up to HELLO_EVERY_MAX)
+        while the agent acknowledges nothing in between. Announcements arriving meanwhile only move `before`
+        forward. A local agent that floods announcements and never acks thus costs one pass over its held
+        entries per interval, not one per announcement."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         pending = agent in self._hello_before
         self._hello_before[agent] = now
         if not pending:
-            at = max(now + HELLO_GRACE, self._hello_last.get(agent, float("-inf")) + HELLO_EVERY)
-            loop.call_at(at, self._hello_due, agent)
+            every = self._hello_every.get(agent, HELLO_EVERY)
+            loop.call_at(max(now + HELLO_GRACE, self._hello_last.get(agent, float("-inf")) + every),
+                         self._hello_due, agent)
 
     def _hello_due(self, agent: str) -> None:
-        before = self._hello_before.pop(agent)
-        self._hello_last[agent] = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        before = self._hello_before[agent]
+        if loop.time() < before + HELLO_GRACE:  # a later announcement came: its grace too
+            loop.call_at(before + HELLO_GRACE, self._hello_due, agent)
+            return
+        del self._hello_before[agent]
+        self._hello_last[agent] = loop.time()
+        self._hello_every[agent] = min(self._hello_every.get(agent, HELLO_EVERY / 2) * 2, HELLO_EVERY_MAX)
         self._republish_held(agent, None, before)
 
     # -- receiving direction: hooks of the inbox (gateway/receiving.py) ----------------------------------------
     def _hold_on_pubcomp(self, e: InboxEntry) -> bool:
         """In `_drop_finished`'s transaction: True if the entry is kept as HANDED (written now) instead of
         deleted, i.e. its agent acknowledges and has not acknowledged it yet."""
-        agent = e.message.recipient_agent
+        agent, mid = e.message.recipient_agent, e.message.message_id
         if agent not in self._acking:
-            return False
-        if (agent, e.message.message_id) in self._early_acks:
-            del self._early_acks[(agent, e.message.message_id)]
-            return False  # the ack came first
+            return self._not_held(agent, mid)  # (it said goodbye since: a republished entry leaves the index too)
+        if (agent, mid) in self._early_acks:
+            del self._early_acks[(agent, mid)]
+            return self._not_held(agent, mid)  # the ack came first
         if self.store.inbox.get(e.name) is None:
-            return False  # purged meanwhile: not written back
-        holding = self._holding[agent]  # held by this batch's transaction, indexed in `_after_pubcomp`
-        if e.name not in holding and len(self._held.get(agent, ())) + len(holding) >= self.cfg.store.held_max_per_agent:
-            self._over_cap(agent)
-            return False
+            return self._not_held(agent, mid)  # purged meanwhile: not written back
+        held = self._held.get(agent, {})
+        holding = self._holding[agent]  # new holds of this batch's transaction, indexed in `_after_pubcomp`
+        if mid not in held and e.name not in holding:  # (a republished held entry keeps its place)
+            if len(held) + len(holding) >= self.cfg.store.held_max_per_agent:
+                self._over_cap(agent)
+                return False
+            holding.add(e.name)
+            self.store.on_rollback(lambda: holding.discard(e.name))
         self.store.inbox.put(e.name, dataclasses.replace(e, phase=Phase.HANDED, packet_id=0).record())
-        holding.add(e.name)  # (a set: a rolled-back batch retried does not count twice)
         return True
+
+    def _not_held(self, agent: str, mid: bytes) -> bool:
+        """The entry is deleted in this transaction: if it was indexed as held (a republish), it leaves the index
+        (and comes back if the transaction rolls back)."""
+        held = self._held.get(agent)
+        got = held.pop(mid, None) if held is not None else None
+        if held is not None and got is not None:
+            self.store.on_rollback(lambda: held.__setitem__(mid, got))
+        return False
 
     def _over_cap(self, agent: str) -> None:
         self.receipt_counters["not_held_over_cap"] += 1
         t = asyncio.get_running_loop().time()
-        if t - self._over_cap_logged.get(agent, float("-inf")) >= OVER_CAP_LOG_EVERY:
+        quiet = self._over_cap_logged.get(agent, float("-inf")) + OVER_CAP_LOG_EVERY > t
+        if self.cfg.store.held_max_per_agent and not quiet:  # (a cap of 0 is the operator's choice: no warning)
             self._over_cap_logged[agent] = t
             log.warning("agent %s has %d unacknowledged message(s) held, its cap (store.held_max_per_agent): "
                         "further messages to it are not kept after the broker has them until it acknowledges "

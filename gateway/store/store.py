@@ -16,7 +16,7 @@ import base64
 import contextlib
 import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -176,6 +176,10 @@ class Store:
         """
         with self._db.write("running a transaction", durable=durable):
             yield self
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Inside `transaction`: call `fn` if it rolls back, so state kept in memory beside the store follows it."""
+        self._db.on_rollback(fn)
 
     def set_max_bytes(self, max_bytes: int | None) -> int:
         """Cap the database size (None: no cap); writes past it raise `StoreFull`. Returns the cap in bytes."""

@@ -354,6 +354,14 @@ async def test_held_messages_are_capped_per_agent(bed: Testbed) -> None:
         assert st["not_held_over_cap"] - before["not_held_over_cap"] == 2
         assert st["held"] - before["held"] == HELD_CAP
         assert "its cap (store.held_max_per_agent)" in b.log_text()
+        # At the cap, an announcement publishes the held ones again: they keep their places (not over the cap).
+        assert not dave.publish("agw/dave/ack", b"").is_failure
+        again = wait_status(b, lambda st: st["republished"] - before["republished"] >= HELD_CAP,
+                            timeout=HELLO_EVERY + HELLO_GRACE + 5)
+        assert again["republished"] - before["republished"] == HELD_CAP
+        assert again["not_held_over_cap"] - before["not_held_over_cap"] == 2
+        assert again["held"] - before["held"] == HELD_CAP
+        assert len(dave.wait_for(len(sent) + HELD_CAP, "agw/dave/in")) == len(sent) + HELD_CAP
         assert not dave.publish("agw/dave/ack", encode_ids([bytes.fromhex(props["agw:message-id"])
                                                             for _, _, props in got])).is_failure
         assert wait_status(b, lambda st: st["held"] == before["held"])["held"] == before["held"]

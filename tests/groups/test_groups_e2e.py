@@ -287,6 +287,9 @@ async def test_sdk_create_add_send_receive_remove(bed: Testbed) -> None:
         msg = await asyncio.wait_for(receiver, 30)
         assert (msg.sender, msg.payload, msg.topic) == ("gw2/b2", b"via the sdk", "agw/a2/group/sdk/in")
         assert (await b2.remove("sdk", "gw1/a2"))["members"] == ["gw2/b2"]
+        gw1 = bed.gateways["gw1"]  # learns of the removal from the relay, after gw2: wait for it
+        wait_for(lambda: gw1.agw("group", "show", "--agent", "a2", "--group", "sdk", check=False).returncode != 0,
+                 what="gw1 to process the removal")
         with pytest.raises(MessageRefused, match="not a member"):
             await a2.send_group("sdk", b"after the removal")  # refused at once, not resent forever
         with pytest.raises(AgentClientError, match=r"not an admin|not a member"):

@@ -15,6 +15,7 @@ from gateway.protocol.receipts import (
     MAX_IDS,
     ReceiptFormatError,
     decode_ids,
+    derive_group_send_id,
     derive_message_id,
     encode_ids,
     parse_sdk_id,
@@ -29,6 +30,20 @@ def test_derived_id_is_the_documented_hash_and_namespaced_by_agent() -> None:
     assert derive_message_id("alice", sdk_id) != derive_message_id("bob", sdk_id)
     with pytest.raises(ReceiptFormatError):
         derive_message_id("alice", sdk_id[:15])
+
+
+def test_group_send_id_is_the_documented_hash_and_namespaced_by_agent_and_group() -> None:
+    sdk_id = bytes(range(16))
+    label = b"agw sdk group send v1"
+    expected = hashlib.sha256(bytes([len(label)]) + label + bytes([5]) + b"alice" + bytes([4]) + b"team"
+                              + sdk_id).digest()[:16]
+    assert derive_group_send_id("alice", "team", sdk_id) == expected
+    others = {derive_group_send_id("bob", "team", sdk_id), derive_group_send_id("alice", "teams", sdk_id),
+              derive_message_id("alice", sdk_id)}
+    assert expected not in others and len(others) == 3
+    for bad in (("alice", "team", sdk_id[:15]), ("", "team", sdk_id), ("alice", "t" * 256, sdk_id)):
+        with pytest.raises(ReceiptFormatError):
+            derive_group_send_id(*bad)
 
 
 def test_sdk_id_is_exactly_32_lowercase_hex_digits() -> None:

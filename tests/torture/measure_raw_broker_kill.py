@@ -42,12 +42,13 @@ def run(n: int, which: str) -> dict[str, object]:
         bed = Testbed(Path(d))
         try:
             a, b = bed.start_alice_and_bob(90)
-            for gw in (a, b):  # a broker killed before it first saved the gateway's session forgets its
-                wait_saved(gw.broker.root / "mosquitto.db", time.time() + 0.1)  # subscription: see below
             alice_in, bob_in = Receiver("alice", a.broker.port), Receiver("bob", b.broker.port)
             alice, bob = Sender("alice", a.broker.port, "dev-b/bob"), Sender("bob", b.broker.port, "dev-a/alice")
             for part in (alice_in, bob_in, alice, bob):
                 part.start()
+            time.sleep(0.5)  # the receivers' subscriptions are in
+            for gw in (a, b):  # a broker killed before it first saved the gateway's and the receivers' sessions
+                wait_saved(gw.broker.root / "mosquitto.db", time.time() + 0.1)  # forgets their subscriptions
             trigger = threading.Event()
             pa, pb = b"raw|a>b|", b"raw|b>a|"
 
