@@ -254,8 +254,7 @@ class Sending:
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
                 stages.mark("a.stored", (i[0] for i in items))
-            for m in batch:
-                self.bridge.ack(m)
+            self.bridge.ack_many(batch)
             stages.mark("a.acked", (i[0] for i in items))
             # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
             self._send_receipts(batch, refused)
