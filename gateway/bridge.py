@@ -33,7 +33,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,8 @@ WRITE_COALESCE_BYTES = 256 * 1024  # queued packets joined into one send, at mos
 _OK = ReasonCode(PacketTypes.PUBREC, "Success")
 _PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(PacketTypes.PUBCOMP, "Success")
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
+_PUBACK_CMD = 0x40
+_PUBACK_PACKET = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id (success, no properties)
 
 
 BrokerHas = Callable[[list[int]], None]
@@ -954,6 +956,20 @@ class MqttBridge:
         """PUBACK the agent's message: call only once it is durable in the outbox."""
         if msg.qos > 0:
             self._client.ack(msg.mid, msg.qos)
+
+    def ack_many(self, msgs: Sequence[AgentMessage]) -> None:
+        """`ack` for a stored batch: its QoS 1 PUBACKs queued as one packet of bytes, in order (paho otherwise
+        queues, and its writer walks, one packet per PUBACK). Call only once the messages are durable."""
+        c = self._client
+        ones = [m.mid for m in msgs if m.qos == 1]
+        for m in msgs:
+            if m.qos > 1:
+                c.ack(m.mid, m.qos)
+        if len(ones) > 1 and c._manual_ack:
+            c._packet_queue(_PUBACK_CMD, b"".join([_PUBACK_PACKET.pack(_PUBACK_CMD, 2, mid) for mid in ones]), 0, 1)
+        else:
+            for mid in ones:
+                c.ack(mid, 1)
 
     async def publish(self, topic: str, payload: bytes, *, response_topic: str | None = None,
                       correlation_data: bytes | None = None, content_type: str | None = None,

@@ -255,8 +255,7 @@ class Sending:
             if stages.enabled:
                 stages.mark("a.dequeued", (i[0] for i in items), dequeued_ns)
                 stages.mark("a.stored", (i[0] for i in items))
-            for m in batch:
-                self.bridge.ack(m)
+            self.bridge.ack_many(batch)
             stages.mark("a.acked", (i[0] for i in items))
             # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
             self._send_receipts(batch, refused)
@@ -297,9 +296,14 @@ class Sending:
                     del inflight[mid]  # unanswered for a retry period: no longer counts against the window
                 if len(inflight) >= SEND_WINDOW:
                     blocked.add(peer)
-            # Retries, entries from the last run and overflow come from the outbox, oldest first (not read for
-            # blocked peers); then the entries handed over in memory (an entry in both goes from memory).
-            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked)
+            # Retries, entries from the last run and overflow come from the outbox, oldest first; then the entries
+            # handed over in memory (an entry in both goes from memory). Not read: blocked peers' entries, and
+            # past a peer's room in its window (a slow peer's held entries become due after HANDOVER_DUE_MS: only
+            # as many are read as go out from memory in this pass, not all of them on every pass).
+            rooms = {p: SEND_WINDOW - len(inflight) for p, inflight in self._inflight.items()
+                     if inflight and p not in blocked}
+            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked,
+                                        peer_limits=rooms)
             by_peer: dict[str, list[Any]] = {}
             for e in due:
                 if not hand.holds(e) and e.peer_device not in blocked:

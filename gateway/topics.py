@@ -16,6 +16,7 @@ back end to end and arrives on the requester's own response topic.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from gateway.protocol.identity.errors import BadName
@@ -45,7 +46,10 @@ class OutTopic:
     deliver_to: str | None
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_out_topic(prefix: str, topic: str) -> OutTopic:
+    """The parts of an agent's outbound topic; raises TopicError. Memoised (a topic recurs on every message of an
+    agent to a peer, and the result is immutable; errors are not cached)."""
     parts = topic.split("/")
     if len(parts) < 5 or parts[0] != prefix or parts[2] != "out":
         raise TopicError(f"{topic!r} is not {prefix}/<agent>/out/<peer-device>/<peer-agent>")

@@ -18,7 +18,7 @@ nothing else changes the rows meanwhile.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .codec import expect, pack, unpack
@@ -60,6 +60,17 @@ class OutboxEntry:
 
 
 OutboxItem = tuple[bytes, str, bytes, int]
+
+
+def _take(quota: dict[bytes, int], peer: bytes) -> bool:
+    """Count one entry of `peer` against its quota, if it has one; False once that quota is used up."""
+    left = quota.get(peer)
+    if left is None:
+        return True
+    if left <= 0:
+        return False
+    quota[peer] = left - 1
+    return True
 
 
 def check_msg_id(msg_id: bytes) -> bytes:
@@ -296,17 +307,21 @@ class Outbox:
 
     # -- reading -------------------------------------------------------------------------------------------------
     def due(self, now_ms: int, limit: int = 64, peer_device: str | None = None,
-            max_bytes: int | None = None, except_peers: Iterable[str] = ()) -> list[OutboxEntry]:
+            max_bytes: int | None = None, except_peers: Iterable[str] = (),
+            peer_limits: Mapping[str, int] | None = None) -> list[OutboxEntry]:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
         messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
+        `peer_limits`: at most this many entries of these peers (a sender's room in a peer's send window; the
+        rest of such a peer's due rows are neither fetched nor unsealed).
 
         How: the rows due are counted on the due index first (stopping past DUE_BY_INDEX). None: no read. A few
         (the usual case while most rows wait for an answer or are held in memory by the sender): their seq and
         size are read through the due index, sorted here, and the rows fetched in that order until the budget is
         passed (SQLite would otherwise read every due row in full and sort them, blobs and all, before returning
         the first). Many: read in queue order, which stops after `limit` (SQLite's own choice, a scan by seq,
-        reads every row not yet due before the first due one)."""
+        reads every row not yet due before the first due one); rows past a peer's quota are skipped unsealed but
+        count towards `limit`."""
         where = "due_at_ms <= ? AND expires_at_ms > ?"
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
@@ -316,9 +331,10 @@ class Outbox:
         if 0 < len(skip) <= 500:  # (more: read them all, the caller skips them)
             where += f" AND peer NOT IN ({','.join('?' * len(skip))})"
             args += skip
+        quota = {self._peer(p): n for p, n in peer_limits.items()} if peer_limits else {}
         out: list[OutboxEntry] = []
         total = 0
-        cols = "k, expires_at_ms, due_at_ms, v, attempts, size"
+        cols = "k, expires_at_ms, due_at_ms, v, attempts, size, peer"
         with self._db.read("reading due messages") as conn:
             n_due = conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM outbox WHERE due_at_ms <= ? LIMIT ?)",
                                  (now_ms, DUE_BY_INDEX + 1)).fetchone()[0]
@@ -326,9 +342,13 @@ class Outbox:
                 return []
             if n_due <= DUE_BY_INDEX:
                 picked = sorted(conn.execute(
-                    f"SELECT seq, size FROM outbox INDEXED BY outbox_by_due WHERE {where}", args))  # noqa: S608
+                    f"SELECT seq, size, peer FROM outbox INDEXED BY outbox_by_due WHERE {where}", args))  # noqa: S608
                 seqs: list[int] = []
-                for seq, size in picked[:int(limit)]:
+                for seq, size, peer in picked:
+                    if len(seqs) >= limit:
+                        break
+                    if quota and not _take(quota, peer):
+                        continue
                     seqs.append(seq)
                     total += int(size)
                     if max_bytes is not None and total >= max_bytes:
@@ -341,6 +361,8 @@ class Outbox:
                 return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             for r in conn.execute(f"SELECT {cols} FROM outbox WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
                                   [*args, int(limit)]):
+                if quota and not _take(quota, r[6]):
+                    continue
                 out.append(self._entry(r[0], r[1], r[2], r[3], r[4]))
                 total += int(r[5])
                 if max_bytes is not None and total >= max_bytes:

@@ -223,3 +223,37 @@ async def test_pubcomp_with_a_failure_reason_is_not_taken_for_delivery(broker: t
                 bridge.publish_exactly_once(9, "agw/bob/in", b"lost", on_broker_has=answer_with_failure), 10)
     finally:
         await bridge.stop()
+
+
+async def test_ack_many_acknowledges_a_batch_in_one_write(broker: tuple[Broker, Path]) -> None:
+    """`MqttBridge.ack_many` queues a stored batch's PUBACKs as one write: the broker takes each as acknowledged
+    (not sent again to the gateway's persistent session), and one left out of the batch comes again."""
+    b, pw = broker
+
+    def new_bridge() -> MqttBridge:
+        return MqttBridge(host="127.0.0.1", port=b.port, client_id="agw-gateway-ackmany", prefix="agw",
+                          username="agw-gateway", password_file=pw)
+
+    bridge = new_bridge()
+    await bridge.start()
+    alice = await asyncio.to_thread(Agent, "alice", b.port)
+    try:
+        for i in range(6):
+            await asyncio.to_thread(alice.publish, "agw/alice/out/dev-b/bob", b"m%d" % i)
+        got = [await asyncio.wait_for(bridge.incoming.get(), 10) for _ in range(6)]
+        assert [m.payload for m in got] == [b"m%d" % i for i in range(6)]
+        writes = len(bridge._client._out_packet)
+        bridge.ack_many(got[:5])  # the sixth is not acknowledged
+        assert len(bridge._client._out_packet) <= writes + 1  # one queued packet for the five (or sent at once)
+        await asyncio.sleep(0.5)
+        await bridge.stop()
+        bridge = new_bridge()
+        await bridge.start()  # the persistent session: only what was not acknowledged comes again
+        again = await asyncio.wait_for(bridge.incoming.get(), 10)
+        assert (again.payload, again.dup) == (b"m5", True)
+        bridge.ack_many([again])
+        await asyncio.sleep(1.0)
+        assert bridge.incoming.empty()
+    finally:
+        await asyncio.to_thread(alice.close)
+        await bridge.stop()

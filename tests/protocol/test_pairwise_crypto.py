@@ -73,6 +73,39 @@ def test_xchacha20poly1305_draft_vector() -> None:
         aead_decrypt(key, nonce, b"short", aad)
 
 
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 4096])
+def test_aead_and_kdf_ck_match_the_library_calls_they_replace(size: int) -> None:
+    """aead_encrypt/aead_decrypt call libsodium through its cffi module and kdf_ck copies one HMAC key set-up
+    (for speed); they must give exactly what PyNaCl's checked wrappers and two one-shot HMACs give, reject what
+    those reject, and wipe must still zero a key in place."""
+    import hmac
+    import os
+
+    import nacl.bindings
+
+    from gateway.protocol.pairwise import PairwiseUsageError
+    from gateway.protocol.pairwise.crypto import wipe
+
+    key, nonce, plaintext = os.urandom(32), os.urandom(24), os.urandom(size)
+    for aad in (b"", os.urandom(86)):
+        ct = aead_encrypt(key, nonce, plaintext, aad)
+        assert ct == nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad or None, nonce, key)
+        assert aead_decrypt(key, nonce, ct, aad) == plaintext
+        for bad in (ct[:-1] + bytes([ct[-1] ^ 1]), ct[1:], ct + b"\0"):
+            with pytest.raises(PairwiseVerificationError):
+                aead_decrypt(key, nonce, bad, aad)
+    for k, n in ((key[:31], nonce), (key + b"\0", nonce), (key, nonce[:23]), (key, nonce + b"\0")):
+        with pytest.raises(PairwiseUsageError):
+            aead_encrypt(k, n, plaintext, b"")
+        with pytest.raises(PairwiseVerificationError):
+            aead_decrypt(k, n, bytes(size + 16), b"")
+    assert kdf_ck(key) == (hmac.digest(key, b"\x02", "sha256"), hmac.digest(key, b"\x01", "sha256"))
+    secret = bytes(os.urandom(32))
+    alias = secret
+    wipe(secret)
+    assert alias == bytes(32)
+
+
 def test_x25519_rfc7748_vector() -> None:
     """RFC 7748 section 6.1: Alice's private key with Bob's public key."""
     alice = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")

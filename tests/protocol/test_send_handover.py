@@ -153,3 +153,44 @@ async def test_a_batch_waits_for_room_only_behind_its_own_peers(monkeypatch: pyt
     t = asyncio.get_running_loop().time()
     assert await hand.wait_room(same) is True  # room made by the sender within the wait
     assert 0.04 <= asyncio.get_running_loop().time() - t < sending.HANDOVER_WAIT_S
+
+
+async def test_a_slow_peers_held_entries_are_not_read_back_on_every_pass(
+        tmp_path: Path, clock: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding (h): entries held in memory for a peer whose send window stays (nearly) full become due in
+    the outbox after HANDOVER_DUE_MS. The sender must not read and unseal all of them, only to skip them, on
+    every pass: it reads from the outbox at most the peer's room, oldest first (the entries it then sends from
+    memory), and nothing while the window is full; each is sent once, rescheduled and not counted again."""
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        s.link.state.value = "connecting"
+        loop = asyncio.create_task(s._sender_loop())
+        try:
+            await s.pass_()
+            await s.feed(*(publish(i, f"m{i}".encode()) for i in range(1, 41)))
+            ids = list(_rows(store))
+            assert len(s._handover.peers["dev-b"]) == 40
+            unsealed: list[bytes] = []
+            entry = store.outbox._entry
+
+            def counting(*args: object, **kw: object) -> object:
+                e = entry(*args, **kw)  # type: ignore[arg-type]
+                unsealed.append(e.msg_id)
+                return e
+
+            monkeypatch.setattr(store.outbox, "_entry", counting)
+            clock[0] += HANDOVER_DUE_MS + 1  # the held entries' rows are due now
+            others = [i.to_bytes(16, "big") for i in range(sending.SEND_WINDOW)]  # sent and not answered yet
+            s._inflight["dev-b"] = dict.fromkeys(others[2:], clock[0])  # room for two
+            s.link.state.value = "ready"
+            for n in range(4):
+                before = len(unsealed)
+                assert len(await s.pass_()) == 1  # one batch ...
+                assert unsealed[before:] == ids[2 * n:2 * n + 2]  # ... of the two oldest, the only rows read
+                assert len(await s.pass_()) == 0 and len(unsealed) == before + 2  # window full: nothing read
+                s._settled("dev-b", tuple(ids[2 * n:2 * n + 2]))  # answered: room for two again
+            rows = _rows(store)
+            assert {rows[i] for i in ids[:8]} == {(clock[0] + RETRY_MIN_MS, 1)}  # rescheduled, not counted again
+            assert list(s._handover.peers["dev-b"]) == ids[8:]
+        finally:
+            loop.cancel()

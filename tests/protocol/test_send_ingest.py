@@ -36,7 +36,7 @@ class Ingest(Sending, Receipts):
         self._publishing: set[str] = set()
         self._init_receipts()
         self.acked: list[AgentMessage] = []
-        self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append)
+        self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append, ack_many=self.acked.extend)
         self.groups = _NoGroups()
         self.counters = Counters()
         self._wake_sender = asyncio.Event()

