@@ -68,3 +68,30 @@ def test_loading_and_using_pkcs11_keys_does_not_import_asn1crypto(softhsm_dir, a
             "print(len(encode_named_curve_parameters('1.3.101.112')) > 0, 'asn1crypto.keys' in sys.modules)\n")
     out = _lines_printed_by(code, env=softhsm_dir.env)
     assert out[:4] == [f"{alg.value} True True", "True", "[]", "True True"]  # the helpers still load on first use
+
+
+def test_the_daemon_leaves_urllib_request_and_importlib_metadata_unloaded_until_used() -> None:
+    """paho imports urllib.request and websockets importlib.metadata, with http.client, email and zipfile behind
+    them (~2 MB), and the daemon uses neither: gateway/deferred_imports.py loads them on first use."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.pkcs11_backend\n"
+            "print([type(sys.modules[n]).__name__ for n in ('urllib.request', 'importlib.metadata')])\n"
+            "print(sorted(m for m in ('http.client', 'email.message', 'email.parser', 'zipfile', 'csv')\n"
+            "             if m in sys.modules))\n"
+            "import urllib.request, importlib.metadata, importlib.metadata._meta\n"
+            "from importlib.metadata import version\n"
+            "print(isinstance(urllib.request.getproxies(), dict),\n"
+            "      version('websockets') == importlib.metadata.version('websockets'),\n"
+            "      urllib.request.Request('http://x/').host, 'http.client' in sys.modules)\n")
+    out = _lines_printed_by(code)
+    assert out[0] == "['DeferredModule', 'DeferredModule']"
+    assert out[1] == "[]"
+    assert out[2] == "True True x True"  # loaded, and usable, on first use
+
+
+def test_a_module_imported_before_the_daemon_is_left_alone() -> None:
+    code = ("import sys, urllib.request\n"
+            "real = sys.modules['urllib.request']\n"
+            "import gateway.daemon\n"
+            "print(sys.modules['urllib.request'] is real, type(sys.modules['importlib.metadata']).__name__)\n")
+    assert _lines_printed_by(code)[0] == "True DeferredModule"
