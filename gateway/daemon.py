@@ -25,6 +25,7 @@ from typing import Any
 
 import nacl.signing
 
+from gateway import deferred_imports  # noqa: F401 - first: urllib.request and importlib.metadata load on use
 from gateway.bridge import MqttBridge
 from gateway.config import GatewayConfig
 from gateway.control import ControlServer

@@ -18,14 +18,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import pkcs11
-import pkcs11.exceptions as p11e
-from asn1crypto.core import OctetString
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
-from pkcs11.util.ec import encode_named_curve_parameters
 
 from hsm import pkcs11_worker
 from hsm.api import KeyAlgorithm, KeyAttributes, KeyInfo, PublicKey
@@ -42,10 +37,15 @@ from hsm.errors import (
     UnwrapFailed,
     WrongKeyType,
 )
+from hsm.pkcs11_import import Attribute, KeyType, Mechanism, ObjectClass, p11e, pkcs11
 from hsm.uri import Pkcs11Uri
 
 _ED25519_OID = "1.3.101.112"
 _P256_OID = "1.2.840.10045.3.1.7"
+# CKA_EC_PARAMS of a P-256 key: the DER of ECParameters namedCurve 1.2.840.10045.3.1.7, what
+# `pkcs11.util.ec.encode_named_curve_parameters(_P256_OID)` returns (tests/hsm/test_pkcs11.py checks they agree);
+# a constant so that loading a key needs no asn1crypto (hsm/pkcs11_import.py).
+_P256_PARAMS = bytes.fromhex("06082a8648ce3d030107")
 _DEFAULT_ID = {"identity": b"\x01", "storage": b"\x02"}
 
 _libs: dict[str, Any] = {}
@@ -360,8 +360,26 @@ def _parse(uri: str, role: str) -> Pkcs11Uri:
     return u
 
 
+def _der_octet_string(der: bytes) -> bytes:
+    """The contents of one DER OCTET STRING (CKA_EC_POINT), nothing before or after it; a short decoder instead of
+    asn1crypto's (hsm/pkcs11_import.py). Raises ValueError on anything else."""
+    if len(der) < 2 or der[0] != 0x04:
+        raise ValueError("CKA_EC_POINT is not a DER OCTET STRING")
+    n, start = der[1], 2
+    if n & 0x80:  # long form: 1-2 length bytes are plenty for an EC point; DER uses the fewest, no leading zero
+        width = n & 0x7F
+        if width not in (1, 2) or len(der) < 2 + width or der[2] == 0:
+            raise ValueError("CKA_EC_POINT has a bad DER length")
+        n, start = int.from_bytes(der[2:2 + width], "big"), 2 + width
+        if n < 0x80:
+            raise ValueError("CKA_EC_POINT has a bad DER length")
+    if len(der) != start + n:
+        raise ValueError("CKA_EC_POINT's DER length does not match its size")
+    return der[start:]
+
+
 def _public_key_of(pub: Any, algorithm: KeyAlgorithm) -> PublicKey:
-    point = bytes(OctetString.load(bytes(pub[Attribute.EC_POINT])).native)
+    point = _der_octet_string(bytes(pub[Attribute.EC_POINT]))
     if algorithm is KeyAlgorithm.ED25519:
         return ed25519.Ed25519PublicKey.from_public_bytes(point)
     return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
@@ -373,7 +391,7 @@ def _algorithm_of(private: Any, uri: str) -> KeyAlgorithm:
         return KeyAlgorithm.ED25519
     if key_type == KeyType.EC:
         params = bytes(private[Attribute.EC_PARAMS])
-        if params != encode_named_curve_parameters(_P256_OID):
+        if params != _P256_PARAMS:
             raise WrongKeyType("the identity key is an EC key on a curve other than P-256", uri=uri)
         return KeyAlgorithm.ECDSA_P256
     raise WrongKeyType(f"the identity key has key type {key_type!r}; expected EC (P-256) or EC_EDWARDS", uri=uri)
@@ -408,6 +426,8 @@ def create_identity_key(uri: str, algorithm: KeyAlgorithm, *, force: bool = Fals
             if not force:
                 raise KeyExists("an identity key already exists; pass --force to replace it", uri=u.redacted())
             _destroy_all(session, u)
+        from pkcs11.util.ec import encode_named_curve_parameters  # asn1crypto: only when a key is generated
+
         oid = _ED25519_OID if algorithm is KeyAlgorithm.ED25519 else _P256_OID
         key_type = KeyType.EC_EDWARDS if algorithm is KeyAlgorithm.ED25519 else KeyType.EC
         try:

@@ -182,3 +182,36 @@ def test_pin_sources(tmp_path, monkeypatch):
     with pytest.raises(BadKeyUri) as exc:
         Pkcs11Uri.parse("pkcs11:object=b?pin-value=4444")
     assert "4444" not in str(exc.value)
+
+
+def test_p256_curve_parameters_constant_is_what_python_pkcs11_encodes():
+    """The backend compares CKA_EC_PARAMS with a constant so that loading a key needs no asn1crypto."""
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    from hsm import pkcs11_backend
+
+    assert pkcs11_backend._P256_PARAMS == encode_named_curve_parameters(pkcs11_backend._P256_OID)
+
+
+@pytest.mark.parametrize("size", [0, 32, 65, 127, 128, 255, 256, 300])
+def test_ec_point_der_decoder_reads_what_asn1crypto_writes(size):
+    from asn1crypto.core import OctetString
+
+    from hsm.pkcs11_backend import _der_octet_string
+
+    data = bytes(range(256)) * 2
+    assert _der_octet_string(OctetString(data[:size]).dump()) == data[:size]
+
+
+@pytest.mark.parametrize("der", [
+    b"", b"\x04", b"\x03\x02\x00\x01",  # empty, no length, a BIT STRING
+    b"\x04\x21" + bytes(32), b"\x04\x20" + bytes(33),  # too short, trailing byte
+    b"\x04\x81\x20" + bytes(32),  # long form for a short length (not DER)
+    b"\x04\x82\x00\x81" + bytes(129),  # a leading zero length byte (not DER)
+    b"\x04\x83\x00\x00\x20" + bytes(32), b"\x04\x80",  # three length bytes, indefinite length
+])
+def test_ec_point_der_decoder_rejects_anything_else(der):
+    from hsm.pkcs11_backend import _der_octet_string
+
+    with pytest.raises(ValueError):
+        _der_octet_string(der)

@@ -1,22 +1,28 @@
 """What the daemon imports is resident memory for its whole life (docs/performance.md, "Memory"). asn1crypto
 (~3-4 MB of RSS with its dependencies) is needed only to build certificates, CSRs and CRLs
-(gateway/protocol/identity/x509build.py); loading the daemon's modules and the TPM backend must not import it.
-(python-pkcs11 imports it itself, so a PKCS#11 device holds it either way.)"""
+(gateway/protocol/identity/x509build.py) and to generate a PKCS#11 key; loading the daemon's modules and either
+hardware backend, and loading and using PKCS#11 keys, must not import it (python-pkcs11's `pkcs11.util` helpers,
+which import it, are deferred: hsm/pkcs11_import.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 
-def _lines_printed_by(code: str) -> list[str]:
+from hsm.api import KeyAlgorithm
+
+
+def _lines_printed_by(code: str, env: dict[str, str] | None = None) -> list[str]:
     """Run `code` in a fresh interpreter (nothing imported yet) and return what it printed, line by line."""
-    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split("\n")
+    return subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                          env=env).stdout.split("\n")
 
 
 def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -> None:
     code = ("import sys\n"
-            "import gateway.cli, gateway.daemon, gateway.groups, hsm.tpm2_backend\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.tpm2_backend, hsm.pkcs11_backend\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n"
             "from gateway.protocol.identity import x509build\n"
             "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
@@ -40,3 +46,52 @@ def test_the_group_service_imports_the_mls_engine_only_when_a_group_needs_it() -
     out = _lines_printed_by(code)
     assert out[0] == "[]"
     assert out[1] == "True"  # KeyPackages are published at every link-ready
+
+
+@pytest.mark.parametrize("alg", list(KeyAlgorithm))
+def test_loading_and_using_pkcs11_keys_does_not_import_asn1crypto(softhsm_dir, alg):
+    """What the daemon does with its token at start-up and per message: load both keys, read the public key,
+    sign, wrap and unwrap. Generating the key (another process here, `agw init` on a device) may import it."""
+    softhsm_dir.init_token("agw")
+    ident, storage = softhsm_dir.uri("agw", "agw-identity"), softhsm_dir.uri("agw", "agw-storage")
+    _lines_printed_by(f"import hsm\nfrom hsm.api import KeyAlgorithm\n"
+                      f"hsm.create_identity_key({ident!r}, KeyAlgorithm({alg.value!r}))\n"
+                      f"hsm.create_storage_key({storage!r})\n", env=softhsm_dir.env)
+    code = ("import sys\n"
+            "import hsm, gateway.cli, gateway.daemon\n"
+            f"key = hsm.load_identity_key({ident!r})\n"
+            "print(key.algorithm.value, len(key.sign(b'x')) > 0, key.public_key() is not None)\n"
+            f"sk = hsm.load_storage_key({storage!r})\n"
+            "print(sk.unwrap(sk.wrap(bytes(32))) == bytes(32))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n"
+            "from pkcs11.util.ec import encode_named_curve_parameters\n"
+            "print(len(encode_named_curve_parameters('1.3.101.112')) > 0, 'asn1crypto.keys' in sys.modules)\n")
+    out = _lines_printed_by(code, env=softhsm_dir.env)
+    assert out[:4] == [f"{alg.value} True True", "True", "[]", "True True"]  # the helpers still load on first use
+
+
+def test_the_daemon_leaves_urllib_request_and_importlib_metadata_unloaded_until_used() -> None:
+    """paho imports urllib.request and websockets importlib.metadata, with http.client, email and zipfile behind
+    them (~2 MB), and the daemon uses neither: gateway/deferred_imports.py loads them on first use."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.pkcs11_backend\n"
+            "print([type(sys.modules[n]).__name__ for n in ('urllib.request', 'importlib.metadata')])\n"
+            "print(sorted(m for m in ('http.client', 'email.message', 'email.parser', 'zipfile', 'csv')\n"
+            "             if m in sys.modules))\n"
+            "import urllib.request, importlib.metadata, importlib.metadata._meta\n"
+            "from importlib.metadata import version\n"
+            "print(isinstance(urllib.request.getproxies(), dict),\n"
+            "      version('websockets') == importlib.metadata.version('websockets'),\n"
+            "      urllib.request.Request('http://x/').host, 'http.client' in sys.modules)\n")
+    out = _lines_printed_by(code)
+    assert out[0] == "['DeferredModule', 'DeferredModule']"
+    assert out[1] == "[]"
+    assert out[2] == "True True x True"  # loaded, and usable, on first use
+
+
+def test_a_module_imported_before_the_daemon_is_left_alone() -> None:
+    code = ("import sys, urllib.request\n"
+            "real = sys.modules['urllib.request']\n"
+            "import gateway.daemon\n"
+            "print(sys.modules['urllib.request'] is real, type(sys.modules['importlib.metadata']).__name__)\n")
+    assert _lines_printed_by(code)[0] == "True DeferredModule"

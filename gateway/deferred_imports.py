@@ -1,0 +1,70 @@
+"""Standard library modules the daemon's dependencies import but do not use: loaded only if something uses them.
+
+paho-mqtt imports `urllib.request` for its proxy support (the bridge connects its own socket, so paho never asks
+for a proxy), and websockets imports `importlib.metadata` for a version lookup it makes only in development
+checkouts. With what they pull in (`http.client`, `email.*`, `zipfile`, `csv`, ...) that is ~2 MB of resident
+memory for the daemon's whole life (docs/performance.md). Importing this module, before those dependencies,
+puts a placeholder in `sys.modules` for each: `import` binds it as usual, and the first attribute anyone reads
+from it imports the real module and copies its namespace into the placeholder, so code that uses them still
+works (tests/protocol/test_import_footprint.py checks both).
+
+A module already imported is left alone. Only the daemon imports this (gateway/daemon.py), first.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import threading
+import types
+from typing import Any
+
+DEFERRED = ("urllib.request", "importlib.metadata")
+
+_lock = threading.RLock()
+
+
+class DeferredModule(types.ModuleType):
+    """A stand-in for a module not imported yet; reading an attribute it lacks imports the real one."""
+
+    def __getattr__(self, attr: str) -> Any:
+        # Dunder probes (copy, pickle, doctest, ...) import nothing; `__path__` does: the import system reads it to
+        # import a submodule or `from <package> import <name>`, which need the real package.
+        if attr.startswith("__") and attr.endswith("__") and attr != "__path__":
+            raise AttributeError(attr)
+        return getattr(_load(self), attr)
+
+
+def _load(placeholder: DeferredModule) -> types.ModuleType:
+    name = placeholder.__name__
+    with _lock:
+        if sys.modules.get(name) is placeholder:
+            del sys.modules[name]
+            try:
+                real = importlib.import_module(name)  # sets the parent package's attribute to the real module
+            except BaseException:
+                sys.modules[name] = placeholder
+                raise
+            placeholder.__dict__.update({k: v for k, v in vars(real).items() if k != "__class__"})
+        return sys.modules[name]
+
+
+def install() -> None:
+    """Put a placeholder for each of DEFERRED that is not imported yet (its parent package is imported)."""
+    with _lock:
+        for name in DEFERRED:
+            if name in sys.modules:
+                continue
+            spec = importlib.util.find_spec(name)
+            if spec is None:
+                continue
+            placeholder = DeferredModule(name)
+            placeholder.__spec__ = spec
+            placeholder.__file__ = spec.origin
+            parent, _, child = name.rpartition(".")
+            sys.modules[name] = placeholder
+            setattr(sys.modules[parent], child, placeholder)
+
+
+install()
