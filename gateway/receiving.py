@@ -420,12 +420,15 @@ class Receiving:
                 pending = []
             await asyncio.sleep(1.0)
             if self.bridge.connected:  # (while the broker is away the inbox only grows: no need to read it)
-                pending = [e for e in self._stored_inbox() if e.name not in self._publishing and
-                           e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
+                pending = [e for e in self._stored_inbox(skip=self._publishing)
+                           if e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
 
-    def _stored_inbox(self) -> list[InboxEntry]:
+    def _stored_inbox(self, skip: set[str] | frozenset[str] = frozenset()) -> list[InboxEntry]:
+        """The stored entries but those named in `skip` (being published: not parsed, as under load most are)."""
         entries = []
         for name, record in self.store.inbox.items():
+            if name in skip:
+                continue
             try:
                 entries.append(self._inbox_entry(name, record))
             except InboxRecordError:
