@@ -31,7 +31,7 @@ from gateway.config import GatewayConfig
 from gateway.control import ControlServer
 from gateway.device_identity import DeviceIdentity
 from gateway.group_hooks import GroupService, NoGroups
-from gateway.inbox import InboxEntry
+from gateway.inbox import InboxEntry, PubrecMarks
 from gateway.link import RelayLink, RelayLinkConfig
 from gateway.protocol.identity.credential import credential_verifier, encode_credential
 from gateway.protocol.pairwise import Ed25519Signer
@@ -103,6 +103,7 @@ class Gateway(Sending, Receiving, Receipts):
         cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(Store.open, cfg.paths.state_dir / "agw.db", self.identity.storage_key,
                                              limits=limits)
+        self.pubrec_marks = PubrecMarks(self.store.secrets)  # the inbox's PUBREC records (gateway/inbox.py)
         self.book = SessionBook(self.store, device_id=self.device_id, credential=credential, signer=self.signer,
                                 verify_credential=credential_verifier(lambda: self.identity.trust,
                                                                       lambda: dt.datetime.now(dt.UTC)),

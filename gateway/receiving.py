@@ -10,10 +10,12 @@ is held for the operator (`agw consent allow`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,12 +160,13 @@ class Receiving:
             # here never stalls the sender's retries.
             entries = [InboxEntry.new(peer, self._inbox_seq(), inner) for peer, inner in accepted]
             t = now_ms()
-            with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
+            with self._inbox_writes(), self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                 for e in entries:
                     self._give_packet_id(e)
                     acks[e.peer_device].append(e.message.message_id)
                 self.store.delivered.mark_many([e.message.message_id for e in entries], t)
                 self.store.inbox.put_many([(e.name, e.record()) for e in entries])
+                self.pubrec_marks.write(cleared=[e.packet_id for e in entries if e.in_exchange])
             stages.mark("b.stored", (e.message.message_id for e in entries))
             # The PUBLISH packets leave now, before the ACKs are encrypted (the agent's copy is on its way first);
             # their completion is awaited in the background, so the next frame from the relay is decrypted while
@@ -233,7 +236,7 @@ class Receiving:
         entries = []
         for name, record in self.store.inbox.items():
             try:
-                entries.append(InboxEntry.from_record(name, record))
+                entries.append(self._inbox_entry(name, record))
             except InboxRecordError as exc:
                 log.error("%s; left in the store", exc)
         for e in entries:
@@ -242,6 +245,22 @@ class Receiving:
         self._seq = max([self._seq, *(e.seq for e in entries)])
         entries = self._restored_held(entries)  # receipts: HANDED entries wait for the broker (gateway/receipts.py)
         return sorted(entries, key=lambda e: e.seq)
+
+    def _inbox_entry(self, name: str, record: bytes) -> InboxEntry:
+        """An entry read from the store, with its PUBREC mark applied (PUBLISHED + mark = BROKER_HAS)."""
+        e = InboxEntry.from_record(name, record)
+        if e.phase is Phase.PUBLISHED and self.pubrec_marks.has(e.packet_id, e.name):
+            e.phase = Phase.BROKER_HAS
+        return e
+
+    @contextlib.contextmanager
+    def _inbox_writes(self) -> Iterator[None]:
+        """Around a transaction that writes PUBREC marks: if it fails, the marks held in memory are read again."""
+        try:
+            yield
+        except BaseException:
+            self.pubrec_marks.forget()
+            raise
 
     def _broker_has(self, packet_ids: list[int]) -> None:
         """The broker answered PUBREC: record it before the PUBREL that makes it deliver (see gateway/inbox.py).
@@ -252,9 +271,9 @@ class Receiving:
         for e in entries:
             e.phase = Phase.BROKER_HAS
         try:
-            with self.store.transaction(durable=False):
-                # One statement for the batch; an entry an operator purged meanwhile is not written back.
-                self.store.inbox.update_many([(e.name, e.record()) for e in entries])
+            with self._inbox_writes(), self.store.transaction(durable=False):
+                # One sealed record per 64 packet ids, not the entries re-sealed (gateway/inbox.py, PubrecMarks).
+                self.pubrec_marks.write(marked=[(e.packet_id, e.name) for e in entries])
         except BaseException:
             for e in entries:
                 e.phase = Phase.PUBLISHED  # not recorded: the bridge retries the batch
@@ -279,10 +298,11 @@ class Receiving:
             self._publishing.update(e.name for e in entries)
         waiting = [e for e in entries if e.phase is Phase.WAITING]
         if waiting:
-            with self.store.transaction(durable=False):  # the id must be stored before the PUBLISH goes out
-                for e in waiting:
-                    if self._give_packet_id(e):
-                        self.store.inbox.put(e.name, e.record())
+            with self._inbox_writes(), self.store.transaction(durable=False):  # the id is stored before the PUBLISH
+                given = [e for e in waiting if self._give_packet_id(e)]
+                for e in given:
+                    self.store.inbox.put(e.name, e.record())
+                self.pubrec_marks.write(cleared=[e.packet_id for e in given])
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
         self._publish_room.set()
@@ -297,31 +317,50 @@ class Receiving:
         return started
 
     async def _finish_publishes(self, started: list[Started], total: int) -> None:
-        """The second half of `_publish_inbox`: wait for each exchange's PUBCOMP, then drop the entry."""
+        """The second half of `_publish_inbox`: each exchange's PUBCOMP drops its entry. A done callback per
+        future, not a coroutine and task per message (their creation and scheduling cost more than the rest of
+        this step). Raises the first error that was not the broker's refusal, once every exchange ended."""
+        left = len(started)
+        refused = 0
+        errors: list[BaseException] = []
+        all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-        async def one(e: InboxEntry, packet_id: int, fut: asyncio.Future[None] | Exception) -> bool:
+        def settle(e: InboxEntry, packet_id: int, fut: asyncio.Future[None] | Exception) -> None:
+            nonlocal left, refused
             try:
+                self._in_flight.pop(packet_id, None)
                 if isinstance(fut, Exception):
-                    raise fut
-                await fut
-            except BaseException as exc:
+                    exc: BaseException | None = fut
+                else:
+                    exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+                if exc is None:
+                    self._delivered_to_broker(e)
+                    return
                 self._publishing.discard(e.name)
                 self._publish_room.set()
                 if not isinstance(exc, BrokerUnavailable):
-                    raise
+                    errors.append(exc)
+                    return
+                refused += 1
                 if isinstance(exc, BrokerLostMessage):
                     self._exchange_lost(e)
                 log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
-                return False
             finally:
-                self._in_flight.pop(packet_id, None)
-            self._delivered_to_broker(e)
-            return True
+                left -= 1
+                if not left and not all_done.done():
+                    all_done.set_result(None)
 
-        results = await asyncio.gather(*(one(*s) for s in started))
-        if not all(results) or len(started) < total:
-            log.warning("%d message(s) wait in the inbox for the MQTT broker",
-                        results.count(False) + total - len(started))
+        for e, packet_id, fut in started:
+            if isinstance(fut, Exception):
+                settle(e, packet_id, fut)
+            else:
+                fut.add_done_callback(functools.partial(settle, e, packet_id))
+        if left:
+            await all_done
+        if errors:
+            raise errors[0]
+        if refused or len(started) < total:
+            log.warning("%d message(s) wait in the inbox for the MQTT broker", refused + total - len(started))
 
     def _exchange_lost(self, e: InboxEntry) -> None:
         """The broker lost the message after its PUBREC (restarted from an older save): nothing was delivered, so
@@ -381,14 +420,17 @@ class Receiving:
                 pending = []
             await asyncio.sleep(1.0)
             if self.bridge.connected:  # (while the broker is away the inbox only grows: no need to read it)
-                pending = [e for e in self._stored_inbox() if e.name not in self._publishing and
-                           e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
+                pending = [e for e in self._stored_inbox(skip=self._publishing)
+                           if e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
 
-    def _stored_inbox(self) -> list[InboxEntry]:
+    def _stored_inbox(self, skip: set[str] | frozenset[str] = frozenset()) -> list[InboxEntry]:
+        """The stored entries but those named in `skip` (being published: not parsed, as under load most are)."""
         entries = []
         for name, record in self.store.inbox.items():
+            if name in skip:
+                continue
             try:
-                entries.append(InboxEntry.from_record(name, record))
+                entries.append(self._inbox_entry(name, record))
             except InboxRecordError:
                 continue  # reported once at start-up
         return sorted(entries, key=lambda e: e.seq)

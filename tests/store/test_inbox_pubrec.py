@@ -1,0 +1,97 @@
+"""The inbox's PUBREC marks (gateway/inbox.py `PubrecMarks`): the broker's PUBREC of an inbox entry is one slot
+per packet id in a sealed bucket record, not the entry re-sealed. A restart must read PUBLISHED + mark as
+BROKER_HAS (only PUBREL is sent: a new PUBLISH would deliver a second copy), and a mark left from an earlier
+exchange under the same packet id must never count (a PUBREL alone would then be answered PUBCOMP by Mosquitto
+without delivery: a lost message)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from gateway.inbox import PUBREC_PER_BUCKET, InboxEntry, Phase, PubrecMarks
+from gateway.protocol.message import InnerMessage, Kind
+from gateway.receiving import Receiving
+from gateway.store import OutboxFull, OutboxLimits, Store
+
+from .conftest import SoftStorageKey, mid
+
+
+def entry(n: int, packet_id: int) -> InboxEntry:
+    msg = InnerMessage(kind=Kind.DATA, message_id=mid(n), sender_agent="alice", recipient_agent="bob",
+                       created_at_ms=1, expires_at_ms=10**13, payload=b"m%d" % n)
+    e = InboxEntry.new("dev-a", n, msg)
+    e.packet_id, e.phase = packet_id, Phase.PUBLISHED
+    return e
+
+
+def read_back(s: Store, marks: PubrecMarks, name: str) -> InboxEntry:
+    record = s.inbox.get(name)
+    assert record is not None
+    return Receiving._inbox_entry(SimpleNamespace(pubrec_marks=marks), name, record)  # type: ignore[arg-type]
+
+
+def test_a_pubrec_mark_survives_a_restart_and_reads_as_broker_has(db_path: Path, key: SoftStorageKey) -> None:
+    a, b = entry(1, 7), entry(2, 8)
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets)
+        with s.transaction():  # the inbox commit: records PUBLISHED, their slots cleared
+            s.inbox.put_many([(e.name, e.record()) for e in (a, b)])
+            marks.write(cleared=[7, 8])
+        with s.transaction(durable=False):  # the broker's PUBREC for a only
+            marks.write(marked=[(7, a.name)])
+        assert s.secrets.count() == 1  # one bucket record, the inbox records untouched
+        assert s.inbox.get(a.name) == a.record()
+    with Store.open(db_path, key) as s:  # kill -9 and restart
+        marks = PubrecMarks(s.secrets)
+        assert read_back(s, marks, a.name).phase is Phase.BROKER_HAS
+        assert read_back(s, marks, b.name).phase is Phase.PUBLISHED
+        assert not marks.has(7, b.name)  # the slot names its entry
+
+
+def test_a_mark_from_an_earlier_exchange_under_the_same_packet_id_does_not_count(store: Store) -> None:
+    a = entry(1, 7)
+    marks = PubrecMarks(store.secrets)
+    with store.transaction():
+        store.inbox.put(a.name, a.record())
+        marks.write(cleared=[7])
+    with store.transaction(durable=False):
+        marks.write(marked=[(7, a.name)])
+    # The broker lost it (gateway/receiving.py `_exchange_lost`): WAITING, then published again and given the same
+    # packet id 7: the transaction that stores the new exchange clears the old mark.
+    a.phase, a.packet_id = Phase.WAITING, 0
+    with store.transaction(durable=False):
+        store.inbox.put(a.name, a.record())
+    a.phase, a.packet_id = Phase.PUBLISHED, 7
+    with store.transaction(durable=False):
+        store.inbox.put(a.name, a.record())
+        marks.write(cleared=[7])
+    assert read_back(store, PubrecMarks(store.secrets), a.name).phase is Phase.PUBLISHED
+
+
+def test_a_write_touching_more_buckets_than_the_cache_keeps_every_mark(db_path: Path, key: SoftStorageKey) -> None:
+    ids = [1 + i * PUBREC_PER_BUCKET for i in range(6)] + [65535]
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets, cache=2)
+        with s.transaction(durable=False):
+            marks.write(marked=[(p, f"dev-a/{p}") for p in ids])
+        assert all(marks.has(p, f"dev-a/{p}") for p in ids)
+        assert s.secrets.count() == len(ids)
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets, cache=2)
+        assert all(marks.has(p, f"dev-a/{p}") for p in ids)
+        assert not any(marks.has(p + 1, f"dev-a/{p}") for p in ids[:-1])
+        with pytest.raises(ValueError, match="packet ids"):
+            marks.has(0, "dev-a/0")
+
+
+def test_marks_of_a_failed_transaction_are_forgotten(store: Store) -> None:
+    store.outbox.limits = OutboxLimits(max_entries=1)
+    marks = PubrecMarks(store.secrets)
+    with pytest.raises(OutboxFull), store.transaction():
+        marks.write(marked=[(9, "dev-a/9")])
+        store.outbox.put_many([(mid(1), "dev-b", b"a", 10), (mid(2), "dev-b", b"b", 10)])
+    marks.forget()  # what receiving.py's `_inbox_writes` does
+    assert not marks.has(9, "dev-a/9")
