@@ -494,17 +494,17 @@ class _PahoClient(mqtt.Client):
         if self._state == _ConnectionState.MQTT_CS_CONNECTED:
             self._send_pubrel(mid)
 
-    def publish_again_unreleased(self) -> int:
+    def publish_again_unreleased(self) -> list[int]:
         """The broker lost our session (CONNACK without session present): a PUBREL for a message it answered
         PUBREC to before would now get PUBCOMP without delivery. Send those messages again as new ones (the
         agent may see one twice, with the same message id: never none). Called in on_connect, before paho
-        resends. Returns how many."""
-        n = 0
+        resends. Returns their packet ids."""
+        ids = []
         for msg in self._out_messages.values():
             if msg.qos == 2 and msg.state in (mqtt.mqtt_ms_resend_pubrel, mqtt.mqtt_ms_wait_for_pubcomp):
                 msg.state, msg.dup = mqtt.mqtt_ms_publish, False
-                n += 1
-        return n
+                ids.append(msg.mid)
+        return ids
 
 
 class IncomingQueue(asyncio.Queue[AgentMessage]):
@@ -588,6 +588,9 @@ class MqttBridge:
         self._in_read = False
         self._connected_once = False  # the current connection got a CONNACK: the next backoff starts over
         self._refused = False  # the last CONNACK was a failure: retry after REFUSED_RETRY
+        # Called with the packet ids of QoS 2 exchanges published again because the broker lost our session, so
+        # their owners forget the broker's earlier PUBREC (gateway/receiving.py, gateway/groups_delivery.py).
+        self.on_session_lost: list[Callable[[list[int]], None]] = []
         self.connects = 0  # successful connections so far (gateway/receipts.py publishes held messages on each)
         c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                         manual_ack=True, on_pubrec=self._on_pubrec, on_agent_message=self.incoming.put_nowait,
@@ -807,9 +810,11 @@ class MqttBridge:
         if not present:
             again = self._client.publish_again_unreleased()
             if again:
+                for hook in self.on_session_lost:  # before the new PUBLISHes leave: their old PUBRECs no longer hold
+                    hook(again)
                 log.warning("the MQTT broker lost this gateway's session: %d message(s) whose hand-over was "
                             "interrupted are published again (an agent may see one twice, same agw:message-id)",
-                            again)
+                            len(again))
         # Retain handling 2: a message an agent published with the retain flag is taken once, live, never again at
         # a (re)subscription (it would be a new message each time: a raw agent's copies get fresh ids).
         client.subscribe([(t, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
@@ -967,8 +972,9 @@ class MqttBridge:
         for m in msgs:
             if m.qos > 1:
                 c.ack(m.mid, m.qos)
-        if len(ones) > 1 and c._manual_ack:
-            c._packet_queue(_PUBACK_CMD, b"".join([_PUBACK_PACKET.pack(_PUBACK_CMD, 2, mid) for mid in ones]), 0, 1)
+        queue = getattr(c, "_packet_queue", None)  # paho 2.x's private queue; without it, one `ack` each
+        if len(ones) > 1 and getattr(c, "_manual_ack", False) and queue is not None:
+            queue(_PUBACK_CMD, b"".join([_PUBACK_PACKET.pack(_PUBACK_CMD, 2, mid) for mid in ones]), 0, 1)
         else:
             for mid in ones:
                 c.ack(mid, 1)

@@ -114,6 +114,7 @@ class Gateway(Sending, Receiving, Receipts):
         self.bridge = MqttBridge(host=cfg.mqtt.host, port=cfg.mqtt.port, client_id=f"agw-gateway-{self.device_id}",
                                  prefix=cfg.mqtt.topic_prefix, username=cfg.mqtt.username,
                                  password_file=cfg.mqtt.password_file)
+        self.bridge.on_session_lost.append(self._broker_lost_session)  # (gateway/receiving.py)
         self._init_receipts()
         restored_inbox = self.restore_inbox()  # holds their packet ids before any new message takes one
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)

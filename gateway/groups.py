@@ -121,6 +121,7 @@ class Groups(GroupMembership, GroupDelivery):
             store, identity, link, bridge, cfg, now_ms)
         self.device = identity.device.device_id
         self.prefix = cfg.mqtt.topic_prefix
+        bridge.on_session_lost.append(self._broker_lost_session)  # (groups_delivery)
         self.cs = get_suite(SUITE)
         self.records = GroupRecords(store)
         self.signers: dict[str, AgentSigner] = {}

@@ -30,7 +30,7 @@ from gateway.protocol.group_ack import MAX_IDS, GroupAck
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import CipherSuite
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
-from gateway.store import Store
+from gateway.store import Store, StoreError
 
 if TYPE_CHECKING:  # the MLS engine is imported where first used (see gateway/groups.py)
     from gateway.protocol.mls.framing import MLSMessage
@@ -457,6 +457,23 @@ class GroupDelivery:
                 if e is not None and e.phase == Phase.PUBLISHED:
                     e.phase = Phase.BROKER_HAS
                     self.records.update_in(e)
+
+    def _broker_lost_session(self, packet_ids: list[int]) -> None:
+        """The broker lost our session; these exchanges are published again as new ones: their entries are
+        PUBLISHED again (stored), so a kill -9 before the new PUBREC restarts them with a PUBLISH, not a PUBREL
+        the broker would answer PUBCOMP without delivering."""
+        in_flight = self._dstate.inbox_in_flight
+        entries = [e for e in map(in_flight.get, packet_ids) if e is not None and e.phase == Phase.BROKER_HAS]
+        if not entries:
+            return
+        try:
+            with self.records.store.transaction(durable=False):
+                for e in entries:
+                    e.phase = Phase.PUBLISHED
+                    self.records.update_in(e)
+        except StoreError as exc:
+            log.error("cannot record %d group message(s) as published again (%s): a gateway crash before the "
+                      "broker's new PUBREC could lose them", len(entries), exc)
 
     async def _flush_inbox(self) -> None:
         """Publish inbox entries in arrival order, pipelined (up to INBOX_BATCH at once), each exactly once (MQTT

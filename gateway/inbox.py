@@ -114,11 +114,12 @@ def _name_digest(name: str) -> bytes:
 class PubrecMarks:
     """Which inbox entry the broker answered PUBREC for, by MQTT packet id (see the module docstring).
 
-    Packet ids fall into buckets of 64; a bucket is one sealed record `inbox-pubrec/b<n>` in a `KeyedBlobs` table
-    holding 64 16-byte digests (zero: no mark), so a readable event's PUBRECs cost one sealed record per bucket
-    touched instead of one re-sealed inbox record per message. Write only inside a store transaction; if that
-    transaction fails, call `forget`. The last `cache` buckets used are kept in memory (packet ids are taken in
-    sequence, so a few suffice; all 1,024 would be 1 MiB).
+    Packet ids fall into buckets of 64; a bucket is one sealed record `inbox-pubrec/b<n>` in a `KeyedBlobs`
+    table holding 64 16-byte digests (zero: no mark), so a readable event's PUBRECs cost one sealed record per
+    bucket touched instead of one re-sealed inbox record per message. Write only inside a store transaction; if
+    that transaction rolls back, the buckets in memory are dropped (`forget`) and read again when needed. The
+    last `cache` buckets used are kept in memory (packet ids are taken in sequence, so a few suffice; all 1,024
+    would be 1 MiB).
     """
 
     PREFIX = "inbox-pubrec/b"
@@ -162,6 +163,7 @@ class PubrecMarks:
             bucket[i:i + _DIGEST] = value
         if touched:
             self._blobs.put_many([(f"{self.PREFIX}{n}", bytes(b)) for n, b in sorted(touched.items())])
+            self._blobs.on_rollback(self.forget)  # whichever transaction this joins: a rolled-back mark must not stay
 
     def forget(self) -> None:
         """Drop the buckets held in memory (after a failed transaction): they are read again when needed."""

@@ -281,6 +281,22 @@ class Receiving:
         if self._ack_waits:
             self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
 
+    def _broker_lost_session(self, packet_ids: list[int]) -> None:
+        """The broker lost our session and the bridge publishes these exchanges again as new ones: the broker's
+        earlier PUBREC no longer holds. Clear their marks (a kill -9 before the new PUBREC must restart them with
+        a PUBLISH, not a PUBREL that the broker would answer PUBCOMP without delivering)."""
+        entries = [e for e in map(self._in_flight.get, packet_ids) if e is not None and e.phase is Phase.BROKER_HAS]
+        if not entries:
+            return
+        for e in entries:
+            e.phase = Phase.PUBLISHED
+        try:
+            with self._inbox_writes(), self.store.transaction(durable=False):
+                self.pubrec_marks.write(cleared=[e.packet_id for e in entries])
+        except StoreError as exc:  # the window stays open for these: say so, keep running
+            log.error("cannot clear the PUBREC marks of %d message(s) published again (%s): a gateway crash "
+                      "before the broker's new PUBREC could lose them", len(entries), exc)
+
     async def _publish_inbox(self, entries: list[InboxEntry], *, claimed: bool = False) -> None:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
         the broker's PUBCOMP. Entries are claimed in `_publishing` first (by the caller when `claimed`), so no

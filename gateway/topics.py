@@ -46,10 +46,19 @@ class OutTopic:
     deliver_to: str | None
 
 
-@functools.lru_cache(maxsize=1024)
+CACHED_TOPIC_MAX = 256  # longer topics (agent-chosen reply paths) are parsed each time, never held by the cache
+
+
 def parse_out_topic(prefix: str, topic: str) -> OutTopic:
-    """The parts of an agent's outbound topic; raises TopicError. Memoised (a topic recurs on every message of an
-    agent to a peer, and the result is immutable; errors are not cached)."""
+    """The parts of an agent's outbound topic; raises TopicError. Memoised for topics of up to CACHED_TOPIC_MAX
+    characters (a topic recurs on every message of an agent to a peer, and the result is immutable; errors are not
+    cached); a local agent's long topics cannot make the cache hold megabytes."""
+    if len(topic) > CACHED_TOPIC_MAX:
+        return _parse_out_topic(prefix, topic)
+    return _parse_out_topic_cached(prefix, topic)
+
+
+def _parse_out_topic(prefix: str, topic: str) -> OutTopic:
     parts = topic.split("/")
     if len(parts) < 5 or parts[0] != prefix or parts[2] != "out":
         raise TopicError(f"{topic!r} is not {prefix}/<agent>/out/<peer-device>/<peer-agent>")
@@ -63,6 +72,9 @@ def parse_out_topic(prefix: str, topic: str) -> OutTopic:
             raise TopicError(f"{topic!r}: after the peer agent only r/<reply-topic> may follow")
         deliver_to = "/".join(parts[6:])
     return OutTopic(agent, device, peer, deliver_to)
+
+
+_parse_out_topic_cached = functools.lru_cache(maxsize=1024)(_parse_out_topic)
 
 
 def out_subscription(prefix: str) -> str:

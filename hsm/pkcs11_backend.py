@@ -378,8 +378,11 @@ def _der_octet_string(der: bytes) -> bytes:
     return der[start:]
 
 
-def _public_key_of(pub: Any, algorithm: KeyAlgorithm) -> PublicKey:
-    point = _der_octet_string(bytes(pub[Attribute.EC_POINT]))
+def _public_key_of(pub: Any, algorithm: KeyAlgorithm, uri: str) -> PublicKey:
+    try:
+        point = _der_octet_string(bytes(pub[Attribute.EC_POINT]))
+    except ValueError as exc:  # (the token's public key object is not what PKCS#11 prescribes: say why)
+        raise WrongKeyType(f"the identity public key cannot be read: {exc}", uri=uri) from None
     if algorithm is KeyAlgorithm.ED25519:
         return ed25519.Ed25519PublicKey.from_public_bytes(point)
     return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
@@ -405,7 +408,7 @@ def _load_identity(u: Pkcs11Uri) -> _Handles:
         algorithm = _algorithm_of(private, u.redacted())
         attrs = _read_attributes(private)
         _check_protected(attrs, u.redacted(), "identity key")
-        return _Handles(private, _public_key_of(public, algorithm), algorithm)
+        return _Handles(private, _public_key_of(public, algorithm, u.redacted()), algorithm)
     except HsmError:
         raise
     except Exception as exc:

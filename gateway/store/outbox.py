@@ -312,8 +312,9 @@ class Outbox:
         """Unexpired entries due by `now_ms`, oldest first, at most `limit` and (when given) about `max_bytes` of
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
         messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
-        `peer_limits`: at most this many entries of these peers (a sender's room in a peer's send window; the
-        rest of such a peer's due rows are neither fetched nor unsealed).
+        `peer_limits`: at most this many entries of these peers (a sender's room in a peer's send window). The
+        rest of such a peer's due rows are not unsealed; when more than DUE_BY_INDEX rows are due they are still
+        fetched, and count towards `limit`, so one slow peer at the head of a long backlog can fill a pass.
 
         How: the rows due are counted on the due index first (stopping past DUE_BY_INDEX). None: no read. A few
         (the usual case while most rows wait for an answer or are held in memory by the sender): their seq and

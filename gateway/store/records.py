@@ -6,6 +6,7 @@ the identifier itself is inside the sealed value where it must be listed or expo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .codec import expect, pack, unpack, wipe_bytes
@@ -78,6 +79,10 @@ class KeyedBlobs:
 
     def _k(self, name: str) -> bytes:
         return self._keys.blind(self._table, _check_name(name, "a name"))
+
+    def on_rollback(self, fn: Callable[[], None]) -> None:
+        """Inside a write transaction: call `fn` if it rolls back (for a cache kept beside these records)."""
+        self._db.on_rollback(fn)
 
     def put(self, name: str, value: bytes, *, secret: bool = False) -> None:
         """Insert or replace (a fresh nonce every time). `secret`: the packed plaintext is overwritten once

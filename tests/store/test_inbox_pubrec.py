@@ -95,3 +95,25 @@ def test_marks_of_a_failed_transaction_are_forgotten(store: Store) -> None:
         store.outbox.put_many([(mid(1), "dev-b", b"a", 10), (mid(2), "dev-b", b"b", 10)])
     marks.forget()  # what receiving.py's `_inbox_writes` does
     assert not marks.has(9, "dev-a/9")
+
+
+def test_a_broker_that_lost_our_session_clears_the_marks_of_what_is_published_again(
+        db_path: Path, key: SoftStorageKey) -> None:
+    """CONNACK without our session: the bridge publishes the interrupted exchanges again as new PUBLISHes and
+    calls `_broker_lost_session`. Their marks must go at once: after a kill -9 before the broker's new PUBREC, a
+    restart reading BROKER_HAS would send a lone PUBREL, which Mosquitto answers PUBCOMP without delivering."""
+    a = entry(1, 7)
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets)
+        with s.transaction():
+            s.inbox.put(a.name, a.record())
+            marks.write(cleared=[7])
+        with s.transaction(durable=False):  # the broker's PUBREC, before it lost the session
+            marks.write(marked=[(7, a.name)])
+        a.phase = Phase.BROKER_HAS  # in memory, as `_broker_has` leaves it
+        receiver = SimpleNamespace(_in_flight={7: a}, store=s, pubrec_marks=marks)
+        receiver._inbox_writes = lambda: Receiving._inbox_writes(receiver)  # type: ignore[arg-type]
+        Receiving._broker_lost_session(receiver, [7, 9])  # type: ignore[arg-type]  # (9: a group's exchange)
+        assert a.phase is Phase.PUBLISHED
+    with Store.open(db_path, key) as s:  # kill -9 before the new PUBREC, and restart
+        assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.PUBLISHED

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import os
 import sys
-from _hashlib import hmac_new as _hmac_new
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
@@ -172,6 +171,13 @@ def kdf_rk(root_key: bytes, dh_out: bytes) -> tuple[bytes, bytes]:
     """Double Ratchet KDF_RK: HKDF(salt=root key, ikm=DH output) -> (new root key, new chain key)."""
     out = hkdf(dh_out, root_key, _RK_INFO, 2 * KEY_LEN)
     return out[:KEY_LEN], out[KEY_LEN:]
+
+
+try:  # OpenSSL's HMAC object directly (CPython built with OpenSSL, as every distribution's is)
+    from _hashlib import hmac_new as _hmac_new
+except ImportError:  # pragma: no cover - the standard library's HMAC, same results
+    def _hmac_new(key: bytes, digestmod: str) -> hmac.HMAC:  # type: ignore[misc]
+        return hmac.new(key, digestmod=digestmod)
 
 
 def kdf_ck(chain_key: bytes) -> tuple[bytes, bytes]:
