@@ -66,6 +66,7 @@ class FakeBridge:
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, dict[str, str]]] = []
+        self.on_session_lost: list[Any] = []  # (the real bridge calls these after a CONNACK without our session)
 
     async def publish(self, topic: str, payload: bytes, **kw: Any) -> None:
         self.published.append((topic, payload, dict(kw.get("user_properties") or ())))
