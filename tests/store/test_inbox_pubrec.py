@@ -6,6 +6,7 @@ without delivery: a lost message)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,5 +116,53 @@ def test_a_broker_that_lost_our_session_clears_the_marks_of_what_is_published_ag
         receiver._inbox_writes = lambda: Receiving._inbox_writes(receiver)  # type: ignore[arg-type]
         Receiving._broker_lost_session(receiver, [7, 9])  # type: ignore[arg-type]  # (9: a group's exchange)
         assert a.phase is Phase.PUBLISHED
+    with Store.open(db_path, key) as s:  # kill -9 before the new PUBREC, and restart
+        assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.PUBLISHED
+
+
+class _Bridge:
+    """What `Receiving._start_publishes` asks of the MQTT bridge: packet ids (always `packet_id` here, as when
+    an id is freed and taken again) and the exchange's connection count."""
+
+    connects, connected = 1, True
+
+    def __init__(self, packet_id: int) -> None:
+        self.packet_id = packet_id
+
+    def reserve_packet_id(self) -> int:
+        return self.packet_id
+
+
+def _receiver(s: Store, marks: PubrecMarks, bridge: _Bridge) -> SimpleNamespace:
+    """The receiving half's state that `_start_publishes` uses, over a real store; the PUBLISH itself is not sent
+    (`_publish_to_agent` only records the entry): this is about what is stored before it leaves."""
+    r = SimpleNamespace(store=s, pubrec_marks=marks, bridge=bridge, _publishing=set(), _in_flight={},
+                        _publish_room=asyncio.Event(), sent=[])
+    r._inbox_writes = lambda: Receiving._inbox_writes(r)  # type: ignore[arg-type]
+    r._give_packet_id = lambda e: Receiving._give_packet_id(r, e)  # type: ignore[arg-type]
+    r._exchange_connect = lambda: 1
+    r._publish_to_agent = lambda e: r.sent.append((e.name, e.packet_id))
+    return r
+
+
+async def test_an_entry_published_again_under_its_old_packet_id_loses_that_ids_old_mark(
+        db_path: Path, key: SoftStorageKey) -> None:
+    """Through `Receiving._start_publishes` itself: entry a was marked under id 7, then went back to WAITING (the
+    broker lost it); given id 7 again, the transaction that stores it PUBLISHED under 7 must clear the old mark,
+    or a kill -9 before the new PUBREC restarts it as BROKER_HAS (a lone PUBREL: lost)."""
+    a = entry(1, 7)
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets)
+        with s.transaction():
+            s.inbox.put(a.name, a.record())
+            marks.write(cleared=[7])
+        with s.transaction(durable=False):
+            marks.write(marked=[(7, a.name)])  # the first exchange's PUBREC
+        a.phase, a.packet_id = Phase.WAITING, 0  # (`_exchange_lost`)
+        with s.transaction(durable=False):
+            s.inbox.put(a.name, a.record())
+        r = _receiver(s, marks, _Bridge(7))
+        Receiving._start_publishes(r, [a])  # type: ignore[arg-type]
+        assert r.sent == [(a.name, 7)]
     with Store.open(db_path, key) as s:  # kill -9 before the new PUBREC, and restart
         assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.PUBLISHED
