@@ -98,6 +98,17 @@ def test_marks_of_a_failed_transaction_are_forgotten(store: Store) -> None:
     assert not marks.has(9, "dev-a/9")
 
 
+def stored_and_marked(s: Store, e: InboxEntry) -> PubrecMarks:
+    """Entry `e` stored PUBLISHED under its packet id (the inbox commit clears that slot), then its PUBREC marked."""
+    marks = PubrecMarks(s.secrets)
+    with s.transaction():
+        s.inbox.put(e.name, e.record())
+        marks.write(cleared=[e.packet_id])
+    with s.transaction(durable=False):
+        marks.write(marked=[(e.packet_id, e.name)])
+    return marks
+
+
 def test_a_broker_that_lost_our_session_clears_the_marks_of_what_is_published_again(
         db_path: Path, key: SoftStorageKey) -> None:
     """CONNACK without our session: the bridge publishes the interrupted exchanges again as new PUBLISHes and
@@ -105,12 +116,7 @@ def test_a_broker_that_lost_our_session_clears_the_marks_of_what_is_published_ag
     restart reading BROKER_HAS would send a lone PUBREL, which Mosquitto answers PUBCOMP without delivering."""
     a = entry(1, 7)
     with Store.open(db_path, key) as s:
-        marks = PubrecMarks(s.secrets)
-        with s.transaction():
-            s.inbox.put(a.name, a.record())
-            marks.write(cleared=[7])
-        with s.transaction(durable=False):  # the broker's PUBREC, before it lost the session
-            marks.write(marked=[(7, a.name)])
+        marks = stored_and_marked(s, a)  # the broker's PUBREC, before it lost the session
         a.phase = Phase.BROKER_HAS  # in memory, as `_broker_has` leaves it
         receiver = SimpleNamespace(_in_flight={7: a}, store=s, pubrec_marks=marks)
         receiver._inbox_writes = lambda: Receiving._inbox_writes(receiver)  # type: ignore[arg-type]
@@ -152,12 +158,7 @@ async def test_an_entry_published_again_under_its_old_packet_id_loses_that_ids_o
     or a kill -9 before the new PUBREC restarts it as BROKER_HAS (a lone PUBREL: lost)."""
     a = entry(1, 7)
     with Store.open(db_path, key) as s:
-        marks = PubrecMarks(s.secrets)
-        with s.transaction():
-            s.inbox.put(a.name, a.record())
-            marks.write(cleared=[7])
-        with s.transaction(durable=False):
-            marks.write(marked=[(7, a.name)])  # the first exchange's PUBREC
+        marks = stored_and_marked(s, a)  # the first exchange's PUBREC
         a.phase, a.packet_id = Phase.WAITING, 0  # (`_exchange_lost`)
         with s.transaction(durable=False):
             s.inbox.put(a.name, a.record())
