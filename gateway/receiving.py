@@ -314,11 +314,18 @@ class Receiving:
             self._publishing.update(e.name for e in entries)
         waiting = [e for e in entries if e.phase is Phase.WAITING]
         if waiting:
-            with self._inbox_writes(), self.store.transaction(durable=False):  # the id is stored before the PUBLISH
-                given = [e for e in waiting if self._give_packet_id(e)]
-                for e in given:
-                    self.store.inbox.put(e.name, e.record())
-                self.pubrec_marks.write(cleared=[e.packet_id for e in given])
+            try:
+                with self._inbox_writes(), self.store.transaction(durable=False):  # the id stored before the PUBLISH
+                    given = [e for e in waiting if self._give_packet_id(e)]
+                    for e in given:
+                        self.store.inbox.put(e.name, e.record())
+                    self.pubrec_marks.write(cleared=[e.packet_id for e in given])
+            except StoreError as exc:  # not stored: they wait again (the 1 s inbox loop retries), nothing sent
+                for e in waiting:
+                    if e.phase is Phase.PUBLISHED:
+                        self.bridge.free_packet_id(e.packet_id)
+                        e.phase, e.packet_id = Phase.WAITING, 0
+                log.error("cannot store packet ids for %d waiting inbox entr(ies) (%s); retrying", len(waiting), exc)
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
         self._publish_room.set()

@@ -7,6 +7,7 @@ without delivery: a lost message)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -134,9 +135,15 @@ class _Bridge:
 
     def __init__(self, packet_id: int) -> None:
         self.packet_id = packet_id
+        self.reserved = 0
 
     def reserve_packet_id(self) -> int:
+        self.reserved += 1
         return self.packet_id
+
+    def free_packet_id(self, packet_id: int) -> None:
+        assert packet_id == self.packet_id
+        self.reserved -= 1
 
 
 def _receiver(s: Store, marks: PubrecMarks, bridge: _Bridge) -> SimpleNamespace:
@@ -167,3 +174,21 @@ async def test_an_entry_published_again_under_its_old_packet_id_loses_that_ids_o
         assert r.sent == [(a.name, 7)]
     with Store.open(db_path, key) as s:  # kill -9 before the new PUBREC, and restart
         assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.PUBLISHED
+
+
+async def test_a_store_error_while_storing_packet_ids_leaves_the_entries_waiting(
+        db_path: Path, key: SoftStorageKey) -> None:
+    """The transaction that stores packet ids for waiting entries fails after the ids were taken (here: the store
+    is at its size cap, as on a full disk): nothing is published, the ids go back to the bridge, the entries wait
+    for the next try, and the daemon keeps running (review finding (i): the error used to end it)."""
+    big = InnerMessage(kind=Kind.DATA, message_id=mid(1), sender_agent="alice", recipient_agent="bob",
+                       created_at_ms=1, expires_at_ms=10**13, payload=os.urandom(256 * 1024))  # pages the cap refuses
+    a = InboxEntry.new("dev-a", 1, big)
+    assert a.phase is Phase.WAITING
+    with Store.open(db_path, key) as s:
+        s.set_max_bytes(s.stats().db_bytes)
+        bridge = _Bridge(7)
+        r = _receiver(s, PubrecMarks(s.secrets), bridge)
+        assert Receiving._start_publishes(r, [a]) == []  # type: ignore[arg-type]
+        assert (a.phase, a.packet_id, bridge.reserved, r.sent) == (Phase.WAITING, 0, 0, [])
+        assert a.name not in r._publishing  # the inbox loop may take it again
