@@ -29,11 +29,9 @@ class DeferredModule(types.ModuleType):
     """A stand-in for a module not imported yet; reading an attribute it lacks imports the real one."""
 
     def __getattr__(self, attr: str) -> Any:
-        # Dunder probes (copy, pickle, doctest, ...) import nothing; `__path__` and `__all__` do: the import system
-        # reads them to import a submodule, `from <package> import <name>` or `from <module> import *`, which need
-        # the real module. (A reference to the placeholder taken before the load stays a copy of the real
-        # module's namespace at that moment: patch the real module, `sys.modules[name]`, not such a reference.)
-        if attr.startswith("__") and attr.endswith("__") and attr not in ("__path__", "__all__"):
+        # Dunder probes (copy, pickle, doctest, ...) import nothing; `__path__` does: the import system reads it to
+        # import a submodule or `from <package> import <name>`, which need the real package.
+        if attr.startswith("__") and attr.endswith("__") and attr != "__path__":
             raise AttributeError(attr)
         return getattr(_load(self), attr)
 

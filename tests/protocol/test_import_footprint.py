@@ -95,10 +95,3 @@ def test_a_module_imported_before_the_daemon_is_left_alone() -> None:
             "import gateway.daemon\n"
             "print(sys.modules['urllib.request'] is real, type(sys.modules['importlib.metadata']).__name__)\n")
     assert _lines_printed_by(code)[0] == "True DeferredModule"
-
-
-def test_a_star_import_of_a_deferred_module_loads_it() -> None:
-    code = ("import gateway.daemon\n"
-            "from urllib.request import *\n"
-            "print(Request('http://x/').host, callable(urlopen))\n")
-    assert _lines_printed_by(code)[0] == "x True"
