@@ -63,22 +63,30 @@ class SdkAgent:
     def run(self, prefix: bytes, n: int, on_progress: Callable[[int], None] = lambda _i: None,
             hold_at: int | None = None) -> None:
         """Send `n` numbered payloads (blocking the calling thread until every send() returned). With `hold_at`:
-        payloads from number `hold_at` on wait for `release()`."""
-        self._go = asyncio.Event()
-        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress, hold_at), self._loop).result()
+        payloads from number `hold_at` on wait until `allow()` lets them go."""
+        self._allowed = n if hold_at is None else hold_at
+        self._more = asyncio.Event()
+        asyncio.run_coroutine_threadsafe(self._stream(prefix, n, on_progress), self._loop).result()
 
-    def release(self) -> None:
-        self._loop.call_soon_threadsafe(self._go.set)
+    def allow(self, up_to: int) -> None:
+        """Let payloads numbered below `up_to` go (from any thread)."""
+        self._loop.call_soon_threadsafe(self._raise_allowance, up_to)
 
-    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None], hold_at: int | None) -> None:
+    def _raise_allowance(self, up_to: int) -> None:
+        if up_to > self._allowed:
+            self._allowed = up_to
+            self._more.set()
+            self._more = asyncio.Event()
+
+    async def _stream(self, prefix: bytes, n: int, on_progress: Callable[[int], None]) -> None:
         room = asyncio.Semaphore(self.window)
         done = 0
 
         async def one(i: int, payload: bytes) -> None:
             nonlocal done
-            if hold_at is not None and i >= hold_at:
-                await self._go.wait()
             async with room:
+                while i >= self._allowed:
+                    await self._more.wait()
                 await self.client.send(self.peer, payload)
             with self.lock:
                 self.sent.append(payload)

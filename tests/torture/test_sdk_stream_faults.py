@@ -91,21 +91,32 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
                 trigger.set()
         return seen
 
+    def sent_by(agent: SdkAgent, prefix: bytes) -> int:
+        with agent.lock:
+            return sum(1 for p in agent.sent if p.startswith(prefix))
+
     def kill() -> None:
-        # Both senders wait at a third of their stream (so that neither can finish before the fault), are let go
-        # together, and the broker dies while both streams run at full speed, with up to `window` sends each
-        # awaiting their receipt.
+        # Both senders wait at a third of their stream, then go on in step: neither may get more than two windows
+        # ahead of the other until the kill, and neither may finish before it (on 2 cores one stream was seen to
+        # stall for 0.27 s while the other sent 480, so a fixed 0.3 s delay sometimes killed after one stream had
+        # ended). The broker dies once both streams run, each with sends awaiting their receipt.
         trigger.wait(DELIVERY_TIMEOUT)
-        f.alice.release()
-        f.bob.release()
-        time.sleep(0.3)
-        in_flight_at_kill.update(alice_unreceipted=len(f.alice.client._unreceipted),
-                                 bob_unreceipted=len(f.bob.client._unreceipted),
-                                 alice_sent=sum(1 for p in f.alice.sent if p.startswith(pa)),
-                                 bob_sent=sum(1 for p in f.bob.sent if p.startswith(pb)),
-                                 alice_received=len(f.alice.received_with(pb)),
+        ahead = 2 * f.alice.window
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while time.monotonic() < deadline:
+            a_sent, b_sent = sent_by(f.alice, pa), sent_by(f.bob, pb)
+            a_open, b_open = len(f.alice.client._unreceipted), len(f.bob.client._unreceipted)
+            if min(a_sent, b_sent) >= hold_at + f.alice.window and a_open and b_open:
+                break
+            f.alice.allow(min(b_sent + ahead, N - 1))
+            f.bob.allow(min(a_sent + ahead, N - 1))
+            time.sleep(0.002)
+        in_flight_at_kill.update(alice_unreceipted=a_open, bob_unreceipted=b_open, alice_sent=a_sent,
+                                 bob_sent=b_sent, alice_received=len(f.alice.received_with(pb)),
                                  bob_received=len(f.bob.received_with(pa)))
         gw.broker.stop(signal.SIGKILL)
+        f.alice.allow(N)
+        f.bob.allow(N)
         time.sleep(BROKER_DOWN)
         gw.broker.start()
 
