@@ -319,8 +319,11 @@ class Sending:
                 entries = entries[:room]
                 hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
                 held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
-                # Held entries sent soon enough after being stored need no attempt mark (see Handover).
-                counted = [e for e in held if e.attempts and e.due_at_ms - t < RETRY_MIN_MS]
+                # Held entries sent soon enough after being stored need no attempt mark (see Handover). A stored
+                # due time further than HANDOVER_DUE_MS away means the wall clock stepped back since: marked, or
+                # the first retry would wait for the step as well.
+                counted = [e for e in held
+                           if e.attempts and not RETRY_MIN_MS <= e.due_at_ms - t <= HANDOVER_DUE_MS]
                 marked = entries + [e for e in held if not e.attempts]
                 entries += held
                 if not entries:

@@ -101,6 +101,25 @@ async def test_a_first_send_from_memory_writes_nothing_and_is_retried_after_its_
             loop.cancel()
 
 
+async def test_a_clock_step_back_before_the_first_send_does_not_delay_the_first_retry(
+        tmp_path: Path, clock: list[int]) -> None:
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        loop = asyncio.create_task(s._sender_loop())
+        try:
+            await s.pass_()
+            s.link.state.value = "connecting"
+            await s.feed(*(publish(i, f"m{i}".encode()) for i in range(1, 4)))
+            assert set(_rows(store).values()) == {(T0 + HANDOVER_DUE_MS, 1)}
+            clock[0] = T0 - 3_600_000  # the wall clock steps back an hour (NTP) before the send
+            s.link.state.value = "ready"
+            assert len(await s.pass_()) == 1
+            # Marked (not counted again): retried RETRY_MIN_MS after the send, not an hour + HANDOVER_DUE_MS later.
+            assert set(_rows(store).values()) == {(clock[0] + RETRY_MIN_MS, 1)}
+        finally:
+            loop.cancel()
+
+
 async def test_late_rescheduled_or_purged_entries_are_marked_and_what_left_is_not_sent(
         tmp_path: Path, clock: list[int]) -> None:
     with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
