@@ -57,12 +57,28 @@ class Subscriber:
         self._lock = threading.Lock()
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bob", protocol=mqtt.MQTTv5)
         c.username_pw_set("bob", AGENT_PW)
+        self._subscribed = threading.Event()
+        self.connects = 0
         c.on_message = self._on_message
-        c.on_connect = lambda client, *_: client.subscribe(TOPIC, qos=1)  # again after a broker restart
+        c.on_connect = self._on_connect
+        c.on_subscribe = lambda *_: self._subscribed.set()
         c.reconnect_delay_set(0.1, 1)
         c.connect("127.0.0.1", port)
         c.loop_start()
         self.client = c
+
+    def _on_connect(self, client: mqtt.Client, *_: object) -> None:
+        self._subscribed.clear()
+        self.connects += 1
+        client.subscribe(TOPIC, qos=1)  # again after a broker restart
+
+    def wait_subscribed(self, connects: int = 1, timeout: float = 10.0) -> None:
+        """Until the broker acknowledged the subscription of connection number `connects` or a later one (what is
+        published before may not reach this client)."""
+        deadline = time.monotonic() + timeout
+        while not (self.connects >= connects and self._subscribed.is_set()):
+            assert time.monotonic() < deadline, f"bob never subscribed on connection {connects}"
+            time.sleep(0.02)
 
     def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -88,7 +104,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Broker, P
 @pytest.fixture(scope="module")
 def bob(broker: tuple[Broker, Path]) -> Iterator[Subscriber]:
     s = Subscriber(broker[0].port)
-    time.sleep(0.3)
+    s.wait_subscribed()
     yield s
     s.client.loop_stop()
     s.client.disconnect()
@@ -139,14 +155,12 @@ def test_broker_that_lost_the_session_gets_the_message_again_not_never(broker, b
     b, _ = broker
     first = run(broker, 104, "crash-after-record", "m4")
     assert first.returncode == 9 and "recorded [104]" in first.stdout, first.stderr
+    connects = bob.connects
     b.stop()
     for f in b.root.glob("*.db"):
         f.unlink()
     b.start()
-    deadline = time.monotonic() + 10
-    while not bob.client.is_connected() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(0.5)  # bob subscribes again on connect
+    bob.wait_subscribed(connects + 1)  # (it subscribes again on connect)
     again = run(broker, 104, "resume-released", "m4")
     assert again.returncode == 0 and "pubcomp" in again.stdout, again.stderr
     assert "lost this gateway's session" in again.stderr, again.stderr

@@ -36,6 +36,31 @@ def client(tb: Testbed, gw: str, agent: str) -> AgentClient:
     return AgentClient(agent, port=tb.gateways[gw].broker.port, password=PW)
 
 
+def subscribed(port: int, agent: str, topic: str, *args: str) -> subprocess.Popen[str]:
+    """mosquitto_sub, returned once the broker has acknowledged its subscription: a raw subscriber misses what is
+    published before it subscribes, and a fixed sleep is a guess that a slow or loaded machine can outrun."""
+    # (stdbuf: its stdout to a pipe is block-buffered, so the SUBACK line would show only when it exits)
+    sub = subprocess.Popen(["stdbuf", "-oL", "mosquitto_sub", "-d", "-p", str(port), "-u", agent, "-P", PW,
+                            "-t", topic, "-q", "1", "-V", "mqttv5", *args], stdout=subprocess.PIPE, text=True)
+    assert sub.stdout is not None
+    seen = []
+    for line in sub.stdout:
+        seen.append(line)
+        if "received SUBACK" in line:
+            return sub
+    sub.kill()
+    raise AssertionError(f"mosquitto_sub never subscribed: {''.join(seen)}")
+
+
+def received(sub: subprocess.Popen[str], timeout: float) -> list[str]:
+    """The messages a `subscribed` mosquitto_sub printed (its -d protocol lines left out), once it ended."""
+    sub.wait(timeout)  # (its output is a few lines: the pipe cannot fill)
+    assert sub.stdout is not None
+    out = sub.stdout.read()  # (not communicate(): it reads the pipe itself, past what `subscribed` buffered)
+    return [line for line in out.splitlines()
+            if not line.startswith(("Client ", "Subscribed (mid"))]
+
+
 async def test_messages_both_ways_with_properties(bed):
     async with client(bed, "dev-a", "alice") as alice, client(bed, "dev-b", "bob") as bob:
         await alice.send("dev-b/bob", b"hello bob", content_type="text/plain", user_properties=[("trace", "t1")])
@@ -79,15 +104,11 @@ async def test_request_reply_round_trip_end_to_end(bed):
 
 def test_mosquitto_clients_use_the_documented_topics(bed):
     a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(b.broker.port), "-u", "bob", "-P", PW, "-t", "agw/bob/in",
-                            "-q", "1", "-C", "2", "-W", "30", "-V", "mqttv5", "-F", "%t|%p"],
-                           stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    sub = subscribed(b.broker.port, "bob", "agw/bob/in", "-C", "2", "-W", "30", "-F", "%t|%p")
     for i in range(2):
         subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
                         "agw/alice/out/dev-b/bob", "-q", "1", "-m", f"cli {i}"], check=True)
-    out, _ = sub.communicate(timeout=40)
-    assert out.splitlines() == ["agw/bob/in|cli 0", "agw/bob/in|cli 1"]
+    assert received(sub, 40) == ["agw/bob/in|cli 0", "agw/bob/in|cli 1"]
     # The ACL confines agents: alice cannot publish as bob, nor read bob's inbox.
     denied = subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
                              "agw/bob/out/dev-b/bob", "-q", "1", "-m", "spoof", "-V", "mqttv5"],
@@ -100,19 +121,16 @@ def test_a_retained_message_is_sent_once_not_at_every_reconnect(bed):
     retain handling 2, so a restart of the gateway (which subscribes again) does not take the retained message in
     again as a new message (a raw agent's copy would get a fresh id: a duplicate the receiver cannot drop)."""
     a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(b.broker.port), "-u", "bob", "-P", PW, "-t", "agw/bob/in",
-                            "-q", "1", "-W", "25", "-V", "mqttv5", "-F", "%p"],
-                           stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    sub = subscribed(b.broker.port, "bob", "agw/bob/in", "-W", "25", "-F", "%p")
     subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
                     "agw/alice/out/dev-b/bob", "-q", "1", "-r", "-m", "retained once", "-V", "mqttv5"], check=True)
     a.stop()
     a.start()
     a.wait_ready(60)
-    out, _ = sub.communicate(timeout=40)  # mosquitto_sub stops after -W seconds
+    out = received(sub, 40)  # mosquitto_sub stops after -W seconds
     # (The retained message stays on broker A: clearing it would be one more message to bob. Only the gateway
     # subscribes to out topics, and it never asks for retained messages.)
-    assert out.splitlines() == ["retained once"], out
+    assert out == ["retained once"], out
 
 
 def test_a_broker_restarted_without_the_gateways_session_is_reported_and_subscribed_again(bed):
@@ -129,15 +147,12 @@ def test_a_broker_restarted_without_the_gateways_session_is_reported_and_subscri
     while time.monotonic() < deadline and a.log_text().count("lost this gateway's session") == before:
         time.sleep(0.1)
     assert a.log_text().count("lost this gateway's session") == before + 1, a.log_text()[-2000:]
-    sub = subprocess.Popen(["mosquitto_sub", "-p", str(b.broker.port), "-u", "bob", "-P", PW, "-t", "agw/bob/in",
-                            "-q", "1", "-C", "1", "-W", "20", "-V", "mqttv5", "-F", "%p"],
-                           stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    sub = subscribed(b.broker.port, "bob", "agw/bob/in", "-C", "1", "-W", "20", "-F", "%p")
     subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
                     "agw/alice/out/dev-b/bob", "-q", "1", "-m", "after the broker lost its state", "-V", "mqttv5"],
                    check=True)
-    out, _ = sub.communicate(timeout=30)
-    assert out.splitlines() == ["after the broker lost its state"], out
+    out = received(sub, 30)
+    assert out == ["after the broker lost its state"], out
 
 
 async def test_consent_request_approval_and_revocation(bed):

@@ -41,15 +41,18 @@ class Raw:
         c.username_pw_set(agent, PW)
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        subacked: set[int] = set()
+        c.on_subscribe = lambda _c, _u, mid, *_: subacked.add(mid)
         c.connect("127.0.0.1", port)
         c.loop_start()
         deadline = time.monotonic() + 20
         while not c.is_connected():
             assert time.monotonic() < deadline, f"{agent} cannot connect"
             time.sleep(0.02)
-        for t in subscriptions:
-            c.subscribe(t, qos=1)
-        time.sleep(0.3)
+        mids = {c.subscribe(t, qos=1)[1] for t in subscriptions}
+        while not mids <= subacked:  # (what is published before the SUBACK may not reach this client)
+            assert time.monotonic() < deadline, f"{agent} cannot subscribe"
+            time.sleep(0.02)
         self.client = c
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:

@@ -45,6 +45,8 @@ class Agent:
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{name}", protocol=mqtt.MQTTv5)
         c.username_pw_set(name, PW)
         c.on_message = self._on_message
+        self._subacked: set[int] = set()
+        c.on_subscribe = lambda _c, _u, mid, *_: self._subacked.add(mid)
         c.connect("127.0.0.1", port)
         c.loop_start()
         c.subscribe(f"agw/{name}/group/+/in", qos=1)
@@ -66,6 +68,11 @@ class Agent:
     def payloads(self) -> list[bytes]:
         with self._lock:
             return [p for _, p, _ in self.got]
+
+    def subscribe(self, topic: str, timeout: float = 10.0) -> None:
+        """Subscribe, and return once the broker acknowledged it (what is published before may not arrive)."""
+        mid = self.client.subscribe(topic, qos=1)[1]
+        wait_for(lambda: mid in self._subacked, timeout=timeout, what=f"{self.name}'s subscription to {topic}")
 
     def publish(self, group: str, payload: bytes, verb: str = "out", user: list[tuple[str, str]] | None = None
                 ) -> None:
@@ -168,8 +175,7 @@ def test_an_sdk_group_send_is_receipted_and_a_retransmission_taken_once(bed: Tes
     a1, payload = agents["a1"], b"sent twice, taken once"
     receipts: list[bytes] = []
     a1.client.message_callback_add("agw/a1/receipt", lambda _c, _u, msg: receipts.append(bytes(msg.payload)))
-    a1.client.subscribe("agw/a1/receipt", qos=1)
-    time.sleep(0.5)
+    a1.subscribe("agw/a1/receipt")
     once, other = os.urandom(16), os.urandom(16)
     for sdk_id in (once, once, other):
         a1.publish(GROUP, payload, user=[("agw:sdk-id", sdk_id.hex())])
