@@ -113,17 +113,19 @@ class Keyring:
             ) from None
 
     # -- blind indexes and MACs ----------------------------------------------------------------------------------
-    def blind(self, domain: str, value: bytes | str) -> bytes:
+    def blind(self, domain: str, value: bytes | str, *, memo: bool = True) -> bytes:
         """A deterministic, keyed row key for `value` within `domain` (a table or column name).
 
         Names (peer devices, agents, secret names) recur on every message, so their keys are memoised; message
         ids (bytes) are looked up several times each within a short time (seen, then marked; stored, marked as
-        sent, deleted on the ACK), so the most recent ones are memoised apart from the names.
+        sent, deleted on the ACK), so the most recent ones are memoised apart from the names. `memo=False`: the
+        caller keeps the key itself (the outbox, for its rows' lifetime), not memoised here.
         """
         cache = self._blind_cache if isinstance(value, str) else self._blind_recent
-        cached = cache.get((domain, value))
-        if cached is not None:
-            return cached
+        if memo:
+            cached = cache.get((domain, value))
+            if cached is not None:
+                return cached
         raw = value.encode() if isinstance(value, str) else value
         base = self._blind_domains.get(domain)
         if base is None:  # HMAC state after the domain prefix, copied for each value (half the work of a new HMAC)
@@ -135,6 +137,8 @@ class Keyring:
         mac = base.copy()
         mac.update(raw)
         out = mac.digest()[:BLIND_BYTES]
+        if not memo:
+            return out
         if len(cache) >= BLIND_CACHE:
             cache.clear()
         cache[(domain, value)] = out

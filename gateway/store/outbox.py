@@ -31,6 +31,10 @@ from .errors import InvalidRecord, OutboxFull, StoreCorrupt
 MSG_ID_BYTES = 16
 TABLE = "outbox"
 DUE_BY_INDEX = 2048  # `due`: up to this many rows due, read them through the due index (see there)
+# Row keys of the messages this process stored, kept until their row is deleted (at most this many): the ACK's
+# delete (and the attempt marks) then need no HMAC per id. The sender has ~HANDOVER_ENTRIES + a send window of
+# messages between storing and the ACK, more than the keyring's memo of recent ids holds.
+LIVE_KEYS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,7 @@ class Outbox:
         # holds entries in memory checks it before trusting that their rows are as it stored them.
         self.epoch = 0
         self._usage: dict[bytes, list[int]] = {}  # blind(peer) -> [entries, record bytes]
+        self._live_keys: dict[bytes, bytes] = {}  # msg id -> its row key, for rows stored here (see LIVE_KEYS)
         self._total = [0, 0]
         with db.read("measuring the outbox") as conn:
             for peer, n, size in conn.execute("SELECT peer, COUNT(*), SUM(size) FROM outbox GROUP BY peer"):
@@ -157,7 +162,14 @@ class Outbox:
         return n
 
     def _k(self, msg_id: bytes) -> bytes:
-        return self._keys.blind("outbox.msg", check_msg_id(msg_id))
+        k = self._live_keys.get(msg_id) if type(msg_id) is bytes else None
+        return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
+
+    def _k_leaving(self, msg_id: bytes) -> bytes:
+        """`_k` for a row being deleted: its key leaves the live keys. (If the deletion rolls back, the key is
+        computed again when needed: the mapping is a pure function of the id.)"""
+        k = self._live_keys.pop(msg_id, None) if type(msg_id) is bytes else None
+        return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
 
     def _peer(self, peer_device: str) -> bytes:
         return self._keys.blind("outbox.peer", peer_device)
@@ -189,6 +201,7 @@ class Outbox:
         max_record = self.limits.max_record_bytes
         blind = self._keys.blind
         seal = self._keys.seal
+        live = self._live_keys
         due, tries = int(due_at_ms), int(attempts)
         for msg_id, peer_device, record, expires_at_ms in items:
             got = fields.get(peer_device)
@@ -207,7 +220,9 @@ class Outbox:
                     limit="max_record_bytes",
                     peer_device=peer_device,
                 )
-            k = blind("outbox.msg", check_msg_id(msg_id))
+            k = blind("outbox.msg", check_msg_id(msg_id), memo=False)
+            if len(live) < LIVE_KEYS:
+                live[msg_id] = k
             expires = int(expires_at_ms)
             # = pack((msg_id, peer_device, record, expires, 0)), built from parts (a test compares the two)
             plain = b"".join((_MSG_ID_FIELD, msg_id, got[1], _RECORD_HEAD.pack(2, n), record,
@@ -316,7 +331,7 @@ class Outbox:
 
     def delete_many(self, msg_ids: Iterable[bytes]) -> int:
         """Remove acknowledged entries in one transaction (one statement per 512); returns how many existed."""
-        keys = [self._k(m) for m in msg_ids]
+        keys = [self._k_leaving(m) for m in msg_ids]
         if not keys:
             return 0
         with self._db.write("deleting acknowledged messages") as conn:
@@ -331,12 +346,15 @@ class Outbox:
             ).fetchall()
             out = [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             self._delete_keys(conn, [r[0] for r in rows])
+            for e in out:
+                self._live_keys.pop(e.msg_id, None)
             return out
 
     def purge_peer(self, peer_device: str) -> int:
         """Remove every entry for a peer (data-subject erasure); returns the count."""
         self.epoch += 1
         peer = self._peer(peer_device)
+        self._live_keys.clear()  # (its ids are not known without unsealing its rows: the keys come back as needed)
         with self._db.write("purging a peer's messages") as conn:
             n = conn.execute("DELETE FROM outbox WHERE peer = ?", (peer,)).rowcount
             u = self._usage.get(peer)

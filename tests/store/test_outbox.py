@@ -282,3 +282,23 @@ def test_a_version_2_store_loses_its_peer_index(db_path: Path, key: SoftStorageK
     assert "outbox_by_peer" not in names and {"outbox_by_due", "outbox_by_expiry"} <= names
     assert version == SCHEMA_VERSION == 3
 
+
+
+def test_row_keys_kept_for_live_rows_only_and_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox keeps the row keys of what it stored until the row leaves (the ACK's delete needs no HMAC per
+    id); a kept key is the blind index, the map is bounded, and an id it does not hold is computed."""
+    from gateway.store import outbox as outbox_module
+
+    box = store.outbox
+    live = box._live_keys  # type: ignore[attr-defined]
+    keys = store._keys  # type: ignore[attr-defined]
+    box.put_many([(mid(i), "a", b"r", FAR if i < 8 else 50) for i in range(10)])
+    assert live == {mid(i): keys.blind("outbox.msg", mid(i)) for i in range(10)}
+    assert box.delete_many([mid(0), mid(1), mid(99)]) == 2 and mid(0) not in live and len(live) == 8
+    assert [e.msg_id for e in box.expire(100)] == [mid(8), mid(9)] and len(live) == 6
+    assert box.mark_attempts([mid(2)], 5) == 1
+    box.purge_peer("b")
+    assert not live and box.delete_many([mid(2)]) == 1  # computed again
+    monkeypatch.setattr(outbox_module, "LIVE_KEYS", 3)
+    box.put_many([(mid(i), "b", b"r", FAR) for i in range(20, 30)])
+    assert len(live) == 3 and box.delete_many([mid(i) for i in range(20, 30)]) == 10 and not live
