@@ -236,6 +236,8 @@ def test_batches_of_any_size_are_stored_counted_and_deleted_once(store: Store, n
     assert [e.msg_id for e in store.outbox.due(1, limit=n + 10)] == [mid(i) for i in range(n)]
     ids = [mid(i) for i in range(0, n, 2)]
     assert store.outbox.mark_attempts(ids, 2) == len(ids)
+    attempts = {e.msg_id: e.attempts for e in store.outbox.entries()}
+    assert all(attempts[m] == 1 for m in ids) and sum(attempts.values()) == len(ids)  # (each once, padded or not)
     assert store.outbox.existing([mid(i) for i in range(n + 5)]) == {mid(i) for i in range(n)}
     assert store.outbox.delete_many(ids) == len(ids)
     assert store.outbox.delete_many(ids) == 0
