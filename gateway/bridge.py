@@ -341,7 +341,8 @@ class _PahoClient(mqtt.Client):
         # Flow control in bytes: leave the next packet unread while the gateway holds too much.
         if not self._may_read():
             return MQTTErrorCode.MQTT_ERR_AGAIN
-        if not self._in_packet["command"]:  # (not part-way through a packet paho's reader started)
+        ip = self._in_packet
+        if not ip["command"] and not ip["remaining_count"]:  # (not part-way through a packet paho's reader started)
             rc = self._read_buffered_publish()
             if rc is not None:
                 return rc
