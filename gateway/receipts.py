@@ -106,6 +106,8 @@ class Receipts:
         refused_ids = {id(m): reason for m, reason in refused}
         by_agent: dict[tuple[str, str | None], list[bytes]] = defaultdict(list)
         for m in batch:
+            if not m.user_properties:
+                continue  # no agw:sdk-id: not the SDK's, no receipt
             parts = m.topic.split("/")
             pairwise = len(parts) >= 3 and parts[2] == "out"  # <prefix>/<agent>/out/<device>/<agent>
             group = len(parts) == 5 and parts[2] == "group" and parts[4] == "out"  # <prefix>/<agent>/group/<g>/out

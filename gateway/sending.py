@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import struct
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -23,7 +24,7 @@ from gateway import stages, topics
 from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
-from gateway.protocol.message import InnerMessage, Kind
+from gateway.protocol.message import InnerMessage, Kind, new_message_id
 from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
 from gateway.store import OutboxEntry, OutboxFull, StoreError
@@ -57,12 +58,15 @@ HANDOVER_WAIT_S = 0.5
 HANDOVER_MOVING_S = 0.5
 
 
+_LEN4 = struct.Struct(">I").pack
+
+
 def _digest(m: AgentMessage) -> bytes:
-    """What identifies a broker redelivery of the same PUBLISH (same packet id, same content)."""
-    h = hashlib.sha256()
-    for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
-        h.update(len(part).to_bytes(4, "big") + part)
-    return h.digest()[:16]
+    """What identifies a broker redelivery of the same PUBLISH (same packet id, same content): SHA-256 over the
+    topic, payload, correlation data and response topic, each after its 4-byte length (one call over one join)."""
+    topic, cd, rt = m.topic.encode(), m.correlation_data or b"", (m.response_topic or "").encode()
+    return hashlib.sha256(b"".join((_LEN4(len(topic)), topic, _LEN4(len(m.payload)), m.payload,
+                                    _LEN4(len(cd)), cd, _LEN4(len(rt)), rt))).digest()[:16]
 
 
 def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]:
@@ -263,10 +267,15 @@ class Sending:
             self._wake_sender.set()
 
     def _inner_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int) -> InnerMessage:
-        props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
+        props: tuple[tuple[str, str], ...] = ()
+        if m.user_properties:
+            props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
+            message_id = self._e2e_message_id(m, out.agent)
+        else:
+            message_id = new_message_id()  # (no agw:sdk-id to derive it from)
         if out.deliver_to is not None:
             props += ((topics.PROP_DELIVER_TO, out.deliver_to),)
-        return InnerMessage(kind=Kind.DATA, message_id=self._e2e_message_id(m, out.agent), sender_agent=out.agent,
+        return InnerMessage(kind=Kind.DATA, message_id=message_id, sender_agent=out.agent,
                             recipient_agent=out.peer_agent, created_at_ms=t, expires_at_ms=t + ttl,
                             payload=m.payload, response_topic=m.response_topic, correlation_data=m.correlation_data,
                             content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)

@@ -100,6 +100,8 @@ def receipt_topic(prefix: str, agent: str) -> str:
 
 def ack_agent(prefix: str, topic: str) -> str | None:
     """The agent of an ack topic agw/<agent>/ack, else None."""
+    if not topic.endswith("/ack"):  # (every message of an agent asks: most are not acks)
+        return None
     parts = topic.split("/")
     if len(parts) == 3 and parts[0] == prefix and parts[2] == "ack":
         try:
@@ -131,6 +133,8 @@ def group_subscriptions(prefix: str) -> list[str]:
 
 
 def is_group_topic(prefix: str, topic: str) -> bool:
+    if "/group/" not in topic:  # (every message of an agent asks: most are not group messages)
+        return False
     parts = topic.split("/")
     return len(parts) == 5 and parts[0] == prefix and parts[2] == "group" and parts[4] in ("out", "ctl")
 

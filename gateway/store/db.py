@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import StoreClosed, StoreCorrupt, StoreError, StoreFull, StoreLocked, StoreVersionError
 from .schema import APPLICATION_ID, DDL_V1, EXPECTED_TABLES, MIGRATIONS, SCHEMA_VERSION
+
+T = TypeVar("T")
 
 _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
@@ -301,13 +305,33 @@ class Database:
                 os.close(self._lock_fd)
 
 
+IN_CHUNK = 512  # values per SQL `IN (...)` list at most (see `in_lists`)
+
+
+@functools.cache
+def _placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def in_lists(values: Sequence[T]) -> Iterator[tuple[str, list[T]]]:
+    """`values` in chunks of IN_CHUNK for SQL `IN (...)` lists: (placeholders, the chunk's values), each chunk
+    padded to a power of two by repeating its last value. So a statement's text takes one of ten forms whatever
+    the count, and comes prepared from the connection's statement cache: preparing a long IN list costs ~1.5 us
+    per value (a delete of 256 ids: ~585 us prepared afresh, ~160 us cached). A repeated value does not change
+    which rows IN matches, so each row is still selected, updated or deleted once."""
+    for i in range(0, len(values), IN_CHUNK):
+        chunk = list(values[i:i + IN_CHUNK])
+        pad = (1 << (len(chunk) - 1).bit_length()) - len(chunk)
+        if pad:
+            chunk += [chunk[-1]] * pad
+        yield _placeholders(len(chunk)), chunk
+
+
 def keys_present(conn: sqlite3.Connection, table: str, keyed: dict[bytes, bytes]) -> set[bytes]:
-    """The values of `keyed` (blind key -> id) whose key is a row of `table`: one query per 500 keys."""
-    keys = list(keyed)
+    """The values of `keyed` (blind key -> id) whose key is a row of `table`: one query per 512 keys."""
     found: set[bytes] = set()
-    for i in range(0, len(keys), 500):
-        chunk = keys[i:i + 500]
-        sql = f"SELECT k FROM {table} WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+    for marks, chunk in in_lists(list(keyed)):
+        sql = f"SELECT k FROM {table} WHERE k IN ({marks})"  # noqa: S608
         found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
     return found
 

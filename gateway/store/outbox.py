@@ -17,18 +17,24 @@ nothing else changes the rows meanwhile.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .codec import expect, pack, unpack
 from .crypto import Keyring
-from .db import Database, keys_present
+from .db import Database, in_lists, keys_present
 from .errors import InvalidRecord, OutboxFull, StoreCorrupt
 
 MSG_ID_BYTES = 16
 TABLE = "outbox"
 DUE_BY_INDEX = 2048  # `due`: up to this many rows due, read them through the due index (see there)
+# Row keys of the messages this process stored, kept until their row is deleted (at most this many): the ACK's
+# delete (and the attempt marks) then need no HMAC per id. The sender has ~HANDOVER_ENTRIES + a send window of
+# messages between storing and the ACK, more than the keyring's memo of recent ids holds.
+LIVE_KEYS = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +79,33 @@ def _take(quota: dict[bytes, int], peer: bytes) -> bool:
     return True
 
 
+# Parts of a sealed row's plaintext, `pack((msg_id, peer_device, record, expires, attempts))` (see `put_many`).
+_MSG_ID_FIELD = pack((bytes(MSG_ID_BYTES),))[:-MSG_ID_BYTES]
+_RECORD_HEAD = struct.Struct(">BI")
+_TAIL = struct.Struct(">BqBq")
+INSERT_ROWS = 128  # rows per INSERT statement at most (7 values each: within SQLite's oldest limit of 999)
+
+
+def _statement_sizes(n: int) -> list[int]:
+    """Split `n` rows into statements of INSERT_ROWS and then powers of two: few statements per batch, and few
+    distinct ones (each is prepared once and kept in the connection's statement cache)."""
+    out = [INSERT_ROWS] * (n // INSERT_ROWS)
+    n %= INSERT_ROWS
+    bit = INSERT_ROWS
+    while n:
+        bit >>= 1
+        if n & bit:
+            out.append(bit)
+            n -= bit
+    return out
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    return ("INSERT OR IGNORE INTO outbox (k, peer, size, expires_at_ms, due_at_ms, attempts, v) VALUES "  # noqa: S608
+            + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * rows))
+
+
 def check_msg_id(msg_id: bytes) -> bytes:
     if not isinstance(msg_id, bytes) or len(msg_id) != MSG_ID_BYTES:
         raise InvalidRecord(f"message ids are {MSG_ID_BYTES} bytes")
@@ -90,6 +123,7 @@ class Outbox:
         # holds entries in memory checks it before trusting that their rows are as it stored them.
         self.epoch = 0
         self._usage: dict[bytes, list[int]] = {}  # blind(peer) -> [entries, record bytes]
+        self._live_keys: dict[bytes, bytes] = {}  # msg id -> its row key, for rows stored here (see LIVE_KEYS)
         self._total = [0, 0]
         with db.read("measuring the outbox") as conn:
             for peer, n, size in conn.execute("SELECT peer, COUNT(*), SUM(size) FROM outbox GROUP BY peer"):
@@ -114,12 +148,11 @@ class Outbox:
             self._db.on_rollback(lambda: self._apply({p: [-dn, -ds] for p, (dn, ds) in deltas.items()}))
 
     def _delete_keys(self, conn: sqlite3.Connection, keys: Sequence[bytes]) -> int:
-        """Delete rows by key, one statement per 500 keys; returns how many existed."""
+        """Delete rows by key, one statement per 512 keys; returns how many existed."""
         deltas: dict[bytes, list[int]] = {}
         n = 0
-        for i in range(0, len(keys), 500):
-            chunk = keys[i:i + 500]
-            sql = f"DELETE FROM outbox WHERE k IN ({','.join('?' * len(chunk))}) RETURNING peer, size"  # noqa: S608
+        for marks, chunk in in_lists(keys):
+            sql = f"DELETE FROM outbox WHERE k IN ({marks}) RETURNING peer, size"  # noqa: S608
             for peer, size in conn.execute(sql, chunk).fetchall():
                 d = deltas.setdefault(peer, [0, 0])
                 d[0] -= 1
@@ -129,7 +162,14 @@ class Outbox:
         return n
 
     def _k(self, msg_id: bytes) -> bytes:
-        return self._keys.blind("outbox.msg", check_msg_id(msg_id))
+        k = self._live_keys.get(msg_id) if type(msg_id) is bytes else None
+        return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
+
+    def _k_leaving(self, msg_id: bytes) -> bytes:
+        """`_k` for a row being deleted: its key leaves the live keys. (If the deletion rolls back, the key is
+        computed again when needed: the mapping is a pure function of the id.)"""
+        k = self._live_keys.pop(msg_id, None) if type(msg_id) is bytes else None
+        return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
 
     def _peer(self, peer_device: str) -> bytes:
         return self._keys.blind("outbox.peer", peer_device)
@@ -157,31 +197,46 @@ class Outbox:
         """
         rows: list[tuple[bytes, bytes, int, int, int, int, bytes]] = []
         peers: dict[bytes, str] = {}
+        fields: dict[str, tuple[bytes, bytes]] = {}  # peer device -> (blind key, its packed field)
+        max_record = self.limits.max_record_bytes
+        blind = self._keys.blind
+        seal = self._keys.seal
+        live = self._live_keys
+        due, tries = int(due_at_ms), int(attempts)
         for msg_id, peer_device, record, expires_at_ms in items:
-            if not isinstance(peer_device, str) or not peer_device:
-                raise InvalidRecord("peer_device must be a non-empty string")
+            got = fields.get(peer_device)
+            if got is None:
+                if not isinstance(peer_device, str) or not peer_device:
+                    raise InvalidRecord("peer_device must be a non-empty string")
+                got = fields[peer_device] = (self._peer(peer_device), pack((peer_device,)))
+                peers[got[0]] = peer_device
             if not isinstance(record, bytes):
                 raise InvalidRecord("records are bytes")
-            if len(record) > self.limits.max_record_bytes:
+            n = len(record)
+            if n > max_record:
                 raise OutboxFull(
-                    f"record of {len(record)} bytes exceeds max_record_bytes={self.limits.max_record_bytes}; "
+                    f"record of {n} bytes exceeds max_record_bytes={max_record}; "
                     "it cannot be queued (send smaller messages)",
                     limit="max_record_bytes",
                     peer_device=peer_device,
                 )
-            k = self._k(msg_id)
-            peer = self._peer(peer_device)
-            peers[peer] = peer_device
-            blob = self._seal(k, msg_id, peer_device, record, int(expires_at_ms), 0)
-            rows.append((k, peer, len(record), int(expires_at_ms), int(due_at_ms), int(attempts), blob))
+            k = blind("outbox.msg", check_msg_id(msg_id), memo=False)
+            if len(live) < LIVE_KEYS:
+                live[msg_id] = k
+            expires = int(expires_at_ms)
+            # = pack((msg_id, peer_device, record, expires, 0)), built from parts (a test compares the two)
+            plain = b"".join((_MSG_ID_FIELD, msg_id, got[1], _RECORD_HEAD.pack(2, n), record,
+                              _TAIL.pack(1, expires, 1, 0)))
+            rows.append((k, got[0], n, expires, due, tries, seal(TABLE, k, plain)))
         if not rows:
             return 0
         with self._db.write("storing outbound messages") as conn:
-            added = conn.executemany(
-                "INSERT OR IGNORE INTO outbox (k, peer, size, expires_at_ms, due_at_ms, attempts, v) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            ).rowcount
+            added = 0
+            i = 0
+            for size in _statement_sizes(len(rows)):  # a few multi-row INSERTs, not one step per row
+                chunk = rows[i:i + size]
+                i += size
+                added += conn.execute(_insert_sql(size), [v for r in chunk for v in r]).rowcount
             deltas: dict[bytes, list[int]] = {}
             if added == len(rows):
                 for r in rows:
@@ -238,15 +293,14 @@ class Outbox:
             return None if row is None else int(row[0])
 
     def mark_attempts(self, msg_ids: Iterable[bytes], next_due_ms: int, *, count: bool = True) -> int:
-        """`mark_attempt` for a batch sent in one frame, one statement per 500 ids; returns how many entries
+        """`mark_attempt` for a batch sent in one frame, one statement per 512 ids; returns how many entries
         existed. `count=False`: only reschedule (the attempt was counted when the entry was stored)."""
         keys = [self._k(m) for m in msg_ids]
         sets = "due_at_ms = ?, attempts = attempts + 1" if count else "due_at_ms = ?"
         n = 0
         with self._db.write("recording send attempts") as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
-                sql = f"UPDATE outbox SET {sets} WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+            for marks, chunk in in_lists(keys):
+                sql = f"UPDATE outbox SET {sets} WHERE k IN ({marks})"  # noqa: S608
                 n += conn.execute(sql, [int(next_due_ms), *chunk]).rowcount
         return n
 
@@ -260,7 +314,7 @@ class Outbox:
                                 (int(now_ms), int(now_ms))).rowcount
 
     def existing(self, msg_ids: Iterable[bytes]) -> set[bytes]:
-        """The ids among `msg_ids` still in the outbox (one query per 500 ids)."""
+        """The ids among `msg_ids` still in the outbox (one query per 512 ids)."""
         with self._db.read("reading outbound message ids") as conn:
             return keys_present(conn, "outbox", {self._k(m): m for m in msg_ids})
 
@@ -276,8 +330,8 @@ class Outbox:
         return self.delete_many([msg_id]) == 1
 
     def delete_many(self, msg_ids: Iterable[bytes]) -> int:
-        """Remove acknowledged entries in one transaction (one statement per 500); returns how many existed."""
-        keys = [self._k(m) for m in msg_ids]
+        """Remove acknowledged entries in one transaction (one statement per 512); returns how many existed."""
+        keys = [self._k_leaving(m) for m in msg_ids]
         if not keys:
             return 0
         with self._db.write("deleting acknowledged messages") as conn:
@@ -292,12 +346,15 @@ class Outbox:
             ).fetchall()
             out = [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             self._delete_keys(conn, [r[0] for r in rows])
+            for e in out:
+                self._live_keys.pop(e.msg_id, None)
             return out
 
     def purge_peer(self, peer_device: str) -> int:
         """Remove every entry for a peer (data-subject erasure); returns the count."""
         self.epoch += 1
         peer = self._peer(peer_device)
+        self._live_keys.clear()  # (its ids are not known without unsealing its rows: the keys come back as needed)
         with self._db.write("purging a peer's messages") as conn:
             n = conn.execute("DELETE FROM outbox WHERE peer = ?", (peer,)).rowcount
             u = self._usage.get(peer)
@@ -355,10 +412,9 @@ class Outbox:
                     if max_bytes is not None and total >= max_bytes:
                         break
                 rows = []
-                for i in range(0, len(seqs), 500):
-                    chunk = seqs[i:i + 500]
-                    rows += conn.execute(f"SELECT {cols} FROM outbox WHERE seq IN "  # noqa: S608
-                                         f"({','.join('?' * len(chunk))}) ORDER BY seq", chunk).fetchall()
+                for marks, chunk in in_lists(seqs):
+                    rows += conn.execute(f"SELECT {cols} FROM outbox WHERE seq IN ({marks}) "  # noqa: S608
+                                         "ORDER BY seq", chunk).fetchall()
                 return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             for r in conn.execute(f"SELECT {cols} FROM outbox WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
                                   [*args, int(limit)]):

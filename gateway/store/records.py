@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .codec import expect, pack, unpack, wipe_bytes
 from .crypto import Keyring
-from .db import Database, keys_present
+from .db import Database, in_lists, keys_present
 from .errors import InvalidRecord
 from .outbox import check_msg_id
 
@@ -55,7 +55,7 @@ class DeliveredIds:
             return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
 
     def seen_many(self, msg_ids: list[bytes]) -> set[bytes]:
-        """The ids among `msg_ids` already recorded: one query per 500 ids (a relay frame's worth at once)."""
+        """The ids among `msg_ids` already recorded: one query per 512 ids (a relay frame's worth at once)."""
         with self._db.read("reading delivered message ids") as conn:
             return keys_present(conn, "delivered", {self._k(m): m for m in msg_ids})
 
@@ -144,13 +144,12 @@ class KeyedBlobs:
             return conn.execute(f"DELETE FROM {self._table} WHERE k = ?", (self._k(name),)).rowcount == 1  # noqa: S608
 
     def delete_many(self, names: list[str]) -> int:
-        """`delete` for several names, one statement per 500 names; returns how many existed."""
+        """`delete` for several names, one statement per 512 names; returns how many existed."""
         keys = [self._k(n) for n in names]
         n = 0
         with self._db.write(f"deleting from {self._table}") as conn:
-            for i in range(0, len(keys), 500):
-                chunk = keys[i:i + 500]
-                sql = f"DELETE FROM {self._table} WHERE k IN ({','.join('?' * len(chunk))})"  # noqa: S608
+            for marks, chunk in in_lists(keys):
+                sql = f"DELETE FROM {self._table} WHERE k IN ({marks})"  # noqa: S608
                 n += conn.execute(sql, chunk).rowcount
         return n
 

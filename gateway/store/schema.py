@@ -5,12 +5,14 @@ ordering, expiry and pruning, and record sizes used for limits. Everything else 
 Tables are STRICT, so a value of the wrong type is refused on write.
 Outbox usage per peer (for the limits) is counted in memory by `Outbox`: loaded with one aggregate query at open,
 kept with each write (version 1 kept it in a table by triggers, three extra row writes per outbox row).
+Version 3 drops the index on the outbox's peer column (see MIGRATIONS[3]). An older agw refuses a newer store
+(`StoreVersionError`: "upgrade agw"); a newer one upgrades an older store when it opens it.
 A new store is made with DDL_V1 and then every migration, so old and new stores take the same path.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
 
 DDL_V1 = """
@@ -68,6 +70,12 @@ DROP TRIGGER IF EXISTS outbox_usage_ins;
 DROP TRIGGER IF EXISTS outbox_usage_del;
 DROP TRIGGER IF EXISTS outbox_usage_upd;
 DROP TABLE IF EXISTS outbox_usage;
+""",
+    # 3: no index on the outbox's peer column. Every outbox row is inserted and deleted once per message, and the
+    # index cost ~1 us per row each way; the queries by peer are rare (an operator's purge or a peer coming back
+    # online reschedules its rows, a broker redelivery recounts usage) and scan the table instead.
+    3: """
+DROP INDEX IF EXISTS outbox_by_peer;
 """,
 }
 

@@ -30,3 +30,17 @@ def test_long_topics_are_parsed_but_never_memoised() -> None:
     topics.parse_out_topic("agw", "agw/alice/out/dev-b/bob")
     info = topics._parse_out_topic_cached.cache_info()
     assert (info.currsize, info.hits) == (1, 1)
+
+
+@pytest.mark.parametrize("topic", [
+    "agw/alice/ack", "agw/alice/ack/x", "agw/ack", "x/alice/ack", "agw/Alice!/ack", "agw/alice/out/dev/ack",
+    "agw/alice/group/g1/out", "agw/alice/group/g1/ctl", "agw/alice/group/g1/in", "agw/alice/group/out",
+    "agw/alice/out/dev/bob", "agw//group//out", "agw/alice/group/g1/out/x", "x/alice/group/g1/out", "",
+])
+def test_topic_tests_with_early_outs_agree_with_the_split(topic: str) -> None:
+    """`ack_agent` and `is_group_topic` reject most topics before splitting them: same answers as the split."""
+    parts = topic.split("/")
+    is_group = len(parts) == 5 and parts[0] == "agw" and parts[2] == "group" and parts[4] in ("out", "ctl")
+    assert topics.is_group_topic("agw", topic) is is_group
+    want = parts[1] if len(parts) == 3 and parts[0] == "agw" and parts[2] == "ack" and parts[1] == "alice" else None
+    assert topics.ack_agent("agw", topic) == want

@@ -89,3 +89,25 @@ def test_check_value_identifies_the_dek() -> None:
 def test_wrong_dek_length_is_corrupt() -> None:
     with pytest.raises(StoreCorrupt):
         Keyring(b"short")
+
+
+def test_blind_is_the_documented_hmac_and_seal_the_documented_aad() -> None:
+    """The fast paths (OpenSSL's HMAC object under the wrapper, the AD prefix built once per table) compute the
+    documented values (gateway/store/README.md), so stores written before them still match."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from gateway.store.crypto import _subkey
+
+    dek = os.urandom(32)
+    keys = Keyring(dek)
+    for domain, value in (("outbox.msg", os.urandom(16)), ("outbox.peer", "dev-b"), ("x", b"")):
+        raw = value.encode() if isinstance(value, str) else value
+        want = hmac.new(_subkey(dek, b"blind"), bytes([len(domain)]) + domain.encode() + raw, hashlib.sha256)
+        assert keys.blind(domain, value) == keys.blind(domain, value) == want.digest()[:16]
+    for table in ("outbox", "inbox", "outbox"):
+        blob = keys.seal(table, b"row-key", b"value")
+        ad = bytes([1, len(table)]) + table.encode() + b"row-key"
+        assert AESGCM(_subkey(dek, b"record")).decrypt(blob[1:13], blob[13:], ad) == b"value"

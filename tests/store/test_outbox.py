@@ -208,4 +208,99 @@ def test_a_version_1_store_loses_its_usage_triggers(db_path: Path, key: SoftStor
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE name LIKE 'outbox_usage%'")}
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     conn.close()
-    assert names == set() and version == SCHEMA_VERSION == 2
+    assert names == set() and version == SCHEMA_VERSION == 3
+
+
+def test_a_row_is_sealed_as_the_codec_packs_it(store: Store) -> None:
+    """`put_many` builds each row's plaintext from parts: it must be the codec's `pack` of the same tuple (what
+    every reader, and stores written before, expect)."""
+    from gateway.store.codec import pack
+
+    items = [(mid(1), "dev-b", b"x" * 300, FAR), (mid(2), "d\u00e9v", b"", 2**62), (mid(3), "dev-b", b"y", 0)]
+    store.outbox.put_many(items, due_at_ms=5, attempts=1)
+    keys = store._keys  # type: ignore[attr-defined]
+    with store._db.read("test") as conn:  # type: ignore[attr-defined]
+        rows = conn.execute("SELECT k, v FROM outbox ORDER BY seq").fetchall()
+    for (k, blob), (m, peer, record, expires) in zip(rows, items, strict=True):
+        assert keys.open("outbox", k, blob) == pack((m, peer, record, expires, 0))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 127, 128, 129, 255, 300, 511, 512, 513, 1100])
+def test_batches_of_any_size_are_stored_counted_and_deleted_once(store: Store, n: int) -> None:
+    """Multi-row INSERTs (128 rows, then powers of two) and IN lists padded to a power of two by repeating a
+    value: every row is stored, counted and deleted exactly once, whatever the batch size."""
+    items = [(mid(i), f"dev{i % 3}", b"r" * (i % 7), FAR) for i in range(n)]
+    assert store.outbox.put_many(items) == n
+    assert store.outbox.put_many(items[: n // 2 + 1]) == 0  # known ids: nothing new
+    assert store.outbox.usage() == (n, sum(i % 7 for i in range(n)))
+    assert [e.msg_id for e in store.outbox.due(1, limit=n + 10)] == [mid(i) for i in range(n)]
+    ids = [mid(i) for i in range(0, n, 2)]
+    assert store.outbox.mark_attempts(ids, 2) == len(ids)
+    attempts = {e.msg_id: e.attempts for e in store.outbox.entries()}
+    assert all(attempts[m] == 1 for m in ids) and sum(attempts.values()) == len(ids)  # (each once, padded or not)
+    assert store.outbox.existing([mid(i) for i in range(n + 5)]) == {mid(i) for i in range(n)}
+    assert store.outbox.delete_many(ids) == len(ids)
+    assert store.outbox.delete_many(ids) == 0
+    left = [mid(i) for i in range(1, n, 2)]
+    assert store.outbox.usage()[0] == len(left)
+    assert sorted(e.msg_id for e in store.outbox.entries()) == sorted(left)
+    assert all(e.attempts == 0 for e in store.outbox.entries())
+
+
+def test_in_lists_pad_to_few_statement_forms() -> None:
+    from gateway.store.db import IN_CHUNK, in_lists
+
+    forms = set()
+    for n in range(1, 1200):
+        chunks = list(in_lists(list(range(n))))
+        assert sorted({v for _, c in chunks for v in c}) == list(range(n))
+        for marks, chunk in chunks:
+            assert len(chunk) <= IN_CHUNK and len(chunk) & (len(chunk) - 1) == 0 and marks.count("?") == len(chunk)
+            forms.add(marks)
+    assert len(forms) == 10
+    assert list(in_lists([])) == []
+
+
+def test_a_version_2_store_loses_its_peer_index(db_path: Path, key: SoftStorageKey) -> None:
+    """Version 3 drops `outbox_by_peer`; a version 2 store (with the index) opens, is upgraded, and keeps its
+    rows, usage counts and per-peer operations."""
+    with Store.open(db_path, key) as s:
+        s.outbox.put_many([(mid(i), f"dev{i % 2}", b"r%d" % i, FAR) for i in range(4)])
+    conn = sqlite3.connect(db_path)
+    conn.execute("CREATE INDEX outbox_by_peer ON outbox (peer)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    with Store.open(db_path, key) as s:
+        assert s.outbox.usage() == (4, 8) and s.outbox.usage("dev1") == (2, 4)
+        assert [e.msg_id for e in s.outbox.due(1, 10, peer_device="dev1")] == [mid(1), mid(3)]
+        assert s.outbox.reschedule_peer("dev0", 7) == 2
+        assert s.purge_peer("dev1")["outbox"] == 2
+        assert s.outbox.usage() == (2, 4)
+    conn = sqlite3.connect(db_path)
+    names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    conn.close()
+    assert "outbox_by_peer" not in names and {"outbox_by_due", "outbox_by_expiry"} <= names
+    assert version == SCHEMA_VERSION == 3
+
+
+
+def test_row_keys_kept_for_live_rows_only_and_bounded(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outbox keeps the row keys of what it stored until the row leaves (the ACK's delete needs no HMAC per
+    id); a kept key is the blind index, the map is bounded, and an id it does not hold is computed."""
+    from gateway.store import outbox as outbox_module
+
+    box = store.outbox
+    live = box._live_keys  # type: ignore[attr-defined]
+    keys = store._keys  # type: ignore[attr-defined]
+    box.put_many([(mid(i), "a", b"r", FAR if i < 8 else 50) for i in range(10)])
+    assert live == {mid(i): keys.blind("outbox.msg", mid(i)) for i in range(10)}
+    assert box.delete_many([mid(0), mid(1), mid(99)]) == 2 and mid(0) not in live and len(live) == 8
+    assert [e.msg_id for e in box.expire(100)] == [mid(8), mid(9)] and len(live) == 6
+    assert box.mark_attempts([mid(2)], 5) == 1
+    box.purge_peer("b")
+    assert not live and box.delete_many([mid(2)]) == 1  # computed again
+    monkeypatch.setattr(outbox_module, "LIVE_KEYS", 3)
+    box.put_many([(mid(i), "b", b"r", FAR) for i in range(20, 30)])
+    assert len(live) == 3 and box.delete_many([mid(i) for i in range(20, 30)]) == 10 and not live

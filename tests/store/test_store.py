@@ -219,7 +219,7 @@ def test_missing_wrapped_key_is_corrupt(db_path: Path, key: SoftStorageKey) -> N
 def test_newer_schema_is_refused(db_path: Path, key: SoftStorageKey) -> None:
     Store.open(db_path, key).close()
     _raw(db_path, "PRAGMA user_version = 99")
-    with pytest.raises(StoreVersionError):
+    with pytest.raises(StoreVersionError, match="upgrade agw"):
         Store.open(db_path, key)
 
 

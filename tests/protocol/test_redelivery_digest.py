@@ -1,0 +1,28 @@
+"""The digest that tells a broker's redelivery of a stored PUBLISH from a new message (gateway/sending.py
+`_digest`) is the one marks written by earlier versions hold: SHA-256 over topic, payload, correlation data and
+response topic, each after its 4-byte big-endian length, first 16 bytes."""
+
+from __future__ import annotations
+
+import hashlib
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.bridge import AgentMessage
+from gateway.sending import _digest
+
+
+def reference(m: AgentMessage) -> bytes:
+    h = hashlib.sha256()
+    for part in (m.topic.encode(), m.payload, m.correlation_data or b"", (m.response_topic or "").encode()):
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.digest()[:16]
+
+
+@given(st.text(min_size=1, max_size=60), st.binary(max_size=600), st.none() | st.binary(max_size=40),
+       st.none() | st.text(max_size=40))
+def test_digest_is_the_stored_format(topic: str, payload: bytes, cd: bytes | None, rt: str | None) -> None:
+    m = AgentMessage(topic=topic, payload=payload, mid=1, qos=1, dup=True, response_topic=rt, correlation_data=cd,
+                     content_type=None, payload_utf8=False, user_properties=())
+    assert _digest(m) == reference(m)
