@@ -81,6 +81,10 @@ _PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
 _PUBACK_CMD = 0x40
 _PUBACK_PACKET = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id (success, no properties)
+_PUBREL_CMD = 0x62  # PUBREL (its fixed header's flags are 0010)
+# The acknowledgements read without paho's byte-by-byte reader: success, no properties, remaining length 2
+_PUBACK_IN, _PUBREC_IN, _PUBCOMP_IN = 0x40, 0x50, 0x70
+_QOS2_PUBLISH = PUBLISH | 0x04
 
 
 BrokerHas = Callable[[list[int]], None]
@@ -291,6 +295,48 @@ def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage
                         payload_utf8=utf8, user_properties=tuple(user))
 
 
+def publish_packet(packet_id: int, topic: bytes, properties: bytes, payload: bytes) -> bytes:
+    """An MQTT 5 QoS 2 PUBLISH packet (section 3.3), as paho's `_send_publish` builds it (first send: no DUP)."""
+    if len(topic) > 0xFFFF:
+        raise ValueError("Publish topic is too long.")
+    rest = (_U16.pack(len(topic)), topic, _U16.pack(packet_id), properties, payload)
+    return b"".join((bytes((_QOS2_PUBLISH,)), _vbi(sum(map(len, rest))), *rest))
+
+
+class _NoWaitInfo(mqtt.MQTTMessageInfo):
+    """The `MQTTMessageInfo` of every exactly-once message: nobody waits on it (the bridge's future says when the
+    exchange ended), so one shared instance does, and paho's per-message `threading.Condition` (made with each
+    `MQTTMessage`, notified at PUBCOMP) is not needed."""
+
+    __slots__ = ()
+
+    def _set_as_published(self) -> None:
+        pass
+
+
+_NO_WAIT = _NoWaitInfo(0)
+
+
+class _OnceMessage(mqtt.MQTTMessage):
+    """paho's outgoing QoS 2 message (kept in `_out_messages` until PUBCOMP, resent by paho after a reconnect),
+    built without an `MQTTMessageInfo` of its own."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int, topic: bytes, payload: bytes, properties: Properties) -> None:  # no super(): it
+        # makes the MQTTMessageInfo
+        self.timestamp = time.monotonic()
+        self.state = mqtt.mqtt_ms_invalid
+        self.dup = False
+        self.mid = mid
+        self._topic = topic
+        self.payload = payload
+        self.qos = 2
+        self.retain = False
+        self.info = _NO_WAIT
+        self.properties = properties
+
+
 # -- paho, adapted ----------------------------------------------------------------------------------------------
 class _PahoClient(mqtt.Client):
     """paho's client, driven by the bridge from the event loop, with hooks for exactly-once publishing (the next
@@ -304,7 +350,6 @@ class _PahoClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._on_agent_message = on_agent_message
         self._queued: dict[int, None] = {}  # ids of messages waiting for room in flight, oldest first
-        self._forced_mid: int | None = None
         self._on_pubrec = on_pubrec
         self._may_read = may_read
         self.reserved_ids: set[int] = set()  # ids the gateway holds for its stored messages
@@ -341,7 +386,26 @@ class _PahoClient(mqtt.Client):
         # Flow control in bytes: leave the next packet unread while the gateway holds too much.
         if not self._may_read():
             return MQTTErrorCode.MQTT_ERR_AGAIN
+        # Two of every message's packets are a PUBREC and a PUBCOMP of 4 bytes (success, no properties): taken
+        # from the read buffer in one step, not by paho's reader (three reads and a dict per packet).
+        buf, pos = self._rbuf, self._rpos
+        if len(buf) - pos >= 4 and buf[pos + 1] == 2 and self._in_packet["command"] == 0:
+            cmd = buf[pos]
+            if cmd == _PUBCOMP_IN or cmd == _PUBREC_IN or cmd == _PUBACK_IN:
+                self._rpos = pos + 4
+                self._last_bytes_received = time.monotonic()
+                return self._ack_read(cmd, (buf[pos + 2] << 8) | buf[pos + 3])
         return super()._packet_read()
+
+    def _ack_read(self, cmd: int, mid: int) -> MQTTErrorCode:
+        """A PUBACK, PUBREC or PUBCOMP of success without properties, as paho handles it."""
+        if cmd == _PUBREC_IN:
+            msg = self._out_messages.get(mid)
+            if msg is not None and msg.qos == 2:
+                self._on_pubrec(mid, _OK)
+        elif mid in self._out_messages:
+            return self._do_on_publish(mid, _PUBACK_OK if cmd == _PUBACK_IN else _PUBCOMP_OK, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _packet_write(self) -> MQTTErrorCode:
         # Everything queued goes out in one send; paho's own loop (one send per packet) handles what needs
@@ -383,16 +447,33 @@ class _PahoClient(mqtt.Client):
         return super()._packet_write()
 
     # exactly-once
-    def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> mqtt.MQTTMessageInfo:
-        self._forced_mid = mid
-        try:
-            return self.publish(topic, payload, qos=2, properties=properties)
-        finally:
-            self._forced_mid = None
+    def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> MQTTErrorCode:
+        """paho's `publish(topic, payload, qos=2, properties=...)` under a packet id chosen by the caller: the same
+        state (the message in `_out_messages` for paho's resends, the in-flight window, the queue beyond it, the
+        result codes), without the per-message `MQTTMessageInfo` and with the packet built in one step."""
+        topic_b = topic.encode()
+        self._raise_for_invalid_topic(topic_b)
+        if not isinstance(payload, bytes):
+            raise TypeError("payload must be bytes")
+        if len(payload) > 268435455:
+            raise ValueError("Payload too large.")
+        out = self._out_messages
+        if mid in out or 0 < self._max_queued_messages <= len(out):
+            return MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+        msg = _OnceMessage(mid, topic_b, payload, properties)
+        out[mid] = msg
+        if self._max_inflight_messages and self._inflight_messages >= self._max_inflight_messages:
+            msg.state = mqtt.mqtt_ms_queued
+            self._queued[mid] = None
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if self._sock is None:
+            msg.state = mqtt.mqtt_ms_publish  # sent after the next CONNACK
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        self._inflight_messages += 1
+        msg.state = mqtt.mqtt_ms_wait_for_pubrec
+        return self._packet_queue(PUBLISH, publish_packet(mid, topic_b, properties.pack(), payload), mid, 2, _NO_WAIT)
 
     def _mid_generate(self) -> int:
-        if self._forced_mid is not None:
-            return self._forced_mid
         while True:  # paho's own ids (subscriptions, QoS 1) never collide with the gateway's stored ones
             mid = super()._mid_generate()
             if mid not in self.reserved_ids:
@@ -401,23 +482,19 @@ class _PahoClient(mqtt.Client):
     def _handle_pubrec(self) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if len(packet) == 2:  # success, no properties (the reason code may be left out): no decoder needed
-            mid, reason = (packet[0] << 8) | packet[1], _OK
-        else:
-            rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
-            mid, reason = rec.mid, rec.reason
-        msg = self._out_messages.get(mid)
+            return self._ack_read(_PUBREC_IN, (packet[0] << 8) | packet[1])
+        rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
+        msg = self._out_messages.get(rec.mid)
         if msg is not None and msg.qos == 2:
-            self._on_pubrec(mid, reason)
+            self._on_pubrec(rec.mid, rec.reason)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if len(packet) != 2:
             return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]  # success, no properties: paho's decoder builds objects for nothing
-        if mid in self._out_messages:
-            return self._do_on_publish(mid, _PUBACK_OK if cmd == "PUBACK" else _PUBCOMP_OK, _NO_PROPERTIES)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        # success, no properties: paho's decoder builds objects for nothing
+        return self._ack_read(_PUBACK_IN if cmd == "PUBACK" else _PUBCOMP_IN, (packet[0] << 8) | packet[1])
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]
@@ -460,17 +537,27 @@ class _PahoClient(mqtt.Client):
     def release(self, mid: int) -> None:
         """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the
         connection dropped meanwhile, paho sends the PUBREL after the next CONNACK instead of the PUBLISH."""
-        msg = self._out_messages.get(mid)
-        if msg is None or msg.qos != 2:
-            return
-        if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
-            msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
-            msg.timestamp = time.monotonic()
-            if self._state == _ConnectionState.MQTT_CS_CONNECTED:
-                self._send_pubrel(mid)
-            # else the reconnect turns it into a PUBREL resend
-        elif msg.state == mqtt.mqtt_ms_publish:
-            msg.state = mqtt.mqtt_ms_resend_pubrel  # reset by a reconnect, not yet resent
+        self.release_many([mid])
+
+    def release_many(self, mids: list[int]) -> None:
+        """`release` for the ids of a batch of PUBRECs: their PUBRELs queued as one packet of bytes, in order
+        (paho otherwise builds, queues and its writer walks one packet per PUBREL)."""
+        connected = self._state == _ConnectionState.MQTT_CS_CONNECTED
+        now = time.monotonic()
+        packets = []
+        for mid in mids:
+            msg = self._out_messages.get(mid)
+            if msg is None or msg.qos != 2:
+                continue
+            if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
+                msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
+                msg.timestamp = now
+                if connected:
+                    packets.append(_PUBACK_PACKET.pack(_PUBREL_CMD, 2, mid))  # (the same layout as PUBACK)
+            elif msg.state == mqtt.mqtt_ms_publish:
+                msg.state = mqtt.mqtt_ms_resend_pubrel
+        if packets:
+            self._packet_queue(_PUBREL_CMD, b"".join(packets), 0, 1)
 
     def drop(self, mid: int) -> None:
         """Forget a message the broker refused in its PUBREC (the QoS 2 exchange ends there)."""
@@ -486,8 +573,7 @@ class _PahoClient(mqtt.Client):
         lost our session (`publish_again_unreleased`)."""
         if mid in self._out_messages:
             return
-        msg = mqtt.MQTTMessage(mid, topic.encode())
-        msg.qos, msg.payload, msg.properties = 2, payload, properties
+        msg = _OnceMessage(mid, topic.encode(), payload, properties)
         msg.state = mqtt.mqtt_ms_wait_for_pubcomp
         self._out_messages[mid] = msg
         self._inflight_messages += 1
@@ -892,8 +978,7 @@ class MqttBridge:
                     self._loop.call_later(1.0, self._take_recs)
                 self._recs.extend((mid, _OK) for mid in mids)
                 continue
-            for mid in mids:
-                self._client.release(mid)
+            self._client.release_many(mids)
 
     def reserve_packet_id(self) -> int | None:
         """A packet id for a new exactly-once publish, or None while too many are held (the caller waits)."""
@@ -952,10 +1037,10 @@ class MqttBridge:
         if released:
             self._client.resume_released(packet_id, topic, payload, props)
         else:
-            info = self._client.publish_with_id(packet_id, topic, payload, props)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            rc = self._client.publish_with_id(packet_id, topic, payload, props)
+            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self._once.pop(packet_id, None)
-                raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
+                raise BrokerUnavailable(f"publish failed: {mqtt.error_string(rc)}")
         return fut
 
     # -- agents' messages ---------------------------------------------------------------------------------------
