@@ -88,6 +88,8 @@ _QOS2_PUBLISH = PUBLISH | 0x04
 
 
 BrokerHas = Callable[[list[int]], None]
+# Called when an exactly-once exchange ended: None at PUBCOMP, else why it failed (see `begin_exactly_once`).
+Done = Callable[[BaseException | None], None]
 
 
 class BrokerUnavailable(Exception):
@@ -660,7 +662,7 @@ class MqttBridge:
         self._pending: dict[int, asyncio.Future[None]] = {}
         # Exactly-once publishes by packet id, until PUBCOMP, with the callback that records (durably) that the
         # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
-        self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
+        self._once: dict[int, tuple[asyncio.Future[None] | Done, BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
         self._recs_soon: asyncio.Handle | None = None  # _take_recs scheduled for PUBRECs being read
         self._next_id = 0
@@ -939,10 +941,8 @@ class MqttBridge:
                     properties: Properties | None = None) -> None:
         once = self._once.pop(mid, None)
         if once is not None:
-            if rc.is_failure:
-                _fail(once[0], BrokerLostMessage(f"the broker answered PUBREL for packet id {mid} with {rc}"))
-            else:
-                _succeed(once[0])
+            _end(once[0], BrokerLostMessage(f"the broker answered PUBREL for packet id {mid} with {rc}")
+                 if rc.is_failure else None)
             return
         fut = self._pending.pop(mid, None)
         if fut is None:
@@ -964,7 +964,7 @@ class MqttBridge:
             if reason.is_failure:
                 self._client.drop(mid)
                 self._once.pop(mid, None)
-                _fail(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
+                _end(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
             else:
                 held.setdefault(once[1], []).append(mid)
         for record, mids in held.items():
@@ -1024,24 +1024,41 @@ class MqttBridge:
         turn of the event loop in between, so a lone message waits for nothing), and the future completes at
         PUBCOMP (or fails as `publish_exactly_once` raises). Raises `BrokerUnavailable` at once if the publish
         cannot start."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._start_once(fut, packet_id, topic, payload, on_broker_has, released,
+                         PublishProperties(response_topic, correlation_data, content_type, payload_utf8,
+                                           user_properties))
+        return fut
+
+    def begin_exactly_once(self, packet_id: int, topic: str, payload: bytes, properties: PublishProperties, *,
+                           on_broker_has: BrokerHas, on_done: Done, released: bool = False) -> None:
+        """`start_exactly_once` without a future per message (for a gateway handing hundreds to the broker per
+        relay frame): `on_done(None)` is called at PUBCOMP, `on_done(exc)` with what `publish_exactly_once`
+        would raise, directly from the bridge's read handler (it must not raise, nor publish again under the
+        same id before it returns). Raises `BrokerUnavailable` at once if the publish cannot start."""
+        self._start_once(on_done, packet_id, topic, payload, on_broker_has, released, properties)
+
+    def _start_once(self, target: asyncio.Future[None] | Done, packet_id: int, topic: str, payload: bytes,
+                    on_broker_has: BrokerHas, released: bool, props: PublishProperties) -> None:
         if packet_id in self._once:
             raise BrokerUnavailable(f"packet id {packet_id} is already being published")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._once[packet_id] = (fut, on_broker_has)
+        self._once[packet_id] = (target, on_broker_has)
         self._client.reserved_ids.add(packet_id)
-        props = PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         if released and self._session_kept is False:
             released = False  # stored before a restart, but the broker forgot us: a PUBREL would deliver nothing
             log.warning("publishing again a message the broker had acknowledged before it lost this gateway's "
                         "session (packet id %d; the agent may see it twice)", packet_id)
-        if released:
-            self._client.resume_released(packet_id, topic, payload, props)
-        else:
+        try:
+            if released:
+                self._client.resume_released(packet_id, topic, payload, props)
+                return
             rc = self._client.publish_with_id(packet_id, topic, payload, props)
-            if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                self._once.pop(packet_id, None)
-                raise BrokerUnavailable(f"publish failed: {mqtt.error_string(rc)}")
-        return fut
+        except BaseException:
+            self._once.pop(packet_id, None)  # (an invalid topic: the id may be published again)
+            raise
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._once.pop(packet_id, None)
+            raise BrokerUnavailable(f"publish failed: {mqtt.error_string(rc)}")
 
     # -- agents' messages ---------------------------------------------------------------------------------------
     def ack(self, msg: AgentMessage) -> None:
@@ -1084,6 +1101,21 @@ class MqttBridge:
         except TimeoutError:
             self._pending.pop(info.mid, None)
             raise BrokerUnavailable(f"no PUBACK within {timeout:.0f} s") from None
+
+
+def _end(target: asyncio.Future[None] | Done, exc: BaseException | None) -> None:
+    """An exactly-once exchange ended: complete its future, or call its `on_done` (whose error is logged: it
+    runs inside paho's read handler, which must go on)."""
+    if isinstance(target, asyncio.Future):
+        if exc is None:
+            _succeed(target)
+        else:
+            _fail(target, exc)
+        return
+    try:
+        target(exc)
+    except Exception:
+        log.exception("an exactly-once publish's completion failed")
 
 
 def _succeed(fut: asyncio.Future[None]) -> None:
