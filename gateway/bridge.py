@@ -530,8 +530,12 @@ class _PahoClient(mqtt.Client):
                 continue  # acknowledged, dropped or resent meanwhile
             self._inflight_messages += 1
             m.state = mqtt.mqtt_ms_wait_for_puback if m.qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
-            rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
-                                    properties=m.properties)
+            if isinstance(m, _OnceMessage) and not m.dup and self._sock is not None and m.properties is not None:
+                rc = self._packet_queue(PUBLISH, publish_packet(m.mid, m._topic, m.properties.pack(), m.payload),
+                                        m.mid, 2, _NO_WAIT)
+            else:
+                rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                                        properties=m.properties)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
         return MQTTErrorCode.MQTT_ERR_SUCCESS

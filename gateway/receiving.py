@@ -150,10 +150,11 @@ class Receiving:
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
         data: list[tuple[str, InnerMessage]] = []
+        plaintexts: dict[bytes, bytes] = {}  # message id -> the plaintext it was decoded from, stored as it is
         t = now_ms()
         frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
-            for env, inner in [(e, i) for e in envelopes for i in self._open(e)]:
+            for env, (inner, raw) in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
@@ -170,6 +171,7 @@ class Receiving:
                         self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
                 else:
                     data.append((env.sender, inner))
+                    plaintexts[inner.message_id] = raw
             self.book.flush()
         if stages.enabled:
             stages.mark("b.frame", (inner.message_id for _, inner in data), frame_ns)
@@ -194,7 +196,8 @@ class Receiving:
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.
-            entries = [InboxEntry.new(peer, self._inbox_seq(), inner) for peer, inner in accepted]
+            entries = [InboxEntry.new(peer, self._inbox_seq(), inner, plaintexts[inner.message_id])
+                       for peer, inner in accepted]
             t = now_ms()
             with self._inbox_writes(), self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                 for e in entries:
@@ -460,10 +463,11 @@ class Receiving:
                 continue  # reported once at start-up
         return sorted(entries, key=lambda e: e.seq)
 
-    def _open(self, env: Envelope) -> list[InnerMessage]:
-        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message).
-        A bad envelope, or a bad message inside a verified batch, is audited and dropped without disturbing the
-        rest."""
+    def _open(self, env: Envelope) -> list[tuple[InnerMessage, bytes]]:
+        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message),
+        each message with the plaintext it was decoded from (the inbox stores it, instead of encoding the message
+        again). A bad envelope, or a bad message inside a verified batch, is audited and dropped without
+        disturbing the rest."""
         try:
             if env.kind is EnvelopeKind.PAIRWISE_BATCH:
                 out = []
@@ -472,11 +476,12 @@ class Receiving:
                         self._rejected(env, r)
                         continue
                     try:
-                        out.append(InnerMessage.decode(r))
+                        out.append((InnerMessage.decode(r), bytes(r)))
                     except ProtocolError as exc:
                         self._rejected(env, exc)
                 return out
-            return [InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))]
+            raw = bytes(self.book.decrypt(env.sender, env.ciphertext))
+            return [(InnerMessage.decode(raw), raw)]
         except ProtocolError as exc:
             self._rejected(env, exc)
             return []
