@@ -149,8 +149,7 @@ class Receiving:
 
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
-        data: list[tuple[str, InnerMessage]] = []
-        plaintexts: dict[bytes, bytes] = {}  # message id -> the plaintext it was decoded from, stored as it is
+        data: list[tuple[str, InnerMessage, bytes]] = []  # (peer, message, the plaintext it was decoded from)
         t = now_ms()
         frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
@@ -170,34 +169,32 @@ class Receiving:
                     else:
                         self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
                 else:
-                    data.append((env.sender, inner))
-                    plaintexts[inner.message_id] = raw
+                    data.append((env.sender, inner, raw))
             self.book.flush()
         if stages.enabled:
-            stages.mark("b.frame", (inner.message_id for _, inner in data), frame_ns)
-            stages.mark("b.opened", (inner.message_id for _, inner in data))
+            stages.mark("b.frame", (inner.message_id for _, inner, _ in data), frame_ns)
+            stages.mark("b.opened", (inner.message_id for _, inner, _ in data))
         acks: dict[str, list[bytes]] = defaultdict(list)
-        accepted: list[tuple[str, InnerMessage]] = []
+        accepted: list[tuple[str, InnerMessage, bytes]] = []
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
         # (a sender's retry next to the original) is a duplicate of the first.
-        seen = self.store.delivered.seen_many([inner.message_id for _, inner in data]) if data else set()
-        for peer, inner in data:
+        seen = self.store.delivered.seen_many([inner.message_id for _, inner, _ in data]) if data else set()
+        for peer, inner, raw in data:
             verdict = self._admit(peer, inner, settled, seen)
             if verdict.publish or verdict.ack:
                 seen.add(inner.message_id)
             if verdict.publish:
-                accepted.append((peer, inner))
+                accepted.append((peer, inner, raw))
             elif verdict.ack:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
-        stages.mark("b.admitted", (inner.message_id for _, inner in accepted))
+        stages.mark("b.admitted", (inner.message_id for _, inner, _ in accepted))
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.
-            entries = [InboxEntry.new(peer, self._inbox_seq(), inner, plaintexts[inner.message_id])
-                       for peer, inner in accepted]
+            entries = [InboxEntry.new(peer, self._inbox_seq(), inner, raw) for peer, inner, raw in accepted]
             t = now_ms()
             with self._inbox_writes(), self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                 for e in entries:
