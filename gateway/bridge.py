@@ -23,6 +23,12 @@ agent. The caller records "the broker has it" (`on_broker_has`) before the PUBRE
 
 PUBLISH properties are encoded directly (`encode_publish_properties`, MQTT 5 section 2.2.2) into a `Properties`
 subclass whose `pack()` returns the bytes: paho's own `Properties` scans its name table on every attribute set.
+On the exactly-once path (a few hundred messages per relay frame) paho keeps its state (`_out_messages`, the
+in-flight window, resends after a reconnect) but the per-message steps are the bridge's: the PUBLISH packet is
+built in one step (`publish_packet`, byte for byte paho's), the message carries no `MQTTMessageInfo` of its own,
+a batch of PUBRECs is answered with one queued packet of PUBRELs, 4-byte PUBREC/PUBCOMP/PUBACK packets are taken
+from the read buffer without paho's reader, and an exchange ends through a callback (`begin_exactly_once`)
+instead of a future.
 """
 
 from __future__ import annotations
