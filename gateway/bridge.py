@@ -460,7 +460,8 @@ class _PahoClient(mqtt.Client):
         state (the message in `_out_messages` for paho's resends, the in-flight window, the queue beyond it, the
         result codes), without the per-message `MQTTMessageInfo` and with the packet built in one step."""
         topic_b = topic.encode()
-        self._raise_for_invalid_topic(topic_b)
+        if b"+" in topic_b or b"#" in topic_b:  # (as paho's publish; its length: `publish_packet`)
+            raise ValueError("Publish topic cannot contain wildcards.")
         if not isinstance(payload, bytes):
             raise TypeError("payload must be bytes")
         if len(payload) > 268435455:
