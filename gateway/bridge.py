@@ -23,6 +23,12 @@ agent. The caller records "the broker has it" (`on_broker_has`) before the PUBRE
 
 PUBLISH properties are encoded directly (`encode_publish_properties`, MQTT 5 section 2.2.2) into a `Properties`
 subclass whose `pack()` returns the bytes: paho's own `Properties` scans its name table on every attribute set.
+On the exactly-once path (a few hundred messages per relay frame) paho keeps its state (`_out_messages`, the
+in-flight window, resends after a reconnect) but the per-message steps are the bridge's: the PUBLISH packet is
+built in one step (`publish_packet`, byte for byte paho's), the message carries no `MQTTMessageInfo` of its own,
+a batch of PUBRECs is answered with one queued packet of PUBRELs, 4-byte PUBREC/PUBCOMP/PUBACK packets are taken
+from the read buffer without paho's reader, and an exchange ends through a callback (`begin_exactly_once`)
+instead of a future.
 """
 
 from __future__ import annotations
@@ -81,9 +87,15 @@ _PUBACK_OK, _PUBCOMP_OK = ReasonCode(PacketTypes.PUBACK, "Success"), ReasonCode(
 _NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # handed to on_publish, which ignores it
 _PUBACK_CMD = 0x40
 _PUBACK_PACKET = struct.Struct("!BBH")  # PUBACK, remaining length 2, packet id (success, no properties)
+_PUBREL_CMD = 0x62  # PUBREL (its fixed header's flags are 0010)
+# The acknowledgements read without paho's byte-by-byte reader: success, no properties, remaining length 2
+_PUBACK_IN, _PUBREC_IN, _PUBCOMP_IN = 0x40, 0x50, 0x70
+_QOS2_PUBLISH = PUBLISH | 0x04
 
 
 BrokerHas = Callable[[list[int]], None]
+# Called when an exactly-once exchange ended: None at PUBCOMP, else why it failed (see `begin_exactly_once`).
+Done = Callable[[BaseException | None], None]
 
 
 class BrokerUnavailable(Exception):
@@ -291,6 +303,48 @@ def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage
                         payload_utf8=utf8, user_properties=tuple(user))
 
 
+def publish_packet(packet_id: int, topic: bytes, properties: bytes, payload: bytes) -> bytes:
+    """An MQTT 5 QoS 2 PUBLISH packet (section 3.3), as paho's `_send_publish` builds it (first send: no DUP)."""
+    if len(topic) > 0xFFFF:
+        raise ValueError("Publish topic is too long.")
+    rest = (_U16.pack(len(topic)), topic, _U16.pack(packet_id), properties, payload)
+    return b"".join((bytes((_QOS2_PUBLISH,)), _vbi(sum(map(len, rest))), *rest))
+
+
+class _NoWaitInfo(mqtt.MQTTMessageInfo):
+    """The `MQTTMessageInfo` of every exactly-once message: nobody waits on it (the bridge's future says when the
+    exchange ended), so one shared instance does, and paho's per-message `threading.Condition` (made with each
+    `MQTTMessage`, notified at PUBCOMP) is not needed."""
+
+    __slots__ = ()
+
+    def _set_as_published(self) -> None:
+        pass
+
+
+_NO_WAIT = _NoWaitInfo(0)
+
+
+class _OnceMessage(mqtt.MQTTMessage):
+    """paho's outgoing QoS 2 message (kept in `_out_messages` until PUBCOMP, resent by paho after a reconnect),
+    built without an `MQTTMessageInfo` of its own."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int, topic: bytes, payload: bytes, properties: Properties) -> None:  # no super(): it
+        # makes the MQTTMessageInfo
+        self.timestamp = time.monotonic()
+        self.state = mqtt.mqtt_ms_invalid
+        self.dup = False
+        self.mid = mid
+        self._topic = topic
+        self.payload = payload
+        self.qos = 2
+        self.retain = False
+        self.info = _NO_WAIT
+        self.properties = properties
+
+
 # -- paho, adapted ----------------------------------------------------------------------------------------------
 class _PahoClient(mqtt.Client):
     """paho's client, driven by the bridge from the event loop, with hooks for exactly-once publishing (the next
@@ -304,7 +358,6 @@ class _PahoClient(mqtt.Client):
         super().__init__(*args, **kwargs)
         self._on_agent_message = on_agent_message
         self._queued: dict[int, None] = {}  # ids of messages waiting for room in flight, oldest first
-        self._forced_mid: int | None = None
         self._on_pubrec = on_pubrec
         self._may_read = may_read
         self.reserved_ids: set[int] = set()  # ids the gateway holds for its stored messages
@@ -343,10 +396,31 @@ class _PahoClient(mqtt.Client):
             return MQTTErrorCode.MQTT_ERR_AGAIN
         ip = self._in_packet
         if not ip["command"] and not ip["remaining_count"]:  # (not part-way through a packet paho's reader started)
+            # Two of every delivered message's packets are a PUBREC and a PUBCOMP of 4 bytes (success, no
+            # properties): taken from the read buffer in one step, not by paho's reader (three reads and a dict per
+            # packet); an agent's whole PUBLISH likewise (`_read_buffered_publish`).
+            buf, pos = self._rbuf, self._rpos
+            if len(buf) - pos >= 4 and buf[pos + 1] == 2:
+                cmd = buf[pos]
+                if cmd == _PUBCOMP_IN or cmd == _PUBREC_IN or cmd == _PUBACK_IN:
+                    self._rpos = pos + 4
+                    with self._msgtime_mutex:
+                        self._last_bytes_received = mqtt.time_func()
+                    return self._ack_read(cmd, (buf[pos + 2] << 8) | buf[pos + 3])
             rc = self._read_buffered_publish()
             if rc is not None:
                 return rc
         return super()._packet_read()
+
+    def _ack_read(self, cmd: int, mid: int) -> MQTTErrorCode:
+        """A PUBACK, PUBREC or PUBCOMP of success without properties, as paho handles it."""
+        if cmd == _PUBREC_IN:
+            msg = self._out_messages.get(mid)
+            if msg is not None and msg.qos == 2:
+                self._on_pubrec(mid, _OK)
+        elif mid in self._out_messages:
+            return self._do_on_publish(mid, _PUBACK_OK if cmd == _PUBACK_IN else _PUBCOMP_OK, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _read_buffered_publish(self) -> MQTTErrorCode | None:
         """An agent's QoS 0/1 PUBLISH that lies whole in the read buffer, taken from it in one slice: paho's
@@ -425,16 +499,34 @@ class _PahoClient(mqtt.Client):
         return super()._packet_write()
 
     # exactly-once
-    def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> mqtt.MQTTMessageInfo:
-        self._forced_mid = mid
-        try:
-            return self.publish(topic, payload, qos=2, properties=properties)
-        finally:
-            self._forced_mid = None
+    def publish_with_id(self, mid: int, topic: str, payload: bytes, properties: Properties) -> MQTTErrorCode:
+        """paho's `publish(topic, payload, qos=2, properties=...)` under a packet id chosen by the caller: the same
+        state (the message in `_out_messages` for paho's resends, the in-flight window, the queue beyond it, the
+        result codes), without the per-message `MQTTMessageInfo` and with the packet built in one step."""
+        topic_b = topic.encode()
+        if b"+" in topic_b or b"#" in topic_b:  # (as paho's publish; its length: `publish_packet`)
+            raise ValueError("Publish topic cannot contain wildcards.")
+        if not isinstance(payload, bytes):
+            raise TypeError("payload must be bytes")
+        if len(payload) > 268435455:
+            raise ValueError("Payload too large.")
+        out = self._out_messages
+        if mid in out or 0 < self._max_queued_messages <= len(out):
+            return MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+        msg = _OnceMessage(mid, topic_b, payload, properties)
+        out[mid] = msg
+        if self._max_inflight_messages and self._inflight_messages >= self._max_inflight_messages:
+            msg.state = mqtt.mqtt_ms_queued
+            self._queued[mid] = None
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        if self._sock is None:
+            msg.state = mqtt.mqtt_ms_publish  # sent after the next CONNACK
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        self._inflight_messages += 1
+        msg.state = mqtt.mqtt_ms_wait_for_pubrec
+        return self._packet_queue(PUBLISH, publish_packet(mid, topic_b, properties.pack(), payload), mid, 2, _NO_WAIT)
 
     def _mid_generate(self) -> int:
-        if self._forced_mid is not None:
-            return self._forced_mid
         while True:  # paho's own ids (subscriptions, QoS 1) never collide with the gateway's stored ones
             mid = super()._mid_generate()
             if mid not in self.reserved_ids:
@@ -443,23 +535,19 @@ class _PahoClient(mqtt.Client):
     def _handle_pubrec(self) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if len(packet) == 2:  # success, no properties (the reason code may be left out): no decoder needed
-            mid, reason = (packet[0] << 8) | packet[1], _OK
-        else:
-            rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
-            mid, reason = rec.mid, rec.reason
-        msg = self._out_messages.get(mid)
+            return self._ack_read(_PUBREC_IN, (packet[0] << 8) | packet[1])
+        rec = _packet.decode_pubrec(self._in_packet["command"], packet, self._protocol)
+        msg = self._out_messages.get(rec.mid)
         if msg is not None and msg.qos == 2:
-            self._on_pubrec(mid, reason)
+            self._on_pubrec(rec.mid, rec.reason)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         if len(packet) != 2:
             return super()._handle_pubackcomp(cmd)
-        mid = (packet[0] << 8) | packet[1]  # success, no properties: paho's decoder builds objects for nothing
-        if mid in self._out_messages:
-            return self._do_on_publish(mid, _PUBACK_OK if cmd == "PUBACK" else _PUBCOMP_OK, _NO_PROPERTIES)
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+        # success, no properties: paho's decoder builds objects for nothing
+        return self._ack_read(_PUBACK_IN if cmd == "PUBACK" else _PUBCOMP_IN, (packet[0] << 8) | packet[1])
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]
@@ -493,8 +581,12 @@ class _PahoClient(mqtt.Client):
                 continue  # acknowledged, dropped or resent meanwhile
             self._inflight_messages += 1
             m.state = mqtt.mqtt_ms_wait_for_puback if m.qos == 1 else mqtt.mqtt_ms_wait_for_pubrec
-            rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
-                                    properties=m.properties)
+            if isinstance(m, _OnceMessage) and not m.dup and self._sock is not None and m.properties is not None:
+                rc = self._packet_queue(PUBLISH, publish_packet(m.mid, m._topic, m.properties.pack(), m.payload),
+                                        m.mid, 2, _NO_WAIT)
+            else:
+                rc = self._send_publish(m.mid, m.topic.encode(), m.payload, m.qos, m.retain, m.dup,
+                                        properties=m.properties)
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
         return MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -502,17 +594,27 @@ class _PahoClient(mqtt.Client):
     def release(self, mid: int) -> None:
         """Send PUBREL for a message the broker acknowledged with PUBREC (or held before a restart). If the
         connection dropped meanwhile, paho sends the PUBREL after the next CONNACK instead of the PUBLISH."""
-        msg = self._out_messages.get(mid)
-        if msg is None or msg.qos != 2:
-            return
-        if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
-            msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
-            msg.timestamp = time.monotonic()
-            if self._state == _ConnectionState.MQTT_CS_CONNECTED:
-                self._send_pubrel(mid)
-            # else the reconnect turns it into a PUBREL resend
-        elif msg.state == mqtt.mqtt_ms_publish:
-            msg.state = mqtt.mqtt_ms_resend_pubrel  # reset by a reconnect, not yet resent
+        self.release_many([mid])
+
+    def release_many(self, mids: list[int]) -> None:
+        """`release` for the ids of a batch of PUBRECs: their PUBRELs queued as one packet of bytes, in order
+        (paho otherwise builds, queues and its writer walks one packet per PUBREL)."""
+        connected = self._state == _ConnectionState.MQTT_CS_CONNECTED
+        now = time.monotonic()
+        packets = []
+        for mid in mids:
+            msg = self._out_messages.get(mid)
+            if msg is None or msg.qos != 2:
+                continue
+            if msg.state == mqtt.mqtt_ms_wait_for_pubrec:
+                msg.state = mqtt.mqtt_ms_wait_for_pubcomp  # counted in flight already
+                msg.timestamp = now
+                if connected:
+                    packets.append(_PUBACK_PACKET.pack(_PUBREL_CMD, 2, mid))  # (the same layout as PUBACK)
+            elif msg.state == mqtt.mqtt_ms_publish:
+                msg.state = mqtt.mqtt_ms_resend_pubrel
+        if packets:
+            self._packet_queue(_PUBREL_CMD, b"".join(packets), 0, 1)
 
     def drop(self, mid: int) -> None:
         """Forget a message the broker refused in its PUBREC (the QoS 2 exchange ends there)."""
@@ -528,8 +630,7 @@ class _PahoClient(mqtt.Client):
         lost our session (`publish_again_unreleased`)."""
         if mid in self._out_messages:
             return
-        msg = mqtt.MQTTMessage(mid, topic.encode())
-        msg.qos, msg.payload, msg.properties = 2, payload, properties
+        msg = _OnceMessage(mid, topic.encode(), payload, properties)
         msg.state = mqtt.mqtt_ms_wait_for_pubcomp
         self._out_messages[mid] = msg
         self._inflight_messages += 1
@@ -616,7 +717,7 @@ class MqttBridge:
         self._pending: dict[int, asyncio.Future[None]] = {}
         # Exactly-once publishes by packet id, until PUBCOMP, with the callback that records (durably) that the
         # broker holds them: PUBREL, which makes the broker deliver, is sent only after it returns.
-        self._once: dict[int, tuple[asyncio.Future[None], BrokerHas]] = {}
+        self._once: dict[int, tuple[asyncio.Future[None] | Done, BrokerHas]] = {}
         self._recs: list[tuple[int, ReasonCode]] = []
         self._recs_soon: asyncio.Handle | None = None  # _take_recs scheduled for PUBRECs being read
         self._next_id = 0
@@ -895,10 +996,8 @@ class MqttBridge:
                     properties: Properties | None = None) -> None:
         once = self._once.pop(mid, None)
         if once is not None:
-            if rc.is_failure:
-                _fail(once[0], BrokerLostMessage(f"the broker answered PUBREL for packet id {mid} with {rc}"))
-            else:
-                _succeed(once[0])
+            _end(once[0], BrokerLostMessage(f"the broker answered PUBREL for packet id {mid} with {rc}")
+                 if rc.is_failure else None)
             return
         fut = self._pending.pop(mid, None)
         if fut is None:
@@ -920,7 +1019,7 @@ class MqttBridge:
             if reason.is_failure:
                 self._client.drop(mid)
                 self._once.pop(mid, None)
-                _fail(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
+                _end(once[0], BrokerUnavailable(f"broker refused the publish: {reason}"))
             else:
                 held.setdefault(once[1], []).append(mid)
         for record, mids in held.items():
@@ -934,8 +1033,7 @@ class MqttBridge:
                     self._loop.call_later(1.0, self._take_recs)
                 self._recs.extend((mid, _OK) for mid in mids)
                 continue
-            for mid in mids:
-                self._client.release(mid)
+            self._client.release_many(mids)
 
     def reserve_packet_id(self) -> int | None:
         """A packet id for a new exactly-once publish, or None while too many are held (the caller waits)."""
@@ -981,24 +1079,41 @@ class MqttBridge:
         turn of the event loop in between, so a lone message waits for nothing), and the future completes at
         PUBCOMP (or fails as `publish_exactly_once` raises). Raises `BrokerUnavailable` at once if the publish
         cannot start."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._start_once(fut, packet_id, topic, payload, on_broker_has, released,
+                         PublishProperties(response_topic, correlation_data, content_type, payload_utf8,
+                                           user_properties))
+        return fut
+
+    def begin_exactly_once(self, packet_id: int, topic: str, payload: bytes, properties: PublishProperties, *,
+                           on_broker_has: BrokerHas, on_done: Done, released: bool = False) -> None:
+        """`start_exactly_once` without a future per message (for a gateway handing hundreds to the broker per
+        relay frame): `on_done(None)` is called at PUBCOMP, `on_done(exc)` with what `publish_exactly_once`
+        would raise, directly from the bridge's read handler (it must not raise, nor publish again under the
+        same id before it returns). Raises `BrokerUnavailable` at once if the publish cannot start."""
+        self._start_once(on_done, packet_id, topic, payload, on_broker_has, released, properties)
+
+    def _start_once(self, target: asyncio.Future[None] | Done, packet_id: int, topic: str, payload: bytes,
+                    on_broker_has: BrokerHas, released: bool, props: PublishProperties) -> None:
         if packet_id in self._once:
             raise BrokerUnavailable(f"packet id {packet_id} is already being published")
-        fut: asyncio.Future[None] = self._loop.create_future()
-        self._once[packet_id] = (fut, on_broker_has)
+        self._once[packet_id] = (target, on_broker_has)
         self._client.reserved_ids.add(packet_id)
-        props = PublishProperties(response_topic, correlation_data, content_type, payload_utf8, user_properties)
         if released and self._session_kept is False:
             released = False  # stored before a restart, but the broker forgot us: a PUBREL would deliver nothing
             log.warning("publishing again a message the broker had acknowledged before it lost this gateway's "
                         "session (packet id %d; the agent may see it twice)", packet_id)
-        if released:
-            self._client.resume_released(packet_id, topic, payload, props)
-        else:
-            info = self._client.publish_with_id(packet_id, topic, payload, props)
-            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-                self._once.pop(packet_id, None)
-                raise BrokerUnavailable(f"publish failed: {mqtt.error_string(info.rc)}")
-        return fut
+        try:
+            if released:
+                self._client.resume_released(packet_id, topic, payload, props)
+                return
+            rc = self._client.publish_with_id(packet_id, topic, payload, props)
+        except BaseException:
+            self._once.pop(packet_id, None)  # (an invalid topic: the id may be published again)
+            raise
+        if rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self._once.pop(packet_id, None)
+            raise BrokerUnavailable(f"publish failed: {mqtt.error_string(rc)}")
 
     # -- agents' messages ---------------------------------------------------------------------------------------
     def ack(self, msg: AgentMessage) -> None:
@@ -1041,6 +1156,21 @@ class MqttBridge:
         except TimeoutError:
             self._pending.pop(info.mid, None)
             raise BrokerUnavailable(f"no PUBACK within {timeout:.0f} s") from None
+
+
+def _end(target: asyncio.Future[None] | Done, exc: BaseException | None) -> None:
+    """An exactly-once exchange ended: complete its future, or call its `on_done` (whose error is logged: it
+    runs inside paho's read handler, which must go on)."""
+    if isinstance(target, asyncio.Future):
+        if exc is None:
+            _succeed(target)
+        else:
+            _fail(target, exc)
+        return
+    try:
+        target(exc)
+    except Exception:
+        log.exception("an exactly-once publish's completion failed")
 
 
 def _succeed(fut: asyncio.Future[None]) -> None:

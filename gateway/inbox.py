@@ -63,8 +63,10 @@ class InboxEntry:
     exchange_connect: int = 0
 
     @classmethod
-    def new(cls, peer_device: str, seq: int, message: InnerMessage) -> InboxEntry:
-        return cls(f"{peer_device}/{message.message_id.hex()}", peer_device, seq, message, message.encode())
+    def new(cls, peer_device: str, seq: int, message: InnerMessage, encoded: bytes | None = None) -> InboxEntry:
+        """`encoded`: the bytes `message` was decoded from, if at hand (stored as they are: no second encoding)."""
+        return cls(f"{peer_device}/{message.message_id.hex()}", peer_device, seq, message,
+                   message.encode() if encoded is None else encoded)
 
     def record(self) -> bytes:
         return (bytes([RECORD_VERSION]) + self.seq.to_bytes(8, "big") + self.packet_id.to_bytes(2, "big")
@@ -155,11 +157,15 @@ class PubrecMarks:
         record per bucket touched, in the caller's transaction."""
         touched: dict[int, bytearray] = {}
         changes = [(p, _NO_MARK) for p in cleared] + [(p, _name_digest(name)) for p, name in marked]
-        for packet_id, value in changes:
-            n, i = self._slot(packet_id)
+        if changes:
+            for packet_id in (min(changes)[0], max(changes)[0]):
+                self._slot(packet_id)  # (raises for an id out of range)
+        for packet_id, value in changes:  # (`_slot` inline: this runs for every message, twice)
+            n = packet_id // PUBREC_PER_BUCKET
             bucket = touched.get(n)
             if bucket is None:
                 bucket = touched[n] = self._bucket(n)
+            i = (packet_id % PUBREC_PER_BUCKET) * _DIGEST
             bucket[i:i + _DIGEST] = value
         if touched:
             self._blobs.put_many([(f"{self.PREFIX}{n}", bytes(b)) for n, b in sorted(touched.items())])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway import stages, topics
-from gateway.bridge import BrokerLostMessage, BrokerUnavailable
+from gateway.bridge import BrokerLostMessage, BrokerUnavailable, Done, PublishProperties
 from gateway.inbox import InboxEntry, InboxRecordError, Phase
 from gateway.link import LinkDownError, LinkLost, LinkReady
 from gateway.protocol.envelope import Envelope, EnvelopeKind
@@ -55,8 +55,44 @@ class Verdict:
     publish: bool = False
 
 
-# An inbox entry whose hand-over to the broker started: its packet id, and the exchange's future (or the error).
-Started = tuple[InboxEntry, int, "asyncio.Future[None] | Exception"]
+class Exchanges:
+    """The QoS 2 exchanges `_start_publishes` started together: each ends through `ended`, called by the bridge
+    (`begin_exactly_once`) at its PUBCOMP or failure; `_finish_publishes` waits for them all. A callback per
+    exchange, not a future (and a coroutine and task, before that) per message: creating and scheduling them cost
+    more than the rest of this step."""
+
+    __slots__ = ("_rx", "all_done", "errors", "left", "refused", "started", "total", "under_way")
+
+    def __init__(self, rx: Receiving, total: int) -> None:
+        self._rx = rx
+        self.total = total  # entries asked for (some may have waited for a packet id)
+        self.started = 0  # exchanges started (or failed to start)
+        self.under_way: set[int] = set()  # packet ids of those whose PUBLISH (or PUBREL) left
+        self.left = 0
+        self.refused = 0
+        self.errors: list[BaseException] = []
+        self.all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ended(self, e: InboxEntry, packet_id: int, exc: BaseException | None) -> None:
+        rx = self._rx
+        try:
+            rx._in_flight.pop(packet_id, None)
+            if exc is None:
+                rx._delivered_to_broker(e)
+                return
+            rx._publishing.discard(e.name)
+            rx._publish_room.set()
+            if not isinstance(exc, BrokerUnavailable):
+                self.errors.append(exc)
+                return
+            self.refused += 1
+            if isinstance(exc, BrokerLostMessage):
+                rx._exchange_lost(e)
+            log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
+        finally:
+            self.left -= 1
+            if not self.left and not self.all_done.done():
+                self.all_done.set_result(None)
 
 ACK = Verdict(True)
 PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
@@ -113,11 +149,11 @@ class Receiving:
 
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
-        data: list[tuple[str, InnerMessage]] = []
+        data: list[tuple[str, InnerMessage, bytes]] = []  # (peer, message, the plaintext it was decoded from)
         t = now_ms()
         frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
-            for env, inner in [(e, i) for e in envelopes for i in self._open(e)]:
+            for env, (inner, raw) in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
                     self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
@@ -133,32 +169,32 @@ class Receiving:
                     else:
                         self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
                 else:
-                    data.append((env.sender, inner))
+                    data.append((env.sender, inner, raw))
             self.book.flush()
         if stages.enabled:
-            stages.mark("b.frame", (inner.message_id for _, inner in data), frame_ns)
-            stages.mark("b.opened", (inner.message_id for _, inner in data))
+            stages.mark("b.frame", (inner.message_id for _, inner, _ in data), frame_ns)
+            stages.mark("b.opened", (inner.message_id for _, inner, _ in data))
         acks: dict[str, list[bytes]] = defaultdict(list)
-        accepted: list[tuple[str, InnerMessage]] = []
+        accepted: list[tuple[str, InnerMessage, bytes]] = []
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
         # (a sender's retry next to the original) is a duplicate of the first.
-        seen = self.store.delivered.seen_many([inner.message_id for _, inner in data]) if data else set()
-        for peer, inner in data:
+        seen = self.store.delivered.seen_many([inner.message_id for _, inner, _ in data]) if data else set()
+        for peer, inner, raw in data:
             verdict = self._admit(peer, inner, settled, seen)
             if verdict.publish or verdict.ack:
                 seen.add(inner.message_id)
             if verdict.publish:
-                accepted.append((peer, inner))
+                accepted.append((peer, inner, raw))
             elif verdict.ack:
                 acks[peer].append(inner.message_id)
             elif verdict.reason is not None:
                 await self._send_reject(peer, inner, verdict.reason)
-        stages.mark("b.admitted", (inner.message_id for _, inner in accepted))
+        stages.mark("b.admitted", (inner.message_id for _, inner, _ in accepted))
         if accepted:
             # Into the inbox first: once it is there the sender may forget the message, and a broker outage
             # here never stalls the sender's retries.
-            entries = [InboxEntry.new(peer, self._inbox_seq(), inner) for peer, inner in accepted]
+            entries = [InboxEntry.new(peer, self._inbox_seq(), inner, raw) for peer, inner, raw in accepted]
             t = now_ms()
             with self._inbox_writes(), self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
                 for e in entries:
@@ -173,8 +209,8 @@ class Receiving:
             # the broker works.
             self._publishing.update(e.name for e in entries)
             started = self._start_publishes(entries, claimed=True)
-            self._in_background(self._finish_publishes(started, len(entries)))
-            under_way = {packet_id for _, packet_id, fut in started if isinstance(fut, asyncio.Future)}
+            self._in_background(self._finish_publishes(started))
+            under_way = started.under_way
             if under_way:
                 # The frame's ACKs go once the broker has these messages (PUBREC recorded, PUBREL sent), or after
                 # ACK_WAIT_MAX: encrypting and sending them costs ~0.2 ms of this loop, which would otherwise
@@ -301,14 +337,12 @@ class Receiving:
         """Hand inbox entries to the broker (in order, pipelined), exactly once each, and drop each entry after
         the broker's PUBCOMP. Entries are claimed in `_publishing` first (by the caller when `claimed`), so no
         entry is published twice at once."""
-        await self._finish_publishes(self._start_publishes(entries, claimed=claimed), len(entries))
+        await self._finish_publishes(self._start_publishes(entries, claimed=claimed))
 
-    def _start_publishes(self, entries: list[InboxEntry], *, claimed: bool = False
-                         ) -> list[Started]:
+    def _start_publishes(self, entries: list[InboxEntry], *, claimed: bool = False) -> Exchanges:
         """The first half of `_publish_inbox`, without a turn of the event loop: claim the entries, store packet
-        ids for those waiting for one, and write their PUBLISH packets (in order). Returns, per entry started,
-        its packet id and the future of its exchange (or the error that stopped it, raised by `_finish_publishes`
-        as before in the background)."""
+        ids for those waiting for one, and write their PUBLISH packets (in order). Returns the exchanges started
+        (an error that stopped one is raised by `_finish_publishes`, as before in the background)."""
         if not claimed:
             entries = [e for e in entries if e.name not in self._publishing]
             self._publishing.update(e.name for e in entries)
@@ -329,61 +363,29 @@ class Receiving:
         ready = [e for e in entries if e.phase is not Phase.WAITING]
         self._publishing.difference_update(e.name for e in entries if e.phase is Phase.WAITING)
         self._publish_room.set()
-        started: list[Started] = []
+        started = Exchanges(self, len(entries))
+        started.started = started.left = len(ready)
         for e in ready:
             packet_id = e.packet_id  # (`_exchange_lost` may reset the entry's)
             self._in_flight[packet_id] = e
             try:
-                started.append((e, packet_id, self._publish_to_agent(e)))
+                self._publish_to_agent(e, functools.partial(started.ended, e, packet_id))
             except Exception as exc:
-                started.append((e, packet_id, exc))
+                started.ended(e, packet_id, exc)
+            else:
+                started.under_way.add(packet_id)
         return started
 
-    async def _finish_publishes(self, started: list[Started], total: int) -> None:
-        """The second half of `_publish_inbox`: each exchange's PUBCOMP drops its entry. A done callback per
-        future, not a coroutine and task per message (their creation and scheduling cost more than the rest of
-        this step). Raises the first error that was not the broker's refusal, once every exchange ended."""
-        left = len(started)
-        refused = 0
-        errors: list[BaseException] = []
-        all_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def settle(e: InboxEntry, packet_id: int, fut: asyncio.Future[None] | Exception) -> None:
-            nonlocal left, refused
-            try:
-                self._in_flight.pop(packet_id, None)
-                if isinstance(fut, Exception):
-                    exc: BaseException | None = fut
-                else:
-                    exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
-                if exc is None:
-                    self._delivered_to_broker(e)
-                    return
-                self._publishing.discard(e.name)
-                self._publish_room.set()
-                if not isinstance(exc, BrokerUnavailable):
-                    errors.append(exc)
-                    return
-                refused += 1
-                if isinstance(exc, BrokerLostMessage):
-                    self._exchange_lost(e)
-                log.warning("the broker refused a message for %s: %s", e.message.recipient_agent, exc)
-            finally:
-                left -= 1
-                if not left and not all_done.done():
-                    all_done.set_result(None)
-
-        for e, packet_id, fut in started:
-            if isinstance(fut, Exception):
-                settle(e, packet_id, fut)
-            else:
-                fut.add_done_callback(functools.partial(settle, e, packet_id))
-        if left:
-            await all_done
-        if errors:
-            raise errors[0]
-        if refused or len(started) < total:
-            log.warning("%d message(s) wait in the inbox for the MQTT broker", refused + total - len(started))
+    async def _finish_publishes(self, started: Exchanges) -> None:
+        """The second half of `_publish_inbox`: each exchange's PUBCOMP drops its entry (`Exchanges.ended`).
+        Raises the first error that was not the broker's refusal, once every exchange ended."""
+        if started.left:
+            await started.all_done
+        if started.errors:
+            raise started.errors[0]
+        if started.refused or started.started < started.total:
+            log.warning("%d message(s) wait in the inbox for the MQTT broker",
+                        started.refused + started.total - started.started)
 
     def _exchange_lost(self, e: InboxEntry) -> None:
         """The broker lost the message after its PUBREC (restarted from an older save): nothing was delivered, so
@@ -458,10 +460,11 @@ class Receiving:
                 continue  # reported once at start-up
         return sorted(entries, key=lambda e: e.seq)
 
-    def _open(self, env: Envelope) -> list[InnerMessage]:
-        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message).
-        A bad envelope, or a bad message inside a verified batch, is audited and dropped without disturbing the
-        rest."""
+    def _open(self, env: Envelope) -> list[tuple[InnerMessage, bytes]]:
+        """Verify and decrypt one envelope (a v2 batch: verify its signature once, then decrypt each message),
+        each message with the plaintext it was decoded from (the inbox stores it, instead of encoding the message
+        again). A bad envelope, or a bad message inside a verified batch, is audited and dropped without
+        disturbing the rest."""
         try:
             if env.kind is EnvelopeKind.PAIRWISE_BATCH:
                 out = []
@@ -470,11 +473,12 @@ class Receiving:
                         self._rejected(env, r)
                         continue
                     try:
-                        out.append(InnerMessage.decode(r))
+                        out.append((InnerMessage.decode(r), bytes(r)))
                     except ProtocolError as exc:
                         self._rejected(env, exc)
                 return out
-            return [InnerMessage.decode(self.book.decrypt(env.sender, env.ciphertext))]
+            raw = bytes(self.book.decrypt(env.sender, env.ciphertext))
+            return [(InnerMessage.decode(raw), raw)]
         except ProtocolError as exc:
             self._rejected(env, exc)
             return []
@@ -531,26 +535,31 @@ class Receiving:
             return ConsentState.ALLOWED
         return stored
 
-    def _publish_to_agent(self, e: InboxEntry) -> asyncio.Future[None]:
-        """Write the entry's PUBLISH (or PUBREL) now; the future completes at PUBCOMP."""
+    def _publish_to_agent(self, e: InboxEntry, done: Done) -> None:
+        """Write the entry's PUBLISH (or PUBREL) now; `done` is called when the exchange ended (None at
+        PUBCOMP)."""
         prefix = self.cfg.mqtt.topic_prefix
         inner, peer_device = e.message, e.peer_device
-        stages.mark("b.publish", (inner.message_id,))
+        if stages.enabled:
+            stages.mark("b.publish", (inner.message_id,))
         agent = inner.recipient_agent
-        props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
-        deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
         topic = topics.inbox_topic(prefix, agent)
-        if deliver_to is not None and topics.agent_may_receive_on(prefix, agent, deliver_to):
-            topic = deliver_to
+        props: list[tuple[str, str]] = []
+        if inner.user_properties:
+            props = [(k, v) for k, v in inner.user_properties if not k.startswith(topics.RESERVED_PREFIX)]
+            deliver_to = dict(inner.user_properties).get(topics.PROP_DELIVER_TO)
+            if deliver_to is not None and topics.agent_may_receive_on(prefix, agent, deliver_to):
+                topic = deliver_to
         response_topic = None
         if inner.response_topic:
             response_topic = topics.reply_topic(prefix, agent, peer_device, inner.sender_agent, inner.response_topic)
         props += [(topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"),
                   (topics.PROP_MESSAGE_ID, inner.message_id.hex())]
-        return self.bridge.start_exactly_once(
-            e.packet_id, topic, inner.payload, released=e.phase is Phase.BROKER_HAS, on_broker_has=self._broker_has,
-            response_topic=response_topic, correlation_data=inner.correlation_data, content_type=inner.content_type,
-            payload_utf8=inner.payload_utf8, user_properties=tuple(props))
+        self.bridge.begin_exactly_once(
+            e.packet_id, topic, inner.payload,
+            PublishProperties(response_topic, inner.correlation_data, inner.content_type, inner.payload_utf8,
+                              tuple(props)),
+            released=e.phase is Phase.BROKER_HAS, on_broker_has=self._broker_has, on_done=done)
 
     async def _send_acks(self, acks: dict[str, list[bytes]]) -> None:
         t = now_ms()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import struct
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion, _ConnectionState
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -20,10 +21,12 @@ from paho.mqtt.properties import Properties
 from gateway.bridge import (
     AgentMessage,
     PublishProperties,
+    _PahoClient,
     decode_agent_publish,
     encode_publish_properties,
     publish_properties,
 )
+from gateway.bridge import publish_packet as bridge_publish_packet
 
 # MQTT strings: UTF-8 without surrogates; paho's decoder also refuses NUL and U+FEFF.
 text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\ufeff"), max_size=40)
@@ -160,3 +163,54 @@ def test_decoder_refuses_what_paho_refuses(header, packet) -> None:
         assert _paho_refuses(header, packet)
         return
     assert ours == paho_decoded(header, packet)
+
+
+class _NoSocket:
+    def close(self) -> None:
+        pass
+
+
+class _Capture(mqtt.Client):
+    """paho's client that keeps the packets it would send (no socket write)."""
+
+    def __init__(self) -> None:
+        super().__init__(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self._sock = _NoSocket()  # "connected" for `_send_publish`
+        self.sent: list[bytes] = []
+
+    def _packet_queue(self, command, packet, mid, qos, info=None):  # type: ignore[no-untyped-def]
+        self.sent.append(bytes(packet))
+        return mqtt.MQTT_ERR_SUCCESS
+
+
+@settings(max_examples=400, deadline=None)
+@given(combos, text.filter(lambda t: t and "+" not in t and "#" not in t), st.integers(1, 65535),
+       st.binary(max_size=300) | st.binary(min_size=16_380, max_size=16_400))
+def test_publish_packet_is_what_paho_sends(args, topic, mid, payload) -> None:
+    """The exactly-once PUBLISH built in one step (`publish_packet`) is byte for byte the packet paho's
+    `_send_publish` builds for the same QoS 2 message (remaining lengths of 1 to 3 bytes)."""
+    c = _Capture()
+    props = PublishProperties(*args)
+    c._send_publish(mid, topic.encode(), payload, 2, False, False, None, props)
+    assert bridge_publish_packet(mid, topic.encode(), props.pack(), payload) == c.sent[0]
+
+
+def test_release_many_sends_what_paho_sends_one_by_one() -> None:
+    """A batch of PUBRELs (`_PahoClient.release_many`) is the bytes of paho's PUBRELs for the same ids, in order,
+    and moves each message to waiting for PUBCOMP as paho's would."""
+    c = _Capture()
+    for mid in (1, 300, 65535):
+        c._send_pubrel(mid)
+    ours = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, on_pubrec=lambda m, r: None,
+                       on_agent_message=lambda m: None)
+    queued: list[bytes] = []
+    ours._packet_queue = lambda command, packet, mid, qos, info=None: queued.append(bytes(packet))  # type: ignore[method-assign]
+    ours._state = _ConnectionState.MQTT_CS_CONNECTED
+    for mid in (1, 300, 65535, 7):
+        msg = mqtt.MQTTMessage(mid, b"t")
+        msg.qos, msg.state = 2, mqtt.mqtt_ms_wait_for_pubrec if mid != 7 else mqtt.mqtt_ms_wait_for_pubcomp
+        ours._out_messages[mid] = msg
+    ours.release_many([1, 300, 65535, 7, 9])  # 7: released already, 9: unknown
+    assert queued == [b"".join(c.sent)]
+    assert {m: ours._out_messages[m].state for m in (1, 300, 65535)} == dict.fromkeys(
+        (1, 300, 65535), mqtt.mqtt_ms_wait_for_pubcomp)
