@@ -26,7 +26,10 @@ from typing import Any
 
 import nacl.signing
 
-from gateway import deferred_imports  # noqa: F401 - first: urllib.request and importlib.metadata load on use
+from gateway import (
+    allocator,
+    deferred_imports,  # noqa: F401 - first: urllib.request and importlib.metadata load on use
+)
 from gateway.bridge import MqttBridge
 from gateway.config import GatewayConfig
 from gateway.control import ControlServer
@@ -133,12 +136,13 @@ class Gateway(Sending, Receiving, Receipts):
         self._init_receipts()
         restored_inbox = self.restore_inbox()  # holds their packet ids before any new message takes one
         self.control = ControlServer(cfg.paths.state_dir / "control.sock", self)
-        # Groups (MLS) only when the device has agents; the MLS code is not even imported otherwise.
+        # Groups (MLS) only when the device has agents; the MLS code is not even imported otherwise, and the group
+        # service itself (gateway/groups.py) only once a group is used (gateway/groups_keys.py).
         self.groups: GroupService = NoGroups()
         if cfg.agents:
-            from gateway.groups import Groups
+            from gateway.groups_keys import GroupKeys
 
-            self.groups = Groups(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
+            self.groups = GroupKeys(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -200,10 +204,28 @@ class Gateway(Sending, Receiving, Receipts):
         self.store.prune_delivered(t - self.cfg.store.delivered_retention_days * day)
         self.store.prune_audit(t - self.cfg.store.audit_retention_days * day)
 
+    async def _trim_heap(self) -> None:
+        """Free heap pages back to the kernel (gateway/allocator.py), off the event loop."""
+        if allocator.enabled():
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(allocator.trim)
+
+    def _activity(self) -> int:
+        c = self.counters
+        return c.sent + c.delivered + c.acked
+
     async def _maintenance_loop(self) -> None:
         status_path = self.cfg.paths.state_dir / "status.json"
         next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
+        await self._trim_heap()  # what start-up allocated and freed (imports, compilation, TLS, key loading)
+        activity = last_activity = self._activity()
         while True:
+            # A burst of traffic just ended (messages moved in the last tick, none in this one): give the heap
+            # it grew back (gateway/allocator.py).
+            activity, previous = self._activity(), activity
+            if activity == previous != last_activity:
+                last_activity = activity
+                await self._trim_heap()
             if time.monotonic() >= next_housekeeping:
                 next_housekeeping = time.monotonic() + HOUSEKEEPING_INTERVAL
                 try:

@@ -43,14 +43,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-
 from gateway import topics
 from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
-from gateway.groups_delivery import KEY_PACKAGES_MAX_HELD, RETRY_MS, Counters, GroupDelivery, _log_limited
+from gateway.groups_delivery import RETRY_MS, GroupDelivery
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -61,16 +58,15 @@ from gateway.groups_identity import (
     fleet_successor,
     fleet_validator,
 )
+from gateway.groups_keys import GroupKeys
 from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMembership, _epoch, _group_id
-from gateway.groups_store import GroupRecords, InEntry, OutEntry, pack, unpack
+from gateway.groups_store import InEntry, OutEntry
 from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
 from gateway.protocol.group_ack import is_group_ack, message_id
-from gateway.protocol.identity.delegation import DelegatedKey
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.link import GroupStatus
-from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.errors import MlsError
 from gateway.protocol.mls.key_package import KeyPackage
 from gateway.protocol.mls.tree_math import LeafIndex
@@ -93,8 +89,6 @@ COMMIT_WAIT_S = 10.0
 # after later ones arrived, and must still be readable then (the same bound as max_forward).
 OUT_OF_ORDER_WINDOW = 1_000
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
-ROTATION_POLL_S = 1.0  # how often the delegated key files are looked at (a stat; no hardware operation)
-RENEWAL_CHECK_S = 3_600.0  # how often each agent's delegated key is checked for expiry (renewed before it)
 ROTATION_RETRY_S = 10.0  # a failed rotation commit is tried again after this long, doubling up to 10 minutes
 ROTATION_RETRY_MAX_S = 600.0
 
@@ -112,32 +106,27 @@ class _Op:
     error: str | None = None
 
 
-class Groups(GroupMembership, GroupDelivery):
-    """The GroupService the daemon wires in (gateway/group_hooks.py)."""
+class Groups(GroupMembership, GroupDelivery, GroupKeys):
+    """The GroupService the daemon wires in (gateway/group_hooks.py) once a group is used: `GroupKeys` (signers,
+    KeyPackages, key renewal, the CRL) becomes a `Groups` then (`GroupKeys.become_full`)."""
 
     def __init__(self, store: Store, identity: DeviceIdentity, link: RelayLink, bridge: MqttBridge,
                  cfg: GatewayConfig, now_ms: Callable[[], int]) -> None:
-        self.store, self.identity, self.link, self.bridge, self.cfg, self.now_ms = (
-            store, identity, link, bridge, cfg, now_ms)
-        self.device = identity.device.device_id
-        self.prefix = cfg.mqtt.topic_prefix
-        bridge.on_session_lost.append(self._broker_lost_session)  # (groups_delivery)
-        self.cs = get_suite(SUITE)
-        self.records = GroupRecords(store)
-        self.signers: dict[str, AgentSigner] = {}
-        self.retired: dict[str, list[AgentSigner]] = {}
-        """Older signers of each agent still held by a membership's leaf or a KeyPackage (until rotated away)."""
+        super().__init__(store, identity, link, bridge, cfg, now_ms)
+        self._init_service()
+
+    def _init_service(self) -> None:
+        """The state of the full service, on top of `GroupKeys.__init__`'s."""
+        self.bridge.on_session_lost.append(self._broker_lost_session)  # (groups_delivery)
         self._rotating: dict[tuple[str, str], float] = {}  # rotation commits in flight or failed: retry time
         self._rotation_failures: dict[tuple[str, str], int] = {}
         self.members: dict[tuple[str, str], Group] = {}
         self.outbox: dict[bytes, OutEntry] = {}
-        self.counters = Counters()
         self.ops: dict[str, _Op] = {}
         self._epoch_changed = asyncio.Condition()
         self._commit_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._wake = asyncio.Event()
         self._inbox_wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
         self._out_seq = 0
         self._recent: dict[str, collections.deque[bytes]] = {}
@@ -160,6 +149,10 @@ class Groups(GroupMembership, GroupDelivery):
     async def start(self) -> None:
         for agent in self.cfg.agents:
             await self._load_signer(agent)
+        self._start_service()
+
+    def _start_service(self) -> None:
+        """Restore the memberships and both boxes, start the loops (those `GroupKeys` started keep running)."""
         for agent, group in sorted(self.records.index.members):
             raw = self.records.member(agent, group)
             if raw is None or agent not in self.signers:
@@ -175,45 +168,13 @@ class Groups(GroupMembership, GroupDelivery):
         self._claim_inbox_ids()
         self._spawn(self._loop(), "groups")
         self._spawn(self._inbox_loop(), "group-inbox")
-        self._spawn(self._revocations(), "group-revocations")
         self._spawn(self._self_updates(), "group-self-updates")
         self._spawn(self._invitations(), "group-invitations")
-        self._spawn(self._rotations(), "group-rotations")
+        if not self._key_loops:
+            self._key_loops = True
+            self._spawn(self._revocations(), "group-revocations")
+            self._spawn(self._rotations(), "group-rotations")
         log.info("groups: %d membership(s) restored, %d outbox entr(ies)", len(self.members), len(self.outbox))
-
-    async def _load_signer(self, agent: str) -> None:
-        raw = self.records.signer(agent)
-        retired = self.records.secrets.get(f"grp/signer-retired/{agent}")
-        self.retired[agent] = [AgentSigner.from_bytes(r) for r in unpack(retired)] if retired else []
-        if raw is not None:
-            self.signers[agent] = AgentSigner.from_bytes(raw)
-            try:
-                await self._refresh_signer(agent)  # a key renewed while the daemon was down
-            except Exception as exc:  # not fatal: checked again on the next file change and hourly
-                log.warning("delegated key of %s not checked at start-up: %s", agent, exc)
-            return
-        key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)
-        signer = self._agent_signer(agent, key)
-        self.records.put_signer(agent, signer.to_bytes())
-        self.signers[agent] = signer
-
-    def _agent_signer(self, agent: str, key: DelegatedKey) -> AgentSigner:
-        chain = (key.certificate.public_bytes(Encoding.DER), self.identity.certificate.public_bytes(Encoding.DER))
-        return AgentSigner(agent, key.raw_private_key(), chain)
-
-    def _all_signers(self, agent: str) -> list[AgentSigner]:
-        """The agent's current signer first, then the retired ones still in use."""
-        return [self.signers[agent], *self.retired.get(agent, [])]
-
-    def signer_for(self, agent: str, public_key: bytes) -> AgentSigner | None:
-        """The agent's signer (current or retired) holding `public_key`."""
-        return next((s for s in self._all_signers(agent) if s.public_key == public_key), None)
-
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
 
     # -- daemon hooks ----------------------------------------------------------------------------------------------
     async def on_agent_messages(self, messages: list[AgentMessage]) -> list[tuple[AgentMessage, str]]:
@@ -525,31 +486,6 @@ class Groups(GroupMembership, GroupDelivery):
         current = self.signers.get(agent)
         return current if current is not None and g.signature_key != current.public_key else None
 
-    async def _rotations(self) -> None:
-        """Follow each agent's delegated key: notice a renewal on disk (a stat per second, no hardware), renew
-        keys near expiry (hourly check), and have every membership whose leaf holds an older key commit the
-        new one (retried after ROTATION_RETRY_S, doubling, until it lands)."""
-        stamps: dict[str, tuple[int, int] | None] = {}
-        next_renewal = time.monotonic() + RENEWAL_CHECK_S  # start() checked expiry already
-        last_error = 0.0
-        while True:
-            try:
-                renew = time.monotonic() >= next_renewal
-                if renew:
-                    next_renewal = time.monotonic() + RENEWAL_CHECK_S
-                for agent in list(self.signers):
-                    stamp = self.identity.delegated_stamp(agent)
-                    if renew or stamps.setdefault(agent, stamp) != stamp:
-                        stamps[agent] = stamp
-                        await self._refresh_signer(agent)
-                    if renew:
-                        self._prune_retired(agent)  # retired keys go once nothing needs them, not at restart
-                if self.link.state.value == "ready":
-                    self._start_rotations()
-            except Exception as exc:  # e.g. the token is busy: tried again on the next change or hourly check
-                last_error = _log_limited(last_error, "delegated key check", exc)
-            await asyncio.sleep(ROTATION_POLL_S)
-
     def _start_rotations(self) -> None:
         now = time.monotonic()
         for (agent, group), g in list(self.members.items()):
@@ -572,63 +508,6 @@ class Groups(GroupMembership, GroupDelivery):
             self._rotating[key] = time.monotonic() + delay
             log.warning("group %s: key rotation commit of %s failed (retried in %.0f s): %s", group, agent, delay,
                         exc)
-
-    async def _refresh_signer(self, agent: str) -> bool:
-        """Adopt the agent's delegated key if the one on disk is newer than our signer's (renewed by the
-        operator or the daemon), renewing it first (one hardware signature) if it is near expiry. Returns
-        whether the signer changed; the memberships then rotate (`_rotations`)."""
-        current = self.signers[agent]
-        cert = await asyncio.to_thread(self.identity.delegated_certificate, agent)
-        now = dt.datetime.now(dt.UTC)
-        near_expiry = cert is None or cert.not_valid_after_utc - now < self.identity.renew_before
-        if not near_expiry and (cert is None or not _newer(cert, current.certificate)):
-            return False
-        key = await asyncio.to_thread(self.identity.delegated_key, agent=agent)  # renews when near expiry
-        if not _newer(key.certificate, current.certificate):
-            return False
-        self._install_signer(agent, self._agent_signer(agent, key))
-        return True
-
-    def _install_signer(self, agent: str, signer: AgentSigner) -> None:
-        """The agent signs new leaves and KeyPackages with `signer`; the old signer is retired (kept while a leaf
-        or KeyPackage holds its key). The old last-resort KeyPackage stays openable among the held ones."""
-        old = self.signers[agent]
-        with self.store.transaction():
-            self.signers[agent] = signer
-            self.retired[agent] = [old, *self.retired.get(agent, [])]
-            self.records.put_signer(agent, signer.to_bytes())
-            self._save_retired(agent)
-            last = self.records.last_resort(agent)
-            if last is not None:
-                held = self.records.key_packages(agent)
-                self.records.put_key_packages(agent, [*held, last][-KEY_PACKAGES_MAX_HELD:])
-            self.records.put_last_resort(agent, self._new_bundle(agent))
-        log.info("delegated key of %s renewed (certificate serial %#x, valid until %s): its leaves follow", agent,
-                 signer.certificate.serial_number, signer.certificate.not_valid_after_utc.isoformat())
-        self._spawn(self._replenish(agent), "group-key-packages")  # publishes the new last-resort KeyPackage
-
-    def _save_retired(self, agent: str) -> None:
-        self.records.secrets.put(f"grp/signer-retired/{agent}", pack([s.to_bytes() for s in self.retired[agent]]))
-
-    def _prune_retired(self, agent: str) -> None:
-        """Forget retired signers no membership leaf and no held KeyPackage (or invitation) still needs. Held
-        KeyPackages whose certificate expired are dropped first: no adder accepts them any more."""
-        if not self.retired.get(agent) or any(a == agent for a, _ in self.records.index.invites):
-            return
-        now = dt.datetime.now(dt.UTC)
-        held = self.records.key_packages(agent)
-        usable = [b for b in held if _certificate_of(b.key_package.leaf_node.credential.certificates[0])
-                  .not_valid_after_utc > now]
-        if len(usable) != len(held):
-            self.records.put_key_packages(agent, usable)
-        used = {g.signature_key for (a, _), g in self.members.items() if a == agent}
-        used |= {b.key_package.leaf_node.signature_key for b in usable}
-        keep = [s for s in self.retired[agent] if s.public_key in used]
-        if len(keep) != len(self.retired[agent]):
-            log.info("%d retired delegated key(s) of %s no longer used by any leaf or KeyPackage: forgotten",
-                     len(self.retired[agent]) - len(keep), agent)
-            self.retired[agent] = keep
-            self._save_retired(agent)
 
     async def _wait_epoch(self, agent: str, group: str, epoch: int) -> None:
         async with self._epoch_changed:
@@ -815,17 +694,6 @@ class Groups(GroupMembership, GroupDelivery):
 def key_fingerprint(public_key: bytes) -> str:
     """How status and `agw group show` name a leaf's signature key: the first 16 hex digits of its SHA-256."""
     return hashlib.sha256(public_key).hexdigest()[:16]
-
-
-def _certificate_of(der: bytes) -> x509.Certificate:
-    return x509.load_der_x509_certificate(der)
-
-
-def _newer(cert: x509.Certificate, than: x509.Certificate) -> bool:
-    """A different key, certified no earlier than `than`: a renewal to adopt."""
-    raw = cert.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    old = than.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return raw != old and cert.not_valid_before_utc >= than.not_valid_before_utc
 
 
 def due_for_update(last: dict[tuple[str, str], float], keys: list[tuple[str, str]], now: float, started: float,

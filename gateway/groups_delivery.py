@@ -13,14 +13,14 @@ import asyncio
 import contextlib
 import logging
 import os
-import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gateway import topics
 from gateway.bridge import BrokerUnavailable, MqttBridge
-from gateway.groups_identity import AgentSigner, agent_of, capabilities
+from gateway.groups_identity import AgentSigner, agent_of
+from gateway.groups_keys import REPLENISH_S, Counters, _log_limited
 from gateway.groups_store import GroupRecords, InEntry, OutEntry
 from gateway.inbox import Phase
 from gateway.link import RelayLink
@@ -29,7 +29,6 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.group_ack import MAX_IDS, GroupAck
 from gateway.protocol.link import GroupStatus
 from gateway.protocol.mls.crypto import CipherSuite
-from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
 from gateway.store import Store, StoreError
 
 if TYPE_CHECKING:  # the MLS engine is imported where first used (see gateway/groups.py)
@@ -39,16 +38,11 @@ if TYPE_CHECKING:  # the MLS engine is imported where first used (see gateway/gr
 
 log = logging.getLogger("agw.groups")
 
-KEY_PACKAGES_LOW = 3  # publish more when the relay holds fewer one-time KeyPackages for an agent
-KEY_PACKAGES_BATCH = 10
-KEY_PACKAGES_MAX_HELD = 100
 RETRY_MS = 5_000  # first resend to a device that has not acknowledged (then x2 per attempt)
 RETRY_MAX_MS = 30_000
 RELINK_RESEND_MS = 1_000  # after the relay link comes back, resend what is unacknowledged this soon
 SEND_BATCH = 256
 INBOX_BATCH = 512
-ERROR_LOG_INTERVAL_S = 30.0
-REPLENISH_S = 30.0
 
 
 @dataclass
@@ -64,25 +58,6 @@ class _DeliveryState:
     ack_wake: asyncio.Event = field(default_factory=asyncio.Event)
     unsent: dict[bytes, set[str]] = field(default_factory=dict)  # entry id -> devices known not to have it
     inbox_in_flight: dict[int, InEntry] = field(default_factory=dict)  # being published, by MQTT packet id
-
-
-@dataclass
-class Counters:
-    sent: int = 0
-    delivered: int = 0
-    commits: int = 0
-    commits_lost: int = 0
-    joined: int = 0
-    refused_joins: int = 0
-    dropped: int = 0
-    buffered: int = 0
-    duplicates: int = 0  # group messages received again (acknowledged again, not delivered again)
-    acks_sent: int = 0  # message ids acknowledged to sending devices
-    acks_received: int = 0  # (message, device) pairs acknowledged to us
-    acks_refused: int = 0  # group acks that did not verify (audited)
-    resent: int = 0  # (message, device) pairs sent again for want of an acknowledgement
-    extra: dict[str, int] = field(default_factory=dict)
-
 
 
 class GroupDelivery:
@@ -118,32 +93,6 @@ class GroupDelivery:
         if len(st.by_msg_id) != len(self.outbox):  # entries restored at start-up
             st.by_msg_id = {e.msg_id: e.entry_id for e in self.outbox.values()}
         return st
-
-    # -- KeyPackages ---------------------------------------------------------------------------------------------
-    def _new_bundle(self, agent: str) -> KeyPackageBundle:
-        s = self.signers[agent]
-        return create_key_package(self.cs, s.signer, s.credential, capabilities=capabilities())
-
-    async def _replenish_all(self) -> None:
-        for agent in list(self.signers):
-            await self._replenish(agent)
-
-    async def _replenish(self, agent: str) -> None:
-        """Keep the relay stocked with this agent's KeyPackages (and a last-resort one)."""
-        try:
-            last = self.records.last_resort(agent)
-            if last is None:
-                last = self._new_bundle(agent)
-                self.records.put_last_resort(agent, last)
-            remaining = await self.link.publish_key_packages(agent, last.key_package.to_bytes(), [])
-            if remaining >= KEY_PACKAGES_LOW:
-                return
-            held = self.records.key_packages(agent)
-            fresh = [self._new_bundle(agent) for _ in range(KEY_PACKAGES_BATCH)]
-            self.records.put_key_packages(agent, [*held, *fresh][-KEY_PACKAGES_MAX_HELD:])
-            await self.link.publish_key_packages(agent, b"", [b.key_package.to_bytes() for b in fresh])
-        except Exception as exc:
-            log.warning("publishing KeyPackages for %s failed: %s", agent, exc)
 
     # -- delivery ------------------------------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -548,12 +497,3 @@ def _content_kind(msg: MLSMessage) -> str:
 
 class _Refused(Exception):
     """A well-formed group ack that does not match its envelope or our group."""
-
-
-def _log_limited(last: float, what: str, exc: BaseException) -> float:
-    now = time.monotonic()
-    if now - last < ERROR_LOG_INTERVAL_S:
-        return last
-    log.error("%s: %s: %s (retrying; logged at most every %.0f s)", what, type(exc).__name__, exc,
-              ERROR_LOG_INTERVAL_S)
-    return now

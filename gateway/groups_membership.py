@@ -18,8 +18,8 @@ from cryptography import x509
 
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
-from gateway.groups_delivery import Counters
 from gateway.groups_identity import AgentSigner, admins_of, agent_of
+from gateway.groups_keys import Counters
 from gateway.groups_store import GroupRecords, bundle_from_bytes, bundle_to_bytes, pack, unpack
 from gateway.protocol.identity.errors import BadName, CertificateError, CertificateRevoked
 from gateway.protocol.identity.names import check_id
@@ -39,7 +39,6 @@ log = logging.getLogger("agw.groups")
 
 ORPHANS = "_"  # buffer owner for messages of groups no local agent is in (yet); not a valid agent name
 ORPHANS_MAX = 200
-REVOCATION_POLL_S = 1.0
 INVITATION_POLL_S = 1.0
 RECENT_MAX = 256  # per group, in memory: replayed to a local agent whose Welcome came after them
 
@@ -224,29 +223,6 @@ class GroupMembership:
         if signer is None:
             raise MlsError(f"the KeyPackage used for {agent} holds a delegated key this gateway no longer has")
         return signer.signer
-
-    async def _revocations(self) -> None:
-        """Watch the CRL in the state directory: when it changes, load it (the fleet trust is shared with the
-        pairwise layer) and have every local admin remove the members whose certificates it revokes."""
-        path = self.cfg.paths.state_dir / "crl.pem"
-        stamp = None
-        while True:
-            await asyncio.sleep(REVOCATION_POLL_S)
-            try:
-                st = path.stat()
-            except OSError:
-                continue
-            if (st.st_mtime_ns, st.st_size) == stamp:
-                continue
-            stamp = (st.st_mtime_ns, st.st_size)
-            try:
-                self.identity.trust = self.identity.trust.with_crl(path.read_bytes())
-            except CertificateError as exc:
-                log.error("%s: CRL not loaded: %s", path, exc)
-                continue
-            for (agent, group), names in self.revoked_members().items():
-                log.warning("group %s: removing revoked members %s", group, ", ".join(names))
-                self._spawn(self._remove_revoked(agent, group, names), "group-revoke")
 
     def revoked_members(self) -> dict[tuple[str, str], list[str]]:
         """Members whose certificate chain the current CRL revokes, per group a local agent administers."""

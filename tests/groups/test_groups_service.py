@@ -10,11 +10,10 @@ import datetime as dt
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gateway.groups import Groups
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.identity.delegation import DelegatedKey, delegate
 from gateway.protocol.identity.names import AgentName, DeviceName
@@ -26,6 +25,9 @@ from relay.directory import Directory
 from relay.ds import DeliveryService
 from tests.relay.conftest import FLEET, Device, Fleet, make_fleet
 from tests.store.conftest import SoftStorageKey
+
+if TYPE_CHECKING:
+    from gateway.groups import Groups
 
 EVERYONE = ["dev-a/*", "dev-b/*", "dev-c/*"]
 
@@ -105,12 +107,19 @@ class FakeIdentity:
                         agent=AgentName(FLEET, self.device.device_id, agent), now=dt.datetime.now(dt.UTC))
 
 
-async def make_gateway(relay: FakeRelay, fleet: Fleet, tmp: Path, device_id: str, agents: list[str]) -> Groups:
+async def make_gateway(relay: FakeRelay, fleet: Fleet, tmp: Path, device_id: str, agents: list[str], *,
+                       lazy: bool = False) -> Groups:
+    """A started group service; with `lazy`, the daemon's (a `GroupKeys` until a group is used)."""
+    if lazy:
+        from gateway.groups_keys import GroupKeys as service
+    else:
+        from gateway.groups import Groups as service  # type: ignore[assignment]
+
     store = Store.open(tmp / device_id / "agw.db", SoftStorageKey())
     cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"), paths=SimpleNamespace(state_dir=tmp / device_id),
                           agents={a: SimpleNamespace(allow=EVERYONE) for a in agents})
-    gw = Groups(store, FakeIdentity(fleet, fleet.device(device_id)), FakeLink(relay, device_id),  # type: ignore[arg-type]
-                FakeBridge(), cfg, lambda: int(dt.datetime.now(dt.UTC).timestamp() * 1000))  # type: ignore[arg-type]
+    gw = service(store, FakeIdentity(fleet, fleet.device(device_id)), FakeLink(relay, device_id),  # type: ignore[arg-type]
+                  FakeBridge(), cfg, lambda: int(dt.datetime.now(dt.UTC).timestamp() * 1000))  # type: ignore[arg-type]
     relay.gateways[device_id] = gw
     await gw.start()
     await gw._replenish_all()
