@@ -504,8 +504,10 @@ class _PahoClient(mqtt.Client):
         state (the message in `_out_messages` for paho's resends, the in-flight window, the queue beyond it, the
         result codes), without the per-message `MQTTMessageInfo` and with the packet built in one step."""
         topic_b = topic.encode()
-        if b"+" in topic_b or b"#" in topic_b:  # (as paho's publish; its length: `publish_packet`)
+        if b"+" in topic_b or b"#" in topic_b:  # (as paho's publish, before any state changes)
             raise ValueError("Publish topic cannot contain wildcards.")
+        if len(topic_b) > 0xFFFF:
+            raise ValueError("Publish topic is too long.")
         if not isinstance(payload, bytes):
             raise TypeError("payload must be bytes")
         if len(payload) > 268435455:

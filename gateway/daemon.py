@@ -60,6 +60,7 @@ def settle_collector() -> None:
     reference counting), so with the defaults the collector ran ~15 young passes per 1,000 messages and a full
     pass over the whole heap every ~9,000: ~4.4 us of a receiver's CPU per 256 B message, ~0.4 us after this
     (docs/performance.md, 2026-12-07 `recv2`)."""
+    gc.collect()  # (start-up's cyclic garbage, e.g. a failed first connection's traceback, is not frozen)
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 

@@ -12,6 +12,7 @@ then becomes a `Groups` in place (`become_full`): same object, same signers, its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -109,9 +110,18 @@ class GroupKeys:
 
         if not isinstance(self, Groups):
             log.info("groups: a group is used; loading the group service")
+            light = type(self)
             self.__class__ = Groups
-            self._init_service()
-            self._start_service()
+            try:
+                self._init_service()
+                self._start_service()
+            except BaseException:
+                # (e.g. a store error reading the boxes): stay the light service, so that the next use loads it
+                # again and starts its loops, instead of a Groups whose delivery loops never started.
+                with contextlib.suppress(ValueError, AttributeError):
+                    self.bridge.on_session_lost.remove(self._broker_lost_session)
+                self.__class__ = light
+                raise
         return self
 
     # -- daemon hooks (until a group is used) --------------------------------------------------------------------

@@ -214,3 +214,15 @@ def test_release_many_sends_what_paho_sends_one_by_one() -> None:
     assert queued == [b"".join(c.sent)]
     assert {m: ours._out_messages[m].state for m in (1, 300, 65535)} == dict.fromkeys(
         (1, 300, 65535), mqtt.mqtt_ms_wait_for_pubcomp)
+
+
+@pytest.mark.parametrize("topic", ["a/" + "x" * 0x10000, "agw/+/in"])
+def test_an_unpublishable_topic_is_refused_before_the_packet_id_is_taken(topic: str) -> None:
+    """paho's publish refuses such a topic before it records anything; `publish_with_id` must too, or the id
+    stays taken (and a reconnect would resend a packet that cannot be encoded)."""
+    c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, on_pubrec=lambda m, r: None,
+                    on_agent_message=lambda m: None)
+    with pytest.raises(ValueError):
+        c.publish_with_id(5, topic, b"p", PublishProperties())
+    assert 5 not in c._out_messages and c._inflight_messages == 0
+    assert c.publish_with_id(5, "agw/a/in", b"p", PublishProperties()) == mqtt.MQTTErrorCode.MQTT_ERR_NO_CONN

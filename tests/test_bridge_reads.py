@@ -51,14 +51,17 @@ class FakeSock:
 def read_all(data: bytes, sizes: list[int], fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list, list]:
     got: list[AgentMessage] = []
     pubacks: list[int] = []
+    pubrecs: list[tuple[int, int]] = []
     c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id="t", protocol=mqtt.MQTTv5, manual_ack=True,
-                    on_pubrec=lambda mid, rc: None, on_agent_message=got.append)
+                    on_pubrec=lambda mid, rc: pubrecs.append((mid, int(rc.value))), on_agent_message=got.append)
     c._sock = FakeSock(data, list(sizes))  # type: ignore[assignment]
     c._out_messages[7] = mqtt.MQTTMessage(7, b"x")  # (a PUBACK for it is handled by paho's reader)
     c._out_messages[7].qos = 1
+    c._out_messages[8] = mqtt.MQTTMessage(8, b"y")  # (QoS 2: its PUBREC and PUBCOMP)
+    c._out_messages[8].qos = 2
     c._do_on_publish = lambda mid, *a: pubacks.append(mid) or MQTTErrorCode.MQTT_ERR_SUCCESS  # type: ignore
-    if not fast:
-        monkeypatch.setattr(c, "_read_buffered_publish", lambda: None)
+    if not fast:  # the reference: paho's own reader alone (neither of the bridge's fast paths)
+        monkeypatch.setattr(c, "_packet_read", lambda: mqtt.Client._packet_read(c))
     rcs = []
     sock = c._sock
     for _ in range(1_000_000):
@@ -70,7 +73,7 @@ def read_all(data: bytes, sizes: list[int], fast: bool, monkeypatch: pytest.Monk
         rcs.append(rc)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             break
-    return [got, pubacks], rcs
+    return [got, pubacks, pubrecs], rcs
 
 
 def stream(seed: int) -> bytes:
@@ -80,6 +83,9 @@ def stream(seed: int) -> bytes:
         kind = rnd.random()
         if kind < 0.1:
             out += b"\x40\x02\x00\x07"  # PUBACK for packet id 7
+        elif kind < 0.3:  # PUBREC / PUBCOMP for the QoS 2 message 8, an unknown id, with a reason code
+            out += rnd.choice([b"\x50\x02\x00\x08", b"\x70\x02\x00\x08", b"\x50\x02\x01\x00",
+                               b"\x50\x03\x00\x08\x80", b"\x70\x02\x00\x07"])
         else:
             size = rnd.choice([0, 1, 100, 127, 128, 300, 16_383, 16_384, 70_000])
             props = encode_publish_properties("r/t", b"c", "text/plain", True, (("k", "v"),)) if i % 3 else b"\x00"
@@ -92,7 +98,7 @@ def stream(seed: int) -> bytes:
 def test_any_split_of_the_stream_gives_what_pahos_reader_gives(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     data = stream(seed)
     want, want_rcs = read_all(data, [len(data)], fast=False, monkeypatch=monkeypatch)
-    assert len(want[0]) > 40 and want[1]
+    assert len(want[0]) > 30 and want[1] and want[2]
     rnd = random.Random(seed)
     for sizes in ([len(data)], [1] * 3000, [rnd.randint(1, 3000) for _ in range(1000)], [2, 3, 5, 7] * 1000):
         for fast in (True, False):
@@ -106,7 +112,7 @@ def test_the_fast_path_takes_whole_publishes(monkeypatch: pytest.MonkeyPatch) ->
     real = bridge.decode_agent_publish
     monkeypatch.setattr(bridge, "decode_agent_publish", lambda h, p: calls.append(type(p)) or real(h, p))
     data = publish("agw/a/out/dev/b", b"x" * 300, 1) * 4
-    (got, _), _ = read_all(data, [len(data)], fast=True, monkeypatch=monkeypatch)
+    (got, _, _), _ = read_all(data, [len(data)], fast=True, monkeypatch=monkeypatch)
     # The first comes through paho's reader (a bytearray), which fills the buffer; the rest in one slice each.
     assert len(got) == 4 and calls == [bytearray] + [bytes] * 3
 
@@ -119,6 +125,6 @@ def test_the_fast_path_takes_whole_publishes(monkeypatch: pytest.MonkeyPatch) ->
 def test_malformed_is_a_protocol_error_on_both_paths(bad: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     data = publish("agw/a/out/dev/b", b"ok", 1) + bad + publish("agw/a/out/dev/b", b"never", 2)
     for fast in (True, False):
-        (got, _), rcs = read_all(data, [len(data)], fast=fast, monkeypatch=monkeypatch)
+        (got, _, _), rcs = read_all(data, [len(data)], fast=fast, monkeypatch=monkeypatch)
         assert [m.payload for m in got] == [b"ok"]
         assert rcs[-1] == MQTTErrorCode.MQTT_ERR_PROTOCOL

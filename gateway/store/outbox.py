@@ -203,6 +203,7 @@ class Outbox:
         seal = self._keys.seal
         live = self._live_keys
         due, tries = int(due_at_ms), int(attempts)
+        keys: list[tuple[bytes, bytes]] = []
         for msg_id, peer_device, record, expires_at_ms in items:
             got = fields.get(peer_device)
             if got is None:
@@ -221,8 +222,7 @@ class Outbox:
                     peer_device=peer_device,
                 )
             k = blind("outbox.msg", check_msg_id(msg_id), memo=False)
-            if len(live) < LIVE_KEYS:
-                live[msg_id] = k
+            keys.append((msg_id, k))
             expires = int(expires_at_ms)
             # = pack((msg_id, peer_device, record, expires, 0)), built from parts (a test compares the two)
             plain = b"".join((_MSG_ID_FIELD, msg_id, got[1], _RECORD_HEAD.pack(2, n), record,
@@ -251,6 +251,11 @@ class Outbox:
                     deltas[peer] = [int(n) - old[0], int(size) - old[1]]
             self._count(deltas)
             self._check_limits(peers)
+            # Only keys of rows stored (not of a batch refused or rolled back: they would fill the cache for good).
+            kept = keys[:max(0, LIVE_KEYS - len(live))]
+            if kept:
+                live.update(kept)
+                self._db.on_rollback(lambda: [live.pop(m, None) for m, _ in kept])
         return added
 
     def put(self, msg_id: bytes, peer_device: str, record: bytes, expires_at_ms: int) -> bool:

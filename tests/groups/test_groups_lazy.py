@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.bridge import AgentMessage
 from gateway.groups import Groups
 from gateway.groups_keys import GroupKeys
+from gateway.store import StoreError
 from tests.groups.test_groups_service import FakeRelay, bridge, make_gateway, settle
 from tests.relay.conftest import make_fleet
 
@@ -89,6 +92,35 @@ async def test_an_agents_group_publish_loads_the_group_service(tmp_path: Path) -
         assert await a.on_agent_messages([ctl]) == []
         await settle()
         assert type(a) is Groups and ("a1", "g") in a.members
+    finally:
+        for t in list(a._tasks):
+            t.cancel()
+        a.store.close()
+
+
+async def test_a_store_error_while_loading_the_group_service_leaves_it_to_load_again(tmp_path: Path) -> None:
+    """A store error while the full service restores its boxes fails that use (loudly), and the next use loads the
+    service again with its delivery loops, not a half-loaded service that stores group messages and never sends
+    them."""
+    fleet, relay = make_fleet(), FakeRelay()
+    a = await make_gateway(relay, fleet, tmp_path, "dev-a", ["a1"], lazy=True)
+    try:
+        def failing() -> Any:
+            raise StoreError("disk I/O error")
+
+        a.records.outbox = failing  # type: ignore[method-assign]
+        ctl = AgentMessage("agw/a1/group/g/ctl", b'{"op": "create", "id": 1}', 1, 1, False, None, None, None, False,
+                           ())
+        with pytest.raises(StoreError):
+            await a.on_agent_messages([ctl])
+        assert type(a) is GroupKeys
+        del a.records.outbox
+        assert await a.on_agent_messages([ctl]) == []
+        await settle()
+        assert type(a) is Groups and ("a1", "g") in a.members
+        names = sorted(t.get_name() for t in a._tasks)
+        assert {"groups", "group-inbox"} <= set(names), names
+        assert a.bridge.on_session_lost.count(a._broker_lost_session) == 1
     finally:
         for t in list(a._tasks):
             t.cancel()

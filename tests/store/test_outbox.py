@@ -304,3 +304,21 @@ def test_row_keys_kept_for_live_rows_only_and_bounded(store: Store, monkeypatch:
     monkeypatch.setattr(outbox_module, "LIVE_KEYS", 3)
     box.put_many([(mid(i), "b", b"r", FAR) for i in range(20, 30)])
     assert len(live) == 3 and box.delete_many([mid(i) for i in range(20, 30)]) == 10 and not live
+
+
+def test_a_refused_or_rolled_back_batch_leaves_no_row_keys(db_path: Path, key: SoftStorageKey) -> None:
+    """Keys of rows that were never stored would stay in the bounded map until a purge (with a peer at its limit,
+    each refused batch adds more, until the map is full and the ACKs' deletes compute every key again)."""
+    limits = OutboxLimits(max_entries=5, max_entries_per_peer=5, max_record_bytes=10)
+    with Store.open(db_path, key, limits=limits) as s:
+        live = s.outbox._live_keys  # type: ignore[attr-defined]
+        s.outbox.put_many([(mid(i), "d", b"x", FAR) for i in range(4)])
+        assert set(live) == {mid(i) for i in range(4)}
+        with pytest.raises(OutboxFull):  # over max_entries: refused after the INSERT, rolled back
+            s.outbox.put_many([(mid(10), "d", b"x", FAR), (mid(11), "d", b"x", FAR)])
+        with pytest.raises(OutboxFull):  # a record over max_record_bytes, after a good one in the same batch
+            s.outbox.put_many([(mid(12), "d", b"x", FAR), (mid(13), "d", b"x" * 11, FAR)])
+        with pytest.raises(RuntimeError), s.transaction():  # stored, then the caller's transaction rolls back
+            s.outbox.put_many([(mid(14), "d", b"x", FAR)])
+            raise RuntimeError("later in the same transaction")
+        assert set(live) == {mid(i) for i in range(4)} and s.outbox.depth() == 4
