@@ -320,8 +320,10 @@ def new_message_id() -> bytes:
 
 # What an MQTT broker refuses in a UTF-8 string (MQTT 5 section 1.5.4; Mosquitto disconnects the client for it):
 # NUL and the other control characters, surrogates, and the Unicode non-characters. A peer's message carrying one
-# would make every hand-over of it to our broker fail, so it is refused here, at the edge.
-_NOT_MQTT_UTF8 = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+# would make every hand-over of it to our broker fail, so it is refused here, at the edge. Also U+FEFF: legal in
+# MQTT 5 and passed on by Mosquitto, but paho (the SDK's MQTT client) refuses a packet with it and disconnects, so
+# delivered to an SDK agent it would stall that agent's every reconnect; refused at ingest, with a reason.
+_NOT_MQTT_UTF8 = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufeff"
                             + "".join(chr(p << 16 | 0xFFFE) + chr(p << 16 | 0xFFFF) for p in range(17)) + "]")
 
 

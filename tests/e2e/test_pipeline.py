@@ -305,3 +305,24 @@ def test_gateway_sigterm_exits_cleanly(tmp_path_factory):
         tb.close()
 
 
+
+
+def test_a_zero_width_no_break_space_from_an_agent_is_refused_not_a_protocol_error(bed):
+    """U+FEFF is a legal character in an MQTT 5 string (section 1.5.4), and Mosquitto passes it on. If the gateway's
+    decoder refused it, the broker connection would drop, Mosquitto would send the unacknowledged message again
+    after the reconnect, and every agent of the device would stall behind it. It is taken and refused at ingest
+    (paho, the SDK's client, cannot read it), and what the agent sends next goes through."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    sub = subscribed(b.broker.port, "bob", "agw/bob/in", "-C", "1", "-W", "30", "-F", "%p")
+    lost_before = a.log_text().count("MQTT broker connection lost")
+    dropped_before = a.log_text().count("dropping a message on 'agw/alice/out/dev-b/bob'")
+    feff = "\ufeff"
+    subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
+                    "agw/alice/out/dev-b/bob", "-q", "1", "-V", "mqttv5", "-D", "publish", "user-property", "k",
+                    f"a{feff}b", "-m", "with U+FEFF"], check=True)
+    subprocess.run(["mosquitto_pub", "-p", str(a.broker.port), "-u", "alice", "-P", PW, "-t",
+                    "agw/alice/out/dev-b/bob", "-q", "1", "-V", "mqttv5", "-m", "after it"], check=True)
+    assert received(sub, 40) == ["after it"]
+    log = a.log_text()
+    assert log.count("MQTT broker connection lost") == lost_before, log[-2000:]
+    assert log.count("dropping a message on 'agw/alice/out/dev-b/bob'") == dropped_before + 1, log[-2000:]
