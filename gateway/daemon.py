@@ -208,8 +208,10 @@ class Gateway(Sending, Receiving, Receipts):
     async def _trim_heap(self) -> None:
         """Free heap pages back to the kernel (gateway/allocator.py), off the event loop."""
         if allocator.enabled():
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.to_thread(allocator.trim)
+            except Exception as exc:  # only memory is at stake: the daemon goes on, and says so
+                log.warning("giving the heap back to the kernel (malloc_trim) failed: %s", exc)
 
     def _activity(self) -> int:
         c = self.counters
