@@ -17,9 +17,10 @@ after every reconnect and whenever no receipt came within `receipt_timeout`. Eac
 acknowledged on agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until
 then; copies are dropped by message id. Together with a reconnect loop on a persistent MQTT session this survives a
 crash of the local broker (which acknowledges before it saves) with every message delivered exactly once. Group
-sends are receipted (the gateway takes a retransmission once); group messages received (`group_messages`) are not
-acknowledged: they keep MQTT QoS 1 semantics. `send_group` needs a gateway of this version or later (an older one
-sends no group receipts: the send would be published again and again, each a new group message).
+messages are sent (`send_group`, receipted: the gateway takes a retransmission once) and received
+(`group_messages`, acknowledged as they are handed out; the gateway keeps them until then) with the same
+guarantees. Both need a gateway of this version or later (an older one sends no group receipts, so a group send
+would be published again and again, each a new group message; and it does not keep group messages for the SDK).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class AgentClient:
         self._receipt_topic = topics.receipt_topic(prefix, agent)
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
+        self._group_inboxes: dict[str, asyncio.Queue[Message]] = {}  # group -> its messages not yet taken
+        self._group_in = topics.group_inbox_topic(prefix, agent, "+")
+        self._group_in_head, self._group_in_tail = self._group_in.split("+")
         self._task: asyncio.Task[None] | None = None
         self._resender: asyncio.Task[None] | None = None
         self._seen: OrderedDict[bytes, bool] = OrderedDict()  # message id -> taken by the application (acked)
@@ -188,7 +192,8 @@ class AgentClient:
 
     # -- the connection: subscribe, announce, resend; reconnect when the broker goes ----------------------------
     async def _on_connected(self) -> None:
-        for t in (topics.inbox_topic(self.prefix, self.agent), self._reply_base + "/#", self._receipt_topic):
+        for t in (topics.inbox_topic(self.prefix, self.agent), self._reply_base + "/#", self._receipt_topic,
+                  self._group_in):
             await self._mqtt.subscribe(t, qos=1)
         # The empty ack (with any acks not sent yet) tells the gateway that this agent acknowledges, and asks it
         # to send again what it still holds for us.
@@ -289,7 +294,10 @@ class AgentClient:
                 self._seen[mid] = False
                 if len(self._seen) > SEEN_IDS:
                     self._seen.popitem(last=False)
-        if msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
+        group = self._group_of(topic)
+        if group is not None:
+            self._group_queue(group).put_nowait(msg)
+        elif msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
             fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
             if not fut.done():
                 fut.set_result(msg)
@@ -475,18 +483,27 @@ class AgentClient:
             raise ValueError(f"group {group!r}: {exc}") from None
         await self._tracked(self._group_topic(group, "out"), payload)
 
+    def _group_of(self, topic: str) -> str | None:
+        """The group of a topic `<prefix>/<agent>/group/<group>/in`, else None."""
+        head, tail = self._group_in_head, self._group_in_tail
+        if topic.startswith(head) and topic.endswith(tail) and len(topic) > len(head) + len(tail):
+            group = topic[len(head):-len(tail)]
+            return group if "/" not in group else None
+        return None
+
+    def _group_queue(self, group: str) -> asyncio.Queue[Message]:
+        queue = self._group_inboxes.get(group)
+        if queue is None:
+            queue = self._group_inboxes[group] = asyncio.Queue()
+        return queue
+
     async def group_messages(self, group: str) -> AsyncIterator[Message]:
-        """Messages of one group, as they arrive (a session of its own, closed when the iteration ends)."""
-        async with self._group_session() as session:
-            await session.subscribe(self._group_topic(group, "in"), qos=1)
-            async for m in session.messages:
-                user = tuple((str(k), str(v)) for k, v in (getattr(m.properties, "UserProperty", None) or []))
-                props = dict(user)
-                yield Message(sender=props.get(topics.PROP_FROM, ""),
-                              payload=m.payload if isinstance(m.payload, bytes) else str(m.payload).encode(),
-                              topic=str(m.topic), message_id=props.get(topics.PROP_MESSAGE_ID), response_topic=None,
-                              correlation_data=None, content_type=getattr(m.properties, "ContentType", None),
-                              user_properties=user)
+        """Messages of one group, as they arrive. Each is acknowledged to the gateway as it is handed out, so the
+        gateway keeps it (and sends it again) until then, as for `messages()`; those that arrive while nothing
+        iterates wait here (this client's session subscribes to all its groups)."""
+        queue = self._group_queue(group)
+        while True:
+            yield self._taken(await queue.get())
 
     async def messages(self) -> AsyncIterator[Message]:
         """Messages sent to this agent, as they arrive; each is acknowledged to the gateway as it is handed out."""

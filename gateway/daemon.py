@@ -143,7 +143,9 @@ class Gateway(Sending, Receiving, Receipts):
         if cfg.agents:
             from gateway.groups_keys import GroupKeys
 
-            self.groups = GroupKeys(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
+            keys = GroupKeys(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
+            keys.acking_agents = self._acking  # their group messages are kept until acked too (groups_held.py)
+            self.groups = keys
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)

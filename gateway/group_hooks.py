@@ -34,6 +34,18 @@ class GroupService(Protocol):
 
     def status(self) -> dict[str, Any]: ...
 
+    def acked(self, agent: str, ids: list[bytes]) -> list[bytes]:
+        """`agent` acknowledged `ids` (gateway/receipts.py): those naming its held group messages are deleted;
+        returns the others."""
+        ...
+
+    def republish_held(self, agent: str | None = None, *, before_connect: int | None = None,
+                       before: float | None = None) -> None:
+        """Publish held group messages again (gateway/groups_held.py)."""
+        ...
+
+    def expire_held(self) -> None: ...
+
 
 class NoGroups:
     """Group traffic is refused (logged) until a group service is wired in."""
@@ -61,3 +73,13 @@ class NoGroups:
 
     def status(self) -> dict[str, Any]:
         return {}
+
+    def acked(self, agent: str, ids: list[bytes]) -> list[bytes]:
+        return ids
+
+    def republish_held(self, agent: str | None = None, *, before_connect: int | None = None,
+                       before: float | None = None) -> None:
+        return None
+
+    def expire_held(self) -> None:
+        return None

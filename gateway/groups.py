@@ -48,6 +48,7 @@ from gateway.bridge import AgentMessage, BrokerUnavailable, MqttBridge
 from gateway.config import GatewayConfig
 from gateway.device_identity import DeviceIdentity
 from gateway.groups_delivery import RETRY_MS, GroupDelivery
+from gateway.groups_held import GroupHeld
 from gateway.groups_identity import (
     SUITE,
     AgentSigner,
@@ -106,7 +107,7 @@ class _Op:
     error: str | None = None
 
 
-class Groups(GroupMembership, GroupDelivery, GroupKeys):
+class Groups(GroupMembership, GroupDelivery, GroupHeld, GroupKeys):
     """The GroupService the daemon wires in (gateway/group_hooks.py) once a group is used: `GroupKeys` (signers,
     KeyPackages, key renewal, the CRL) becomes a `Groups` then (`GroupKeys.become_full`)."""
 
@@ -166,6 +167,7 @@ class Groups(GroupMembership, GroupDelivery, GroupKeys):
         self.outbox = {e.entry_id: e for e in self.records.outbox()}
         self._seq = max((e.seq for e in self.records.inbox()), default=0)
         self._claim_inbox_ids()
+        self._restore_held()
         self._spawn(self._loop(), "groups")
         self._spawn(self._inbox_loop(), "group-inbox")
         self._spawn(self._self_updates(), "group-self-updates")
@@ -260,7 +262,8 @@ class Groups(GroupMembership, GroupDelivery, GroupKeys):
 
     def status(self) -> dict[str, Any]:
         return {"memberships": [self._describe(a, g) for a, g in sorted(self.members)],
-                "outbox": len(self.outbox), "counters": {k: v for k, v in vars(self.counters).items()
+                "outbox": len(self.outbox), "held": self.held_count(),
+                "counters": {k: v for k, v in vars(self.counters).items()
                                                          if k != "extra"}}
 
     def control(self, request: dict[str, Any]) -> Any:

@@ -2,7 +2,8 @@
 end to end yet, resent to those devices only, with backoff, until they acknowledge, leave the group, or the
 message expires), end-to-end group acknowledgements both ways (gateway/protocol/group_ack.py: a member device
 acknowledges what is durably in its group inbox or epoch buffer, or a known duplicate), the inbox (decrypted
-messages handed to the broker, deleted after its PUBACK) and keeping the relay stocked with each local agent's
+messages handed to the broker, deleted after its PUBCOMP or, for an agent that acknowledges, kept until it
+does: gateway/groups_held.py) and keeping the relay stocked with each local agent's
 KeyPackages. `Groups` (gateway/groups.py) mixes
 this in; the attributes below are set by its constructor.
 """
@@ -78,7 +79,16 @@ class GroupDelivery:
     _publishing: set[bytes]
     _seq: int
 
-    if TYPE_CHECKING:  # provided by Groups and GroupMembership
+    if TYPE_CHECKING:  # provided by Groups, GroupMembership and GroupHeld
+        def _exchange_connect(self) -> int:
+            raise NotImplementedError
+
+        def _hand_or_drop(self, done: list[InEntry]) -> list[InEntry]:
+            raise NotImplementedError
+
+        def _after_handed(self, done: list[InEntry], kept: list[InEntry], connect: int) -> None:
+            raise NotImplementedError
+
         def _on_welcome(self, welcome: Welcome) -> None:
             raise NotImplementedError
 
@@ -429,7 +439,8 @@ class GroupDelivery:
         QoS 2 under a packet id stored with the entry first); drop the completed."""
         in_flight = self._dstate.inbox_in_flight
         while self.bridge.connected:
-            pending = [e for e in self.records.inbox() if e.entry_id not in self._publishing][:INBOX_BATCH]
+            pending = [e for e in self.records.inbox()
+                       if e.entry_id not in self._publishing and e.phase != Phase.HANDED][:INBOX_BATCH]
             if not pending:
                 return
             waiting = [e for e in pending if e.phase == Phase.WAITING]
@@ -446,6 +457,7 @@ class GroupDelivery:
                 return  # every packet id is in use: the next round takes these
             self._publishing.update(e.entry_id for e in pending)
             in_flight.update((e.packet_id, e) for e in pending)
+            connect = self._exchange_connect()
             try:
                 results = await asyncio.gather(*(self.bridge.publish_exactly_once(
                     e.packet_id, topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
@@ -457,15 +469,19 @@ class GroupDelivery:
                 for e in pending:
                     in_flight.pop(e.packet_id, None)
             done = [e for e, r in zip(pending, results, strict=True) if r is None]
+            kept: list[InEntry] = []
             try:
                 if done:
+                    packet_ids = [e.packet_id for e in done]
                     with self.records.store.transaction(durable=False):
-                        self.records.drop_in([e.entry_id for e in done])
-                    for e in done:
-                        self.bridge.free_packet_id(e.packet_id)
+                        kept = self._hand_or_drop(done)  # (gateway/groups_held.py)
+                    for packet_id in packet_ids:
+                        self.bridge.free_packet_id(packet_id)
                     self.counters.delivered += len(done)
             finally:
                 self._publishing.difference_update(e.entry_id for e in pending)
+            if done:
+                self._after_handed(done, kept, connect)  # (no longer being published: may go again at once)
             if len(done) < len(pending):
                 failed = next(r for r in results if r is not None)
                 if not isinstance(failed, BrokerUnavailable | TimeoutError):

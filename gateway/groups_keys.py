@@ -66,6 +66,9 @@ class Counters:
     acks_received: int = 0  # (message, device) pairs acknowledged to us
     acks_refused: int = 0  # group acks that did not verify (audited)
     resent: int = 0  # (message, device) pairs sent again for want of an acknowledgement
+    held_republished: int = 0  # group messages held for an acknowledging agent, published to it again
+    held_expired: int = 0  # ... deleted unacknowledged at their expiry
+    held_not_kept_over_cap: int = 0  # ... not kept: the agent had store.held_max_per_agent held already
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -87,6 +90,7 @@ class GroupKeys:
         self.counters = Counters()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._key_loops = False  # `_rotations` and `_revocations` run (started by this half)
+        self.acking_agents: set[str] = set()  # agents that acknowledge what they receive (the daemon's set)
 
     # -- start-up and the switch to the full service -------------------------------------------------------------
     async def start(self) -> None:
@@ -139,6 +143,16 @@ class GroupKeys:
 
     def control(self, request: dict[str, Any]) -> Any:
         return self.become_full().control(request)
+
+    def acked(self, agent: str, ids: list[bytes]) -> list[bytes]:
+        return ids  # (no group inbox entry exists before the full service is loaded)
+
+    def republish_held(self, agent: str | None = None, *, before_connect: int | None = None,
+                       before: float | None = None) -> None:
+        return None
+
+    def expire_held(self) -> None:
+        return None
 
     def status(self) -> dict[str, Any]:
         return {"memberships": [], "outbox": 0,

@@ -4,10 +4,11 @@ Names, all under `grp/`: `signer/<agent>` (the agent's MLS signing key and chain
 local agent's MLS state, `group_persist` format), `buffer/<agent>/<group>` (messages for a later epoch, waiting
 for the commit that leads there), `kp/<agent>` and `lastresort/<agent>` (KeyPackage private halves),
 `invite/<agent>/<group>` (a Welcome held for the operator's consent), `out/<id>` (a group message some devices
-have not acknowledged yet), `in/<id>` (a decrypted message waiting for the broker), `seen/<group>/<n>` (the ids
-of the last group messages taken, SEEN_CHUNK per chunk, SEEN_CHUNKS chunks in a ring: duplicates are dropped and
-acknowledged again), `welcomed/<message id>` (which agent and group a Welcome was for) and `index` (which exist).
-Callers group writes in `store.transaction()`.
+have not acknowledged yet), `in/<id>` (a decrypted message waiting for the broker, or handed to an agent that
+acknowledges and kept until it does), `seen/<group>/<n>` (the ids of the last group messages taken, SEEN_CHUNK per
+chunk, SEEN_CHUNKS chunks in a ring: duplicates are dropped and acknowledged again), `welcomed/<message id>`
+(which agent and group a Welcome was for) and `index` (which exist). Callers group writes in
+`store.transaction()`.
 """
 
 from __future__ import annotations
@@ -100,16 +101,18 @@ class InEntry:
     seq: int
     packet_id: int = 0
     phase: int = 0
+    expires_ms: int = 0  # a HANDED entry (gateway/groups_held.py) not acknowledged by then is deleted; 0: unset
 
     def to_bytes(self) -> bytes:
         return json.dumps({"a": self.agent, "g": self.group, "s": self.sender, "e": self.epoch,
-                           "p": self.payload.hex(), "q": self.seq, "i": self.packet_id, "h": self.phase}).encode()
+                           "p": self.payload.hex(), "q": self.seq, "i": self.packet_id, "h": self.phase,
+                           "x": self.expires_ms}).encode()
 
     @classmethod
     def from_bytes(cls, entry_id: bytes, data: bytes) -> InEntry:
         d = json.loads(data)
         return cls(entry_id, d["a"], d["g"], d["s"], int(d["e"]), bytes.fromhex(d["p"]), int(d["q"]),
-                   int(d.get("i", 0)), int(d.get("h", 0)))
+                   int(d.get("i", 0)), int(d.get("h", 0)), int(d.get("x", 0)))
 
 
 @dataclass
@@ -263,6 +266,13 @@ class GroupRecords:
         if self._inbox is not None and entry.entry_id in self._inbox:
             self.secrets.put(f"grp/in/{entry.entry_id.hex()}", entry.to_bytes())
             self._inbox[entry.entry_id] = entry
+
+    def inbox_entry(self, entry_id: bytes) -> InEntry | None:
+        """One inbox entry by id (from the in-memory mirror)."""
+        if self._inbox is None:
+            self.inbox()
+        assert self._inbox is not None
+        return self._inbox.get(entry_id)
 
     def drop_in(self, entry_ids: list[bytes]) -> None:
         for i in entry_ids:

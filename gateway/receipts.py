@@ -14,7 +14,9 @@ remembered in the store as acknowledging. Its inbox entries are not deleted at P
 its ack names them (only its own entries), published again after every (re)connect to the broker and whenever it
 announces itself (at most once per HELLO_EVERY), and deleted with a warning when they expire unacknowledged
 (docs/operations.md). At most `store.held_max_per_agent` are held per agent; past that its messages are deleted at
-PUBCOMP, as for a raw agent, so an agent that announces and never acks cannot fill the store.
+PUBCOMP, as for a raw agent, so an agent that announces and never acks cannot fill the store. Its group messages
+are kept the same way by the group service (gateway/groups_held.py); acks, announcements, reconnects and expiry
+sweeps are passed on to it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 from gateway import topics
 from gateway.bridge import AgentMessage, BrokerUnavailable
+from gateway.group_hooks import GroupService
 from gateway.inbox import InboxEntry, Phase
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
@@ -63,6 +66,7 @@ class Receipts:
     cfg: Any
     store: Any
     bridge: Any
+    groups: GroupService
     _publishing: set[str]
 
     def _init_receipts(self) -> None:
@@ -186,6 +190,7 @@ class Receipts:
             return
         self.receipt_counters["acks"] += len(ids)
         self._hello_every.pop(agent, None)  # it acknowledges: its announcements are honoured at the usual rate
+        ids = self.groups.acked(agent, ids)  # its held group messages (gateway/groups_held.py); the rest are ours
         held = self._held.get(agent, {})
         names = []
         for i in ids:
@@ -226,6 +231,7 @@ class Receipts:
         self._hello_last[agent] = loop.time()
         self._hello_every[agent] = min(self._hello_every.get(agent, HELLO_EVERY / 2) * 2, HELLO_EVERY_MAX)
         self._republish_held(agent, None, before)
+        self.groups.republish_held(agent, before=before)
 
     # -- receiving direction: hooks of the inbox (gateway/receiving.py) ----------------------------------------
     def _hold_on_pubcomp(self, e: InboxEntry) -> bool:
@@ -363,10 +369,12 @@ class Receipts:
             if connects != seen_connects and self.bridge.connected:
                 seen_connects = connects
                 self._republish_held(before_connect=connects)  # (handed since: in the agent's session now)
+                self.groups.republish_held(before_connect=connects)
             if loop.time() - expired_at >= EXPIRE_EVERY:
                 expired_at = loop.time()
                 try:
                     self._expire_held()
+                    self.groups.expire_held()
                 except StoreError as exc:
                     log.error("cannot expire held inbox entries (%s); retrying", exc)
 

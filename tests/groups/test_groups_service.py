@@ -65,6 +65,7 @@ class FakeLink:
 
 class FakeBridge:
     connected = True
+    connects = 1  # (the broker connection an exchange goes out in: gateway/groups_held.py)
 
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, dict[str, str]]] = []
@@ -108,14 +109,15 @@ class FakeIdentity:
 
 
 async def make_gateway(relay: FakeRelay, fleet: Fleet, tmp: Path, device_id: str, agents: list[str], *,
-                       lazy: bool = False) -> Groups:
-    """A started group service; with `lazy`, the daemon's (a `GroupKeys` until a group is used)."""
+                       lazy: bool = False, storage_key: SoftStorageKey | None = None) -> Groups:
+    """A started group service; with `lazy`, the daemon's (a `GroupKeys` until a group is used). The same
+    `storage_key` opens its store again (a restart)."""
     if lazy:
         from gateway.groups_keys import GroupKeys as service
     else:
         from gateway.groups import Groups as service  # type: ignore[assignment]
 
-    store = Store.open(tmp / device_id / "agw.db", SoftStorageKey())
+    store = Store.open(tmp / device_id / "agw.db", storage_key or SoftStorageKey())
     cfg = SimpleNamespace(mqtt=SimpleNamespace(topic_prefix="agw"), paths=SimpleNamespace(state_dir=tmp / device_id),
                           agents={a: SimpleNamespace(allow=EVERYONE) for a in agents})
     gw = service(store, FakeIdentity(fleet, fleet.device(device_id)), FakeLink(relay, device_id),  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """SDK agents for the stream tests: an `AgentClient` in a thread of its own (its own event loop), sending a
 numbered stream with a window of concurrent `send()` calls and recording, at the application level, every
-message `messages()` hands over.
+message `messages()` hands over. With `group` set: `send_group()` and `group_messages()` instead.
 
 A payload counts as sent once `send()` returned (the gateway's receipt came: the gateway has it durably). What
 the application received is counted after the SDK's own duplicate filter: that is what the application sees.
@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from gateway.client import AgentClient
 from tests.torture.stream import PASSWORD
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -24,6 +27,7 @@ class SdkAgent:
     port: int
     peer: str  # <device>/<agent>
     window: int = 64  # send() calls in flight at once
+    group: str | None = None  # a group stream: send_group() to it, group_messages() of it
     receipt_timeout: float = 2.0
     sent: list[bytes] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
@@ -55,8 +59,12 @@ class SdkAgent:
             self._error = exc
             self._ready.set()
 
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+        """Run a coroutine (e.g. a group call of `self.client`) on this agent's loop, from another thread."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
     async def _receive(self, client: AgentClient) -> None:
-        async for m in client.messages():
+        async for m in (client.group_messages(self.group) if self.group else client.messages()):
             with self.lock:
                 self.received.append(m.payload)
 
@@ -87,7 +95,10 @@ class SdkAgent:
             async with room:
                 while i >= self._allowed:
                     await self._more.wait()
-                await self.client.send(self.peer, payload)
+                if self.group:
+                    await self.client.send_group(self.group, payload)
+                else:
+                    await self.client.send(self.peer, payload)
             with self.lock:
                 self.sent.append(payload)
             done += 1
