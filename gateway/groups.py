@@ -59,7 +59,7 @@ from gateway.groups_identity import (
     fleet_successor,
     fleet_validator,
 )
-from gateway.groups_keys import GroupKeys
+from gateway.groups_keys import GroupError, GroupKeys
 from gateway.groups_membership import ORPHANS, ORPHANS_MAX, RECENT_MAX, GroupMembership, _epoch, _group_id
 from gateway.groups_store import InEntry, OutEntry
 from gateway.link import RelayLink
@@ -92,10 +92,6 @@ OUT_OF_ORDER_WINDOW = 1_000
 SELF_UPDATE_S = 86_400.0  # each local member commits fresh keys this often (post-compromise security)
 ROTATION_RETRY_S = 10.0  # a failed rotation commit is tried again after this long, doubling up to 10 minutes
 ROTATION_RETRY_MAX_S = 600.0
-
-
-class GroupError(ValueError):
-    """A group operation cannot be done; the message says why (shown to the agent or the operator)."""
 
 
 @dataclass

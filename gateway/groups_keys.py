@@ -32,6 +32,7 @@ from gateway.link import RelayLink
 from gateway.protocol.envelope import Envelope
 from gateway.protocol.identity.delegation import DelegatedKey
 from gateway.protocol.identity.errors import CertificateError
+from gateway.protocol.identity.names import check_id
 from gateway.protocol.mls.crypto import get_suite
 from gateway.protocol.mls.key_package_bundle import KeyPackageBundle, create_key_package
 from gateway.store import Store
@@ -49,6 +50,10 @@ ERROR_LOG_INTERVAL_S = 30.0
 ROTATION_POLL_S = 1.0  # how often the delegated key files are looked at (a stat; no hardware operation)
 RENEWAL_CHECK_S = 3_600.0  # how often each agent's delegated key is checked for expiry (renewed before it)
 REVOCATION_POLL_S = 1.0
+
+
+class GroupError(ValueError):
+    """A group operation cannot be done; the message says why (shown to the agent or the operator)."""
 
 
 @dataclass
@@ -142,6 +147,20 @@ class GroupKeys:
         self._spawn(self._replenish_all(), "group-key-packages")
 
     def control(self, request: dict[str, Any]) -> Any:
+        """The operator's read-only requests are answered here (no group exists yet: nothing to list or show), so
+        that `agw group list` on a device whose agents use no group does not load the group service; the others
+        load it. Same answers and errors as `Groups.control`."""
+        cmd = str(request.get("cmd", ""))
+        if cmd == "group.list":
+            return []
+        if cmd == "group.op":
+            raise GroupError(f"unknown operation {request.get('op')!r}")
+        if cmd == "group.show":
+            agent, group = str(request.get("agent", "")), str(request.get("group", ""))
+            if agent not in self.cfg.agents:
+                raise GroupError(f"{agent!r} is not an agent of this gateway")
+            check_id("group", group)
+            raise GroupError(f"{agent} is not a member of group {group}")
         return self.become_full().control(request)
 
     def acked(self, agent: str, ids: list[bytes]) -> list[bytes]:

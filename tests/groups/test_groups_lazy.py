@@ -39,6 +39,15 @@ async def main():
         await asyncio.sleep(0.05)
         print(type(gw).__name__, loaded())
         print(relay.directory.fetch_key_package("dev-a", "a1")[1] is not None)
+        listed = gw.control({"cmd": "group.list"})
+        errors = []
+        for req in ({"cmd": "group.show", "agent": "a1", "group": "g"}, {"cmd": "group.op", "op": "x"},
+                    {"cmd": "group.show", "agent": "nobody", "group": "g"}):
+            try:
+                gw.control(req)
+            except ValueError as exc:
+                errors.append(str(exc))
+        print(type(gw).__name__, loaded(), listed, errors)
         gw.control({"cmd": "group.create", "agent": "a1", "group": "g"})
         print(type(gw).__name__, loaded(), sorted(gw.members))
         for t in list(gw._tasks):
@@ -54,8 +63,11 @@ def test_a_gateway_whose_agents_use_no_group_does_not_import_the_group_service()
                          cwd=REPO, timeout=120).stdout.split("\n")
     assert out[0] == "GroupKeys []"
     assert out[1] == "True"  # its agent's one-time KeyPackages are at the relay: a peer can add it to a group
-    assert out[2].startswith("Groups ['gateway.groups', ")  # loaded by the operator's request
-    assert out[2].endswith("[('a1', 'g')]")
+    # The operator's read-only requests are answered without loading it, with the full service's answers.
+    assert out[2] == ("GroupKeys [] [] ['a1 is not a member of group g', \"unknown operation 'x'\", "
+                      "\"'nobody' is not an agent of this gateway\"]")
+    assert out[3].startswith("Groups ['gateway.groups', ")  # loaded by the operator's request
+    assert out[3].endswith("[('a1', 'g')]")
 
 
 async def test_a_welcome_loads_the_group_service_and_the_agent_joins(tmp_path: Path) -> None:
@@ -125,3 +137,33 @@ async def test_a_store_error_while_loading_the_group_service_leaves_it_to_load_a
         for t in list(a._tasks):
             t.cancel()
         a.store.close()
+
+
+async def test_the_light_services_answers_are_the_full_services(tmp_path: Path) -> None:
+    """What `GroupKeys` answers to read-only requests without loading is what a `Groups` without groups answers."""
+    fleet, relay = make_fleet(), FakeRelay()
+    requests: list[dict[str, Any]] = [
+        {"cmd": "group.list"}, {"cmd": "group.list", "agent": "a1"}, {"cmd": "group.show", "agent": "a1", "group": "g"},
+        {"cmd": "group.op", "op": "x"}, {"cmd": "group.show", "agent": "nobody", "group": "g"},
+        {"cmd": "group.show", "agent": "a1", "group": "no/slash"}]
+
+    def answers(gw: Any) -> list[str]:
+        out = []
+        for req in requests:
+            try:
+                out.append(repr(gw.control(req)))
+            except Exception as exc:  # (the control server answers each with its message)
+                out.append(f"{type(exc).__name__}: {exc}")
+        return out
+
+    light = await make_gateway(relay, fleet, tmp_path, "dev-a", ["a1"], lazy=True)
+    full = await make_gateway(relay, fleet, tmp_path, "dev-b", ["a1"])
+    try:
+        got = answers(light)
+        assert type(light) is GroupKeys  # still light
+        assert got == answers(full)
+    finally:
+        for gw in (light, full):
+            for t in list(gw._tasks):
+                t.cancel()
+            gw.store.close()
