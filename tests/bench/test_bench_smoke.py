@@ -37,7 +37,24 @@ def test_both_paths_carry_every_message(quick):
         rt = r["rtt"][path]
         assert rt["n"] == 50 and rt["lost"] == 0 and 0 < rt["p50_ms"] <= rt["p99_ms"]
     assert {"relay", "gateway bench-a", "gateway bench-b"} <= set(r["throughput"]["ours"][0]["cpu_s"])
+    (one,) = r["throughput"]["rounds_256"]["rounds"]  # --quick: one round
+    assert one["ratio"] == r["throughput"]["rounds_256"]["median_ratio"] > 0
     assert r["errors"] == {}
+
+
+def test_rounds_are_summarised_by_the_median_ratio():
+    from bench.__main__ import median_row, rounds_summary
+
+    def run(msg_s: int) -> dict[str, int]:
+        return {"msg_s": msg_s}
+
+    rounds = [{"bridge": run(1000), "ours": run(450)}, {"bridge": run(2000), "ours": run(1000)},
+              {"bridge": run(1000), "ours": run(520)}, {"bridge": None, "ours": run(9999)}]
+    got = rounds_summary(rounds)
+    assert [x["ratio"] for x in got["rounds"]] == [0.45, 0.5, 0.52]  # (a round with a failed side is left out)
+    assert got["median_ratio"] == 0.5
+    assert rounds_summary(rounds[:2])["median_ratio"] == 0.475
+    assert median_row([run(3), run(1), run(2)]) == run(2) and median_row([run(4), run(1)]) == run(1)
 
 
 def test_other_parts_are_measured(quick):
@@ -74,5 +91,9 @@ def test_checks_compare_against_the_targets():
     assert got["throughput 256 B vs SLIM (MLS)"] == "MISS"  # 1.5x < 2x
     assert got["messages lost, ours"] == "PASS" and got["messages lost, bridge"] == "MISS"
     assert got["round trip p50, ours"] == "PASS" and got["round trip p99, ours"] == "MISS"
+    # Interleaved rounds: the verdict is the median of the per-round ratios, not the ratio of the median runs.
+    rounds = {**base, "throughput": {**base["throughput"], "rounds_256": {"median_ratio": 0.45, "rounds": []}}}
+    got = {c.name: (c.status, c.value) for c in report.checks(rounds)}
+    assert got["throughput 256 B vs Mosquitto TLS bridge"] == ("MISS", "0.45x")
     unmeasured = {c.name: c.status for c in report.checks({"slim": {"status": "not available: no wheel"}})}
     assert unmeasured == {"throughput 256 B vs SLIM (MLS)": "n/a"}
