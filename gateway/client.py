@@ -121,8 +121,7 @@ class AgentClient:
         self._pending: dict[bytes, asyncio.Future[Message]] = {}
         self._inbox: asyncio.Queue[Message] = asyncio.Queue()
         self._group_inboxes: dict[str, asyncio.Queue[Message]] = {}  # group -> its messages not yet taken
-        self._group_in = topics.group_inbox_topic(prefix, agent, "+")
-        self._group_in_head, self._group_in_tail = self._group_in.split("+")
+        self._group_in_head, self._group_in_tail = topics.group_inbox_topic(prefix, agent, "+").split("+")
         self._task: asyncio.Task[None] | None = None
         self._resender: asyncio.Task[None] | None = None
         self._seen: OrderedDict[bytes, bool] = OrderedDict()  # message id -> taken by the application (acked)
@@ -193,7 +192,7 @@ class AgentClient:
     # -- the connection: subscribe, announce, resend; reconnect when the broker goes ----------------------------
     async def _on_connected(self) -> None:
         for t in (topics.inbox_topic(self.prefix, self.agent), self._reply_base + "/#", self._receipt_topic,
-                  self._group_in):
+                  *(topics.group_inbox_topic(self.prefix, self.agent, g) for g in self._group_inboxes)):
             await self._mqtt.subscribe(t, qos=1)
         # The empty ack (with any acks not sent yet) tells the gateway that this agent acknowledges, and asks it
         # to send again what it still holds for us.
@@ -267,13 +266,18 @@ class AgentClient:
             self._on_receipt(payload, dict(user).get(topics.PROP_REFUSED))
             return
         props = dict(user)
+        group = self._group_of(topic)
         msg = Message(sender=props.get(topics.PROP_FROM, ""), payload=payload, topic=topic,
                       message_id=props.get(topics.PROP_MESSAGE_ID),
                       response_topic=getattr(p, "ResponseTopic", None),
                       correlation_data=getattr(p, "CorrelationData", None),
                       content_type=getattr(p, "ContentType", None),
-                      user_properties=tuple(kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
+                      # (a group message keeps the gateway's agw:from, agw:group, agw:epoch, agw:message-id)
+                      user_properties=user if group is not None else tuple(
+                          kv for kv in user if not kv[0].startswith(topics.RESERVED_PREFIX)),
                       _client=self)
+        if group is not None and group not in self._group_inboxes:
+            return  # (a group this client does not read, from a session that once subscribed to it: not acked)
         if msg.message_id is not None:
             try:
                 mid = bytes.fromhex(msg.message_id)
@@ -294,9 +298,8 @@ class AgentClient:
                 self._seen[mid] = False
                 if len(self._seen) > SEEN_IDS:
                     self._seen.popitem(last=False)
-        group = self._group_of(topic)
         if group is not None:
-            self._group_queue(group).put_nowait(msg)
+            self._group_inboxes[group].put_nowait(msg)
         elif msg.topic.startswith(self._reply_base) and msg.correlation_data in self._pending:
             fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
             if not fut.done():
@@ -352,7 +355,12 @@ class AgentClient:
         """Publish the pending acks (QoS 1); on failure they wait for the next connection. `announce`: publish
         even when there is nothing to acknowledge (the empty ack sent on every connect)."""
         if announce:  # its own message: only an empty ack announces (gateway/receipts.py)
-            await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids([]), qos=1)
+            props = None
+            if self._group_inboxes:  # the groups read here: the gateway keeps their messages until acknowledged
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [(topics.PROP_GROUPS, ",".join(sorted(self._group_inboxes)))]
+            await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids([]), qos=1,
+                                     properties=props)
         while self._acks:
             chunk, self._acks = self._acks[:MAX_IDS], self._acks[MAX_IDS:]
             try:
@@ -491,17 +499,24 @@ class AgentClient:
             return group if "/" not in group else None
         return None
 
-    def _group_queue(self, group: str) -> asyncio.Queue[Message]:
+    async def group_messages(self, group: str) -> AsyncIterator[Message]:
+        """Messages of one group, as they arrive, with the gateway's user properties (`agw:from`, `agw:group`,
+        `agw:epoch`, `agw:message-id`). From the first call on, this client's session subscribes to the group
+        (again after every reconnect) and tells the gateway it reads it (the announcement's `agw:groups`): each
+        message is acknowledged as it is handed out, and the gateway keeps it (and sends it again) until then,
+        as for `messages()`. Messages that arrive while nothing iterates wait here. One consumer per group: two
+        iterations of the same group share its messages."""
+        try:
+            check_id("group", group)
+        except BadName as exc:
+            raise ValueError(f"group {group!r}: {exc}") from None
         queue = self._group_inboxes.get(group)
         if queue is None:
             queue = self._group_inboxes[group] = asyncio.Queue()
-        return queue
-
-    async def group_messages(self, group: str) -> AsyncIterator[Message]:
-        """Messages of one group, as they arrive. Each is acknowledged to the gateway as it is handed out, so the
-        gateway keeps it (and sends it again) until then, as for `messages()`; those that arrive while nothing
-        iterates wait here (this client's session subscribes to all its groups)."""
-        queue = self._group_queue(group)
+            if self._up.is_set():  # (else the next connect subscribes and announces it)
+                with contextlib.suppress(aiomqtt.MqttError):
+                    await self._mqtt.subscribe(topics.group_inbox_topic(self.prefix, self.agent, group), qos=1)
+                    await self._send_acks(announce=True)
         while True:
             yield self._taken(await queue.get())
 

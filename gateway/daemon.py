@@ -144,7 +144,7 @@ class Gateway(Sending, Receiving, Receipts):
             from gateway.groups_keys import GroupKeys
 
             keys = GroupKeys(self.store, self.identity, self.link, self.bridge, self.cfg, now_ms)
-            keys.acking_agents = self._acking  # their group messages are kept until acked too (groups_held.py)
+            keys.acking_groups = self._acking_groups  # their messages are kept until acked too (groups_held.py)
             self.groups = keys
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

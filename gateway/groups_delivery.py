@@ -86,7 +86,7 @@ class GroupDelivery:
         def _hand_or_drop(self, done: list[InEntry]) -> list[InEntry]:
             raise NotImplementedError
 
-        def _after_handed(self, done: list[InEntry], kept: list[InEntry], connect: int) -> None:
+        def _after_handed(self, done: list[InEntry], kept: list[InEntry]) -> None:
             raise NotImplementedError
 
         def _on_welcome(self, welcome: Welcome) -> None:
@@ -445,19 +445,19 @@ class GroupDelivery:
                 return
             waiting = [e for e in pending if e.phase == Phase.WAITING]
             if waiting:
+                connect = self._exchange_connect()
                 with self.records.store.transaction(durable=False):  # stored before the PUBLISH leaves
                     for e in waiting:
                         packet_id = self.bridge.reserve_packet_id()
                         if packet_id is None:
                             break
-                        e.packet_id, e.phase = packet_id, Phase.PUBLISHED
+                        e.packet_id, e.phase, e.exchange_connect = packet_id, Phase.PUBLISHED, connect
                         self.records.update_in(e)
             pending = [e for e in pending if e.phase != Phase.WAITING]
             if not pending:
                 return  # every packet id is in use: the next round takes these
             self._publishing.update(e.entry_id for e in pending)
             in_flight.update((e.packet_id, e) for e in pending)
-            connect = self._exchange_connect()
             try:
                 results = await asyncio.gather(*(self.bridge.publish_exactly_once(
                     e.packet_id, topics.group_inbox_topic(self.prefix, e.agent, e.group), e.payload,
@@ -481,7 +481,7 @@ class GroupDelivery:
             finally:
                 self._publishing.difference_update(e.entry_id for e in pending)
             if done:
-                self._after_handed(done, kept, connect)  # (no longer being published: may go again at once)
+                self._after_handed(done, kept)  # (no longer being published: may go again at once)
             if len(done) < len(pending):
                 failed = next(r for r in results if r is not None)
                 if not isinstance(failed, BrokerUnavailable | TimeoutError):

@@ -3,13 +3,14 @@
 
 Without this a group message was deleted at the broker's PUBCOMP: an SDK agent that crashed with it unread, or
 was down while its session was lost (a new SDK process is a new session), or whose broker crashed before saving
-it, never got it. Now, for an agent that acknowledges (it published on agw/<agent>/ack), a group inbox entry
-whose QoS 2 exchange completed becomes `HANDED` (packet id 0, the id is free again) and stays until that agent's
-ack names its message id (`agw:message-id`, the entry id), published again (a new QoS 2 exchange) after every
-(re)connect of the gateway to its broker, after an exchange that spanned a reconnect, and after the agent's
-announcement (the daemon's rate limit, gateway/receipts.py), and deleted with a warning once it expires
-(`store.message_ttl_seconds` after it arrived). At most `store.held_max_per_agent` group entries are held per
-agent; past that its group messages are deleted at PUBCOMP, as for a raw agent.
+it, never got it. Now, for an agent whose announcement names the group (`agw:groups`: its SDK reads the group
+and acknowledges; gateway/receipts.py), a group inbox entry whose QoS 2 exchange completed becomes `HANDED`
+(packet id 0, the id is free again) and stays until that agent's ack names its message id (`agw:message-id`,
+the entry id). It is published again (a new QoS 2 exchange) after every (re)connect of the gateway to its
+broker, at once if its exchange spanned a reconnect or began before a restart, and after the agent's
+announcement (the daemon's rate limit), and deleted with a warning once it expires (`store.message_ttl_seconds`
+after it was first handed). Caps: `store.held_max_per_agent` entries and HELD_MAX_BYTES_PER_AGENT of payload per
+agent, HELD_MAX_BYTES for all; past them an agent's group messages are deleted at PUBCOMP, as for a raw agent.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ log = logging.getLogger("agw.groups")
 
 OVER_CAP_LOG_EVERY = 60.0  # seconds between warnings that an agent's held group messages reached their cap
 HELD_MAX_BYTES = 16 << 20  # held group payloads of all agents together (kept in memory with the group inbox)
+HELD_MAX_BYTES_PER_AGENT = 4 << 20  # ... of one agent (one that never acknowledges cannot take all of it)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class _HeldState:
     # agent -> entry id -> (broker connection its exchange started in, loop time it was handed, payload bytes)
     held: defaultdict[str, dict[bytes, tuple[int, float, int]]] = field(default_factory=lambda: defaultdict(dict))
     payload_bytes: int = 0  # payload bytes held, all agents
+    agent_bytes: dict[str, int] = field(default_factory=dict)  # ... per agent
     acked_early: set[bytes] = field(default_factory=set)  # acked while being published: deleted at PUBCOMP
     over_cap_logged: dict[str, float] = field(default_factory=dict)
 
@@ -53,7 +56,7 @@ class GroupHeld:
     cfg: Any
     counters: Counters
     now_ms: Callable[[], int]
-    acking_agents: set[str]
+    acking_groups: dict[str, frozenset[str]]
     _publishing: set[bytes]
     _inbox_wake: asyncio.Event
 
@@ -68,8 +71,7 @@ class GroupHeld:
         """At start-up: index the HANDED entries (published again at the first connection to the broker)."""
         for e in self.records.inbox():
             if e.phase == Phase.HANDED:
-                self._hstate.held[e.agent][e.entry_id] = (0, float("-inf"), len(e.payload))
-                self._hstate.payload_bytes += len(e.payload)
+                self._index(e, 0, float("-inf"))
 
     def _exchange_connect(self) -> int:
         """The broker connection a QoS 2 exchange starting now goes out in (see `Receipts._exchange_connect`)."""
@@ -82,15 +84,16 @@ class GroupHeld:
         st = self._hstate
         kept: list[InEntry] = []
         dropped: list[bytes] = []
-        adding: dict[str, int] = {}
+        adding: dict[str, tuple[int, int]] = {}  # agent -> (entries, bytes) this batch adds
         adding_bytes = 0
         for e in done:
             held = st.held.get(e.agent, {})
-            if e.agent in self.acking_agents and e.entry_id not in st.acked_early and (
-                    e.entry_id in held or self._room(e.agent, adding.get(e.agent, 0), adding_bytes + len(e.payload))):
+            n, b = adding.get(e.agent, (0, 0))
+            if e.group in self.acking_groups.get(e.agent, ()) and e.entry_id not in st.acked_early and (
+                    e.entry_id in held or self._room(e.agent, n, b + len(e.payload), adding_bytes + len(e.payload))):
                 kept.append(e)
                 if e.entry_id not in held:
-                    adding[e.agent] = adding.get(e.agent, 0) + 1
+                    adding[e.agent] = (n + 1, b + len(e.payload))
                     adding_bytes += len(e.payload)
             else:
                 dropped.append(e.entry_id)
@@ -104,22 +107,25 @@ class GroupHeld:
             self.store.on_rollback(lambda e=e, before=before: _restore(e, *before))  # type: ignore[misc]
         return kept
 
-    def _room(self, agent: str, adding: int, adding_bytes: int) -> bool:
+    def _room(self, agent: str, adding: int, agent_adding_bytes: int, adding_bytes: int) -> bool:
         cap = self.cfg.store.held_max_per_agent
         st = self._hstate
-        if len(st.held.get(agent, ())) + adding < cap and st.payload_bytes + adding_bytes <= HELD_MAX_BYTES:
+        if (len(st.held.get(agent, ())) + adding < cap and st.payload_bytes + adding_bytes <= HELD_MAX_BYTES
+                and st.agent_bytes.get(agent, 0) + agent_adding_bytes <= HELD_MAX_BYTES_PER_AGENT):
             return True
         self.counters.held_not_kept_over_cap += 1
         t = asyncio.get_running_loop().time()
         if cap and self._hstate.over_cap_logged.get(agent, float("-inf")) + OVER_CAP_LOG_EVERY <= t:
             self._hstate.over_cap_logged[agent] = t
-            log.warning("agent %s has %d unacknowledged group message(s) held (cap: store.held_max_per_agent per "
-                        "agent, %d MiB for all agents): further group messages to it are not kept after the broker "
-                        "has them until it acknowledges (see docs/operations.md)", agent,
-                        len(self._hstate.held.get(agent, ())), HELD_MAX_BYTES >> 20)
+            log.warning("agent %s has %d unacknowledged group message(s) held, %d KiB (caps: "
+                        "store.held_max_per_agent messages and %d MiB per agent, %d MiB for all agents, now %d KiB): "
+                        "further group messages to it are not kept after the broker has them until it "
+                        "acknowledges (see docs/operations.md)", agent, len(st.held.get(agent, ())),
+                        st.agent_bytes.get(agent, 0) >> 10, HELD_MAX_BYTES_PER_AGENT >> 20, HELD_MAX_BYTES >> 20,
+                        st.payload_bytes >> 10)
         return False
 
-    def _after_handed(self, done: list[InEntry], kept: list[InEntry], connect: int) -> None:
+    def _after_handed(self, done: list[InEntry], kept: list[InEntry]) -> None:
         """After that commit: index what is held now, forget what was deleted; an exchange that spanned a broker
         reconnect may have ended in a PUBCOMP from a restarted broker that lost the message: published again."""
         st = self._hstate
@@ -131,10 +137,10 @@ class GroupHeld:
                 self._unindex(e.agent, e.entry_id)
         for e in kept:
             self._unindex(e.agent, e.entry_id)  # (a republished one: indexed again)
-            st.held[e.agent][e.entry_id] = (connect, when, len(e.payload))
-            st.payload_bytes += len(e.payload)
-        if kept and connect < self.bridge.connects:
-            self._publish_again([e.entry_id for e in kept], "after a broker reconnect")
+            self._index(e, e.exchange_connect, when)
+        suspects = [e.entry_id for e in kept if e.exchange_connect < self.bridge.connects]
+        if suspects:
+            self._publish_again(suspects, "after a broker reconnect")
 
     # -- the daemon's entry points (gateway/receipts.py) -----------------------------------------------------------
     def acked(self, agent: str, ids: list[bytes]) -> list[bytes]:
@@ -146,8 +152,8 @@ class GroupHeld:
             e = self.records.inbox_entry(i)
             if e is None or e.agent != agent:
                 rest.append(i)
-            elif i in self._publishing:
-                st.acked_early.add(i)
+            elif i in self._publishing or e.phase in (Phase.PUBLISHED, Phase.BROKER_HAS):
+                st.acked_early.add(i)  # its exchange (holding a packet id) goes on, or resumes: deleted at PUBCOMP
             else:
                 drop.append(i)
         if drop:
@@ -157,10 +163,18 @@ class GroupHeld:
                 self._unindex(agent, i)
         return rest
 
+    def _index(self, e: InEntry, connect: int, when: float) -> None:
+        st = self._hstate
+        st.held[e.agent][e.entry_id] = (connect, when, len(e.payload))
+        st.payload_bytes += len(e.payload)
+        st.agent_bytes[e.agent] = st.agent_bytes.get(e.agent, 0) + len(e.payload)
+
     def _unindex(self, agent: str, entry_id: bytes) -> None:
-        got = self._hstate.held.get(agent, {}).pop(entry_id, None)
+        st = self._hstate
+        got = st.held.get(agent, {}).pop(entry_id, None)
         if got is not None:
-            self._hstate.payload_bytes -= got[2]
+            st.payload_bytes -= got[2]
+            st.agent_bytes[agent] -= got[2]
 
     def republish_held(self, agent: str | None = None, *, before_connect: int | None = None,
                        before: float | None = None) -> None:

@@ -95,7 +95,8 @@ class GroupKeys:
         self.counters = Counters()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._key_loops = False  # `_rotations` and `_revocations` run (started by this half)
-        self.acking_agents: set[str] = set()  # agents that acknowledge what they receive (the daemon's set)
+        # agent -> the groups whose messages it acknowledges (the daemon's, from its announcements: receipts.py)
+        self.acking_groups: dict[str, frozenset[str]] = {}
 
     # -- start-up and the switch to the full service -------------------------------------------------------------
     async def start(self) -> None:
@@ -174,7 +175,7 @@ class GroupKeys:
         return None
 
     def status(self) -> dict[str, Any]:
-        return {"memberships": [], "outbox": 0,
+        return {"memberships": [], "outbox": 0, "held": 0,
                 "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"}}
 
     async def _key_package_loop(self) -> None:

@@ -102,6 +102,10 @@ class InEntry:
     packet_id: int = 0
     phase: int = 0
     expires_ms: int = 0  # a HANDED entry (gateway/groups_held.py) not acknowledged by then is deleted; 0: unset
+    # The broker connection its current QoS 2 exchange started in (not stored: 0 for an entry restored at start-up,
+    # whose exchange began in an earlier run). An exchange that spans a reconnect may have ended in a PUBCOMP from
+    # a restarted broker that lost the message (gateway/groups_held.py).
+    exchange_connect: int = field(default=0, compare=False)
 
     def to_bytes(self) -> bytes:
         return json.dumps({"a": self.agent, "g": self.group, "s": self.sender, "e": self.epoch,

@@ -14,9 +14,9 @@ remembered in the store as acknowledging. Its inbox entries are not deleted at P
 its ack names them (only its own entries), published again after every (re)connect to the broker and whenever it
 announces itself (at most once per HELLO_EVERY), and deleted with a warning when they expire unacknowledged
 (docs/operations.md). At most `store.held_max_per_agent` are held per agent; past that its messages are deleted at
-PUBCOMP, as for a raw agent, so an agent that announces and never acks cannot fill the store. Its group messages
-are kept the same way by the group service (gateway/groups_held.py); acks, announcements, reconnects and expiry
-sweeps are passed on to it.
+PUBCOMP, as for a raw agent, so an agent that announces and never acks cannot fill the store. The messages of the
+groups its announcement names (`agw:groups`) are kept the same way by the group service (gateway/groups_held.py);
+acks, announcements, reconnects and expiry sweeps are passed on to it.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ from gateway.store import StoreError
 log = logging.getLogger("agw.receipts")
 
 ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the agent acknowledged anything
+ACKING_GROUPS_KEY = "receipts/acking-groups/"  # + agent: the groups it announced it acknowledges (comma-separated)
+MAX_ANNOUNCED_GROUPS = 1_000
 EARLY_ACKS = 65_536  # acks remembered for entries not (yet) HANDED: an ack may overtake our PUBCOMP
 WATCH_EVERY = 0.2  # seconds between looks at the broker connection
 EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
@@ -71,6 +73,12 @@ class Receipts:
 
     def _init_receipts(self) -> None:
         self._acking: set[str] = {a for a in self.cfg.agents if self.store.secrets.get(ACKING_KEY + a) is not None}
+        # agent -> the groups whose messages it acknowledges (shared with the group service: gateway/groups_held.py)
+        self._acking_groups: dict[str, frozenset[str]] = {}
+        for a in self._acking:
+            raw = self.store.secrets.get(ACKING_GROUPS_KEY + a)
+            if raw:
+                self._acking_groups[a] = frozenset(raw.decode().split(","))
         # agent -> message id -> (entry name, expiry, broker connection it was handed in, when (loop time))
         self._held: defaultdict[str, dict[bytes, tuple[str, int, int, float]]] = defaultdict(dict)
         self._early_acks: OrderedDict[tuple[str, bytes], None] = OrderedDict()
@@ -150,7 +158,7 @@ class Receipts:
                 rest.append(m)
                 continue
             try:
-                self._on_ack(agent, m.payload)
+                self._on_ack(agent, m.payload, m.user_properties)
             except StoreError as exc:
                 # Not PUBACKed: the broker delivers the ack again after a reconnect. Held entries stay meanwhile.
                 log.error("cannot record an ack of %s (%s)", agent, exc)
@@ -158,7 +166,7 @@ class Receipts:
             self.bridge.ack(m)
         return rest
 
-    def _on_ack(self, agent: str, payload: bytes) -> None:
+    def _on_ack(self, agent: str, payload: bytes, properties: Sequence[tuple[str, str]] = ()) -> None:
         if agent not in self.cfg.agents:
             self.receipt_counters["bad_input"] += 1
             log.warning("an ack on the topic of %r, which is not an agent of this device: ignored", agent)
@@ -167,7 +175,9 @@ class Receipts:
             if agent in self._acking:
                 with self.store.transaction(durable=False):
                     self.store.secrets.delete(ACKING_KEY + agent)
+                    self.store.secrets.delete(ACKING_GROUPS_KEY + agent)
                 self._acking.discard(agent)
+                self._acking_groups.pop(agent, None)
                 log.info("agent %s stopped acknowledging (its SDK client closed): its messages go at PUBCOMP again",
                          agent)
             return
@@ -186,6 +196,7 @@ class Receipts:
             # The agent (re)connected. What was handed to the broker while it was away waits in its session and
             # arrives now; after a grace period, what is still unacknowledged from before this announcement is
             # sent again (its session may have been lost, e.g. with the broker's unsaved state).
+            self._announced_groups(agent, properties)
             self._on_hello(agent)
             return
         self.receipt_counters["acks"] += len(ids)
@@ -205,6 +216,32 @@ class Receipts:
             with self.store.transaction(durable=False):
                 for name in names:
                     self.store.inbox.delete(name)
+
+    def _announced_groups(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
+        """An announcement names the groups whose messages the client reads and acknowledges (`agw:groups`): only
+        those are kept for it (gateway/groups_held.py). None named (an older SDK, or one that reads no group):
+        none kept, so a client that never acknowledges a group's messages is not sent them again and again."""
+        value = next((v for k, v in properties if k == topics.PROP_GROUPS), "")
+        groups = set()
+        for name in value.split(",")[:MAX_ANNOUNCED_GROUPS] if value else ():
+            try:
+                groups.add(check_id("group", name))
+            except BadName:
+                self.receipt_counters["bad_input"] += 1
+                log.warning("agent %s announced a malformed group name %r: ignored", agent, name[:80])
+        if frozenset(groups) == self._acking_groups.get(agent, frozenset()):
+            return
+        with self.store.transaction(durable=False):
+            if groups:
+                self.store.secrets.put(ACKING_GROUPS_KEY + agent, ",".join(sorted(groups)).encode())
+            else:
+                self.store.secrets.delete(ACKING_GROUPS_KEY + agent)
+        if groups:
+            self._acking_groups[agent] = frozenset(groups)
+        else:
+            self._acking_groups.pop(agent, None)
+        log.info("agent %s acknowledges the messages of %d group(s): they are kept until it does", agent,
+                 len(groups))
 
     def _on_hello(self, agent: str) -> None:
         """Schedule one republish of the agent's held entries handed before its announcement, HELLO_GRACE after
@@ -379,5 +416,7 @@ class Receipts:
                     log.error("cannot expire held inbox entries (%s); retrying", exc)
 
     def receipts_status(self) -> dict[str, Any]:
-        return {"acking_agents": sorted(self._acking), "held": sum(len(h) for h in self._held.values()),
+        return {"acking_agents": sorted(self._acking),
+                "acking_groups": {a: sorted(g) for a, g in sorted(self._acking_groups.items())},
+                "held": sum(len(h) for h in self._held.values()),
                 **self.receipt_counters}

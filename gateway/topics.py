@@ -32,6 +32,9 @@ PROP_SDK_ID = "agw:sdk-id"
 PROP_DELIVER_TO = "agw:deliver-to"
 # On a receipt: the SDK ids it names were refused for good at ingest, for this reason (gateway/receipts.py).
 PROP_REFUSED = "agw:refused"
+# On an agent's announcement (its empty ack): the groups whose messages this SDK client reads and acknowledges,
+# comma-separated (gateway/groups_held.py). Absent: none (an SDK that predates it, or one that reads no group).
+PROP_GROUPS = "agw:groups"
 
 
 class TopicError(ValueError):

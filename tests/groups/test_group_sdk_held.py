@@ -101,6 +101,9 @@ async def test_a_group_message_sent_while_the_sdk_agent_was_killed_reaches_its_n
                                                           check=False).returncode == 0, what="a1 to join")
         first = Receiver("a1", gw1.broker.port)
         try:
+            # Its group_messages() subscribed and announced that a1 reads (and acknowledges) this group.
+            await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_groups"] == {"a1": [GROUP]},
+                                    what="a1's announcement of the group")
             await b1.send_group(GROUP, b"first")
             await asyncio.to_thread(wait_for, lambda: first.payloads() == [b"first"], what="the first message")
             # Taken and acknowledged: gw1 holds nothing for a1 any more.
@@ -141,9 +144,27 @@ async def test_a_clean_close_ends_the_keeping(bed: Testbed) -> None:
     # a1 said goodbye: a message now goes at PUBCOMP, as for a raw agent, and is not kept.
     await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_agents"] == [],
                             what="gw1 to take a1's goodbye")
+    assert live_status(bed)["receipts"]["acking_groups"] == {}
     delivered = groups_status(bed)["counters"]["delivered"]
     async with AgentClient("b1", port=bed.gateways["gw2"].broker.port, password=PW) as b1:
         await b1.send_group(GROUP, b"after the goodbye")
     await asyncio.to_thread(wait_for, lambda: groups_status(bed)["counters"]["delivered"] > delivered,
                             what="gw1 to hand the message to its broker")
     assert groups_status(bed)["held"] == 0
+
+
+async def test_an_sdk_client_that_reads_no_group_gets_none_kept(bed: Testbed) -> None:
+    """An SDK client that acknowledges its direct messages but never iterates the group (or an SDK from before
+    group acks, which announces no group) is not sent the group's messages again and again: none are kept."""
+    gw1 = bed.gateways["gw1"]
+    async with AgentClient("a1", port=gw1.broker.port, password=PW) as a1:
+        await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_agents"] == ["a1"],
+                                what="a1's announcement")
+        assert live_status(bed)["receipts"]["acking_groups"] == {}
+        delivered = groups_status(bed)["counters"]["delivered"]
+        async with AgentClient("b1", port=bed.gateways["gw2"].broker.port, password=PW) as b1:
+            await b1.send_group(GROUP, b"to a client that reads no group")
+        await asyncio.to_thread(wait_for, lambda: groups_status(bed)["counters"]["delivered"] > delivered,
+                                what="gw1 to hand the message to its broker")
+        assert groups_status(bed)["held"] == 0
+        assert a1._group_inboxes == {}  # (and the client did not subscribe to it)

@@ -48,7 +48,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[tuple[Groups, Groups, Any]]:
     b = await make_gateway(relay, fleet, tmp_path, "dev-b", ["b1"], storage_key=B_KEY)
     for gw in (a, b):
         limits(gw)
-    b.acking_agents = {"b1"}
+    b.acking_groups = {"b1": frozenset({"g"})}  # (the daemon's, from b1's announcement: gateway/receipts.py)
     a.create("a1", "g")
     await a.change("a1", "g", add=["dev-b/b1"])
     await until(lambda: ("b1", "g") in b.members, "b1 to join")
@@ -76,9 +76,13 @@ async def test_held_until_the_agents_ack_names_it(pair: Any) -> None:
     assert b.records.secrets.get(f"grp/in/{entry.entry_id.hex()}") is None
 
 
-async def test_an_agent_that_does_not_acknowledge_gets_it_deleted_at_pubcomp(pair: Any) -> None:
+@pytest.mark.parametrize("groups", [{}, {"b1": frozenset({"other"})}])
+async def test_an_agent_that_does_not_acknowledge_the_group_gets_it_deleted_at_pubcomp(
+        pair: Any, groups: dict[str, frozenset[str]]) -> None:
+    """A raw agent (or an SDK client that predates group acks), or one that reads other groups only: not kept."""
     a, b, _ = pair
-    b.acking_agents.clear()
+    b.acking_groups.clear()
+    b.acking_groups.update(groups)
     a.send("a1", "g", b"raw")
     await until(lambda: len(ids_published(b)) == 1 and not b.records.inbox(), "the hand-over")
     assert b.held_count() == 0
@@ -153,7 +157,7 @@ async def test_held_messages_survive_a_restart_and_go_again_at_the_first_connect
     b2 = await make_gateway(relay, fleet, tmp_path, "dev-b", ["b1"], storage_key=B_KEY)
     try:
         limits(b2)
-        b2.acking_agents = {"b1"}
+        b2.acking_groups = {"b1": frozenset({"g"})}
         assert b2.held_count() == 1 and b2.records.inbox()[0].phase == Phase.HANDED
         await asyncio.sleep(0.05)
         assert ids_published(b2) == []  # HANDED: not published by the inbox loop on its own
@@ -202,3 +206,80 @@ async def test_past_the_byte_cap_messages_are_not_kept(pair: Any, monkeypatch: A
     assert b.acked("b1", ids_published(b)[:1]) == []
     a.send("a1", "g", b"z" * 600)  # room again
     await until(lambda: b.held_count() == 1 and len(ids_published(b)) == 3, "the third to be held")
+
+
+async def test_an_exchange_begun_before_a_restart_is_published_again_once_held(pair: Any, monkeypatch: Any) -> None:
+    """The gateway died between the broker's PUBREC and its PUBCOMP: the restarted gateway sends PUBREL, and a
+    broker restarted meanwhile answers PUBCOMP for an id it lost. So a held entry whose exchange began in an
+    earlier run is published again at once (its exchange connection is 0), as pairwise ones are."""
+    a, b, (relay, fleet, tmp_path) = pair
+    stuck = asyncio.Event()
+
+    async def dies_before_pubcomp(self: FakeBridge, packet_id: int, *args: Any, on_broker_has: Any, **kw: Any
+                                  ) -> None:
+        on_broker_has([packet_id])
+        stuck.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(FakeBridge, "publish_exactly_once", dies_before_pubcomp)
+    a.send("a1", "g", b"in flight at the crash")
+    await until(lambda: stuck.is_set() and b.records.inbox()[0].phase == Phase.BROKER_HAS, "the PUBREC")
+    for t in list(b._tasks):
+        t.cancel()
+    b.store.close()
+    monkeypatch.undo()
+    b2 = await make_gateway(relay, fleet, tmp_path, "dev-b", ["b1"], storage_key=B_KEY)
+    try:
+        limits(b2)
+        b2.acking_groups = {"b1": frozenset({"g"})}
+        b2._inbox_wake.set()
+        await until(lambda: len(ids_published(b2)) == 2, "the resumed exchange, then a new one")
+        assert b2.counters.held_republished == 1
+        await until(lambda: b2.held_count() == 1 and b2.records.inbox()[0].phase == Phase.HANDED, "held")
+    finally:
+        for t in list(b2._tasks):
+            t.cancel()
+        b2.store.close()
+
+
+async def test_an_ack_of_an_entry_whose_exchange_waits_keeps_its_packet_id_until_pubcomp(
+        pair: Any, monkeypatch: Any) -> None:
+    """A republished copy refused by the broker waits in PUBLISHED (holding a packet id) for the next try; the
+    late ack of the first copy must not delete it there (its packet id would never be freed): it goes at PUBCOMP."""
+    from gateway.bridge import BrokerUnavailable
+
+    a, b, _ = pair
+    freed: list[int] = []
+    monkeypatch.setattr(FakeBridge, "free_packet_id", lambda self, p: freed.append(p))
+    a.send("a1", "g", b"m")
+    await until(lambda: b.held_count() == 1, "held")
+    [e] = b.records.inbox()
+    publish = FakeBridge.publish_exactly_once
+
+    async def refuse(self: FakeBridge, packet_id: int, *args: Any, **kw: Any) -> None:
+        raise BrokerUnavailable("the broker went away")
+
+    monkeypatch.setattr(FakeBridge, "publish_exactly_once", refuse)
+    freed.clear()
+    b.republish_held("b1")
+    await until(lambda: b.records.inbox()[0].phase == Phase.PUBLISHED and e.entry_id not in b._publishing,
+                "the refused exchange")
+    packet_id = b.records.inbox()[0].packet_id
+    assert b.acked("b1", [e.entry_id]) == []
+    assert len(b.records.inbox()) == 1  # still there, with its packet id
+    monkeypatch.setattr(FakeBridge, "publish_exactly_once", publish)
+    b._inbox_wake.set()
+    await until(lambda: b.records.inbox() == [], "deleted at its PUBCOMP")
+    assert packet_id in freed and b.held_count() == 0
+
+
+async def test_one_agent_cannot_take_every_agents_byte_share(pair: Any, monkeypatch: Any) -> None:
+    import gateway.groups_held
+
+    a, b, _ = pair
+    monkeypatch.setattr(gateway.groups_held, "HELD_MAX_BYTES_PER_AGENT", 1000)
+    a.send("a1", "g", b"x" * 600)
+    await until(lambda: b.held_count() == 1, "the first to be held")
+    a.send("a1", "g", b"y" * 600)
+    await until(lambda: len(ids_published(b)) == 2 and len(b.records.inbox()) == 1, "the second hand-over")
+    assert b.held_count() == 1 and b.counters.held_not_kept_over_cap == 1

@@ -53,8 +53,8 @@ class SdkFleet:
         # Both gateways must know their agent acknowledges (its empty ack on connect) before the stream starts.
         for gw, agent in ((self.a, "alice"), (self.b, "bob")):
             deadline = time.monotonic() + 30
-            while agent not in gw.status().get("receipts", {}).get("acking_agents", []):  # type: ignore[union-attr]
-                assert time.monotonic() < deadline, f"{gw.name} never saw {agent}'s announcement"
+            while GROUP not in gw.status().get("receipts", {}).get("acking_groups", {}).get(agent, []):  # type: ignore[union-attr]
+                assert time.monotonic() < deadline, f"{gw.name} never saw {agent}'s announcement of the group"
                 time.sleep(0.1)
 
     def stop(self) -> None:
