@@ -16,7 +16,6 @@ import logging
 import struct
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -154,7 +153,7 @@ class Handover:
         for held in self.peers.values():
             for m, e in list(held.items()):
                 if e.due_at_ms:
-                    held[m] = replace(e, due_at_ms=0)
+                    held[m] = e._replace(due_at_ms=0)
 
     def holds(self, e: OutboxEntry) -> bool:
         held = self.peers.get(e.peer_device)
