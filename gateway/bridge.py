@@ -39,6 +39,7 @@ import logging
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -680,6 +681,20 @@ class IncomingQueue(asyncio.Queue[AgentMessage]):
         if self.paused and self.held_bytes < self.max_bytes:
             self._resume()
         return m
+
+    def get_many_nowait(self, limit: int) -> list[AgentMessage]:
+        """Up to `limit` messages at once, oldest first (none: `asyncio.QueueEmpty`): what as many `get_nowait`
+        calls return, with the byte count and the resume check made once for all of them."""
+        items: deque[AgentMessage] = self._queue  # type: ignore[attr-defined]
+        if not items:
+            raise asyncio.QueueEmpty
+        out = [items.popleft() for _ in range(min(limit, len(items)))]
+        cost = self.cost
+        self.held_bytes -= sum([cost(m) for m in out])
+        if self.paused and self.held_bytes < self.max_bytes:
+            self._resume()
+        self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+        return out
 
     def may_read(self) -> bool:
         """Before each packet: whether to read it now. No: reading pauses until there is room (or pause_max)."""

@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
-from gateway.bridge import AgentMessage
+from gateway.bridge import AgentMessage, IncomingQueue
 from gateway.receipts import Receipts
 from gateway.runtime import Counters, now_ms
 from gateway.sending import HANDOVER_DUE_MS, Sending
@@ -36,7 +36,7 @@ class Ingest(Sending, Receipts):
         self._publishing: set[str] = set()
         self._init_receipts()
         self.acked: list[AgentMessage] = []
-        self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append, ack_many=self.acked.extend)
+        self.bridge = SimpleNamespace(incoming=IncomingQueue(), ack=self.acked.append, ack_many=self.acked.extend)
         self.groups = _NoGroups()
         self.counters = Counters()
         self._wake_sender = asyncio.Event()
