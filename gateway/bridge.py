@@ -41,9 +41,8 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
@@ -109,9 +108,9 @@ class BrokerLostMessage(BrokerUnavailable):
     exchange. Nothing was delivered: the caller must publish the message again, as a new exchange."""
 
 
-@dataclass(frozen=True, slots=True)
-class AgentMessage:
-    """A message an agent published under agw/<agent>/out/..."""
+class AgentMessage(NamedTuple):
+    """A message an agent published under agw/<agent>/out/... (A named tuple, not a frozen dataclass: one is built
+    per message read, and a tuple of ten fields is built in a fifth of the time.)"""
 
     topic: str
     payload: bytes
@@ -299,9 +298,8 @@ def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage
             raise MalformedPacket("PUBLISH properties overrun their length")
     except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise MalformedPacket(f"malformed PUBLISH: {exc}") from exc
-    return AgentMessage(topic=topic, payload=bytes(packet[pend:]), mid=mid, qos=qos, dup=bool(header & 0x08),
-                        response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
-                        payload_utf8=utf8, user_properties=tuple(user))
+    return AgentMessage(topic, bytes(packet[pend:]), mid, qos, bool(header & 0x08),  # (positional: faster)
+                        response_topic, correlation_data, content_type, utf8, tuple(user))
 
 
 def publish_packet(packet_id: int, topic: bytes, properties: bytes, payload: bytes) -> bytes:

@@ -89,17 +89,15 @@ async def test_fields_outside_the_inner_rules_are_refused_at_ingest_and_the_rest
     """Ingest encodes records without an `InnerMessage` (`encode_data`): what the agent decoder lets through but
     the inner format refuses is still refused (acknowledged, not stored); what it stores decodes to the message
     `InnerMessage` would have built."""
-    from dataclasses import replace
-
     from gateway.protocol.message import InnerMessage, Kind
 
-    refused = [replace(publish(1, b"\xff\xfe"), payload_utf8=True),  # flagged UTF-8, is not
-               replace(publish(2, b"x"), response_topic="agw/bob/+"),
-               replace(publish(3, b"x"), correlation_data=b"c" * 4097),
-               replace(publish(4, b"x"), content_type="text/\x01"),
-               replace(publish(5, b"x"), user_properties=(("k", "\ufeff"),))]
-    stored = [replace(publish(10, b"caf\xc3\xa9"), payload_utf8=True), publish(11, b"plain"),
-              replace(publish(12, b"x"), response_topic="agw/alice/in", correlation_data=b"c",
+    refused = [publish(1, b"\xff\xfe")._replace(payload_utf8=True),  # flagged UTF-8, is not
+               publish(2, b"x")._replace(response_topic="agw/bob/+"),
+               publish(3, b"x")._replace(correlation_data=b"c" * 4097),
+               publish(4, b"x")._replace(content_type="text/\x01"),
+               publish(5, b"x")._replace(user_properties=(("k", "\ufeff"),))]
+    stored = [publish(10, b"caf\xc3\xa9")._replace(payload_utf8=True), publish(11, b"plain"),
+              publish(12, b"x")._replace(response_topic="agw/alice/in", correlation_data=b"c",
                       content_type="text/plain", user_properties=(("k", "v"),))]
     with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
         ingest = Ingest(store)
