@@ -39,10 +39,10 @@ import logging
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as mqtt
 from paho.mqtt import _packet
@@ -108,9 +108,9 @@ class BrokerLostMessage(BrokerUnavailable):
     exchange. Nothing was delivered: the caller must publish the message again, as a new exchange."""
 
 
-@dataclass(frozen=True, slots=True)
-class AgentMessage:
-    """A message an agent published under agw/<agent>/out/..."""
+class AgentMessage(NamedTuple):
+    """A message an agent published under agw/<agent>/out/... (A named tuple, not a frozen dataclass: one is built
+    per message read, and a tuple of ten fields is built in a fifth of the time.)"""
 
     topic: str
     payload: bytes
@@ -298,9 +298,8 @@ def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage
             raise MalformedPacket("PUBLISH properties overrun their length")
     except (IndexError, ValueError) as exc:  # (UnicodeDecodeError is a ValueError)
         raise MalformedPacket(f"malformed PUBLISH: {exc}") from exc
-    return AgentMessage(topic=topic, payload=bytes(packet[pend:]), mid=mid, qos=qos, dup=bool(header & 0x08),
-                        response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
-                        payload_utf8=utf8, user_properties=tuple(user))
+    return AgentMessage(topic, bytes(packet[pend:]), mid, qos, bool(header & 0x08),  # (positional: faster)
+                        response_topic, correlation_data, content_type, utf8, tuple(user))
 
 
 def publish_packet(packet_id: int, topic: bytes, properties: bytes, payload: bytes) -> bytes:
@@ -680,6 +679,20 @@ class IncomingQueue(asyncio.Queue[AgentMessage]):
         if self.paused and self.held_bytes < self.max_bytes:
             self._resume()
         return m
+
+    def get_many_nowait(self, limit: int) -> list[AgentMessage]:
+        """Up to `limit` messages at once, oldest first (none: `asyncio.QueueEmpty`): what as many `get_nowait`
+        calls return, with the byte count and the resume check made once for all of them."""
+        items: deque[AgentMessage] = self._queue  # type: ignore[attr-defined]
+        if not items:
+            raise asyncio.QueueEmpty
+        out = [items.popleft() for _ in range(min(limit, len(items)))]
+        cost = self.cost
+        self.held_bytes -= sum([cost(m) for m in out])
+        if self.paused and self.held_bytes < self.max_bytes:
+            self._resume()
+        self._wakeup_next(self._putters)  # type: ignore[attr-defined]
+        return out
 
     def may_read(self) -> bool:
         """Before each packet: whether to read it now. No: reading pauses until there is room (or pause_max)."""

@@ -15,8 +15,7 @@ import itertools
 import logging
 import struct
 import time
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from gateway import stages, topics
 from gateway.bridge import AgentMessage
 from gateway.protocol.envelope import Envelope, EnvelopeKind
 from gateway.protocol.errors import ProtocolError
-from gateway.protocol.message import InnerMessage, Kind, new_message_id
+from gateway.protocol.message import encode_data, new_message_ids
 from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
 from gateway.store import OutboxEntry, OutboxFull, StoreError
@@ -154,7 +153,7 @@ class Handover:
         for held in self.peers.values():
             for m, e in list(held.items()):
                 if e.due_at_ms:
-                    held[m] = replace(e, due_at_ms=0)
+                    held[m] = e._replace(due_at_ms=0)
 
     def holds(self, e: OutboxEntry) -> bool:
         held = self.peers.get(e.peer_device)
@@ -204,8 +203,8 @@ class Sending:
         max_record = self.store.outbox.limits.max_record_bytes
         while True:
             batch = [await q.get()]
-            while not q.empty() and len(batch) < 512:
-                batch.append(q.get_nowait())
+            if not q.empty():
+                batch += q.get_many_nowait(511)  # (one call, not one `get_nowait` per message)
             dequeued_ns = time.time_ns() if stages.enabled else 0
             items: list[tuple[bytes, str, bytes, int]] = []
             ingested: list[tuple[str, bytes]] = []
@@ -219,10 +218,11 @@ class Sending:
                 batch = [m for m in batch if not topics.is_group_topic(prefix, m.topic)]
             batch = self._take_acks(batch)  # receipts: agents' acks of what they received (gateway/receipts.py)
             refused: list[tuple[AgentMessage, str]] = []
+            fresh = iter(new_message_ids(len(batch)))  # (one draw of random ids for the batch)
             for m in batch:
                 try:
                     out = topics.parse_out_topic(prefix, m.topic)
-                    inner = self._inner_from_agent(m, out, t, ttl)
+                    message_id, record = self._record_from_agent(m, out, t, ttl, fresh)
                 except (topics.TopicError, ValueError) as exc:
                     log.warning("dropping a message on %r: %s", m.topic, exc)
                     refused.append((m, str(exc)))
@@ -230,14 +230,13 @@ class Sending:
                 digest = _digest(m)
                 if m.dup and self._marks.is_copy(m.mid, digest):
                     continue  # the broker resends what we stored but had not acknowledged before a crash
-                record = inner.encode()
                 if len(record) > max_record:  # never storable: refused, not retried (that would stall ingest)
                     reason = (f"the message is {len(record)} bytes encoded, over the outbox's max_record_bytes "
                               f"({max_record}); send smaller messages")
                     log.warning("dropping a message on %r: %s", m.topic, reason)
                     refused.append((m, reason))
                     continue
-                items.append((inner.message_id, out.peer_device, record, inner.expires_at_ms))
+                items.append((message_id, out.peer_device, record, t + ttl))
                 ingested.append((m.mid, digest))
             handover = await self._handover.wait_room(items)  # sent from memory, the row due later (Handover)
             stored_at = now_ms() if handover else t
@@ -266,19 +265,22 @@ class Sending:
             self.counters.sent += len(items)
             self._wake_sender.set()
 
-    def _inner_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int) -> InnerMessage:
+    def _record_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int,
+                           fresh: Iterator[bytes]) -> tuple[bytes, bytes]:
+        """The message id and encoded DATA inner message (the outbox record) of an agent's message; raises
+        `InvalidMessageError` (a ValueError) for a field outside the inner format's rules (`encode_data` applies
+        every rule of `InnerMessage`, without building one). `fresh`: random ids, one taken if the message has
+        no agw:sdk-id to derive its id from."""
         props: tuple[tuple[str, str], ...] = ()
         if m.user_properties:
             props = tuple((k, v) for k, v in m.user_properties if not k.startswith(topics.RESERVED_PREFIX))
             message_id = self._e2e_message_id(m, out.agent)
         else:
-            message_id = new_message_id()  # (no agw:sdk-id to derive it from)
+            message_id = next(fresh)
         if out.deliver_to is not None:
             props += ((topics.PROP_DELIVER_TO, out.deliver_to),)
-        return InnerMessage(kind=Kind.DATA, message_id=message_id, sender_agent=out.agent,
-                            recipient_agent=out.peer_agent, created_at_ms=t, expires_at_ms=t + ttl,
-                            payload=m.payload, response_topic=m.response_topic, correlation_data=m.correlation_data,
-                            content_type=m.content_type, payload_utf8=m.payload_utf8, user_properties=props)
+        return message_id, encode_data(message_id, out.agent, out.peer_agent, t, t + ttl, m.payload,
+                                       m.response_topic, m.correlation_data, m.content_type, m.payload_utf8, props)
 
     async def _sender_loop(self) -> None:
         expired_at = 0

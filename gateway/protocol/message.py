@@ -283,6 +283,52 @@ def _decode_fast(cls: type[InnerMessage], data: bytes, max_payload: int) -> Inne
         return None
 
 
+_DATA_NAMES: dict[tuple[str, str], bytes] = {}  # (sender, recipient) agent names checked, -> their encoded fields
+_DATA_NAMES_MAX = 1024
+_NO_OPTIONS = b"\x00\x00\x00"  # DATA flags 0 (no response topic, correlation data, content type), 0 properties
+_UTF8_NO_OPTIONS = bytes([_FLAG_PAYLOAD_UTF8]) + b"\x00\x00"
+
+
+def encode_data(message_id: bytes, sender_agent: str, recipient_agent: str, created_at_ms: int, expires_at_ms: int,
+                payload: bytes, response_topic: str | None = None, correlation_data: bytes | None = None,
+                content_type: str | None = None, payload_utf8: bool = False,
+                user_properties: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """`InnerMessage(Kind.DATA, ...).encode()` without building the message (the sender's ingest: ~0.6 us against
+    ~4.8): the same bytes, or the same `InvalidMessageError`, for any arguments. Straight-line only for a message
+    with no response topic, correlation data, content type or user properties, whose every field has its plain
+    type and is within the rules (agent names are checked once per pair and remembered); anything else goes
+    through `InnerMessage`, so every rule of `_check` still applies."""
+    if (response_topic is None and correlation_data is None and content_type is None and not user_properties
+            and type(message_id) is bytes and len(message_id) == MESSAGE_ID_LEN
+            and type(payload) is bytes and len(payload) <= MAX_PAYLOAD_HARD_LIMIT
+            and type(created_at_ms) is int and type(expires_at_ms) is int
+            and 0 <= created_at_ms <= expires_at_ms < 1 << 64
+            and type(sender_agent) is str and type(recipient_agent) is str and type(payload_utf8) is bool):
+        names = _DATA_NAMES.get((sender_agent, recipient_agent))
+        if names is None and _AGENT_NAME.fullmatch(sender_agent) and _AGENT_NAME.fullmatch(recipient_agent):
+            names = _text8(sender_agent) + _text8(recipient_agent)
+            if len(_DATA_NAMES) < _DATA_NAMES_MAX:
+                _DATA_NAMES[(sender_agent, recipient_agent)] = names
+        if names is not None:
+            if not payload_utf8:
+                options = _NO_OPTIONS
+            else:
+                try:
+                    payload.decode("utf-8")
+                except UnicodeDecodeError:
+                    options = b""  # refused below, with `_check`'s message
+                else:
+                    options = _UTF8_NO_OPTIONS
+            if options:
+                return b"".join((_FIXED.pack(VERSION, _DATA, message_id), names,
+                                 _TIMES.pack(created_at_ms, expires_at_ms), options, _U32.pack(len(payload)),
+                                 payload))
+    return InnerMessage(Kind.DATA, message_id, sender_agent, recipient_agent, created_at_ms, expires_at_ms,
+                        payload=payload, response_topic=response_topic, correlation_data=correlation_data,
+                        content_type=content_type, payload_utf8=payload_utf8,
+                        user_properties=user_properties).encode()
+
+
 class RandomPool:
     """`os.urandom` bytes read in blocks and handed out in slices: one system call per `block` bytes instead of
     one per id or nonce. Every slice is handed out once (under a lock, so threads never share one), and a forked
@@ -316,6 +362,12 @@ _IDS = RandomPool()
 def new_message_id() -> bytes:
     """A fresh random 16-byte message id (random, so ids reveal nothing about order or volume)."""
     return _IDS.take(MESSAGE_ID_LEN)
+
+
+def new_message_ids(n: int) -> list[bytes]:
+    """`n` fresh message ids, from one read of the pool (a batch's ids: one lock and slice per id saved)."""
+    block = _IDS.take(MESSAGE_ID_LEN * n)
+    return [block[i:i + MESSAGE_ID_LEN] for i in range(0, MESSAGE_ID_LEN * n, MESSAGE_ID_LEN)]
 
 
 # What an MQTT broker refuses in a UTF-8 string (MQTT 5 section 1.5.4; Mosquitto disconnects the client for it):

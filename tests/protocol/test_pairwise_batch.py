@@ -221,3 +221,62 @@ def test_trailing_bytes_and_size_limit(sessions: tuple[PairwiseSession, Pairwise
     with pytest.raises(PairwiseDecodeError):
         PairwiseBatch.parse(wire, max_size=len(wire) - 1)
     assert PairwiseBatch.is_batch(wire) and not PairwiseBatch.is_batch(a.encrypt(b"v1"))
+
+
+def _reference_batch(s: PairwiseSession, plaintexts: list[bytes]) -> bytes:
+    """`encrypt_batch` as it was built before its batch-level shortcuts: one `next_send`, `encode_header`,
+    `item_aad` and `encode_item` per message."""
+    from gateway.protocol.pairwise.crypto import NONCE_LEN, aead_encrypt
+    from gateway.protocol.pairwise.wire import encode_header
+
+    nonces = s._random(NONCE_LEN * len(plaintexts))
+    parts = [v2.encode_head(s.session_id, len(plaintexts))]
+    for i, plaintext in enumerate(plaintexts):
+        dh_public, pn, n, mk = s._ratchet.next_send()
+        header = encode_header(dh_public, pn, n, nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN])
+        parts.append(v2.encode_item(header, aead_encrypt(mk, header[-NONCE_LEN:], plaintext,
+                                                         v2.item_aad(s.session_id, header))))
+    body = b"".join(parts)
+    return body + s._signer.sign(v2.signed_data(s.local_device_id, s.peer_device_id, body))
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 256])
+def test_batch_bytes_and_state_are_those_of_the_per_message_construction(
+        sessions: tuple[PairwiseSession, PairwiseSession], count: int) -> None:
+    a, b = sessions
+    a.encrypt_batch(_texts(3))  # not at the chain's start
+    fixed = bytes(range(256)) * 100
+
+    def clone() -> PairwiseSession:
+        return PairwiseSession.decode(a.encode(), signer=a._signer, random=lambda n: fixed[:n])
+
+    fast, slow = clone(), clone()
+    texts = _texts(count, b"x")
+    wire = fast.encrypt_batch(texts)
+    assert wire == _reference_batch(slow, texts)
+    assert fast.encode() == slow.encode()
+    assert b.decrypt_batch(wire) == texts
+
+
+def test_next_send_many_is_next_send_repeated_up_to_exhaustion(
+        sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    from gateway.protocol.pairwise.errors import SessionExhaustedError
+    from gateway.protocol.pairwise.ratchet import MAX_COUNTER, RatchetState
+
+    a, _ = sessions
+    a.encrypt_batch(_texts(2))
+
+    def ratchet() -> RatchetState:
+        return PairwiseSession.decode(a.encode(), signer=a._signer)._ratchet
+
+    many, one = ratchet(), ratchet()
+    dh, pn, first, keys = many.next_send_many(5)
+    assert [(dh, pn, first + i, k) for i, k in enumerate(keys)] == [one.next_send() for _ in range(5)]
+    assert many.encode() == one.encode()
+    many._ns = one._ns = MAX_COUNTER - 2  # two left
+    with pytest.raises(SessionExhaustedError):
+        many.next_send_many(5)
+    one.next_send(), one.next_send()
+    with pytest.raises(SessionExhaustedError):
+        one.next_send()
+    assert many.encode() == one.encode()

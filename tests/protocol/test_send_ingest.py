@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
-from gateway.bridge import AgentMessage
+from gateway.bridge import AgentMessage, IncomingQueue
 from gateway.receipts import Receipts
 from gateway.runtime import Counters, now_ms
 from gateway.sending import HANDOVER_DUE_MS, Sending
@@ -36,7 +36,7 @@ class Ingest(Sending, Receipts):
         self._publishing: set[str] = set()
         self._init_receipts()
         self.acked: list[AgentMessage] = []
-        self.bridge = SimpleNamespace(incoming=asyncio.Queue(), ack=self.acked.append, ack_many=self.acked.extend)
+        self.bridge = SimpleNamespace(incoming=IncomingQueue(), ack=self.acked.append, ack_many=self.acked.extend)
         self.groups = _NoGroups()
         self.counters = Counters()
         self._wake_sender = asyncio.Event()
@@ -82,3 +82,35 @@ async def test_redelivery_is_not_stored_twice_across_a_restart(tmp_path: Path) -
         assert store.outbox.depth() == 102 and again.counters.sent == 2
         await again.feed(publish(8, b"other content", dup=True))  # its own redelivery now is a copy
         assert store.outbox.depth() == 102
+
+
+async def test_fields_outside_the_inner_rules_are_refused_at_ingest_and_the_rest_stored_as_built(
+        tmp_path: Path) -> None:
+    """Ingest encodes records without an `InnerMessage` (`encode_data`): what the agent decoder lets through but
+    the inner format refuses is still refused (acknowledged, not stored); what it stores decodes to the message
+    `InnerMessage` would have built."""
+    from gateway.protocol.message import InnerMessage, Kind
+
+    refused = [publish(1, b"\xff\xfe")._replace(payload_utf8=True),  # flagged UTF-8, is not
+               publish(2, b"x")._replace(response_topic="agw/bob/+"),
+               publish(3, b"x")._replace(correlation_data=b"c" * 4097),
+               publish(4, b"x")._replace(content_type="text/\x01"),
+               publish(5, b"x")._replace(user_properties=(("k", "\ufeff"),))]
+    stored = [publish(10, b"caf\xc3\xa9")._replace(payload_utf8=True), publish(11, b"plain"),
+              publish(12, b"x")._replace(response_topic="agw/alice/in", correlation_data=b"c",
+                      content_type="text/plain", user_properties=(("k", "v"),))]
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        ingest = Ingest(store)
+        await ingest.feed(*refused, *stored)
+        assert len(ingest.acked) == len(refused) + len(stored)
+        assert store.outbox.depth() == len(stored) and ingest.counters.sent == len(stored)
+        records = {InnerMessage.decode(e.record).payload: InnerMessage.decode(e.record)
+                   for e in ingest._handover.peers["dev-b"].values()}
+        assert set(records) == {m.payload for m in stored}
+        for m in stored:
+            got = records[m.payload]
+            assert got == InnerMessage(Kind.DATA, got.message_id, "alice", "bob", got.created_at_ms,
+                                       got.created_at_ms + 3600 * 1000, payload=m.payload,
+                                       response_topic=m.response_topic, correlation_data=m.correlation_data,
+                                       content_type=m.content_type, payload_utf8=m.payload_utf8,
+                                       user_properties=m.user_properties)

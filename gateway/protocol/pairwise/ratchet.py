@@ -137,6 +137,25 @@ class RatchetState:
         self._ns += 1
         return self._dhs_public, self._pn, n, mk
 
+    def next_send_many(self, count: int) -> tuple[bytes, int, int, list[bytes]]:
+        """`count` calls of `next_send` in one (a batch): (our ratchet public key, previous chain length, number of
+        the first, the message keys in order). The same keys and state, and the same error at the same message
+        (the chain advanced up to it, as by the single calls)."""
+        if self._cks is None:
+            raise UnexpectedMessageError("this session cannot send before it has received the peer's first message")
+        ck, first = self._cks, self._ns
+        keys: list[bytes] = []
+        try:
+            for n in range(first, first + count):
+                if n >= MAX_COUNTER:
+                    raise SessionExhaustedError(
+                        "sending chain exhausted (2**32 messages without a reply); start a new session")
+                ck, mk = kdf_ck(ck)
+                keys.append(mk)
+        finally:
+            self._cks, self._ns = ck, first + len(keys)
+        return self._dhs_public, self._pn, first, keys
+
     # -- receiving --------------------------------------------------------------------------------------------
 
     def prepare_receive(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import struct
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 
@@ -56,6 +57,9 @@ from gateway.protocol.pairwise.wire import (
     encode_header,
     prefix_head,
 )
+
+_COUNTERS = struct.Struct(">II").pack  # a ratchet header's pn and n (as `encode_header`)
+_LEN32 = struct.Struct(">I").pack  # a batch item's ciphertext length (as `batch.encode_item`)
 
 STATE_VERSION = 1
 _SK_CONTEXT = b"agw pairwise v1 x3dh\x00"
@@ -346,12 +350,23 @@ class PairwiseSession:
             raise PairwiseUsageError(f"a batch holds 1..{v2.MAX_BATCH_COUNT} messages, not {len(plaintexts)}")
         nonces = self._random(NONCE_LEN * len(plaintexts))
         parts = [v2.encode_head(self.session_id, len(plaintexts))]
-        for i, plaintext in enumerate(plaintexts):
-            dh_public, pn, n, mk = self._ratchet.next_send()
-            header = encode_header(dh_public, pn, n, nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN])
-            parts.append(v2.encode_item(header, aead_encrypt(mk, header[-NONCE_LEN:], plaintext,
-                                                             v2.item_aad(self.session_id, header))))
-            wipe(mk)
+        dh_public, pn, first, keys = self._ratchet.next_send_many(len(plaintexts))
+        # Per message, as `encode_header`, `item_aad` and `encode_item` build them (a test compares), the ratchet
+        # header's constant part and the AD's prefix once per batch, the ciphertext not copied into an item.
+        aad_head = v2.item_aad(self.session_id, b"")
+        i = 0
+        try:
+            for i, plaintext in enumerate(plaintexts):
+                nonce = nonces[i * NONCE_LEN:(i + 1) * NONCE_LEN]
+                header = dh_public + _COUNTERS(pn, first + i) + nonce
+                mk = keys[i]
+                ciphertext = aead_encrypt(mk, nonce, plaintext, aad_head + header)
+                wipe(mk)
+                parts += (header, _LEN32(len(ciphertext)), ciphertext)
+        except BaseException:
+            for mk in keys[i:]:  # the keys not used (and the one that failed)
+                wipe(mk)
+            raise
         body = b"".join(parts)
         return body + self._signer.sign(v2.signed_data(self.local_device_id, self.peer_device_id, body))
 
