@@ -25,12 +25,38 @@ def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -
             "import gateway.cli, gateway.daemon, gateway.groups, hsm.tpm2_backend, hsm.pkcs11_backend\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n"
             "from gateway.protocol.identity import x509build\n"
-            "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
-            "x509build.key_identifier(ed25519.Ed25519PrivateKey.generate().public_key())\n"
+            "from gateway.protocol.identity.signer import SoftwareSigner\n"
+            "from hsm.api import KeyAlgorithm\n"
+            "s = SoftwareSigner.generate(KeyAlgorithm.ED25519)\n"
+            "x509build.build_csr(s, common_name='pi-1', organization='acme', san_uri='spiffe://acme/pi-1')\n"
             "print('asn1crypto.keys' in sys.modules)\n")
     out = _lines_printed_by(code)
     assert out[0] == "[]"
-    assert out[1] == "True"  # imported on first use
+    assert out[1] == "True"  # imported on first use (a CSR: `agw init`, never the daemon)
+
+
+def test_issuing_certificates_does_not_import_asn1crypto() -> None:
+    """A device issues its delegated certificates at first start and at each renewal (bench gateways: at every
+    start); asn1crypto, once imported, stays resident (~1 MB). Issuing a whole chain must not import it."""
+    code = ("import sys, datetime as dt\n"
+            "import gateway.cli, gateway.daemon\n"
+            "from gateway.protocol.identity.delegation import delegate\n"
+            "from gateway.protocol.identity import x509build\n"
+            "from gateway.protocol.identity.signer import SoftwareSigner\n"
+            "from hsm.api import KeyAlgorithm\n"
+            "now = dt.datetime.now(dt.UTC)\n"
+            "for alg in KeyAlgorithm:\n"
+            "    ca = SoftwareSigner.generate(alg)\n"
+            "    c = x509build.issue_certificate(ca, issuer=None, subject_key=ca.public_key(), common_name='ca',\n"
+            "        organization='acme', san_uri=None, serial=1, not_before=now,\n"
+            "        not_after=now + dt.timedelta(days=9), profile=x509build.FLEET_CA)\n"
+            "    d = x509build.issue_certificate(ca, issuer=c, subject_key=ca.public_key(), common_name='pi-1',\n"
+            "        organization='acme', san_uri='spiffe://acme/pi-1', serial=2, not_before=now,\n"
+            "        not_after=now + dt.timedelta(days=9), profile=x509build.DEVICE)\n"
+            "    d.verify_directly_issued_by(c)\n"
+            "    x509build.key_identifier(ca.public_key())\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n")
+    assert _lines_printed_by(code)[0] == "[]"
 
 
 def test_the_group_service_imports_the_mls_engine_only_when_a_group_needs_it() -> None:
