@@ -115,6 +115,31 @@ def test_the_daemon_leaves_urllib_request_and_importlib_metadata_unloaded_until_
     assert out[2] == "True True x True"  # loaded, and usable, on first use
 
 
+def test_agw_leaves_email_utils_unloaded_until_used() -> None:
+    """`cryptography.x509` binds `email.utils.parseaddr` at import (for RFC 822 names, which the daemon never
+    builds); `email.utils` with `email.charset`, `email.encoders`, `quopri`, ... is ~0.4 MB. `agw` (gateway.cli,
+    the daemon's entry point) installs the placeholders first, so it is loaded on the first call, and works."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.pkcs11_backend\n"
+            "from cryptography import x509\n"
+            "print(type(sys.modules['email.utils']).__name__,\n"
+            "      sorted(m for m in sys.modules if m.startswith('email.') and m != 'email.utils'))\n"
+            "print(x509.RFC822Name('jo@example.com').value, type(sys.modules['email.utils']).__name__)\n"
+            "try:\n"
+            "    x509.RFC822Name('Jo <jo@example.com>')\n"
+            "except ValueError:\n"
+            "    print('refused')\n"
+            "import email.utils, email.message\n"
+            "from email.utils import formataddr\n"
+            "print(formataddr(('Jo', 'jo@example.com')), email.utils.parseaddr('Jo <j@x>'),\n"
+            "      email.message.EmailMessage() is not None)\n")
+    out = _lines_printed_by(code)
+    assert out[0] == "DeferredModule []"
+    assert out[1] == "jo@example.com module"  # loaded on the first call
+    assert out[2] == "refused"  # the real parseaddr found the display name
+    assert out[3] == "Jo <jo@example.com> ('Jo', 'j@x') True"
+
+
 def test_a_module_imported_before_the_daemon_is_left_alone() -> None:
     code = ("import sys, urllib.request\n"
             "real = sys.modules['urllib.request']\n"
