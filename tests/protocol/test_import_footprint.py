@@ -1,8 +1,8 @@
 """What the daemon imports is resident memory for its whole life (docs/performance.md, "Memory"). asn1crypto
-(~3-4 MB of RSS with its dependencies) is needed only to build certificates, CSRs and CRLs
-(gateway/protocol/identity/x509build.py) and to generate a PKCS#11 key; loading the daemon's modules and either
-hardware backend, and loading and using PKCS#11 keys, must not import it (python-pkcs11's `pkcs11.util` helpers,
-which import it, are deferred: hsm/pkcs11_import.py)."""
+(~1 MB of RSS with its dependencies) is needed only to build CSRs and CRLs (gateway/protocol/identity/x509build.py;
+certificates are built without it) and to generate a PKCS#11 key; loading the daemon's modules and either
+hardware backend, issuing certificates, and loading and using PKCS#11 keys, must not import it (python-pkcs11's
+`pkcs11.util` helpers, which import it, are deferred: hsm/pkcs11_import.py)."""
 
 from __future__ import annotations
 
