@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gateway import deferred_imports  # noqa: F401 - first: see gateway/deferred_imports.py
 from gateway.config import ConfigError, GatewayConfig, json_schema, load_config
 from gateway.control import ControlError
 from gateway.device_identity import EnrollmentError

@@ -8,7 +8,9 @@ puts a placeholder in `sys.modules` for each: `import` binds it as usual, and th
 from it imports the real module and copies its namespace into the placeholder, so code that uses them still
 works (tests/protocol/test_import_footprint.py checks both).
 
-A module already imported is left alone. Only the daemon imports this (gateway/daemon.py), first.
+`email.utils` too: `cryptography.x509` binds its `parseaddr` at import (see LAZY_FUNCTIONS). A module already
+imported is left alone. `agw` (gateway/cli.py, the daemon's entry point) and the daemon (gateway/daemon.py) import
+this first.
 """
 
 from __future__ import annotations
@@ -18,9 +20,15 @@ import importlib.util
 import sys
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
-DEFERRED = ("urllib.request", "importlib.metadata")
+DEFERRED = ("urllib.request", "importlib.metadata", "email.utils")
+# Functions a dependency binds with `from <module> import <name>` when it is imported (which would read the
+# attribute, i.e. import the module): each gets a stand-in that imports the module on its first call.
+# `cryptography.x509.general_name` binds `email.utils.parseaddr` (used to build an RFC 822 general name, which
+# the daemon never does); `email.utils` brings `email.charset`, `email.encoders`, `quopri`, `calendar`, ...
+LAZY_FUNCTIONS: dict[str, tuple[str, ...]] = {"email.utils": ("parseaddr",)}
 
 _lock = threading.RLock()
 
@@ -33,6 +41,8 @@ class DeferredModule(types.ModuleType):
         # import a submodule or `from <package> import <name>`, which need the real package.
         if attr.startswith("__") and attr.endswith("__") and attr != "__path__":
             raise AttributeError(attr)
+        if attr == "__path__" and self.__spec__.submodule_search_locations is None:
+            raise AttributeError(attr)  # not a package (`from <module> import <name>` probes it)
         return getattr(_load(self), attr)
 
 
@@ -50,6 +60,15 @@ def _load(placeholder: DeferredModule) -> types.ModuleType:
         return sys.modules[name]
 
 
+def _lazy_function(placeholder: DeferredModule, attr: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(_load(placeholder), attr)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = attr
+    call.__doc__ = f"{placeholder.__name__}.{attr}, imported on the first call"
+    return call
+
+
 def install() -> None:
     """Put a placeholder for each of DEFERRED that is not imported yet (its parent package is imported)."""
     with _lock:
@@ -62,6 +81,8 @@ def install() -> None:
             placeholder = DeferredModule(name)
             placeholder.__spec__ = spec
             placeholder.__file__ = spec.origin
+            for attr in LAZY_FUNCTIONS.get(name, ()):
+                setattr(placeholder, attr, _lazy_function(placeholder, attr))
             parent, _, child = name.rpartition(".")
             sys.modules[name] = placeholder
             setattr(sys.modules[parent], child, placeholder)

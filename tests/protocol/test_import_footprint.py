@@ -1,8 +1,8 @@
 """What the daemon imports is resident memory for its whole life (docs/performance.md, "Memory"). asn1crypto
-(~3-4 MB of RSS with its dependencies) is needed only to build certificates, CSRs and CRLs
-(gateway/protocol/identity/x509build.py) and to generate a PKCS#11 key; loading the daemon's modules and either
-hardware backend, and loading and using PKCS#11 keys, must not import it (python-pkcs11's `pkcs11.util` helpers,
-which import it, are deferred: hsm/pkcs11_import.py)."""
+(~1 MB of RSS with its dependencies) is needed only to build CSRs and CRLs (gateway/protocol/identity/x509build.py;
+certificates are built without it) and to generate a PKCS#11 key; loading the daemon's modules and either
+hardware backend, issuing certificates, and loading and using PKCS#11 keys, must not import it (python-pkcs11's
+`pkcs11.util` helpers, which import it, are deferred: hsm/pkcs11_import.py)."""
 
 from __future__ import annotations
 
@@ -25,12 +25,38 @@ def test_the_daemon_does_not_import_asn1crypto_until_it_builds_a_certificate() -
             "import gateway.cli, gateway.daemon, gateway.groups, hsm.tpm2_backend, hsm.pkcs11_backend\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n"
             "from gateway.protocol.identity import x509build\n"
-            "from cryptography.hazmat.primitives.asymmetric import ed25519\n"
-            "x509build.key_identifier(ed25519.Ed25519PrivateKey.generate().public_key())\n"
+            "from gateway.protocol.identity.signer import SoftwareSigner\n"
+            "from hsm.api import KeyAlgorithm\n"
+            "s = SoftwareSigner.generate(KeyAlgorithm.ED25519)\n"
+            "x509build.build_csr(s, common_name='pi-1', organization='acme', san_uri='spiffe://acme/pi-1')\n"
             "print('asn1crypto.keys' in sys.modules)\n")
     out = _lines_printed_by(code)
     assert out[0] == "[]"
-    assert out[1] == "True"  # imported on first use
+    assert out[1] == "True"  # imported on first use (a CSR: `agw init`, never the daemon)
+
+
+def test_issuing_certificates_does_not_import_asn1crypto() -> None:
+    """A device issues its delegated certificates at first start and at each renewal (bench gateways: at every
+    start); asn1crypto, once imported, stays resident (~1 MB). Issuing a whole chain must not import it."""
+    code = ("import sys, datetime as dt\n"
+            "import gateway.cli, gateway.daemon\n"
+            "from gateway.protocol.identity.delegation import delegate\n"
+            "from gateway.protocol.identity import x509build\n"
+            "from gateway.protocol.identity.signer import SoftwareSigner\n"
+            "from hsm.api import KeyAlgorithm\n"
+            "now = dt.datetime.now(dt.UTC)\n"
+            "for alg in KeyAlgorithm:\n"
+            "    ca = SoftwareSigner.generate(alg)\n"
+            "    c = x509build.issue_certificate(ca, issuer=None, subject_key=ca.public_key(), common_name='ca',\n"
+            "        organization='acme', san_uri=None, serial=1, not_before=now,\n"
+            "        not_after=now + dt.timedelta(days=9), profile=x509build.FLEET_CA)\n"
+            "    d = x509build.issue_certificate(ca, issuer=c, subject_key=ca.public_key(), common_name='pi-1',\n"
+            "        organization='acme', san_uri='spiffe://acme/pi-1', serial=2, not_before=now,\n"
+            "        not_after=now + dt.timedelta(days=9), profile=x509build.DEVICE)\n"
+            "    d.verify_directly_issued_by(c)\n"
+            "    x509build.key_identifier(ca.public_key())\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'asn1crypto'))\n")
+    assert _lines_printed_by(code)[0] == "[]"
 
 
 def test_the_group_service_imports_the_mls_engine_only_when_a_group_needs_it() -> None:
@@ -87,6 +113,31 @@ def test_the_daemon_leaves_urllib_request_and_importlib_metadata_unloaded_until_
     assert out[0] == "['DeferredModule', 'DeferredModule']"
     assert out[1] == "[]"
     assert out[2] == "True True x True"  # loaded, and usable, on first use
+
+
+def test_agw_leaves_email_utils_unloaded_until_used() -> None:
+    """`cryptography.x509` binds `email.utils.parseaddr` at import (for RFC 822 names, which the daemon never
+    builds); `email.utils` with `email.charset`, `email.encoders`, `quopri`, ... is ~0.4 MB. `agw` (gateway.cli,
+    the daemon's entry point) installs the placeholders first, so it is loaded on the first call, and works."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.pkcs11_backend\n"
+            "from cryptography import x509\n"
+            "print(type(sys.modules['email.utils']).__name__,\n"
+            "      sorted(m for m in sys.modules if m.startswith('email.') and m != 'email.utils'))\n"
+            "print(x509.RFC822Name('jo@example.com').value, type(sys.modules['email.utils']).__name__)\n"
+            "try:\n"
+            "    x509.RFC822Name('Jo <jo@example.com>')\n"
+            "except ValueError:\n"
+            "    print('refused')\n"
+            "import email.utils, email.message\n"
+            "from email.utils import formataddr\n"
+            "print(formataddr(('Jo', 'jo@example.com')), email.utils.parseaddr('Jo <j@x>'),\n"
+            "      email.message.EmailMessage() is not None)\n")
+    out = _lines_printed_by(code)
+    assert out[0] == "DeferredModule []"
+    assert out[1] == "jo@example.com module"  # loaded on the first call
+    assert out[2] == "refused"  # the real parseaddr found the display name
+    assert out[3] == "Jo <jo@example.com> ('Jo', 'j@x') True"
 
 
 def test_a_module_imported_before_the_daemon_is_left_alone() -> None:

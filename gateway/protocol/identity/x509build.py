@@ -1,20 +1,21 @@
 """Build CSRs, certificates and CRLs signed by any `Signer`.
 
-`cryptography`'s builders only sign with in-memory keys; a token- or TPM-held key cannot be used with them. So the
-to-be-signed structures are built with `asn1crypto`, signed through the `Signer`, and loaded back into
-`cryptography` objects, which every consumer then uses. asn1crypto is imported only when something is built (~3 MB
-of RSS): a daemon restarted with a valid delegated key never loads it.
+`cryptography`'s builders only sign with in-memory keys; a token- or TPM-held key cannot be used with them. So
+certificates are encoded by `cryptography`'s builder (its to-be-signed part, see `issue_certificate`) and the CSRs
+and CRLs (fleet CA tools, never the daemon) with `asn1crypto`; each is signed through the `Signer` and loaded back
+into a `cryptography` object, which every consumer then uses. asn1crypto is imported only when a CSR or CRL is
+built (~1 MB of RSS that would stay for the process's life).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.protocol.identity.signer import Signer, public_key_der
 from hsm.api import KeyAlgorithm, PublicKey
@@ -44,10 +45,7 @@ def _name(common_name: str, organization: str) -> Any:
 
 def key_identifier(public_key: PublicKey) -> bytes:
     """RFC 5280 method 1: SHA-1 of the subjectPublicKey bit string."""
-    from asn1crypto import keys as a_keys
-
-    spki = a_keys.PublicKeyInfo.load(public_key_der(public_key))
-    return hashlib.sha1(spki["public_key"].contents[1:], usedforsecurity=False).digest()
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,45 +76,88 @@ def issue_certificate(
     not_after: dt.datetime,
     profile: CertProfile,
 ) -> x509.Certificate:
-    """Issue a certificate; `issuer=None` makes it self-signed (the fleet CA)."""
-    from asn1crypto import keys as a_keys
-    from asn1crypto import x509 as a_x509
+    """Issue a certificate; `issuer=None` makes it self-signed (the fleet CA).
 
-    subject = _name(common_name, organization)
-    if issuer is None:
-        issuer_name = subject
-        issuer_ki = key_identifier(subject_key)
-    else:
-        issuer_name = a_x509.Certificate.load(issuer.public_bytes(Encoding.DER))["tbs_certificate"]["subject"]
-        issuer_ki = key_identifier(issuer.public_key())  # type: ignore[arg-type]
-    bc: dict[str, Any] = {"ca": profile.is_ca}
-    if profile.is_ca and profile.path_len is not None:
-        bc["path_len_constraint"] = profile.path_len
-    exts: list[dict[str, Any]] = [
-        {"extn_id": "basic_constraints", "critical": True, "extn_value": bc},
-        {"extn_id": "key_usage", "critical": True, "extn_value": set(profile.key_usage)},
-        {"extn_id": "key_identifier", "critical": False, "extn_value": key_identifier(subject_key)},
-        {"extn_id": "authority_key_identifier", "critical": False, "extn_value": {"key_identifier": issuer_ki}},
-    ]
+    Built without asn1crypto (a device issues its delegated certificates at first start and at each renewal,
+    and asn1crypto stays resident afterwards, ~1 MB): `cryptography`'s builder encodes the to-be-signed part
+    (signed there with a throwaway key of the same algorithm, whose signature is discarded), `signer` signs
+    those exact bytes, and the certificate is assembled around them."""
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
+                         x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    issuer_name = subject if issuer is None else issuer.subject
+    issuer_key = subject_key if issuer is None else issuer.public_key()
+    usage = profile.key_usage
+    if not usage <= _KEY_USAGES:
+        raise ValueError(f"unknown key usage {sorted(usage - _KEY_USAGES)}")
+    builder = (
+        x509.CertificateBuilder()
+        .serial_number(serial)
+        .issuer_name(issuer_name)
+        .subject_name(subject)
+        .not_valid_before(_whole_seconds(not_before))
+        .not_valid_after(_whole_seconds(not_after))
+        .public_key(subject_key)
+        .add_extension(x509.BasicConstraints(ca=profile.is_ca, path_length=profile.path_len if profile.is_ca
+                                             else None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature="digital_signature" in usage, content_commitment="non_repudiation" in usage,
+            key_encipherment="key_encipherment" in usage, data_encipherment="data_encipherment" in usage,
+            key_agreement="key_agreement" in usage, key_cert_sign="key_cert_sign" in usage,
+            crl_sign="crl_sign" in usage, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier(key_identifier(subject_key)), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier(key_identifier(issuer_key),  # type: ignore[arg-type]
+                                                   None, None), critical=False)
+    )
     if profile.client_auth:
-        exts.append({"extn_id": "extended_key_usage", "critical": False, "extn_value": ["client_auth"]})
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                        critical=False)
     if san_uri is not None:
-        exts.append({"extn_id": "subject_alt_name", "critical": False,
-                     "extn_value": [a_x509.GeneralName(name="uniform_resource_identifier", value=san_uri)]})
-    tbs = a_x509.TbsCertificate({
-        "version": "v3",
-        "serial_number": serial,
-        "signature": _sig_alg(signer),
-        "issuer": issuer_name,
-        "validity": {"not_before": _time(not_before), "not_after": _time(not_after)},
-        "subject": subject,
-        "subject_public_key_info": a_keys.PublicKeyInfo.load(public_key_der(subject_key)),
-        "extensions": exts,
-    })
-    signature = signer.sign(tbs.dump())
-    cert = a_x509.Certificate({"tbs_certificate": tbs, "signature_algorithm": _sig_alg(signer),
-                               "signature_value": signature})
-    return x509.load_der_x509_certificate(cert.dump())
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(san_uri)]),
+                                        critical=False)
+    tbs = _tbs_bytes(builder, signer.algorithm)
+    return x509.load_der_x509_certificate(_signed(tbs, signer.algorithm, signer.sign(tbs)))
+
+
+_KEY_USAGES = frozenset({"digital_signature", "non_repudiation", "key_encipherment", "data_encipherment",
+                         "key_agreement", "key_cert_sign", "crl_sign"})
+
+
+def _whole_seconds(t: dt.datetime) -> dt.datetime:
+    return t.astimezone(dt.UTC).replace(microsecond=0)
+
+
+# AlgorithmIdentifier DER of the two signature algorithms (RFC 8410 section 3: no parameters for Ed25519;
+# RFC 5758 section 3.2: none for ecdsa-with-SHA256).
+_ALG_ID = {
+    KeyAlgorithm.ED25519: bytes.fromhex("300506032b6570"),
+    KeyAlgorithm.ECDSA_P256: bytes.fromhex("300a06082a8648ce3d040302"),
+}
+
+
+def _tbs_bytes(builder: x509.CertificateBuilder, algorithm: KeyAlgorithm) -> bytes:
+    """The to-be-signed bytes `builder` encodes for a certificate signed with `algorithm`."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    if algorithm is KeyAlgorithm.ED25519:
+        cert = builder.sign(ed25519.Ed25519PrivateKey.generate(), None)
+    else:
+        cert = builder.sign(ec.generate_private_key(ec.SECP256R1()), hashes.SHA256())
+    return cert.tbs_certificate_bytes
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def _signed(tbs: bytes, algorithm: KeyAlgorithm, signature: bytes) -> bytes:
+    """Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING } (RFC 5280)."""
+    bits = b"\x00" + signature  # no unused bits
+    body = tbs + _ALG_ID[algorithm] + b"\x03" + _der_length(len(bits)) + bits
+    return b"\x30" + _der_length(len(body)) + body
 
 
 def build_csr(signer: Signer, *, common_name: str, organization: str, san_uri: str) -> x509.CertificateSigningRequest:
