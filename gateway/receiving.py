@@ -449,11 +449,10 @@ class Receiving:
                            if e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
 
     def _stored_inbox(self, skip: set[str] | frozenset[str] = frozenset()) -> list[InboxEntry]:
-        """The stored entries but those named in `skip` (being published: not parsed, as under load most are)."""
+        """The stored entries but those named in `skip` (being published: not unsealed nor parsed, as under load
+        most are)."""
         entries = []
-        for name, record in self.store.inbox.items():
-            if name in skip:
-                continue
+        for name, record in self.store.inbox.items(skip=skip):
             try:
                 entries.append(self._inbox_entry(name, record))
             except InboxRecordError:

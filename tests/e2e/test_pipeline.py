@@ -287,6 +287,12 @@ async def test_unknown_peer_device_does_not_block_others(bed):
         await alice.send("dev-nowhere/ghost", b"to nobody")
         await alice.send("dev-b/bob", b"still flowing")
         assert (await bob.receive(timeout=20)).payload == b"still flowing"
+    # The message for nobody waits in dev-a's outbox, and `agw status` says so (it said 0 whatever the depth).
+    a = bed.gateways["dev-a"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not a.status()["queue"]["outbox_depth"]:
+        time.sleep(0.2)
+    assert a.status()["queue"]["outbox_depth"] == 1
     with pytest.raises(AgentClientError):
         async with AgentClient("alice", port=bed.gateways["dev-a"].broker.port, password="wrong") as _:
             pass
