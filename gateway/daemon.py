@@ -202,7 +202,10 @@ class Gateway(Sending, Receiving, Receipts):
         if republish or self.link.state.value == "ready":
             await self._publish_prekeys()
         day = 86_400_000
-        self.store.prune_delivered(t - self.cfg.store.delivered_retention_days * day)
+        cutoff = t - self.cfg.store.delivered_retention_days * day
+        for i in range(self.store.delivered.PRUNE_SLICES):  # (a 256th of the ids at a time, between other work)
+            self.store.delivered.prune_slice(cutoff, i)
+            await asyncio.sleep(0)
         self.store.prune_audit(t - self.cfg.store.audit_retention_days * day)
 
     async def _trim_heap(self) -> None:

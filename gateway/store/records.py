@@ -70,10 +70,27 @@ class DeliveredIds:
                 found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
         return found
 
+    PRUNE_SLICES = 256
+
     def prune(self, older_than_ms: int) -> int:
-        """Forget ids recorded before `older_than_ms`; returns how many."""
+        """Forget ids recorded before `older_than_ms`; returns how many. One statement over the whole table (no
+        index on the time since schema version 4): the daemon prunes `prune_slice` by slice instead."""
         with self._db.write("pruning delivered message ids") as conn:
             return conn.execute("DELETE FROM delivered WHERE at_ms < ?", (older_than_ms,)).rowcount
+
+    def prune_slice(self, older_than_ms: int, i: int) -> int:
+        """`prune` for the ids whose blind key starts with byte `i` (0..255): a 256th of the table, found by key,
+        so the hourly prune of ~30 days of ids never holds the store (and the event loop) for a whole scan. Not
+        fsynced: a prune lost to a power cut is done again an hour later."""
+        if not 0 <= i < self.PRUNE_SLICES:
+            raise ValueError(f"prune slices are 0..{self.PRUNE_SLICES - 1}, not {i}")
+        with self._db.write("pruning delivered message ids", durable=False) as conn:
+            if i == self.PRUNE_SLICES - 1:
+                sql, args = "DELETE FROM delivered WHERE k >= ? AND at_ms < ?", (bytes([i]), older_than_ms)
+            else:
+                sql, args = "DELETE FROM delivered WHERE k >= ? AND k < ? AND at_ms < ?", (bytes([i]), bytes([i + 1]),
+                                                                                          older_than_ms)
+            return conn.execute(sql, args).rowcount
 
     def count(self) -> int:
         with self._db.read("counting delivered message ids") as conn:
