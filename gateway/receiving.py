@@ -308,7 +308,8 @@ class Receiving:
             e.phase = Phase.BROKER_HAS
         # The entries whose PUBCOMP was read in the same event (under load, most events bring both) are dropped in
         # this commit instead of one more transaction from `_drop_finished` (scheduled for them: it then finds
-        # nothing to do); what follows their commit runs a loop turn later, as it did there.
+        # nothing to do). What follows their commit runs right after it, as there: an agent's ack handled between
+        # the two would find a held entry neither indexed as held nor still due, and it would stay held.
         done, self._finished = self._finished, []
         held: list[InboxEntry] = []
         try:
@@ -323,7 +324,7 @@ class Receiving:
             self._finished[:0] = done  # (the `_drop_finished` scheduled for them retries)
             raise
         if done:
-            asyncio.get_running_loop().call_soon(self._finished_stored, done, held)
+            self._finished_stored(done, held)  # (`_after_pubcomp` publishes again only from a task it starts)
         if self._ack_waits:
             self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
 
