@@ -148,8 +148,7 @@ def _ask(cfg: GatewayConfig, req: dict[str, object]) -> object:
     if req["cmd"] == "status":
         store = Store.open(cfg.paths.state_dir / "agw.db", hsm.load_storage_key(cfg.keys.storage))
         try:
-            stats = store.stats().as_dict()
-            return {"running": False, "queue": {"outbox_depth": stats.get("outbox_entries", 0)},
+            return {"running": False, "queue": {"outbox_depth": store.outbox.depth()},
                     "pending_consent": store.consent.pending_count(), "link": {"state": "down"}}
         finally:
             store.close()

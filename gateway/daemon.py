@@ -204,7 +204,10 @@ class Gateway(Sending, Receiving, Receipts):
         if republish or self.link.state.value == "ready":
             await self._publish_prekeys()
         day = 86_400_000
-        self.store.prune_delivered(t - self.cfg.store.delivered_retention_days * day)
+        cutoff = t - self.cfg.store.delivered_retention_days * day
+        for i in range(self.store.delivered.PRUNE_SLICES):  # (a 256th of the ids at a time, between other work)
+            self.store.delivered.prune_slice(cutoff, i)
+            await asyncio.sleep(0)
         self.store.prune_audit(t - self.cfg.store.audit_retention_days * day)
 
     async def _trim_heap(self) -> None:
@@ -251,13 +254,16 @@ class Gateway(Sending, Receiving, Receipts):
         return self.groups.control(request)
 
     def status(self) -> dict[str, Any]:
-        stats = self.store.stats().as_dict()
+        """Written to status.json every second: only counts kept in memory, no `Store.stats()` (its COUNT(*) over
+        the delivered ids and the audit log grows with them: ~30 days of ids on a busy device). It also read the
+        outbox depth under a key `stats` does not have, so `outbox_depth` was always 0."""
+        depth, size = self.store.outbox.usage()
         return {"device": self.device_id, "pid": os.getpid(), "time": now_ms(),
                 "link": {"state": self.link.state.value, "relay": self.cfg.relay.url if self.cfg.relay else None,
                          "last_error": str(self.link.fatal_error or self.link.last_error or "") or None,
                          "connects": self.link.connects},
                 "mqtt": {"connected": self.bridge.connected},
-                "queue": {"outbox_depth": stats.get("outbox_entries", 0), "outbox_bytes": stats.get("outbox_bytes", 0)},
+                "queue": {"outbox_depth": depth, "outbox_bytes": size},
                 "inbox": {"publishing": len(self._publishing)},  # handed to the broker, not yet complete
                 "pending_consent": self.store.consent.pending_count(),
                 "peers": self.book.peers(),

@@ -120,13 +120,14 @@ class PubrecMarks:
     table holding 64 16-byte digests (zero: no mark), so a readable event's PUBRECs cost one sealed record per
     bucket touched instead of one re-sealed inbox record per message. Write only inside a store transaction; if
     that transaction rolls back, the buckets in memory are dropped (`forget`) and read again when needed. The
-    last `cache` buckets used are kept in memory (packet ids are taken in sequence, so a few suffice; all 1,024
-    would be 1 MiB).
+    last `cache` buckets used are kept in memory (packet ids are taken in sequence, but a burst holds up to a few
+    thousand at once: the PUBRECs come for the oldest while a new frame takes the newest, so 8 buckets missed
+    often (a store read and unseal each time); 32 are 32 KiB; all 1,024 would be 1 MiB).
     """
 
     PREFIX = "inbox-pubrec/b"
 
-    def __init__(self, blobs: KeyedBlobs, cache: int = 8) -> None:
+    def __init__(self, blobs: KeyedBlobs, cache: int = 32) -> None:
         self._blobs = blobs
         self._cache = cache
         self._buckets: dict[int, bytearray] = {}

@@ -306,14 +306,25 @@ class Receiving:
         stages.mark("b.pubrec", (e.message.message_id for e in entries))
         for e in entries:
             e.phase = Phase.BROKER_HAS
+        # The entries whose PUBCOMP was read in the same event (under load, most events bring both) are dropped in
+        # this commit instead of one more transaction from `_drop_finished` (scheduled for them: it then finds
+        # nothing to do). What follows their commit runs right after it, as there: an agent's ack handled between
+        # the two would find a held entry neither indexed as held nor still due, and it would stay held.
+        done, self._finished = self._finished, []
+        held: list[InboxEntry] = []
         try:
             with self._inbox_writes(), self.store.transaction(durable=False):
                 # One sealed record per 64 packet ids, not the entries re-sealed (gateway/inbox.py, PubrecMarks).
                 self.pubrec_marks.write(marked=[(e.packet_id, e.name) for e in entries])
+                if done:
+                    held = self._store_finished(done)
         except BaseException:
             for e in entries:
                 e.phase = Phase.PUBLISHED  # not recorded: the bridge retries the batch
+            self._finished[:0] = done  # (the `_drop_finished` scheduled for them retries)
             raise
+        if done:
+            self._finished_stored(done, held)  # (`_after_pubcomp` publishes again only from a task it starts)
         if self._ack_waits:
             self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
 
@@ -414,22 +425,34 @@ class Receiving:
 
     def _drop_finished(self) -> None:
         done, self._finished = self._finished, []
-        held: list[InboxEntry] = []
+        if not done:
+            return  # (taken by `_broker_has`, in its commit)
         try:
             with self.store.transaction(durable=False):
-                gone = []
-                for e in done:
-                    if self._hold_on_pubcomp(e):  # receipts: kept until an acking agent acks it
-                        held.append(e)
-                    else:
-                        gone.append(e.name)
-                self.store.inbox.delete_many(gone)
+                held = self._store_finished(done)
         except StoreError as exc:
             log.error("cannot drop %d delivered inbox entries (%s); retrying", len(done), exc)
             if not self._finished:
                 asyncio.get_running_loop().call_later(1.0, self._drop_finished)
             self._finished[:0] = done
             return
+        self._finished_stored(done, held)
+
+    def _store_finished(self, done: list[InboxEntry]) -> list[InboxEntry]:
+        """In the caller's transaction: delete the entries whose PUBCOMP came, or keep them HANDED (receipts: until
+        an acking agent acks); returns those kept."""
+        held: list[InboxEntry] = []
+        gone = []
+        for e in done:
+            if self._hold_on_pubcomp(e):
+                held.append(e)
+            else:
+                gone.append(e.name)
+        self.store.inbox.delete_many(gone)
+        return held
+
+    def _finished_stored(self, done: list[InboxEntry], held: list[InboxEntry]) -> None:
+        """After the commit of `_store_finished`: the packet ids and claims go."""
         for e in done:
             self.bridge.free_packet_id(e.packet_id)
             self._publishing.discard(e.name)
@@ -449,11 +472,10 @@ class Receiving:
                            if e.phase is not Phase.HANDED]  # (held entries: gateway/receipts.py)
 
     def _stored_inbox(self, skip: set[str] | frozenset[str] = frozenset()) -> list[InboxEntry]:
-        """The stored entries but those named in `skip` (being published: not parsed, as under load most are)."""
+        """The stored entries but those named in `skip` (being published: not unsealed nor parsed, as under load
+        most are)."""
         entries = []
-        for name, record in self.store.inbox.items():
-            if name in skip:
-                continue
+        for name, record in self.store.inbox.items(skip=skip):
             try:
                 entries.append(self._inbox_entry(name, record))
             except InboxRecordError:

@@ -5,14 +5,15 @@ ordering, expiry and pruning, and record sizes used for limits. Everything else 
 Tables are STRICT, so a value of the wrong type is refused on write.
 Outbox usage per peer (for the limits) is counted in memory by `Outbox`: loaded with one aggregate query at open,
 kept with each write (version 1 kept it in a table by triggers, three extra row writes per outbox row).
-Version 3 drops the index on the outbox's peer column (see MIGRATIONS[3]). An older agw refuses a newer store
+Version 3 drops the index on the outbox's peer column (see MIGRATIONS[3]). Version 4 makes `delivered` one B-tree
+keyed by the blind id (WITHOUT ROWID, no index on the time; see MIGRATIONS[4]). An older agw refuses a newer store
 (`StoreVersionError`: "upgrade agw"); a newer one upgrades an older store when it opens it.
 A new store is made with DDL_V1 and then every migration, so old and new stores take the same path.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
 
 DDL_V1 = """
@@ -76,6 +77,19 @@ DROP TABLE IF EXISTS outbox_usage;
     # online reschedules its rows, a broker redelivery recounts usage) and scan the table instead.
     3: """
 DROP INDEX IF EXISTS outbox_by_peer;
+""",
+    # 4: the delivered ids in one B-tree keyed by the blind id. Version 1's table was three: the rowid table, the
+    # unique index on `k` and the index on `at_ms`, each written per id. The keys are random, so once the table is
+    # larger than a frame of ids each new id dirties a page of its own (written to the WAL at the commit), and the
+    # cost per id grew with the table (30 days of ids are kept). With one B-tree the receiver's store work per
+    # message at 100,000 ids is ~4 us lower (bench/receiver_store_micro.py, docs/performance.md 2026-12-07). The
+    # hourly prune scans by key range instead of the time index (`DeliveredIds.prune_slice`). The same keys and
+    # times are copied: an id delivered before the upgrade is still a duplicate after it.
+    4: """
+CREATE TABLE delivered_v4 (k BLOB PRIMARY KEY, at_ms INTEGER NOT NULL) STRICT, WITHOUT ROWID;
+INSERT INTO delivered_v4 (k, at_ms) SELECT k, at_ms FROM delivered;
+DROP TABLE delivered;
+ALTER TABLE delivered_v4 RENAME TO delivered;
 """,
 }
 

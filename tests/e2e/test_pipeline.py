@@ -287,6 +287,12 @@ async def test_unknown_peer_device_does_not_block_others(bed):
         await alice.send("dev-nowhere/ghost", b"to nobody")
         await alice.send("dev-b/bob", b"still flowing")
         assert (await bob.receive(timeout=20)).payload == b"still flowing"
+    # The message for nobody waits in dev-a's outbox, and `agw status` says so (it said 0 whatever the depth).
+    a = bed.gateways["dev-a"]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not a.status()["queue"]["outbox_depth"]:
+        time.sleep(0.2)
+    assert a.status()["queue"]["outbox_depth"] == 1
     with pytest.raises(AgentClientError):
         async with AgentClient("alice", port=bed.gateways["dev-a"].broker.port, password="wrong") as _:
             pass
@@ -305,6 +311,32 @@ def test_gateway_sigterm_exits_cleanly(tmp_path_factory):
         tb.close()
 
 
+
+
+def test_status_of_a_stopped_gateway_counts_its_outbox(tmp_path_factory):
+    """`agw status` with the daemon stopped reads the store: the message waiting for a peer that never came
+    online is counted (the depth was read under a key the store's stats do not have: always 0)."""
+    tb = Testbed(tmp_path_factory.mktemp("offline-status"))
+    try:
+        tb.start_relay()
+        g = tb.add_gateway("dev-t", agents={"tom": []})
+        g.start()
+        g.wait_ready()
+
+        async def send() -> None:
+            async with AgentClient("tom", port=g.broker.port, password=PW) as tom:
+                await tom.send("dev-nowhere/ghost", b"to nobody")
+
+        asyncio.run(send())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not g.status()["queue"]["outbox_depth"]:
+            time.sleep(0.2)
+        assert g.status()["queue"]["outbox_depth"] == 1
+        assert g.stop(signal.SIGTERM) == 0
+        st = json.loads(g.agw("status", "--json").stdout)
+        assert (st["running"], st["queue"]["outbox_depth"]) == (False, 1)
+    finally:
+        tb.close()
 
 
 def test_a_zero_width_no_break_space_from_an_agent_is_refused_not_a_protocol_error(bed):

@@ -16,7 +16,7 @@ import pytest
 from gateway.inbox import PUBREC_PER_BUCKET, InboxEntry, Phase, PubrecMarks
 from gateway.protocol.message import InnerMessage, Kind
 from gateway.receiving import Receiving
-from gateway.store import OutboxFull, OutboxLimits, Store
+from gateway.store import OutboxFull, OutboxLimits, Store, StoreFull
 
 from .conftest import SoftStorageKey, mid
 
@@ -192,3 +192,66 @@ async def test_a_store_error_while_storing_packet_ids_leaves_the_entries_waiting
         assert Receiving._start_publishes(r, [a]).started == 0  # type: ignore[arg-type]
         assert (a.phase, a.packet_id, bridge.reserved, r.sent) == (Phase.WAITING, 0, 0, [])
         assert a.name not in r._publishing  # the inbox loop may take it again
+
+
+def _pubrec_receiver(s: Store, marks: PubrecMarks, in_flight: dict[int, InboxEntry],
+                     finished: list[InboxEntry]) -> SimpleNamespace:
+    """The receiving half's state that `_broker_has` and `_drop_finished` use, over a real store."""
+    freed: list[int] = []
+    r = SimpleNamespace(store=s, pubrec_marks=marks, _in_flight=in_flight, _finished=finished, _ack_waits={},
+                        _publishing={e.name for e in [*in_flight.values(), *finished]}, _publish_room=asyncio.Event(),
+                        counters=SimpleNamespace(delivered=0), freed=freed,
+                        bridge=SimpleNamespace(free_packet_id=freed.append))
+    r._inbox_writes = lambda: Receiving._inbox_writes(r)  # type: ignore[arg-type]
+    r._hold_on_pubcomp = lambda e: False  # (no acking agent)
+    r._after_pubcomp = lambda held: None
+    r._store_finished = lambda done: Receiving._store_finished(r, done)  # type: ignore[arg-type]
+    r._finished_stored = lambda done, held: Receiving._finished_stored(r, done, held)  # type: ignore[arg-type]
+    r._drop_finished = lambda: Receiving._drop_finished(r)  # type: ignore[arg-type]
+    return r
+
+
+async def test_entries_completed_in_the_same_read_are_dropped_in_the_pubrec_commit(
+        db_path: Path, key: SoftStorageKey) -> None:
+    """Under load one read from the broker brings the PUBREC of one message and the PUBCOMP of an earlier one:
+    `_broker_has` records the mark and deletes the completed entry in one commit; the packet id and the claim go
+    right after it (not a loop turn later: an acking agent's ack handled in between would leave the entry held for
+    good), and the `_drop_finished` scheduled for the entry finds nothing left to do."""
+    a, b = entry(1, 7), entry(2, 8)  # a: PUBREC now; b: its PUBCOMP was just read
+    with Store.open(db_path, key) as s:
+        with s.transaction(durable=False):
+            s.inbox.put_many([(a.name, a.record()), (b.name, b.record())])
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {7: a}, [b])
+        Receiving._broker_has(r, [7])  # type: ignore[arg-type]
+        assert a.phase is Phase.BROKER_HAS and r._finished == []
+        assert s.inbox.get(b.name) is None and s.inbox.get(a.name) is not None
+        assert r.freed == [8] and r._publishing == {a.name} and r.counters.delivered == 1
+        r._drop_finished()
+        assert r.freed == [8] and r.counters.delivered == 1
+    with Store.open(db_path, key) as s:  # kill -9 now, and restart: a resumes with a PUBREL, b is gone
+        assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.BROKER_HAS
+        assert s.inbox.get(b.name) is None
+
+
+async def test_a_failed_pubrec_commit_leaves_the_completed_entries_to_drop_finished(
+        db_path: Path, key: SoftStorageKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared commit fails (here: the delete raises a store error): the PUBREC is not recorded (the bridge
+    retries it), and the completed entry goes back to `_finished`, whose `_drop_finished` deletes it later."""
+    a, b = entry(1, 7), entry(2, 8)
+    with Store.open(db_path, key) as s:
+        with s.transaction(durable=False):
+            s.inbox.put_many([(a.name, a.record()), (b.name, b.record())])
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {7: a}, [b])
+        real_delete = s.inbox.delete_many
+
+        def failing_delete(names: list[str]) -> int:
+            raise StoreFull("test: the disk is full")
+
+        monkeypatch.setattr(s.inbox, "delete_many", failing_delete)
+        with pytest.raises(StoreFull):
+            Receiving._broker_has(r, [7])  # type: ignore[arg-type]
+        assert a.phase is Phase.PUBLISHED and r._finished == [b] and r.freed == []
+        assert read_back(s, r.pubrec_marks, a.name).phase is Phase.PUBLISHED  # the mark was rolled back
+        monkeypatch.setattr(s.inbox, "delete_many", real_delete)
+        r._drop_finished()
+        assert s.inbox.get(b.name) is None and r.freed == [8] and r._finished == []
