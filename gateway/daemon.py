@@ -65,6 +65,7 @@ def settle_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 HOUSEKEEPING_INTERVAL = 3600.0
+STORE_UPGRADE_TIMEOUT_S = 3600.0  # how long systemd waits for the start during a store schema upgrade
 SIGNED_PREKEY_ROTATION_MS = 7 * 86_400_000
 # Frames received from the relay and not yet handled (each up to LinkLimits.max_frame_size, 1 MiB): past this the
 # link stops reading and TCP pushes back to the relay. The link's default (10,000) could hold gigabytes.
@@ -121,7 +122,7 @@ class Gateway(Sending, Receiving, Receipts):
         limits = OutboxLimits(max_entries=cfg.store.outbox_max_entries, max_bytes=cfg.store.outbox_max_bytes)
         cfg.paths.state_dir.mkdir(parents=True, exist_ok=True)
         self.store = await asyncio.to_thread(Store.open, cfg.paths.state_dir / "agw.db", self.identity.storage_key,
-                                             limits=limits)
+                                             limits=limits, on_upgrade=self._store_upgrading)
         self.pubrec_marks = PubrecMarks(self.store.secrets)  # the inbox's PUBREC records (gateway/inbox.py)
         self.book = SessionBook(self.store, device_id=self.device_id, credential=credential, signer=self.signer,
                                 verify_credential=credential_verifier(lambda: self.identity.trust,
@@ -217,6 +218,14 @@ class Gateway(Sending, Receiving, Receipts):
                 await asyncio.to_thread(allocator.trim)
             except Exception as exc:  # only memory is at stake: the daemon goes on, and says so
                 log.warning("giving the heap back to the kernel (malloc_trim) failed: %s", exc)
+
+    def _store_upgrading(self, old: int, new: int) -> None:
+        """Before a schema upgrade of the store (one transaction: minutes with millions of delivered ids on a slow
+        card): say so, and ask systemd for more time, so that it does not kill the start and roll it back at every
+        restart."""
+        log.warning("upgrading the store's schema from version %d to %d (once; an older agw cannot open it after "
+                    "this; with millions of delivered ids this can take minutes)", old, new)
+        self.notifier.extend_timeout(STORE_UPGRADE_TIMEOUT_S, f"upgrading the store schema {old} -> {new}")
 
     def _activity(self) -> int:
         c = self.counters

@@ -42,3 +42,7 @@ class Notifier:
 
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
+
+    def extend_timeout(self, seconds: float, status: str = "") -> bool:
+        """Ask systemd to wait `seconds` more for READY (or STOPPING) before it gives up on the start."""
+        return self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}" + (f"\nSTATUS={status}" if status else ""))

@@ -94,11 +94,14 @@ class Database:
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
     def open(
-        cls, path: Path, initialise: Callable[[sqlite3.Connection], None], *, create: bool = True
+        cls, path: Path, initialise: Callable[[sqlite3.Connection], None], *, create: bool = True,
+        on_upgrade: Callable[[int, int], None] | None = None,
     ) -> tuple[Database, bool]:
         """Open the store at `path` (creating it if absent and `create`); returns it and whether it was created.
 
         `initialise` runs once, inside the creating transaction of a new store (it writes the wrapped key).
+        `on_upgrade(from, to)` is called before an older store's schema is upgraded (one transaction that can take
+        a while with millions of delivered ids: the daemon tells systemd to wait longer).
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -126,7 +129,7 @@ class Database:
             except sqlite3.Error as exc:
                 raise translate(exc, f"opening store {path}") from exc
             try:
-                cls._check(conn, path)
+                cls._check(conn, path, on_upgrade)
             except BaseException:
                 conn.close()
                 raise
@@ -171,7 +174,7 @@ class Database:
             raise
 
     @staticmethod
-    def _check(conn: sqlite3.Connection, path: Path) -> None:
+    def _check(conn: sqlite3.Connection, path: Path, on_upgrade: Callable[[int, int], None] | None = None) -> None:
         try:
             app_id = conn.execute("PRAGMA application_id").fetchone()[0]
             if app_id != APPLICATION_ID:
@@ -195,6 +198,8 @@ class Database:
                 raise StoreError(f"cannot put {path} in WAL mode; is the file system local and writable?")
             conn.execute("PRAGMA synchronous=FULL")
             if version < SCHEMA_VERSION:
+                if on_upgrade is not None:
+                    on_upgrade(version, SCHEMA_VERSION)
                 conn.execute("BEGIN IMMEDIATE")
                 for v in range(version + 1, SCHEMA_VERSION + 1):
                     for stmt in _statements(MIGRATIONS[v]):

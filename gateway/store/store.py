@@ -80,10 +80,12 @@ class Store:
     # -- life cycle ----------------------------------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path | str, storage_key: StorageKey, *, limits: OutboxLimits | None = None,
-             max_db_bytes: int | None = None, create: bool = True) -> Store:
+             max_db_bytes: int | None = None, create: bool = True,
+             on_upgrade: Callable[[int, int], None] | None = None) -> Store:
         """Open the store at `path`, creating it (with a fresh random data key) if the file does not exist.
 
         A provisioned device should pass `create=False`: then a deleted store file is an error, not a fresh start.
+        `on_upgrade(from, to)` is called (in this thread) before an older store's schema is upgraded.
 
         Raises `StoreCorrupt` for a damaged, truncated or foreign file, `StoreKeyMismatch` if `storage_key` cannot
         unwrap the data key, `StoreLocked` if another process has it open. Hardware errors from the storage key
@@ -102,7 +104,7 @@ class Store:
             conn.executemany("INSERT INTO meta (name, value) VALUES (?, ?)", list(meta.items()))
             initialise_audit(conn, keys)
 
-        db, _created = Database.open(Path(path), initialise, create=create)
+        db, _created = Database.open(Path(path), initialise, create=create, on_upgrade=on_upgrade)
         try:
             with db.read("reading the store's key") as conn:
                 meta = dict(conn.execute("SELECT name, value FROM meta WHERE name IN ('dek_wrapped', 'dek_check')"))

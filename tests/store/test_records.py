@@ -131,6 +131,31 @@ def test_a_version_3_store_keeps_its_delivered_ids_in_the_one_btree_of_version_4
         assert s.delivered.seen(mid(5)) and s.delivered.seen(mid(6)) and not s.delivered.seen(mid(1))
 
 
+def test_the_caller_hears_of_a_schema_upgrade_before_it_runs(tmp_path: Path) -> None:
+    """The daemon asks systemd for more time then (gateway/daemon.py `_store_upgrading`): called once, with the
+    versions, before the upgrade's transaction; not for a store that is already current or new."""
+    path = tmp_path / "agw.db"
+    path.write_bytes((DATA / "store-v3.db").read_bytes())
+    key = SoftStorageKey(kek=b"\x11" * 32)
+    calls: list[tuple[int, int, int]] = []
+
+    def upgrading(old: int, new: int) -> None:
+        conn = sqlite3.connect(path)  # (a second reader: the upgrade has not begun)
+        try:
+            calls.append((old, new, conn.execute("PRAGMA user_version").fetchone()[0]))
+        finally:
+            conn.close()
+
+    with Store.open(path, key, on_upgrade=upgrading):
+        pass
+    assert calls == [(3, SCHEMA_VERSION, 3)]
+    with Store.open(path, key, on_upgrade=upgrading):
+        pass
+    with Store.open(tmp_path / "new.db", key, on_upgrade=upgrading):
+        pass
+    assert len(calls) == 1
+
+
 def test_pruning_slice_by_slice_forgets_exactly_what_one_prune_would(db_path: Path, key: SoftStorageKey) -> None:
     """The daemon's hourly prune goes through the 256 key slices (the table has no time index): together they
     drop every id older than the cut, from every slice including the first and the last, and nothing newer."""
