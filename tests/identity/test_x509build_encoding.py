@@ -70,24 +70,36 @@ def _reference(signer: Signer, *, issuer: x509.Certificate | None, subject_key: 
     return x509.load_der_x509_certificate(cert.dump())
 
 
-def _chain(build: Any, alg: KeyAlgorithm, keys: tuple[SoftwareSigner, ...]) -> list[x509.Certificate]:
+# Names as the fleet CA tools and the delegation build them, short and as long as the name rules allow: a fleet
+# of 120 characters ("<fleet> fleet CA"), a device id of 64 ("<device> (delegated)"), an agent name of 64. RFC
+# 5280 bounds a common name at 64 characters, which cryptography's builder enforces; asn1crypto did not, and
+# certificates already issued carry such names, so the longer ones are encoded as before.
+SHORT = ("acme", "pi-1", "pi-1/agent é")
+LONG = ("f" * 60 + "." + "g" * 55 + ".org", "d" * 64, "d" * 64 + "/" + "a" * 64 + " (delegated)")
+
+
+def _chain(build: Any, alg: KeyAlgorithm, keys: tuple[SoftwareSigner, ...], names: tuple[str, str, str] = SHORT
+           ) -> list[x509.Certificate]:
     ca, dev, deleg = keys
+    fleet, device, delegated = names
     far = dt.datetime(2056, 3, 1, tzinfo=dt.UTC)  # past 2049: GeneralizedTime
-    c = build(ca, issuer=None, subject_key=ca.public_key(), common_name="acme fleet CA", organization="acme",
-              san_uri="spiffe://acme", serial=1, not_before=NOT_BEFORE, not_after=far, profile=FLEET_CA)
-    d = build(ca, issuer=c, subject_key=dev.public_key(), common_name="pi-1", organization="acme",
-              san_uri="spiffe://acme/device/pi-1", serial=2**70 + 5, not_before=NOT_BEFORE,
+    c = build(ca, issuer=None, subject_key=ca.public_key(), common_name=f"{fleet} fleet CA", organization=fleet,
+              san_uri=f"spiffe://{fleet}", serial=1, not_before=NOT_BEFORE, not_after=far, profile=FLEET_CA)
+    d = build(ca, issuer=c, subject_key=dev.public_key(), common_name=device, organization=fleet,
+              san_uri=f"spiffe://{fleet}/device/{device}", serial=2**70 + 5, not_before=NOT_BEFORE,
               not_after=NOT_BEFORE + dt.timedelta(days=365), profile=DEVICE)
-    e = build(dev, issuer=d, subject_key=deleg.public_key(), common_name="pi-1/agent é", organization="acme",
+    e = build(dev, issuer=d, subject_key=deleg.public_key(), common_name=delegated, organization=fleet,
               san_uri=None, serial=3, not_before=NOT_BEFORE, not_after=NOT_BEFORE + dt.timedelta(days=1),
               profile=DELEGATED)
     return [c, d, e]
 
 
+@pytest.mark.parametrize("names", [SHORT, LONG], ids=["short-names", "longest-names"])
 @pytest.mark.parametrize("alg", list(KeyAlgorithm))
-def test_issue_certificate_encodes_what_the_asn1crypto_encoder_did(alg: KeyAlgorithm) -> None:
+def test_issue_certificate_encodes_what_the_asn1crypto_encoder_did(alg: KeyAlgorithm, names: tuple[str, str, str]
+                                                                   ) -> None:
     keys = (SoftwareSigner.generate(alg), SoftwareSigner.generate(alg), SoftwareSigner.generate(alg))
-    ours, theirs = _chain(issue_certificate, alg, keys), _chain(_reference, alg, keys)
+    ours, theirs = _chain(issue_certificate, alg, keys, names), _chain(_reference, alg, keys, names)
     for new, old in zip(ours, theirs, strict=True):
         assert new.tbs_certificate_bytes == old.tbs_certificate_bytes
         assert new.signature_algorithm_oid == old.signature_algorithm_oid
@@ -129,3 +141,21 @@ def test_an_unknown_key_usage_is_refused() -> None:
         issue_certificate(ca, issuer=None, subject_key=ca.public_key(), common_name="ca", organization="o",
                           san_uri=None, serial=1, not_before=NOT_BEFORE, not_after=NOT_BEFORE + dt.timedelta(days=1),
                           profile=CertProfile(True, None, frozenset({"key_cert_sign", "typo"}), False))
+
+
+def test_a_device_and_agent_with_the_longest_names_get_delegated_keys() -> None:
+    """What the daemon does at its first start and at each renewal, with a 64-character device id and agent name
+    (their common names then exceed RFC 5280's 64)."""
+    from gateway.protocol.identity.delegation import delegate
+    from gateway.protocol.identity.names import AgentName, DeviceName
+
+    fleet, device_id, agent = "fleet.example", "d" * 64, "a" * 64
+    ca, dev = SoftwareSigner.generate(KeyAlgorithm.ECDSA_P256), SoftwareSigner.generate(KeyAlgorithm.ECDSA_P256)
+    chain = _chain(issue_certificate, KeyAlgorithm.ECDSA_P256, (ca, dev, dev), (fleet, device_id, "unused"))
+    now = NOT_BEFORE + dt.timedelta(days=1)
+    for name in (None, AgentName(fleet, device_id, agent)):
+        key = delegate(dev, chain[1], device=DeviceName(fleet, device_id), agent=name, now=now)
+        key.certificate.verify_directly_issued_by(chain[1])
+        with pytest.warns(UserWarning, match="length"):  # (cryptography reading a CN over 64)
+            cn = key.certificate.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+        assert cn == (f"{device_id}/{agent}" if name else device_id) + " (delegated)"

@@ -10,6 +10,7 @@ built (~1 MB of RSS that would stay for the process's life).
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +83,10 @@ def issue_certificate(
     and asn1crypto stays resident afterwards, ~1 MB): `cryptography`'s builder encodes the to-be-signed part
     (signed there with a throwaway key of the same algorithm, whose signature is discarded), `signer` signs
     those exact bytes, and the certificate is assembled around them."""
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
-                         x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    issuer_name = subject if issuer is None else issuer.subject
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization), _common_name(common_name)])
+    with warnings.catch_warnings():  # (cryptography warns when it reads an issuer CN over 64: see _common_name)
+        warnings.simplefilter("ignore", UserWarning)
+        issuer_name = subject if issuer is None else issuer.subject
     issuer_key = subject_key if issuer is None else issuer.public_key()
     usage = profile.key_usage
     if not usage <= _KEY_USAGES:
@@ -116,6 +118,18 @@ def issue_certificate(
                                         critical=False)
     tbs = _tbs_bytes(builder, signer.algorithm)
     return x509.load_der_x509_certificate(_signed(tbs, signer.algorithm, signer.sign(tbs)))
+
+
+def _common_name(value: str) -> x509.NameAttribute[str]:
+    """RFC 5280 bounds a common name at 64 characters and cryptography's builder refuses longer ones; ours can be
+    longer (a 64-character device id + " (delegated)", "<fleet> fleet CA"), as they were when asn1crypto encoded
+    them, and every certificate issued so far carries them so: encoded as is (nothing reads the CN; the identity
+    is the SAN URI)."""
+    if len(value) <= 64 and len(value.encode()) <= 64:
+        return x509.NameAttribute(NameOID.COMMON_NAME, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # ("Attribute's length must be >= 1 and <= 64")
+        return x509.NameAttribute(NameOID.COMMON_NAME, value, _validate=False)
 
 
 _KEY_USAGES = frozenset({"digital_signature", "non_repudiation", "key_encipherment", "data_encipherment",
