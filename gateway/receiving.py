@@ -452,13 +452,19 @@ class Receiving:
         return held
 
     def _finished_stored(self, done: list[InboxEntry], held: list[InboxEntry]) -> None:
-        """After the commit of `_store_finished`: the packet ids and claims go."""
+        """After the commit of `_store_finished`: the packet ids and claims go, the held entries are indexed. It
+        runs inside the bridge's PUBREC callback too (`_broker_has`): nothing here may raise into it, or the
+        PUBRECs it recorded would be reported unrecorded and their PUBRELs held back."""
         for e in done:
             self.bridge.free_packet_id(e.packet_id)
             self._publishing.discard(e.name)
-        self._after_pubcomp(held)
         self.counters.delivered += len(done)
         self._publish_room.set()
+        try:
+            self._after_pubcomp(held)
+        except Exception as exc:  # (reading back entries to publish again: a store error)
+            log.error("could not publish again %d held inbox entr(ies) at once (%s); they go at the next broker "
+                      "reconnect or announcement of their agent", len(held), exc)
 
     async def _inbox_loop(self, pending: list[InboxEntry]) -> None:
         """Resume the exchanges a restart interrupted, then retry entries left behind by a broker outage."""

@@ -298,7 +298,8 @@ def encode_data(message_id: bytes, sender_agent: str, recipient_agent: str, crea
     with no response topic, correlation data, content type or user properties, whose every field has its plain
     type and is within the rules (agent names are checked once per pair and remembered); anything else goes
     through `InnerMessage`, so every rule of `_check` still applies."""
-    if (response_topic is None and correlation_data is None and content_type is None and not user_properties
+    if (response_topic is None and correlation_data is None and content_type is None
+            and type(user_properties) is tuple and not user_properties
             and type(message_id) is bytes and len(message_id) == MESSAGE_ID_LEN
             and type(payload) is bytes and len(payload) <= MAX_PAYLOAD_HARD_LIMIT
             and type(created_at_ms) is int and type(expires_at_ms) is int

@@ -52,7 +52,7 @@ flags = st.one_of(st.booleans(), st.sampled_from([0, 1, None, "yes"]))
 props = st.one_of(st.just(()),
                   st.lists(st.tuples(st.text(max_size=10), st.text(max_size=10)), max_size=3).map(tuple),
                   st.sampled_from([(("k", "\x00"),), (("k",),), (("k", 1),), [("k", "v")],
-                                   (("agw:deliver-to", "x/y"),)]))
+                                   (("agw:deliver-to", "x/y"),), None, 0, [], ""]))
 
 
 def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
@@ -60,6 +60,8 @@ def outcome(fn: Any, *args: Any) -> tuple[str, Any]:
         return "ok", fn(*args)
     except InvalidMessageError as exc:
         return "invalid", str(exc)
+    except Exception as exc:  # (e.g. a TypeError from a value of another type: the same one, for the same input)
+        return type(exc).__name__, str(exc)
 
 
 def built(*args: Any) -> bytes:
@@ -87,6 +89,13 @@ def arguments(draw: st.DrawFn) -> tuple[Any, ...]:
 @given(arguments())
 def test_encode_data_is_the_validated_construction_for_any_input(args: tuple[Any, ...]) -> None:
     assert outcome(encode_data, *args) == outcome(built, *args)
+
+
+def test_empty_user_properties_of_another_type_are_not_taken_for_none() -> None:
+    """`None` (or 0, or an empty list) is not an empty tuple: it goes where the validated construction sends it."""
+    for up in (None, 0, [], ""):
+        args = (bytes(16), "alice", "bob", 1, 2, b"x", None, None, None, False, up)
+        assert outcome(encode_data, *args) == outcome(built, *args)
 
 
 @FUZZ

@@ -274,8 +274,17 @@ def test_next_send_many_is_next_send_repeated_up_to_exhaustion(
     assert [(dh, pn, first + i, k) for i, k in enumerate(keys)] == [one.next_send() for _ in range(5)]
     assert many.encode() == one.encode()
     many._ns = one._ns = MAX_COUNTER - 2  # two left
-    with pytest.raises(SessionExhaustedError):
-        many.next_send_many(5)
+    import gateway.protocol.pairwise.ratchet as ratchet_module
+
+    wiped: list[bytes] = []
+    real_wipe = ratchet_module.wipe
+    ratchet_module.wipe = lambda secret: (wiped.append(bytes(secret)), real_wipe(secret))[1]  # type: ignore[assignment]
+    try:
+        with pytest.raises(SessionExhaustedError):
+            many.next_send_many(5)
+    finally:
+        ratchet_module.wipe = real_wipe
+    assert len(wiped) == 2  # the two keys derived before the exhaustion, never handed out, are overwritten
     one.next_send(), one.next_send()
     with pytest.raises(SessionExhaustedError):
         one.next_send()

@@ -16,7 +16,7 @@ import pytest
 from gateway.inbox import PUBREC_PER_BUCKET, InboxEntry, Phase, PubrecMarks
 from gateway.protocol.message import InnerMessage, Kind
 from gateway.receiving import Receiving
-from gateway.store import OutboxFull, OutboxLimits, Store, StoreFull
+from gateway.store import OutboxFull, OutboxLimits, Store, StoreError, StoreFull
 
 from .conftest import SoftStorageKey, mid
 
@@ -255,3 +255,25 @@ async def test_a_failed_pubrec_commit_leaves_the_completed_entries_to_drop_finis
         monkeypatch.setattr(s.inbox, "delete_many", real_delete)
         r._drop_finished()
         assert s.inbox.get(b.name) is None and r.freed == [8] and r._finished == []
+
+
+async def test_a_failure_after_the_pubrec_commit_does_not_reach_the_bridge(
+        db_path: Path, key: SoftStorageKey) -> None:
+    """What follows the shared commit (indexing held entries, publishing again those whose exchange spanned a
+    reconnect: a store read) runs inside the bridge's PUBREC callback: an error there must not escape into it,
+    or the bridge would report the recorded PUBRECs unrecorded and hold their PUBRELs back. The commit stands,
+    the ids are freed and the delivery counted."""
+    a, b = entry(1, 7), entry(2, 8)
+    with Store.open(db_path, key) as s:
+        with s.transaction(durable=False):
+            s.inbox.put_many([(a.name, a.record()), (b.name, b.record())])
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {7: a}, [b])
+
+        def failing(held: list[InboxEntry]) -> None:
+            raise StoreError("test: reading back an entry failed")
+
+        r._after_pubcomp = failing
+        Receiving._broker_has(r, [7])  # type: ignore[arg-type]  (no exception)
+        assert a.phase is Phase.BROKER_HAS and read_back(s, r.pubrec_marks, a.name).phase is Phase.BROKER_HAS
+        assert s.inbox.get(b.name) is None and r.freed == [8] and r.counters.delivered == 1
+        assert r._publish_room.is_set()

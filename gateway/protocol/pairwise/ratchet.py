@@ -152,6 +152,10 @@ class RatchetState:
                         "sending chain exhausted (2**32 messages without a reply); start a new session")
                 ck, mk = kdf_ck(ck)
                 keys.append(mk)
+        except BaseException:
+            for mk in keys:  # (never handed out: overwritten, as a used one would be)
+                wipe(mk)
+            raise
         finally:
             self._cks, self._ns = ck, first + len(keys)
         return self._dhs_public, self._pn, first, keys
