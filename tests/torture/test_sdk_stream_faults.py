@@ -1,6 +1,7 @@
 """kill -9 of either Mosquitto broker in the middle of a two-way stream between SDK agents (gateway/client.py),
 while messages are in flight (no pause, no draining), then a restart: every message is delivered to the
-application exactly once.
+application exactly once. Pairwise (`send`, `messages`) and in a group of two (`send_group`, `group_messages`:
+MLS run by the gateways, group messages held for the SDK until acknowledged, gateway/groups_held.py).
 
 This is what end-to-end receipts buy (docs/reliability.md, "Broker crash"): Mosquitto acknowledges before it
 saves, so a crash loses what it acknowledged in the last autosave interval. The SDK keeps each message until the
@@ -8,7 +9,8 @@ gateway's receipt says it is durable (and publishes it again after the reconnect
 delivered message until the SDK's ack (and publishes it again after its own reconnect); copies are dropped by
 message id. Raw MQTT agents keep the limit (tests/torture/test_stream_faults.py kills brokers only once drained).
 
-Short configuration: SDK_SHORT messages each way per broker; AGW_TORTURE=long: SDK_LONG.
+Short configuration: SDK_SHORT messages each way per broker (pairwise; half that in the group); AGW_TORTURE=long:
+SDK_LONG.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -27,34 +30,55 @@ from tests.torture.stream import guarded
 
 SDK_SHORT = 1_000
 SDK_LONG = 10_000
-N = SDK_LONG if LONG else SDK_SHORT
+GROUP = "stream"
 DELIVERY_TIMEOUT = 1800.0 if LONG else 300.0
 BROKER_DOWN = 2.0  # seconds between the kill and the restart
 
 
 class SdkFleet:
-    def __init__(self, bed: Testbed) -> None:
-        self.bed = bed
+    def __init__(self, bed: Testbed, group: str | None) -> None:
+        self.bed, self.group = bed, group
+        self.n = (SDK_LONG if LONG else SDK_SHORT) // (2 if group else 1)  # (a group message costs more)
         self.a, self.b = bed.gateways["dev-a"], bed.gateways["dev-b"]
-        self.alice = SdkAgent("alice", self.a.broker.port, "dev-b/bob")
-        self.bob = SdkAgent("bob", self.b.broker.port, "dev-a/alice")
+        self.alice = SdkAgent("alice", self.a.broker.port, "dev-b/bob", group=group)
+        self.bob = SdkAgent("bob", self.b.broker.port, "dev-a/alice", group=group)
         self.alice.start()
         self.bob.start()
-        # Both gateways must know their agent acknowledges (its empty ack on connect) before the stream starts.
+        if group:
+            self.alice.call(self.alice.client.create_group(group))
+            self.alice.call(self.alice.client.add(group, "dev-b/bob"))
+            deadline = time.monotonic() + 60
+            while self.b.agw("group", "show", "--agent", "bob", "--group", group, check=False).returncode != 0:
+                assert time.monotonic() < deadline, "bob never joined the group"
+                time.sleep(0.2)
+        # Both gateways must know their agent acknowledges (its empty ack on connect; in a group, naming the group)
+        # before the stream starts.
         for gw, agent in ((self.a, "alice"), (self.b, "bob")):
             deadline = time.monotonic() + 30
-            while agent not in gw.status().get("receipts", {}).get("acking_agents", []):  # type: ignore[union-attr]
+            while not self.acknowledging(gw.status().get("receipts", {}), agent):  # type: ignore[arg-type]
                 assert time.monotonic() < deadline, f"{gw.name} never saw {agent}'s announcement"
                 time.sleep(0.1)
+
+    def acknowledging(self, receipts: dict[str, Any], agent: str) -> bool:
+        if self.group:
+            return self.group in receipts.get("acking_groups", {}).get(agent, [])
+        return agent in receipts.get("acking_agents", [])
+
+    def left(self, gw: Any) -> tuple[int, int]:
+        """What a gateway still has to send, and holds for its agent: both 0 once everything is acknowledged."""
+        st = gw.status()
+        if self.group:
+            return st["groups"]["outbox"], st["groups"]["held"]
+        return st["queue"]["outbox_depth"], st["receipts"]["held"]
 
     def stop(self) -> None:
         self.alice.stop()
         self.bob.stop()
 
 
-@pytest.fixture(scope="module")
-def sdk_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkFleet]:
-    bed = Testbed(tmp_path_factory.mktemp("sdk-stream"))
+@pytest.fixture(scope="module", params=["pairwise", "group"])
+def sdk_fleet(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkFleet]:
+    bed = Testbed(tmp_path_factory.mktemp(f"sdk-stream-{request.param}"))
     fleet = None
     try:
         bed.start_relay()
@@ -64,7 +88,7 @@ def sdk_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkFleet]:
             gw.start()
         for gw in bed.gateways.values():
             gw.wait_ready(90)
-        fleet = SdkFleet(bed)
+        fleet = SdkFleet(bed, GROUP if request.param == "group" else None)
         yield fleet
     finally:
         if fleet is not None:
@@ -75,9 +99,11 @@ def sdk_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SdkFleet]:
 @pytest.mark.parametrize("broker", ["a", "b"])
 def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker: str) -> None:
     f = sdk_fleet
+    N = f.n  # (the stream's length)
+    kind = "sdk_group_stream" if f.group else "sdk_stream"
     gw = f.a if broker == "a" else f.b
     t0 = time.monotonic()
-    pa, pb = f"kill9_broker_{broker}|a>b|".encode(), f"kill9_broker_{broker}|b>a|".encode()
+    pa, pb = f"{kind}_kill9_broker_{broker}|a>b|".encode(), f"{kind}_kill9_broker_{broker}|b>a|".encode()
     trigger = threading.Event()
     errors: list[BaseException] = []
     in_flight_at_kill: dict[str, int] = {}
@@ -139,8 +165,8 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
     time.sleep(3.0)  # late copies, if any got past the SDK, would arrive now
     ab = app_tally([p for p in f.alice.sent if p.startswith(pa)], f.bob.received_with(pa))
     ba = app_tally([p for p in f.bob.sent if p.startswith(pb)], f.alice.received_with(pb))
-    statuses = {name: g.status().get("receipts") for name, g in (("a", f.a), ("b", f.b))}
-    record(f"sdk_stream.kill9_broker_{broker}", a_to_b=ab.as_dict(), b_to_a=ba.as_dict(),
+    statuses = {name: {k: g.status().get(k) for k in ("receipts", "groups")} for name, g in (("a", f.a), ("b", f.b))}
+    record(f"{kind}.kill9_broker_{broker}", a_to_b=ab.as_dict(), b_to_a=ba.as_dict(),
            seconds=round(time.monotonic() - t0, 1), at_kill=in_flight_at_kill,
            sdk={"alice": dict(f.alice.client.stats), "bob": dict(f.bob.client.stats)}, gateways=statuses)
     # The kill happened mid-stream: the stream was still running on both sides.
@@ -157,8 +183,6 @@ def test_sdk_stream_exactly_once_through_broker_kill(sdk_fleet: SdkFleet, broker
     assert agent.client.stats["reconnects"] >= 1
     # Once everything is acknowledged, no gateway holds anything and both outboxes drain.
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(
-            g.status()["queue"]["outbox_depth"] or g.status()["receipts"]["held"] for g in (f.a, f.b)):  # type: ignore[index]
+    while time.monotonic() < deadline and any(f.left(g) != (0, 0) for g in (f.a, f.b)):
         time.sleep(0.2)
-    assert [(g.status()["queue"]["outbox_depth"], g.status()["receipts"]["held"])  # type: ignore[index]
-            for g in (f.a, f.b)] == [(0, 0), (0, 0)]
+    assert [f.left(g) for g in (f.a, f.b)] == [(0, 0), (0, 0)]
