@@ -73,7 +73,7 @@ class Counters:
     resent: int = 0  # (message, device) pairs sent again for want of an acknowledgement
     held_republished: int = 0  # group messages held for an acknowledging agent, published to it again
     held_expired: int = 0  # ... deleted unacknowledged at their expiry
-    held_not_kept_over_cap: int = 0  # ... not kept: the agent had store.held_max_per_agent held already
+    held_not_kept_over_cap: int = 0  # ... not kept: a cap was reached (messages or bytes per agent, bytes in all)
     extra: dict[str, int] = field(default_factory=dict)
 
 
