@@ -14,9 +14,10 @@ End-to-end receipts (docs/protocol.md, "Receipts and acks"): each message the SD
 send_group) carries a random 16-byte id in the user property `agw:sdk-id`; the gateway answers on
 agw/<agent>/receipt once the message is durable in its outbox, and until then the SDK publishes it again (same id)
 after every reconnect and whenever no receipt came within `receipt_timeout`. Each message the SDK receives is
-acknowledged on agw/<agent>/ack once handed to the application, so the gateway keeps it (and sends it again) until
-then; copies are dropped by message id. Together with a reconnect loop on a persistent MQTT session this survives a
-crash of the local broker (which acknowledges before it saves) with every message delivered exactly once. Group
+acknowledged on agw/<agent>/ack once handed to the application (or, with `auto_ack=False`, once the application
+calls `msg.ack()`), so the gateway keeps it (and sends it again) until then; copies are dropped by message id.
+Together with a reconnect loop on a persistent MQTT session this survives a crash of the local broker (which
+acknowledges before it saves) with every message delivered exactly once. Group
 messages are sent (`send_group`, receipted: the gateway takes a retransmission once) and received
 (`group_messages`, acknowledged as they are handed out; the gateway keeps them until then) with the same
 guarantees. Both need a gateway of this version or later (an older one sends no group receipts, so a group send
@@ -84,6 +85,14 @@ class Message:
     user_properties: tuple[tuple[str, str], ...]
     _client: AgentClient | None = field(default=None, repr=False, compare=False)
 
+    def ack(self) -> None:
+        """With `AgentClient(..., auto_ack=False)`: the application is done with this message, so the gateway may
+        forget it. Until then the gateway keeps it and sends it again to the agent's next client (after a crash of
+        the application, say). Safe to call twice, from any thread; with the default `auto_ack=True` it does
+        nothing (the message was acknowledged when it was handed out)."""
+        if self._client is not None:
+            self._client._app_ack(self)
+
     async def reply(self, payload: bytes, *, content_type: str | None = None) -> None:
         """Answer a request: published on the response topic the gateway gave us, with its correlation data.
         Returns once the gateway has the reply durably (its receipt came)."""
@@ -108,13 +117,18 @@ class _Outgoing:
 class AgentClient:
     def __init__(self, agent: str, *, host: str = "127.0.0.1", port: int = 1883, password: str | None = None,
                  username: str | None = None, prefix: str = "agw", receipt_timeout: float = RECEIPT_TIMEOUT,
-                 session_expiry: int = SESSION_EXPIRY) -> None:
+                 session_expiry: int = SESSION_EXPIRY, auto_ack: bool = True) -> None:
+        """`auto_ack=False`: a message received is acknowledged to the gateway only when the application calls
+        `msg.ack()` (at-least-once processing: a crash between taking and acking gets the message again), not
+        when it is handed out."""
         self.agent = agent
         self.prefix = prefix
         self._host, self._port, self._username, self._password = host, port, username or agent, password
         self._identifier = f"{agent}-{os.urandom(4).hex()}"  # the same for every reconnect: one session
         self._session_expiry = session_expiry
         self._receipt_timeout = receipt_timeout
+        self._auto_ack = auto_ack
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._mqtt = self._new_mqtt()
         self._reply_base = f"{prefix}/{agent}/reply/{os.urandom(6).hex()}"
         self._receipt_topic = topics.receipt_topic(prefix, agent)
@@ -144,6 +158,7 @@ class AgentClient:
                               socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
 
     async def __aenter__(self) -> AgentClient:
+        self._loop = asyncio.get_running_loop()
         try:
             await self._mqtt.__aenter__()
             await self._on_connected()
@@ -304,20 +319,34 @@ class AgentClient:
             fut = self._pending.pop(msg.correlation_data)  # type: ignore[arg-type]
             if not fut.done():
                 fut.set_result(msg)
-            self._taken(msg)  # (a reply whose request gave up is not wanted: acknowledged all the same)
+            self._taken(msg, ack=True)  # (a reply whose request gave up is not wanted: acknowledged all the same)
         else:
             self._inbox.put_nowait(msg)
 
-    def _taken(self, msg: Message) -> Message:
-        """The application has the message: only now is it acknowledged, so the gateway keeps it until then (a
-        crash or close with messages still queued here loses none of them)."""
-        if msg.message_id is not None:
+    def _taken(self, msg: Message, *, ack: bool | None = None) -> Message:
+        """The application has the message: only now is it acknowledged (with `auto_ack`; else at `msg.ack()`), so
+        the gateway keeps it until then (a crash or close with messages still queued here loses none of them)."""
+        if (self._auto_ack if ack is None else ack) and msg.message_id is not None:
             with contextlib.suppress(ValueError):
                 mid = bytes.fromhex(msg.message_id)
                 if mid in self._seen and not self._seen[mid]:
                     self._seen[mid] = True
                     self._ack(mid)
         return msg
+
+    def _app_ack(self, msg: Message) -> None:
+        """`msg.ack()`, from the loop's thread or any other (`SyncAgentClient`)."""
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._taken(msg, ack=True)
+        else:
+            loop.call_soon_threadsafe(lambda: self._taken(msg, ack=True))
 
     def _on_receipt(self, payload: bytes, refused: str | None) -> None:
         """A receipt ends the wait of the sends it names: normally, or with `MessageRefused` if it carries a
