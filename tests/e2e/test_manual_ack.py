@@ -7,17 +7,14 @@ that acknowledges from its own thread.
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 
 from gateway.client import AgentClient, SyncAgentClient
-from gateway.testbed import PY, Gateway, Testbed
+from gateway.testbed import Gateway, Testbed
+from tests.support.sdk_process import SdkProcess, wait_for
 
 PW = "agent-secret"
 
@@ -37,34 +34,9 @@ asyncio.run(main())
 """
 
 
-class Receiver:
+def receiver(port: int) -> SdkProcess:
     """bob's application in a process of its own: prints what it takes; acks only payloads starting "ack:"."""
-
-    def __init__(self, port: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([PY, "-c", RECEIVER, str(port), PW], stdout=subprocess.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_for(lambda: "ready" in self.lines, what="bob's SDK process to connect")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
-
-    def payloads(self) -> list[bytes]:
-        return [bytes.fromhex(x) for x in self.lines if x != "ready"]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return SdkProcess(RECEIVER, str(port), PW, what="bob's SDK process")
 
 
 def held(gw: Gateway) -> int:
@@ -82,7 +54,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
 async def test_what_the_application_did_not_ack_comes_back_after_a_crash(bed: Testbed) -> None:
     a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
     async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
-        first = Receiver(b.broker.port)
+        first = receiver(b.broker.port)
         try:
             await alice.send("dev-b/bob", b"taken, not acked")
             await asyncio.to_thread(wait_for, lambda: first.payloads() == [b"taken, not acked"], what="the message")
@@ -91,7 +63,7 @@ async def test_what_the_application_did_not_ack_comes_back_after_a_crash(bed: Te
         finally:
             first.kill()
 
-        second = Receiver(b.broker.port)  # the application after a restart: gets it again
+        second = receiver(b.broker.port)  # the application after a restart: gets it again
         try:
             await asyncio.to_thread(wait_for, lambda: second.payloads() == [b"taken, not acked"],
                                     what="the unacknowledged message, again")

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from gateway.client import AgentClient
-from gateway.testbed import PY, Testbed
+from gateway.testbed import Testbed
+from tests.support.sdk_process import SdkProcess, wait_for
 
 PW = "agent-secret"
 GROUP = "held"
@@ -37,36 +34,9 @@ asyncio.run(main())
 """
 
 
-class Receiver:
-    """An SDK agent in a process of its own, printing the group messages it takes (each then acknowledged)."""
-
-    def __init__(self, agent: str, port: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([PY, "-c", RECEIVER, agent, str(port), PW, GROUP], stdout=subprocess.PIPE,
-                                     text=True)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        wait_for(lambda: "ready" in self.lines, what=f"{agent}'s SDK process to connect")
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.strip())
-
-    def payloads(self) -> list[bytes]:
-        return [bytes.fromhex(x) for x in self.lines if x != "ready"]
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+def receiver(port: int) -> SdkProcess:
+    """a1's application in a process of its own, reading the group (each message then acknowledged)."""
+    return SdkProcess(RECEIVER, "a1", str(port), PW, GROUP, what="a1's SDK process")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +69,7 @@ async def test_a_group_message_sent_while_the_sdk_agent_was_killed_reaches_its_n
         await b1.add(GROUP, "gw1/a1")
         await asyncio.to_thread(wait_for, lambda: gw1.agw("group", "show", "--agent", "a1", "--group", GROUP,
                                                           check=False).returncode == 0, what="a1 to join")
-        first = Receiver("a1", gw1.broker.port)
+        first = receiver(gw1.broker.port)
         try:
             # Its group_messages() subscribed and announced that a1 reads (and acknowledges) this group.
             await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_groups"] == {"a1": [GROUP]},
@@ -115,7 +85,7 @@ async def test_a_group_message_sent_while_the_sdk_agent_was_killed_reaches_its_n
         # Published into the dead process's broker session (no one will read it there) and kept by gw1.
         await asyncio.to_thread(wait_for, lambda: groups_status(bed)["held"] == 1, what="gw1 to hold the message")
 
-        second = Receiver("a1", gw1.broker.port)  # a new process: a new MQTT session, announced with an empty ack
+        second = receiver(gw1.broker.port)  # a new process: a new MQTT session, announced with an empty ack
         try:
             await asyncio.to_thread(wait_for, lambda: second.payloads() == [b"while a1 was dead"],
                                     what="the message kept for a1")
