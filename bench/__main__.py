@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import footprint, profiling, report, slim_peer
+from bench import footprint, profiling, report, rtt_floor, slim_peer
 from bench.paths import DEV_A, DEV_B, BridgePath, OurPath, rss_kib
 
 HERE = Path(__file__).resolve().parent
@@ -184,6 +184,14 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
     micro = _section(errors, "relay micro", lambda: _relay_micro(a))
     if micro:
         r["relay"]["micro"] = micro
+    # 2b. The round trip's floor: the parts it crosses, alone (bench/rtt_floor.py), beside the round-trip target.
+    log("round trip floor: one broker's request/reply and one durable store commit, alone")
+    floor = _section(errors, "rtt floor", lambda: _child(
+        ["-m", "bench.rtt_floor", "--exchanges", str(a.rtt), "--commits", str(max(100, a.rtt // 2))], 600))
+    if floor:
+        r["rtt_floor"] = {**floor, "floor_p50_ms": rtt_floor.floor_ms(floor, micro.get("rtt_ms_median") if micro
+                                                                      else None)}
+        log(f"round trip floor p50: {r['rtt_floor']['floor_p50_ms']} ms")
     log(f"relay: {a.connections} authenticated connections")
     conns = _section(errors, "relay connections", lambda: _child(
         ["-m", "bench.relay_capacity", "--connections", str(a.connections)], timeout=1200))

@@ -158,6 +158,16 @@ def markdown(r: dict[str, Any]) -> str:
         s = slim_rt[0]
         lines.append(f"| SLIM (MLS, reliable) | {_fmt(s.get('n'))} | {_fmt(s.get('p50_ms'))} | "
                      f"{_fmt(s.get('p99_ms'))} | - |")
+    floor = r.get("rtt_floor") or {}
+    if floor:
+        bx, dc = floor.get("broker_exchange") or {}, floor.get("durable_commit") or {}
+        relay_rtt = (r.get("relay", {}).get("micro") or {}).get("rtt_ms_median")
+        lines += ["", f"The parts alone (bench/rtt_floor.py, p50): a request/reply through one Mosquitto "
+                      f"{_fmt(bx.get('p50_ms'))} ms (two broker passes), our store's durable commit "
+                      f"{_fmt(dc.get('p50_ms'))} ms, the relay's round trip {_fmt(relay_rtt)} ms. "
+                      f"A round trip of ours crosses four broker passes, four durable commits and one relay round "
+                      f"trip: **{_fmt(floor.get('floor_p50_ms'))} ms** before any gateway work (the p50 target is "
+                      f"2 ms)."]
     lines += ["", f"SLIM: {r.get('slim', {}).get('status', 'not measured')}", ""]
     relay = r.get("relay", {})
     lines += ["## Relay", ""]

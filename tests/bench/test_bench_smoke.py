@@ -69,6 +69,26 @@ def test_other_parts_are_measured(quick):
     assert r["slim"]["status"].startswith("not measured")
 
 
+def test_the_round_trip_floor_sums_the_parts_measured_alone(quick):
+    r, md = quick
+    floor = r["rtt_floor"]
+    bx, dc = floor["broker_exchange"], floor["durable_commit"]
+    assert bx["n"] == 50 and bx["lost"] == 0 and 0 < bx["p50_ms"] <= bx["p99_ms"]
+    assert dc["n"] == 100 and 0 < dc["p50_ms"] <= dc["p99_ms"]
+    relay = r["relay"]["micro"]["rtt_ms_median"]
+    assert floor["floor_p50_ms"] == round(2 * bx["p50_ms"] + 4 * dc["p50_ms"] + relay, 3)
+    assert f"**{floor['floor_p50_ms']:,.2f} ms** before any gateway work" in md
+
+
+def test_the_floor_needs_every_part():
+    from bench.rtt_floor import floor_ms
+
+    parts = {"broker_exchange": {"p50_ms": 0.3}, "durable_commit": {"p50_ms": 0.25}}
+    assert floor_ms(parts, 0.5) == 2.1
+    assert floor_ms(parts, None) is None
+    assert floor_ms({"broker_exchange": {"n": 0, "lost": 5}, "durable_commit": {"p50_ms": 0.25}}, 0.5) is None
+
+
 def test_table_has_a_verdict_for_every_target(quick):
     r, md = quick
     names = {t["name"] for t in r["targets"]}
