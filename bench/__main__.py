@@ -69,6 +69,7 @@ def run(a: argparse.Namespace, work: Path) -> dict[str, Any]:
                                   "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                                   "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
                                              f"{platform.python_version()}, {_mosquitto_version()}",
+                                  "cores": os.cpu_count(),
                                   "config": {k: v for k, v in vars(a).items()},
                                   "load_average_start": os.getloadavg()},
                          "throughput": {"ours": [], "bridge": []}, "rtt": {}, "relay": {}, "gateway": {},

@@ -98,6 +98,7 @@ def _subscriber(spec: dict[str, Any], ready: Any, warmed: Any, out: Any) -> None
     subbed.wait(10)
     ready.set()
     warmed.wait(60)
+    cpu0 = time.process_time()  # (this process, paho's network thread included)
     deadline, idle_since, prev = time.monotonic() + limit, time.monotonic(), 0
     while not done.is_set() and time.monotonic() < deadline:
         done.wait(0.25)
@@ -105,9 +106,11 @@ def _subscriber(spec: dict[str, Any], ready: Any, warmed: Any, out: Any) -> None
             prev, idle_since = len(seen), time.monotonic()
         elif time.monotonic() - idle_since > spec.get("idle_s", 15):
             break
+    cpu = time.process_time() - cpu0
     c.loop_stop()
     c.disconnect()
-    out.put({"received": len(seen), "duplicates": dups, "warmup_received": warm, "t_first": first, "t_last": last})
+    out.put({"received": len(seen), "duplicates": dups, "warmup_received": warm, "t_first": first, "t_last": last,
+             "cpu_s": cpu})
 
 
 def tput(spec: dict[str, Any]) -> dict[str, Any]:
@@ -144,11 +147,11 @@ def tput(spec: dict[str, Any]) -> dict[str, Any]:
     time.sleep(float(spec.get("settle_s", 1.0)))
     all_acked.clear()
     target[0] = WARMUP + n
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), time.process_time()
     for i in range(n):
         c.publish(topic, struct.pack(">Q", i) + pad, qos=1)
     all_acked.wait(limit)
-    t_pub = time.monotonic() - t0
+    t_pub, pub_cpu = time.monotonic() - t0, time.process_time() - cpu0
     res = out.get(timeout=limit + 30)
     p.join(10)
     c.loop_stop()
@@ -157,7 +160,9 @@ def tput(spec: dict[str, Any]) -> dict[str, Any]:
     e2e = got / (res["t_last"] - t0) if got and res["t_last"] > t0 else 0.0
     return {"n": n, "size": size, "received": got, "lost": n - got, "duplicates": res["duplicates"],
             "acked": acked - WARMUP, "publish_msg_s": round(n / t_pub), "msg_s": round(e2e),
-            "MB_s": round(e2e * size / 1e6, 2), "seconds": round(res["t_last"] - t0, 3) if got else None}
+            "MB_s": round(e2e * size / 1e6, 2), "seconds": round(res["t_last"] - t0, 3) if got else None,
+            # CPU seconds of the load clients themselves while measuring (the same clients on both paths)
+            "client_cpu_s": {"publisher": round(pub_cpu, 3), "subscriber": round(res["cpu_s"], 3)}}
 
 
 # -- round trip ----------------------------------------------------------------------------------------------

@@ -95,6 +95,24 @@ def checks(r: dict[str, Any]) -> list[Check]:
     return out
 
 
+def cpu_budget(row: dict[str, Any], cores: int | None) -> dict[str, Any] | None:
+    """CPU microseconds per message of a throughput run, by kind of process (gateways, brokers, relay, the load
+    clients), against the wall time the machine's cores offered per message."""
+    cpu, clients, n, seconds = row.get("cpu_s"), row.get("client_cpu_s"), row.get("n"), row.get("seconds")
+    if not cpu or not clients or not n or not seconds or not cores:
+        return None
+    kinds: dict[str, float] = {}
+    for name, v in cpu.items():
+        kind = ("gateways" if name.startswith("gateway") else "brokers" if name.startswith("mosquitto")
+                else name)
+        kinds[kind] = kinds.get(kind, 0.0) + v["main"] + v["other"]
+    kinds["clients"] = clients["publisher"] + clients["subscriber"]
+    per = {k: v * 1e6 / n for k, v in kinds.items()}
+    total = sum(per.values())
+    wall = seconds * cores * 1e6 / n
+    return {"us_per_message": per, "total_us": total, "wall_us": wall, "busy": total / wall}
+
+
 def _fmt(v: Any, unit: str = "") -> str:
     if v is None:
         return "-"
@@ -148,6 +166,18 @@ def markdown(r: dict[str, Any]) -> str:
             if cpu:
                 parts = ", ".join(f"{name} {v['main']:.2f}+{v['other']:.2f}" for name, v in cpu.items())
                 lines.append(f"- {path} {o['size']:,} B ({o['n']:,} msgs, {_fmt(o.get('seconds'))} s): {parts}")
+    cores = r.get("meta", {}).get("cores")
+    budget = [(path, cpu_budget(o, cores)) for path in ("ours", "bridge")
+              for o in r.get("throughput", {}).get(path, []) if o.get("size") == 256]
+    if any(b for _, b in budget):
+        lines += ["", "Where the machine's CPU goes per 256 B message (CPU seconds / messages: the paths' processes "
+                      "over the whole run, warm-up and session set-up included, which weighs in short runs; the load "
+                      "clients, the same paho publisher and subscriber on both paths, over the measured burst):", ""]
+        for path, b in budget:
+            if b:
+                parts = ", ".join(f"{k} {v:.1f} us" for k, v in b["us_per_message"].items())
+                lines.append(f"- {path}: {parts}; total **{b['total_us']:.1f} us**; the {cores} cores' wall time "
+                             f"is {b['wall_us']:.1f} us per message ({b['busy']:.0%} busy)")
     lines += ["", "## Request/reply round trip, 256 B, QoS 1", "", "| path | exchanges | p50 ms | p99 ms | lost |",
               "|---|---|---|---|---|"]
     for path, rt in r.get("rtt", {}).items():

@@ -117,3 +117,26 @@ def test_checks_compare_against_the_targets():
     assert got["throughput 256 B vs Mosquitto TLS bridge"] == ("MISS", "0.45x")
     unmeasured = {c.name: c.status for c in report.checks({"slim": {"status": "not available: no wheel"}})}
     assert unmeasured == {"throughput 256 B vs SLIM (MLS)": "n/a"}
+
+
+def test_the_cpu_budget_sums_every_process_and_the_clients():
+    row = {"n": 1000, "seconds": 0.5, "client_cpu_s": {"publisher": 0.02, "subscriber": 0.03},
+           "cpu_s": {"relay": {"main": 0.004, "other": 0.0}, "gateway bench-a": {"main": 0.04, "other": 0.001},
+                     "gateway bench-b": {"main": 0.07, "other": 0.0}, "mosquitto bench-a": {"main": 0.02, "other": 0},
+                     "mosquitto bench-b": {"main": 0.03, "other": 0.0}}}
+    b = report.cpu_budget(row, 2)
+    assert b is not None
+    assert {k: round(v, 1) for k, v in b["us_per_message"].items()} == {
+        "relay": 4.0, "gateways": 111.0, "brokers": 50.0, "clients": 50.0}
+    assert round(b["total_us"], 1) == 215.0 and b["wall_us"] == 1000.0 and round(b["busy"], 3) == 0.215
+    assert report.cpu_budget({**row, "client_cpu_s": None}, 2) is None
+    assert report.cpu_budget(row, None) is None
+
+
+def test_the_quick_run_reports_the_clients_cpu(quick):
+    r, md = quick
+    for path in ("ours", "bridge"):
+        (row,) = r["throughput"][path]
+        assert row["client_cpu_s"]["publisher"] > 0 and row["client_cpu_s"]["subscriber"] > 0
+    assert "Where the machine's CPU goes per 256 B message" in md
+    assert md.count("total **") == 2
