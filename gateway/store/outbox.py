@@ -376,16 +376,16 @@ class Outbox:
         messages: rows are read until the budget is passed (always at least one), so a backlog of large
         messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
         `peer_limits`: at most this many entries of these peers (a sender's room in a peer's send window). The
-        rest of such a peer's due rows are not unsealed; when more than DUE_BY_INDEX rows are due they are still
-        fetched, and count towards `limit`, so one slow peer at the head of a long backlog can fill a pass.
+        rest of such a peer's due rows are not unsealed, nor counted towards `limit`: a slow peer at the head of
+        a long backlog does not keep the other peers' rows out of a pass.
 
         How: the rows due are counted on the due index first (stopping past DUE_BY_INDEX). None: no read. A few
         (the usual case while most rows wait for an answer or are held in memory by the sender): their seq and
         size are read through the due index, sorted here, and the rows fetched in that order until the budget is
         passed (SQLite would otherwise read every due row in full and sort them, blobs and all, before returning
         the first). Many: read in queue order, which stops after `limit` (SQLite's own choice, a scan by seq,
-        reads every row not yet due before the first due one); rows past a peer's quota are skipped unsealed but
-        count towards `limit`."""
+        reads every row not yet due before the first due one); a peer whose quota is used up is left out of the
+        rest of the read (one more query per such peer)."""
         where = "due_at_ms <= ? AND expires_at_ms > ?"
         args: list[object] = [now_ms, now_ms]
         if peer_device is not None:
@@ -422,14 +422,24 @@ class Outbox:
                     rows += conn.execute(f"SELECT {cols} FROM outbox WHERE seq IN ({marks}) "  # noqa: S608
                                          "ORDER BY seq", chunk).fetchall()
                 return [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-            for r in conn.execute(f"SELECT {cols} FROM outbox WHERE {where} ORDER BY seq LIMIT ?",  # noqa: S608
-                                  [*args, int(limit)]):
-                if quota and not _take(quota, r[6]):
-                    continue
-                out.append(self._entry(r[0], r[1], r[2], r[3], r[4]))
-                total += int(r[5])
-                if max_bytes is not None and total >= max_bytes:
-                    break
+            # In queue order. A peer whose quota runs out leaves the query (read again from the next row), so
+            # its further rows neither count towards `limit` nor keep the other peers' rows out of this pass.
+            after, full = -1, list[bytes]()
+            while len(out) < limit:
+                cut = f" AND peer NOT IN ({','.join('?' * len(full))})" if full else ""
+                rows = conn.execute(f"SELECT {cols}, seq FROM outbox WHERE {where} AND seq > ?{cut} "  # noqa: S608
+                                    "ORDER BY seq LIMIT ?", [*args, after, *full, int(limit - len(out))]).fetchall()
+                for r in rows:
+                    after = r[7]
+                    if quota and not _take(quota, r[6]):
+                        full.append(r[6])
+                        break  # (read again without this peer)
+                    out.append(self._entry(r[0], r[1], r[2], r[3], r[4]))
+                    total += int(r[5])
+                    if max_bytes is not None and total >= max_bytes:
+                        return out
+                else:
+                    return out  # every due row read (or `limit` reached)
         return out
 
     def get(self, msg_id: bytes) -> OutboxEntry | None:

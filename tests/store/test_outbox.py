@@ -52,6 +52,33 @@ def test_due_reads_at_most_a_peers_limit_and_unseals_nothing_past_it(
     assert store.outbox.due(1, limit=100, peer_limits={"slow": 0, "fast": 1}) == [store.outbox.get(mid(10))]
 
 
+def test_a_slow_peer_at_the_head_of_a_long_backlog_leaves_room_for_the_others(
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past DUE_BY_INDEX due rows (read in queue order), the rows of a peer past its quota neither count towards
+    `limit` nor keep the other peers' rows out of the pass: each peer gets what fits in its window."""
+    from gateway.store import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "DUE_BY_INDEX", 2)
+    rows = [(mid(i), "slow", b"r", FAR) for i in range(40)]
+    rows += [(mid(100 + i), "other" if i % 2 else "third", b"r", FAR) for i in range(6)]
+    store.outbox.put_many(rows)
+    unsealed: list[bytes] = []
+    entry = store.outbox._entry
+
+    def counting(*args: object) -> object:
+        e = entry(*args)  # type: ignore[arg-type]
+        unsealed.append(e.msg_id)
+        return e
+
+    monkeypatch.setattr(store.outbox, "_entry", counting)
+    due = store.outbox.due(1, limit=10, peer_limits={"slow": 2, "third": 1})
+    assert [e.msg_id for e in due] == [mid(0), mid(1), mid(100), mid(101), mid(103), mid(105)]
+    assert unsealed == [e.msg_id for e in due]
+    # `limit` still bounds the pass, counting only what is returned.
+    assert [e.msg_id for e in store.outbox.due(1, limit=3, peer_limits={"slow": 1})] == [mid(0), mid(100), mid(101)]
+    assert store.outbox.due(1, limit=10, peer_limits={"slow": 0, "other": 0, "third": 0}) == []
+
+
 def test_put_is_idempotent_per_msg_id(store: Store) -> None:
     assert store.outbox.put(mid(1), "devA", b"first", FAR)
     assert not store.outbox.put(mid(1), "devA", b"second", FAR)
