@@ -113,7 +113,7 @@ class Keyring:
         encrypt = self._aead.encrypt
         out = []
         pos = 0
-        for key, plaintext in zip(keys, plaintexts):
+        for key, plaintext in zip(keys, plaintexts, strict=True):
             nonce = nonces[pos:pos + NONCE_BYTES]
             pos += NONCE_BYTES
             out.append(b"".join((_RECORD_FORMAT_BYTE, nonce, encrypt(nonce, plaintext, ad + key))))

@@ -236,7 +236,7 @@ class Outbox:
         keys = self._keys.blind_many("outbox.msg", ids)
         blobs = self._keys.seal_many(TABLE, keys, plains)
         values: list[object] = []  # the INSERTs' parameters, row after row (7 per row)
-        for k, (peer, n, expires), blob in zip(keys, meta, blobs):
+        for k, (peer, n, expires), blob in zip(keys, meta, blobs, strict=True):
             values += (k, peer, n, expires, due, tries, blob)
         with self._db.write("storing outbound messages") as conn:
             added = 0
@@ -264,7 +264,7 @@ class Outbox:
             # Only keys of rows stored (not of a batch refused or rolled back: they would fill the cache for good).
             room = max(0, LIVE_KEYS - len(live))
             if room:
-                kept = list(zip(ids[:room], keys[:room]))
+                kept = list(zip(ids[:room], keys[:room], strict=True))
                 live.update(kept)
                 self._db.on_rollback(lambda: [live.pop(m, None) for m, _ in kept])
         return added
