@@ -260,6 +260,9 @@ def decode_agent_publish(header: int, packet: bytes | bytearray) -> AgentMessage
         pend = pos + plen
         if pend > end:
             raise MalformedPacket("PUBLISH properties run past the packet")
+        if plen == 0:  # no properties (most messages of a plain client): what the loop below would make of none
+            return AgentMessage(topic, bytes(packet[pend:]), mid, qos, bool(header & 0x08), None, None, None,
+                                False, ())
         response_topic = content_type = None
         correlation_data = None
         utf8 = False

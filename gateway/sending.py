@@ -60,12 +60,28 @@ HANDOVER_MOVING_S = 0.5
 _LEN4 = struct.Struct(">I").pack
 
 
+_NO_LENGTHS = _LEN4(0) * 2  # the empty correlation data and response topic of `_digest`
+_DIGEST_HEADS: dict[str, Any] = {}  # topic -> SHA-256 state after its length and bytes (at most 1,024 topics)
+
+
 def _digest(m: AgentMessage) -> bytes:
     """What identifies a broker redelivery of the same PUBLISH (same packet id, same content): SHA-256 over the
-    topic, payload, correlation data and response topic, each after its 4-byte length (one call over one join)."""
-    topic, cd, rt = m.topic.encode(), m.correlation_data or b"", (m.response_topic or "").encode()
-    return hashlib.sha256(b"".join((_LEN4(len(topic)), topic, _LEN4(len(m.payload)), m.payload,
-                                    _LEN4(len(cd)), cd, _LEN4(len(rt)), rt))).digest()[:16]
+    topic, payload, correlation data and response topic, each after its 4-byte length. The state after the
+    topic is kept per topic (agents publish on a few) and copied for each message."""
+    head = _DIGEST_HEADS.get(m.topic)
+    if head is None:
+        topic = m.topic.encode()
+        if len(_DIGEST_HEADS) >= 1024:
+            _DIGEST_HEADS.clear()
+        head = _DIGEST_HEADS[m.topic] = hashlib.sha256(_LEN4(len(topic)) + topic)
+    h = head.copy()
+    payload, cd, rt = m.payload, m.correlation_data, m.response_topic
+    if cd is None and rt is None:
+        h.update(b"".join((_LEN4(len(payload)), payload, _NO_LENGTHS)))
+    else:
+        cd, rtb = cd or b"", (rt or "").encode()
+        h.update(b"".join((_LEN4(len(payload)), payload, _LEN4(len(cd)), cd, _LEN4(len(rtb)), rtb)))
+    return h.digest()[:16]
 
 
 def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]:
@@ -111,34 +127,42 @@ class Handover:
     async def wait_room(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
         """Whether `items` fit, after waiting up to HANDOVER_WAIT_S for the sender to make room if they would fit
         an empty hand-over, the sender is taking entries and every entry held is for a peer of this batch."""
-        if self.takes(items):
+        size = sum(len(i[2]) for i in items)  # (once: not again on each wake while waiting)
+        if self.takes(len(items), size):
             return True
         # Only behind the same peers' messages: a batch never waits on room that another (slow) peer's held
         # messages take, or its agents' PUBACKs and receipts would be delayed by a peer they do not send to.
-        if (len(items) > HANDOVER_ENTRIES or sum(len(i[2]) for i in items) > HANDOVER_BYTES
+        if (len(items) > HANDOVER_ENTRIES or size > HANDOVER_BYTES
                 or time.monotonic() - self.taken_at > HANDOVER_MOVING_S
                 or not self.peers.keys() <= {i[1] for i in items}):
             return False
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(HANDOVER_WAIT_S):
-                while not self.takes(items):
+                while not self.takes(len(items), size):
                     self.room.clear()
                     await self.room.wait()
-        return self.takes(items)
+        return self.takes(len(items), size)
 
-    def takes(self, items: list[tuple[bytes, str, bytes, int]]) -> bool:
-        return (self.count + len(items) <= HANDOVER_ENTRIES
-                and self.bytes + sum(len(i[2]) for i in items) <= HANDOVER_BYTES)
+    def takes(self, count: int, size: int) -> bool:
+        """Whether `count` more entries of `size` record bytes in all fit."""
+        return self.count + count <= HANDOVER_ENTRIES and self.bytes + size <= HANDOVER_BYTES
 
     def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int, counted: bool) -> None:
         """Hold a stored batch; `counted`: every row is new, stored due `due_at_ms` with its first attempt."""
         attempts = 1 if counted else 0
+        last: str | None = None
+        held: dict[bytes, OutboxEntry] = {}
+        count = size = 0
         for msg_id, peer, record, expires in items:
-            held = self.peers.setdefault(peer, {})
+            if peer != last:  # (a batch is mostly one peer's: one lookup per run of it)
+                held = self.peers.setdefault(peer, {})
+                last = peer
             if msg_id not in held:
                 held[msg_id] = OutboxEntry(msg_id, peer, record, expires, attempts, due_at_ms)
-                self.count += 1
-                self.bytes += len(record)
+                count += 1
+                size += len(record)
+        self.count += count
+        self.bytes += size
 
     def sync(self, epoch: int) -> None:
         """Call with `Outbox.epoch` before adding or sending: if rows were rescheduled or purged since the last

@@ -63,14 +63,18 @@ class RedeliveryMarks:
 
     def put(self, marks: Iterable[tuple[int, bytes]]) -> None:
         """Record (packet id, digest) for messages being stored: one sealed record per bucket touched."""
-        touched: set[int] = set()
+        touched: dict[int, bytearray] = {}
         for packet_id, digest in marks:
-            self._check(packet_id, digest)
+            if not (type(packet_id) is int and 0 <= packet_id <= 0xFFFF and type(digest) is bytes
+                    and len(digest) == DIGEST_BYTES and digest != _EMPTY):
+                self._check(packet_id, digest)  # (raises, unless an int or bytes subclass within the rules)
             n = packet_id // PER_BUCKET
+            bucket = touched.get(n)
+            if bucket is None:
+                bucket = touched[n] = self._bucket(n)
             i = (packet_id % PER_BUCKET) * DIGEST_BYTES
-            self._bucket(n)[i:i + DIGEST_BYTES] = digest
-            touched.add(n)
-        self._blobs.put_many([(f"{self._prefix}b{n}", bytes(self._buckets[n])) for n in sorted(touched)])
+            bucket[i:i + DIGEST_BYTES] = digest
+        self._blobs.put_many([(f"{self._prefix}b{n}", bytes(touched[n])) for n in sorted(touched)])
 
     def forget(self) -> None:
         """Drop the buckets held in memory (after a failed transaction): they are read again when needed."""

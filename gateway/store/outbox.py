@@ -196,15 +196,15 @@ class Outbox:
         `release_unsent`). Raises `OutboxFull` (nothing stored) if a limit would be exceeded, `StoreFull` if the
         disk is full.
         """
-        rows: list[tuple[bytes, bytes, int, int, int, int, bytes]] = []
         peers: dict[bytes, str] = {}
         fields: dict[str, tuple[bytes, bytes]] = {}  # peer device -> (blind key, its packed field)
         max_record = self.limits.max_record_bytes
-        blind = self._keys.blind
-        seal = self._keys.seal
         live = self._live_keys
         due, tries = int(due_at_ms), int(attempts)
-        keys: list[tuple[bytes, bytes]] = []
+        ids: list[bytes] = []
+        plains: list[bytes] = []
+        meta: list[tuple[bytes, int, int]] = []  # (blind peer, record size, expiry) per row
+        join, head, tail = b"".join, _RECORD_HEAD.pack, _TAIL.pack
         for msg_id, peer_device, record, expires_at_ms in items:
             got = fields.get(peer_device)
             if got is None:
@@ -222,28 +222,37 @@ class Outbox:
                     limit="max_record_bytes",
                     peer_device=peer_device,
                 )
-            k = blind("outbox.msg", check_msg_id(msg_id), memo=False)
-            keys.append((msg_id, k))
+            if type(msg_id) is not bytes or len(msg_id) != MSG_ID_BYTES:
+                check_msg_id(msg_id)  # (raises, unless a bytes subclass of the right length)
             expires = int(expires_at_ms)
+            ids.append(msg_id)
             # = pack((msg_id, peer_device, record, expires, 0)), built from parts (a test compares the two)
-            plain = b"".join((_MSG_ID_FIELD, msg_id, got[1], _RECORD_HEAD.pack(2, n), record,
-                              _TAIL.pack(1, expires, 1, 0)))
-            rows.append((k, got[0], n, expires, due, tries, seal(TABLE, k, plain)))
-        if not rows:
+            plains.append(join((_MSG_ID_FIELD, msg_id, got[1], head(2, n), record, tail(1, expires, 1, 0))))
+            meta.append((got[0], n, expires))
+        if not ids:
             return 0
+        # The row keys and the seals for the whole batch: the same bytes as `blind(..., memo=False)` and `seal`
+        # per row (tests compare), with one HMAC state lookup and one nonce draw per batch.
+        keys = self._keys.blind_many("outbox.msg", ids)
+        blobs = self._keys.seal_many(TABLE, keys, plains)
+        values: list[object] = []  # the INSERTs' parameters, row after row (7 per row)
+        for k, (peer, n, expires), blob in zip(keys, meta, blobs, strict=True):
+            values += (k, peer, n, expires, due, tries, blob)
         with self._db.write("storing outbound messages") as conn:
             added = 0
             i = 0
-            for size in _statement_sizes(len(rows)):  # a few multi-row INSERTs, not one step per row
-                chunk = rows[i:i + size]
-                i += size
-                added += conn.execute(_insert_sql(size), [v for r in chunk for v in r]).rowcount
+            for size in _statement_sizes(len(ids)):  # a few multi-row INSERTs, not one step per row
+                added += conn.execute(_insert_sql(size), values[i:i + 7 * size]).rowcount
+                i += 7 * size
             deltas: dict[bytes, list[int]] = {}
-            if added == len(rows):
-                for r in rows:
-                    d = deltas.setdefault(r[1], [0, 0])
-                    d[0] += 1
-                    d[1] += r[2]
+            if added == len(ids):
+                if len(peers) == 1:  # (the usual batch: one peer)
+                    deltas[next(iter(peers))] = [added, sum(m[1] for m in meta)]
+                else:
+                    for peer, n, _ in meta:
+                        d = deltas.setdefault(peer, [0, 0])
+                        d[0] += 1
+                        d[1] += n
             elif added:  # some ids were known: count these peers' rows again (rare)
                 sql = (f"SELECT peer, COUNT(*), SUM(size) FROM outbox WHERE peer IN ({','.join('?' * len(peers))}) "  # noqa: S608
                        "GROUP BY peer")
@@ -253,8 +262,9 @@ class Outbox:
             self._count(deltas)
             self._check_limits(peers)
             # Only keys of rows stored (not of a batch refused or rolled back: they would fill the cache for good).
-            kept = keys[:max(0, LIVE_KEYS - len(live))]
-            if kept:
+            room = max(0, LIVE_KEYS - len(live))
+            if room:
+                kept = list(zip(ids[:room], keys[:room], strict=True))
                 live.update(kept)
                 self._db.on_rollback(lambda: [live.pop(m, None) for m, _ in kept])
         return added

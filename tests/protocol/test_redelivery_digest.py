@@ -26,3 +26,23 @@ def test_digest_is_the_stored_format(topic: str, payload: bytes, cd: bytes | Non
     m = AgentMessage(topic=topic, payload=payload, mid=1, qos=1, dup=True, response_topic=rt, correlation_data=cd,
                      content_type=None, payload_utf8=False, user_properties=())
     assert _digest(m) == reference(m)
+
+
+def test_the_per_topic_state_is_copied_not_shared_and_its_cache_bounded() -> None:
+    """`_digest` keeps the hash state after each topic: digests of the same topic with other contents, in any
+    order and after the cache was emptied (more than 1,024 topics), are still the stored format's."""
+    import gateway.sending as sending
+
+    def msg(topic: str, payload: bytes, cd: bytes | None = None, rt: str | None = None) -> AgentMessage:
+        return AgentMessage(topic, payload, 1, 1, False, rt, cd, None, False, ())
+
+    msgs = [msg("agw/a/out/d/b", bytes([i]) * i, b"c" if i % 3 == 0 else None, "r" if i % 4 == 0 else None)
+            for i in range(20)]
+    for m in msgs + msgs[::-1]:
+        assert _digest(m) == reference(m)
+    for i in range(1100):
+        m = msg(f"agw/a{i}/out/d/b", b"p")
+        assert _digest(m) == reference(m)
+        assert len(sending._DIGEST_HEADS) <= 1024
+    assert all(_digest(m) == reference(m) for m in msgs)
+    assert _digest(msg("t", b"", b"", "")) == _digest(msg("t", b"")) == reference(msg("t", b""))

@@ -111,3 +111,56 @@ def test_blind_is_the_documented_hmac_and_seal_the_documented_aad() -> None:
         blob = keys.seal(table, b"row-key", b"value")
         ad = bytes([1, len(table)]) + table.encode() + b"row-key"
         assert AESGCM(_subkey(dek, b"record")).decrypt(blob[1:13], blob[13:], ad) == b"value"
+
+
+class _Stream:
+    """A stand-in for the nonce pool: hands out one fixed byte stream in order, so a batch seal and per-row
+    seals can be given the same nonces."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def take(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 341, 342, 600])
+def test_seal_many_is_seal_per_row_with_the_same_nonces(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """`seal_many` (one nonce draw per batch) makes the bytes `seal` makes row by row from the same random bytes,
+    across the pool's 4 KiB block (341 nonces), and every blob opens under its own key only."""
+    import gateway.store.crypto as crypto
+
+    keys = Keyring(os.urandom(32))
+    stream = os.urandom(12 * n)
+    row_keys = [os.urandom(16) for _ in range(n)]
+    plains = [os.urandom(i % 50) for i in range(n)]
+    monkeypatch.setattr(crypto, "_NONCES", _Stream(stream))
+    batch = keys.seal_many("outbox", row_keys, plains)
+    monkeypatch.setattr(crypto, "_NONCES", _Stream(stream))
+    assert batch == [keys.seal("outbox", k, p) for k, p in zip(row_keys, plains, strict=True)]
+    monkeypatch.undo()
+    real = keys.seal_many("outbox", row_keys, plains)  # the real pool: a fresh nonce per row
+    assert len({b[1:13] for b in real}) == n
+    for k, p, blob in zip(row_keys, plains, real, strict=True):
+        assert keys.open("outbox", k, blob) == p
+    if n > 1:
+        with pytest.raises(StoreCorrupt):
+            keys.open("outbox", row_keys[1], real[0])
+
+
+def test_seal_many_needs_a_key_per_plaintext() -> None:
+    with pytest.raises(ValueError, match="one key per plaintext"):
+        Keyring(os.urandom(32)).seal_many("outbox", [b"k"], [])
+
+
+@pytest.mark.parametrize("n", [0, 1, 5])
+def test_blind_many_is_blind_per_value_without_memo(n: int) -> None:
+    """The same row keys as `blind(domain, v, memo=False)`, whether the domain's HMAC state exists yet or not."""
+    values = [os.urandom(16) for _ in range(n)] + [b""] * min(n, 1)
+    fresh, warm = Keyring(b"d" * 32), Keyring(b"d" * 32)
+    warm.blind("outbox.msg", b"warm-up", memo=False)
+    want = [Keyring(b"d" * 32).blind("outbox.msg", v, memo=False) for v in values]
+    assert fresh.blind_many("outbox.msg", values) == want == warm.blind_many("outbox.msg", values)
+    assert fresh.blind_many("other", values) != want or not values

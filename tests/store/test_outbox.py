@@ -349,3 +349,33 @@ def test_a_refused_or_rolled_back_batch_leaves_no_row_keys(db_path: Path, key: S
             s.outbox.put_many([(mid(14), "d", b"x", FAR)])
             raise RuntimeError("later in the same transaction")
         assert set(live) == {mid(i) for i in range(4)} and s.outbox.depth() == 4
+
+
+def test_a_batchs_row_keys_are_its_blind_indexes_and_each_row_has_its_own_nonce(store: Store) -> None:
+    """`put_many` derives the row keys and seals for the whole batch at once: each row's key is still the blind
+    index of its id (what `get`, the ACK's delete and stores written before look up) and each seal has a nonce of
+    its own, in a batch longer than one block of the nonce pool and with two peers."""
+    items = [(mid(i), "dev-b" if i % 3 else "dev-c", bytes([i % 251]) * (i % 40), FAR - i) for i in range(400)]
+    assert store.outbox.put_many(items) == 400
+    keys = store._keys  # type: ignore[attr-defined]
+    with store._db.read("test") as conn:  # type: ignore[attr-defined]
+        rows = conn.execute("SELECT k, peer, size, expires_at_ms, v FROM outbox ORDER BY seq").fetchall()
+    assert [r[0] for r in rows] == [keys.blind("outbox.msg", m, memo=False) for m, *_ in items]
+    assert [r[1] for r in rows] == [keys.blind("outbox.peer", p) for _, p, _, _ in items]
+    assert [(r[2], r[3]) for r in rows] == [(len(rec), e) for _, _, rec, e in items]
+    assert len({r[4][1:13] for r in rows}) == 400
+    assert store.outbox.usage("dev-c") == (134, sum(len(rec) for _, p, rec, _ in items if p == "dev-c"))
+    assert [store.outbox.get(m) for m, *_ in items[:3]] == [
+        (m, p, rec, e, 0, 0) for m, p, rec, e in items[:3]]
+
+
+def test_message_ids_must_be_16_bytes_of_bytes(store: Store) -> None:
+    class Id(bytes):
+        pass
+
+    for bad in (bytearray(16), "x" * 16, bytes(15), bytes(17), 16):
+        with pytest.raises(InvalidRecord):
+            store.outbox.put_many([(mid(1), "d", b"a", FAR), (bad, "d", b"b", FAR)])  # type: ignore[list-item]
+    assert store.outbox.depth() == 0
+    assert store.outbox.put(Id(mid(2)), "d", b"c", FAR)  # (a bytes subclass of 16 bytes, as before)
+    assert store.outbox.get(mid(2)) is not None

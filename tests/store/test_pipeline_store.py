@@ -101,3 +101,16 @@ def test_keyed_blobs_delete_many(store: Store) -> None:
     assert store.inbox.delete_many(["a", "c", "zz"]) == 2
     assert store.inbox.items() == [("b", b"2")]
     assert store.inbox.delete_many([]) == 0
+
+
+def test_a_marks_batch_over_buckets_reads_back_and_a_bad_mark_anywhere_refuses_it(store: Store) -> None:
+    marks = RedeliveryMarks(store.secrets, "mqtt-in/")
+    batch = [(i, digest(i)) for i in range(60, 140)] + [(65535, bytearray(digest(65535)))]
+    with store.transaction():
+        marks.put(batch)  # type: ignore[arg-type]
+    assert store.secrets.count() == 4  # buckets 0, 1 and 2 (ids 60-139) and 1023 (id 65535)
+    again = RedeliveryMarks(store.secrets, "mqtt-in/")
+    assert all(again.is_copy(i, bytes(d)) for i, d in batch)
+    for bad in ((70000, digest(1)), (True, bytes(16)), (3, "x" * 16)):
+        with pytest.raises((InvalidRecord, TypeError)):
+            marks.put([(1, digest(1)), bad])  # type: ignore[list-item]
