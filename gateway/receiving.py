@@ -53,8 +53,10 @@ PUBLISH_BACKLOG = 128
 # in seconds; under load (paho's in-flight window full) they go after this.
 ACK_WAIT_MAX = 0.005
 # Topics and encoded properties kept for this many shapes of message (recipient, sender, user properties, ...:
-# see `Receiving._publish_shape`); past it the table starts again.
-PUBLISH_SHAPES = 256
+# see `Receiving._publish_shape`), each at most PUBLISH_SHAPE_BYTES of properties (a peer's large user properties
+# are encoded per message, as before, not kept: the table stays under ~200 KB); past it the table starts again.
+PUBLISH_SHAPES = 128
+PUBLISH_SHAPE_BYTES = 512
 _MESSAGE_ID_PROPERTY = user_property_name(topics.PROP_MESSAGE_ID)
 
 
@@ -590,7 +592,7 @@ class Receiving:
     def _publish_shape(self, peer_device: str, inner: InnerMessage) -> tuple[str, bytes]:
         """The topic and the properties (but the message id, appended last) of the message's PUBLISH. They are the
         same for every message of a stream (same agents, same user properties, no correlation data): kept per such
-        shape (`PUBLISH_SHAPES` of them), so a message encodes only its id instead of building paho's
+        shape (`PUBLISH_SHAPES` of them, small ones only), so a message encodes only its id instead of building paho's
         `Properties` (3.8% of the receiver's samples, docs/performance.md)."""
         key = (inner.recipient_agent, peer_device, inner.sender_agent, inner.user_properties, inner.response_topic,
                inner.content_type, inner.payload_utf8)
@@ -615,7 +617,7 @@ class Receiving:
         props.append((topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"))
         shape = topic, encode_publish_properties_body(response_topic, inner.correlation_data, inner.content_type,
                                                       inner.payload_utf8, tuple(props))
-        if cacheable:
+        if cacheable and len(shape[1]) + len(shape[0]) <= PUBLISH_SHAPE_BYTES:
             if len(shapes) >= PUBLISH_SHAPES:
                 shapes.clear()
             shapes[key] = shape

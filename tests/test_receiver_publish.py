@@ -88,7 +88,7 @@ def test_each_publish_is_what_the_message_alone_gives_across_shapes() -> None:
         assert (topic, props) == expected(peer, inner)
         assert (packet_id, payload, released) == (i + 1, b"p", e.phase is Phase.BROKER_HAS)
     # a shape with correlation data is not kept (it is a request's own); the others once each
-    assert len(r._publish_shapes) == 4 * (len(SHAPES) - 2)
+    assert len(r._publish_shapes) == 4 * (len(SHAPES) - 2)  # (all of them small)
 
 
 def test_the_table_of_shapes_is_bounded(monkeypatch: Any) -> None:
@@ -101,3 +101,22 @@ def test_the_table_of_shapes_is_bounded(monkeypatch: Any) -> None:
         Receiving._publish_to_agent(r, e, lambda exc: None)  # type: ignore[arg-type]
         assert r.sent[-1][1:4:2] == expected("dev-a", inner)
         assert len(r._publish_shapes) <= 3
+
+
+def test_large_properties_are_encoded_per_message_not_kept() -> None:
+    """A peer's large user properties (up to 16 KiB a message) would make the table hold megabytes: such a shape is
+    encoded for each message, as before, and not kept."""
+    r = _receiver()
+    big = (("k", "v" * 600),)
+    for i in range(3):
+        inner = _message("bob", "alice", user_properties=big)
+        e = InboxEntry.new("dev-a", i, inner)
+        e.packet_id, e.phase = i + 1, Phase.PUBLISHED
+        Receiving._publish_to_agent(r, e, lambda exc: None)  # type: ignore[arg-type]
+        assert r.sent[-1][1:4:2] == expected("dev-a", inner)
+    assert r._publish_shapes == {}
+    inner = _message("bob", "alice", user_properties=(("k", "v" * 300),))
+    e = InboxEntry.new("dev-a", 9, inner)
+    e.packet_id, e.phase = 9, Phase.PUBLISHED
+    Receiving._publish_to_agent(r, e, lambda exc: None)  # type: ignore[arg-type]
+    assert len(r._publish_shapes) == 1
