@@ -385,12 +385,6 @@ def mqtt_utf8_ok(s: str) -> bool:
     return _NOT_MQTT_UTF8.search(s) is None
 
 
-# Agent names that passed `_AGENT_NAME` (both names of every message are checked, and they recur): a set lookup
-# instead of the regular expression, for at most this many names (then new names are matched each time).
-GOOD_AGENT_NAMES_MAX = 4096
-_GOOD_AGENT_NAMES: set[str] = set()
-
-
 def _check(m: InnerMessage, max_payload: int) -> str | None:
     """The first rule `m` breaks, or None. Shared by construction and decoding."""
     if not isinstance(m.kind, Kind):
@@ -398,12 +392,8 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
     if not isinstance(m.message_id, bytes) or len(m.message_id) != MESSAGE_ID_LEN:
         return f"message id must be {MESSAGE_ID_LEN} bytes"
     for what, name in (("sender agent", m.sender_agent), ("recipient agent", m.recipient_agent)):
-        if type(name) is str and name in _GOOD_AGENT_NAMES:
-            continue  # (checked before: a gateway sees a few names, on every message)
         if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
             return f"{what} {name!r} must be 1-64 characters of a-z 0-9 . _ -, starting and ending alphanumeric"
-        if type(name) is str and len(_GOOD_AGENT_NAMES) < GOOD_AGENT_NAMES_MAX:
-            _GOOD_AGENT_NAMES.add(name)
     if not (isinstance(m.created_at_ms, int) and isinstance(m.expires_at_ms, int)):
         return "created_at_ms and expires_at_ms must be integers (milliseconds since the Unix epoch)"
     if not (0 <= m.created_at_ms <= m.expires_at_ms < 1 << 64):

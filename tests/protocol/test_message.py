@@ -203,30 +203,3 @@ def test_layout_matches_the_document() -> None:
     assert m.encode() == by_hand
     reject = (b"\x01\x03" + mid + b"\x01a" + b"\x01b" + struct.pack(">QQ", 0, 0) + b"\x02" + b"\x00\x01" + b"x" * 16)
     assert InnerMessage.decode(reject).reason is RejectReason.CONSENT_DENIED
-
-
-def test_agent_names_checked_before_are_remembered_bad_ones_never(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`_check` remembers agent names that passed (a set lookup instead of the pattern on every message): a bad
-    name is refused every time, also next to remembered good ones, also once the memo is full; the memo stays
-    bounded."""
-    from gateway.protocol import message
-
-    monkeypatch.setattr(message, "_GOOD_AGENT_NAMES", set())
-    monkeypatch.setattr(message, "GOOD_AGENT_NAMES_MAX", 3)
-    bad = ["", "Planner", "-x", "x-", "a" * 65, "pl anner", "planner\n"]
-    for _ in range(2):
-        data_message(sender_agent="planner", recipient_agent="camera-01")
-        for name in bad:
-            with pytest.raises(InvalidMessageError, match="must be 1-64 characters"):
-                data_message(sender_agent=name)
-            with pytest.raises(InvalidMessageError, match="must be 1-64 characters"):
-                data_message(recipient_agent=name)
-        for name7 in [b"Planner", b"-lanner", b"planne-", b"pl nner", b"planne\n"]:  # (same length on the wire)
-            with pytest.raises(MessageDecodeError):
-                InnerMessage.decode(data_message().encode().replace(b"planner", name7))
-    assert message._GOOD_AGENT_NAMES == {"planner", "camera-01"}
-    for i in range(5):
-        data_message(sender_agent=f"agent-{i}")
-    assert len(message._GOOD_AGENT_NAMES) == 3
-    with pytest.raises(InvalidMessageError):
-        data_message(sender_agent="Agent-9")
