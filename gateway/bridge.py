@@ -153,6 +153,16 @@ def encode_publish_properties(response_topic: str | None, correlation_data: byte
                               payload_utf8: bool, user_properties: tuple[tuple[str, str], ...]) -> bytes:
     """The PUBLISH properties field (MQTT 5 section 2.2.2: Variable Byte Integer length, then identifier and value
     per property), in the order paho writes them, only those set."""
+    body = encode_publish_properties_body(response_topic, correlation_data, content_type, payload_utf8,
+                                          user_properties)
+    return _vbi(len(body)) + body
+
+
+def encode_publish_properties_body(response_topic: str | None, correlation_data: bytes | None,
+                                   content_type: str | None, payload_utf8: bool,
+                                   user_properties: tuple[tuple[str, str], ...]) -> bytes:
+    """`encode_publish_properties` without the length in front: a body that `with_user_property` extends (the
+    receiver encodes what recurs from one message to the next once, and appends the message id to it)."""
     parts: list[bytes] = []
     if payload_utf8:
         parts.append(b"\x01\x01")
@@ -164,8 +174,22 @@ def encode_publish_properties(response_topic: str | None, correlation_data: byte
         parts.append(b"\x09" + _field(bytes(correlation_data), "correlation data"))
     for k, v in user_properties:
         parts.append(b"\x26" + _field(k.encode(), "user property name") + _field(v.encode(), "user property value"))
-    body = b"".join(parts)
-    return _vbi(len(body)) + body
+    return b"".join(parts)
+
+
+def user_property_name(name: str) -> bytes:
+    """A user property's identifier and name, encoded once for `with_user_property`."""
+    return b"\x26" + _field(name.encode(), "user property name")
+
+
+def with_user_property(body: bytes, name: bytes, value: str) -> bytes:
+    """The PUBLISH properties field: `body` (from `encode_publish_properties_body`), then one more user property
+    (`name` from `user_property_name`), i.e. what `encode_publish_properties` gives with that property last."""
+    raw = value.encode()
+    if len(raw) > 0xFFFF:
+        raise ValueError(f"MQTT property user property value is {len(raw)} bytes; at most 65535 fit (shorten it)")
+    n = len(body) + len(name) + 2 + len(raw)
+    return b"".join((bytes((n,)) if n < 128 else _vbi(n), body, name, _U16.pack(len(raw)), raw))
 
 
 _TEMPLATE = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -199,6 +223,30 @@ class PublishProperties(Properties):
             put(self, "CorrelationData", correlation_data)
         if user_properties:
             put(self, "UserProperty", list(user_properties))
+
+    @classmethod
+    def encoded(cls, packed: bytes) -> PublishProperties:
+        """From the bytes `encode_publish_properties` (or `with_user_property`) made, without setting any attribute
+        (the receiver builds one per message; nothing but `pack()` reads them there): an attribute is decoded from
+        the bytes when first read (`__getattr__`)."""
+        self = cls.__new__(cls)
+        self.__dict__.update(packetType=PacketTypes.PUBLISH, _packed=packed, _lazy=True)
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for an attribute not set. On an instance from `encoded`, the properties are decoded (paho's
+        # decoder) at the first such read; anything else is missing, as on paho's class.
+        d = self.__dict__
+        if d.get("_lazy"):
+            decoded = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            decoded.unpack(d["_packed"])  # type: ignore[no-untyped-call]
+            for n, v in vars(decoded).items():
+                if n not in ("packetType", "types", "names", "properties"):
+                    d[n] = v
+            d["_lazy"] = False
+            if name in d:
+                return d[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("PublishProperties are encoded when created; build a new one instead")

@@ -103,6 +103,7 @@ class Gateway(Sending, Receiving, Receipts):
         self._in_flight: dict[int, InboxEntry] = {}  # inbox entries being published, by MQTT packet id
         # A frame's ACKs wait for the PUBRECs of its messages: by packet id, (the frame's future, ids left)
         self._ack_waits: dict[int, tuple[asyncio.Future[None], set[int]]] = {}
+        self._publish_shapes: dict[tuple[object, ...], tuple[str, bytes]] = {}  # see Receiving._publish_shape
         self._finished: list[InboxEntry] = []  # PUBCOMP received, entry not yet deleted
         self._publish_room = asyncio.Event()  # set when inbox entries leave `_publishing` (see PUBLISH_BACKLOG)
         self._background: set[asyncio.Task[None]] = set()

@@ -24,7 +24,10 @@ from gateway.bridge import (
     _PahoClient,
     decode_agent_publish,
     encode_publish_properties,
+    encode_publish_properties_body,
     publish_properties,
+    user_property_name,
+    with_user_property,
 )
 from gateway.bridge import publish_packet as bridge_publish_packet
 
@@ -77,6 +80,32 @@ def test_publish_properties_reads_back_like_paho(args) -> None:
     assert attributes(p) == attributes(paho(*args))
     assert p.isEmpty() == paho(*args).isEmpty()
     assert p.json() == paho(*args).json()
+
+
+@settings(max_examples=300, deadline=None)
+@given(combos, text, text)
+def test_a_body_with_one_more_user_property_is_the_whole_encoding(args, name, value) -> None:
+    """The receiver's path (a shape's body encoded once, the message id appended per message) gives the same
+    bytes as encoding everything at once, and so as paho."""
+    *head, user = args
+    whole = (*head, (*user, (name, value)))
+    ours = with_user_property(encode_publish_properties_body(*args), user_property_name(name), value)
+    assert ours == encode_publish_properties(*whole) == paho(*whole).pack()
+
+
+@settings(max_examples=200, deadline=None)
+@given(combos)
+def test_properties_built_from_their_bytes_read_back_like_paho(args) -> None:
+    p = PublishProperties.encoded(encode_publish_properties(*args))
+    assert isinstance(p, Properties) and p.packetType == PacketTypes.PUBLISH
+    assert p.pack() == paho(*args).pack()
+    assert attributes(p) == attributes(paho(*args))
+    assert p.isEmpty() == paho(*args).isEmpty()
+    assert p.json() == paho(*args).json()
+    with pytest.raises(AttributeError):
+        p.ContentType = "text/plain"
+    with pytest.raises(AttributeError):
+        p.NoSuchProperty  # noqa: B018
 
 
 @pytest.mark.parametrize("args", [
