@@ -8,7 +8,8 @@ puts a placeholder in `sys.modules` for each: `import` binds it as usual, and th
 from it imports the real module and copies its namespace into the placeholder, so code that uses them still
 works (tests/protocol/test_import_footprint.py checks both).
 
-`email.utils` too: `cryptography.x509` binds its `parseaddr` at import (see LAZY_FUNCTIONS). A module already
+`email.utils` too: `cryptography.x509` binds its `parseaddr` at import (see LAZY_FUNCTIONS). And `uuid` (with its C
+part `_uuid`, ~0.13 MB): paho uses it only to make up a client id, and the bridge always gives one. A module already
 imported is left alone. `agw` (gateway/cli.py, the daemon's entry point) and the daemon (gateway/daemon.py) import
 this first.
 """
@@ -23,7 +24,7 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-DEFERRED = ("urllib.request", "importlib.metadata", "email.utils")
+DEFERRED = ("urllib.request", "importlib.metadata", "email.utils", "uuid")
 # Functions a dependency binds with `from <module> import <name>` when it is imported (which would read the
 # attribute, i.e. import the module): each gets a stand-in that imports the module on its first call.
 # `cryptography.x509.general_name` binds `email.utils.parseaddr` (used to build an RFC 822 general name, which
@@ -70,7 +71,7 @@ def _lazy_function(placeholder: DeferredModule, attr: str) -> Callable[..., Any]
 
 
 def install() -> None:
-    """Put a placeholder for each of DEFERRED that is not imported yet (its parent package is imported)."""
+    """Put a placeholder for each of DEFERRED that is not imported yet (a submodule's parent package is imported)."""
     with _lock:
         for name in DEFERRED:
             if name in sys.modules:
@@ -85,7 +86,8 @@ def install() -> None:
                 setattr(placeholder, attr, _lazy_function(placeholder, attr))
             parent, _, child = name.rpartition(".")
             sys.modules[name] = placeholder
-            setattr(sys.modules[parent], child, placeholder)
+            if parent:
+                setattr(sys.modules[parent], child, placeholder)
 
 
 install()

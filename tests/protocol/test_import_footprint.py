@@ -140,6 +140,22 @@ def test_agw_leaves_email_utils_unloaded_until_used() -> None:
     assert out[3] == "Jo <jo@example.com> ('Jo', 'j@x') True"
 
 
+def test_agw_leaves_uuid_unloaded_until_used() -> None:
+    """paho imports `uuid` to make up a client id when it is given none; the bridge always gives one. `uuid` is a
+    top-level module (no parent package to update) and is loaded on first use, e.g. through paho's reference."""
+    code = ("import sys\n"
+            "import gateway.cli, gateway.daemon, gateway.groups, hsm.pkcs11_backend\n"
+            "print(type(sys.modules['uuid']).__name__, '_uuid' in sys.modules)\n"
+            "import paho.mqtt.client as mqtt\n"
+            "print(mqtt.uuid.uuid4().version, type(sys.modules['uuid']).__name__)\n"
+            "import uuid\n"
+            "print(uuid.UUID(int=5).version, str(uuid.uuid4()).count('-'))\n")
+    out = _lines_printed_by(code)
+    assert out[0] == "DeferredModule False"
+    assert out[1] == "4 module"  # paho's reference (the placeholder) loaded it
+    assert out[2] == "None 4"
+
+
 def test_a_module_imported_before_the_daemon_is_left_alone() -> None:
     code = ("import sys, urllib.request\n"
             "real = sys.modules['urllib.request']\n"
