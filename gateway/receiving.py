@@ -596,7 +596,10 @@ class Receiving:
         `Properties` (3.8% of the receiver's samples, docs/performance.md)."""
         key = (inner.recipient_agent, peer_device, inner.sender_agent, inner.user_properties, inner.response_topic,
                inner.content_type, inner.payload_utf8)
-        cacheable = inner.correlation_data is None
+        # Kept only if the key is small too: it holds every user property, `agw:` ones included (not encoded).
+        cacheable = inner.correlation_data is None and sum(
+            len(k) + len(v) for k, v in inner.user_properties) + len(inner.response_topic or "") + len(
+            inner.content_type or "") <= PUBLISH_SHAPE_BYTES
         shapes = self._publish_shapes
         if cacheable:
             got = shapes.get(key)
@@ -617,7 +620,7 @@ class Receiving:
         props.append((topics.PROP_FROM, f"{peer_device}/{inner.sender_agent}"))
         shape = topic, encode_publish_properties_body(response_topic, inner.correlation_data, inner.content_type,
                                                       inner.payload_utf8, tuple(props))
-        if cacheable and len(shape[1]) + len(shape[0]) <= PUBLISH_SHAPE_BYTES:
+        if cacheable and len(shape[1]) + len(topic.encode()) <= PUBLISH_SHAPE_BYTES:
             if len(shapes) >= PUBLISH_SHAPES:
                 shapes.clear()
             shapes[key] = shape

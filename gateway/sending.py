@@ -61,7 +61,7 @@ _LEN4 = struct.Struct(">I").pack
 
 
 _NO_LENGTHS = _LEN4(0) * 2  # the empty correlation data and response topic of `_digest`
-_DIGEST_HEADS: dict[str, Any] = {}  # topic -> SHA-256 state after its length and bytes (at most 1,024 topics)
+_DIGEST_HEADS: dict[str, Any] = {}  # topic -> SHA-256 state after its length and bytes (1,024 short topics at most)
 
 
 def _digest(m: AgentMessage) -> bytes:
@@ -71,9 +71,11 @@ def _digest(m: AgentMessage) -> bytes:
     head = _DIGEST_HEADS.get(m.topic)
     if head is None:
         topic = m.topic.encode()
-        if len(_DIGEST_HEADS) >= 1024:
-            _DIGEST_HEADS.clear()
-        head = _DIGEST_HEADS[m.topic] = hashlib.sha256(_LEN4(len(topic)) + topic)
+        head = hashlib.sha256(_LEN4(len(topic)) + topic)
+        if len(m.topic) <= topics.CACHED_TOPIC_MAX:  # (a long topic, up to 64 KiB, is not held: 1,024 of them would)
+            if len(_DIGEST_HEADS) >= 1024:
+                _DIGEST_HEADS.clear()
+            _DIGEST_HEADS[m.topic] = head
     h = head.copy()
     payload, cd, rt = m.payload, m.correlation_data, m.response_topic
     if cd is None and rt is None:

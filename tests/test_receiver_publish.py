@@ -120,3 +120,16 @@ def test_large_properties_are_encoded_per_message_not_kept() -> None:
     e.packet_id, e.phase = 9, Phase.PUBLISHED
     Receiving._publish_to_agent(r, e, lambda exc: None)  # type: ignore[arg-type]
     assert len(r._publish_shapes) == 1
+
+
+def test_a_shape_whose_key_is_large_is_not_kept() -> None:
+    """The key holds every user property, the `agw:` ones too, which the PUBLISH does not carry: a peer sending
+    large ones with small encoded properties must not fill the table with them."""
+    r = _receiver()
+    for i in range(3):
+        inner = _message("bob", "alice", user_properties=((f"agw:x{i}", "v" * 4000), ("k", "v")))
+        e = InboxEntry.new("dev-a", i, inner)
+        e.packet_id, e.phase = i + 1, Phase.PUBLISHED
+        Receiving._publish_to_agent(r, e, lambda exc: None)  # type: ignore[arg-type]
+        assert r.sent[-1][1:4:2] == expected("dev-a", inner)
+    assert r._publish_shapes == {}

@@ -46,3 +46,19 @@ def test_the_per_topic_state_is_copied_not_shared_and_its_cache_bounded() -> Non
         assert len(sending._DIGEST_HEADS) <= 1024
     assert all(_digest(m) == reference(m) for m in msgs)
     assert _digest(msg("t", b"", b"", "")) == _digest(msg("t", b"")) == reference(msg("t", b""))
+
+
+def test_a_long_topic_is_digested_but_its_state_not_kept() -> None:
+    """An agent's topic may be up to 64 KiB (a group topic is digested before its names are checked): such a topic's
+    state is not held by the cache (1,024 of them would be ~64 MB)."""
+    import gateway.sending as sending
+    from gateway import topics
+
+    sending._DIGEST_HEADS.clear()
+    long_topic = "agw/a/group/" + "g" * 60_000 + "/out"
+    m = AgentMessage(long_topic, b"p", 1, 1, True, None, None, None, False, ())
+    assert _digest(m) == reference(m) and _digest(m) == reference(m)
+    assert sending._DIGEST_HEADS == {}
+    edge = AgentMessage("t" * topics.CACHED_TOPIC_MAX, b"p", 1, 1, True, None, None, None, False, ())
+    assert _digest(edge) == reference(edge)
+    assert list(sending._DIGEST_HEADS) == [edge.topic]
