@@ -387,7 +387,8 @@ class Outbox:
         messages is not all in memory at once. `except_peers`: leave out these peers' entries (not unsealed).
         `peer_limits`: at most this many entries of these peers (a sender's room in a peer's send window). The
         rest of such a peer's due rows are not unsealed, nor counted towards `limit`: a slow peer at the head of
-        a long backlog does not keep the other peers' rows out of a pass.
+        a long backlog does not keep the other peers' rows out of a pass. (Past 500 `except_peers`, those peers' rows
+        are read, and count towards `limit`, for the caller to skip.)
 
         How: the rows due are counted on the due index first (stopping past DUE_BY_INDEX). None: no read. A few
         (the usual case while most rows wait for an answer or are held in memory by the sender): their seq and
