@@ -28,15 +28,8 @@ def test_put_many_and_due_round_trip(store: Store) -> None:
     assert store.outbox.usage() == (10, sum(len(r) for _, _, r, _ in items))
 
 
-@pytest.mark.parametrize("by_index", [True, False], ids=["few-due", "many-due"])
-def test_due_reads_at_most_a_peers_limit_and_unseals_nothing_past_it(
-        store: Store, by_index: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`peer_limits` (the sender's room in a peer's window): past it, that peer's due rows are not unsealed, on
-    both read paths (through the due index, and in queue order past DUE_BY_INDEX due rows)."""
-    from gateway.store import outbox as outbox_module
-
-    monkeypatch.setattr(outbox_module, "DUE_BY_INDEX", 2048 if by_index else 2)
-    store.outbox.put_many([(mid(i), "slow" if i < 10 else "fast", b"r", FAR) for i in range(15)])
+def _count_unsealed(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The ids of the outbox rows unsealed from now on, in order."""
     unsealed: list[bytes] = []
     entry = store.outbox._entry
 
@@ -46,6 +39,19 @@ def test_due_reads_at_most_a_peers_limit_and_unseals_nothing_past_it(
         return e
 
     monkeypatch.setattr(store.outbox, "_entry", counting)
+    return unsealed
+
+
+@pytest.mark.parametrize("by_index", [True, False], ids=["few-due", "many-due"])
+def test_due_reads_at_most_a_peers_limit_and_unseals_nothing_past_it(
+        store: Store, by_index: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`peer_limits` (the sender's room in a peer's window): past it, that peer's due rows are not unsealed, on
+    both read paths (through the due index, and in queue order past DUE_BY_INDEX due rows)."""
+    from gateway.store import outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "DUE_BY_INDEX", 2048 if by_index else 2)
+    store.outbox.put_many([(mid(i), "slow" if i < 10 else "fast", b"r", FAR) for i in range(15)])
+    unsealed = _count_unsealed(store, monkeypatch)
     due = store.outbox.due(1, limit=100, peer_limits={"slow": 3, "idle": 5})
     assert [e.msg_id for e in due] == [mid(i) for i in (0, 1, 2, *range(10, 15))]
     assert unsealed == [e.msg_id for e in due]
@@ -62,15 +68,7 @@ def test_a_slow_peer_at_the_head_of_a_long_backlog_leaves_room_for_the_others(
     rows = [(mid(i), "slow", b"r", FAR) for i in range(40)]
     rows += [(mid(100 + i), "other" if i % 2 else "third", b"r", FAR) for i in range(6)]
     store.outbox.put_many(rows)
-    unsealed: list[bytes] = []
-    entry = store.outbox._entry
-
-    def counting(*args: object) -> object:
-        e = entry(*args)  # type: ignore[arg-type]
-        unsealed.append(e.msg_id)
-        return e
-
-    monkeypatch.setattr(store.outbox, "_entry", counting)
+    unsealed = _count_unsealed(store, monkeypatch)
     due = store.outbox.due(1, limit=10, peer_limits={"slow": 2, "third": 1})
     assert [e.msg_id for e in due] == [mid(0), mid(1), mid(100), mid(101), mid(103), mid(105)]
     assert unsealed == [e.msg_id for e in due]
