@@ -219,9 +219,16 @@ class _Capture(mqtt.Client):
         return mqtt.MQTT_ERR_SUCCESS
 
 
+# Payloads around 16 KiB take the remaining length to 3 bytes. They are a short random pattern repeated: 16 KiB of
+# random bytes per example exceeds what Hypothesis lets one example draw (its `data_too_large` health check failed
+# a clean-clone run), and only the length matters to the packet's framing.
+_LARGE_PAYLOADS = st.tuples(st.binary(min_size=1, max_size=32), st.integers(16_380, 16_400)).map(
+    lambda t: (t[0] * (t[1] // len(t[0]) + 1))[:t[1]])
+
+
 @settings(max_examples=400, deadline=None)
 @given(combos, text.filter(lambda t: t and "+" not in t and "#" not in t), st.integers(1, 65535),
-       st.binary(max_size=300) | st.binary(min_size=16_380, max_size=16_400))
+       st.binary(max_size=300) | _LARGE_PAYLOADS)
 def test_publish_packet_is_what_paho_sends(args, topic, mid, payload) -> None:
     """The exactly-once PUBLISH built in one step (`publish_packet`) is byte for byte the packet paho's
     `_send_publish` builds for the same QoS 2 message (remaining lengths of 1 to 3 bytes)."""
