@@ -115,9 +115,14 @@ async def test_a_clean_close_ends_the_keeping(bed: Testbed) -> None:
     await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_agents"] == [],
                             what="gw1 to take a1's goodbye")
     assert live_status(bed)["receipts"]["acking_groups"] == {}
+    await _handed_and_not_kept(bed, b"after the goodbye")
+
+
+async def _handed_and_not_kept(bed: Testbed, payload: bytes) -> None:
+    """b1 (on gw2) sends a group message: gw1 hands it to its broker and keeps nothing."""
     delivered = groups_status(bed)["counters"]["delivered"]
     async with AgentClient("b1", port=bed.gateways["gw2"].broker.port, password=PW) as b1:
-        await b1.send_group(GROUP, b"after the goodbye")
+        await b1.send_group(GROUP, payload)
     await asyncio.to_thread(wait_for, lambda: groups_status(bed)["counters"]["delivered"] > delivered,
                             what="gw1 to hand the message to its broker")
     assert groups_status(bed)["held"] == 0
@@ -131,10 +136,5 @@ async def test_an_sdk_client_that_reads_no_group_gets_none_kept(bed: Testbed) ->
         await asyncio.to_thread(wait_for, lambda: live_status(bed)["receipts"]["acking_agents"] == ["a1"],
                                 what="a1's announcement")
         assert live_status(bed)["receipts"]["acking_groups"] == {}
-        delivered = groups_status(bed)["counters"]["delivered"]
-        async with AgentClient("b1", port=bed.gateways["gw2"].broker.port, password=PW) as b1:
-            await b1.send_group(GROUP, b"to a client that reads no group")
-        await asyncio.to_thread(wait_for, lambda: groups_status(bed)["counters"]["delivered"] > delivered,
-                                what="gw1 to hand the message to its broker")
-        assert groups_status(bed)["held"] == 0
+        await _handed_and_not_kept(bed, b"to a client that reads no group")
         assert a1._group_inboxes == {}  # (and the client did not subscribe to it)
