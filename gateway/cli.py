@@ -349,9 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The parsed command line. The parser (~180 KiB of objects for every subcommand) is dropped on return: `agw
+    run` keeps running in `main`'s call, and a parser held there stayed for the daemon's life (frozen by its
+    `gc.freeze()`)."""
+    return build_parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(argv)
     try:
         code: int = args.handler(args)
         return code

@@ -7,9 +7,11 @@ from a new message that reuses the id: same id and same digest, it is the copy (
 Layout: the 65,536 packet ids fall into buckets of 64; a bucket is one sealed record in the `secrets` table
 named `<prefix>b<bucket>`, holding 64 slots of 16-byte digests (all zero: no mark). One ingest batch writes the
 buckets its ids fall into (a broker numbers packets in sequence, so 512 messages touch about nine), in the ingest
-transaction, instead of one sealed record per message. Buckets read or written are kept in memory (at most
-1 MiB). Stores written before this format hold one record per id, `<prefix><packet id>`: they are still read
-for an id whose slot is empty, so a restart across the upgrade keeps recognising redeliveries.
+transaction, instead of one sealed record per message. The buckets used last are kept in memory (`CACHED_BUCKETS`,
+64 KiB; all 1,024 would be 1 MiB, which a gateway reached after 65,536 messages and kept); a bucket not held is
+read from the store (once per 64 messages in sequence). Stores written before this format hold one record per
+id, `<prefix><packet id>`: they are still read for an id whose slot is empty, so a restart across the upgrade
+keeps recognising redeliveries.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ PER_BUCKET = 64
 DIGEST_BYTES = 16
 _EMPTY = bytes(DIGEST_BYTES)
 _BUCKET_BYTES = PER_BUCKET * DIGEST_BYTES
+CACHED_BUCKETS = 64  # buckets kept in memory, least recently used dropped first
 
 
 class RedeliveryMarks:
@@ -32,17 +35,22 @@ class RedeliveryMarks:
     buckets in memory then come again from the store, as it was rolled back).
     """
 
-    def __init__(self, blobs: KeyedBlobs, prefix: str) -> None:
+    def __init__(self, blobs: KeyedBlobs, prefix: str, cache: int = CACHED_BUCKETS) -> None:
         self._blobs = blobs
         self._prefix = prefix
-        self._buckets: dict[int, bytearray] = {}
+        self._cache = max(1, cache)
+        self._buckets: dict[int, bytearray] = {}  # in order of use, the least recent first
 
     def _bucket(self, n: int) -> bytearray:
-        got = self._buckets.get(n)
+        got = self._buckets.pop(n, None)
         if got is None:
+            # (Read on the store's one connection: it sees what this transaction wrote, e.g. a bucket dropped
+            # from memory after an earlier `put` in it.)
             raw = self._blobs.get(f"{self._prefix}b{n}")
             got = bytearray(raw) if raw is not None and len(raw) == _BUCKET_BYTES else bytearray(_BUCKET_BYTES)
-            self._buckets[n] = got
+            if len(self._buckets) >= self._cache:
+                del self._buckets[next(iter(self._buckets))]  # the least recently used
+        self._buckets[n] = got
         return got
 
     @staticmethod

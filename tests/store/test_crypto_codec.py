@@ -164,3 +164,67 @@ def test_blind_many_is_blind_per_value_without_memo(n: int) -> None:
     want = [Keyring(b"d" * 32).blind("outbox.msg", v, memo=False) for v in values]
     assert fresh.blind_many("outbox.msg", values) == want == warm.blind_many("outbox.msg", values)
     assert fresh.blind_many("other", values) != want or not values
+
+
+class _CountingState:
+    """Stands in for a domain's HMAC state in `Keyring._blind_domains`: counts the blind keys computed."""
+
+    def __init__(self, real: object) -> None:
+        self.real, self.copies = real, 0
+
+    def copy(self) -> object:
+        self.copies += 1
+        return self.real.copy()  # type: ignore[attr-defined]
+
+
+def test_blind_memo_finds_keys_used_again_soon_and_keeps_recurring_names() -> None:
+    """Inbox names and message ids come again within ~1,000 new keys (stored, then published and deleted; seen,
+    then marked); a name like a peer device recurs throughout. The memo computes each of them once (the memo
+    before, 4,096 keys cleared when full, computed ~6% of such keys twice), a recurring name about once per
+    generation, and the values stay the documented HMAC."""
+    from gateway.store.crypto import BLIND_CACHE
+
+    keys, plain = Keyring(b"k" * 32), Keyring(b"k" * 32)
+    for domain, kind in (("inbox", str), ("delivered", bytes)):
+        keys.blind(domain, kind())  # (makes the domain's state)
+        keys.blind("peers", "dev-b")
+        counting = keys._blind_domains[domain] = _CountingState(keys._blind_domains[domain])
+        peers = keys._blind_domains["peers"] = _CountingState(keys._blind_domains["peers"])
+
+        def value(i: int, kind: type = kind) -> str | bytes:
+            return f"dev-a/{i:032x}" if kind is str else i.to_bytes(16, "big")
+
+        lag = BLIND_CACHE - 24
+        for i in range(12_000):
+            assert keys.blind(domain, value(i)) == plain.blind(domain, value(i), memo=False)
+            if i >= lag:
+                assert keys.blind(domain, value(i - lag)) == plain.blind(domain, value(i - lag), memo=False)
+            if i % 100 == 0:
+                assert keys.blind("peers", "dev-b") == plain.blind("peers", "dev-b", memo=False)
+        assert counting.copies == 12_000
+        assert peers.copies <= 12_000 // BLIND_CACHE + 1  # a recurring name: once per generation at most
+
+
+def test_blind_memo_holds_a_bounded_number_of_keys() -> None:
+    """Two generations of `BLIND_CACHE` keys at most per memo (names, message ids): after many distinct inbox
+    names the memo holds about 2,048 of them (it held up to 4,096, ~1 MB with their names, before)."""
+    import gc
+    import tracemalloc
+
+    from gateway.store.crypto import BLIND_CACHE
+
+    keys = Keyring(b"k" * 32)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(4095 + 4096):  # the old memo would hold 4,095 here
+            keys.blind("inbox", f"bench-a/{i:064x}")
+            keys.blind("delivered", i.to_bytes(16, "big"))
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    per_name, per_id = 49 + 8 + 64 + 56 + 49 + 40, 49 + 16 + 56 + 49 + 40  # str, tuple key, value, dict slot
+    assert held < 2 * 1024 * (per_name + per_id) * 1.15, held  # (the memo before: ~2 x 4,095 x that)
+    assert BLIND_CACHE <= 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gateway.store import InvalidRecord, OutboxFull, OutboxLimits, Store
-from gateway.store.marks import PER_BUCKET, RedeliveryMarks
+from gateway.store.marks import CACHED_BUCKETS, PER_BUCKET, RedeliveryMarks
 
 from .conftest import SoftStorageKey, mid
 
@@ -114,3 +114,39 @@ def test_a_marks_batch_over_buckets_reads_back_and_a_bad_mark_anywhere_refuses_i
     for bad in ((70000, digest(1)), (True, bytes(16)), (3, "x" * 16)):
         with pytest.raises((InvalidRecord, TypeError)):
             marks.put([(1, digest(1)), bad])  # type: ignore[list-item]
+
+
+def test_marks_keep_a_bounded_number_of_buckets_in_memory_and_read_the_others_back(store: Store) -> None:
+    """Every packet id's bucket once (1,024 buckets: what a gateway touches in 65,536 messages): the marks object
+    holds at most `CACHED_BUCKETS` of them (it kept all, 1 MiB, before), and the ones it dropped are read back
+    from the store, also inside the transaction that wrote them."""
+    import gc
+    import tracemalloc
+
+    marks = RedeliveryMarks(store.secrets, "mqtt-in/")
+    ids = [b * PER_BUCKET + b % PER_BUCKET for b in range(65536 // PER_BUCKET)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(0, len(ids), 128):
+            with store.transaction():
+                marks.put([(p, digest(p)) for p in ids[i:i + 128]])
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * CACHED_BUCKETS * 1024 + 64 * 1024, held  # (all 1,024 buckets: > 1 MiB)
+    assert CACHED_BUCKETS * PER_BUCKET * 16 <= 64 * 1024
+    assert all(marks.is_copy(p, digest(p)) for p in ids)  # the dropped ones come back from the store
+    assert not marks.is_copy(ids[0], digest(ids[0] + 1))
+    # One transaction that touches more buckets than are kept, then some of its first ones again: the later
+    # put reads what the earlier one wrote (same connection, not yet committed) and keeps both marks.
+    with store.transaction():
+        marks.put([(b * PER_BUCKET + 1, digest(b * PER_BUCKET + 1)) for b in range(3 * CACHED_BUCKETS)])
+        marks.put([(b * PER_BUCKET + 2, digest(b * PER_BUCKET + 2)) for b in range(8)])
+    again = RedeliveryMarks(store.secrets, "mqtt-in/")
+    for b in range(3 * CACHED_BUCKETS):
+        assert again.is_copy(b * PER_BUCKET + 1, digest(b * PER_BUCKET + 1))
+        assert again.is_copy(ids[b], digest(ids[b]))
+    assert all(again.is_copy(b * PER_BUCKET + 2, digest(b * PER_BUCKET + 2)) for b in range(8))
