@@ -40,3 +40,34 @@ async def test_everything_queued_under_a_byte_bound_is_delivered_in_order(env: R
     while len(got) < len(sent):
         got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
     assert got == sent
+
+
+async def test_send_on_an_idle_link_writes_before_it_returns(env: RelayEnv) -> None:
+    """A lone send on an idle, authenticated link is written from the caller's task before `send` returns (the
+    round trip: no wait for the writer task's turn of the loop); with the writer busy it is queued for the writer
+    as before. Either way everything arrives once, in order."""
+    await env.start()
+    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
+    la, lb = await env.link(a), await env.link(b)
+    assert la._ws is not None
+    writes: list[bytes] = []
+    real_send = la._ws.send
+
+    async def counting(msg: bytes) -> None:
+        writes.append(msg)
+        await real_send(msg)
+
+    la._ws.send = counting  # type: ignore[method-assign]
+    first = envelope("dev-a", "dev-b", b"first")
+    await la.send([first])
+    assert len(writes) == 1 and la.queued == 0  # written inline, before send returned
+    async with la._write_lock:  # the writer (or another inline write) is busy: queued, not written here
+        second, third = envelope("dev-a", "dev-b", b"second"), envelope("dev-a", "dev-b", b"third")
+        await la.send([second])
+        await la.send([third])
+        assert len(writes) == 1 and la.queued == 2
+    await eventually(lambda: la.queued == 0, what="the writer task sent the queued envelopes")
+    got: list[object] = []
+    while len(got) < 3:
+        got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
+    assert got == [first, second, third]
