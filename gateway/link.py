@@ -56,6 +56,10 @@ from gateway.protocol.link import (
 log = logging.getLogger("agw.link")
 
 TokenProvider = Callable[[bytes, str], str]
+# Envelope bytes `send` writes from the caller's task when the writer is idle (`_write_inline`): well under the
+# connection's write buffer limit (websockets' default high-water mark, 32 KiB), so that write never waits for the
+# relay to read (the caller, e.g. the agent loop, must not stall on it); more is left to the writer task.
+INLINE_WRITE_MAX = 8 * 1024
 _LIVE = (LinkState.READY, LinkState.REFRESH_REQUESTED, LinkState.REFRESH_CHALLENGED, LinkState.REFRESH_AUTHENTICATING)
 
 
@@ -269,14 +273,14 @@ class RelayLink:
     async def _write_inline(self) -> bool:
         """Write what is queued now, from the caller's task, when the writer is idle and the connection's buffer
         is empty: a lone message then leaves without waiting for the writer task's turn of the loop (~40 us).
-        False (the writer task is woken instead): not authenticated, the writer busy, or data still waiting for
-        the socket (the writer, which may wait for it to drain, keeps batching then). A connection that fails
-        here is left to the reader and writer tasks, as a failure after the writer took the envelopes is: the
-        outbox retries them."""
+        False (the writer task is woken instead): not authenticated, the writer busy, more than INLINE_WRITE_MAX
+        bytes queued, or data still waiting for the socket (the writer, which may wait for it to drain, keeps
+        batching then). A connection that fails here is left to the reader and writer tasks, as a failure after
+        the writer took the envelopes is: the outbox retries them."""
         ws, link = self._ws, self._link
         if ws is None or link is None or link.state not in _LIVE or self._write_lock.locked():
             return False
-        if ws.transport.get_write_buffer_size():
+        if self._outgoing_bytes > INLINE_WRITE_MAX or ws.transport.get_write_buffer_size():
             return False
         async with self._write_lock:
             try:

@@ -69,3 +69,34 @@ async def test_directory_pops_one_time_prekeys_exactly_once(env: RelayEnv) -> No
     assert (kp.bundle, kp.one_time) == (b"mls-kp", b"kp1")
     nothing = await lb.fetch_prekeys("dev-unknown")
     assert (nothing.bundle, nothing.one_time) == (None, None)
+
+
+async def test_a_small_delivery_is_written_by_the_senders_reader_and_a_large_one_by_the_writer(
+        env: RelayEnv) -> None:
+    """A lone small envelope leaves the relay from the reader of the frame that carried it (no wait for the
+    recipient's writer task); a delivery over INLINE_WRITE_MAX goes through the recipient's writer task, as
+    everything did before, so that a recipient that does not read never holds up a sender's reader. Both arrive
+    once, in order."""
+    from relay.server import INLINE_WRITE_MAX
+
+    relay = await env.start()
+    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
+    la, lb = await env.link(a), await env.link(b)
+    await next_event(lb, LinkReady)
+    conn = relay.router._sinks["dev-b"]  # type: ignore[attr-defined]
+    writers: list[str] = []
+    real_send = conn.ws.send
+
+    async def recording(msg: bytes) -> None:
+        task = asyncio.current_task()
+        writers.append(task.get_name() if task else "")
+        await real_send(msg)
+
+    conn.ws.send = recording
+    small = envelope("dev-a", "dev-b", b"small")
+    await la.send([small])
+    assert (await next_event(lb, Delivered)).envelopes == (small,)
+    large = envelope("dev-a", "dev-b", b"L" * (INLINE_WRITE_MAX + 1))
+    await la.send([large])
+    assert (await next_event(lb, Delivered)).envelopes == (large,)
+    assert writers[0] != f"relay-writer-{conn.id}" and writers[1:] == [f"relay-writer-{conn.id}"]
