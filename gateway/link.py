@@ -187,6 +187,7 @@ class RelayLink:
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
         self._write_lock = asyncio.Lock()  # held while writing to the connection (the writer or `_write_inline`)
+        self._wrote_inline = False  # `_write_inline` wrote in this turn of the event loop
         self._link: ClientLink | None = None
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -270,18 +271,24 @@ class RelayLink:
         if envelopes and not await self._write_inline():
             self._wake.set()
 
+    def _next_turn(self) -> None:
+        self._wrote_inline = False
+
     async def _write_inline(self) -> bool:
         """Write what is queued now, from the caller's task, when the writer is idle and the connection's buffer
         is empty: a lone message then leaves without waiting for the writer task's turn of the loop (~40 us).
         False (the writer task is woken instead): not authenticated, the writer busy, more than INLINE_WRITE_MAX
-        bytes queued, or data still waiting for the socket (the writer, which may wait for it to drain, keeps
-        batching then). A connection that fails here is left to the reader and writer tasks, as a failure after
+        bytes queued, an inline write already made in this turn of the loop, or data still waiting for the
+        socket (the writer, which may wait for it to drain, keeps batching then: a burst of small sends still
+        leaves in few frames). A connection that fails here is left to the reader and writer tasks, as a failure after
         the writer took the envelopes is: the outbox retries them."""
         ws, link = self._ws, self._link
         if ws is None or link is None or link.state not in _LIVE or self._write_lock.locked():
             return False
-        if self._outgoing_bytes > INLINE_WRITE_MAX or ws.transport.get_write_buffer_size():
+        if self._outgoing_bytes > INLINE_WRITE_MAX or self._wrote_inline or ws.transport.get_write_buffer_size():
             return False
+        self._wrote_inline = True  # the first send of this loop iteration only: the rest are batched by the writer
+        asyncio.get_running_loop().call_soon(self._next_turn)
         async with self._write_lock:
             try:
                 await self._write_queued(ws, link)

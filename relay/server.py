@@ -59,11 +59,6 @@ log = logging.getLogger("agw.relay")
 
 #: Control frames (UNDELIVERABLE, PREKEYS...) queued for a gateway before the relay stops reading from it.
 MAX_PENDING_FRAMES = 64
-#: Envelope bytes for a gateway that a sender's reader writes itself (`_Connection.write_now`): well under the
-#: connection's write buffer limit (websockets' default high-water mark, 32 KiB), so that write never waits for
-#: the recipient to read (a gateway that does not read must not hold up the senders' readers); more waits for the
-#: recipient's writer task, which batches it.
-INLINE_WRITE_MAX = 8 * 1024
 _LIVE = (LinkState.READY, LinkState.REFRESH_REQUESTED, LinkState.REFRESH_CHALLENGED, LinkState.REFRESH_AUTHENTICATING)
 _ROUTE_REASON = {RouteResult.OFFLINE: UndeliverableReason.OFFLINE, RouteResult.CONGESTED: UndeliverableReason.CONGESTED}
 
@@ -107,17 +102,11 @@ class RelayServer:
         )
         self.clock, self.wall_clock = clock, wall_clock
         self.connections: set[_Connection] = set()
-        self.offered: set[_Connection] = set()  # connections given envelopes by the frame being read
         self._server: Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._crl_stamp: tuple[int, int] | None = None
         self._ids = itertools.count(1)
         self.metrics_port: int | None = None
-
-    async def write_offered(self) -> None:
-        """After a frame is routed: write to each recipient it gave envelopes to (`_Connection.write_now`)."""
-        while self.offered:
-            await self.offered.pop().write_now()
 
     @property
     def port(self) -> int:
@@ -249,7 +238,6 @@ class _Connection:
         self.pending: deque[Envelope] = deque()
         self.pending_bytes = 0
         self.wake = asyncio.Event()
-        self.write_lock = asyncio.Lock()  # held while writing to the gateway (`_writer` or `write_now`)
         self.drained = asyncio.Event()
         self.serial: int | None = None
         self.registered = False
@@ -272,7 +260,6 @@ class _Connection:
         self.pending.append(envelope)
         self.pending_bytes += envelope.size
         self.wake.set()
-        self.relay.offered.add(self)  # written at the end of the sender's frame (`write_offered`)
         return True
 
     # ------------------------------------------------------------------------------------------ lifecycle
@@ -328,8 +315,6 @@ class _Connection:
                 return
             for event in self.link.events_received():
                 await self._on_event(event)
-            if self.relay.offered:
-                await self.relay.write_offered()
             if self.link.pending_output > MAX_PENDING_FRAMES:
                 await self._wait_drained()
             if self.link.state is LinkState.CLOSED and not self.closing:  # AUTH_FAIL was queued
@@ -354,37 +339,19 @@ class _Connection:
             self.close_soon(ErrorCode.IDLE, "not reading")
 
     async def _writer(self) -> None:
-        """Batches queued deliveries and sends frames in order; `write_now` does the same from a sender's reader
-        when this task is idle (one writes at a time, under `write_lock`), and `flush_now` before closing."""
+        """The only sender (besides close): batches queued deliveries and sends frames in order."""
         while True:
             await self.wake.wait()
             self.wake.clear()
-            async with self.write_lock:
-                await self._write_out()
-
-    async def _write_out(self) -> None:
-        if self.pending and self.link.state in _LIVE:
-            batch = list(self.pending)
-            self.pending.clear()
-            self.pending_bytes = 0
-            self.link.deliver(batch)
-        for msg in self.link.data_to_send():
-            await self.ws.send(msg)
-            self.relay.metrics.bytes_out.inc(len(msg))
-        self.drained.set()
-
-    async def write_now(self) -> None:
-        """Deliver what is queued for this gateway from the caller's task (the reader of the frame that routed it
-        here), when the writer task is idle and the connection's buffer is empty: a lone envelope then leaves
-        without waiting for the writer task's turn of the loop. Otherwise the writer task, already woken by
-        `offer`, sends it (and keeps batching while the gateway reads slowly). A connection failing here is left
-        to its own reader and writer. Small deliveries only (INLINE_WRITE_MAX): the write then never waits."""
-        if (self.closing or self.write_lock.locked() or self.pending_bytes > INLINE_WRITE_MAX
-                or self.ws.transport.get_write_buffer_size()):
-            return
-        async with self.write_lock:
-            with contextlib.suppress(ConnectionClosed):
-                await self._write_out()
+            if self.pending and self.link.state in _LIVE:
+                batch = list(self.pending)
+                self.pending.clear()
+                self.pending_bytes = 0
+                self.link.deliver(batch)
+            for msg in self.link.data_to_send():
+                await self.ws.send(msg)
+                self.relay.metrics.bytes_out.inc(len(msg))
+            self.drained.set()
 
     async def flush_now(self) -> None:
         """Send whatever the link has queued (an ERROR or AUTH_FAIL before closing), with a short deadline."""

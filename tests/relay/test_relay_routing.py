@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 from gateway.link import LinkReady, LinkStatus
 from gateway.protocol.link import Delivered, DirectoryKind, NotDelivered, UndeliverableReason
-from tests.relay.conftest import RelayEnv, envelope, eventually, next_event
+from tests.relay.conftest import RelayEnv, envelope, next_event
 
 
 async def test_routing_between_two_clients(env: RelayEnv) -> None:
@@ -71,52 +70,3 @@ async def test_directory_pops_one_time_prekeys_exactly_once(env: RelayEnv) -> No
     nothing = await lb.fetch_prekeys("dev-unknown")
     assert (nothing.bundle, nothing.one_time) == (None, None)
 
-
-async def test_a_small_delivery_is_written_by_the_senders_reader_and_a_large_one_by_the_writer(
-        env: RelayEnv) -> None:
-    """A lone small envelope leaves the relay from the reader of the frame that carried it (no wait for the
-    recipient's writer task); a delivery over INLINE_WRITE_MAX goes through the recipient's writer task, as
-    everything did before, so that a recipient that does not read never holds up a sender's reader. Both arrive
-    once, in order."""
-    from relay.server import INLINE_WRITE_MAX
-
-    relay = await env.start()
-    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
-    la, lb = await env.link(a), await env.link(b)
-    await next_event(lb, LinkReady)
-    conn = relay.router._sinks["dev-b"]  # type: ignore[attr-defined]
-    writers: list[str] = []
-    real_send = conn.ws.send
-
-    async def recording(msg: bytes) -> None:
-        task = asyncio.current_task()
-        writers.append(task.get_name() if task else "")
-        await real_send(msg)
-
-    conn.ws.send = recording
-    small = envelope("dev-a", "dev-b", b"small")
-    await la.send([small])
-    assert (await next_event(lb, Delivered)).envelopes == (small,)
-    large = envelope("dev-a", "dev-b", b"L" * (INLINE_WRITE_MAX + 1))
-    await la.send([large])
-    assert (await next_event(lb, Delivered)).envelopes == (large,)
-    assert writers[0] != f"relay-writer-{conn.id}" and writers[1:] == [f"relay-writer-{conn.id}"]
-
-
-async def test_a_recipient_that_does_not_read_does_not_hold_up_the_sender(env: RelayEnv) -> None:
-    """Small deliveries are written from the sender's reader, but only into an empty buffer and well under its
-    limit: once a recipient stops reading, its deliveries wait in its own writer task, and the same sender's
-    frames for another device still go through at once."""
-    relay = await env.start(rate_envelopes=1e6, burst_envelopes=1e6, rate_bytes=1e9, burst_bytes=1e9)
-    a, b, c = env.fleet.device("dev-a"), env.fleet.device("dev-b"), env.fleet.device("dev-c")
-    await env.raw(b)  # authenticated, then never reads again
-    la, lc = await env.link(a), await env.link(c)
-    await next_event(lc, LinkReady)
-    stuck = relay.router._sinks["dev-b"]  # type: ignore[attr-defined]
-    for _ in range(4000):  # 16 MB for dev-b, one small envelope per frame: its socket fills, the rest is refused
-        await la.send([envelope("dev-a", "dev-b", os.urandom(4096))])
-    await eventually(lambda: stuck.ws.transport.get_write_buffer_size() > 0, what="dev-b's buffer filled")
-    probe = envelope("dev-a", "dev-c", b"still moving")
-    await la.send([probe])
-    got = await next_event(lc, Delivered, timeout=5)
-    assert got.envelopes == (probe,)
