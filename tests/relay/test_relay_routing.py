@@ -69,4 +69,3 @@ async def test_directory_pops_one_time_prekeys_exactly_once(env: RelayEnv) -> No
     assert (kp.bundle, kp.one_time) == (b"mls-kp", b"kp1")
     nothing = await lb.fetch_prekeys("dev-unknown")
     assert (nothing.bundle, nothing.one_time) == (None, None)
-
