@@ -56,6 +56,10 @@ from gateway.protocol.link import (
 log = logging.getLogger("agw.link")
 
 TokenProvider = Callable[[bytes, str], str]
+# Envelope bytes `send` writes from the caller's task when the writer is idle (`_write_inline`): well under the
+# connection's write buffer limit (websockets' default high-water mark, 32 KiB), so that write never waits for the
+# relay to read (the caller, e.g. the agent loop, must not stall on it); more is left to the writer task.
+INLINE_WRITE_MAX = 8 * 1024
 _LIVE = (LinkState.READY, LinkState.REFRESH_REQUESTED, LinkState.REFRESH_CHALLENGED, LinkState.REFRESH_AUTHENTICATING)
 
 
@@ -182,6 +186,8 @@ class RelayLink:
         self._pending: dict[int, asyncio.Future[ClientEvent]] = {}
         self._ready = asyncio.Event()
         self._wake = asyncio.Event()
+        self._write_lock = asyncio.Lock()  # held while writing to the connection (the writer or `_write_inline`)
+        self._wrote_inline = False  # `_write_inline` wrote in this turn of the event loop
         self._link: ClientLink | None = None
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -258,9 +264,37 @@ class RelayLink:
                 await self._room.wait()
             if self.fatal_error is not None:
                 raise LinkDownError(f"link failed: {self.fatal_error}") from self.fatal_error
+            if self._outgoing.full():
+                self._wake.set()  # (the writer makes room)
             await self._outgoing.put(env)
             self._outgoing_bytes += env.size
+        if envelopes and not await self._write_inline():
             self._wake.set()
+
+    def _next_turn(self) -> None:
+        self._wrote_inline = False
+
+    async def _write_inline(self) -> bool:
+        """Write what is queued now, from the caller's task, when the writer is idle and the connection's buffer
+        is empty: a lone message then leaves without waiting for the writer task's turn of the loop (~40 us).
+        False (the writer task is woken instead): not authenticated, the writer busy, more than INLINE_WRITE_MAX
+        bytes queued, an inline write already made in this turn of the loop, or data still waiting for the
+        socket (the writer, which may wait for it to drain, keeps batching then: a burst of small sends still
+        leaves in few frames). A connection that fails here is left to the reader and writer tasks, as a failure after
+        the writer took the envelopes is: the outbox retries them."""
+        ws, link = self._ws, self._link
+        if ws is None or link is None or link.state not in _LIVE or self._write_lock.locked():
+            return False
+        if self._outgoing_bytes > INLINE_WRITE_MAX or self._wrote_inline or ws.transport.get_write_buffer_size():
+            return False
+        self._wrote_inline = True  # the first send of this loop iteration only: the rest are batched by the writer
+        asyncio.get_running_loop().call_soon(self._next_turn)
+        async with self._write_lock:
+            try:
+                await self._write_queued(ws, link)
+            except (ConnectionClosed, OSError):
+                self._wake.set()  # the writer task meets the error too and tears the connection down
+        return True
 
     async def events(self) -> AsyncIterator[LinkEvent]:
         """Incoming DELIVER / UNDELIVERABLE and link up/down events; ends on close(), raises after a fatal error."""
@@ -452,25 +486,28 @@ class RelayLink:
                     fut.set_result(ev)
 
     async def _writer(self, ws: ClientConnection, link: ClientLink) -> None:
-        batch: list[Envelope] = []
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if link.state in _LIVE and not self._outgoing.empty():
-                batch = []
-                while not self._outgoing.empty() and len(batch) < 4 * self.config.limits.max_envelopes_per_frame:
-                    batch.append(self._outgoing.get_nowait())
-                self._outgoing_bytes -= sum(env.size for env in batch)
-                self._room.set()
-                link.send_envelopes(batch)
-                if not self._outgoing.empty():
-                    self._wake.set()  # more to come after this write
-            for msg in link.data_to_send():
-                await ws.send(msg)
-                self._last_sent = time.monotonic()
-            if stages.enabled and batch:
-                stages.mark("a.written", (e.envelope_id for e in batch))
-            batch = []
+            async with self._write_lock:  # (one writer at a time: this task or `_write_inline`)
+                await self._write_queued(ws, link)
+
+    async def _write_queued(self, ws: ClientConnection, link: ClientLink) -> None:
+        """Pack what is queued (when authenticated) and write everything the protocol has to send."""
+        batch: list[Envelope] = []
+        if link.state in _LIVE and not self._outgoing.empty():
+            while not self._outgoing.empty() and len(batch) < 4 * self.config.limits.max_envelopes_per_frame:
+                batch.append(self._outgoing.get_nowait())
+            self._outgoing_bytes -= sum(env.size for env in batch)
+            self._room.set()
+            link.send_envelopes(batch)
+            if not self._outgoing.empty():
+                self._wake.set()  # more to come after this write
+        for msg in link.data_to_send():
+            await ws.send(msg)
+            self._last_sent = time.monotonic()
+        if stages.enabled and batch:
+            stages.mark("a.written", (e.envelope_id for e in batch))
 
     async def _timer(self, link: ClientLink) -> None:
         """Token refresh before expiry and keepalive pings; the protocol core only says when they are due."""

@@ -214,6 +214,10 @@ class Handover:
 class Sending:
     """Mixed into `Gateway`: the methods of the sending half."""
 
+    _send_busy = False  # a sender pass is under way (see `_send_pass`)
+    _send_again = False  # another pass was asked for meanwhile
+    _expired_at = 0  # when the sender last removed expired outbox entries (ms)
+
     @cached_property
     def _handover(self) -> Handover:
         return Handover()
@@ -289,7 +293,7 @@ class Sending:
             # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
             self._send_receipts(batch, refused)
             self.counters.sent += len(items)
-            self._wake_sender.set()
+            await self._send_now()
 
     def _record_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int,
                            fresh: Iterator[bytes]) -> tuple[bytes, bytes]:
@@ -309,86 +313,117 @@ class Sending:
                                        m.response_topic, m.correlation_data, m.content_type, m.payload_utf8, props)
 
     async def _sender_loop(self) -> None:
-        expired_at = 0
-        hand = self._handover
         self.store.outbox.release_unsent(now_ms())  # entries the last run meant to send from memory
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):  # (no task per wake, unlike wait_for)
                     await self._wake_sender.wait()
             self._wake_sender.clear()
-            if self.link.state.value != "ready":
+            await self._send_pass()
+
+    async def _send_now(self) -> None:
+        """After the agent loop stored (and acknowledged) a batch: the sender's pass, run at once in the agent
+        loop's task instead of waking the sender task (a loop turn, ~30-40 us on a lone message's way out). The
+        order of durable effects is the sender task's: the batch is in the outbox (committed, fsynced) and its
+        PUBACKs are queued before anything of it is encrypted; the session state is committed before its
+        ciphertext is queued on the link. Not while a pass is under way, nor while envelopes wait for the link's
+        writer (a pass could then wait for room in its queue, and ingest would wait with it): the sender task
+        is woken instead, as before."""
+        if self._send_busy or self.link.queued:
+            self._wake_sender.set()
+            return
+        await self._send_pass()
+
+    async def _send_pass(self) -> None:
+        """One pass of the sender: expiry, then what is due and what is handed over, per peer, encrypted and
+        queued on the link (`_sender_loop`, `_send_now`). Passes never interleave: one asked for while another
+        waits in `link.send` (for room in its queue) wakes the sender task once that one is over."""
+        if self._send_busy:
+            self._send_again = True
+            return
+        if self.link.state.value != "ready":
+            return
+        self._send_busy = True
+        try:
+            await self._send_pass_body()
+        finally:
+            self._send_busy = False
+            if self._send_again:
+                self._send_again = False
+                self._wake_sender.set()
+
+    async def _send_pass_body(self) -> None:
+        hand = self._handover
+        t = now_ms()
+        if t - self._expired_at >= EXPIRE_EVERY_MS:  # not on every wake: `due` skips expired entries anyway
+            self._expired_at = t
+            for entry in self.store.outbox.expire(t):
+                self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
+                                         "attempts": entry.attempts}, t)
+            hand.remove_expired(t)
+        # Peers that cannot take more now: their window is full, or they are offline or congested.
+        blocked = {p for p, until in self._peer_retry_at.items() if until > t}
+        for peer, inflight in self._inflight.items():
+            for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
+                del inflight[mid]  # unanswered for a retry period: no longer counts against the window
+            if len(inflight) >= SEND_WINDOW:
+                blocked.add(peer)
+        # Retries, entries from the last run and overflow come from the outbox, oldest first; then the entries
+        # handed over in memory (an entry in both goes from memory). Not read: blocked peers' entries, and
+        # past a peer's room in its window (a slow peer's held entries become due after HANDOVER_DUE_MS: only
+        # as many are read as go out from memory in this pass, not all of them on every pass).
+        rooms = {p: SEND_WINDOW - len(inflight) for p, inflight in self._inflight.items()
+                 if inflight and p not in blocked}
+        due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked,
+                                    peer_limits=rooms)
+        by_peer: dict[str, list[Any]] = {}
+        for e in due:
+            if not hand.holds(e) and e.peer_device not in blocked:
+                by_peer.setdefault(e.peer_device, []).append(e)
+        for peer in hand.peers:
+            if peer not in blocked:
+                by_peer.setdefault(peer, [])
+        for peer, entries in by_peer.items():
+            if not self.book.has_session(peer):
+                self._ensure_session(peer)
                 continue
-            t = now_ms()
-            if t - expired_at >= EXPIRE_EVERY_MS:  # not on every wake: `due` skips expired entries anyway
-                expired_at = t
-                for entry in self.store.outbox.expire(t):
-                    self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
-                                             "attempts": entry.attempts}, t)
-                hand.remove_expired(t)
-            # Peers that cannot take more now: their window is full, or they are offline or congested.
-            blocked = {p for p, until in self._peer_retry_at.items() if until > t}
-            for peer, inflight in self._inflight.items():
-                for mid in [m for m, sent in inflight.items() if sent < t - RETRY_MIN_MS]:
-                    del inflight[mid]  # unanswered for a retry period: no longer counts against the window
-                if len(inflight) >= SEND_WINDOW:
-                    blocked.add(peer)
-            # Retries, entries from the last run and overflow come from the outbox, oldest first; then the entries
-            # handed over in memory (an entry in both goes from memory). Not read: blocked peers' entries, and
-            # past a peer's room in its window (a slow peer's held entries become due after HANDOVER_DUE_MS: only
-            # as many are read as go out from memory in this pass, not all of them on every pass).
-            rooms = {p: SEND_WINDOW - len(inflight) for p, inflight in self._inflight.items()
-                     if inflight and p not in blocked}
-            due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked,
-                                        peer_limits=rooms)
-            by_peer: dict[str, list[Any]] = {}
-            for e in due:
-                if not hand.holds(e) and e.peer_device not in blocked:
-                    by_peer.setdefault(e.peer_device, []).append(e)
-            for peer in hand.peers:
-                if peer not in blocked:
-                    by_peer.setdefault(peer, [])
-            for peer, entries in by_peer.items():
-                if not self.book.has_session(peer):
-                    self._ensure_session(peer)
-                    continue
-                room = max(0, SEND_WINDOW - len(self._inflight[peer]))
-                entries = entries[:room]
-                hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
-                held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
-                # Held entries sent soon enough after being stored need no attempt mark (see Handover). A stored
-                # due time further than HANDOVER_DUE_MS away means the wall clock stepped back since: marked, or
-                # the first retry would wait for the step as well.
-                counted = [e for e in held
-                           if e.attempts and not RETRY_MIN_MS <= e.due_at_ms - t <= HANDOVER_DUE_MS]
-                marked = entries + [e for e in held if not e.attempts]
-                entries += held
-                if not entries:
-                    continue
-                stages.mark("a.due", (e.msg_id for e in entries))
-                envelopes = []
-                try:
-                    with self.store.transaction(durable=False):
-                        delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(marked[0].attempts, 4)) if marked else 0
-                        # Some may have left the outbox since they were read or handed over (answered, expired,
-                        # purged by the operator): those are not sent.
-                        gone = (self._left_outbox(marked, t + delay, count=True)
-                                | self._left_outbox(counted, t + RETRY_MIN_MS, count=False))
-                        if gone:
-                            hand.remove(peer, gone)
-                            entries = [e for e in entries if e.msg_id not in gone]
-                        if entries:
-                            envelopes = self._encrypt_entries(peer, entries)
-                            self.book.flush()
-                except (ProtocolError, LookupError) as exc:
-                    log.warning("cannot encrypt for %s: %s", peer, exc)
-                    continue
-                if not entries:
-                    continue
-                hand.remove(peer, [e.msg_id for e in entries])
-                self._inflight[peer].update((e.msg_id, t) for e in entries)
-                stages.mark("a.sent", (e.msg_id for e in entries))
-                await self.link.send(envelopes)
+            room = max(0, SEND_WINDOW - len(self._inflight[peer]))
+            entries = entries[:room]
+            hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
+            held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
+            # Held entries sent soon enough after being stored need no attempt mark (see Handover). A stored
+            # due time further than HANDOVER_DUE_MS away means the wall clock stepped back since: marked, or
+            # the first retry would wait for the step as well.
+            counted = [e for e in held
+                       if e.attempts and not RETRY_MIN_MS <= e.due_at_ms - t <= HANDOVER_DUE_MS]
+            marked = entries + [e for e in held if not e.attempts]
+            entries += held
+            if not entries:
+                continue
+            stages.mark("a.due", (e.msg_id for e in entries))
+            envelopes = []
+            try:
+                with self.store.transaction(durable=False):
+                    delay = min(RETRY_MAX_MS, RETRY_MIN_MS << min(marked[0].attempts, 4)) if marked else 0
+                    # Some may have left the outbox since they were read or handed over (answered, expired,
+                    # purged by the operator): those are not sent.
+                    gone = (self._left_outbox(marked, t + delay, count=True)
+                            | self._left_outbox(counted, t + RETRY_MIN_MS, count=False))
+                    if gone:
+                        hand.remove(peer, gone)
+                        entries = [e for e in entries if e.msg_id not in gone]
+                    if entries:
+                        envelopes = self._encrypt_entries(peer, entries)
+                        self.book.flush()
+            except (ProtocolError, LookupError) as exc:
+                log.warning("cannot encrypt for %s: %s", peer, exc)
+                continue
+            if not entries:
+                continue
+            hand.remove(peer, [e.msg_id for e in entries])
+            self._inflight[peer].update((e.msg_id, t) for e in entries)
+            stages.mark("a.sent", (e.msg_id for e in entries))
+            await self.link.send(envelopes)
 
     def _left_outbox(self, entries: list[OutboxEntry], next_due_ms: int, *, count: bool) -> set[bytes]:
         """Mark a send attempt of these entries; returns the ids no longer in the outbox (by the row count)."""

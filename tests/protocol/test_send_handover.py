@@ -7,6 +7,7 @@ outbox is not sent. An unanswered entry is retried from the outbox after its sto
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from gateway.protocol.envelope import Envelope
 from gateway.sending import HANDOVER_DUE_MS, HANDOVER_FRESH_MS, RETRY_MIN_MS
 from gateway.store import Store
 from tests.protocol.test_send_ingest import Ingest, publish
+from tests.relay.conftest import eventually
 from tests.store.conftest import SoftStorageKey
 
 T0 = 1_900_000_000_000
@@ -40,6 +42,7 @@ class _Link:
         self.state = SimpleNamespace(value="ready")
         self.config = SimpleNamespace(max_envelope_size=256 * 1024)
         self.sent: list[Envelope] = []
+        self.queued = 0  # envelopes waiting for the link's writer
 
     async def send(self, envelopes: list[Envelope]) -> None:
         self.sent.extend(envelopes)
@@ -211,5 +214,59 @@ async def test_a_slow_peers_held_entries_are_not_read_back_on_every_pass(
             rows = _rows(store)
             assert {rows[i] for i in ids[:8]} == {(clock[0] + RETRY_MIN_MS, 1)}  # rescheduled, not counted again
             assert list(s._handover.peers["dev-b"]) == ids[8:]
+        finally:
+            loop.cancel()
+
+
+async def test_a_stored_batch_is_sent_by_the_ingest_task_after_its_commit_and_pubacks(
+        tmp_path: Path, clock: list[int]) -> None:
+    """With the link ready, the agent loop runs the sender's pass itself once a batch is stored (no sender task
+    here at all): the batch goes out at once, and only after its outbox rows are committed (read back through a
+    second connection, which sees only committed data) and its PUBACKs were queued. A batch stored while a pass
+    waits in `link.send` is not sent from the ingest task (no two passes interleave): the sender task sends it
+    once that pass is over, each message once."""
+    path = tmp_path / "agw.db"
+    with Store.open(path, SoftStorageKey()) as store:
+        s = Sender(store)
+        seen: list[tuple[int, int]] = []  # at each encryption: (PUBACKs queued, rows committed)
+        encrypt = s.book.encrypt_batch
+
+        def watching(peer: str, records: list[bytes]) -> bytes:
+            with sqlite3.connect(path) as other:
+                committed = other.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+            seen.append((len(s.acked), committed))
+            return encrypt(peer, records)
+
+        s.book.encrypt_batch = watching  # type: ignore[method-assign]
+        await s.feed(*(publish(i, f"m{i}".encode()) for i in range(1, 6)))
+        await s.feed(publish(6, b"m6"))
+        assert [len(e.ciphertext) > 0 for e in s.link.sent] == [True, True]  # two batches, no sender task
+        assert seen == [(5, 5), (6, 6)]
+        assert not s._wake_sender.is_set() and not s._handover.peers
+
+    with Store.open(tmp_path / "other.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        gate = asyncio.Event()
+        real_send = s.link.send
+
+        async def slow(envelopes: list[Envelope]) -> None:
+            await gate.wait()  # the link's queue is full
+            await real_send(envelopes)
+
+        s.link.send = slow  # type: ignore[method-assign]
+        loop = asyncio.create_task(s._sender_loop())
+        try:
+            await s.pass_()  # (start-up)
+            s.link.queued = 1  # a backlog for the link's writer: the sender task is woken, and waits in send
+            await s.feed(publish(1, b"m1"))
+            await eventually(lambda: s._send_busy, what="the sender task's pass waiting in link.send")
+            s.link.queued = 0
+            await s.feed(publish(2, b"m2"))  # stored while that pass waits: not sent from the ingest task
+            assert s.link.sent == [] and s._send_busy
+            gate.set()
+            await eventually(lambda: len(s.link.sent) == 2, what="m1, then m2")
+            assert [e.envelope_id for e in s.link.sent] == list(_rows(store))
+            await s.pass_()
+            assert len(s.link.sent) == 2  # each sent once
         finally:
             loop.cancel()

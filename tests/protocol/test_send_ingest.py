@@ -40,6 +40,7 @@ class Ingest(Sending, Receipts):
         self.groups = _NoGroups()
         self.counters = Counters()
         self._wake_sender = asyncio.Event()
+        self.link = SimpleNamespace(state=SimpleNamespace(value="connecting"))  # no sender pass runs here
 
     async def feed(self, *messages: AgentMessage) -> None:
         before = len(self.acked)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.link import RelayLink, RelayLinkConfig
+from gateway.link import INLINE_WRITE_MAX, RelayLink, RelayLinkConfig
 from gateway.protocol.link import Delivered
 from tests.relay.conftest import RelayEnv, envelope, eventually, next_event
 
@@ -40,3 +40,48 @@ async def test_everything_queued_under_a_byte_bound_is_delivered_in_order(env: R
     while len(got) < len(sent):
         got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
     assert got == sent
+
+
+async def test_send_on_an_idle_link_writes_before_it_returns(env: RelayEnv) -> None:
+    """A lone send on an idle, authenticated link is written from the caller's task before `send` returns (the
+    round trip: no wait for the writer task's turn of the loop); with the writer busy it is queued for the writer
+    as before, and so is a second send in the same turn of the loop, or more than INLINE_WRITE_MAX bytes.
+    Everything arrives once, in order."""
+    await env.start()
+    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
+    la, lb = await env.link(a), await env.link(b)
+    assert la._ws is not None
+    writes: list[bytes] = []
+    real_send = la._ws.send
+
+    async def counting(msg: bytes) -> None:
+        writes.append(msg)
+        await real_send(msg)
+
+    la._ws.send = counting  # type: ignore[method-assign]
+    first = envelope("dev-a", "dev-b", b"first")
+    await la.send([first])
+    assert len(writes) == 1 and la.queued == 0  # written inline, before send returned
+    async with la._write_lock:  # the writer (or another inline write) is busy: queued, not written here
+        second, third = envelope("dev-a", "dev-b", b"second"), envelope("dev-a", "dev-b", b"third")
+        await la.send([second])
+        await la.send([third])
+        assert len(writes) == 1 and la.queued == 2
+    await eventually(lambda: la.queued == 0, what="the writer task sent the queued envelopes")
+    # In one turn of the loop only the first send is written inline; the next waits for the writer (a burst of
+    # small sends still leaves in few frames). Past INLINE_WRITE_MAX bytes queued, the writer writes.
+    n = len(writes)
+    fourth, fifth = envelope("dev-a", "dev-b", b"fourth"), envelope("dev-a", "dev-b", b"fifth")
+    await la.send([fourth])
+    await la.send([fifth])
+    assert len(writes) == n + 1 and la.queued == 1
+    await eventually(lambda: la.queued == 0, what="the writer task sent the fifth")
+    await asyncio.sleep(0)
+    large = envelope("dev-a", "dev-b", b"L" * (INLINE_WRITE_MAX + 1))
+    n = len(writes)
+    await la.send([large])
+    assert len(writes) == n and la.queued == 1
+    got: list[object] = []
+    while len(got) < 6:
+        got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
+    assert got == [first, second, third, fourth, fifth, large]
