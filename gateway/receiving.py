@@ -193,7 +193,10 @@ class Receiving:
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
         # (a sender's retry next to the original) is a duplicate of the first.
-        seen = self.store.delivered.seen_many([inner.message_id for _, inner, _ in data]) if data else set()
+        # The ids' row keys are computed once, for this lookup and for marking those accepted.
+        data_ids = [inner.message_id for _, inner, _ in data]
+        keys = self.store.delivered.keys(data_ids)
+        seen = self.store.delivered.seen_many(data_ids, keys) if data else set()
         for peer, inner, raw in data:
             verdict = self._admit(peer, inner, settled, seen)
             if verdict.publish or verdict.ack:
@@ -214,7 +217,9 @@ class Receiving:
                 for e in entries:
                     self._give_packet_id(e)
                     acks[e.peer_device].append(e.message.message_id)
-                self.store.delivered.mark_many([e.message.message_id for e in entries], t)
+                ids = [e.message.message_id for e in entries]
+                row_keys = dict(zip(data_ids, keys, strict=True))
+                self.store.delivered.mark_many(ids, t, [row_keys[i] for i in ids])
                 self.store.inbox.put_many([(e.name, e.record()) for e in entries])
                 self.pubrec_marks.write(cleared=[e.packet_id for e in entries if e.in_exchange])
             stages.mark("b.stored", (e.message.message_id for e in entries))
