@@ -371,3 +371,16 @@ async def test_a_failure_after_the_pubrec_commit_does_not_reach_the_bridge(
         assert a.phase is Phase.BROKER_HAS and read_back(s, r.pubrec_marks, a.name).phase is Phase.BROKER_HAS
         assert s.inbox.get(b.name) is None and r.freed == [8] and r.counters.delivered == 1
         assert r._publish_room.is_set()
+
+
+def test_a_mark_is_the_digest_stores_already_hold() -> None:
+    """The slot's digest of an entry's name is part of the store format (marks written by an earlier version are
+    read after an upgrade): BLAKE2b-128 of the name, personalised "agw-inbox-rec", a zero digest nudged to 0x01."""
+    import hashlib
+
+    from gateway import inbox
+
+    for name in ["dev-a/" + "00" * 16, "dev-a/" + mid(7).hex(), "ünïcödé-dev/" + "ff" * 16, "x"]:
+        want = hashlib.blake2b(name.encode(), digest_size=16, person=b"agw-inbox-rec").digest()
+        assert inbox._name_digest(name) == want
+        assert inbox._name_digest(name) == want  # (the shared state is copied, never updated itself)
