@@ -472,6 +472,33 @@ class _PahoClient(mqtt.Client):
             return self._do_on_publish(mid, _PUBACK_OK if cmd == _PUBACK_IN else _PUBCOMP_OK, _NO_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _do_on_publish(self, mid: int, reason_code: ReasonCode, properties: Properties) -> MQTTErrorCode:
+        """paho's (2.x) end of a QoS 1/2 publish, in fewer steps: it runs at every PUBCOMP, i.e. once per message
+        delivered (~1.6 -> ~1.0 us in-process). The same order (the callback under `_in_callback_mutex`, then the
+        message leaves `_out_messages`, the in-flight count drops and a queued message may go), without the
+        callback-version dispatch and its casts, and without the `_callback_mutex` (it guards setting callbacks
+        from other threads; the bridge sets them once, on the event loop's thread). The shared no-wait info of
+        exactly-once messages is not notified (nobody waits on it)."""
+        if self._callback_api_version is not mqtt.CallbackAPIVersion.VERSION2:
+            return super()._do_on_publish(mid, reason_code, properties)
+        on_publish = self._on_publish
+        if on_publish is not None:
+            with self._in_callback_mutex:
+                try:
+                    on_publish(self, self._userdata, mid, reason_code, properties)
+                except Exception as err:
+                    self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_publish: %s", err)
+                    if not self.suppress_exceptions:
+                        raise
+        msg = self._out_messages.pop(mid)
+        if msg.info is not _NO_WAIT:
+            msg.info._set_as_published()
+        if msg.qos > 0:
+            self._inflight_messages -= 1
+            if self._max_inflight_messages > 0:
+                return self._update_inflight()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def _read_buffered_publish(self) -> MQTTErrorCode | None:
         """An agent's QoS 0/1 PUBLISH that lies whole in the read buffer, taken from it in one slice: paho's
         reader takes a packet in three or more `_sock_recv` calls (the fixed header and each length byte one at

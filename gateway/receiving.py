@@ -52,6 +52,11 @@ PUBLISH_BACKLOG = 128
 # How long a frame's end-to-end ACKs wait for the broker's PUBREC of the messages they name (see _on_delivered),
 # in seconds; under load (paho's in-flight window full) they go after this.
 ACK_WAIT_MAX = 0.005
+# How long the deletes of entries whose PUBCOMP came may wait, in seconds, for the commit of the next PUBREC batch
+# (`_broker_has`) to join: under load PUBRECs come every few milliseconds, and a transaction of its own per read of
+# PUBCOMPs was ~1/3 of the receiver's commits. Past this `_drop_finished` commits them alone. Meanwhile they keep
+# their packet ids and claims (see `_delivered_to_broker`) but no longer count against PUBLISH_BACKLOG.
+FINISHED_WAIT_MAX = 0.005
 # Topics and encoded properties kept for this many shapes of message (recipient, sender, user properties, ...:
 # see `Receiving._publish_shape`), each at most PUBLISH_SHAPE_BYTES of properties (a peer's large user properties
 # are encoded per message, as before, not kept: the table stays under ~200 KB); past it the table starts again.
@@ -115,6 +120,8 @@ PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
 class Receiving:
     """Mixed into `Gateway`: the methods of the receiving half."""
 
+    _drop_due: asyncio.TimerHandle | None = None  # `_drop_finished` scheduled for `_finished` (FINISHED_WAIT_MAX)
+
     async def _link_loop(self) -> None:
         try:
             await self._link_events()
@@ -136,7 +143,7 @@ class Receiving:
                     await self.groups.on_envelopes(group_envs)
                 pairwise = tuple(e for e in ev.envelopes if e.kind is not EnvelopeKind.GROUP)
                 if pairwise:
-                    while len(self._publishing) >= PUBLISH_BACKLOG:
+                    while len(self._publishing) - len(self._finished) >= PUBLISH_BACKLOG:
                         self._publish_room.clear()
                         await self._publish_room.wait()
                     await self._on_delivered(pairwise)
@@ -193,7 +200,10 @@ class Receiving:
         settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
         # (a sender's retry next to the original) is a duplicate of the first.
-        seen = self.store.delivered.seen_many([inner.message_id for _, inner, _ in data]) if data else set()
+        # The ids' row keys are computed once, for this lookup and for marking those accepted.
+        data_ids = [inner.message_id for _, inner, _ in data]
+        keys = self.store.delivered.keys(data_ids)
+        seen = self.store.delivered.seen_many(data_ids, keys) if data else set()
         for peer, inner, raw in data:
             verdict = self._admit(peer, inner, settled, seen)
             if verdict.publish or verdict.ack:
@@ -214,7 +224,9 @@ class Receiving:
                 for e in entries:
                     self._give_packet_id(e)
                     acks[e.peer_device].append(e.message.message_id)
-                self.store.delivered.mark_many([e.message.message_id for e in entries], t)
+                ids = [e.message.message_id for e in entries]
+                row_keys = dict(zip(data_ids, keys, strict=True))
+                self.store.delivered.mark_many(ids, t, [row_keys[i] for i in ids])
                 self.store.inbox.put_many([(e.name, e.record()) for e in entries])
                 self.pubrec_marks.write(cleared=[e.packet_id for e in entries if e.in_exchange])
             stages.mark("b.stored", (e.message.message_id for e in entries))
@@ -338,6 +350,9 @@ class Receiving:
             self._finished[:0] = done  # (the `_drop_finished` scheduled for them retries)
             raise
         if done:
+            if self._drop_due is not None:  # (nothing was added since: this ran without a turn of the loop)
+                self._drop_due.cancel()
+                self._drop_due = None
             self._finished_stored(done, held)  # (`_after_pubcomp` publishes again only from a task it starts)
         if self._ack_waits:
             self._acks_may_go(packet_ids)  # (they run after this returns, i.e. after the PUBREL is written)
@@ -430,14 +445,19 @@ class Receiving:
         self.bridge.free_packet_id(packet_id)
 
     def _delivered_to_broker(self, e: InboxEntry) -> None:
-        """PUBCOMP came: the entry goes, in one commit with the others completed in this turn of the loop. A
-        crash before that commit is harmless (the restart sends PUBREL again and the broker answers PUBCOMP), but
-        the entry stays claimed and its packet id held until the commit, so neither is reused meanwhile."""
+        """PUBCOMP came: the entry goes, in the commit of the next PUBREC batch (`_broker_has`), or at most
+        FINISHED_WAIT_MAX later in one commit with the others completed meanwhile (`_drop_finished`). A crash
+        before that commit is harmless (the restart sends PUBREL again and the broker answers PUBCOMP), but the
+        entry stays claimed and its packet id held until the commit, so neither is reused meanwhile. It no longer
+        counts against PUBLISH_BACKLOG: a relay link waiting for room may go on."""
         if not self._finished:
-            asyncio.get_running_loop().call_soon(self._drop_finished)
+            self._drop_due = asyncio.get_running_loop().call_later(FINISHED_WAIT_MAX, self._drop_finished)
         self._finished.append(e)
+        if not self._publish_room.is_set():
+            self._publish_room.set()
 
     def _drop_finished(self) -> None:
+        self._drop_due = None
         done, self._finished = self._finished, []
         if not done:
             return  # (taken by `_broker_has`, in its commit)
@@ -447,7 +467,7 @@ class Receiving:
         except StoreError as exc:
             log.error("cannot drop %d delivered inbox entries (%s); retrying", len(done), exc)
             if not self._finished:
-                asyncio.get_running_loop().call_later(1.0, self._drop_finished)
+                self._drop_due = asyncio.get_running_loop().call_later(1.0, self._drop_finished)
             self._finished[:0] = done
             return
         self._finished_stored(done, held)

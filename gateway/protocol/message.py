@@ -16,6 +16,7 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -235,7 +236,8 @@ def _decode_fast(cls: type[InnerMessage], data: bytes, max_payload: int) -> Inne
             ids = tuple(data[p + i * MESSAGE_ID_LEN:p + (i + 1) * MESSAGE_ID_LEN] for i in range(count))
             if p + count * MESSAGE_ID_LEN != len(data):
                 return None
-            return cls(_ACK, message_id, sender, recipient, created, expires, ids=ids)
+            return _built(cls, _ACK, message_id, sender, recipient, created, expires, b"", None, None, None, False,
+                          (), ids)
         flags = data[p]
         p += 1
         if flags & ~_KNOWN_FLAGS:
@@ -276,11 +278,61 @@ def _decode_fast(cls: type[InnerMessage], data: bytes, max_payload: int) -> Inne
         p += 4
         if size > max_payload or p + size != len(data):
             return None
-        return cls(_DATA, message_id, sender, recipient, created, expires, payload=data[p:],
-                   response_topic=response_topic, correlation_data=correlation_data, content_type=content_type,
-                   payload_utf8=bool(flags & _FLAG_PAYLOAD_UTF8), user_properties=tuple(props))
+        return _built(cls, _DATA, message_id, sender, recipient, created, expires, data[p:], response_topic,
+                      correlation_data, content_type, bool(flags & _FLAG_PAYLOAD_UTF8), tuple(props), ())
     except (struct.error, IndexError, UnicodeDecodeError, InvalidMessageError):
         return None
+
+
+_new_object = object.__new__
+
+
+def _setter(name: str) -> Callable[[InnerMessage, object], None]:
+    """The `__set__` of `InnerMessage`'s slot `name` (its member descriptor: what `object.__setattr__` ends in)."""
+    setter: Callable[[InnerMessage, object], None] = InnerMessage.__dict__[name].__set__
+    return setter
+
+
+_set_kind, _set_message_id = _setter("kind"), _setter("message_id")
+_set_sender_agent, _set_recipient_agent = _setter("sender_agent"), _setter("recipient_agent")
+_set_created_at_ms, _set_expires_at_ms = _setter("created_at_ms"), _setter("expires_at_ms")
+_set_payload, _set_response_topic = _setter("payload"), _setter("response_topic")
+_set_correlation_data, _set_content_type = _setter("correlation_data"), _setter("content_type")
+_set_payload_utf8, _set_user_properties = _setter("payload_utf8"), _setter("user_properties")
+_set_ids, _set_reason = _setter("ids"), _setter("reason")
+
+
+def _built(cls: type[InnerMessage], kind: Kind, message_id: bytes, sender_agent: str, recipient_agent: str,
+           created_at_ms: int, expires_at_ms: int, payload: bytes, response_topic: str | None,
+           correlation_data: bytes | None, content_type: str | None, payload_utf8: bool,
+           user_properties: tuple[tuple[str, str], ...], ids: tuple[bytes, ...]) -> InnerMessage:
+    """`cls(kind, ..., ids=ids)` (reason None) for `_decode_fast`: the same message, checked by the same `_check`
+    (raising the same `InvalidMessageError`), with its slots filled by their own setters instead of the frozen
+    dataclass `__init__`'s 14 `object.__setattr__` calls (~1.8 against ~0.8 us). The instance is an ordinary
+    `InnerMessage`: frozen, equal and hashed by its fields like any other. A subclass goes through its own
+    `__init__`."""
+    if cls is not InnerMessage:
+        return cls(kind, message_id, sender_agent, recipient_agent, created_at_ms, expires_at_ms, payload,
+                   response_topic, correlation_data, content_type, payload_utf8, user_properties, ids)
+    m = _new_object(InnerMessage)
+    _set_kind(m, kind)
+    _set_message_id(m, message_id)
+    _set_sender_agent(m, sender_agent)
+    _set_recipient_agent(m, recipient_agent)
+    _set_created_at_ms(m, created_at_ms)
+    _set_expires_at_ms(m, expires_at_ms)
+    _set_payload(m, payload)
+    _set_response_topic(m, response_topic)
+    _set_correlation_data(m, correlation_data)
+    _set_content_type(m, content_type)
+    _set_payload_utf8(m, payload_utf8)
+    _set_user_properties(m, user_properties)
+    _set_ids(m, ids)
+    _set_reason(m, None)
+    problem = _check(m, MAX_PAYLOAD_HARD_LIMIT)
+    if problem:
+        raise InvalidMessageError(problem)
+    return m
 
 
 _DATA_NAMES: dict[tuple[str, str], bytes] = {}  # (sender, recipient) agent names checked, -> their encoded fields
@@ -400,7 +452,9 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
         return f"need 0 <= created_at_ms ({m.created_at_ms}) <= expires_at_ms ({m.expires_at_ms}) < 2**64"
     if not isinstance(m.payload, bytes) or not (m.correlation_data is None or isinstance(m.correlation_data, bytes)):
         return "payload and correlation data must be bytes"
-    if not all(v is None or isinstance(v, str) for v in (m.response_topic, m.content_type)):
+    response_topic, content_type = m.response_topic, m.content_type
+    if not ((response_topic is None or isinstance(response_topic, str))
+            and (content_type is None or isinstance(content_type, str))):
         return "response topic and content type must be str"
     if m.kind == Kind.DATA:
         if m.ids or m.reason is not None:

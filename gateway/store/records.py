@@ -48,9 +48,21 @@ class DeliveredIds:
             cur = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", (self._k(msg_id), now_ms))
             return cur.rowcount == 1
 
-    def mark_many(self, msg_ids: list[bytes], now_ms: int) -> int:
-        """`mark` for a batch in one statement; returns how many ids were new."""
-        rows = [(_blob(self._k(m)), now_ms) for m in msg_ids]
+    def keys(self, msg_ids: list[bytes]) -> list[bytes]:
+        """The row keys of `msg_ids` (the ids checked, the domain's HMAC state looked up once), for a caller that
+        looks ids up and then marks them (`seen_many`, `mark_many` with `keys=`): each key computed once."""
+        for m in msg_ids:
+            check_msg_id(m)
+        return self._keys.blind_many("delivered", msg_ids)
+
+    def mark_many(self, msg_ids: list[bytes], now_ms: int, keys: list[bytes] | None = None) -> int:
+        """`mark` for a batch in one statement; returns how many ids were new. `keys`: `keys(msg_ids)`, if the
+        caller has them."""
+        if keys is None:
+            keys = [self._k(m) for m in msg_ids]
+        elif len(keys) != len(msg_ids):
+            raise ValueError("one key per message id")
+        rows = [(_blob(k), now_ms) for k in keys]
         if not rows:
             return 0
         with self._db.write("recording delivered message ids") as conn:
@@ -60,9 +72,15 @@ class DeliveredIds:
         with self._db.read("reading delivered message ids") as conn:
             return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
 
-    def seen_many(self, msg_ids: list[bytes]) -> set[bytes]:
-        """The ids among `msg_ids` already recorded: one query per 512 ids (a relay frame's worth at once)."""
-        keyed = {self._k(m): m for m in msg_ids}
+    def seen_many(self, msg_ids: list[bytes], keys: list[bytes] | None = None) -> set[bytes]:
+        """The ids among `msg_ids` already recorded: one query per 512 ids (a relay frame's worth at once).
+        `keys`: `keys(msg_ids)`, if the caller has them."""
+        if keys is None:
+            keyed = {self._k(m): m for m in msg_ids}
+        elif len(keys) != len(msg_ids):
+            raise ValueError("one key per message id")
+        else:
+            keyed = dict(zip(keys, msg_ids, strict=True))
         found: set[bytes] = set()
         with self._db.read("reading delivered message ids") as conn:
             for marks, chunk in in_lists([_blob(k) for k in keyed]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,3 +113,44 @@ def test_fast_decode_takes_the_common_messages() -> None:
     for seed in SEEDS[:3]:
         assert message_module._decode_fast(InnerMessage, seed, 4096) == InnerMessage.decode(seed)
     assert message_module._decode_fast(InnerMessage, SEEDS[3], 4096) is None  # REJECT: step by step
+
+
+def test_fast_decode_builds_ordinary_frozen_messages() -> None:
+    """The fast path fills the slots without the dataclass `__init__` (`_built`): what it returns is still an
+    `InnerMessage` like one built by `__init__`: every field set, equal and hashed alike, frozen, same repr, and
+    `dataclasses.replace` and pickling work; a subclass still goes through its own `__init__`; a field that breaks a
+    rule is refused as before (by the step-by-step parse's error)."""
+    import dataclasses
+    import pickle
+
+    import gateway.protocol.message as message_module
+
+    for seed in SEEDS[:3]:
+        fast = message_module._decode_fast(InnerMessage, seed, 4096)
+        assert fast is not None and type(fast) is InnerMessage
+        built = InnerMessage(*(getattr(fast, f.name) for f in dataclasses.fields(InnerMessage)))
+        assert fast == built and hash(fast) == hash(built) and repr(fast) == repr(built)
+        assert dataclasses.astuple(fast) == dataclasses.astuple(built)
+        assert pickle.loads(pickle.dumps(fast)) == fast
+        assert dataclasses.replace(fast, created_at_ms=0) == dataclasses.replace(built, created_at_ms=0)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.kind = Kind.REJECT  # type: ignore[misc]
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            del fast.payload  # type: ignore[misc]
+
+    calls = []
+
+    class Traced(InnerMessage):
+        __slots__ = ()
+
+        def __post_init__(self) -> None:
+            calls.append(self.message_id)
+            super().__post_init__()
+
+    got = Traced.decode(SEEDS[1])
+    assert type(got) is Traced and calls == [bytes(16)] and got == Traced(Kind.DATA, bytes(16), "a", "b", 0, 0)
+
+    bad_name = InnerMessage(Kind.DATA, bytes(16), "ab", "b", 0, 0).encode().replace(b"\x02ab", b"\x02A!")
+    assert message_module._decode_fast(InnerMessage, bad_name, 4096) is None
+    with pytest.raises(MessageDecodeError, match="sender agent 'A!'"):
+        InnerMessage.decode(bad_name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -199,6 +200,7 @@ def _pubrec_receiver(s: Store, marks: PubrecMarks, in_flight: dict[int, InboxEnt
     """The receiving half's state that `_broker_has` and `_drop_finished` use, over a real store."""
     freed: list[int] = []
     r = SimpleNamespace(store=s, pubrec_marks=marks, _in_flight=in_flight, _finished=finished, _ack_waits={},
+                        _drop_due=None,
                         _publishing={e.name for e in [*in_flight.values(), *finished]}, _publish_room=asyncio.Event(),
                         counters=SimpleNamespace(delivered=0), freed=freed,
                         bridge=SimpleNamespace(free_packet_id=freed.append))
@@ -208,7 +210,99 @@ def _pubrec_receiver(s: Store, marks: PubrecMarks, in_flight: dict[int, InboxEnt
     r._store_finished = lambda done: Receiving._store_finished(r, done)  # type: ignore[arg-type]
     r._finished_stored = lambda done, held: Receiving._finished_stored(r, done, held)  # type: ignore[arg-type]
     r._drop_finished = lambda: Receiving._drop_finished(r)  # type: ignore[arg-type]
+    r._delivered_to_broker = lambda e: Receiving._delivered_to_broker(r, e)  # type: ignore[arg-type]
     return r
+
+
+def _files_now(db_path: Path, to: Path) -> Path:
+    """The store's files as a kill -9 would leave them now (the database and its WAL), copied to `to`."""
+    to.parent.mkdir(parents=True, mode=0o700)
+    for suffix in ("", "-wal"):
+        src = Path(f"{db_path}{suffix}")
+        if src.exists():
+            shutil.copyfile(src, f"{to}{suffix}")
+    return to
+
+
+def _count_commits(s: Store, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """The outermost transactions begun on `s` from now on (their `durable` flags)."""
+    begun: list[bool] = []
+    real = s.transaction
+
+    def counted(*, durable: bool = True):  # type: ignore[no-untyped-def]
+        if not s._db._depth:
+            begun.append(durable)
+        return real(durable=durable)
+
+    monkeypatch.setattr(s, "transaction", counted)
+    return begun
+
+
+async def test_completed_entries_wait_for_the_next_pubrec_commit(
+        db_path: Path, key: SoftStorageKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUBCOMP read alone does not cost a transaction of its own: the entry is deleted in the commit of the next
+    PUBREC batch, if one comes within FINISHED_WAIT_MAX (one commit for both, the `_drop_finished` scheduled for the
+    entry cancelled). Meanwhile the entry keeps its packet id and its claim (neither may be reused before the
+    delete is committed), but leaves room under PUBLISH_BACKLOG at once (the relay link waits for nothing)."""
+    from gateway.receiving import FINISHED_WAIT_MAX
+
+    a, b = entry(1, 7), entry(2, 8)  # b: its PUBCOMP is read first; a: its PUBREC comes after it
+    with Store.open(db_path, key) as s:
+        with s.transaction(durable=False):
+            s.inbox.put_many([(a.name, a.record()), (b.name, b.record())])
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {7: a}, [])
+        r._publishing = {a.name, b.name}
+        begun = _count_commits(s, monkeypatch)
+        r._delivered_to_broker(b)
+        assert r._publish_room.is_set() and len(r._publishing) - len(r._finished) == 1
+        await asyncio.sleep(0)  # (was: `_drop_finished` at the next turn of the loop, a transaction of its own)
+        await asyncio.sleep(0)
+        assert begun == [] and s.inbox.get(b.name) is not None
+        assert r.freed == [] and b.name in r._publishing  # packet id and claim held until the delete's commit
+        Receiving._broker_has(r, [7])  # type: ignore[arg-type]
+        assert begun == [False]  # one commit: a's PUBREC mark and b's delete
+        assert s.inbox.get(b.name) is None and r.freed == [8] and r._publishing == {a.name}
+        assert r._finished == [] and r._drop_due is None
+        await asyncio.sleep(FINISHED_WAIT_MAX * 3)
+        assert begun == [False] and r.counters.delivered == 1  # the scheduled drop was cancelled
+    with Store.open(db_path, key) as s:  # kill -9 now, and restart: a resumes with a PUBREL, b is gone
+        assert read_back(s, PubrecMarks(s.secrets), a.name).phase is Phase.BROKER_HAS
+        assert s.inbox.get(b.name) is None
+
+
+async def test_completed_entries_without_a_pubrec_are_dropped_within_the_bound(
+        db_path: Path, key: SoftStorageKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PUBREC comes (the end of a burst, or a lone message): the entries completed meanwhile go in one commit
+    FINISHED_WAIT_MAX after the first of them, not later. Killed before it, a restart finds the entry as it was
+    (BROKER_HAS: it resumes with a PUBREL, which the broker answers with PUBCOMP without delivering again)."""
+    from gateway.receiving import FINISHED_WAIT_MAX
+
+    a, b, c = entry(1, 7), entry(2, 8), entry(3, 9)
+    with Store.open(db_path, key) as s:
+        marks = PubrecMarks(s.secrets)
+        with s.transaction(durable=False):
+            s.inbox.put_many([(e.name, e.record()) for e in (a, b, c)])
+            marks.write(marked=[(7, a.name), (8, b.name), (9, c.name)])
+        for e in (a, b, c):
+            e.phase = Phase.BROKER_HAS
+        r = _pubrec_receiver(s, marks, {}, [])
+        r._publishing = {a.name, b.name, c.name}
+        begun = _count_commits(s, monkeypatch)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        r._delivered_to_broker(a)
+        await asyncio.sleep(FINISHED_WAIT_MAX / 2)
+        r._delivered_to_broker(b)
+        assert begun == [] and s.inbox.get(a.name) is not None
+        crashed = _files_now(db_path, db_path.parent.parent / "crashed" / db_path.name)
+        with Store.open(crashed, key) as other:  # a kill -9 now: both entries as they were, c untouched
+            assert {read_back(other, PubrecMarks(other.secrets), e.name).phase for e in (a, b, c)} == {
+                Phase.BROKER_HAS}
+        while r._finished and loop.time() < t0 + 1:
+            await asyncio.sleep(FINISHED_WAIT_MAX / 10)
+        assert loop.time() - t0 < FINISHED_WAIT_MAX + 0.5  # (the bound, and a generous margin for a busy machine)
+        assert begun == [False] and r.freed == [7, 8] and r._publishing == {c.name}
+        assert s.inbox.get(a.name) is None and s.inbox.get(b.name) is None and s.inbox.get(c.name) is not None
 
 
 async def test_entries_completed_in_the_same_read_are_dropped_in_the_pubrec_commit(
@@ -277,3 +371,16 @@ async def test_a_failure_after_the_pubrec_commit_does_not_reach_the_bridge(
         assert a.phase is Phase.BROKER_HAS and read_back(s, r.pubrec_marks, a.name).phase is Phase.BROKER_HAS
         assert s.inbox.get(b.name) is None and r.freed == [8] and r.counters.delivered == 1
         assert r._publish_room.is_set()
+
+
+def test_a_mark_is_the_digest_stores_already_hold() -> None:
+    """The slot's digest of an entry's name is part of the store format (marks written by an earlier version are
+    read after an upgrade): BLAKE2b-128 of the name, personalised "agw-inbox-rec", a zero digest nudged to 0x01."""
+    import hashlib
+
+    from gateway import inbox
+
+    for name in ["dev-a/" + "00" * 16, "dev-a/" + mid(7).hex(), "ünïcödé-dev/" + "ff" * 16, "x"]:
+        want = hashlib.blake2b(name.encode(), digest_size=16, person=b"agw-inbox-rec").digest()
+        assert inbox._name_digest(name) == want
+        assert inbox._name_digest(name) == want  # (the shared state is copied, never updated itself)

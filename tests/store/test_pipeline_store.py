@@ -96,6 +96,25 @@ def test_delivered_ids_marked_in_one_statement(store: Store) -> None:
     assert store.delivered.mark_many([], 0) == 0
 
 
+def test_delivered_ids_keys_computed_once_are_the_same_keys(store: Store) -> None:
+    """`keys` (the receiver computes a frame's row keys once) gives the keys `seen_many`/`mark_many` compute
+    themselves: ids marked with them are found without them, and the other way round."""
+    ids = [mid(n) for n in range(1, 9)]
+    keys = store.delivered.keys(ids)
+    assert keys == [store.delivered._k(m) for m in ids]
+    assert store.delivered.mark_many(ids[:4], 1_000, keys[:4]) == 4
+    assert store.delivered.seen_many(ids) == set(ids[:4])
+    assert store.delivered.mark_many(ids[2:6], 1_001) == 2
+    assert store.delivered.seen_many(ids, keys) == set(ids[:6])
+    assert store.delivered.seen(ids[5]) and not store.delivered.seen(ids[6])
+    with pytest.raises(ValueError, match="one key per message id"):
+        store.delivered.mark_many(ids[:2], 1_002, keys[:1])
+    with pytest.raises(ValueError, match="one key per message id"):
+        store.delivered.seen_many(ids[:2], keys[:1])
+    with pytest.raises(InvalidRecord):
+        store.delivered.keys([b"short"])
+
+
 def test_keyed_blobs_delete_many(store: Store) -> None:
     store.inbox.put_many([("a", b"1"), ("b", b"2"), ("c", b"3")])
     assert store.inbox.delete_many(["a", "c", "zz"]) == 2
