@@ -30,6 +30,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+from websockets.protocol import State
 
 from gateway import stages
 from gateway.protocol.envelope import Envelope
@@ -277,16 +278,20 @@ class RelayLink:
     async def _write_inline(self) -> bool:
         """Write what is queued now, from the caller's task, when the writer is idle and the connection's buffer
         is empty: a lone message then leaves without waiting for the writer task's turn of the loop (~40 us).
-        False (the writer task is woken instead): not authenticated, the writer busy, more than INLINE_WRITE_MAX
-        bytes queued, an inline write already made in this turn of the loop, or data still waiting for the
-        socket (the writer, which may wait for it to drain, keeps batching then: a burst of small sends still
-        leaves in few frames). A connection that fails here is left to the reader and writer tasks, as a failure after
-        the writer took the envelopes is: the outbox retries them."""
+        False (the writer task is woken instead): not authenticated, the connection not open (closing), the writer
+        busy, more than INLINE_WRITE_MAX bytes queued, other frames pending (requests), an inline write already
+        made in this turn of the loop, or data still waiting for the socket (the writer, which may wait for it to
+        drain, keeps batching then: a burst of small sends still leaves in few frames). A connection that fails
+        here is left to the reader and writer tasks, as a failure after the writer took the envelopes is: the
+        outbox retries them."""
         ws, link = self._ws, self._link
         if ws is None or link is None or link.state not in _LIVE or self._write_lock.locked():
             return False
-        if self._outgoing_bytes > INLINE_WRITE_MAX or self._wrote_inline or ws.transport.get_write_buffer_size():
-            return False
+        if ws.state is not State.OPEN:
+            return False  # closing (e.g. a keepalive timeout): `ws.send` would wait out the close handshake
+        if (self._outgoing_bytes > INLINE_WRITE_MAX or self._wrote_inline or link.pending_output
+                or ws.transport.get_write_buffer_size()):
+            return False  # (pending output: request frames, e.g. a group send of up to 1 MiB, are the writer's)
         self._wrote_inline = True  # the first send of this loop iteration only: the rest are batched by the writer
         asyncio.get_running_loop().call_soon(self._next_turn)
         async with self._write_lock:

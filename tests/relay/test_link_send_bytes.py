@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from websockets.protocol import State
+
 from gateway.link import INLINE_WRITE_MAX, RelayLink, RelayLinkConfig
 from gateway.protocol.link import Delivered
 from tests.relay.conftest import RelayEnv, envelope, eventually, next_event
@@ -85,3 +87,56 @@ async def test_send_on_an_idle_link_writes_before_it_returns(env: RelayEnv) -> N
     while len(got) < 6:
         got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
     assert got == [first, second, third, fourth, fifth, large]
+
+
+def _counting_writes(link: RelayLink) -> list[bytes]:
+    """The frames `link` writes to its connection, recorded (and written)."""
+    assert link._ws is not None
+    writes: list[bytes] = []
+    real_send = link._ws.send
+
+    async def counting(msg: bytes) -> None:
+        writes.append(msg)
+        await real_send(msg)
+
+    link._ws.send = counting  # type: ignore[method-assign]
+    return writes
+
+
+async def test_a_send_on_a_closing_connection_is_not_written_by_the_caller(env: RelayEnv) -> None:
+    """A connection that is closing (a keepalive timeout: the link still reads READY) is not written from the
+    caller's task: `ws.send` would wait out the close handshake (10 s for a relay that went silent), and the agent
+    loop, which sends after each stored batch, with it. The envelope waits for the writer."""
+    await env.start()
+    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
+    la, lb = await env.link(a), await env.link(b)
+    writes = _counting_writes(la)
+    assert la._ws is not None
+    la._ws.protocol.state = State.CLOSING  # (as `fail()` leaves it until the close handshake ends)
+    held = envelope("dev-a", "dev-b", b"while closing")
+    async with asyncio.timeout(1):
+        await la.send([held])
+    assert writes == [] and la.queued == 1
+    la._ws.protocol.state = State.OPEN  # (not closed after all: the writer sends it)
+    la._wake.set()
+    assert list((await next_event(lb, Delivered, timeout=10)).envelopes) == [held]
+
+
+async def test_a_send_behind_pending_requests_is_left_to_the_writer(env: RelayEnv) -> None:
+    """Frames already pending in the protocol (requests such as a group send, up to 1 MiB) are the writer's to
+    write: a send behind them is not written from the caller's task, which would then write them too."""
+    await env.start()
+    a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
+    la, lb = await env.link(a), await env.link(b)
+    writes = _counting_writes(la)
+    assert la._link is not None
+    async with la._write_lock:  # (the writer cannot collect it meanwhile)
+        pending = envelope("dev-a", "dev-b", b"P" * (200 * KIB))
+        la._link.send_envelopes([pending])  # a frame pending in the protocol, not in the link's queue
+    small = envelope("dev-a", "dev-b", b"small")
+    await la.send([small])
+    assert writes == [] and la.queued == 1
+    got: list[object] = []
+    while len(got) < 2:
+        got.extend((await next_event(lb, Delivered, timeout=10)).envelopes)
+    assert got == [pending, small]
