@@ -52,15 +52,7 @@ async def test_send_on_an_idle_link_writes_before_it_returns(env: RelayEnv) -> N
     await env.start()
     a, b = env.fleet.device("dev-a"), env.fleet.device("dev-b")
     la, lb = await env.link(a), await env.link(b)
-    assert la._ws is not None
-    writes: list[bytes] = []
-    real_send = la._ws.send
-
-    async def counting(msg: bytes) -> None:
-        writes.append(msg)
-        await real_send(msg)
-
-    la._ws.send = counting  # type: ignore[method-assign]
+    writes = _counting_writes(la)
     first = envelope("dev-a", "dev-b", b"first")
     await la.send([first])
     assert len(writes) == 1 and la.queued == 0  # written inline, before send returned
