@@ -18,7 +18,7 @@ import pytest
 from gateway import sending
 from gateway.protocol.envelope import Envelope
 from gateway.sending import HANDOVER_DUE_MS, HANDOVER_FRESH_MS, RETRY_MIN_MS
-from gateway.store import Store
+from gateway.store import OutboxEntry, Store
 from tests.protocol.test_send_ingest import Ingest, publish
 from tests.relay.conftest import eventually
 from tests.store.conftest import SoftStorageKey
@@ -270,3 +270,41 @@ async def test_a_stored_batch_is_sent_by_the_ingest_task_after_its_commit_and_pu
             assert len(s.link.sent) == 2  # each sent once
         finally:
             loop.cancel()
+
+
+def test_held_messages_cost_a_record_and_one_small_tuple_each() -> None:
+    """Issue 7: the hand-over holds ~3,500-4,100 messages of 256 B under load, at the sender's peak. Each held
+    message is its record and a 2-tuple sharing its batch's meta (not a 6-field `OutboxEntry` each, 88 bytes
+    more with the dict's slot: ~124 bytes over the record); what the sender takes is the same entries."""
+    import tracemalloc
+
+    hand = sending.Handover()
+    expires = T0 + 3_600_000
+    batches = [[(i.to_bytes(2, "big") + bytes(14), "dev-b", b"r" * 300 + bytes([i % 251]), expires)
+                for i in range(b * 512, (b + 1) * 512)] for b in range(8)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for items in batches:
+            hand.add(items, T0 + HANDOVER_DUE_MS, counted=True)
+        per_message = (tracemalloc.get_traced_memory()[0] - before) / 4096
+    finally:
+        tracemalloc.stop()
+    assert hand.count == 4096 and hand.bytes == 4096 * 301
+    assert per_message < 100, per_message  # (the records are the batches': not counted here)
+    got = hand.first("dev-b", 3)
+    assert got == [OutboxEntry(*batches[0][i], 1, T0 + HANDOVER_DUE_MS) for i in range(3)]
+
+
+def test_stale_marks_only_entries_held_before_it() -> None:
+    """`stale` zeroes the due time of every entry held at that moment (shared metas included), not of entries
+    added afterwards; expiry removes by each entry's own expiry."""
+    hand = sending.Handover()
+    hand.add([(b"a" * 16, "p", b"r", 100), (b"b" * 16, "p", b"r", 200)], 7_000, counted=True)
+    hand.stale()
+    hand.add([(b"c" * 16, "p", b"r", 200), (b"d" * 16, "q", b"r", 300)], 9_000, counted=False)
+    assert [(e.msg_id[:1], e.expires_at_ms, e.attempts, e.due_at_ms) for e in hand.first("p", 9)] == [
+        (b"a", 100, 1, 0), (b"b", 200, 1, 0), (b"c", 200, 0, 9_000)]
+    hand.remove_expired(200)
+    assert list(hand.peers) == ["q"] and hand.count == 1 and hand.bytes == 1
+    assert hand.first("q", 1)[0].due_at_ms == 9_000

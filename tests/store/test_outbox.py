@@ -377,3 +377,30 @@ def test_message_ids_must_be_16_bytes_of_bytes(store: Store) -> None:
     assert store.outbox.depth() == 0
     assert store.outbox.put(Id(mid(2)), "d", b"c", FAR)  # (a bytes subclass of 16 bytes, as before)
     assert store.outbox.get(mid(2)) is not None
+
+
+def test_a_batch_is_sealed_one_statement_at_a_time(store: Store) -> None:
+    """Issue 7: `put_many` seals each INSERT's rows (128 at most) just before it, so only one statement's
+    plaintexts and sealed copies exist at once, not a whole batch's (512 messages of 256 B: ~0.45 MB of
+    short-lived copies at the sender's peak, against ~0.15 MB). Every row is stored as sealed per row."""
+    import tracemalloc
+
+    from gateway.store.codec import pack
+
+    items = [(mid(i), "dev-b", bytes([i % 251]) * 300, FAR) for i in range(512)]
+    store.outbox.put_many([(mid(10_000), "dev-b", b"warm", FAR)])  # (the statement cache, the peer's key)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert store.outbox.put_many(items, due_at_ms=5, attempts=1) == 512
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000, peak
+    keys = store._keys  # type: ignore[attr-defined]
+    with store._db.read("test") as conn:  # type: ignore[attr-defined]
+        rows = conn.execute("SELECT k, v, due_at_ms, attempts, size FROM outbox ORDER BY seq").fetchall()[1:]
+    assert len(rows) == 512
+    for (k, blob, due, attempts, size), (m, peer, record, expires) in zip(rows, items, strict=True):
+        assert k == keys.blind("outbox.msg", m, memo=False) and (due, attempts, size) == (5, 1, len(record))
+        assert keys.open("outbox", k, blob) == pack((m, peer, record, expires, 0))
