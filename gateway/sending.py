@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import logging
+import operator
 import struct
 import time
 from collections.abc import Iterable, Iterator
@@ -102,6 +103,31 @@ def _chunks(entries: list[Any], max_bytes: int = BATCH_BYTES) -> list[list[Any]]
     return out
 
 
+HANDOVER_RUN_MIN = 64  # a batch of fewer held messages takes the next batch's too (see Handover)
+_PEER = operator.itemgetter(1)
+
+
+class _Run:
+    """Messages held for one peer, stored together: message id -> record, in the order stored, and what they
+    share: expiry, attempts counted, due time as stored (0: `stale`). A message that differs from its run's values
+    (another expiry) is held as (record, [expires_at_ms, attempts, due_at_ms]) instead of its record."""
+
+    __slots__ = ("attempts", "due_at_ms", "entries", "expires_at_ms")
+
+    def __init__(self, expires_at_ms: int, attempts: int, due_at_ms: int) -> None:
+        self.expires_at_ms, self.attempts, self.due_at_ms = expires_at_ms, attempts, due_at_ms
+        self.entries: dict[bytes, bytes | tuple[bytes, list[int]]] = {}
+
+    def entry(self, peer: str, msg_id: bytes, v: bytes | tuple[bytes, list[int]]) -> OutboxEntry:
+        if type(v) is bytes:
+            return OutboxEntry(msg_id, peer, v, self.expires_at_ms, self.attempts, self.due_at_ms)
+        record, (expires, attempts, due) = v
+        return OutboxEntry(msg_id, peer, record, expires, attempts, due)
+
+    def expires(self, v: bytes | tuple[bytes, list[int]]) -> int:
+        return self.expires_at_ms if type(v) is bytes else v[1][0]
+
+
 class Handover:
     """Outbox entries just stored and handed to the sender loop in memory, so it does not read and unseal them
     back from the outbox. The outbox row stays the durable copy: it is stored with its first attempt counted and
@@ -116,17 +142,19 @@ class Handover:
     the row's due time as stored, 0 once the row may have changed (`stale`: rescheduled or purged, see
     `Outbox.epoch`), which also makes the sender mark it and learn from the row count whether it is gone.
 
-    Compact (issue 7: it holds ~3,500-4,100 messages under load, and sets part of the sender's peak): each held
-    message is its record and one 2-tuple, (record, meta), where `meta` = [expires_at_ms, attempts, due_at_ms]
-    is one list shared by the messages of a batch with the same expiry (every message of an ingest batch). An
-    `OutboxEntry` per message (a 6-tuple, and an expiry int each) is built only when the sender takes it
-    (`first`): 56 bytes per held message instead of 88-120."""
+    Compact (issue 7: it holds ~3,500-4,100 messages of 256 B under load, at the sender's peak): per peer, a list
+    of runs (`_Run`), each a dict of message id -> record with the values its messages share, so a held message
+    costs its record and a dict slot. Not one dict per peer of `OutboxEntry`s: a 6-tuple (and an expiry int) per
+    message, and a dict that takes in and gives up ~4,000 entries a second, which CPython regrows to a table
+    of 3 x its size (~295 KB) at each resize. A run's dict only gives up entries after it is filled, and is dropped
+    when empty. A batch joins the peer's last run while that has fewer than HANDOVER_RUN_MIN messages, so a
+    peer has at most about HANDOVER_ENTRIES / HANDOVER_RUN_MIN runs to look an id up in. An `OutboxEntry` is
+    built when the sender takes a message (`first`)."""
 
     __slots__ = ("bytes", "count", "epoch", "peers", "room", "taken_at")
 
     def __init__(self) -> None:
-        # by peer, then message id, in the order stored: (record, [expires_at_ms, attempts, due_at_ms])
-        self.peers: dict[str, dict[bytes, tuple[bytes, list[int]]]] = {}
+        self.peers: dict[str, list[_Run]] = {}  # by peer, runs in the order stored
         self.count = 0
         self.bytes = 0
         self.epoch = 0  # the `Outbox.epoch` the held entries' rows are known to be as stored under
@@ -157,23 +185,36 @@ class Handover:
         return self.count + count <= HANDOVER_ENTRIES and self.bytes + size <= HANDOVER_BYTES
 
     def add(self, items: list[tuple[bytes, str, bytes, int]], due_at_ms: int, counted: bool) -> None:
-        """Hold a stored batch; `counted`: every row is new, stored due `due_at_ms` with its first attempt."""
+        """Hold a stored batch; `counted`: every row is new, stored due `due_at_ms` with its first attempt. An id
+        already held (or twice in the batch) is held once, as first added."""
         attempts = 1 if counted else 0
-        last: str | None = None
-        held: dict[bytes, tuple[bytes, list[int]]] = {}
-        metas: dict[int, list[int]] = {}  # expiry -> the meta its messages share (one, for an ingest batch)
         count = size = 0
-        for msg_id, peer, record, expires in items:
-            if peer != last:  # (a batch is mostly one peer's: one lookup per run of it)
-                held = self.peers.setdefault(peer, {})
-                last = peer
-            if msg_id not in held:
-                meta = metas.get(expires)
-                if meta is None:
-                    meta = metas[expires] = [expires, attempts, due_at_ms]
-                held[msg_id] = (record, meta)
+        for peer, run_items in itertools.groupby(items, key=_PEER):  # (a batch is mostly one peer's)
+            group = list(run_items)
+            runs = self.peers.setdefault(peer, [])
+            known: set[bytes] = set()
+            if runs:
+                ids = {i[0] for i in group}
+                for old in runs:
+                    known.update(ids & old.entries.keys())  # (in C, over the smaller side)
+            last = runs[-1] if runs else None
+            if (last is not None and len(last.entries) < HANDOVER_RUN_MIN
+                    and last.attempts == attempts and last.due_at_ms == due_at_ms):
+                run = last
+            else:
+                run = _Run(group[0][3], attempts, due_at_ms)
+                runs.append(run)
+            entries, expiry = run.entries, run.expires_at_ms
+            for msg_id, _, record, expires in group:
+                if msg_id in known or msg_id in entries:
+                    continue
+                entries[msg_id] = record if expires == expiry else (record, [expires, attempts, due_at_ms])
                 count += 1
                 size += len(record)
+            if not entries:
+                runs.pop()
+                if not runs:
+                    del self.peers[peer]
         self.count += count
         self.bytes += size
 
@@ -186,43 +227,60 @@ class Handover:
 
     def stale(self) -> None:
         """The held entries' rows may have changed: each is sent with an attempt mark (whose row count shows
-        whether it is still queued). (A meta is shared only by held entries added together: all of them are
-        held, so all are made stale.)"""
-        for held in self.peers.values():
-            for _, meta in held.values():
-                meta[2] = 0
+        whether it is still queued)."""
+        for runs in self.peers.values():
+            for run in runs:
+                run.due_at_ms = 0
+                for v in run.entries.values():
+                    if type(v) is not bytes:
+                        v[1][2] = 0
+
+    def holds_id(self, peer: str, msg_id: bytes) -> bool:
+        return any(msg_id in run.entries for run in self.peers.get(peer, ()))
 
     def holds(self, e: OutboxEntry) -> bool:
-        held = self.peers.get(e.peer_device)
-        return held is not None and e.msg_id in held
+        return self.holds_id(e.peer_device, e.msg_id)
+
+    def ids(self, peer: str) -> list[bytes]:
+        """The ids held for `peer`, oldest first."""
+        return [m for run in self.peers.get(peer, ()) for m in run.entries]
 
     def first(self, peer: str, n: int) -> list[OutboxEntry]:
         """The oldest `n` entries held for `peer`, as outbox entries."""
-        held = self.peers.get(peer)
-        if not held or n <= 0:
-            return []
-        return [OutboxEntry(m, peer, record, meta[0], meta[1], meta[2])
-                for m, (record, meta) in itertools.islice(held.items(), n)]
+        out: list[OutboxEntry] = []
+        for run in self.peers.get(peer, ()):
+            if len(out) >= n:
+                break
+            out += [run.entry(peer, m, v) for m, v in itertools.islice(run.entries.items(), n - len(out))]
+        return out
 
     def remove(self, peer: str, msg_ids: Iterable[bytes]) -> None:
-        held = self.peers.get(peer)
-        if not held:
+        runs = self.peers.get(peer)
+        if not runs:
             return
         n = self.count
-        for m in msg_ids:
-            e = held.pop(m, None)
-            if e is not None:
-                self.count -= 1
-                self.bytes -= len(e[0])
-        if not held:
-            del self.peers[peer]
+        left = set(msg_ids)
+        for run in runs:  # (the ids the sender takes are in the first run or two; an ACK's are in none, normally)
+            if not left:
+                break
+            hit = run.entries.keys() & left  # (in C, over the smaller side)
+            if hit:
+                left -= hit
+                pop = run.entries.pop
+                for m in hit:
+                    v = pop(m)
+                    self.bytes -= len(v) if type(v) is bytes else len(v[0])
+                self.count -= len(hit)
         if self.count < n:
+            runs[:] = [run for run in runs if run.entries]
+            if not runs:
+                del self.peers[peer]
             self.taken_at = time.monotonic()
             self.room.set()
 
     def remove_expired(self, now_ms: int) -> None:
-        for peer, held in list(self.peers.items()):
-            self.remove(peer, [m for m, (_, meta) in held.items() if meta[0] <= now_ms])
+        for peer, runs in list(self.peers.items()):
+            self.remove(peer, [m for run in runs for m, v in run.entries.items() if run.expires(v) <= now_ms])
 
 
 class Sending:

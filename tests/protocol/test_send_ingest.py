@@ -70,7 +70,7 @@ async def test_redelivery_is_not_stored_twice_across_a_restart(tmp_path: Path) -
         first = Ingest(store)
         await first.feed(*(publish(mid, f"m{mid}".encode()) for mid in range(1, 101)))
         assert store.outbox.depth() == 100 and first.counters.sent == 100
-        held = first._handover.peers["dev-b"]
+        held = first._handover.ids("dev-b")
         assert len(held) == 100  # handed over in memory ...
         assert store.outbox.due(now_ms() + HANDOVER_DUE_MS // 2, limit=1000) == []  # ... and not read back
     with Store.open(path, key) as store:  # a restart: the broker resends what it has no PUBACK for
