@@ -180,6 +180,7 @@ class Gateway(Sending, Receiving, Receipts):
             with contextlib.suppress(Exception):
                 await self.link.close()
             await self.control.stop()
+            self._close_receiving()
             self.store.close()
         return 0
 

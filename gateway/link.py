@@ -205,6 +205,11 @@ class RelayLink:
     def queued(self) -> int:
         return self._outgoing.qsize()
 
+    def room(self) -> tuple[int, int]:
+        """The send queue's free bytes and envelopes: what `send` takes now without waiting."""
+        return (max(0, self.config.send_queue_bytes - self._outgoing_bytes),
+                max(0, self.config.send_queue - self._outgoing.qsize()))
+
     def status(self) -> dict[str, object]:
         """A JSON-ready summary for `agw status --json`."""
         return {

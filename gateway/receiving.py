@@ -37,7 +37,7 @@ from gateway.protocol.link import Delivered, NotDelivered, UndeliverableReason
 from gateway.protocol.message import InnerMessage, Kind, RejectReason, new_message_id
 from gateway.runtime import now_ms
 from gateway.sending import CONGESTED_RETRY_MS, OFFLINE_RETRY_MS
-from gateway.store import ConsentState, StoreError
+from gateway.store import ConsentState, StoreClosed, StoreError
 
 log = logging.getLogger("agw.daemon")
 
@@ -464,6 +464,8 @@ class Receiving:
         try:
             with self.store.transaction(durable=False):
                 held = self._store_finished(done)
+        except StoreClosed:
+            return  # shut down (`_close_receiving` ran): the restart's PUBREL settles them, answered by PUBCOMP
         except StoreError as exc:
             log.error("cannot drop %d delivered inbox entries (%s); retrying", len(done), exc)
             if not self._finished:
@@ -471,6 +473,17 @@ class Receiving:
             self._finished[:0] = done
             return
         self._finished_stored(done, held)
+
+    def _close_receiving(self) -> None:
+        """At shutdown, before the store closes: the deletes of completed entries still waiting for a PUBREC commit
+        (`_delivered_to_broker`) are committed now, and their timer cancelled, so it cannot fire on a closed store
+        while the loop winds down (and the restart has no PUBREL left to send for them)."""
+        if self._drop_due is not None:
+            self._drop_due.cancel()
+        self._drop_finished()
+        if self._drop_due is not None:  # (the commit failed and `_drop_finished` scheduled a retry: too late)
+            self._drop_due.cancel()
+            self._drop_due = None
 
     def _store_finished(self, done: list[InboxEntry]) -> list[InboxEntry]:
         """In the caller's transaction: delete the entries whose PUBCOMP came, or keep them HANDED (receipts: until

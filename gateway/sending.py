@@ -58,6 +58,23 @@ HANDOVER_WAIT_S = 0.5
 HANDOVER_MOVING_S = 0.5
 
 
+# What one outbox entry may add to its record's size on the link at most (envelope, batch and ratchet headers, AEAD
+# tag, or a session setup's keys), for the agent loop's pass to take only what the link's queue holds (`_fitting`).
+ENTRY_ALLOWANCE = 2048
+
+
+def _fitting(entries: list[Any], room_bytes: int, room_envelopes: int) -> int:
+    """How many of `entries`, in order, fit into the link queue's free bytes and envelopes (each counted as its
+    record plus ENTRY_ALLOWANCE, and as one envelope, as a v1 message is)."""
+    n = 0
+    for e in entries:
+        room_bytes -= len(e.record) + ENTRY_ALLOWANCE
+        if room_bytes < 0 or n >= room_envelopes:
+            break
+        n += 1
+    return n
+
+
 _LEN4 = struct.Struct(">I").pack
 
 
@@ -340,7 +357,7 @@ class Sending:
                 refused.append((m, str(exc)))
                 continue
             digest = _digest(m)
-            if m.dup and self._marks.is_copy(m.mid, digest):
+            if m.dup and await self._is_copy(m.mid, digest):
                 continue  # the broker resends what we stored but had not acknowledged before a crash
             if len(record) > max_record:  # never storable: refused, not retried (that would stall ingest)
                 reason = (f"the message is {len(record)} bytes encoded, over the outbox's max_record_bytes "
@@ -375,6 +392,18 @@ class Sending:
         # receipts: tell SDK agents what is now durable, and what was refused for good (gateway/receipts.py)
         self._send_receipts(batch, refused)
         self.counters.sent += len(items)
+
+    async def _is_copy(self, packet_id: int, digest: bytes) -> bool:
+        """Whether a DUP PUBLISH is a copy of what was stored under its packet id. A mark may have to be read from
+        the store (`RedeliveryMarks`); while that read fails, the message waits unacknowledged and the read is
+        retried each second, as a failed outbox write is (the error used to end the agent loop, and the daemon)."""
+        while True:
+            try:
+                return self._marks.is_copy(packet_id, digest)
+            except StoreError as exc:
+                log.error("cannot read the broker's redelivery marks (%s); holding the resent message "
+                          "unacknowledged and retrying", exc)
+                await asyncio.sleep(1.0)
 
     def _record_from_agent(self, m: AgentMessage, out: topics.OutTopic, t: int, ttl: int,
                            fresh: Iterator[bytes]) -> tuple[bytes, bytes]:
@@ -413,12 +442,15 @@ class Sending:
         if self._send_busy or self.link.queued:
             self._wake_sender.set()
             return
-        await self._send_pass()
+        await self._send_pass(self.link.room())
 
-    async def _send_pass(self) -> None:
+    async def _send_pass(self, queue_room: tuple[int, int] | None = None) -> None:
         """One pass of the sender: expiry, then what is due and what is handed over, per peer, encrypted and
         queued on the link (`_sender_loop`, `_send_now`). Passes never interleave: one asked for while another
-        waits in `link.send` (for room in its queue) wakes the sender task once that one is over."""
+        waits in `link.send` (for room in its queue) wakes the sender task once that one is over. `queue_room`: the
+        link queue's free (bytes, envelopes); the pass then takes only what fits, so that it never waits in
+        `link.send` (the agent loop's pass: ingest and its PUBACKs would wait with it), and leaves the rest to
+        the sender task."""
         if self._send_busy:
             self._send_again = True
             return
@@ -426,15 +458,16 @@ class Sending:
             return
         self._send_busy = True
         try:
-            await self._send_pass_body()
+            await self._send_pass_body(queue_room)
         finally:
             self._send_busy = False
             if self._send_again:
                 self._send_again = False
                 self._wake_sender.set()
 
-    async def _send_pass_body(self) -> None:
+    async def _send_pass_body(self, queue_room: tuple[int, int] | None) -> None:
         hand = self._handover
+        room_bytes, room_envelopes = queue_room if queue_room is not None else (0, 0)
         t = now_ms()
         if t - self._expired_at >= EXPIRE_EVERY_MS:  # not on every wake: `due` skips expired entries anyway
             self._expired_at = t
@@ -472,6 +505,13 @@ class Sending:
             entries = entries[:room]
             hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
             held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
+            if queue_room is not None:  # (the agent loop's pass: only what the link's queue takes without waiting)
+                fit = _fitting(entries + held, room_bytes, room_envelopes)
+                if fit < len(entries) + len(held):
+                    self._send_again = True  # the rest: the sender task's, once this pass is over
+                    entries, held = entries[:fit], held[:max(0, fit - len(entries))]
+                room_bytes -= sum(len(e.record) + ENTRY_ALLOWANCE for e in (*entries, *held))
+                room_envelopes -= len(entries) + len(held)
             # Held entries sent soon enough after being stored need no attempt mark (see Handover). A stored
             # due time further than HANDOVER_DUE_MS away means the wall clock stepped back since: marked, or
             # the first retry would wait for the step as well.

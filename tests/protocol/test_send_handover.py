@@ -47,6 +47,9 @@ class _Link:
     async def send(self, envelopes: list[Envelope]) -> None:
         self.sent.extend(envelopes)
 
+    def room(self) -> tuple[int, int]:
+        return 1 << 30, 10_000  # (never full)
+
 
 class Sender(Ingest):
     def __init__(self, store: Store) -> None:
@@ -341,3 +344,48 @@ def test_runs_keep_each_entry_as_added_and_an_id_once() -> None:
     hand.remove_expired(100)
     assert hand.ids("p") == [] and "p" not in hand.peers and hand.ids("q") == []
     assert hand.count == 0 and hand.bytes == 0 and not hand.peers
+
+
+async def test_the_ingest_tasks_pass_takes_only_what_the_links_queue_holds(tmp_path: Path, clock: list[int]) -> None:
+    """The agent loop's sender pass (`_send_now`) used to queue a whole window on the link, which can be more than
+    the link's `send_queue_bytes` (512 messages of 16 KiB are 8 MiB): `link.send` then waited for the writer, and
+    ingest (its PUBACKs) with it, for as long as the relay did not read. Now it takes what the real link's queue
+    holds without waiting and leaves the rest to the sender task: the two together send each message once."""
+    from gateway.link import LinkStatus, RelayLink, RelayLinkConfig
+
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        s = Sender(store)
+        cfg = RelayLinkConfig(url="wss://127.0.0.1:9/", ca_file=tmp_path / "ca.pem", send_queue_bytes=256 * 1024)
+        link = RelayLink(cfg, lambda challenge, audience: "")
+        s.link = link  # type: ignore[assignment]  (never started: no writer, nothing leaves its queue)
+        encrypted: list[bytes] = []
+
+        def encrypt(peer: str, records: list[bytes]) -> bytes:
+            encrypted.extend(records)
+            return b"".join(records)
+
+        s.book.encrypt_batch = encrypt  # type: ignore[method-assign]
+        sender = asyncio.create_task(s._sender_loop())  # (its start-up first, as in the daemon)
+        try:
+            await s.feed(*(publish(i, bytes([i]) * 16 * 1024) for i in range(1, 41)))  # stored; the link not ready
+            assert encrypted == [] and len(s._handover.ids("dev-b")) == 40
+            link._status = LinkStatus.READY  # authenticated, and the relay reads nothing
+            s._wake_sender.clear()
+            async with asyncio.timeout(5):  # (in this task: the sender task does not run meanwhile)
+                await s._send_now()  # returns: it did not wait for room
+            assert 0 < len(encrypted) < 40 and link.queued > 0
+            assert link._outgoing_bytes <= cfg.send_queue_bytes
+            assert s._wake_sender.is_set()  # the rest is the sender task's
+            delivered: list[Envelope] = []
+            for _ in range(200):  # the writer, at last: the queue drains, and the sender task goes on
+                while not link._outgoing.empty():
+                    delivered.append(link._outgoing.get_nowait())
+                link._outgoing_bytes = 0
+                link._room.set()
+                if len(encrypted) == 40 and sum(len(e.ciphertext) for e in delivered) == 40 * len(encrypted[0]):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            sender.cancel()
+        assert len(encrypted) == len(set(encrypted)) == 40
+        assert b"".join(e.ciphertext for e in delivered) == b"".join(encrypted)  # each once, in order

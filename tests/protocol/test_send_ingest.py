@@ -11,11 +11,14 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from gateway.bridge import AgentMessage, IncomingQueue
 from gateway.receipts import Receipts
 from gateway.runtime import Counters, now_ms
 from gateway.sending import HANDOVER_DUE_MS, Sending
-from gateway.store import Store
+from gateway.store import Store, StoreError
+from tests.relay.conftest import eventually
 from tests.store.conftest import SoftStorageKey
 
 
@@ -40,7 +43,8 @@ class Ingest(Sending, Receipts):
         self.groups = _NoGroups()
         self.counters = Counters()
         self._wake_sender = asyncio.Event()
-        self.link = SimpleNamespace(state=SimpleNamespace(value="connecting"))  # no sender pass runs here
+        self.link = SimpleNamespace(state=SimpleNamespace(value="connecting"),  # no sender pass runs here
+                                    queued=0, room=lambda: (1 << 30, 10_000))
 
     async def feed(self, *messages: AgentMessage) -> None:
         before = len(self.acked)
@@ -137,3 +141,37 @@ async def test_a_stored_batch_is_not_held_through_the_send_pass(tmp_path: Path) 
         messages = [publish(mid, b"x" * 256) for mid in range(1, 201)]
         await ingest.feed(*messages)
         assert ingest.counters.sent == 200 and holders and holders == [0] * len(holders)
+
+
+async def test_a_store_error_reading_a_redelivery_mark_holds_the_resend_and_keeps_ingest_running(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """After a restart the marks are read from the store (`RedeliveryMarks`). A failing read used to end the agent
+    loop (and the daemon): now the resent message waits, unacknowledged, and the read is retried; once it works the
+    copy is recognised (acknowledged, not stored twice) and ingest goes on."""
+    key, path = SoftStorageKey(), tmp_path / "agw.db"
+    with Store.open(path, key) as store:
+        await Ingest(store).feed(*(publish(mid, f"m{mid}".encode()) for mid in range(1, 11)))
+    with Store.open(path, key) as store:
+        again = Ingest(store)
+        real_get, failures = store.secrets.get, [0]
+
+        def failing_get(name: str) -> bytes | None:
+            if failures[0] < 1:
+                failures[0] += 1
+                raise StoreError("test: the disk returned an I/O error")
+            return real_get(name)
+
+        monkeypatch.setattr(store.secrets, "get", failing_get)
+        again.bridge.incoming.put_nowait(publish(7, b"m7", dup=True))
+        task = asyncio.create_task(again._agent_loop())
+        try:
+            await asyncio.sleep(0.3)
+            assert failures == [1] and again.acked == [] and not task.done()  # held, not acknowledged, running
+            assert "holding the resent message unacknowledged" in caplog.text and "m7" not in caplog.text
+            await eventually(lambda: len(again.acked) == 1, what="the copy acknowledged after the retry")
+            assert store.outbox.depth() == 10 and again.counters.sent == 0  # recognised: not stored twice
+            again.bridge.incoming.put_nowait(publish(11, b"m11"))
+            await eventually(lambda: len(again.acked) == 2, what="ingest going on")
+            assert store.outbox.depth() == 11 and not task.done()
+        finally:
+            task.cancel()

@@ -373,6 +373,34 @@ async def test_a_failure_after_the_pubrec_commit_does_not_reach_the_bridge(
         assert r._publish_room.is_set()
 
 
+async def test_shutdown_commits_the_waiting_deletes_and_leaves_no_timer_on_the_closed_store(
+        db_path: Path, key: SoftStorageKey, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A PUBCOMP read just before shutdown: its delete waits up to FINISHED_WAIT_MAX for a PUBREC commit. The
+    daemon's `_close_receiving` (run before `store.close`) commits it then and cancels the timer, which used to fire
+    on the closed store while the loop wound down (an error line, then a retry each second). A timer that fires
+    after the close anyway gives up quietly: the restart's PUBREL settles the entry."""
+    from gateway.receiving import FINISHED_WAIT_MAX
+
+    a, b = entry(1, 7), entry(2, 8)
+    with Store.open(db_path, key) as s:
+        with s.transaction(durable=False):
+            s.inbox.put_many([(a.name, a.record()), (b.name, b.record())])
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {}, [])
+        r._publishing = {a.name, b.name}
+        r._delivered_to_broker(a)
+        assert r._drop_due is not None
+        Receiving._close_receiving(r)  # type: ignore[arg-type]
+        assert r._drop_due is None and s.inbox.get(a.name) is None and r.freed == [7]
+    with Store.open(db_path, key) as s:  # the delete was committed before the close
+        assert s.inbox.get(a.name) is None and s.inbox.get(b.name) is not None
+        r = _pubrec_receiver(s, PubrecMarks(s.secrets), {}, [])
+        r._publishing = {b.name}
+        r._delivered_to_broker(b)  # a timer left behind by a path that did not flush: the store closes under it
+    with caplog.at_level("ERROR", logger="gateway.receiving"):
+        await asyncio.sleep(FINISHED_WAIT_MAX * 4)
+    assert r._drop_due is None and caplog.records == []  # no error line, no retry scheduled
+
+
 def test_a_mark_is_the_digest_stores_already_hold() -> None:
     """The slot's digest of an entry's name is part of the store format (marks written by an earlier version are
     read after an upgrade): BLAKE2b-128 of the name, personalised "agw-inbox-rec", a zero digest nudged to 0x01."""
