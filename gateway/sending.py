@@ -136,13 +136,13 @@ class _Run:
         self.entries: dict[bytes, bytes | tuple[bytes, list[int]]] = {}
 
     def entry(self, peer: str, msg_id: bytes, v: bytes | tuple[bytes, list[int]]) -> OutboxEntry:
-        if type(v) is bytes:
+        if isinstance(v, bytes):
             return OutboxEntry(msg_id, peer, v, self.expires_at_ms, self.attempts, self.due_at_ms)
         record, (expires, attempts, due) = v
         return OutboxEntry(msg_id, peer, record, expires, attempts, due)
 
     def expires(self, v: bytes | tuple[bytes, list[int]]) -> int:
-        return self.expires_at_ms if type(v) is bytes else v[1][0]
+        return self.expires_at_ms if isinstance(v, bytes) else v[1][0]
 
 
 class Handover:
@@ -249,7 +249,7 @@ class Handover:
             for run in runs:
                 run.due_at_ms = 0
                 for v in run.entries.values():
-                    if type(v) is not bytes:
+                    if not isinstance(v, bytes):
                         v[1][2] = 0
 
     def holds_id(self, peer: str, msg_id: bytes) -> bool:
@@ -286,7 +286,7 @@ class Handover:
                 pop = run.entries.pop
                 for m in hit:
                     v = pop(m)
-                    self.bytes -= len(v) if type(v) is bytes else len(v[0])
+                    self.bytes -= len(v) if isinstance(v, bytes) else len(v[0])
                 self.count -= len(hit)
         if self.count < n:
             runs[:] = [run for run in runs if run.entries]
@@ -335,7 +335,7 @@ class Sending:
         when there is room, then acknowledge it to the broker and send the agents' receipts."""
         dequeued_ns = time.time_ns() if stages.enabled else 0
         items: list[tuple[bytes, str, bytes, int]] = []
-        ingested: list[tuple[str, bytes]] = []
+        ingested: list[tuple[int, bytes]] = []
         t = now_ms()
         expires = t + ttl  # (one int for the batch: each message's tuple, and the hand-over, share it)
         group_msgs = [m for m in batch if topics.is_group_topic(prefix, m.topic)]
