@@ -128,3 +128,27 @@ def test_malformed_is_a_protocol_error_on_both_paths(bad: bytes, monkeypatch: py
         (got, _, _), rcs = read_all(data, [len(data)], fast=fast, monkeypatch=monkeypatch)
         assert [m.payload for m in got] == [b"ok"]
         assert rcs[-1] == MQTTErrorCode.MQTT_ERR_PROTOCOL
+
+
+def test_messages_on_one_topic_share_one_topic_string() -> None:
+    """Issue 7: the incoming queue holds up to ~1,500 agents' messages of 256 B; each carried its own decoded copy
+    of the topic (~80 bytes). A recurring topic is now one str; invalid UTF-8 is still refused, a long topic is
+    decoded each time and not kept, and the cache is bounded."""
+    from paho.mqtt.exception import MalformedPacket
+
+    def decode(packet: bytes) -> AgentMessage:
+        header, n = packet[0], 1
+        while packet[n] & 0x80:
+            n += 1
+        return bridge.decode_agent_publish(header, packet[n + 1:])
+
+    a, b = decode(publish("agw/alice/out/dev-b/bob", b"1", 1)), decode(publish("agw/alice/out/dev-b/bob", b"2", 2))
+    assert a.topic == "agw/alice/out/dev-b/bob" and a.topic is b.topic
+    long = "agw/alice/out/dev-b/bob/" + "x" * 300
+    assert decode(publish(long, b"1", 3)).topic == long and long.encode() not in bridge._TOPICS
+    bad = bytes([0x32]) + _vbi(2 + 3 + 2 + 1) + b"\x00\x03a\xffb" + b"\x00\x04" + b"\x00"
+    with pytest.raises(MalformedPacket):
+        decode(bad)
+    for i in range(bridge._TOPICS_MAX + 10):
+        decode(publish(f"agw/alice/out/dev-b/bob{i}", b"", 4))
+    assert len(bridge._TOPICS) <= bridge._TOPICS_MAX

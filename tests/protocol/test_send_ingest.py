@@ -74,7 +74,7 @@ async def test_redelivery_is_not_stored_twice_across_a_restart(tmp_path: Path) -
         first = Ingest(store)
         await first.feed(*(publish(mid, f"m{mid}".encode()) for mid in range(1, 101)))
         assert store.outbox.depth() == 100 and first.counters.sent == 100
-        held = first._handover.peers["dev-b"]
+        held = first._handover.ids("dev-b")
         assert len(held) == 100  # handed over in memory ...
         assert store.outbox.due(now_ms() + HANDOVER_DUE_MS // 2, limit=1000) == []  # ... and not read back
     with Store.open(path, key) as store:  # a restart: the broker resends what it has no PUBACK for
@@ -110,7 +110,7 @@ async def test_fields_outside_the_inner_rules_are_refused_at_ingest_and_the_rest
         assert len(ingest.acked) == len(refused) + len(stored)
         assert store.outbox.depth() == len(stored) and ingest.counters.sent == len(stored)
         records = {InnerMessage.decode(e.record).payload: InnerMessage.decode(e.record)
-                   for e in ingest._handover.peers["dev-b"].values()}
+                   for e in ingest._handover.first("dev-b", 100)}
         assert set(records) == {m.payload for m in stored}
         for m in stored:
             got = records[m.payload]
@@ -119,6 +119,28 @@ async def test_fields_outside_the_inner_rules_are_refused_at_ingest_and_the_rest
                                        response_topic=m.response_topic, correlation_data=m.correlation_data,
                                        content_type=m.content_type, payload_utf8=m.payload_utf8,
                                        user_properties=m.user_properties)
+
+
+async def test_a_stored_batch_is_not_held_through_the_send_pass(tmp_path: Path) -> None:
+    """Issue 7: once a batch is stored and acknowledged, the agent loop drops its messages before the send pass
+    (whose encryption buffers are the sender's largest, and which may wait for room on the link): up to 512
+    agents' messages, payloads and all, are not held through it."""
+    import gc
+
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        ingest = Ingest(store)
+        holders: list[int] = []
+
+        async def send_now() -> None:
+            gc.collect()
+            held = {id(r) for m in ingest.acked for r in gc.get_referrers(m)
+                    if isinstance(r, list) and r is not ingest.acked and r is not messages}
+            holders.append(len(held))
+
+        ingest._send_now = send_now  # type: ignore[method-assign]
+        messages = [publish(mid, b"x" * 256) for mid in range(1, 201)]
+        await ingest.feed(*messages)
+        assert ingest.counters.sent == 200 and holders and holders == [0] * len(holders)
 
 
 async def test_a_store_error_reading_a_redelivery_mark_holds_the_resend_and_keeps_ingest_running(
