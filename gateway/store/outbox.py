@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import sqlite3
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,87 +36,6 @@ DUE_BY_INDEX = 2048  # `due`: up to this many rows due, read them through the du
 # delete (and the attempt marks) then need no HMAC per id. The sender has ~HANDOVER_ENTRIES + a send window of
 # messages between storing and the ACK, more than the keyring's memo of recent ids holds.
 LIVE_KEYS = 8192
-LIVE_RUN_MIN = 64  # a batch of fewer rows adds its keys to the last run (see LiveKeys)
-
-
-class LiveKeys:
-    """Message id -> row key of the rows this process stored, until each row leaves (at most LIVE_KEYS), oldest
-    first, in runs: one dict per stored batch (a batch of fewer than LIVE_RUN_MIN rows joins the last run), dropped
-    when empty. Not one dict: under load ~4,000 keys a second come and go while 5,000-8,000 are held, and CPython
-    regrows such a dict to a table of 3 x its size (295 or 590 KB, and both during the copy) at each resize; a run
-    is filled once and then only gives keys up (issue 7). An ACK's ids are in the oldest runs; a lookup of many ids
-    intersects them with each run in C. A key is a pure function of its id (the blind index), so a stale or
-    missing entry costs an HMAC, never a wrong key."""
-
-    __slots__ = ("count", "runs")
-
-    def __init__(self) -> None:
-        self.runs: list[dict[bytes, bytes]] = []
-        self.count = 0
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __contains__(self, msg_id: object) -> bool:
-        return any(msg_id in run for run in self.runs)
-
-    def __iter__(self) -> Iterator[bytes]:
-        return (m for run in self.runs for m in run)
-
-    def items(self) -> list[tuple[bytes, bytes]]:
-        return [kv for run in self.runs for kv in run.items()]
-
-    def add(self, pairs: list[tuple[bytes, bytes]], *, new: bool) -> list[bytes]:
-        """Keep these (id, key) pairs while there is room; `new`: none of the ids is held (their rows were all
-        just inserted). Returns the ids added."""
-        if not new:
-            held = {m for m, _ in pairs}
-            known: set[bytes] = set()
-            for run in self.runs:
-                known.update(run.keys() & held)
-            pairs = [p for p in pairs if p[0] not in known]
-        pairs = pairs[:max(0, LIVE_KEYS - self.count)]
-        if not pairs:
-            return []
-        if self.runs and len(self.runs[-1]) < LIVE_RUN_MIN:
-            run = self.runs[-1]
-        else:
-            run = {}
-            self.runs.append(run)
-        before = len(run)
-        run.update(pairs)
-        self.count += len(run) - before
-        return [m for m, _ in pairs]
-
-    def get(self, msg_id: bytes) -> bytes | None:
-        for run in self.runs:
-            k = run.get(msg_id)
-            if k is not None:
-                return k
-        return None
-
-    def find(self, msg_ids: Iterable[object], *, leaving: bool) -> dict[bytes, bytes]:
-        """The keys held for these ids; `leaving`: they leave (their rows are being deleted)."""
-        out: dict[bytes, bytes] = {}
-        if not self.count:
-            return out
-        left = {m for m in msg_ids if type(m) is bytes}
-        for run in self.runs:
-            if not left:
-                break
-            hit = run.keys() & left  # (in C, over the smaller side)
-            if hit:
-                left -= hit
-                take = run.pop if leaving else run.__getitem__
-                for m in hit:
-                    out[m] = take(m)
-        if leaving and out:
-            self.count -= len(out)
-            self.runs = [run for run in self.runs if run]
-        return out
-
-    def clear(self) -> None:
-        self.runs, self.count = [], 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +124,7 @@ class Outbox:
         # holds entries in memory checks it before trusting that their rows are as it stored them.
         self.epoch = 0
         self._usage: dict[bytes, list[int]] = {}  # blind(peer) -> [entries, record bytes]
-        self._live_keys = LiveKeys()  # msg id -> its row key, for rows stored here (see LIVE_KEYS)
+        self._live_keys: dict[bytes, bytes] = {}  # msg id -> its row key, for rows stored here (see LIVE_KEYS)
         self._total = [0, 0]
         with db.read("measuring the outbox") as conn:
             for peer, n, size in conn.execute("SELECT peer, COUNT(*), SUM(size) FROM outbox GROUP BY peer"):
@@ -247,16 +166,11 @@ class Outbox:
         k = self._live_keys.get(msg_id) if type(msg_id) is bytes else None
         return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
 
-    def _ks(self, msg_ids: Iterable[bytes], *, leaving: bool = False) -> list[bytes]:
-        """`_k` of each id; `leaving`: the rows are being deleted, their keys leave the live keys. (If the
-        deletion rolls back, a key is computed again when needed: the mapping is a pure function of the id.)"""
-        ids = msg_ids if isinstance(msg_ids, list) else list(msg_ids)
-        found = self._live_keys.find(ids, leaving=leaving)
-        out = []
-        for m in ids:
-            k = found.get(m) if type(m) is bytes else None
-            out.append(k if k is not None else self._keys.blind("outbox.msg", check_msg_id(m), memo=False))
-        return out
+    def _k_leaving(self, msg_id: bytes) -> bytes:
+        """`_k` for a row being deleted: its key leaves the live keys. (If the deletion rolls back, the key is
+        computed again when needed: the mapping is a pure function of the id.)"""
+        k = self._live_keys.pop(msg_id, None) if type(msg_id) is bytes else None
+        return k if k is not None else self._keys.blind("outbox.msg", check_msg_id(msg_id), memo=False)
 
     def _peer(self, peer_device: str) -> bytes:
         return self._keys.blind("outbox.peer", peer_device)
@@ -355,9 +269,11 @@ class Outbox:
             self._count(deltas)
             self._check_limits(peers)
             # Only keys of rows stored (not of a batch refused or rolled back: they would fill the cache for good).
-            kept = live.add(list(zip(ids, keys, strict=True)), new=added == len(ids))
-            if kept:
-                self._db.on_rollback(lambda: live.find(kept, leaving=True))
+            room = max(0, LIVE_KEYS - len(live))
+            if room:
+                kept = list(zip(ids[:room], keys[:room], strict=True))
+                live.update(kept)
+                self._db.on_rollback(lambda: [live.pop(m, None) for m, _ in kept])
         return added
 
     def put(self, msg_id: bytes, peer_device: str, record: bytes, expires_at_ms: int) -> bool:
@@ -402,7 +318,7 @@ class Outbox:
     def mark_attempts(self, msg_ids: Iterable[bytes], next_due_ms: int, *, count: bool = True) -> int:
         """`mark_attempt` for a batch sent in one frame, one statement per 512 ids; returns how many entries
         existed. `count=False`: only reschedule (the attempt was counted when the entry was stored)."""
-        keys = self._ks(msg_ids)
+        keys = [self._k(m) for m in msg_ids]
         sets = "due_at_ms = ?, attempts = attempts + 1" if count else "due_at_ms = ?"
         n = 0
         with self._db.write("recording send attempts") as conn:
@@ -423,8 +339,7 @@ class Outbox:
     def existing(self, msg_ids: Iterable[bytes]) -> set[bytes]:
         """The ids among `msg_ids` still in the outbox (one query per 512 ids)."""
         with self._db.read("reading outbound message ids") as conn:
-            ids = list(msg_ids)
-            return keys_present(conn, "outbox", dict(zip(self._ks(ids), ids, strict=True)))
+            return keys_present(conn, "outbox", {self._k(m): m for m in msg_ids})
 
     def reschedule_peer(self, peer_device: str, due_at_ms: int) -> int:
         """Make every entry for a peer due at `due_at_ms` (e.g. now, when it comes back online)."""
@@ -439,7 +354,7 @@ class Outbox:
 
     def delete_many(self, msg_ids: Iterable[bytes]) -> int:
         """Remove acknowledged entries in one transaction (one statement per 512); returns how many existed."""
-        keys = self._ks(msg_ids, leaving=True)
+        keys = [self._k_leaving(m) for m in msg_ids]
         if not keys:
             return 0
         with self._db.write("deleting acknowledged messages") as conn:
@@ -454,7 +369,8 @@ class Outbox:
             ).fetchall()
             out = [self._entry(r[0], r[1], r[2], r[3], r[4]) for r in rows]
             self._delete_keys(conn, [r[0] for r in rows])
-            self._live_keys.find([e.msg_id for e in out], leaving=True)
+            for e in out:
+                self._live_keys.pop(e.msg_id, None)
             return out
 
     def purge_peer(self, peer_device: str) -> int:
