@@ -214,18 +214,23 @@ class Handover:
                 ids = {i[0] for i in group}
                 for old in runs:
                     known.update(ids & old.entries.keys())  # (in C, over the smaller side)
+            # A small last run takes the batch whatever its values: each batch is stored at its own millisecond
+            # (its due time), so requiring equal values would make one run per batch of a slow trickle (review
+            # finding M1: 4,096 runs of one message while the link is down, each looked through per id). Its
+            # messages whose values differ from the run's keep their own (the tuple form).
             last = runs[-1] if runs else None
-            if (last is not None and len(last.entries) < HANDOVER_RUN_MIN
-                    and last.attempts == attempts and last.due_at_ms == due_at_ms):
+            if last is not None and len(last.entries) < HANDOVER_RUN_MIN:
                 run = last
             else:
                 run = _Run(group[0][3], attempts, due_at_ms)
                 runs.append(run)
             entries, expiry = run.entries, run.expires_at_ms
+            shared = run.attempts == attempts and run.due_at_ms == due_at_ms
             for msg_id, _, record, expires in group:
                 if msg_id in known or msg_id in entries:
                     continue
-                entries[msg_id] = record if expires == expiry else (record, [expires, attempts, due_at_ms])
+                entries[msg_id] = (record if expires == expiry and shared
+                                   else (record, [expires, attempts, due_at_ms]))
                 count += 1
                 size += len(record)
             if not entries:

@@ -333,17 +333,34 @@ def test_runs_keep_each_entry_as_added_and_an_id_once() -> None:
     hand.add([(m[0], "p", b"a", 100), (m[1], "p", b"bb", 150), (m[2], "q", b"c", 100), (m[3], "p", b"d", 100)],
              7_000, counted=True)
     hand.add([(m[1], "p", b"dup", 100), (m[4], "p", b"e", 100), (m[4], "p", b"dup", 100)], 7_000, counted=True)
-    hand.add([(m[5], "p", b"f", 300), (m[0], "p", b"dup", 300)], 8_000, counted=False)  # another due: a new run
+    hand.add([(m[5], "p", b"f", 300), (m[0], "p", b"dup", 300)], 8_000, counted=False)  # another due: its own
     assert hand.count == 6 and hand.bytes == 7
     assert [(e.msg_id, e.record, e.expires_at_ms, e.attempts, e.due_at_ms) for e in hand.first("p", 9)] == [
         (m[0], b"a", 100, 1, 7_000), (m[1], b"bb", 150, 1, 7_000), (m[3], b"d", 100, 1, 7_000),
         (m[4], b"e", 100, 1, 7_000), (m[5], b"f", 300, 0, 8_000)]
-    assert hand.ids("q") == [m[2]] and hand.holds(hand.first("p", 5)[4]) and len(hand.peers["p"]) == 2
+    assert hand.ids("q") == [m[2]] and hand.holds(hand.first("p", 5)[4]) and len(hand.peers["p"]) == 1
     hand.remove("p", [m[5], m[1], m[11], m[1]])  # in the last run and the first, one not held, one twice
     assert hand.ids("p") == [m[0], m[3], m[4]] and hand.count == 4 and hand.bytes == 4
     hand.remove_expired(100)
     assert hand.ids("p") == [] and "p" not in hand.peers and hand.ids("q") == []
     assert hand.count == 0 and hand.bytes == 0 and not hand.peers
+
+
+def test_a_trickle_of_small_batches_shares_runs() -> None:
+    """Review finding M1 (tenth session): each batch is stored at its own millisecond, i.e. with its own due time,
+    and a batch joined the last run only with equal values, so a trickle of small batches (the relay link down,
+    agents publishing slowly) made one run per message, up to 4,096, each looked through on every add and every
+    `holds`. A small last run now takes any batch; the messages keep their own values."""
+    hand = sending.Handover()
+    for i in range(200):
+        counted = i % 3 != 0
+        hand.add([(i.to_bytes(16, "big"), "p", b"r", 10_000 + i)], 7_000 + i, counted=counted)
+    assert len(hand.peers["p"]) <= 200 // sending.HANDOVER_RUN_MIN + 1
+    assert [(e.msg_id, e.expires_at_ms, e.attempts, e.due_at_ms) for e in hand.first("p", 200)] == [
+        (i.to_bytes(16, "big"), 10_000 + i, int(i % 3 != 0), 7_000 + i) for i in range(200)]
+    hand.stale()
+    hand.add([(b"x" * 16, "p", b"r", 10_500)], 7_500, counted=True)
+    assert {e.due_at_ms for e in hand.first("p", 200)} == {0} and hand.first("p", 201)[-1].due_at_ms == 7_500
 
 
 async def test_the_ingest_tasks_pass_takes_only_what_the_links_queue_holds(tmp_path: Path, clock: list[int]) -> None:
