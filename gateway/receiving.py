@@ -170,6 +170,8 @@ class Receiving:
 
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
+        if self.store.delivered.fold_due:
+            self._fold_delivered()
         data: list[tuple[str, InnerMessage, bytes]] = []  # (peer, message, the plaintext it was decoded from)
         t = now_ms()
         frame_ns = time.time_ns() if stages.enabled else 0
@@ -248,6 +250,15 @@ class Receiving:
                 self._in_background(self._send_acks_when(recorded, under_way, acks))
                 return
         await self._send_acks(acks)
+
+    def _fold_delivered(self) -> None:
+        """Move the recent delivered ids into the main table (`DeliveredIds.fold`): between frames, in a transaction
+        of its own, not inside a frame's fsync'd inbox commit. A failure costs nothing but the fold (the ids stay
+        where they are, found as before); the store folds them itself inside a later write past its bound."""
+        try:
+            self.store.delivered.fold()
+        except StoreError as exc:
+            log.warning("cannot fold the recent delivered ids (%s); trying again later", exc)
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import StoreClosed, StoreCorrupt, StoreError, StoreFull, StoreLocked, StoreVersionError
-from .schema import APPLICATION_ID, DDL_V1, EXPECTED_TABLES, MIGRATIONS, SCHEMA_VERSION
+from .schema import APPLICATION_ID, DDL_V1, EXPECTED_TABLES, MIGRATIONS, SCHEMA_VERSION, TABLES_SINCE
 
 T = TypeVar("T")
 
@@ -191,8 +191,9 @@ class Database:
             if version < 1:
                 raise StoreCorrupt(f"store {path} has no schema version; it was never completely created")
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE type='table'")}
-            if not EXPECTED_TABLES <= tables:
-                missing = ", ".join(sorted(EXPECTED_TABLES - tables))
+            expected = EXPECTED_TABLES.union(*(t for v, t in TABLES_SINCE.items() if v <= version))
+            if not expected <= tables:
+                missing = ", ".join(sorted(expected - tables))
                 raise StoreCorrupt(f"store {path} lacks tables ({missing}); restore a backup")
             if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise StoreError(f"cannot put {path} in WAL mode; is the file system local and writable?")

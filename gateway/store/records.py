@@ -6,6 +6,8 @@ the identifier itself is inside the sealed value where it must be listed or expo
 
 from __future__ import annotations
 
+import functools
+import sqlite3
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
@@ -33,20 +35,45 @@ class DeliveredIds:
 
     Stores only a blind index and the time (for pruning). Prune only ids older than the longest time a peer may
     retry (the outbox expiry): anything older would be rejected by the protocol layer anyway.
+
+    Two tables (schema version 5). New ids go to `delivered_recent`, in rowid order: a frame's ids fill one or
+    two pages, where inserting them into `delivered` (keyed by the blind id, i.e. in random order) dirtied a page
+    per id once the table held a few thousand, each written to the WAL by the frame's fsync'd commit. Every
+    `FOLD_AT` ids `fold` moves them into `delivered` in key order, in one transaction (insert, then delete): each
+    page of `delivered` is then written about once per fold instead of once per id. An id is always in exactly
+    one of the two tables, whatever the moment of a crash. The recent table has no index: its keys are also held
+    here in a set (read back at open), which the lookups consult first and which follows every write, rollback
+    included: at most `RECENT_MAX` keys (or one larger batch), ~56 bytes each and a 128 KiB hash table, so
+    ~0.38 MB at most (tracemalloc; past ~4,900 keys Python's set table would grow to 512 KiB).
     """
+
+    FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames)
+    RECENT_MAX = 4608  # a write that would leave more in `delivered_recent` folds first (the set's bound)
 
     def __init__(self, db: Database, keys: Keyring) -> None:
         self._db = db
         self._keys = keys
+        with db.read("reading recent delivered message ids") as conn:
+            self._recent: set[bytes] = {bytes(r[0]) for r in conn.execute("SELECT k FROM delivered_recent")}
+        # Counts what can add rows to `delivered`: folds, and rollbacks (of a fold, or of a prune seen by a lookup
+        # inside its transaction). `_absent` holds only while this is unchanged.
+        self._epoch = 0
+        # The keys `seen_many` last looked up in `delivered` and did not find, and the epoch of that look: a
+        # `mark_many` of them right after needs no second look (only `fold` adds rows to `delivered`).
+        self._absent: tuple[int, set[bytes]] = (-1, set())
 
     def _k(self, msg_id: bytes) -> bytes:
         return self._keys.blind("delivered", check_msg_id(msg_id))
 
+    @property
+    def fold_due(self) -> bool:
+        """Whether `delivered_recent` holds `FOLD_AT` ids or more: call `fold` (outside a transaction, between
+        frames, so the fold's page writes are not in a frame's fsync'd commit)."""
+        return len(self._recent) >= self.FOLD_AT
+
     def mark(self, msg_id: bytes, now_ms: int) -> bool:
         """Record a delivery; False if this id was already recorded (a duplicate: do not deliver it again)."""
-        with self._db.write("recording a delivered message id") as conn:
-            cur = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", (self._k(msg_id), now_ms))
-            return cur.rowcount == 1
+        return self.mark_many([msg_id], now_ms, [self._k(msg_id)]) == 1
 
     def keys(self, msg_ids: list[bytes]) -> list[bytes]:
         """The row keys of `msg_ids` (the ids checked, the domain's HMAC state looked up once), for a caller that
@@ -56,36 +83,86 @@ class DeliveredIds:
         return self._keys.blind_many("delivered", msg_ids)
 
     def mark_many(self, msg_ids: list[bytes], now_ms: int, keys: list[bytes] | None = None) -> int:
-        """`mark` for a batch in one statement; returns how many ids were new. `keys`: `keys(msg_ids)`, if the
-        caller has them."""
+        """`mark` for a batch in one statement; returns how many ids were new (an id already recorded, in either
+        table, or twice in the batch, is recorded once). `keys`: `keys(msg_ids)`, if the caller has them."""
         if keys is None:
             keys = [self._k(m) for m in msg_ids]
         elif len(keys) != len(msg_ids):
             raise ValueError("one key per message id")
-        rows = [(_blob(k), now_ms) for k in keys]
-        if not rows:
+        if not keys:
             return 0
         with self._db.write("recording delivered message ids") as conn:
-            return conn.executemany("INSERT OR IGNORE INTO delivered (k, at_ms) VALUES (?, ?)", rows).rowcount
+            recent = self._recent
+            epoch, absent = self._absent
+            self._absent = (-1, set())
+            fresh = [k for k in dict.fromkeys(keys) if k not in recent]
+            unknown = fresh if epoch != self._epoch else [k for k in fresh if k not in absent]
+            if unknown:
+                old = _present(conn, "delivered", unknown)
+                if old:
+                    fresh = [k for k in fresh if k not in old]
+            if not fresh:
+                return 0
+            if len(recent) + len(fresh) > self.RECENT_MAX:  # (nobody folded: the set's bound, in this write)
+                self._fold(conn)
+                recent = self._recent
+            # Into the set before the rows (a failed insert leaves the set a superset until the rollback, never
+            # a subset: a lookup may not miss a stored id), out of it again if the transaction rolls back.
+            recent.update(fresh)
+            self._db.on_rollback(functools.partial(self._forget_recent, recent, fresh))
+            conn.executemany("INSERT INTO delivered_recent (k, at_ms) VALUES (?, ?)",
+                             [(_blob(k), now_ms) for k in fresh])
+            return len(fresh)
+
+    def _forget_recent(self, recent: set[bytes], keys: list[bytes]) -> None:
+        recent.difference_update(keys)
+
+    def fold(self) -> int:
+        """Move the ids of `delivered_recent` into `delivered`, in key order, in one transaction of its own; returns
+        how many. Not fsynced: a power cut before the next durable commit undoes the whole fold (both tables as
+        before it), never a part of it."""
+        with self._db.write("folding recent delivered message ids", durable=False) as conn:
+            return self._fold(conn)
+
+    def _fold(self, conn: sqlite3.Connection) -> int:
+        n = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) "
+                         "SELECT k, at_ms FROM delivered_recent ORDER BY k").rowcount
+        conn.execute("DELETE FROM delivered_recent")
+        old, self._recent = self._recent, set()
+        self._epoch += 1
+        self._db.on_rollback(functools.partial(self._restore_recent, old))
+        return int(n)
+
+    def _restore_recent(self, old: set[bytes]) -> None:
+        self._recent = old
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._epoch += 1
 
     def seen(self, msg_id: bytes) -> bool:
+        k = self._k(msg_id)
         with self._db.read("reading delivered message ids") as conn:
-            return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (self._k(msg_id),)).fetchone() is not None
+            if k in self._recent:
+                return True
+            return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (k,)).fetchone() is not None
 
     def seen_many(self, msg_ids: list[bytes], keys: list[bytes] | None = None) -> set[bytes]:
-        """The ids among `msg_ids` already recorded: one query per 512 ids (a relay frame's worth at once).
-        `keys`: `keys(msg_ids)`, if the caller has them."""
+        """The ids among `msg_ids` already recorded: the recent ids from the set, the others one query per 512
+        ids (a relay frame's worth at once). `keys`: `keys(msg_ids)`, if the caller has them."""
         if keys is None:
             keyed = {self._k(m): m for m in msg_ids}
         elif len(keys) != len(msg_ids):
             raise ValueError("one key per message id")
         else:
             keyed = dict(zip(keys, msg_ids, strict=True))
-        found: set[bytes] = set()
         with self._db.read("reading delivered message ids") as conn:
-            for marks, chunk in in_lists([_blob(k) for k in keyed]):
-                sql = f"SELECT k FROM delivered WHERE k IN ({marks})"  # noqa: S608
-                found.update(keyed[row[0]] for row in conn.execute(sql, chunk))
+            recent = self._recent
+            found = {m for k, m in keyed.items() if k in recent}
+            rest = [k for k in keyed if k not in recent] if found else list(keyed)
+            old = _present(conn, "delivered", rest)
+            found.update(keyed[k] for k in old)
+            self._absent = (self._epoch, {k for k in rest if k not in old})
         return found
 
     PRUNE_SLICES = 256
@@ -94,12 +171,24 @@ class DeliveredIds:
         """Forget ids recorded before `older_than_ms`; returns how many. One statement over the whole table (no
         index on the time since schema version 4): the daemon prunes `prune_slice` by slice instead."""
         with self._db.write("pruning delivered message ids") as conn:
-            return conn.execute("DELETE FROM delivered WHERE at_ms < ?", (older_than_ms,)).rowcount
+            n = conn.execute("DELETE FROM delivered WHERE at_ms < ?", (older_than_ms,)).rowcount
+            self._db.on_rollback(self._new_epoch)  # (a rollback puts the rows back: `_absent` no longer holds)
+            return int(n) + self._prune_recent(conn, older_than_ms)
+
+    def _prune_recent(self, conn: sqlite3.Connection, older_than_ms: int) -> int:
+        gone = [bytes(r[0]) for r in conn.execute("DELETE FROM delivered_recent WHERE at_ms < ? RETURNING k",
+                                                  (older_than_ms,)).fetchall()]
+        if gone:
+            recent = self._recent
+            recent.difference_update(gone)
+            self._db.on_rollback(functools.partial(recent.update, gone))
+        return len(gone)
 
     def prune_slice(self, older_than_ms: int, i: int) -> int:
         """`prune` for the ids whose blind key starts with byte `i` (0..255): a 256th of the table, found by key,
-        so the hourly prune of ~30 days of ids never holds the store (and the event loop) for a whole scan. Not
-        fsynced: a prune lost to a power cut is done again an hour later."""
+        so the hourly prune of ~30 days of ids never holds the store (and the event loop) for a whole scan; slice
+        0 also prunes `delivered_recent` (a few thousand rows at most, scanned). Not fsynced: a prune lost to a
+        power cut is done again an hour later."""
         if not 0 <= i < self.PRUNE_SLICES:
             raise ValueError(f"prune slices are 0..{self.PRUNE_SLICES - 1}, not {i}")
         with self._db.write("pruning delivered message ids", durable=False) as conn:
@@ -108,11 +197,14 @@ class DeliveredIds:
             else:
                 sql, args = "DELETE FROM delivered WHERE k >= ? AND k < ? AND at_ms < ?", (bytes([i]), bytes([i + 1]),
                                                                                           older_than_ms)
-            return conn.execute(sql, args).rowcount
+            n = int(conn.execute(sql, args).rowcount)
+            self._db.on_rollback(self._new_epoch)
+            return n + (self._prune_recent(conn, older_than_ms) if i == 0 else 0)
 
     def count(self) -> int:
         with self._db.read("counting delivered message ids") as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM delivered").fetchone()[0])
+            return int(conn.execute("SELECT (SELECT COUNT(*) FROM delivered) + "
+                                    "(SELECT COUNT(*) FROM delivered_recent)").fetchone()[0])
 
 
 class KeyedBlobs:
@@ -277,3 +369,12 @@ class Peers:
     def count(self) -> int:
         with self._db.read("counting peers") as conn:
             return int(conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0])
+
+
+def _present(conn: sqlite3.Connection, table: str, keys: list[bytes]) -> set[bytes]:
+    """The keys among `keys` that are rows of `table`: one query per 512."""
+    found: set[bytes] = set()
+    for marks, chunk in in_lists([_blob(k) for k in keys]):
+        sql = f"SELECT k FROM {table} WHERE k IN ({marks})"  # noqa: S608
+        found.update(bytes(row[0]) for row in conn.execute(sql, chunk))
+    return found

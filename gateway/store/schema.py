@@ -6,14 +6,16 @@ Tables are STRICT, so a value of the wrong type is refused on write.
 Outbox usage per peer (for the limits) is counted in memory by `Outbox`: loaded with one aggregate query at open,
 kept with each write (version 1 kept it in a table by triggers, three extra row writes per outbox row).
 Version 3 drops the index on the outbox's peer column (see MIGRATIONS[3]). Version 4 makes `delivered` one B-tree
-keyed by the blind id (WITHOUT ROWID, no index on the time; see MIGRATIONS[4]). An older agw refuses a newer store
+keyed by the blind id (WITHOUT ROWID, no index on the time; see MIGRATIONS[4]). Version 5 adds
+`delivered_recent`, where new delivered ids wait (in rowid order) to be moved into `delivered` in key order
+(MIGRATIONS[5], `records.DeliveredIds`). An older agw refuses a newer store
 (`StoreVersionError`: "upgrade agw"); a newer one upgrades an older store when it opens it.
 A new store is made with DDL_V1 and then every migration, so old and new stores take the same path.
 """
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x61677773  # "agws": marks the file as ours, checked on open.
 
 DDL_V1 = """
@@ -91,8 +93,20 @@ INSERT INTO delivered_v4 (k, at_ms) SELECT k, at_ms FROM delivered;
 DROP TABLE delivered;
 ALTER TABLE delivered_v4 RENAME TO delivered;
 """,
+    # 5: new delivered ids go first to `delivered_recent`, appended in rowid order (no index: its keys are also
+    # held in memory for lookups, at most a few thousand), and are moved into `delivered` in key order every few
+    # thousand ids, insert and delete in one transaction (`DeliveredIds.fold`). Inserted straight into the
+    # random-keyed `delivered`, each of a frame's ids dirtied a page of its own, written to the WAL by the frame's
+    # fsync'd commit (docs/performance.md, 2026-12-07). Nothing is copied: the ids of a version 4 store stay in
+    # `delivered`, where lookups still find them.
+    5: """
+CREATE TABLE IF NOT EXISTS delivered_recent (k BLOB NOT NULL, at_ms INTEGER NOT NULL) STRICT;
+""",
 }
 
 EXPECTED_TABLES = frozenset(
     {"meta", "outbox", "delivered", "sessions", "secrets", "inbox", "peers", "consent", "audit"}
 )
+"""Tables every store has, whatever its version (checked before an upgrade)."""
+TABLES_SINCE: dict[int, frozenset[str]] = {5: frozenset({"delivered_recent"})}
+"""Tables a store of at least that version has (an upgrade makes them)."""

@@ -1,0 +1,396 @@
+"""The delivered ids in two tables (schema version 5, `gateway/store/records.py` `DeliveredIds`): new ids wait in
+`delivered_recent` (rowid order, their keys also in a set in memory) and are folded into `delivered` in key order.
+
+Promised, whatever table an id sits in: an id recorded once is found (and marking it again says "duplicate")
+until it is pruned, across restarts, rollbacks and a kill -9 at any moment, including in the middle of a fold;
+an id is in exactly one of the two tables; no plaintext id is on disk; a version 4 store keeps its ids.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.receiving import Receiving
+from gateway.store import Store, StoreError, StoreFull
+from gateway.store.records import DeliveredIds
+from gateway.store.schema import SCHEMA_VERSION
+
+from .conftest import SoftStorageKey, mid
+
+DATA = Path(__file__).parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+BOTH = "SELECT k FROM delivered UNION ALL SELECT k FROM delivered_recent"
+
+
+def _rows(s: Store, table: str) -> int:
+    with s._db.read("test") as conn:
+        return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+
+
+def _in_both(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM delivered JOIN delivered_recent USING (k)").fetchone()[0])
+
+
+@pytest.fixture
+def small(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fold thresholds small enough for a test."""
+    monkeypatch.setattr(DeliveredIds, "FOLD_AT", 8)
+    monkeypatch.setattr(DeliveredIds, "RECENT_MAX", 12)
+
+
+def test_new_ids_wait_in_the_recent_table_and_are_duplicates_there(store: Store) -> None:
+    ids = [mid(n) for n in range(10)]
+    assert store.delivered.mark_many(ids[:6], 1_000) == 6
+    assert store.mark_delivered(ids[6], 1_001)
+    assert _rows(store, "delivered_recent") == 7 and _rows(store, "delivered") == 0
+    assert store.delivered.seen_many(ids) == set(ids[:7])
+    assert store.delivered.seen(ids[3]) and not store.delivered.seen(ids[7])
+    assert not store.mark_delivered(ids[3], 1_002)
+    assert store.delivered.mark_many([ids[5], ids[7], ids[7], ids[8]], 1_003) == 2  # twice in a batch: once
+    assert store.delivered.count() == 9 and _rows(store, "delivered_recent") == 9
+
+
+def test_a_fold_moves_every_id_into_delivered_with_its_time(store: Store) -> None:
+    ids = [os.urandom(16) for _ in range(300)]
+    store.delivered.mark_many(ids[:100], 1_000)
+    store.delivered.mark_many(ids[100:], 5_000)
+    assert store.delivered.fold() == 300
+    assert _rows(store, "delivered_recent") == 0 and _rows(store, "delivered") == 300
+    assert store.delivered.seen_many(ids) == set(ids)
+    assert store.delivered.mark_many(ids[::7], 9_000) == 0
+    assert store.delivered.fold() == 0
+    assert store.prune_delivered(older_than_ms=2_000) == 100  # the times came along
+    assert store.delivered.seen_many(ids) == set(ids[100:])
+
+
+def test_the_recent_ids_are_read_back_at_open(db_path: Path, key: SoftStorageKey) -> None:
+    """Without the set read back, a restart would forget the ids not yet folded: a redelivery would go through."""
+    with Store.open(db_path, key) as s:
+        s.delivered.mark_many([mid(1), mid(2)], 1_000)
+        s.delivered.fold()
+        s.delivered.mark_many([mid(3), mid(4)], 2_000)
+    with Store.open(db_path, key) as s:
+        assert s.delivered.seen_many([mid(n) for n in range(1, 6)]) == {mid(1), mid(2), mid(3), mid(4)}
+        assert not s.mark_delivered(mid(3), 3_000) and not s.mark_delivered(mid(1), 3_000)
+        assert s.delivered.mark_many([mid(4), mid(5)], 3_000) == 1
+
+
+def test_fold_due_and_the_bound_of_the_recent_set(store: Store, small: None) -> None:
+    """The receiver folds once FOLD_AT ids wait; a write that would go past RECENT_MAX folds them first, so the
+    set in memory never holds more than RECENT_MAX (or one larger batch)."""
+    store.delivered.mark_many([mid(n) for n in range(7)], 1)
+    assert not store.delivered.fold_due
+    store.delivered.mark(mid(7), 1)
+    assert store.delivered.fold_due
+    store.delivered.mark_many([mid(n) for n in range(8, 12)], 1)
+    assert _rows(store, "delivered_recent") == 12 and _rows(store, "delivered") == 0
+    store.delivered.mark_many([mid(12), mid(13)], 1)  # 14 > 12: the 12 folded inside this write, then these two
+    assert _rows(store, "delivered_recent") == 2 and _rows(store, "delivered") == 12
+    assert not store.delivered.fold_due and len(store.delivered._recent) == 2
+    assert store.delivered.seen_many([mid(n) for n in range(15)]) == {mid(n) for n in range(14)}
+    store.delivered.mark_many([mid(n) for n in range(100, 120)], 1)  # a batch larger than the bound: alone
+    assert len(store.delivered._recent) == 20 and _rows(store, "delivered") == 14
+
+
+def test_a_rolled_back_mark_is_forgotten_and_a_rolled_back_fold_is_undone(store: Store) -> None:
+    store.delivered.mark_many([mid(1), mid(2)], 1)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.delivered.mark_many([mid(3), mid(4)], 2)
+        assert store.delivered.seen(mid(3))
+        raise RuntimeError("rolled back")
+    assert store.delivered.seen_many([mid(n) for n in range(1, 5)]) == {mid(1), mid(2)}
+    assert store.mark_delivered(mid(3), 3)  # new again: neither the table nor the set kept it
+    with pytest.raises(RuntimeError), store.transaction():
+        store.delivered.mark(mid(5), 4)
+        store.delivered.fold()
+        store.delivered.mark(mid(6), 4)
+        raise RuntimeError("rolled back")
+    assert _rows(store, "delivered") == 0 and _rows(store, "delivered_recent") == 3
+    assert store.delivered._recent == {store.delivered._k(mid(n)) for n in (1, 2, 3)}
+    assert store.delivered.seen_many([mid(n) for n in range(1, 7)]) == {mid(1), mid(2), mid(3)}
+    assert not store.mark_delivered(mid(2), 5) and store.mark_delivered(mid(5), 5)
+
+
+def test_a_failed_fold_leaves_every_id_where_it_was(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.delivered.mark_many([mid(1), mid(2)], 1)
+    real = store._db.write
+
+    def full(action: str, *, durable: bool = True):  # type: ignore[no-untyped-def]
+        if action.startswith("folding"):
+            raise StoreFull("test: the disk is full")
+        return real(action, durable=durable)
+
+    monkeypatch.setattr(store._db, "write", full)
+    with pytest.raises(StoreFull):
+        store.delivered.fold()
+    monkeypatch.undo()
+    assert store.delivered.seen_many([mid(1), mid(2), mid(3)]) == {mid(1), mid(2)}
+    assert store.delivered.fold() == 2
+
+
+def test_a_lookup_then_a_mark_looks_in_delivered_once_unless_a_fold_came_between(store: Store) -> None:
+    """`mark_many` after `seen_many` trusts that lookup for `delivered` (the receiver's frame: no second query)
+    only while nothing was folded in since: an id folded in between is still a duplicate."""
+    statements: list[str] = []
+    with store._db.read("test") as conn:
+        conn.set_trace_callback(statements.append)
+    try:
+        ids = [mid(n) for n in range(20, 30)]
+        keys = store.delivered.keys(ids)
+        assert store.delivered.seen_many(ids, keys) == set()
+        statements.clear()
+        assert store.delivered.mark_many(ids, 1, keys) == 10
+        assert not [s for s in statements if "FROM delivered " in s]
+        # The same lookup, then the id marked and folded by another path, then the mark: a duplicate.
+        assert store.delivered.seen_many([mid(40)]) == set()
+        store.delivered.mark(mid(40), 2)
+        store.delivered.fold()
+        assert store.delivered.mark_many([mid(40), mid(41)], 3) == 1
+        assert store.delivered.count() == 12
+    finally:
+        with store._db.read("test") as conn:
+            conn.set_trace_callback(None)
+
+
+def test_a_lookup_inside_a_rolled_back_prune_is_not_trusted_after_it(store: Store) -> None:
+    store.delivered.mark(mid(1), 1)
+    store.delivered.fold()
+    with pytest.raises(RuntimeError), store.transaction():
+        assert store.prune_delivered(older_than_ms=2) == 1
+        assert store.delivered.seen_many([mid(1)]) == set()  # (inside the prune's transaction)
+        raise RuntimeError("rolled back")
+    assert not store.mark_delivered(mid(1), 3)
+    with store._db.read("test") as conn:
+        assert _in_both(conn) == 0
+
+
+def test_pruning_covers_the_recent_table_and_its_set(store: Store) -> None:
+    store.delivered.mark_many([mid(1), mid(2)], 1_000)
+    store.delivered.fold()
+    store.delivered.mark_many([mid(3), mid(4)], 1_000)
+    store.delivered.mark_many([mid(5)], 5_000)
+    assert store.prune_delivered(older_than_ms=2_000) == 4
+    assert store.delivered.seen_many([mid(n) for n in range(1, 6)]) == {mid(5)}
+    assert store.mark_delivered(mid(3), 6_000)  # forgotten after pruning, from the set too
+    store.delivered.mark_many([mid(6), mid(7)], 1_000)
+    pruned = sum(store.delivered.prune_slice(2_000, i) for i in range(store.delivered.PRUNE_SLICES))
+    assert pruned == 2 and store.delivered.seen_many([mid(n) for n in range(1, 8)]) == {mid(3), mid(5)}
+    assert store.delivered.count() == 2
+
+
+def test_a_rolled_back_prune_of_the_recent_table_keeps_its_ids(store: Store) -> None:
+    store.delivered.mark_many([mid(1), mid(2)], 1_000)
+    with pytest.raises(RuntimeError), store.transaction():
+        assert store.prune_delivered(older_than_ms=2_000) == 2
+        raise RuntimeError("rolled back")
+    assert store.delivered.seen_many([mid(1), mid(2)]) == {mid(1), mid(2)}
+    assert not store.mark_delivered(mid(1), 3_000)
+
+
+def test_no_plaintext_id_in_either_table(db_path: Path, key: SoftStorageKey) -> None:
+    marker = [b"PLAINID-%08d" % n for n in range(40)]
+    with Store.open(db_path, key) as s:
+        s.delivered.mark_many(marker[:20], 1)
+        s.delivered.fold()
+        s.delivered.mark_many(marker[20:], 1)
+        for p in (db_path, Path(f"{db_path}-wal")):
+            assert b"PLAINID-" not in p.read_bytes(), p.name
+        with s._db.read("test") as conn:
+            keys = [bytes(r[0]) for r in conn.execute(BOTH)]
+        assert sorted(keys) == sorted(s.delivered.keys(marker))  # the blind keys, 16 bytes each
+    for p in db_path.parent.iterdir():
+        assert b"PLAINID-" not in p.read_bytes(), p.name
+
+
+def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_recent_table(tmp_path: Path) -> None:
+    """tests/store/data/store-v4.db was written by the code of schema version 4 (tests/store/data/README.md)."""
+    path = tmp_path / "agw.db"
+    path.write_bytes((DATA / "store-v4.db").read_bytes())
+    key = SoftStorageKey(kek=b"\x11" * 32)
+    upgrades: list[tuple[int, int]] = []
+    with Store.open(path, key, on_upgrade=lambda a, b: upgrades.append((a, b))) as s:
+        assert upgrades == [(4, 5)]
+        assert s.delivered.count() == 305 and _rows(s, "delivered_recent") == 0
+        assert s.delivered.seen_many([mid(n) for n in (1, 5, 100, 399, 400)]) == {mid(1), mid(5), mid(100), mid(399)}
+        assert not s.mark_delivered(mid(3), 9_000) and not s.delivered.mark_many([mid(200), mid(300)], 9_000)
+        assert s.mark_delivered(mid(6), 9_000) and _rows(s, "delivered_recent") == 1
+        assert s.inbox.get("dev-a/" + mid(9).hex()) == b"an inbox record"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert _in_both(conn) == 0
+    finally:
+        conn.close()
+    with Store.open(path, key) as s:  # and across a restart: the old ids in delivered, the new one in the set
+        assert s.delivered.seen_many([mid(n) for n in (1, 6, 7, 399)]) == {mid(1), mid(6), mid(399)}
+        assert s.delivered.fold() == 1 and s.delivered.count() == 306
+        assert s.prune_delivered(older_than_ms=2_500) == 2
+
+
+def test_a_version_5_store_without_its_recent_table_is_refused(db_path: Path, key: SoftStorageKey) -> None:
+    from gateway.store import StoreCorrupt
+
+    with Store.open(db_path, key):
+        pass
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TABLE delivered_recent")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreCorrupt, match="delivered_recent"):
+        Store.open(db_path, key)
+
+
+def test_a_copy_of_the_files_at_any_statement_of_a_fold_has_every_id_in_one_table(
+    db_path: Path, key: SoftStorageKey, tmp_path: Path
+) -> None:
+    """The files as a kill -9 would leave them after each statement of a fold (and of the marks around it): each
+    copy opens with every committed id found, none in both tables."""
+    committed: list[bytes] = []
+    copies: list[tuple[Path, int]] = []
+    with Store.open(db_path, key) as s:
+        s.delivered.mark_many([os.urandom(16) for _ in range(3000)], 1)
+        s.delivered.fold()
+        with s._db.read("test") as conn:
+            committed.extend(bytes(r[0]) for r in conn.execute("SELECT k FROM delivered"))
+
+        def copy(_sql: str) -> None:
+            to = tmp_path / f"copy{len(copies)}" / "agw.db"
+            to.parent.mkdir()
+            for suffix in ("", "-wal"):
+                if Path(f"{db_path}{suffix}").exists():
+                    shutil.copyfile(f"{db_path}{suffix}", f"{to}{suffix}")
+            copies.append((to, len(committed)))
+
+        new = [os.urandom(16) for _ in range(300)]
+        with s._db.read("test") as conn:
+            conn.set_trace_callback(copy)
+        try:
+            s.delivered.mark_many(new[:200], 2)
+            committed.extend(s.delivered.keys(new[:200]))
+            s.delivered.fold()
+            s.delivered.mark_many(new[200:], 3)
+            committed.extend(s.delivered.keys(new[200:]))
+        finally:
+            with s._db.read("test") as conn:
+                conn.set_trace_callback(None)
+    assert len(copies) >= 6
+    for path, n in copies:
+        conn = sqlite3.connect(path)
+        try:
+            keys = {bytes(r[0]) for r in conn.execute(BOTH)}
+            both = _in_both(conn)
+        finally:
+            conn.close()
+        assert both == 0, path
+        # Committed before this copy: found. (A statement's copy is taken before it runs, so the last mark's
+        # ids may or may not be in it; every one before must be.)
+        assert set(committed[:n]) <= keys, path
+        with Store.open(path, key) as other:  # and the store opens, its set read back
+            assert other.delivered.count() == len(keys)
+
+
+_CHILD = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    from gateway.store import Store
+    from gateway.store.records import DeliveredIds
+    from tests.store.conftest import SoftStorageKey
+    DeliveredIds.FOLD_AT, DeliveredIds.RECENT_MAX = 300, 400
+    s = Store.open(sys.argv[1], SoftStorageKey(kek=bytes.fromhex(sys.argv[2])))
+    n = 0
+    while True:
+        ids = [os.urandom(16) for _ in range(37)]
+        with s.transaction():
+            s.delivered.mark_many(ids, n)
+        sys.stdout.write("".join(i.hex() + "\\n" for i in ids))  # after the durable commit
+        sys.stdout.flush()
+        if s.delivered.fold_due:
+            s.delivered.fold()
+        n += 1
+""")
+
+
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.45, 0.6])
+def test_kill_9_at_any_moment_loses_no_recorded_id(tmp_path: Path, delay: float) -> None:
+    """A process marking ids (fsync'd commits, as the receiver's inbox commit) and folding them (not fsync'd),
+    killed with SIGKILL: every id it reported committed is found after a restart, none is in both tables."""
+    path = tmp_path / "agw.db"
+    kek = os.urandom(32)
+    Store.open(path, SoftStorageKey(kek=kek)).close()
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(path), kek.hex(), str(ROOT)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(0.5 + delay)  # (start-up, then some hundreds of commits and a few folds)
+        child.send_signal(signal.SIGKILL)
+        out, err = child.communicate(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL, err.decode()
+    reported = [bytes.fromhex(line) for line in out.decode().split("\n") if len(line) == 32]
+    assert len(reported) > 300, err.decode()  # at least one fold happened
+    with Store.open(path, SoftStorageKey(kek=kek)) as s:
+        assert s.delivered.seen_many(reported) == set(reported)
+        assert s.delivered.count() >= len(reported)
+        with s._db.read("test") as conn:
+            assert _in_both(conn) == 0
+
+
+def test_the_receiver_folds_between_frames_and_a_failed_fold_only_waits(caplog: pytest.LogCaptureFixture) -> None:
+    class FailingDelivered:
+        fold_due = True
+        calls = 0
+
+        def fold(self) -> int:
+            self.calls += 1
+            raise StoreError("test: cannot write")
+
+    class Rx:
+        store = type("S", (), {"delivered": FailingDelivered()})()
+
+    rx = Rx()
+    Receiving._fold_delivered(rx)  # type: ignore[arg-type]
+    assert rx.store.delivered.calls == 1
+    assert "cannot fold the recent delivered ids" in caplog.text
+
+
+async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> None:
+    """`_on_delivered` folds when due, in a transaction of its own before the frame's (decrypt, inbox): the
+    fold's page writes never sit in a frame's fsync'd inbox commit; not due, no fold."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    order: list[str] = []
+
+    @contextmanager
+    def transaction(*, durable: bool = True):  # type: ignore[no-untyped-def]
+        order.append("frame transaction")
+        yield
+
+    def fold() -> int:
+        order.append("fold")
+        return 0
+
+    async def send_acks(acks: object) -> None:
+        order.append("acks")
+
+    delivered = SimpleNamespace(fold_due=True, fold=fold, keys=lambda ids: [], seen_many=lambda ids, keys: set())
+    rx = SimpleNamespace(store=SimpleNamespace(delivered=delivered, transaction=transaction),
+                         book=SimpleNamespace(flush=lambda: None), _open=lambda e: [], _send_acks=send_acks)
+    rx._fold_delivered = lambda: Receiving._fold_delivered(rx)  # type: ignore[arg-type]
+    await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
+    assert order == ["fold", "frame transaction", "acks"]
+    order.clear()
+    delivered.fold_due = False
+    await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
+    assert order == ["frame transaction", "acks"]
