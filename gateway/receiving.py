@@ -57,6 +57,7 @@ ACK_WAIT_MAX = 0.005
 # PUBCOMPs was ~1/3 of the receiver's commits. Past this `_drop_finished` commits them alone. Meanwhile they keep
 # their packet ids and claims (see `_delivered_to_broker`) but no longer count against PUBLISH_BACKLOG.
 FINISHED_WAIT_MAX = 0.005
+FOLD_RETRY_S = 10.0  # after a failed fold of the recent delivered ids, the next try (see `_fold_delivered`)
 # Topics and encoded properties kept for this many shapes of message (recipient, sender, user properties, ...:
 # see `Receiving._publish_shape`), each at most PUBLISH_SHAPE_BYTES of properties (a peer's large user properties
 # are encoded per message, as before, not kept: the table stays under ~200 KB); past it the table starts again.
@@ -120,6 +121,7 @@ PUBLISH = Verdict(False, publish=True)  # deliver to the agent, then ACK
 class Receiving:
     """Mixed into `Gateway`: the methods of the receiving half."""
 
+    _fold_after = 0.0  # (monotonic) no fold of the delivered ids before this, after a failed one
     _drop_due: asyncio.TimerHandle | None = None  # `_drop_finished` scheduled for `_finished` (FINISHED_WAIT_MAX)
 
     async def _link_loop(self) -> None:
@@ -170,7 +172,7 @@ class Receiving:
 
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
         """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
-        if self.store.delivered.fold_due:
+        if self.store.delivered.fold_due and time.monotonic() >= self._fold_after:
             self._fold_delivered()
         data: list[tuple[str, InnerMessage, bytes]] = []  # (peer, message, the plaintext it was decoded from)
         t = now_ms()
@@ -254,11 +256,15 @@ class Receiving:
     def _fold_delivered(self) -> None:
         """Move the recent delivered ids into the main table (`DeliveredIds.fold`): between frames, in a transaction
         of its own, not inside a frame's fsync'd inbox commit. A failure costs nothing but the fold (the ids stay
-        where they are, found as before); the store folds them itself inside a later write past its bound."""
+        where they are, found as before); the store folds them itself inside a later write past its bound. After
+        a failure (e.g. near the store's size cap: a fold inserts before it deletes) the next try waits
+        FOLD_RETRY_S, so a store that keeps refusing costs one failed transaction and one log line per interval,
+        not one per frame."""
         try:
             self.store.delivered.fold()
         except StoreError as exc:
-            log.warning("cannot fold the recent delivered ids (%s); trying again later", exc)
+            self._fold_after = time.monotonic() + FOLD_RETRY_S
+            log.warning("cannot fold the recent delivered ids (%s); trying again in %.0f s", exc, FOLD_RETRY_S)
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

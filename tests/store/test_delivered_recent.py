@@ -357,11 +357,17 @@ def test_the_receiver_folds_between_frames_and_a_failed_fold_only_waits(caplog: 
 
     class Rx:
         store = type("S", (), {"delivered": FailingDelivered()})()
+        _fold_after = 0.0
+
+    import time
+
+    from gateway.receiving import FOLD_RETRY_S
 
     rx = Rx()
     Receiving._fold_delivered(rx)  # type: ignore[arg-type]
     assert rx.store.delivered.calls == 1
     assert "cannot fold the recent delivered ids" in caplog.text
+    assert rx._fold_after > time.monotonic() + FOLD_RETRY_S - 5  # the next try waits (review finding L2)
 
 
 async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> None:
@@ -386,7 +392,8 @@ async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> Non
 
     delivered = SimpleNamespace(fold_due=True, fold=fold, keys=lambda ids: [], seen_many=lambda ids, keys: set())
     rx = SimpleNamespace(store=SimpleNamespace(delivered=delivered, transaction=transaction),
-                         book=SimpleNamespace(flush=lambda: None), _open=lambda e: [], _send_acks=send_acks)
+                         book=SimpleNamespace(flush=lambda: None), _open=lambda e: [], _send_acks=send_acks,
+                         _fold_after=0.0)
     rx._fold_delivered = lambda: Receiving._fold_delivered(rx)  # type: ignore[arg-type]
     await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
     assert order == ["fold", "frame transaction", "acks"]
@@ -394,3 +401,13 @@ async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> Non
     delivered.fold_due = False
     await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
     assert order == ["frame transaction", "acks"]
+    order.clear()
+
+    def failing_fold() -> int:  # (e.g. the store at its size cap: a fold inserts before it deletes)
+        order.append("failed fold")
+        raise StoreError("test: the store is full")
+
+    delivered.fold_due, delivered.fold = True, failing_fold
+    for _ in range(3):  # a failed fold is not tried again on each frame (review finding L2: a warning per frame)
+        await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
+    assert order == ["failed fold"] + ["frame transaction", "acks"] * 3
