@@ -134,12 +134,14 @@ class OurPath:
 
 
 def start_profiled(gw: Gateway, out: Path) -> None:
-    """Start `agw run` under cProfile (written when the daemon exits after SIGTERM); same env and config."""
+    """Start `agw run` under cProfile with the loop thread's CPU clock (`bench/profiled_gateway.py`; written when
+    the daemon exits after SIGTERM); same env and config."""
     out.parent.mkdir(parents=True, exist_ok=True)
     gw.log = gw.root / "agw.log"
     logf = gw.log.open("ab")
-    gw.proc = subprocess.Popen([PY, "-m", "cProfile", "-o", str(out), "-m", "gateway.cli", "run", "--config",
-                                str(gw.config)], env=gw.env, stdout=logf, stderr=subprocess.STDOUT)
+    runner = str(Path(__file__).with_name("profiled_gateway.py"))
+    gw.proc = subprocess.Popen([PY, runner, str(out), "run", "--config", str(gw.config)], env=gw.env, stdout=logf,
+                               stderr=subprocess.STDOUT)
 
 
 # -- the Mosquitto TLS bridge --------------------------------------------------------------------------------

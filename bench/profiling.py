@@ -1,6 +1,7 @@
 """Where the time goes in a gateway: summarise the cProfile output of an `agw run` process that ran under
-`python -m cProfile -o` (see `bench.paths.start_profiled`). cProfile sees the event-loop thread only; the paho
-network thread and `asyncio.to_thread` workers are not in it, which the report says."""
+`bench/profiled_gateway.py` (see `bench.paths.start_profiled`). The profile is CPU time of the event-loop thread
+(`time.thread_time`), start-up included; waiting in epoll is not in it, nor are the paho network thread and
+`asyncio.to_thread` workers, which the report says."""
 
 from __future__ import annotations
 
@@ -30,7 +31,6 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     st = pstats.Stats(str(path), stream=io.StringIO())
     stats: dict[tuple[str, int, str], tuple[int, int, float, float, Any]] = st.stats  # type: ignore[attr-defined]
     total = sum(tt for _, _, tt, _, _ in stats.values())
-    idle = sum(tt for k, (_, _, tt, _, _) in stats.items() if "poll" in k[2] and "epoll" in k[2])
     rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)
     own = [{"where": _where(k), "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)}
            for k, (_, nc, tt, ct, _) in rows[:top]]
@@ -38,5 +38,5 @@ def summarise(path: Path, top: int = 15) -> dict[str, Any]:
     mine.sort(key=lambda kv: kv[1][3], reverse=True)
     cum = [{"where": _where(k), "calls": nc, "tottime_s": round(tt, 3), "cumtime_s": round(ct, 3)}
            for k, (_, nc, tt, ct, _) in mine[:top]]
-    return {"file": str(path), "total_s": round(total, 3), "idle_in_epoll_s": round(idle, 3),
+    return {"file": str(path), "cpu_s": round(total, 3),
             "top_own_time": own, "top_cumulative_gateway": cum}

@@ -266,9 +266,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {c['name']} | {c['target']} | {c['value']} | {c['status']} |")
     prof = r.get("profile") or {}
     if prof.get("gateways"):
-        lines += ["", "## Profile (cProfile, event-loop thread of each gateway, 256 B throughput run)", ""]
+        lines += ["", "## Profile (cProfile, event-loop thread of each gateway, 256 B throughput run)", "",
+                  "CPU time of the loop thread (`time.thread_time`), start-up included (`compile` and `exec` are "
+                  "imports); waiting in epoll is not counted. Own time of `daemon.py run`, the outermost coroutine, "
+                  "is C code that runs no Python frame (uvloop, libuv, the C task steps). The paho network thread "
+                  "and `to_thread` workers are not in it.", ""]
         for name, p in prof["gateways"].items():
-            lines += [f"### {name}: {p['total_s']} s profiled, {p['idle_in_epoll_s']} s idle in epoll", "",
+            lines += [f"### {name}: {p['cpu_s']} s of CPU on the loop thread", "",
                       "| own time s | calls | function |", "|---|---|---|"]
             lines += [f"| {e['tottime_s']} | {e['calls']:,} | `{e['where']}` |" for e in p["top_own_time"][:12]]
             lines.append("")
