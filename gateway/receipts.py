@@ -377,7 +377,34 @@ class Receipts:
         self._publishing.update(e.name for e in entries)
         self.receipt_counters["republished"] += len(entries)
         log.info("publishing again %d held message(s) %s", len(entries), why)
-        self._in_background(self._publish_inbox(entries, claimed=True))  # type: ignore[attr-defined]
+        self._in_background(self._publish_held_again(entries))  # type: ignore[attr-defined]
+
+    async def _publish_held_again(self, entries: list[InboxEntry]) -> None:
+        """`_publish_inbox` for held entries the caller claimed. Those that get no packet id (all taken, or the
+        store failed) stay HANDED in the store and wait for the next republish; one its agent acknowledged while
+        it was claimed (the ack was kept as an early ack, and the entry left the index) is deleted now. Before,
+        it stayed in the store outside the index, neither published again nor expired until a restart."""
+        started = self._start_publishes(entries, claimed=True)  # type: ignore[attr-defined]
+        self._acked_while_claimed([e for e in entries if e.phase is Phase.WAITING])
+        await self._finish_publishes(started)  # type: ignore[attr-defined]
+
+    def _acked_while_claimed(self, entries: list[InboxEntry]) -> None:
+        acked = [e for e in entries if (e.message.recipient_agent, e.message.message_id) in self._early_acks]
+        if not acked:
+            return
+        try:
+            with self.store.transaction(durable=False):
+                for e in acked:
+                    self.store.inbox.delete(e.name)
+        except StoreError as exc:  # kept, back in the index: published again later (the agent drops the copy)
+            log.error("cannot delete %d acknowledged inbox entr(ies) (%s); they stay held", len(acked), exc)
+            for e in acked:
+                self._held[e.message.recipient_agent][e.message.message_id] = (e.name, e.message.expires_at_ms, 0,
+                                                                              float("-inf"))
+            return
+        for e in acked:
+            del self._early_acks[(e.message.recipient_agent, e.message.message_id)]
+            self._held[e.message.recipient_agent].pop(e.message.message_id, None)  # (back in it after a failure)
 
     def _expire_held(self) -> None:
         t = now_ms()
