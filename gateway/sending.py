@@ -63,16 +63,16 @@ HANDOVER_MOVING_S = 0.5
 ENTRY_ALLOWANCE = 2048
 
 
-def _fitting(entries: list[Any], room_bytes: int, room_envelopes: int) -> int:
+def _fitting(entries: list[Any], room_bytes: int, room_envelopes: int) -> tuple[int, int]:
     """How many of `entries`, in order, fit into the link queue's free bytes and envelopes (each counted as its
-    record plus ENTRY_ALLOWANCE, and as one envelope, as a v1 message is)."""
-    n = 0
+    record plus ENTRY_ALLOWANCE, and as one envelope, as a v1 message is), and the bytes they take."""
+    n = used = 0
     for e in entries:
-        room_bytes -= len(e.record) + ENTRY_ALLOWANCE
-        if room_bytes < 0 or n >= room_envelopes:
+        size = len(e.record) + ENTRY_ALLOWANCE
+        if used + size > room_bytes or n >= room_envelopes:
             break
-        n += 1
-    return n
+        n, used = n + 1, used + size
+    return n, used
 
 
 _LEN4 = struct.Struct(">I").pack
@@ -511,12 +511,12 @@ class Sending:
             hand.sync(self.store.outbox.epoch)  # rows rescheduled, purged or released since: not as stored
             held = [e for e in hand.first(peer, room - len(entries)) if e.expires_at_ms > t]
             if queue_room is not None:  # (the agent loop's pass: only what the link's queue takes without waiting)
-                fit = _fitting(entries + held, room_bytes, room_envelopes)
+                fit, used = _fitting(entries + held, room_bytes, room_envelopes)
                 if fit < len(entries) + len(held):
                     self._send_again = True  # the rest: the sender task's, once this pass is over
                     entries, held = entries[:fit], held[:max(0, fit - len(entries))]
-                room_bytes -= sum(len(e.record) + ENTRY_ALLOWANCE for e in (*entries, *held))
-                room_envelopes -= len(entries) + len(held)
+                room_bytes -= used
+                room_envelopes -= fit
             # Held entries sent soon enough after being stored need no attempt mark (see Handover). A stored
             # due time further than HANDOVER_DUE_MS away means the wall clock stepped back since: marked, or
             # the first retry would wait for the step as well.
