@@ -204,7 +204,9 @@ def markdown(r: dict[str, Any]) -> str:
     micro = relay.get("micro") or {}
     if micro:
         lines.append(f"- routed envelopes/s (bench/relay_micro.py, batched, {micro.get('envelope_bytes')} B): "
-                     f"{_fmt(micro.get('batched_envelopes_per_s'))}; one envelope per frame: "
+                     f"{_fmt(micro.get('batched_envelopes_per_s'))} ({_fmt(micro.get('count'))} envelopes; the relay "
+                     f"used {_fmt(micro.get('relay_cpu_s_batched'))} s of CPU, "
+                     f"{_fmt(micro.get('envelopes_per_relay_cpu_s'))} per CPU-second); one envelope per frame: "
                      f"{_fmt(micro.get('unbatched_envelopes_per_s'))}; relay round trip p50 "
                      f"{_fmt(micro.get('rtt_ms_median'))} ms")
     conns = relay.get("connections") or {}
