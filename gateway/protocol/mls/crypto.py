@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import nacl.bindings as _sodium
@@ -146,6 +147,8 @@ class X25519Sha256Ed25519Suite:
         return hpke.hkdf_extract(salt, ikm)
 
     def kdf_expand(self, prk: bytes, info: bytes, length: int) -> bytes:
+        if length <= 32:  # one HKDF block, as in hpke.hkdf_expand: every key, nonce and secret of MLS
+            return hmac.digest(prk, info + b"\x01", "sha256")[:length]
         return hpke.hkdf_expand(prk, info, length)
 
     def aead_seal(self, key: bytes, nonce: bytes, aad: bytes, pt: bytes) -> bytes:
@@ -207,12 +210,24 @@ def ref_hash(cs: CipherSuite, label: bytes, value: bytes) -> bytes:
     return cs.hash(Writer().opaque(label).opaque(value).bytes())
 
 
-def expand_with_label(cs: CipherSuite, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
-    # KDFLabel {uint16 length; opaque label<V>; opaque context<V>}, built directly: this runs several times
-    # per protected message.
+@lru_cache(maxsize=64)
+def _kdf_label_head(label: bytes, length: int) -> bytes:
+    """The constant start of a KDFLabel: uint16 length, then opaque label<V> with the "MLS 1.0 " prefix."""
     full = MLS_LABEL_PREFIX + label
-    info = length.to_bytes(2, "big") + encode_varint(len(full)) + full + encode_varint(len(context)) + context
-    return cs.kdf_expand(secret, info, length)
+    return length.to_bytes(2, "big") + encode_varint(len(full)) + full
+
+
+@lru_cache(maxsize=64)
+def _label_head(label: bytes) -> bytes:
+    """opaque label<V> with the "MLS 1.0 " prefix: the constant start of SignContent and EncryptContext."""
+    full = MLS_LABEL_PREFIX + label
+    return encode_varint(len(full)) + full
+
+
+def expand_with_label(cs: CipherSuite, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+    # KDFLabel {uint16 length; opaque label<V>; opaque context<V>}, built directly with its constant head
+    # cached: this runs ten times per protect + unprotect.
+    return cs.kdf_expand(secret, _kdf_label_head(label, length) + encode_varint(len(context)) + context, length)
 
 
 def derive_secret(cs: CipherSuite, secret: bytes, label: bytes) -> bytes:
@@ -224,7 +239,8 @@ def derive_tree_secret(cs: CipherSuite, secret: bytes, label: bytes, generation:
 
 
 def _sign_content(label: bytes, content: bytes) -> bytes:
-    return Writer().opaque(MLS_LABEL_PREFIX + label).opaque(content).bytes()
+    """SignContent {opaque label<V>; opaque content<V>}."""
+    return _label_head(label) + encode_varint(len(content)) + content
 
 
 def sign_with_label(signer: Signer, label: bytes, content: bytes) -> bytes:
@@ -242,7 +258,8 @@ def check_signature(cs: CipherSuite, public_key: bytes, label: bytes, content: b
 
 
 def _encrypt_context(label: bytes, context: bytes) -> bytes:
-    return Writer().opaque(MLS_LABEL_PREFIX + label).opaque(context).bytes()
+    """EncryptContext {opaque label<V>; opaque context<V>}."""
+    return _label_head(label) + encode_varint(len(context)) + context
 
 
 def encrypt_with_label(cs: CipherSuite, pk: bytes, label: bytes, context: bytes, pt: bytes) -> tuple[bytes, bytes]:

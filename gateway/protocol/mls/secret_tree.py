@@ -48,10 +48,12 @@ class KeyNonce:
 
 
 def ratchet_key_nonce(cs: CipherSuite, secret: bytes, generation: int) -> KeyNonce:
+    """DeriveTreeSecret(secret, "key"/"nonce", generation, ...), the uint32 generation encoded once."""
+    context = generation.to_bytes(4, "big")
     return KeyNonce(
         generation,
-        derive_tree_secret(cs, secret, b"key", generation, cs.aead_key_len),
-        derive_tree_secret(cs, secret, b"nonce", generation, cs.aead_nonce_len),
+        expand_with_label(cs, secret, b"key", context, cs.aead_key_len),
+        expand_with_label(cs, secret, b"nonce", context, cs.aead_nonce_len),
     )
 
 
