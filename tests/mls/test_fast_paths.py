@@ -11,8 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from gateway.protocol.mls import crypto
-from gateway.protocol.mls.codec import Writer
+from gateway.protocol.mls import crypto, protection
+from gateway.protocol.mls.codec import Reader, Writer, decode_all
+from gateway.protocol.mls.errors import MlsDecodeError
 from gateway.protocol.mls.framing import (
     FramedContent,
     FramedContentAuthData,
@@ -25,7 +26,7 @@ from gateway.protocol.mls.framing import (
     sender_data_aad,
 )
 from gateway.protocol.mls.proposals import Remove, encode_proposal
-from gateway.protocol.mls.secret_tree import ratchet_key_nonce
+from gateway.protocol.mls.secret_tree import SecretTree, ratchet_key_nonce, ratchet_next, sender_data_key_nonce
 from gateway.protocol.mls.wire import ContentType, SenderType, WireStruct
 
 # Lengths on both sides of each varint boundary (1, 2 and 4 byte headers).
@@ -53,14 +54,26 @@ def test_expand_with_label_matches_reference(suite: int) -> None:
             assert crypto.derive_tree_secret(cs, secret, label, generation, 16) == want
 
 
-def test_ratchet_key_nonce_matches_derive_tree_secret() -> None:
-    cs = crypto.get_suite(1)
-    secret = os.urandom(32)
-    for generation in (0, 1, 65535, 2**32 - 1):
-        kn = ratchet_key_nonce(cs, secret, generation)
-        assert kn.generation == generation
-        assert kn.key == crypto.derive_tree_secret(cs, secret, b"key", generation, cs.aead_key_len)
-        assert kn.nonce == crypto.derive_tree_secret(cs, secret, b"nonce", generation, cs.aead_nonce_len)
+@pytest.mark.parametrize("suite", [1, 3])
+def test_secret_tree_derivations_match_generic(suite: int) -> None:
+    cs = crypto.get_suite(suite)
+    tree = SecretTree(cs, os.urandom(32), 4)
+    for _ in range(3):
+        secret = os.urandom(32)
+        for generation in (0, 1, 4, 63, 64, 255, 256, 65535, 2**31, 2**32 - 1):
+            kn = tree._key_nonce(secret, generation)
+            assert kn == ratchet_key_nonce(cs, secret, generation)
+            assert kn.key == crypto.derive_tree_secret(cs, secret, b"key", generation, cs.aead_key_len)
+            assert kn.nonce == crypto.derive_tree_secret(cs, secret, b"nonce", generation, cs.aead_nonce_len)
+            nxt = tree._next_secret(secret, generation)
+            assert nxt == ratchet_next(cs, secret, generation)
+            assert nxt == crypto.derive_tree_secret(cs, secret, b"secret", generation, cs.hash_len)
+        for size in (0, 1, 16, 31, 32, 33, 1040):
+            ciphertext = os.urandom(size)
+            sample = ciphertext[:cs.hash_len]
+            assert sender_data_key_nonce(cs, secret, ciphertext) == (
+                crypto.expand_with_label(cs, secret, b"key", sample, cs.aead_key_len),
+                crypto.expand_with_label(cs, secret, b"nonce", sample, cs.aead_nonce_len))
 
 
 def test_sign_and_encrypt_contexts_match_reference() -> None:
@@ -138,3 +151,58 @@ def test_private_message_content_and_sender_data_match_generic_encoding() -> Non
         sd = SenderData(leaf, gen, os.urandom(4))
         assert sd.to_bytes() == _generic(sd)
         assert SenderData.from_bytes(sd.to_bytes()) == sd
+
+
+def _old_opaque(data: bytes, pos: int) -> tuple[bytes, int] | str:
+    r = Reader(data, pos)
+    try:
+        return r._take(r.varint()), r.pos
+    except MlsDecodeError as e:
+        return str(e)
+
+
+def test_reader_opaque_fast_path_matches_the_generic_one() -> None:
+    cases = [b"", b"\x00", b"\x01", b"\x01a", b"\x05abc", b"\x40", b"\x40\x05abcde", b"\x40\x40" + bytes(64),
+             b"\x40\x40" + bytes(63), b"\x7f\xff", b"\x80\x00\x40\x00" + bytes(16384), b"\x80\x00\x00\x05abcde",
+             b"\xc0\x00", b"\x3f" + bytes(63), b"\x3f" + bytes(62)]
+    cases += [os.urandom(n) for n in (1, 2, 3, 10, 100) for _ in range(200)]
+    for data in cases:
+        for pos in range(min(len(data), 3) + 1):
+            want = _old_opaque(data, pos)
+            r = Reader(data, pos)
+            try:
+                got: tuple[bytes, int] | str = (r.opaque(), r.pos)
+            except MlsDecodeError as e:
+                got = str(e)
+            assert got == want, (data[:8].hex(), pos)
+
+
+def test_mls_message_from_bytes_fast_path_matches_generic_decode() -> None:
+    pm = PrivateMessage(b"group", 3, ContentType.APPLICATION, b"ad", os.urandom(28), os.urandom(1100))
+    wire = MLSMessage(pm).to_bytes()
+    assert MLSMessage.from_bytes(wire) == decode_all(wire, MLSMessage.decode) == MLSMessage(pm)
+    for bad in (wire + b"\x00", wire[:-1], wire[:4], wire[:3], b"\x00\x01\x00\x09" + wire[4:],
+                b"\x00\x02\x00\x02" + wire[4:], wire[:4] + b"\xc0" + wire[5:]):
+        with pytest.raises(MlsDecodeError) as fast:
+            MLSMessage.from_bytes(bad)
+        with pytest.raises(MlsDecodeError) as generic:
+            decode_all(bad, MLSMessage.decode)
+        assert str(fast.value) == str(generic.value)
+    with pytest.raises(MlsDecodeError, match="unknown ContentType"):
+        MLSMessage.from_bytes(wire[:18] + b"\x09" + wire[19:])  # version, wire format, group id, epoch, type
+
+
+@pytest.mark.parametrize("size", [0, 11, 13, 16])
+def test_sender_data_of_the_wrong_size_is_refused(size: int) -> None:
+    cs = crypto.get_suite(1)
+    secret = os.urandom(32)
+    ct = os.urandom(100)
+    key, nonce = sender_data_key_nonce(cs, secret, ct)
+    esd = cs.aead_seal(key, nonce, sender_data_aad(b"g", 1, ContentType.APPLICATION), os.urandom(size))
+    msg = PrivateMessage(b"g", 1, ContentType.APPLICATION, b"", esd, ct)
+    with pytest.raises(MlsDecodeError):
+        protection.decrypt_sender_data(cs, msg, secret)
+    raw = SenderData(7, 9, b"abcd").to_bytes()
+    esd = cs.aead_seal(key, nonce, sender_data_aad(b"g", 1, ContentType.APPLICATION), raw)
+    sd = protection.decrypt_sender_data(cs, PrivateMessage(b"g", 1, ContentType.APPLICATION, b"", esd, ct), secret)
+    assert sd == SenderData(7, 9, b"abcd")

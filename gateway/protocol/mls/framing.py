@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Self
 
-from gateway.protocol.mls.codec import Reader, Writer, encode_varint
+from gateway.protocol.mls.codec import Reader, Writer, decode_all, encode_varint
 from gateway.protocol.mls.commit import Commit
 from gateway.protocol.mls.errors import MlsDecodeError
 from gateway.protocol.mls.key_package import KeyPackage
@@ -347,3 +347,12 @@ class MLSMessage(WireStruct):
         version = read_enum(r, ProtocolVersion, 2)
         wf = read_enum(r, WireFormat, 2)
         return cls(_BODY_CLASSES[wf].decode(r), version)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        if data[:4] == b"\x00\x01\x00\x02":  # MLS 1.0 PrivateMessage (every application message): the two
+            r = Reader(data, 4)                   # enumerations decode() would read, compared at once
+            body = PrivateMessage.decode(r)
+            r.expect_done()
+            return cls(body, ProtocolVersion.MLS10)
+        return decode_all(data, cls.decode)

@@ -85,12 +85,18 @@ def encoded_content(content: FramedContent) -> bytes:
     return data
 
 
+_SENDERS_WITH_CONTEXT = (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT)
+_TBS_HEADS = {wf: ProtocolVersion.MLS10.to_bytes(2, "big") + wf.to_bytes(2, "big") for wf in WireFormat}
+
+
 def content_tbs(wire_format: WireFormat, content: FramedContent, context: GroupContext) -> bytes:
     """FramedContentTBS (the same bytes as `framing.framed_content_tbs`, with the epoch's context cached)."""
-    if content.sender.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
+    if content.sender.sender_type not in _SENDERS_WITH_CONTEXT:
         return framed_content_tbs(wire_format, content, None)
-    head = ProtocolVersion.MLS10.to_bytes(2, "big") + wire_format.to_bytes(2, "big")
-    return head + encoded_content(content) + _context_bytes(context)
+    head = _TBS_HEADS.get(wire_format)
+    if head is None:
+        head = ProtocolVersion.MLS10.to_bytes(2, "big") + wire_format.to_bytes(2, "big")
+    return b"".join((head, encoded_content(content), _context_bytes(context)))
 
 
 def sign_content(
@@ -232,7 +238,9 @@ def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret
     sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, msg.ciphertext)
     aad = sender_data_aad(msg.group_id, msg.epoch, msg.content_type)
     raw = cs.aead_open(sd_key, sd_nonce, aad, msg.encrypted_sender_data)
-    r = Reader(raw)
+    if len(raw) == 12:  # the fixed-size SenderData {uint32 leaf_index; uint32 generation; opaque reuse_guard[4]}
+        return SenderData(int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big"), raw[8:])
+    r = Reader(raw)  # anything else is refused here, as before
     sd = SenderData.decode(r)
     r.expect_done()
     return sd
