@@ -128,6 +128,23 @@ class Reader:
         raise MlsDecodeError("invalid varint prefix 0b11")
 
     def opaque(self) -> bytes:
+        # Fast path for the common, well-formed case (1- or 2-byte length that fits); anything else, including
+        # every error, goes through varint() and _take() as before.
+        data, pos = self._data, self._pos
+        if pos < self._end:
+            first = data[pos]
+            if first < 0x40:
+                start, n = pos + 1, first
+            elif first < 0x80 and pos + 1 < self._end:
+                start, n = pos + 2, ((first & 0x3F) << 8) | data[pos + 1]
+                if n < 1 << 6:  # not minimally encoded
+                    return self._take(self.varint())
+            else:
+                return self._take(self.varint())
+            stop = start + n
+            if stop <= self._end:
+                self._pos = stop
+                return data[start:stop]
         return self._take(self.varint())
 
     def vector(self, decode_item: Callable[[Reader], T]) -> list[T]:

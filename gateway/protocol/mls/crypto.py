@@ -11,10 +11,13 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 import nacl.bindings as _sodium
 import nacl.exceptions
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from gateway.protocol.mls import hpke
 from gateway.protocol.mls.codec import Writer, encode_varint
@@ -120,21 +123,17 @@ class X25519Sha256Ed25519Suite:
     suite_id: int
     aead_id: int
     _hpke: hpke.Hpke = field(init=False, repr=False, compare=False)
+    _aead: type[AESGCM] | type[ChaCha20Poly1305] | None = field(init=False, repr=False, compare=False, default=None)
+    # Plain attributes rather than properties: they are read several times per protected message.
+    hash_len: int = field(init=False, repr=False, compare=False, default=32)
+    aead_key_len: int = field(init=False, repr=False, compare=False, default=16)
+    aead_nonce_len: int = field(init=False, repr=False, compare=False, default=12)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_hpke", hpke.Hpke(self.aead_id))
-
-    @property
-    def hash_len(self) -> int:
-        return 32
-
-    @property
-    def aead_key_len(self) -> int:
-        return 16 if self.aead_id == hpke.AEAD_AES_128_GCM else 32
-
-    @property
-    def aead_nonce_len(self) -> int:
-        return 12
+        aead = {hpke.AEAD_AES_128_GCM: AESGCM, hpke.AEAD_CHACHA20_POLY1305: ChaCha20Poly1305}.get(self.aead_id)
+        object.__setattr__(self, "_aead", aead)
+        object.__setattr__(self, "aead_key_len", 16 if self.aead_id == hpke.AEAD_AES_128_GCM else 32)
 
     def hash(self, data: bytes) -> bytes:
         return hashlib.sha256(data).digest()
@@ -146,13 +145,23 @@ class X25519Sha256Ed25519Suite:
         return hpke.hkdf_extract(salt, ikm)
 
     def kdf_expand(self, prk: bytes, info: bytes, length: int) -> bytes:
+        if length <= 32:  # one HKDF block, as in hpke.hkdf_expand: every key, nonce and secret of MLS
+            return hmac.digest(prk, info + b"\x01", "sha256")[:length]
         return hpke.hkdf_expand(prk, info, length)
 
+    # The AEAD directly (four calls per protect + unprotect), as hpke.aead_seal/aead_open do it.
     def aead_seal(self, key: bytes, nonce: bytes, aad: bytes, pt: bytes) -> bytes:
-        return hpke.aead_seal(self.aead_id, key, nonce, aad, pt)
+        if self._aead is None:
+            return hpke.aead_seal(self.aead_id, key, nonce, aad, pt)
+        return self._aead(key).encrypt(nonce, pt, aad)
 
     def aead_open(self, key: bytes, nonce: bytes, aad: bytes, ct: bytes) -> bytes:
-        return hpke.aead_open(self.aead_id, key, nonce, aad, ct)
+        if self._aead is None:
+            return hpke.aead_open(self.aead_id, key, nonce, aad, ct)
+        try:
+            return self._aead(key).decrypt(nonce, ct, aad)
+        except InvalidTag:
+            raise MlsVerificationError("AEAD decryption failed: wrong key or tampered ciphertext") from None
 
     def hpke_seal(self, pk: bytes, info: bytes, aad: bytes, pt: bytes) -> tuple[bytes, bytes]:
         return self._hpke.seal_base(pk, info, aad, pt)
@@ -207,12 +216,24 @@ def ref_hash(cs: CipherSuite, label: bytes, value: bytes) -> bytes:
     return cs.hash(Writer().opaque(label).opaque(value).bytes())
 
 
-def expand_with_label(cs: CipherSuite, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
-    # KDFLabel {uint16 length; opaque label<V>; opaque context<V>}, built directly: this runs several times
-    # per protected message.
+@lru_cache(maxsize=64)
+def kdf_label_head(label: bytes, length: int) -> bytes:
+    """The constant start of a KDFLabel: uint16 length, then opaque label<V> with the "MLS 1.0 " prefix."""
     full = MLS_LABEL_PREFIX + label
-    info = length.to_bytes(2, "big") + encode_varint(len(full)) + full + encode_varint(len(context)) + context
-    return cs.kdf_expand(secret, info, length)
+    return length.to_bytes(2, "big") + encode_varint(len(full)) + full
+
+
+@lru_cache(maxsize=64)
+def _label_head(label: bytes) -> bytes:
+    """opaque label<V> with the "MLS 1.0 " prefix: the constant start of SignContent and EncryptContext."""
+    full = MLS_LABEL_PREFIX + label
+    return encode_varint(len(full)) + full
+
+
+def expand_with_label(cs: CipherSuite, secret: bytes, label: bytes, context: bytes, length: int) -> bytes:
+    # KDFLabel {uint16 length; opaque label<V>; opaque context<V>}, built directly with its constant head
+    # cached: this runs ten times per protect + unprotect.
+    return cs.kdf_expand(secret, kdf_label_head(label, length) + encode_varint(len(context)) + context, length)
 
 
 def derive_secret(cs: CipherSuite, secret: bytes, label: bytes) -> bytes:
@@ -224,7 +245,8 @@ def derive_tree_secret(cs: CipherSuite, secret: bytes, label: bytes, generation:
 
 
 def _sign_content(label: bytes, content: bytes) -> bytes:
-    return Writer().opaque(MLS_LABEL_PREFIX + label).opaque(content).bytes()
+    """SignContent {opaque label<V>; opaque content<V>}."""
+    return _label_head(label) + encode_varint(len(content)) + content
 
 
 def sign_with_label(signer: Signer, label: bytes, content: bytes) -> bytes:
@@ -242,7 +264,8 @@ def check_signature(cs: CipherSuite, public_key: bytes, label: bytes, content: b
 
 
 def _encrypt_context(label: bytes, context: bytes) -> bytes:
-    return Writer().opaque(MLS_LABEL_PREFIX + label).opaque(context).bytes()
+    """EncryptContext {opaque label<V>; opaque context<V>}."""
+    return _label_head(label) + encode_varint(len(context)) + context
 
 
 def encrypt_with_label(cs: CipherSuite, pk: bytes, label: bytes, context: bytes, pt: bytes) -> tuple[bytes, bytes]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Self
 
-from gateway.protocol.mls.codec import Reader, Writer
+from gateway.protocol.mls.codec import Reader, Writer, decode_all, encode_varint
 from gateway.protocol.mls.commit import Commit
 from gateway.protocol.mls.errors import MlsDecodeError
 from gateway.protocol.mls.key_package import KeyPackage
@@ -93,6 +93,20 @@ class FramedContent(WireStruct):
         self.sender.encode(w)
         w.opaque(self.authenticated_data).u8(self.content_type)
         _encode_content_body(w, self.content)
+
+    def to_bytes(self) -> bytes:
+        """The same bytes as `encode`; application data (signed and verified once per message) is built
+        directly, without a Writer."""
+        body = self.content
+        if not isinstance(body, bytes):
+            return WireStruct.to_bytes(self)
+        gid, aad, sender = self.group_id, self.authenticated_data, self.sender
+        index = sender.index
+        return b"".join((
+            encode_varint(len(gid)), gid, self.epoch.to_bytes(8, "big"), sender.sender_type.to_bytes(1, "big"),
+            b"" if index is None else index.to_bytes(4, "big"), encode_varint(len(aad)), aad,
+            b"\x01", encode_varint(len(body)), body,  # ContentType.APPLICATION
+        ))
 
     @classmethod
     def decode(cls, r: Reader) -> Self:
@@ -210,6 +224,12 @@ class PrivateMessage(WireStruct):
         w.opaque(self.group_id).u64(self.epoch).u8(self.content_type).opaque(self.authenticated_data)
         w.opaque(self.encrypted_sender_data).opaque(self.ciphertext)
 
+    def to_bytes(self) -> bytes:
+        gid, aad, esd, ct = self.group_id, self.authenticated_data, self.encrypted_sender_data, self.ciphertext
+        return b"".join((encode_varint(len(gid)), gid, self.epoch.to_bytes(8, "big"),
+                         self.content_type.to_bytes(1, "big"), encode_varint(len(aad)), aad,
+                         encode_varint(len(esd)), esd, encode_varint(len(ct)), ct))
+
     @classmethod
     def decode(cls, r: Reader) -> Self:
         group_id = r.opaque()
@@ -227,11 +247,7 @@ class PrivateMessageContent:
     padding_len: int = 0
 
     def to_bytes(self) -> bytes:
-        w = Writer()
-        _encode_content_body(w, self.content)
-        self.auth.encode(w)
-        w.raw(bytes(self.padding_len))
-        return w.bytes()
+        return encode_private_content(self.content, self.auth, self.padding_len)
 
     @classmethod
     def from_bytes(cls, data: bytes, content_type: ContentType) -> PrivateMessageContent:
@@ -244,14 +260,32 @@ class PrivateMessageContent:
         return cls(content, auth, len(padding))
 
 
+def encode_private_content(content: Content, auth: FramedContentAuthData, padding_len: int = 0) -> bytes:
+    """PrivateMessageContent: the content body, the auth data and `padding_len` zero bytes."""
+    if isinstance(content, bytes):
+        sig = auth.signature
+        parts = [encode_varint(len(content)), content, encode_varint(len(sig)), sig]
+        if auth.confirmation_tag is not None:
+            parts += (encode_varint(len(auth.confirmation_tag)), auth.confirmation_tag)
+    else:
+        w = Writer()
+        _encode_content_body(w, content)
+        auth.encode(w)
+        parts = [w.bytes()]
+    if padding_len:
+        parts.append(bytes(padding_len))
+    return b"".join(parts)
+
+
 def private_content_aad(group_id: bytes, epoch: int, content_type: ContentType, authenticated_data: bytes) -> bytes:
     """PrivateContentAAD, the AEAD associated data of the content encryption."""
-    return Writer().opaque(group_id).u64(epoch).u8(content_type).opaque(authenticated_data).bytes()
+    return b"".join((encode_varint(len(group_id)), group_id, epoch.to_bytes(8, "big"),
+                     content_type.to_bytes(1, "big"), encode_varint(len(authenticated_data)), authenticated_data))
 
 
 def sender_data_aad(group_id: bytes, epoch: int, content_type: ContentType) -> bytes:
     """SenderDataAAD, the AEAD associated data of the sender data encryption."""
-    return Writer().opaque(group_id).u64(epoch).u8(content_type).bytes()
+    return encode_varint(len(group_id)) + group_id + epoch.to_bytes(8, "big") + content_type.to_bytes(1, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +300,9 @@ class SenderData(WireStruct):
 
     def encode(self, w: Writer) -> None:
         w.u32(self.leaf_index).u32(self.generation).raw(self.reuse_guard)
+
+    def to_bytes(self) -> bytes:
+        return self.leaf_index.to_bytes(4, "big") + self.generation.to_bytes(4, "big") + bytes(self.reuse_guard)
 
     @classmethod
     def decode(cls, r: Reader) -> Self:
@@ -299,8 +336,23 @@ class MLSMessage(WireStruct):
         w.u16(self.version).u16(self.wire_format)
         self.body.encode(w)
 
+    def to_bytes(self) -> bytes:
+        body = self.body
+        if isinstance(body, PrivateMessage):  # every application message
+            return self.version.to_bytes(2, "big") + b"\x00\x02" + body.to_bytes()
+        return WireStruct.to_bytes(self)
+
     @classmethod
     def decode(cls, r: Reader) -> Self:
         version = read_enum(r, ProtocolVersion, 2)
         wf = read_enum(r, WireFormat, 2)
         return cls(_BODY_CLASSES[wf].decode(r), version)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        if data[:4] == b"\x00\x01\x00\x02":  # MLS 1.0 PrivateMessage (every application message): the two
+            r = Reader(data, 4)                   # enumerations decode() would read, compared at once
+            body = PrivateMessage.decode(r)
+            r.expect_done()
+            return cls(body, ProtocolVersion.MLS10)
+        return decode_all(data, cls.decode)

@@ -29,6 +29,7 @@ from gateway.protocol.mls.framing import (
     Sender,
     SenderData,
     authenticated_content_tbm,
+    encode_private_content,
     framed_content_tbs,
     private_content_aad,
     sender_data_aad,
@@ -47,9 +48,25 @@ def _ratchet_type(content_type: ContentType) -> RatchetType:
 
 
 @lru_cache(maxsize=16)
-def _context_bytes(context: GroupContext) -> bytes:
-    """The GroupContext is the same for every message of an epoch: encode it once."""
+def _context_bytes_by_value(context: GroupContext) -> bytes:
     return context.to_bytes()
+
+
+_contexts_by_id: dict[int, tuple[GroupContext, bytes]] = {}
+
+
+def _context_bytes(context: GroupContext) -> bytes:
+    """The GroupContext is the same for every message of an epoch: encode it once. Looked up first by identity
+    (hashing a GroupContext with its extensions costs more than encoding it); an entry holds its context, so
+    its id cannot be reused while it is cached."""
+    hit = _contexts_by_id.get(id(context))
+    if hit is not None and hit[0] is context:
+        return hit[1]
+    data = _context_bytes_by_value(context)
+    if len(_contexts_by_id) >= 16:
+        _contexts_by_id.clear()
+    _contexts_by_id[id(context)] = (context, data)
+    return data
 
 
 _last_encoded: tuple[FramedContent, bytes] | None = None
@@ -68,12 +85,18 @@ def encoded_content(content: FramedContent) -> bytes:
     return data
 
 
+_SENDERS_WITH_CONTEXT = (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT)
+_TBS_HEADS = {wf: ProtocolVersion.MLS10.to_bytes(2, "big") + wf.to_bytes(2, "big") for wf in WireFormat}
+
+
 def content_tbs(wire_format: WireFormat, content: FramedContent, context: GroupContext) -> bytes:
     """FramedContentTBS (the same bytes as `framing.framed_content_tbs`, with the epoch's context cached)."""
-    if content.sender.sender_type not in (SenderType.MEMBER, SenderType.NEW_MEMBER_COMMIT):
+    if content.sender.sender_type not in _SENDERS_WITH_CONTEXT:
         return framed_content_tbs(wire_format, content, None)
-    head = ProtocolVersion.MLS10.to_bytes(2, "big") + wire_format.to_bytes(2, "big")
-    return head + encoded_content(content) + _context_bytes(context)
+    head = _TBS_HEADS.get(wire_format)
+    if head is None:
+        head = ProtocolVersion.MLS10.to_bytes(2, "big") + wire_format.to_bytes(2, "big")
+    return b"".join((head, encoded_content(content), _context_bytes(context)))
 
 
 def sign_content(
@@ -151,7 +174,9 @@ def unprotect_public(
 
 
 def _apply_reuse_guard(nonce: bytes, guard: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(nonce[:4], guard, strict=True)) + nonce[4:]
+    if len(guard) != 4:
+        raise ValueError("reuse_guard is exactly 4 bytes")
+    return (int.from_bytes(nonce[:4], "big") ^ int.from_bytes(guard, "big")).to_bytes(4, "big") + nonce[4:]
 
 
 def _padding_for(length: int, padding_block: int) -> int:
@@ -177,13 +202,14 @@ def protect_private(
         raise MlsError("only members send PrivateMessages")
     leaf = LeafIndex(content.sender.index)
     ctype = content.content_type
-    inner = PrivateMessageContent(content.content, ac.auth)
-    body = inner.to_bytes()
-    inner = PrivateMessageContent(content.content, ac.auth, _padding_for(len(body), padding_block))
+    body = encode_private_content(content.content, ac.auth)
+    padding = _padding_for(len(body), padding_block)
+    if padding:
+        body += bytes(padding)  # PrivateMessageContent with `padding` zero bytes
     guard = os.urandom(4) if reuse_guard is None else reuse_guard
     kn = secret_tree.next_for_sending(leaf, _ratchet_type(ctype))
     aad = private_content_aad(content.group_id, content.epoch, ctype, content.authenticated_data)
-    ciphertext = cs.aead_seal(kn.key, _apply_reuse_guard(kn.nonce, guard), aad, inner.to_bytes())
+    ciphertext = cs.aead_seal(kn.key, _apply_reuse_guard(kn.nonce, guard), aad, body)
     sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, ciphertext)
     sender_data = SenderData(leaf, kn.generation, guard).to_bytes()
     encrypted_sender_data = cs.aead_seal(sd_key, sd_nonce, sender_data_aad(content.group_id, content.epoch, ctype),
@@ -212,7 +238,9 @@ def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret
     sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, msg.ciphertext)
     aad = sender_data_aad(msg.group_id, msg.epoch, msg.content_type)
     raw = cs.aead_open(sd_key, sd_nonce, aad, msg.encrypted_sender_data)
-    r = Reader(raw)
+    if len(raw) == 12:  # the fixed-size SenderData {uint32 leaf_index; uint32 generation; opaque reuse_guard[4]}
+        return SenderData(int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big"), raw[8:])
+    r = Reader(raw)  # anything else is refused here, as before
     sd = SenderData.decode(r)
     r.expect_done()
     return sd

@@ -17,8 +17,8 @@ from enum import IntEnum
 from typing import Any, TypeVar
 
 from gateway.protocol.mls import tree_math as tm
-from gateway.protocol.mls.codec import Reader, Writer
-from gateway.protocol.mls.crypto import CipherSuite, derive_tree_secret, expand_with_label
+from gateway.protocol.mls.codec import Reader, Writer, encode_varint
+from gateway.protocol.mls.crypto import CipherSuite, derive_tree_secret, expand_with_label, kdf_label_head
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsReplayError
 from gateway.protocol.mls.tree_math import LeafIndex, NodeIndex
 
@@ -48,6 +48,7 @@ class KeyNonce:
 
 
 def ratchet_key_nonce(cs: CipherSuite, secret: bytes, generation: int) -> KeyNonce:
+    """The generic derivation; `SecretTree._key_nonce` is the same with its label heads precomputed."""
     return KeyNonce(
         generation,
         derive_tree_secret(cs, secret, b"key", generation, cs.aead_key_len),
@@ -56,6 +57,7 @@ def ratchet_key_nonce(cs: CipherSuite, secret: bytes, generation: int) -> KeyNon
 
 
 def ratchet_next(cs: CipherSuite, secret: bytes, generation: int) -> bytes:
+    """The generic derivation; `SecretTree._next_secret` is the same with its label head precomputed."""
     return derive_tree_secret(cs, secret, b"secret", generation, cs.hash_len)
 
 
@@ -88,6 +90,12 @@ class SecretTree:
         self._ratchets: dict[tuple[LeafIndex, RatchetType], HashRatchet] = {}
         self.out_of_order_window = out_of_order_window
         self.max_forward = max_forward
+        # DeriveTreeSecret for the ratchet's fixed labels: the constant KDFLabel head, with the length (4) of
+        # the uint32 generation context, is computed once per tree.
+        self._key_len, self._nonce_len, self._hash_len = cs.aead_key_len, cs.aead_nonce_len, cs.hash_len
+        self._key_head = kdf_label_head(b"key", self._key_len) + b"\x04"
+        self._nonce_head = kdf_label_head(b"nonce", self._nonce_len) + b"\x04"
+        self._secret_head = kdf_label_head(b"secret", self._hash_len) + b"\x04"
 
     def __repr__(self) -> str:
         return f"SecretTree(n_leaves={self._n_leaves}, live_nodes={len(self._nodes)}, ratchets={len(self._ratchets)})"
@@ -97,6 +105,17 @@ class SecretTree:
         return self._n_leaves
 
     # -- derivation -------------------------------------------------------------------------------------------
+
+    def _key_nonce(self, secret: bytes, generation: int) -> KeyNonce:
+        """`ratchet_key_nonce` with the KDFLabel heads precomputed."""
+        context = generation.to_bytes(4, "big")
+        expand = self._cs.kdf_expand
+        return KeyNonce(generation, expand(secret, self._key_head + context, self._key_len),
+                        expand(secret, self._nonce_head + context, self._nonce_len))
+
+    def _next_secret(self, secret: bytes, generation: int) -> bytes:
+        """`ratchet_next` with the KDFLabel head precomputed."""
+        return self._cs.kdf_expand(secret, self._secret_head + generation.to_bytes(4, "big"), self._hash_len)
 
     def _leaf_secret_pure(self, leaf: LeafIndex) -> tuple[bytes, list[NodeIndex]]:
         """The leaf's node secret, derived from the nearest stored ancestor without storing anything."""
@@ -158,9 +177,9 @@ class SecretTree:
             raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
         secret, g = r.secret, r.generation
         while g < generation:
-            secret = ratchet_next(self._cs, secret, g)
+            secret = self._next_secret(secret, g)
             g += 1
-        return ratchet_key_nonce(self._cs, secret, generation)
+        return self._key_nonce(secret, generation)
 
     def consume(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> None:
         """Delete the key of `generation` and advance past it, keeping skipped keys within the window."""
@@ -177,10 +196,10 @@ class SecretTree:
         keep_from = generation + 1 - self.out_of_order_window  # the same floor as applied below
         while r.generation < generation:
             if r.generation >= keep_from:
-                r.skipped[r.generation] = ratchet_key_nonce(self._cs, r.secret, r.generation)
-            r.secret = ratchet_next(self._cs, r.secret, r.generation)
+                r.skipped[r.generation] = self._key_nonce(r.secret, r.generation)
+            r.secret = self._next_secret(r.secret, r.generation)
             r.generation += 1
-        r.secret = ratchet_next(self._cs, r.secret, r.generation)
+        r.secret = self._next_secret(r.secret, r.generation)
         r.generation += 1
         floor = r.generation - self.out_of_order_window
         for g in [g for g in r.skipped if g < floor]:
@@ -192,7 +211,7 @@ class SecretTree:
         if (leaf, rt) not in self._ratchets:
             self._materialise(leaf)
         r = self._ratchets[(leaf, rt)]
-        kn = ratchet_key_nonce(self._cs, r.secret, r.generation)
+        kn = self._key_nonce(r.secret, r.generation)
         self.consume(leaf, rt, r.generation)
         return kn
 
@@ -249,7 +268,9 @@ class SecretTree:
 def sender_data_key_nonce(cs: CipherSuite, sender_data_secret: bytes, ciphertext: bytes) -> tuple[bytes, bytes]:
     """Key and nonce for SenderData, bound to the first Nh bytes of the content ciphertext (section 6.3.2)."""
     sample = ciphertext[: cs.hash_len]
+    context = encode_varint(len(sample)) + sample  # ExpandWithLabel's context, encoded once for both
+    key_len, nonce_len = cs.aead_key_len, cs.aead_nonce_len
     return (
-        expand_with_label(cs, sender_data_secret, b"key", sample, cs.aead_key_len),
-        expand_with_label(cs, sender_data_secret, b"nonce", sample, cs.aead_nonce_len),
+        cs.kdf_expand(sender_data_secret, kdf_label_head(b"key", key_len) + context, key_len),
+        cs.kdf_expand(sender_data_secret, kdf_label_head(b"nonce", nonce_len) + context, nonce_len),
     )

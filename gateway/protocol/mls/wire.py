@@ -95,6 +95,9 @@ class ProposalOrRefType(IntEnum):
 def read_enum(r: Reader, enum_cls: type[E], width: int) -> E:
     """Read a uint8/uint16 enumeration value, rejecting values the RFC does not define."""
     value = r.u8() if width == 1 else r.u16()
+    member: E | None = enum_cls._value2member_map_.get(value)  # type: ignore[assignment]
+    if member is not None:  # what enum_cls(value) looks up first, without the call's overhead
+        return member
     try:
         return enum_cls(value)
     except ValueError:
