@@ -121,10 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--frame", type=int, default=85)
     r.add_argument("--durable", action="store_true", help="fsync the mark-and-put commit, as the receiver does")
     r.add_argument("--dir", type=Path, default=None)
+    r.add_argument("--set", nargs="*", default=[], metavar="NAME=N",
+                   help="DeliveredIds class constants to try (e.g. MID_MAX=65536), where the checkout has them")
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.rows, a.out)
         return 0
+    from gateway.store.records import DeliveredIds
+
+    for setting in a.set:
+        name, value = setting.split("=")
+        if hasattr(DeliveredIds, name):
+            setattr(DeliveredIds, name, int(value))
     with tempfile.TemporaryDirectory(prefix="agw-fold-", dir=a.dir) as d:
         print(json.dumps(run(a.store, a.ids, a.frame, a.durable, Path(d))), flush=True)
     return 0
