@@ -5,7 +5,8 @@ them and storing as many 256 B inbox entries (`--durable`: fsync'd, as the recei
 the entries, then `fold()` when `fold_due` (between frames, as `gateway/receiving.py` does), then the loop turns.
 A task beside it sleeps 1 ms at a time and records how late it wakes (the loop lag). Reports per message the CPU
 (`process_time`) and wall time of the whole frame work, folds included, and the wall time of each fold step and
-the loop lag (max, p99, mean).
+the loop lag (max, p99, mean); from schema version 6 on the folds of the recent ids and the merge steps
+apart.
 
 The store of `--rows` ids is built once (`build`, any schema version from 5 on: the ids go straight into
 `delivered` in random order, as years of single inserts and folds leave it) and copied for each run, so two
@@ -35,16 +36,23 @@ from bench.store_micro import _SoftKey
 from gateway.store import Store
 
 
+def _key() -> _SoftKey:
+    key = _SoftKey()
+    key._kek = b"\x22" * 32  # (one key for the build and every run)
+    return key
+
+
 def build(rows: int, out: Path) -> None:
     for suffix in ("", "-wal", "-shm", ".lock"):
         Path(f"{out}{suffix}").unlink(missing_ok=True)
-    with Store.open(out, _SoftKey()) as s:  # type: ignore[arg-type]
+    with Store.open(out, _key()) as s:  # type: ignore[arg-type]
         with s._db.read("bench") as conn:
             conn.execute("PRAGMA cache_size=-262144")  # (the build only: random inserts into a large table)
         for i in range(0, rows, 50_000):
             with s.transaction(durable=False), s._db.read("bench") as conn:
-                conn.executemany("INSERT INTO delivered (k, at_ms) VALUES (?, 1)",
-                                 [(os.urandom(16),) for _ in range(min(50_000, rows - i))])
+                t = int(time.time() * 1000) - 86_400_000  # (a real time: its 6 bytes are in every row)
+                conn.executemany("INSERT INTO delivered (k, at_ms) VALUES (?, ?)",
+                                 [(os.urandom(16), t + j) for j in range(min(50_000, rows - i))])
         s.checkpoint()
 
 
@@ -57,7 +65,8 @@ def _pct(xs: list[float], p: float) -> float:
 
 async def _run(s: Store, ids: int, frame: int, durable: bool) -> dict[str, float]:
     lags: list[float] = []
-    folds: list[float] = []
+    folds: list[float] = []  # folds of the recent ids
+    merges: list[float] = []  # merge steps
     stop = False
 
     async def monitor() -> None:
@@ -77,14 +86,15 @@ async def _run(s: Store, ids: int, frame: int, durable: bool) -> dict[str, float
         keys = s.delivered.keys(msg_ids)
         assert not s.delivered.seen_many(msg_ids, keys)
         with s.transaction(durable=durable):
-            s.delivered.mark_many(msg_ids, 2, keys)
+            s.delivered.mark_many(msg_ids, int(time.time() * 1000), keys)
             s.inbox.put_many([(m, record) for m in names])
         with s.transaction(durable=False):
             s.inbox.delete_many(names)
         if s.delivered.fold_due:
+            merge = len(s.delivered._recent) < s.delivered.FOLD_AT  # (a merge step, from schema version 6 on)
             t = time.perf_counter()
             s.delivered.fold()
-            folds.append(time.perf_counter() - t)
+            (merges if merge else folds).append(time.perf_counter() - t)
         n += frame
         await asyncio.sleep(0)
     cpu, wall = time.process_time() - c0, time.perf_counter() - w0
@@ -96,6 +106,10 @@ async def _run(s: Store, ids: int, frame: int, durable: bool) -> dict[str, float
             "fold_ms_p99": round(ms * _pct(folds, 0.99), 2),
             "fold_ms_mean": round(ms * statistics.fmean(folds), 2) if folds else 0.0,
             "fold_ms_sum": round(ms * sum(folds), 1),
+            "merge_steps": len(merges), "merge_ms_max": round(ms * max(merges, default=0), 2),
+            "merge_ms_p99": round(ms * _pct(merges, 0.99), 2),
+            "merge_ms_mean": round(ms * statistics.fmean(merges), 2) if merges else 0.0,
+            "merge_ms_sum": round(ms * sum(merges), 1),
             "lag_ms_max": round(ms * max(lags, default=0), 2), "lag_ms_p99": round(ms * _pct(lags, 0.99), 2),
             "lag_ms_mean": round(ms * statistics.fmean(lags), 3) if lags else 0.0}
 
@@ -103,7 +117,7 @@ async def _run(s: Store, ids: int, frame: int, durable: bool) -> dict[str, float
 def run(store: Path, ids: int, frame: int, durable: bool, d: Path) -> dict[str, float | str]:
     path = d / "agw.db"
     shutil.copyfile(store, path)
-    with Store.open(path, _SoftKey()) as s:  # type: ignore[arg-type]
+    with Store.open(path, _key()) as s:  # type: ignore[arg-type]
         rows = s.delivered.count()
         out = asyncio.run(_run(s, ids, frame, durable))
     return {"rows": rows, **out}
