@@ -120,7 +120,10 @@ def run(store: Path, ids: int, frame: int, durable: bool, d: Path) -> dict[str, 
     with Store.open(path, _key()) as s:  # type: ignore[arg-type]
         rows = s.delivered.count()
         out = asyncio.run(_run(s, ids, frame, durable))
-    return {"rows": rows, **out}
+        with s._db.read("bench") as conn:  # (how many wait in delivered_mid at the end, from schema version 6 on)
+            mid = conn.execute("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'delivered_mid'").fetchone()[0]
+            left = conn.execute("SELECT COUNT(*) FROM delivered_mid").fetchone()[0] if mid else 0
+    return {"rows": rows, **out, "mid_at_end": left}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,7 @@ class DeliveredIds:
     FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames)
     RECENT_MAX = 4608  # a write that would leave more in `delivered_recent` folds first (the set's bound)
     MID_MAX = 32768  # ids in `delivered_mid` from which a round of merge steps into `delivered` starts
-    MERGE_SLICE = 512  # ids of `delivered_mid` moved into `delivered` per merge step
+    MERGE_SLICE = 512  # ids of `delivered_mid` moved into `delivered` per merge step (at least: see `_merge_step`)
 
     def __init__(self, db: Database, keys: Keyring) -> None:
         self._db = db
@@ -67,6 +67,7 @@ class DeliveredIds:
             mid = int(conn.execute("SELECT COUNT(*) FROM delivered_mid").fetchone()[0])
         # The next key of `delivered_mid` a merge step moves into `delivered`; None: no round under way.
         self._merge_from: bytes | None = b"" if mid >= self.MID_MAX else None
+        self._marked = 0  # ids marked since the last merge step (sizes the next one)
         # Counts what can add rows to `delivered_mid` or `delivered`: folds, merge steps, and rollbacks (of a fold,
         # or of a prune seen by a lookup inside its transaction). `_absent` holds only while this is unchanged.
         self._epoch = 0
@@ -125,6 +126,7 @@ class DeliveredIds:
             self._db.on_rollback(functools.partial(self._forget_recent, recent, fresh))
             conn.executemany("INSERT INTO delivered_recent (k, at_ms) VALUES (?, ?)",
                              [(_blob(k), now_ms) for k in fresh])
+            self._marked += len(fresh)  # (not taken back on a rollback: it only sizes the next merge step)
             return len(fresh)
 
     def _forget_recent(self, recent: set[bytes], keys: list[bytes]) -> None:
@@ -150,15 +152,20 @@ class DeliveredIds:
         self._db.on_rollback(functools.partial(self._restore_recent, old))
         if self._merge_from is None and n > 0 and \
                 conn.execute("SELECT COUNT(*) FROM delivered_mid").fetchone()[0] >= self.MID_MAX:
-            self._merge_from = b""  # a round of merge steps starts (taken back if this transaction rolls back)
+            self._merge_from, self._marked = b"", 0  # a round starts (taken back if this transaction rolls back)
             self._db.on_rollback(functools.partial(self._merge_at, None))
         return int(n)
 
     def _merge_step(self, conn: sqlite3.Connection, lo: bytes) -> int:
-        """Move the `MERGE_SLICE` ids of `delivered_mid` from key `lo` on into `delivered` (the rest, if fewer:
-        the round ends), in key order, then delete that key range: contiguous in both tables."""
+        """Move the next ids of `delivered_mid` from key `lo` on into `delivered` (the rest, if fewer: the round
+        ends), in key order, then delete that key range: contiguous in both tables. As many as `MERGE_SLICE`, or
+        twice the ids marked since the last step if more (at most 8 times as many): the receiver makes one step
+        per frame, so a round keeps ahead of the ids coming in whatever the frames' size, and `delivered_mid`
+        stays near `MID_MAX`."""
+        size = min(max(self.MERGE_SLICE, 2 * self._marked), 8 * self.MERGE_SLICE)
+        self._marked = 0
         row = conn.execute("SELECT k FROM delivered_mid WHERE k >= ? ORDER BY k LIMIT 1 OFFSET ?",
-                           (lo, self.MERGE_SLICE)).fetchone()
+                           (lo, size)).fetchone()
         if row is None:  # the last step of the round: every id from `lo` on
             n = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) "
                              "SELECT k, at_ms FROM delivered_mid WHERE k >= ? ORDER BY k", (lo,)).rowcount
