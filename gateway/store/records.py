@@ -47,11 +47,11 @@ class DeliveredIds:
       order, in one transaction (insert, then delete). It holds a few ten thousand ids at most, so a fold touches
       at most a few hundred pages.
     - `delivered`, keyed by the blind id: every id, once `delivered_mid` holds `MID_MAX`, is moved there by a
-      round of merge steps, each one transaction that moves the next `MERGE_SLICE` ids of `delivered_mid` in key
-      order (insert, then delete of that key range): each page of `delivered` is written about once per round
-      instead of once per id (version 4) or per fold of 4,096 ids (version 5), and no step holds the store for
-      long (docs/performance.md, 2026-12-07, branch `fold7`). The round's position is kept in memory only: after
-      a restart a round starts again from the lowest key, and the ranges already moved are empty.
+      round of merge steps, each one transaction that moves the next `MERGE_SLICE` ids (or more: `_merge_step`)
+      in key order (insert, then delete of that key range): each page of `delivered` is written about once per
+      round instead of once per id (version 4) or per fold of 4,096 ids (version 5), and no step holds the store
+      for long (docs/performance.md, 2026-12-07, branch `fold7`). The round's position is kept in memory only:
+      after a restart a round starts again from the lowest key, and the ranges already moved are empty.
     """
 
     FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames)
@@ -135,7 +135,7 @@ class DeliveredIds:
     def fold(self) -> int:
         """One step, in a transaction of its own; returns how many ids it moved. If `delivered_recent` holds
         `FOLD_AT` ids or more, or no round of merge steps is under way: move them all into `delivered_mid`, in key
-        order. Otherwise: the round's next merge step (`MERGE_SLICE` ids of `delivered_mid` into `delivered`).
+        order. Otherwise: the round's next merge step (`MERGE_SLICE` ids or more of `delivered_mid` into `delivered`).
         Not fsynced: a power cut before the next durable commit undoes the whole step (the tables as before it),
         never a part of it."""
         with self._db.write("folding recent delivered message ids", durable=False) as conn:
