@@ -254,12 +254,13 @@ class Receiving:
         await self._send_acks(acks)
 
     def _fold_delivered(self) -> None:
-        """Move the recent delivered ids into the main table (`DeliveredIds.fold`): between frames, in a transaction
-        of its own, not inside a frame's fsync'd inbox commit. A failure costs nothing but the fold (the ids stay
-        where they are, found as before); the store folds them itself inside a later write past its bound. After
-        a failure (e.g. near the store's size cap: a fold inserts before it deletes) the next try waits
-        FOLD_RETRY_S, so a store that keeps refusing costs one failed transaction and one log line per interval,
-        not one per frame."""
+        """One step of moving the delivered ids on (`DeliveredIds.fold`: the recent ids into `delivered_mid`, or one
+        merge step of that into `delivered`): between frames, in a transaction of its own, not inside a frame's
+        fsync'd inbox commit; each step is short (a few hundred pages at most), one per frame. A failure costs
+        nothing but the step (the ids stay where they are, found as before); the store folds the recent ids itself
+        inside a later write past its bound. After a failure (e.g. near the store's size cap: a step inserts before
+        it deletes) the next try waits FOLD_RETRY_S, so a store that keeps refusing costs one failed transaction
+        and one log line per interval, not one per frame."""
         try:
             self.store.delivered.fold()
         except StoreError as exc:

@@ -36,30 +36,43 @@ class DeliveredIds:
     Stores only a blind index and the time (for pruning). Prune only ids older than the longest time a peer may
     retry (the outbox expiry): anything older would be rejected by the protocol layer anyway.
 
-    Two tables (schema version 5). New ids go to `delivered_recent`, in rowid order: a frame's ids fill one or
-    two pages, where inserting them into `delivered` (keyed by the blind id, i.e. in random order) dirtied a page
-    per id once the table held a few thousand, each written to the WAL by the frame's fsync'd commit. Every
-    `FOLD_AT` ids `fold` moves them into `delivered` in key order, in one transaction (insert, then delete): each
-    page of `delivered` is then written about once per fold instead of once per id. An id is always in exactly
-    one of the two tables, whatever the moment of a crash. The recent table has no index: its keys are also held
-    here in a set (read back at open), which the lookups consult first and which follows every write, rollback
-    included: at most `RECENT_MAX` keys (or one larger batch), ~56 bytes each and a 128 KiB hash table, so
-    ~0.38 MB at most (tracemalloc; past ~4,900 keys Python's set table would grow to 512 KiB).
+    Three tables (schema version 6), an id always in exactly one of them, whatever the moment of a crash:
+    - `delivered_recent`: new ids, in rowid order: a frame's ids fill one or two pages, where inserting them into
+      a table keyed by the blind id (i.e. in random order) dirtied a page per id, each written to the WAL by the
+      frame's fsync'd commit. It has no index: its keys are also held here in a set (read back at open), which
+      the lookups consult first and which follows every write, rollback included: at most `RECENT_MAX` keys (or
+      one larger batch), ~56 bytes each and a 128 KiB hash table, so ~0.38 MB at most (tracemalloc; past ~4,900
+      keys Python's set table would grow to 512 KiB).
+    - `delivered_mid`, keyed by the blind id: every `FOLD_AT` ids `fold` moves the recent ids into it in key
+      order, in one transaction (insert, then delete). It holds a few ten thousand ids at most, so a fold touches
+      at most a few hundred pages.
+    - `delivered`, keyed by the blind id: every id, once `delivered_mid` holds `MID_MAX`, is moved there by a
+      round of merge steps, each one transaction that moves the next `MERGE_SLICE` ids (or more: `_merge_step`)
+      in key order (insert, then delete of that key range): each page of `delivered` is written about once per
+      round instead of once per id (version 4) or per fold of 4,096 ids (version 5), and no step holds the store
+      for long (docs/performance.md, 2026-12-07, branch `fold7`). The round's position is kept in memory only:
+      after a restart a round starts again from the lowest key, and the ranges already moved are empty.
     """
 
     FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames)
     RECENT_MAX = 4608  # a write that would leave more in `delivered_recent` folds first (the set's bound)
+    MID_MAX = 32768  # ids in `delivered_mid` from which a round of merge steps into `delivered` starts
+    MERGE_SLICE = 512  # ids of `delivered_mid` moved into `delivered` per merge step (at least: see `_merge_step`)
 
     def __init__(self, db: Database, keys: Keyring) -> None:
         self._db = db
         self._keys = keys
         with db.read("reading recent delivered message ids") as conn:
             self._recent: set[bytes] = {bytes(r[0]) for r in conn.execute("SELECT k FROM delivered_recent")}
-        # Counts what can add rows to `delivered`: folds, and rollbacks (of a fold, or of a prune seen by a lookup
-        # inside its transaction). `_absent` holds only while this is unchanged.
+            mid = int(conn.execute("SELECT COUNT(*) FROM delivered_mid").fetchone()[0])
+        # The next key of `delivered_mid` a merge step moves into `delivered`; None: no round under way.
+        self._merge_from: bytes | None = b"" if mid >= self.MID_MAX else None
+        self._marked = 0  # ids marked since the last merge step (sizes the next one)
+        # Counts what can add rows to `delivered_mid` or `delivered`: folds, merge steps, and rollbacks (of a fold,
+        # or of a prune seen by a lookup inside its transaction). `_absent` holds only while this is unchanged.
         self._epoch = 0
-        # The keys `seen_many` last looked up in `delivered` and did not find, and the epoch of that look: a
-        # `mark_many` of them right after needs no second look (only `fold` adds rows to `delivered`).
+        # The keys `seen_many` last looked up in `delivered_mid` and `delivered` and did not find, and the epoch of
+        # that look: a `mark_many` of them right after needs no second look (only folds and merges add rows there).
         self._absent: tuple[int, set[bytes]] = (-1, set())
 
     def _k(self, msg_id: bytes) -> bytes:
@@ -67,9 +80,10 @@ class DeliveredIds:
 
     @property
     def fold_due(self) -> bool:
-        """Whether `delivered_recent` holds `FOLD_AT` ids or more: call `fold` (outside a transaction, between
-        frames, so the fold's page writes are not in a frame's fsync'd commit)."""
-        return len(self._recent) >= self.FOLD_AT
+        """Whether `fold` has work: `delivered_recent` holds `FOLD_AT` ids or more, or a round of merge steps is
+        under way. Call it outside a transaction, between frames, so its page writes are not in a frame's fsync'd
+        commit."""
+        return len(self._recent) >= self.FOLD_AT or self._merge_from is not None
 
     def mark(self, msg_id: bytes, now_ms: int) -> bool:
         """Record a delivery; False if this id was already recorded (a duplicate: do not deliver it again)."""
@@ -83,7 +97,7 @@ class DeliveredIds:
         return self._keys.blind_many("delivered", msg_ids)
 
     def mark_many(self, msg_ids: list[bytes], now_ms: int, keys: list[bytes] | None = None) -> int:
-        """`mark` for a batch in one statement; returns how many ids were new (an id already recorded, in either
+        """`mark` for a batch in one statement; returns how many ids were new (an id already recorded, in any
         table, or twice in the batch, is recorded once). `keys`: `keys(msg_ids)`, if the caller has them."""
         if keys is None:
             keys = [self._k(m) for m in msg_ids]
@@ -98,7 +112,7 @@ class DeliveredIds:
             fresh = [k for k in dict.fromkeys(keys) if k not in recent]
             unknown = fresh if epoch != self._epoch else [k for k in fresh if k not in absent]
             if unknown:
-                old = _present(conn, "delivered", unknown)
+                old = _present_stored(conn, unknown)
                 if old:
                     fresh = [k for k in fresh if k not in old]
             if not fresh:
@@ -112,26 +126,65 @@ class DeliveredIds:
             self._db.on_rollback(functools.partial(self._forget_recent, recent, fresh))
             conn.executemany("INSERT INTO delivered_recent (k, at_ms) VALUES (?, ?)",
                              [(_blob(k), now_ms) for k in fresh])
+            self._marked += len(fresh)  # (not taken back on a rollback: it only sizes the next merge step)
             return len(fresh)
 
     def _forget_recent(self, recent: set[bytes], keys: list[bytes]) -> None:
         recent.difference_update(keys)
 
     def fold(self) -> int:
-        """Move the ids of `delivered_recent` into `delivered`, in key order, in one transaction of its own; returns
-        how many. Not fsynced: a power cut before the next durable commit undoes the whole fold (both tables as
-        before it), never a part of it."""
+        """One step, in a transaction of its own; returns how many ids it moved. If `delivered_recent` holds
+        `FOLD_AT` ids or more, or no round of merge steps is under way: move them all into `delivered_mid`, in key
+        order. Otherwise: the round's next merge step (`MERGE_SLICE` ids or more of `delivered_mid` into `delivered`).
+        Not fsynced: a power cut before the next durable commit undoes the whole step (the tables as before it),
+        never a part of it."""
         with self._db.write("folding recent delivered message ids", durable=False) as conn:
-            return self._fold(conn)
+            if len(self._recent) >= self.FOLD_AT or self._merge_from is None:
+                return self._fold(conn)
+            return self._merge_step(conn, self._merge_from)
 
     def _fold(self, conn: sqlite3.Connection) -> int:
-        n = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) "
+        n = conn.execute("INSERT OR IGNORE INTO delivered_mid (k, at_ms) "
                          "SELECT k, at_ms FROM delivered_recent ORDER BY k").rowcount
         conn.execute("DELETE FROM delivered_recent")
         old, self._recent = self._recent, set()
         self._epoch += 1
         self._db.on_rollback(functools.partial(self._restore_recent, old))
+        if self._merge_from is None and n > 0 and \
+                conn.execute("SELECT COUNT(*) FROM delivered_mid").fetchone()[0] >= self.MID_MAX:
+            self._merge_from, self._marked = b"", 0  # a round starts (taken back if this transaction rolls back)
+            self._db.on_rollback(functools.partial(self._merge_at, None))
         return int(n)
+
+    def _merge_step(self, conn: sqlite3.Connection, lo: bytes) -> int:
+        """Move the next ids of `delivered_mid` from key `lo` on into `delivered` (the rest, if fewer: the round
+        ends), in key order, then delete that key range: contiguous in both tables. As many as `MERGE_SLICE`, or
+        twice the ids marked since the last step if more (at most 8 times as many): the receiver makes one step
+        per frame, so a round keeps ahead of the ids coming in whatever the frames' size, and `delivered_mid`
+        stays near `MID_MAX`."""
+        size = min(max(self.MERGE_SLICE, 2 * self._marked), 8 * self.MERGE_SLICE)
+        self._marked = 0
+        row = conn.execute("SELECT k FROM delivered_mid WHERE k >= ? ORDER BY k LIMIT 1 OFFSET ?",
+                           (lo, size)).fetchone()
+        if row is None:  # the last step of the round: every id from `lo` on
+            n = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) "
+                             "SELECT k, at_ms FROM delivered_mid WHERE k >= ? ORDER BY k", (lo,)).rowcount
+            conn.execute("DELETE FROM delivered_mid WHERE k >= ?", (lo,))
+            nxt = None
+        else:
+            nxt = bytes(row[0])
+            n = conn.execute("INSERT OR IGNORE INTO delivered (k, at_ms) "
+                             "SELECT k, at_ms FROM delivered_mid WHERE k >= ? AND k < ? ORDER BY k",
+                             (lo, nxt)).rowcount
+            conn.execute("DELETE FROM delivered_mid WHERE k >= ? AND k < ?", (lo, nxt))
+        self._merge_from = nxt
+        self._epoch += 1
+        self._db.on_rollback(functools.partial(self._merge_at, lo))
+        return int(n)
+
+    def _merge_at(self, lo: bytes | None) -> None:
+        self._merge_from = lo
+        self._new_epoch()
 
     def _restore_recent(self, old: set[bytes]) -> None:
         self._recent = old
@@ -145,7 +198,7 @@ class DeliveredIds:
         with self._db.read("reading delivered message ids") as conn:
             if k in self._recent:
                 return True
-            return conn.execute("SELECT 1 FROM delivered WHERE k = ?", (k,)).fetchone() is not None
+            return bool(_present_stored(conn, [k]))
 
     def seen_many(self, msg_ids: list[bytes], keys: list[bytes] | None = None) -> set[bytes]:
         """The ids among `msg_ids` already recorded: the recent ids from the set, the others one query per 512
@@ -160,7 +213,7 @@ class DeliveredIds:
             recent = self._recent
             found = {m for k, m in keyed.items() if k in recent}
             rest = [k for k in keyed if k not in recent] if found else list(keyed)
-            old = _present(conn, "delivered", rest)
+            old = _present_stored(conn, rest)
             found.update(keyed[k] for k in old)
             self._absent = (self._epoch, {k for k in rest if k not in old})
         return found
@@ -168,10 +221,11 @@ class DeliveredIds:
     PRUNE_SLICES = 256
 
     def prune(self, older_than_ms: int) -> int:
-        """Forget ids recorded before `older_than_ms`; returns how many. One statement over the whole table (no
+        """Forget ids recorded before `older_than_ms`; returns how many. One statement over each whole table (no
         index on the time since schema version 4): the daemon prunes `prune_slice` by slice instead."""
         with self._db.write("pruning delivered message ids") as conn:
-            n = conn.execute("DELETE FROM delivered WHERE at_ms < ?", (older_than_ms,)).rowcount
+            n = sum(conn.execute(f"DELETE FROM {t} WHERE at_ms < ?", (older_than_ms,)).rowcount  # noqa: S608
+                    for t in _STORED)
             self._db.on_rollback(self._new_epoch)  # (a rollback puts the rows back: `_absent` no longer holds)
             return int(n) + self._prune_recent(conn, older_than_ms)
 
@@ -185,26 +239,31 @@ class DeliveredIds:
         return len(gone)
 
     def prune_slice(self, older_than_ms: int, i: int) -> int:
-        """`prune` for the ids whose blind key starts with byte `i` (0..255): a 256th of the table, found by key,
-        so the hourly prune of ~30 days of ids never holds the store (and the event loop) for a whole scan; slice
-        0 also prunes `delivered_recent` (a few thousand rows at most, scanned). Not fsynced: a prune lost to a
-        power cut is done again an hour later."""
+        """`prune` for the ids whose blind key starts with byte `i` (0..255): a 256th of `delivered` and of
+        `delivered_mid`, found by key, so the hourly prune of ~30 days of ids never holds the store (and the event
+        loop) for a whole scan; slice 0 also prunes `delivered_recent` (a few thousand rows at most, scanned). Not
+        fsynced: a prune lost to a power cut is done again an hour later."""
         if not 0 <= i < self.PRUNE_SLICES:
             raise ValueError(f"prune slices are 0..{self.PRUNE_SLICES - 1}, not {i}")
         with self._db.write("pruning delivered message ids", durable=False) as conn:
-            if i == self.PRUNE_SLICES - 1:
-                sql, args = "DELETE FROM delivered WHERE k >= ? AND at_ms < ?", (bytes([i]), older_than_ms)
-            else:
-                sql, args = "DELETE FROM delivered WHERE k >= ? AND k < ? AND at_ms < ?", (bytes([i]), bytes([i + 1]),
-                                                                                          older_than_ms)
-            n = int(conn.execute(sql, args).rowcount)
+            n = 0
+            for t in _STORED:
+                if i == self.PRUNE_SLICES - 1:
+                    sql, args = f"DELETE FROM {t} WHERE k >= ? AND at_ms < ?", (bytes([i]), older_than_ms)  # noqa: S608
+                else:
+                    sql = f"DELETE FROM {t} WHERE k >= ? AND k < ? AND at_ms < ?"  # noqa: S608
+                    args = (bytes([i]), bytes([i + 1]), older_than_ms)
+                n += int(conn.execute(sql, args).rowcount)
             self._db.on_rollback(self._new_epoch)
             return n + (self._prune_recent(conn, older_than_ms) if i == 0 else 0)
 
     def count(self) -> int:
         with self._db.read("counting delivered message ids") as conn:
-            return int(conn.execute("SELECT (SELECT COUNT(*) FROM delivered) + "
-                                    "(SELECT COUNT(*) FROM delivered_recent)").fetchone()[0])
+            return int(conn.execute("SELECT (SELECT COUNT(*) FROM delivered) + (SELECT COUNT(*) FROM delivered_mid) "
+                                    "+ (SELECT COUNT(*) FROM delivered_recent)").fetchone()[0])
+
+
+_STORED = ("delivered_mid", "delivered")  # the delivered ids' tables keyed by the blind id (`delivered_recent` is not)
 
 
 class KeyedBlobs:
@@ -371,10 +430,17 @@ class Peers:
             return int(conn.execute("SELECT COUNT(*) FROM peers").fetchone()[0])
 
 
-def _present(conn: sqlite3.Connection, table: str, keys: list[bytes]) -> set[bytes]:
-    """The keys among `keys` that are rows of `table`: one query per 512."""
+@functools.cache
+def _present_sql(n: int) -> str:
+    marks = ",".join(f"?{i}" for i in range(1, n + 1))  # (numbered: each key bound once, used in both tables)
+    return (f"SELECT k FROM delivered_mid WHERE k IN ({marks}) "  # noqa: S608
+            f"UNION ALL SELECT k FROM delivered WHERE k IN ({marks})")
+
+
+def _present_stored(conn: sqlite3.Connection, keys: list[bytes]) -> set[bytes]:
+    """The keys among `keys` that are rows of `delivered_mid` or `delivered`: one query per 512."""
     found: set[bytes] = set()
-    for marks, chunk in in_lists([_blob(k) for k in keys]):
-        sql = f"SELECT k FROM {table} WHERE k IN ({marks})"  # noqa: S608
-        found.update(bytes(row[0]) for row in conn.execute(sql, chunk))
+    for _, chunk in in_lists([_blob(k) for k in keys]):
+        found.update(bytes(row[0]) for row in conn.execute(_present_sql(len(chunk)), chunk))
     return found
+

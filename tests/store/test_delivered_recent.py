@@ -1,9 +1,11 @@
-"""The delivered ids in two tables (schema version 5, `gateway/store/records.py` `DeliveredIds`): new ids wait in
-`delivered_recent` (rowid order, their keys also in a set in memory) and are folded into `delivered` in key order.
+"""The delivered ids in three tables (schema version 6, `gateway/store/records.py` `DeliveredIds`): new ids wait in
+`delivered_recent` (rowid order, their keys also in a set in memory), are folded into `delivered_mid` in key
+order, and move from there into `delivered` by merge steps of a key range each.
 
 Promised, whatever table an id sits in: an id recorded once is found (and marking it again says "duplicate")
-until it is pruned, across restarts, rollbacks and a kill -9 at any moment, including in the middle of a fold;
-an id is in exactly one of the two tables; no plaintext id is on disk; a version 4 store keeps its ids.
+until it is pruned, across restarts, rollbacks and a kill -9 at any moment, including in the middle of a fold or
+a merge step; an id is in exactly one of the tables; no plaintext id is on disk; version 4 and 5 stores keep
+their ids.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ from .conftest import SoftStorageKey, mid
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parents[2]
-BOTH = "SELECT k FROM delivered UNION ALL SELECT k FROM delivered_recent"
+ALL = "SELECT k FROM delivered UNION ALL SELECT k FROM delivered_mid UNION ALL SELECT k FROM delivered_recent"
 
 
 def _rows(s: Store, table: str) -> int:
@@ -37,8 +40,10 @@ def _rows(s: Store, table: str) -> int:
         return int(conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
 
-def _in_both(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("SELECT COUNT(*) FROM delivered JOIN delivered_recent USING (k)").fetchone()[0])
+def _in_two(conn: sqlite3.Connection) -> int:
+    """Ids in more than one of the tables (never: each is moved by one transaction that inserts and deletes)."""
+    return int(conn.execute(f"SELECT COUNT(*) FROM (SELECT k FROM ({ALL}) GROUP BY k HAVING COUNT(*) > 1)"
+                            ).fetchone()[0])
 
 
 @pytest.fixture
@@ -46,6 +51,8 @@ def small(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fold thresholds small enough for a test."""
     monkeypatch.setattr(DeliveredIds, "FOLD_AT", 8)
     monkeypatch.setattr(DeliveredIds, "RECENT_MAX", 12)
+    monkeypatch.setattr(DeliveredIds, "MID_MAX", 40)
+    monkeypatch.setattr(DeliveredIds, "MERGE_SLICE", 10)
 
 
 def test_new_ids_wait_in_the_recent_table_and_are_duplicates_there(store: Store) -> None:
@@ -60,12 +67,13 @@ def test_new_ids_wait_in_the_recent_table_and_are_duplicates_there(store: Store)
     assert store.delivered.count() == 9 and _rows(store, "delivered_recent") == 9
 
 
-def test_a_fold_moves_every_id_into_delivered_with_its_time(store: Store) -> None:
+def test_a_fold_moves_every_id_into_delivered_mid_with_its_time(store: Store) -> None:
     ids = [os.urandom(16) for _ in range(300)]
     store.delivered.mark_many(ids[:100], 1_000)
     store.delivered.mark_many(ids[100:], 5_000)
     assert store.delivered.fold() == 300
-    assert _rows(store, "delivered_recent") == 0 and _rows(store, "delivered") == 300
+    assert _rows(store, "delivered_recent") == 0 and _rows(store, "delivered_mid") == 300
+    assert _rows(store, "delivered") == 0
     assert store.delivered.seen_many(ids) == set(ids)
     assert store.delivered.mark_many(ids[::7], 9_000) == 0
     assert store.delivered.fold() == 0
@@ -95,11 +103,11 @@ def test_fold_due_and_the_bound_of_the_recent_set(store: Store, small: None) -> 
     store.delivered.mark_many([mid(n) for n in range(8, 12)], 1)
     assert _rows(store, "delivered_recent") == 12 and _rows(store, "delivered") == 0
     store.delivered.mark_many([mid(12), mid(13)], 1)  # 14 > 12: the 12 folded inside this write, then these two
-    assert _rows(store, "delivered_recent") == 2 and _rows(store, "delivered") == 12
+    assert _rows(store, "delivered_recent") == 2 and _rows(store, "delivered_mid") == 12
     assert not store.delivered.fold_due and len(store.delivered._recent) == 2
     assert store.delivered.seen_many([mid(n) for n in range(15)]) == {mid(n) for n in range(14)}
     store.delivered.mark_many([mid(n) for n in range(100, 120)], 1)  # a batch larger than the bound: alone
-    assert len(store.delivered._recent) == 20 and _rows(store, "delivered") == 14
+    assert len(store.delivered._recent) == 20 and _rows(store, "delivered_mid") == 14
 
 
 def test_a_rolled_back_mark_is_forgotten_and_a_rolled_back_fold_is_undone(store: Store) -> None:
@@ -115,7 +123,7 @@ def test_a_rolled_back_mark_is_forgotten_and_a_rolled_back_fold_is_undone(store:
         store.delivered.fold()
         store.delivered.mark(mid(6), 4)
         raise RuntimeError("rolled back")
-    assert _rows(store, "delivered") == 0 and _rows(store, "delivered_recent") == 3
+    assert _rows(store, "delivered_mid") == 0 and _rows(store, "delivered_recent") == 3
     assert store.delivered._recent == {store.delivered._k(mid(n)) for n in (1, 2, 3)}
     assert store.delivered.seen_many([mid(n) for n in range(1, 7)]) == {mid(1), mid(2), mid(3)}
     assert not store.mark_delivered(mid(2), 5) and store.mark_delivered(mid(5), 5)
@@ -171,7 +179,7 @@ def test_a_lookup_inside_a_rolled_back_prune_is_not_trusted_after_it(store: Stor
         raise RuntimeError("rolled back")
     assert not store.mark_delivered(mid(1), 3)
     with store._db.read("test") as conn:
-        assert _in_both(conn) == 0
+        assert _in_two(conn) == 0
 
 
 def test_pruning_covers_the_recent_table_and_its_set(store: Store) -> None:
@@ -206,20 +214,20 @@ def test_no_plaintext_id_in_either_table(db_path: Path, key: SoftStorageKey) -> 
         for p in (db_path, Path(f"{db_path}-wal")):
             assert b"PLAINID-" not in p.read_bytes(), p.name
         with s._db.read("test") as conn:
-            keys = [bytes(r[0]) for r in conn.execute(BOTH)]
+            keys = [bytes(r[0]) for r in conn.execute(ALL)]
         assert sorted(keys) == sorted(s.delivered.keys(marker))  # the blind keys, 16 bytes each
     for p in db_path.parent.iterdir():
         assert b"PLAINID-" not in p.read_bytes(), p.name
 
 
-def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_recent_table(tmp_path: Path) -> None:
+def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_new_tables(tmp_path: Path) -> None:
     """tests/store/data/store-v4.db was written by the code of schema version 4 (tests/store/data/README.md)."""
     path = tmp_path / "agw.db"
     path.write_bytes((DATA / "store-v4.db").read_bytes())
     key = SoftStorageKey(kek=b"\x11" * 32)
     upgrades: list[tuple[int, int]] = []
     with Store.open(path, key, on_upgrade=lambda a, b: upgrades.append((a, b))) as s:
-        assert upgrades == [(4, 5)]
+        assert upgrades == [(4, 6)]
         assert s.delivered.count() == 305 and _rows(s, "delivered_recent") == 0
         assert s.delivered.seen_many([mid(n) for n in (1, 5, 100, 399, 400)]) == {mid(1), mid(5), mid(100), mid(399)}
         assert not s.mark_delivered(mid(3), 9_000) and not s.delivered.mark_many([mid(200), mid(300)], 9_000)
@@ -227,8 +235,8 @@ def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_recent_table
         assert s.inbox.get("dev-a/" + mid(9).hex()) == b"an inbox record"
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
-        assert _in_both(conn) == 0
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert _in_two(conn) == 0
     finally:
         conn.close()
     with Store.open(path, key) as s:  # and across a restart: the old ids in delivered, the new one in the set
@@ -250,18 +258,187 @@ def test_a_version_5_store_without_its_recent_table_is_refused(db_path: Path, ke
         Store.open(db_path, key)
 
 
-def test_a_copy_of_the_files_at_any_statement_of_a_fold_has_every_id_in_one_table(
-    db_path: Path, key: SoftStorageKey, tmp_path: Path
+def test_a_version_5_store_keeps_its_ids_in_both_tables_and_gains_delivered_mid(tmp_path: Path) -> None:
+    """tests/store/data/store-v5.db was written by the code of schema version 5 (tests/store/data/README.md): 305
+    ids in `delivered`, 20 waiting in `delivered_recent`."""
+    path = tmp_path / "agw.db"
+    path.write_bytes((DATA / "store-v5.db").read_bytes())
+    key = SoftStorageKey(kek=b"\x11" * 32)
+    upgrades: list[tuple[int, int]] = []
+    with Store.open(path, key, on_upgrade=lambda a, b: upgrades.append((a, b))) as s:
+        assert upgrades == [(5, 6)]
+        assert s.delivered.count() == 325 and _rows(s, "delivered_recent") == 20 and _rows(s, "delivered_mid") == 0
+        assert s.delivered.seen_many([mid(n) for n in (1, 100, 400, 505, 520)]) == {mid(1), mid(100), mid(505)}
+        assert not s.mark_delivered(mid(3), 9_000) and not s.delivered.mark_many([mid(300), mid(519)], 9_000)
+        assert s.mark_delivered(mid(6), 9_000) and _rows(s, "delivered_recent") == 21
+        assert s.inbox.get("dev-a/" + mid(9).hex()) == b"an inbox record"
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert _in_two(conn) == 0
+    finally:
+        conn.close()
+    with Store.open(path, key) as s:  # and across a restart: the recent ids read back, then folded into the new table
+        assert s.delivered.seen_many([mid(n) for n in (1, 6, 7, 510)]) == {mid(1), mid(6), mid(510)}
+        assert s.delivered.fold() == 21 and _rows(s, "delivered_mid") == 21 and s.delivered.count() == 326
+        assert not s.mark_delivered(mid(510), 9_500) and not s.mark_delivered(mid(6), 9_500)
+        assert s.prune_delivered(older_than_ms=55_000) == 306  # mid(1..6), mid(100..399): their times came along
+        assert s.delivered.seen_many([mid(n) for n in (1, 6, 399, 500, 519)]) == {mid(500), mid(519)}
+
+
+def test_a_version_6_store_without_delivered_mid_is_refused(db_path: Path, key: SoftStorageKey) -> None:
+    from gateway.store import StoreCorrupt
+
+    with Store.open(db_path, key):
+        pass
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TABLE delivered_mid")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreCorrupt, match="delivered_mid"):
+        Store.open(db_path, key)
+
+
+def _ids_where(s: Store, test: Callable[[bytes], bool], n: int = 8) -> list[bytes]:
+    """`n` new ids whose blind keys pass `test`."""
+    out: list[bytes] = []
+    while len(out) < n:
+        m = os.urandom(16)
+        if test(s.delivered.keys([m])[0]):
+            out.append(m)
+    return out
+
+
+def _mark_and_fold(s: Store, ids: list[bytes], at: int = 1) -> None:
+    s.delivered.mark_many(ids, at)
+    s.delivered.fold()
+
+
+def test_delivered_mid_goes_into_delivered_by_merge_steps_of_a_key_range_each(store: Store, small: None) -> None:
+    """Once `delivered_mid` holds MID_MAX ids, each `fold` is one merge step: the next MERGE_SLICE ids in key order
+    into `delivered`, in a transaction of its own; the round ends with the rest. No step moves more, and a fold
+    of the recent ids never writes `delivered` (the stall of version 5's fold grew with it)."""
+    ids = [os.urandom(16) for _ in range(40)]
+    for i in range(0, 40, 8):
+        _mark_and_fold(store, ids[i:i + 8])
+        assert _rows(store, "delivered") == 0
+    assert _rows(store, "delivered_mid") == 40 and store.delivered.fold_due  # MID_MAX: a round is under way
+    mid_keys = sorted(store.delivered.keys(ids))
+    for step in range(3):
+        assert store.delivered.fold() == 10 and store.delivered.fold_due
+        with store._db.read("test") as conn:
+            moved = sorted(bytes(r[0]) for r in conn.execute("SELECT k FROM delivered"))
+        assert moved == mid_keys[:10 * (step + 1)]  # the lowest keys first, a slice at a time
+        assert store.delivered.seen_many(ids) == set(ids)
+    # 8 new ids, all above the round's position (FOLD_AT: due): the recent ids are folded first, then the round
+    # goes on with them, its next step twice the ids marked since the last (16 > MERGE_SLICE: a step per frame
+    # keeps ahead of frames of any size), then the rest.
+    more = _ids_where(store, lambda k: k > mid_keys[30])  # (the position: the 31st key)
+    store.delivered.mark_many(more, 2)
+    assert store.delivered.fold() == 8 and _rows(store, "delivered_mid") == 18 and _rows(store, "delivered") == 30
+    assert store.delivered.fold() == 16 and store.delivered.fold() == 2
+    assert not store.delivered.fold_due and _rows(store, "delivered_mid") == 0 and _rows(store, "delivered") == 48
+    ids += more
+    assert store.delivered.seen_many(ids) == set(ids) and store.delivered.mark_many(ids, 3) == 0
+    assert store.delivered.fold() == 0  # (nothing due: an explicit fold of an empty recent table)
+
+
+def test_a_round_restarts_at_open_and_new_ids_below_its_position_wait_for_the_next(
+    db_path: Path, key: SoftStorageKey, small: None
 ) -> None:
-    """The files as a kill -9 would leave them after each statement of a fold (and of the marks around it): each
-    copy opens with every committed id found, none in both tables."""
+    ids = [os.urandom(16) for _ in range(56)]
+    with Store.open(db_path, key) as s:
+        for i in range(0, 40, 8):
+            _mark_and_fold(s, ids[i:i + 8])
+        assert s.delivered.fold() == 10
+        for i in range(40, 56, 8):  # (the round's position is past the lowest key; 46 left in delivered_mid)
+            _mark_and_fold(s, ids[i:i + 8])
+        assert _rows(s, "delivered_mid") == 46
+    with Store.open(db_path, key) as s:  # the position was in memory only: from the lowest key again
+        assert s.delivered.fold_due and s.delivered.fold() == 10
+        with s._db.read("test") as conn:
+            moved = sorted(bytes(r[0]) for r in conn.execute("SELECT k FROM delivered"))
+        assert moved == sorted(s.delivered.keys(ids))[:20]  # the first 10 before, and the 10 lowest of the rest
+        low = _ids_where(s, lambda k: k < moved[0])
+        _mark_and_fold(s, low)  # (folded into delivered_mid below the round's position: they wait for the next)
+        while s.delivered.fold_due:
+            s.delivered.fold()
+        assert _rows(s, "delivered") == 56 and _rows(s, "delivered_mid") == 8
+        assert s.delivered.seen_many(ids + low) == set(ids + low)
+
+
+def test_a_rolled_back_merge_step_is_undone_and_done_again(store: Store, small: None) -> None:
+    ids = [os.urandom(16) for _ in range(40)]
+    for i in range(0, 40, 8):
+        _mark_and_fold(store, ids[i:i + 8])
+    assert store.delivered.fold() == 10
+    with pytest.raises(RuntimeError), store.transaction():
+        assert store.delivered.fold() == 10
+        assert store.delivered.seen_many([]) == set()
+        raise RuntimeError("rolled back")
+    assert _rows(store, "delivered") == 10 and _rows(store, "delivered_mid") == 30
+    assert store.delivered.seen_many(ids) == set(ids) and store.delivered.mark_many(ids, 2) == 0
+    with store._db.read("test") as conn:
+        before = {bytes(r[0]) for r in conn.execute("SELECT k FROM delivered")}
+    assert store.delivered.fold() == 10  # the same slice again, not the one after it
+    with store._db.read("test") as conn:
+        moved = sorted({bytes(r[0]) for r in conn.execute("SELECT k FROM delivered")} - before)
+    assert moved == sorted(store.delivered.keys(ids))[10:20]
+    while store.delivered.fold_due:
+        store.delivered.fold()
+    assert _rows(store, "delivered") == 40 and _rows(store, "delivered_mid") == 0
+    with pytest.raises(RuntimeError), store.transaction():  # a rolled-back start of a round: no round
+        store.delivered.mark_many([os.urandom(16) for _ in range(40)], 3)
+        store.delivered.fold()
+        assert store.delivered.fold_due
+        raise RuntimeError("rolled back")
+    assert not store.delivered.fold_due and _rows(store, "delivered_mid") == 0
+
+
+def test_a_lookup_then_a_mark_with_a_merge_step_between_looks_again(store: Store, small: None) -> None:
+    """`mark_many` trusts `seen_many`'s look in the stored tables only while no fold or merge step came between.
+    (Defensive for the merge step: an id it moves was in `delivered_mid` at the look, or came there by a fold,
+    which ends the trust itself; here the id is put there behind the store's back.)"""
+    ids = [os.urandom(16) for _ in range(40)]
+    for i in range(0, 40, 8):
+        _mark_and_fold(store, ids[i:i + 8])
+    x = os.urandom(16)
+    assert store.delivered.seen_many([x]) == set()
+    with store._db.write("test") as conn:
+        conn.execute("INSERT INTO delivered_mid (k, at_ms) VALUES (?, 2)", (store.delivered._k(x),))
+    assert store.delivered.fold() == 10  # a merge step between the lookup and the mark
+    assert store.delivered.mark_many([x], 3) == 0
+
+
+def test_pruning_and_lookups_cover_delivered_mid(store: Store, small: None) -> None:
+    store.delivered.mark_many([mid(1), mid(2)], 1_000)
+    store.delivered.fold()
+    assert _rows(store, "delivered_mid") == 2
+    assert store.delivered.seen(mid(1)) and not store.mark_delivered(mid(2), 1_500)
+    assert store.delivered.count() == 2 and store.prune_delivered(older_than_ms=2_000) == 2
+    assert not store.delivered.seen(mid(1)) and store.delivered.count() == 0
+    store.delivered.mark_many([mid(3), mid(4)], 1_000)
+    store.delivered.fold()
+    pruned = sum(store.delivered.prune_slice(2_000, i) for i in range(store.delivered.PRUNE_SLICES))
+    assert pruned == 2 and _rows(store, "delivered_mid") == 0
+
+
+def test_a_copy_of_the_files_at_any_statement_of_a_fold_has_every_id_in_one_table(
+    db_path: Path, key: SoftStorageKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The files as a kill -9 would leave them after each statement of a fold, of merge steps (the round's first
+    and its last) and of the marks around them: each copy opens with every committed id found, none in two
+    tables."""
+    for name, value in (("FOLD_AT", 150), ("RECENT_MAX", 400), ("MID_MAX", 2000), ("MERGE_SLICE", 1400)):
+        monkeypatch.setattr(DeliveredIds, name, value)
     committed: list[bytes] = []
     copies: list[tuple[Path, int]] = []
     with Store.open(db_path, key) as s:
         s.delivered.mark_many([os.urandom(16) for _ in range(3000)], 1)
         s.delivered.fold()
+        assert _rows(s, "delivered_mid") == 3000 and s.delivered.fold_due  # (a round of merge steps is due)
         with s._db.read("test") as conn:
-            committed.extend(bytes(r[0]) for r in conn.execute("SELECT k FROM delivered"))
+            committed.extend(bytes(r[0]) for r in conn.execute(ALL))
 
         def copy(_sql: str) -> None:
             to = tmp_path / f"copy{len(copies)}" / "agw.db"
@@ -277,18 +454,22 @@ def test_a_copy_of_the_files_at_any_statement_of_a_fold_has_every_id_in_one_tabl
         try:
             s.delivered.mark_many(new[:200], 2)
             committed.extend(s.delivered.keys(new[:200]))
-            s.delivered.fold()
+            assert s.delivered.fold() == 200  # the recent ids first (200 >= FOLD_AT), into delivered_mid
+            assert s.delivered.fold() == 1400  # a merge step: 1,400 of delivered_mid's 3,200 into delivered
             s.delivered.mark_many(new[200:], 3)
             committed.extend(s.delivered.keys(new[200:]))
+            assert s.delivered.fold() == 1400 and s.delivered.fold() == 400  # the round's last step: the rest
+            assert not s.delivered.fold_due
         finally:
             with s._db.read("test") as conn:
                 conn.set_trace_callback(None)
-    assert len(copies) >= 6
+        assert _rows(s, "delivered") == 3200 and _rows(s, "delivered_mid") == 0
+    assert len(copies) >= 20
     for path, n in copies:
         conn = sqlite3.connect(path)
         try:
-            keys = {bytes(r[0]) for r in conn.execute(BOTH)}
-            both = _in_both(conn)
+            keys = {bytes(r[0]) for r in conn.execute(ALL)}
+            both = _in_two(conn)
         finally:
             conn.close()
         assert both == 0, path
@@ -306,6 +487,7 @@ _CHILD = textwrap.dedent("""
     from gateway.store.records import DeliveredIds
     from tests.store.conftest import SoftStorageKey
     DeliveredIds.FOLD_AT, DeliveredIds.RECENT_MAX = 300, 400
+    DeliveredIds.MID_MAX, DeliveredIds.MERGE_SLICE = 1000, 150
     s = Store.open(sys.argv[1], SoftStorageKey(kek=bytes.fromhex(sys.argv[2])))
     n = 0
     while True:
@@ -322,8 +504,9 @@ _CHILD = textwrap.dedent("""
 
 @pytest.mark.parametrize("delay", [0.15, 0.3, 0.45, 0.6])
 def test_kill_9_at_any_moment_loses_no_recorded_id(tmp_path: Path, delay: float) -> None:
-    """A process marking ids (fsync'd commits, as the receiver's inbox commit) and folding them (not fsync'd),
-    killed with SIGKILL: every id it reported committed is found after a restart, none is in both tables."""
+    """A process marking ids (fsync'd commits, as the receiver's inbox commit), folding them and merging them
+    (not fsync'd), killed with SIGKILL: every id it reported committed is found after a restart, none is in two
+    tables."""
     path = tmp_path / "agw.db"
     kek = os.urandom(32)
     Store.open(path, SoftStorageKey(kek=kek)).close()
@@ -343,7 +526,8 @@ def test_kill_9_at_any_moment_loses_no_recorded_id(tmp_path: Path, delay: float)
         assert s.delivered.seen_many(reported) == set(reported)
         assert s.delivered.count() >= len(reported)
         with s._db.read("test") as conn:
-            assert _in_both(conn) == 0
+            assert _in_two(conn) == 0
+        assert _rows(s, "delivered") > 0, len(reported)  # merge steps happened
 
 
 def test_the_receiver_folds_between_frames_and_a_failed_fold_only_waits(caplog: pytest.LogCaptureFixture) -> None:

@@ -233,7 +233,7 @@ def test_a_version_1_store_loses_its_usage_triggers(db_path: Path, key: SoftStor
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_schema WHERE name LIKE 'outbox_usage%'")}
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     conn.close()
-    assert names == set() and version == SCHEMA_VERSION == 5
+    assert names == set() and version == SCHEMA_VERSION == 6
 
 
 def test_a_row_is_sealed_as_the_codec_packs_it(store: Store) -> None:
@@ -307,7 +307,7 @@ def test_a_version_2_store_loses_its_peer_index(db_path: Path, key: SoftStorageK
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     conn.close()
     assert "outbox_by_peer" not in names and {"outbox_by_due", "outbox_by_expiry"} <= names
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
 
 
 

@@ -124,7 +124,7 @@ def test_a_version_3_store_keeps_its_delivered_ids_in_the_one_btree_of_version_4
         sql = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'delivered'").fetchone()[0]
         indexes = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'delivered'")
         assert "WITHOUT ROWID" in sql and indexes.fetchall() == []
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     finally:
         conn.close()
     with Store.open(path, key) as s:  # and across a restart
