@@ -181,7 +181,6 @@ class Gateway(Sending, Receiving, Receipts):
                 await self.link.close()
             await self.control.stop()
             self._close_receiving()
-            self._close_sending()
             self.store.close()
         return 0
 

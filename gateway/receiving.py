@@ -180,7 +180,7 @@ class Receiving:
         with self.store.transaction(durable=False):
             for env, (inner, raw) in [(e, i) for e in envelopes for i in self._open(e)]:
                 if inner.kind is Kind.ACK:
-                    self._acked_later(inner.ids)  # (their rows go with the next ingest commit: ACKED_WAIT_MAX)
+                    self.counters.acked += self.store.outbox.delete_many(inner.ids)
                     self._settled(env.sender, inner.ids)
                     self._handover.remove(env.sender, inner.ids)  # (held ids are not sent yet: none, normally)
                 elif inner.kind is Kind.REJECT:

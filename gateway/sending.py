@@ -27,7 +27,7 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.message import encode_data, new_message_ids
 from gateway.protocol.pairwise.batch import ITEM_OVERHEAD
 from gateway.runtime import now_ms
-from gateway.store import OutboxEntry, OutboxFull, StoreClosed, StoreError
+from gateway.store import OutboxEntry, OutboxFull, StoreError
 from gateway.store.marks import RedeliveryMarks
 
 if TYPE_CHECKING:
@@ -56,14 +56,6 @@ HANDOVER_DUE_MS = HANDOVER_FRESH_MS + RETRY_MIN_MS
 # keeps the messages meanwhile (nothing is acknowledged before it is stored).
 HANDOVER_WAIT_S = 0.5
 HANDOVER_MOVING_S = 0.5
-# The outbox rows of messages the peer acknowledged are deleted in the next ingest commit (`_ingest`), where their
-# row keys' index pages are mostly the pages the new rows' keys dirty anyway (the keys are random: each commit of
-# its own wrote about as many pages again), or at most ACKED_WAIT_MAX seconds after the first of them, in one
-# transaction of their own (`_delete_acked`); at once past ACKED_PENDING_MAX ids. Meanwhile they are not sent
-# again (`_send_pass_body`). A crash before their commit leaves them queued, as one before the ACK's own commit
-# did: sent again after the restart, dropped as duplicates by the peer, which acknowledges them again.
-ACKED_WAIT_MAX = 0.05
-ACKED_PENDING_MAX = 2048
 
 
 # What one outbox entry may add to its record's size on the link at most (envelope, batch and ratchet headers, AEAD
@@ -319,65 +311,10 @@ class Sending:
     _send_busy = False  # a sender pass is under way (see `_send_pass`)
     _send_again = False  # another pass was asked for meanwhile
     _expired_at = 0  # when the sender last removed expired outbox entries (ms)
-    _acked_due: asyncio.TimerHandle | None = None  # `_delete_acked` scheduled (ACKED_WAIT_MAX)
 
     @cached_property
     def _handover(self) -> Handover:
         return Handover()
-
-    @cached_property
-    def _acked(self) -> dict[bytes, None]:
-        """Ids the peers acknowledged whose outbox rows are not deleted yet (see ACKED_WAIT_MAX), in order."""
-        return {}
-
-    def _acked_later(self, ids: tuple[bytes, ...]) -> None:
-        """An ACK named these ids: their rows go with the next ingest commit, or ACKED_WAIT_MAX from now."""
-        acked = self._acked
-        acked.update(dict.fromkeys(ids))
-        if not acked:
-            return
-        if len(acked) >= ACKED_PENDING_MAX:  # at once, but after the caller's transaction (the ACK's decrypt)
-            if self._acked_due is not None:
-                self._acked_due.cancel()
-            self._acked_due = asyncio.get_running_loop().call_later(0, self._delete_acked)
-        elif self._acked_due is None:
-            self._acked_due = asyncio.get_running_loop().call_later(ACKED_WAIT_MAX, self._delete_acked)
-
-    def _acked_deleted(self, ids: list[bytes], n: int) -> None:
-        """After the commit that deleted the rows of `ids` (`n` of them were there)."""
-        acked = self._acked
-        for i in ids:
-            acked.pop(i, None)
-        self.counters.acked += n
-        if not acked and self._acked_due is not None:
-            self._acked_due.cancel()
-            self._acked_due = None
-
-    def _delete_acked(self) -> None:
-        """Delete the acknowledged rows waiting for an ingest commit, in a transaction of their own."""
-        if self._acked_due is not None:
-            self._acked_due.cancel()
-            self._acked_due = None
-        ids = list(self._acked)
-        if not ids:
-            return
-        try:
-            with self.store.transaction(durable=False):
-                n = self.store.outbox.delete_many(ids)
-        except StoreClosed:
-            return  # shut down: the rows are sent again after the restart, and acknowledged again
-        except StoreError as exc:
-            log.error("cannot delete %d acknowledged outbox entries (%s); retrying", len(ids), exc)
-            self._acked_due = asyncio.get_running_loop().call_later(1.0, self._delete_acked)
-            return
-        self._acked_deleted(ids, n)
-
-    def _close_sending(self) -> None:
-        """At shutdown, before the store closes: the acknowledged rows still waiting are deleted now."""
-        self._delete_acked()
-        if self._acked_due is not None:  # (the delete failed and scheduled a retry: too late)
-            self._acked_due.cancel()
-            self._acked_due = None
 
     @cached_property
     def _marks(self) -> RedeliveryMarks:
@@ -438,15 +375,11 @@ class Sending:
         handover = await self._handover.wait_room(items)  # sent from memory, the row due later (Handover)
         stored_at = now_ms() if handover else t
         while True:
-            acked = list(self._acked)  # (deleted first: the room they leave counts for this batch's limits)
             try:
                 with self.store.transaction(durable=self.cfg.store.durability == "power-loss"):
-                    gone = self.store.outbox.delete_many(acked) if acked else 0
                     due_at = stored_at + HANDOVER_DUE_MS if handover else 0
                     added = self.store.outbox.put_many(items, due_at_ms=due_at, attempts=int(handover))
                     self._marks.put(ingested)
-                if acked:
-                    self._acked_deleted(acked, gone)
                 break
             except (OutboxFull, StoreError) as exc:
                 self._marks.forget()  # rolled back
@@ -544,8 +477,6 @@ class Sending:
         if t - self._expired_at >= EXPIRE_EVERY_MS:  # not on every wake: `due` skips expired entries anyway
             self._expired_at = t
             for entry in self.store.outbox.expire(t):
-                if entry.msg_id in self._acked:
-                    continue  # (acknowledged: only its row was left, now gone)
                 self.store.audit.append({"type": "message.expired", "peer": entry.peer_device,
                                          "attempts": entry.attempts}, t)
             hand.remove_expired(t)
@@ -565,9 +496,8 @@ class Sending:
         due = self.store.outbox.due(t, limit=SEND_WINDOW, max_bytes=SEND_READ_BYTES, except_peers=blocked,
                                     peer_limits=rooms)
         by_peer: dict[str, list[Any]] = {}
-        acked = self._acked  # (acknowledged, their rows not deleted yet: not sent again)
         for e in due:
-            if not hand.holds(e) and e.peer_device not in blocked and e.msg_id not in acked:
+            if not hand.holds(e) and e.peer_device not in blocked:
                 by_peer.setdefault(e.peer_device, []).append(e)
         for peer in hand.peers:
             if peer not in blocked:
