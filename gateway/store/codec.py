@@ -47,6 +47,12 @@ def pack(fields: Sequence[Field]) -> bytes:
     return b"".join(out) if len(out) != 1 else bytes(bytearray(out[0]))
 
 
+def pack_name_value(name: str, value: bytes) -> bytes:
+    """`pack((name, value))` for a str and a bytes (the caller checked the types), in one join: the same bytes."""
+    raw = name.encode()
+    return b"".join((_STR_TAG, _LEN.pack(len(raw)), raw, _BYTES_TAG, _LEN.pack(len(value)), value))
+
+
 _BYTES_OFFSET = bytes.__basicsize__ - 1
 
 

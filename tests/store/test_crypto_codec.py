@@ -228,3 +228,35 @@ def test_blind_memo_holds_a_bounded_number_of_keys() -> None:
     per_name, per_id = 49 + 8 + 64 + 56 + 49 + 40, 49 + 16 + 56 + 49 + 40  # str, tuple key, value, dict slot
     assert held < 2 * 1024 * (per_name + per_id) * 1.15, held  # (the memo before: ~2 x 4,095 x that)
     assert BLIND_CACHE <= 1024
+
+
+@settings(max_examples=200)
+@given(st.text(max_size=40), st.binary(max_size=80))
+def test_pack_name_value_is_pack_of_the_pair(name: str, value: bytes) -> None:
+    from gateway.store.codec import pack_name_value
+
+    assert pack_name_value(name, value) == pack((name, value))
+    assert unpack(pack_name_value(name, value)) == (name, value)
+
+
+def test_blind_names_is_blind_per_name_memoised_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same keys as `blind(domain, name)`, and the memo left as `blind` name after name would leave it (both
+    generations, across their turnover), whether the domain's state exists yet or not; a memoised name is not
+    computed again."""
+    import gateway.store.crypto as crypto
+
+    monkeypatch.setattr(crypto, "BLIND_CACHE", 5)
+    one, many = Keyring(b"d" * 32), Keyring(b"d" * 32)
+    assert many.blind_names("inbox", []) == []
+    batches = [[f"dev-a/{i:04x}" for i in range(j, j + 4)] for j in range(0, 40, 3)]  # (overlapping)
+    batches.append(["dev-a/0000", "dev-a/0000", "dev-b/x"])  # (a name twice in a batch)
+    for names in batches:
+        want = [one.blind("inbox", n) for n in names]
+        assert many.blind_names("inbox", names) == want
+        assert want == [Keyring(b"d" * 32).blind("inbox", n, memo=False) for n in names]
+        assert many._blind_names == one._blind_names
+    counting = many._blind_domains["inbox"] = _CountingState(many._blind_domains["inbox"])
+    held = list(many._blind_names[0])[:2]
+    assert many.blind_names("inbox", [n for _, n in held]) == [one.blind("inbox", n) for _, n in held]
+    assert counting.copies == 0
+    assert many.blind_names("sessions", ["dev-b"]) == [one.blind("sessions", "dev-b")]  # (a new domain)

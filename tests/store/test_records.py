@@ -69,6 +69,45 @@ def test_update_many_rewrites_only_names_that_exist(store: Store) -> None:
         store.inbox.update_many([("a", "str")])  # type: ignore[list-item]
 
 
+def test_put_many_stores_the_rows_put_stores(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`put_many` (keys through the memo in one pass, seals with one nonce draw) writes, row for row, the key and
+    sealed value `put` writes from the same nonces; a bad value or name anywhere in the batch writes nothing."""
+    import gateway.store.crypto as crypto
+
+    items = [(f"dev-a/{i:032x}", os.urandom(i * 7)) for i in range(40)] + [("a", b"1"), ("a", b"2")]
+    stream = os.urandom(12 * len(items))
+
+    class Stream:
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def take(self, n: int) -> bytes:
+            self.pos += n
+            return stream[self.pos - n:self.pos]
+
+    def rows() -> list[tuple[bytes, bytes]]:
+        with store._db.read("test") as conn:
+            return sorted((bytes(k), bytes(v)) for k, v in conn.execute("SELECT k, v FROM inbox"))
+
+    monkeypatch.setattr(crypto, "_NONCES", Stream())
+    for name, value in items:
+        store.inbox.put(name, value)
+    want = rows()
+    for name, _ in items:
+        store.inbox.delete(name)
+    monkeypatch.setattr(crypto, "_NONCES", Stream())
+    store.inbox.put_many(items)
+    assert rows() == want
+    assert store.inbox.items() == sorted(dict(items).items())
+    monkeypatch.undo()
+    for bad in ([("b", b"1"), ("c", "str")], [("b", b"1"), ("", b"2")], [("b", b"1"), (7, b"2")]):
+        with pytest.raises(InvalidRecord):
+            store.inbox.put_many(bad)  # type: ignore[arg-type]
+        assert store.inbox.get("b") is None
+    store.inbox.put_many(iter([("g", b"from a generator")]))  # type: ignore[arg-type]
+    assert store.inbox.get("g") == b"from a generator"
+
+
 def test_sessions_and_secrets_are_separate_tables(store: Store) -> None:
     store.sessions.put("same", b"session")
     store.put_secret("same", b"secret")
