@@ -47,7 +47,7 @@ PENDING_RETRY_MS = 30_000
 # and the sender slows down. Without it a slow broker or agent makes the gateway hold the backlog in memory. Each
 # message in this state costs ~4 KB (inbox entry, task, paho message and packet); 128 (was 512) took ~2 MB off the
 # receiver's peak RSS in a 256 B burst with no loss of throughput (docs/performance.md, 2026-12-07). The check is
-# made before a frame is taken, so one frame (at most the sender's window) may add to it.
+# made before a frame is taken and before each further slice of it (RECEIVE_SLICE), so one slice may add to it.
 PUBLISH_BACKLOG = 128
 # A frame from the relay is handled in slices of at most this many data messages (decrypt, admit, inbox commit,
 # publishes, ACKs), with the PUBLISH_BACKLOG check before each: a frame may carry the sender's whole window (512
