@@ -47,8 +47,13 @@ PENDING_RETRY_MS = 30_000
 # and the sender slows down. Without it a slow broker or agent makes the gateway hold the backlog in memory. Each
 # message in this state costs ~4 KB (inbox entry, task, paho message and packet); 128 (was 512) took ~2 MB off the
 # receiver's peak RSS in a 256 B burst with no loss of throughput (docs/performance.md, 2026-12-07). The check is
-# made before a frame is taken, so one frame (at most the sender's window) may add to it.
+# made before a frame is taken and before each further slice of it (RECEIVE_SLICE), so one slice may add to it.
 PUBLISH_BACKLOG = 128
+# A frame from the relay is handled in slices of at most this many data messages (decrypt, admit, inbox commit,
+# publishes, ACKs), with the PUBLISH_BACKLOG check before each: a frame may carry the sender's whole window (512
+# messages per peer), and all of it decoded, stored and handed to paho at once set the receiver's peak memory
+# (docs/performance.md, 2026-12-07, branch mem7). The sender's batches have at most 256 (gateway/sending.py).
+RECEIVE_SLICE = 256
 # How long a frame's end-to-end ACKs wait for the broker's PUBREC of the messages they name (see _on_delivered),
 # in seconds; under load (paho's in-flight window full) they go after this.
 ACK_WAIT_MAX = 0.005
@@ -145,9 +150,7 @@ class Receiving:
                     await self.groups.on_envelopes(group_envs)
                 pairwise = tuple(e for e in ev.envelopes if e.kind is not EnvelopeKind.GROUP)
                 if pairwise:
-                    while len(self._publishing) - len(self._finished) >= PUBLISH_BACKLOG:
-                        self._publish_room.clear()
-                        await self._publish_room.wait()
+                    await self._wait_publish_room()
                     await self._on_delivered(pairwise)
             elif isinstance(ev, NotDelivered):
                 t = now_ms()
@@ -170,40 +173,81 @@ class Receiving:
         except Exception as exc:
             log.warning("publishing prekeys failed: %s", exc)
 
+    async def _wait_publish_room(self) -> None:
+        """Wait while PUBLISH_BACKLOG messages are handed to the broker and not complete (checked before each slice
+        of a frame is taken: see `_on_delivered`)."""
+        while len(self._publishing) - len(self._finished) >= PUBLISH_BACKLOG:
+            self._publish_room.clear()
+            await self._publish_room.wait()
+
     async def _on_delivered(self, envelopes: tuple[Envelope, ...]) -> None:
-        """Handle a batch from the relay: one transaction to decrypt, concurrent publishes, one to remember."""
+        """Handle a frame from the relay in slices of at most RECEIVE_SLICE messages, in order, each as a whole frame
+        was before: one transaction to decrypt, one to store into the inbox, concurrent publishes, its ACKs. Before
+        each slice but the first (the caller waits before the frame) the PUBLISH_BACKLOG check is made again, so
+        the receiver holds at most the bound plus one slice, not plus one frame (up to the sender's window, 512
+        messages per peer: their decoded messages, inbox entries, records and PUBLISH packets at once)."""
         if self.store.delivered.fold_due and time.monotonic() >= self._fold_after:
             self._fold_delivered()
-        data: list[tuple[str, InnerMessage, bytes]] = []  # (peer, message, the plaintext it was decoded from)
+        settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
+        carried: list[tuple[str, InnerMessage, bytes]] = []  # opened beyond a slice (a large batch), in order
+        i = 0  # the next envelope to open
+        while True:
+            data, carried, i = self._open_slice(envelopes, i, carried)
+            await self._on_slice(data, settled)
+            if not carried and i >= len(envelopes):
+                return
+            await self._wait_publish_room()
+
+    def _open_slice(self, envelopes: tuple[Envelope, ...], i: int, carried: list[tuple[str, InnerMessage, bytes]]
+                    ) -> tuple[list[tuple[str, InnerMessage, bytes]], list[tuple[str, InnerMessage, bytes]], int]:
+        """Open envelopes from `envelopes[i]` on, in one transaction, until RECEIVE_SLICE data messages (with those
+        `carried` from the last envelope of the previous slice) are at hand or the frame ends; the ACKs and REJECTs
+        among them are handled at once. Returns the slice's (peer, message, plaintext), those opened beyond it and
+        the next envelope to open."""
+        data = carried[:RECEIVE_SLICE]
+        rest = carried[RECEIVE_SLICE:]
+        if rest or len(data) == RECEIVE_SLICE:
+            return data, rest, i
         t = now_ms()
         frame_ns = time.time_ns() if stages.enabled else 0
         with self.store.transaction(durable=False):
-            for env, (inner, raw) in [(e, i) for e in envelopes for i in self._open(e)]:
-                if inner.kind is Kind.ACK:
-                    self.counters.acked += self.store.outbox.delete_many(inner.ids)
-                    self._settled(env.sender, inner.ids)
-                    self._handover.remove(env.sender, inner.ids)  # (held ids are not sent yet: none, normally)
-                elif inner.kind is Kind.REJECT:
-                    assert inner.reason is not None
-                    self._settled(env.sender, inner.ids)
-                    self._handover.remove(env.sender, inner.ids)
-                    if inner.reason.is_final:
-                        self.store.outbox.delete_many(inner.ids)
-                        self.store.audit.append({"type": "message.refused", "peer": env.sender,
-                                                 "reason": inner.reason.name, "count": len(inner.ids)}, t)
+            while len(data) < RECEIVE_SLICE and i < len(envelopes):
+                env = envelopes[i]
+                i += 1
+                for inner, raw in self._open(env):
+                    if inner.kind is Kind.ACK:
+                        self.counters.acked += self.store.outbox.delete_many(inner.ids)
+                        self._settled(env.sender, inner.ids)
+                        self._handover.remove(env.sender, inner.ids)  # (held ids are not sent yet: none, normally)
+                    elif inner.kind is Kind.REJECT:
+                        assert inner.reason is not None
+                        self._settled(env.sender, inner.ids)
+                        self._handover.remove(env.sender, inner.ids)
+                        if inner.reason.is_final:
+                            self.store.outbox.delete_many(inner.ids)
+                            self.store.audit.append({"type": "message.refused", "peer": env.sender,
+                                                     "reason": inner.reason.name, "count": len(inner.ids)}, t)
+                        else:
+                            self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
                     else:
-                        self.store.outbox.mark_attempts(inner.ids, t + PENDING_RETRY_MS)
-                else:
-                    data.append((env.sender, inner, raw))
+                        data.append((env.sender, inner, raw))
             self.book.flush()
         if stages.enabled:
             stages.mark("b.frame", (inner.message_id for _, inner, _ in data), frame_ns)
             stages.mark("b.opened", (inner.message_id for _, inner, _ in data))
+        if len(data) > RECEIVE_SLICE:
+            data, rest = data[:RECEIVE_SLICE], data[RECEIVE_SLICE:]
+        return data, rest, i
+
+    async def _on_slice(self, data: list[tuple[str, InnerMessage, bytes]],
+                        settled: dict[tuple[str, str, str], ConsentState]) -> None:
+        """Admit a slice's data messages, store the accepted ones in the inbox (one commit), start their publishes
+        and send the slice's ACKs once that commit is made (see `_on_delivered`)."""
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage, bytes]] = []
-        settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
-        # Ids delivered (or held) before: one query for the whole frame. A second copy of an id within the frame
-        # (a sender's retry next to the original) is a duplicate of the first.
+        # Ids delivered (or held) before: one query for the whole slice (those of the frame's earlier slices are
+        # in the store by then: marked in their inbox commit). A second copy of an id within the slice (a sender's
+        # retry next to the original) is a duplicate of the first.
         # The ids' row keys are computed once, for this lookup and for marking those accepted.
         data_ids = [inner.message_id for _, inner, _ in data]
         keys = self.store.delivered.keys(data_ids)
@@ -235,20 +279,21 @@ class Receiving:
                 self.pubrec_marks.write(cleared=[e.packet_id for e in entries if e.in_exchange])
             stages.mark("b.stored", (e.message.message_id for e in entries))
             # The PUBLISH packets leave now, before the ACKs are encrypted (the agent's copy is on its way first);
-            # their completion is awaited in the background, so the next frame from the relay is decrypted while
-            # the broker works.
+            # their completion is awaited in the background, so the next slice (or frame from the relay) is
+            # decrypted while the broker works.
             self._publishing.update(e.name for e in entries)
             started = self._start_publishes(entries, claimed=True)
             self._in_background(self._finish_publishes(started))
             under_way = started.under_way
             if under_way:
-                # The frame's ACKs go once the broker has these messages (PUBREC recorded, PUBREL sent), or after
+                # The slice's ACKs go once the broker has these messages (PUBREC recorded, PUBREL sent), or after
                 # ACK_WAIT_MAX: encrypting and sending them costs ~0.2 ms of this loop, which would otherwise
                 # stand between the broker's PUBREC and our PUBREL, i.e. on every message's way to its agent.
                 # The sender needs the ACK only to forget the message, which is safe as of the inbox commit.
                 recorded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                wait = (recorded, under_way)  # (one tuple for the slice's packet ids)
                 for packet_id in under_way:
-                    self._ack_waits[packet_id] = (recorded, under_way)
+                    self._ack_waits[packet_id] = wait
                 self._in_background(self._send_acks_when(recorded, under_way, acks))
                 return
         await self._send_acks(acks)
@@ -423,11 +468,12 @@ class Receiving:
         self._publish_room.set()
         started = Exchanges(self, len(entries))
         started.started = started.left = len(ready)
+        ended = started.ended  # (one bound method for the exchanges' callbacks, not one each)
         for e in ready:
             packet_id = e.packet_id  # (`_exchange_lost` may reset the entry's)
             self._in_flight[packet_id] = e
             try:
-                self._publish_to_agent(e, functools.partial(started.ended, e, packet_id))
+                self._publish_to_agent(e, functools.partial(ended, e, packet_id))
             except Exception as exc:
                 started.ended(e, packet_id, exc)
             else:

@@ -1,8 +1,9 @@
 """The receiving gateway bounds the messages it has handed to its local broker and not yet completed
 (gateway/receiving.py `PUBLISH_BACKLOG`), with real processes: while the broker is stalled (SIGSTOP) and a sender
-bursts, the receiver stops taking frames from the relay once the bound is reached (one frame may cross it), so the
-burst waits in the relay and in the sender's outbox instead of in the receiver's memory; once the broker runs again
-every message arrives, once."""
+bursts, the receiver stops taking frames from the relay once the bound is reached (one slice of a frame, at most
+`RECEIVE_SLICE` messages, may cross it; before frames were sliced, a whole frame: up to the sender's window), so
+the burst waits in the relay and in the sender's outbox instead of in the receiver's memory; once the broker runs
+again every message arrives, once."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from collections.abc import Iterator
 import paho.mqtt.client as mqtt
 import pytest
 
-from gateway.receiving import PUBLISH_BACKLOG
+from gateway.receiving import PUBLISH_BACKLOG, RECEIVE_SLICE
 from gateway.sending import SEND_WINDOW
 from gateway.testbed import Gateway, Testbed
 
 PW = "agent-secret"
-N = 1500  # well past PUBLISH_BACKLOG + one frame
+N = 1500  # well past PUBLISH_BACKLOG + the sender's window
 
 
 class Subscriber:
@@ -107,7 +108,7 @@ def test_a_stalled_broker_bounds_what_the_receiver_holds(bed: tuple[Gateway, Gat
             held.append(int(b.status()["inbox"]["publishing"]))  # type: ignore[index]
             time.sleep(0.2)
         assert max(held) >= PUBLISH_BACKLOG, held  # the burst did reach the receiver
-        assert max(held) <= PUBLISH_BACKLOG + SEND_WINDOW, held  # one frame past the bound at most
+        assert max(held) <= PUBLISH_BACKLOG + RECEIVE_SLICE < PUBLISH_BACKLOG + SEND_WINDOW, held  # one slice past
         os.kill(broker.pid, signal.SIGCONT)
         stopped = False
         wait_for(lambda: bob.count() >= N + 1, 120, f"{N} messages after the broker resumed")

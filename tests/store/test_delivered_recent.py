@@ -587,6 +587,8 @@ async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> Non
                          book=SimpleNamespace(flush=lambda: None), _open=lambda e: [], _send_acks=send_acks,
                          _fold_after=0.0)
     rx._fold_delivered = lambda: Receiving._fold_delivered(rx)  # type: ignore[arg-type]
+    rx._open_slice = lambda *a: Receiving._open_slice(rx, *a)  # type: ignore[arg-type]
+    rx._on_slice = lambda *a: Receiving._on_slice(rx, *a)  # type: ignore[arg-type]
     await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
     assert order == ["fold", "frame transaction", "acks"]
     order.clear()
