@@ -177,15 +177,20 @@ class Keyring:
         gens[0][(domain, value)] = out
         return out
 
+    def _domain_state(self, domain: str, first: bytes | str) -> Any:
+        """The domain's HMAC state, made by blinding `first` (not memoised) if there is none yet."""
+        base = self._blind_domains.get(domain)
+        if base is None:
+            self.blind(domain, first, memo=False)
+            base = self._blind_domains[domain]
+        return base
+
     def blind_many(self, domain: str, values: list[bytes]) -> list[bytes]:
         """`blind(domain, v, memo=False)` for each of `values` (bytes): the same keys, the domain's HMAC state
         looked up once for the batch."""
-        base = self._blind_domains.get(domain)
-        if base is None:
-            if not values:
-                return []
-            self.blind(domain, values[0], memo=False)  # (makes the domain's state)
-            base = self._blind_domains[domain]
+        if not values:
+            return []
+        base = self._domain_state(domain, values[0])
         out = []
         for raw in values:
             mac = base.copy()
@@ -198,13 +203,10 @@ class Keyring:
         generation, else computed and added to the current one, which turns over at `BLIND_CACHE` keys as there):
         the same keys, the domain's HMAC state and the memo looked up once for the batch, no tuple built twice
         per name. For a frame's new inbox entries, whose keys the deletes at PUBCOMP look up again."""
+        if not names:
+            return []
         gens = self._blind_names
-        base = self._blind_domains.get(domain)
-        if base is None:
-            if not names:
-                return []
-            self.blind(domain, names[0], memo=False)  # (makes the domain's state)
-            base = self._blind_domains[domain]
+        base = self._domain_state(domain, names[0])
         out = []
         for name in names:
             key = (domain, name)
