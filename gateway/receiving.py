@@ -188,12 +188,11 @@ class Receiving:
         messages per peer: their decoded messages, inbox entries, records and PUBLISH packets at once)."""
         if self.store.delivered.fold_due and time.monotonic() >= self._fold_after:
             self._fold_delivered()
-        settled: dict[tuple[str, str, str], ConsentState] = {}  # allowed/denied, fixed for this frame
         carried: list[tuple[str, InnerMessage, bytes]] = []  # opened beyond a slice (a large batch), in order
         i = 0  # the next envelope to open
         while True:
             data, carried, i = self._open_slice(envelopes, i, carried)
-            await self._on_slice(data, settled)
+            await self._on_slice(data)
             if not carried and i >= len(envelopes):
                 return
             await self._wait_publish_room()
@@ -239,12 +238,14 @@ class Receiving:
             data, rest = data[:RECEIVE_SLICE], data[RECEIVE_SLICE:]
         return data, rest, i
 
-    async def _on_slice(self, data: list[tuple[str, InnerMessage, bytes]],
-                        settled: dict[tuple[str, str, str], ConsentState]) -> None:
+    async def _on_slice(self, data: list[tuple[str, InnerMessage, bytes]]) -> None:
         """Admit a slice's data messages, store the accepted ones in the inbox (one commit), start their publishes
         and send the slice's ACKs once that commit is made (see `_on_delivered`)."""
         acks: dict[str, list[bytes]] = defaultdict(list)
         accepted: list[tuple[str, InnerMessage, bytes]] = []
+        # Allowed/denied, fixed for this slice, not the frame: between two slices the frame may wait for the broker
+        # as long as it is stalled, and a consent change meanwhile must hold for the next slice.
+        settled: dict[tuple[str, str, str], ConsentState] = {}
         # Ids delivered (or held) before: one query for the whole slice (those of the frame's earlier slices are
         # in the store by then: marked in their inbox commit). A second copy of an id within the slice (a sender's
         # retry next to the original) is a duplicate of the first.

@@ -43,7 +43,7 @@ def _receiver(opened: dict[int, list[InnerMessage]]) -> Any:
         yield
         log.append(("commit", None))
 
-    async def on_slice(data: list[tuple[str, InnerMessage, bytes]], settled: dict[Any, Any]) -> None:
+    async def on_slice(data: list[tuple[str, InnerMessage, bytes]]) -> None:
         log.append(("slice", [int.from_bytes(inner.message_id, "big") for _, inner, _ in data]))
         r.held += len(data)
         r.max_held = max(r.max_held, r.held)
@@ -197,3 +197,68 @@ async def test_a_full_window_frame_reaches_the_inbox_and_the_broker_a_slice_at_a
     assert max(len(batch) for batch in rx.stored) <= RECEIVE_SLICE < SEND_WINDOW
     assert max(rx.handed) <= RECEIVE_SLICE
     assert rx.most_held <= RECEIVE_SLICE  # (the earlier slice completed before the next was taken)
+
+
+class _ConsentRx(_Rx):
+    """`_Rx` with the real `_admit`'s consent caching: a (agent, peer) pair's answer is read from `self.consent` once
+    per `settled` dict, and the duplicate check of the real `_admit` (`seen`)."""
+
+    def __init__(self, opened: dict[int, list[InnerMessage]]) -> None:
+        super().__init__(opened)
+        self.consent = "allowed"
+        self.refused: list[bytes] = []
+
+    def _admit(self, peer_device: str, inner: InnerMessage, settled: Any = None, seen: Any = None) -> Any:
+        if seen is not None and inner.message_id in seen:
+            return receiving.ACK
+        key = (inner.recipient_agent, peer_device, inner.sender_agent)
+        if key not in settled:
+            settled[key] = self.consent
+        if settled[key] == "denied":
+            self.refused.append(inner.message_id)
+            return receiving.Verdict(False, None)
+        return receiving.PUBLISH
+
+    def _start_publishes(self, entries: list[Any], *, claimed: bool = False) -> Any:
+        self.consent = "denied"  # the operator denies the peer while the first slice is with the broker
+        return super()._start_publishes(entries, claimed=claimed)
+
+
+async def test_a_consent_change_while_a_frame_waits_between_slices_holds_for_the_next_slice() -> None:
+    """Review finding of 2026-12-07 (eleventh session): the allowed/denied answers were cached for the whole frame,
+    and a frame may wait between two slices for as long as the broker is stalled; a denial made meanwhile was
+    ignored for the rest of the frame. They are cached per slice now."""
+    envs, opened = _envelopes([SEND_WINDOW // 2, SEND_WINDOW // 2])
+    rx = _ConsentRx(opened)
+    await rx._on_delivered(envs)
+    ids = [n.to_bytes(16, "big") for n in range(SEND_WINDOW)]
+    assert [i for batch in rx.stored for i in batch] == ids[:RECEIVE_SLICE]  # the first slice, allowed
+    assert rx.refused == ids[RECEIVE_SLICE:]  # the second, after the denial
+
+
+async def test_copies_of_an_id_within_and_across_slices_are_stored_once(tmp_path: Any) -> None:
+    """With the real delivered ids (a store on disk): a frame of three slices carrying second copies of ids within
+    the first slice, from the first into the second and from the second into the third stores each id once and
+    acknowledges every copy; the same frame again stores nothing."""
+    from gateway.store import Store
+    from tests.store.conftest import SoftStorageKey
+
+    sizes = [RECEIVE_SLICE, RECEIVE_SLICE, 10]
+    envs, opened = _envelopes(sizes)
+    opened[0][10] = _data(3)  # a copy within slice 1
+    opened[1][5] = _data(100)  # slice 1 -> slice 2
+    opened[2][0] = _data(RECEIVE_SLICE + 7)  # slice 2 -> slice 3
+    unique = {m.message_id for ms in opened.values() for m in ms}
+    assert len(unique) == sum(sizes) - 3
+    with Store.open(tmp_path / "agw.db", SoftStorageKey()) as store:
+        rx = _ConsentRx(opened)
+        rx._start_publishes = super(_ConsentRx, rx)._start_publishes  # type: ignore[method-assign]  # (no denial)
+        rx.store = SimpleNamespace(delivered=store.delivered, transaction=store.transaction, inbox=rx.store.inbox)
+        await rx._on_delivered(envs)
+        stored = [i for batch in rx.stored for i in batch]
+        assert len(stored) == len(set(stored)) == len(unique)
+        assert len(rx.acked) == sum(sizes)  # every copy acknowledged (the sender may have missed an ACK)
+        rx.stored.clear()
+        await rx._on_delivered(envs)  # the sender's retry of the whole frame
+        assert rx.stored in ([], [[]])
+        assert store.delivered.count() == len(unique)
