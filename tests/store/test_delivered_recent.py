@@ -220,11 +220,25 @@ def test_no_plaintext_id_in_either_table(db_path: Path, key: SoftStorageKey) -> 
         assert b"PLAINID-" not in p.read_bytes(), p.name
 
 
+def _copied(tmp_path: Path, name: str) -> tuple[Path, SoftStorageKey]:
+    """A store file of tests/store/data (written by an older agw, tests/store/data/README.md) to open, and its key."""
+    path = tmp_path / "agw.db"
+    path.write_bytes((DATA / name).read_bytes())
+    return path, SoftStorageKey(kek=b"\x11" * 32)
+
+
+def _assert_version_6_with_each_id_once(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+        assert _in_two(conn) == 0
+    finally:
+        conn.close()
+
+
 def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_new_tables(tmp_path: Path) -> None:
     """tests/store/data/store-v4.db was written by the code of schema version 4 (tests/store/data/README.md)."""
-    path = tmp_path / "agw.db"
-    path.write_bytes((DATA / "store-v4.db").read_bytes())
-    key = SoftStorageKey(kek=b"\x11" * 32)
+    path, key = _copied(tmp_path, "store-v4.db")
     upgrades: list[tuple[int, int]] = []
     with Store.open(path, key, on_upgrade=lambda a, b: upgrades.append((a, b))) as s:
         assert upgrades == [(4, 6)]
@@ -233,12 +247,7 @@ def test_a_version_4_store_keeps_its_ids_in_delivered_and_gains_the_new_tables(t
         assert not s.mark_delivered(mid(3), 9_000) and not s.delivered.mark_many([mid(200), mid(300)], 9_000)
         assert s.mark_delivered(mid(6), 9_000) and _rows(s, "delivered_recent") == 1
         assert s.inbox.get("dev-a/" + mid(9).hex()) == b"an inbox record"
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
-        assert _in_two(conn) == 0
-    finally:
-        conn.close()
+    _assert_version_6_with_each_id_once(path)
     with Store.open(path, key) as s:  # and across a restart: the old ids in delivered, the new one in the set
         assert s.delivered.seen_many([mid(n) for n in (1, 6, 7, 399)]) == {mid(1), mid(6), mid(399)}
         assert s.delivered.fold() == 1 and s.delivered.count() == 306
@@ -261,9 +270,7 @@ def test_a_version_5_store_without_its_recent_table_is_refused(db_path: Path, ke
 def test_a_version_5_store_keeps_its_ids_in_both_tables_and_gains_delivered_mid(tmp_path: Path) -> None:
     """tests/store/data/store-v5.db was written by the code of schema version 5 (tests/store/data/README.md): 305
     ids in `delivered`, 20 waiting in `delivered_recent`."""
-    path = tmp_path / "agw.db"
-    path.write_bytes((DATA / "store-v5.db").read_bytes())
-    key = SoftStorageKey(kek=b"\x11" * 32)
+    path, key = _copied(tmp_path, "store-v5.db")
     upgrades: list[tuple[int, int]] = []
     with Store.open(path, key, on_upgrade=lambda a, b: upgrades.append((a, b))) as s:
         assert upgrades == [(5, 6)]
@@ -272,12 +279,7 @@ def test_a_version_5_store_keeps_its_ids_in_both_tables_and_gains_delivered_mid(
         assert not s.mark_delivered(mid(3), 9_000) and not s.delivered.mark_many([mid(300), mid(519)], 9_000)
         assert s.mark_delivered(mid(6), 9_000) and _rows(s, "delivered_recent") == 21
         assert s.inbox.get("dev-a/" + mid(9).hex()) == b"an inbox record"
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
-        assert _in_two(conn) == 0
-    finally:
-        conn.close()
+    _assert_version_6_with_each_id_once(path)
     with Store.open(path, key) as s:  # and across a restart: the recent ids read back, then folded into the new table
         assert s.delivered.seen_many([mid(n) for n in (1, 6, 7, 510)]) == {mid(1), mid(6), mid(510)}
         assert s.delivered.fold() == 21 and _rows(s, "delivered_mid") == 21 and s.delivered.count() == 326
