@@ -48,7 +48,15 @@ from gateway.bridge import publish_properties
 from gateway.protocol.identity.errors import BadName
 from gateway.protocol.identity.names import check_id
 from gateway.protocol.message import mqtt_utf8_ok
-from gateway.protocol.receipts import GOODBYE, MAX_IDS, ReceiptFormatError, decode_ids, encode_ids
+from gateway.protocol.receipts import (
+    GOODBYE,
+    INSTANCE_SIZE,
+    MAX_IDS,
+    RESERVED_INSTANCES,
+    ReceiptFormatError,
+    decode_ids,
+    encode_ids,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("agw.client")
@@ -125,6 +133,12 @@ class AgentClient:
         self.prefix = prefix
         self._host, self._port, self._username, self._password = host, port, username or agent, password
         self._identifier = f"{agent}-{os.urandom(4).hex()}"  # the same for every reconnect: one session
+        # Named in this client's announcements and goodbye (`agw:instance`): the gateway keeps the agent's messages
+        # while any of its clients that announced has not said goodbye, so another client of the same agent that
+        # closes does not stop it for this one.
+        self._instance = os.urandom(INSTANCE_SIZE)
+        while self._instance in RESERVED_INSTANCES:
+            self._instance = os.urandom(INSTANCE_SIZE)
         self._session_expiry = session_expiry
         self._receipt_timeout = receipt_timeout
         self._auto_ack = auto_ack
@@ -178,11 +192,13 @@ class AgentClient:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await task
         if self._up.is_set():
-            # The last acks, then goodbye: the gateway stops keeping this agent's messages until a client of it
-            # announces itself again (so a raw MQTT client of the same agent later is served as before).
+            # The last acks, then goodbye: once no other client of the agent that announced itself is left, the
+            # gateway stops keeping its messages until a client announces itself again (so a raw MQTT client of
+            # the same agent later is served as before).
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._send_acks()
-                await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), GOODBYE, qos=1)
+                await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), GOODBYE, qos=1,
+                                         properties=self._instance_properties())
         for fut in self._pending.values():
             fut.cancel()
         for out in self._unreceipted.values():
@@ -380,14 +396,18 @@ class AgentClient:
         with contextlib.suppress(aiomqtt.MqttError):  # kept; sent after the next connect
             await self._send_acks()
 
+    def _instance_properties(self, *more: tuple[str, str]) -> Properties:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [(topics.PROP_INSTANCE, self._instance.hex()), *more]  # (one assignment: paho appends)
+        return props
+
     async def _send_acks(self, *, announce: bool = False) -> None:
         """Publish the pending acks (QoS 1); on failure they wait for the next connection. `announce`: publish
         even when there is nothing to acknowledge (the empty ack sent on every connect)."""
         if announce:  # its own message: only an empty ack announces (gateway/receipts.py)
-            props = None
-            if self._group_inboxes:  # the groups read here: the gateway keeps their messages until acknowledged
-                props = Properties(PacketTypes.PUBLISH)
-                props.UserProperty = [(topics.PROP_GROUPS, ",".join(sorted(self._group_inboxes)))]
+            # The groups read here: the gateway keeps their messages until acknowledged.
+            groups = [(topics.PROP_GROUPS, ",".join(sorted(self._group_inboxes)))] if self._group_inboxes else []
+            props = self._instance_properties(*groups)
             await self._mqtt.publish(topics.ack_topic(self.prefix, self.agent), encode_ids([]), qos=1,
                                      properties=props)
         while self._acks:

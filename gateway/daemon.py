@@ -251,6 +251,7 @@ class Gateway(Sending, Receiving, Receipts):
                     await self._housekeeping()
                 except Exception as exc:  # retried next hour; the daemon keeps serving
                     log.error("housekeeping failed: %s", exc)
+            await self._fold_idle()  # the delivered ids' steps, if the receiver makes none (gateway/receiving.py)
             if self.notifier.watchdog_interval:
                 self.notifier.watchdog()
             with contextlib.suppress(OSError):

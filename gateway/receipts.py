@@ -10,7 +10,10 @@ no receipt) with a warning: only a non-SDK client sets one, and such a client do
 dropping its message would lose it.
 
 Receiving direction: an agent that publishes on agw/<agent>/ack (the SDK sends an empty ack on every connect) is
-remembered in the store as acknowledging. Its inbox entries are not deleted at PUBCOMP but kept as HANDED until
+remembered in the store as acknowledging, with the instance ids of its SDK clients that announced themselves
+(`agw:instance`; several clients of one agent may run at once): one client's goodbye forgets only that client, and
+the agent stops being held for once none is left (see `_goodbye`; before, the first goodbye stopped it for all).
+Its inbox entries are not deleted at PUBCOMP but kept as HANDED until
 its ack names them (only its own entries), published again after every (re)connect to the broker and whenever it
 announces itself (at most once per HELLO_EVERY), and deleted with a warning when they expire unacknowledged
 (docs/operations.md). At most `store.held_max_per_agent` are held per agent; past that its messages are deleted at
@@ -37,12 +40,15 @@ from gateway.protocol.identity.names import check_id
 from gateway.protocol.message import new_message_id
 from gateway.protocol.receipts import (
     GOODBYE,
+    INSTANCE_SIZE,
     MAX_IDS,
     MAX_REASON,
+    RESERVED_INSTANCES,
     ReceiptFormatError,
     decode_ids,
     derive_message_id,
     encode_ids,
+    parse_instance_id,
     parse_sdk_id,
 )
 from gateway.runtime import now_ms
@@ -50,9 +56,20 @@ from gateway.store import StoreError
 
 log = logging.getLogger("agw.receipts")
 
-ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the agent acknowledged anything
+ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the agent acknowledged anything; value:
+# 0x01 (written by gateways before 2026-12-07: clients unknown), or 0x02 then the 16-byte instance ids of its
+# announced SDK clients, oldest first (see `_encode_instances`)
 ACKING_GROUPS_KEY = "receipts/acking-groups/"  # + agent: the groups it announced it acknowledges (comma-separated)
 MAX_ANNOUNCED_GROUPS = 1_000
+# Announced clients remembered per agent; past it the longest-announced is forgotten (a local agent announcing
+# fresh instance ids in a loop costs this much memory and one small record, not more).
+MAX_INSTANCES = 16
+# Announcers the gateway cannot name: an announcement without `agw:instance` (an SDK that predates it, a raw
+# client): only a goodbye without one (which forgets every client of the agent, as before) ends it; and clients
+# known only from a store written by an older gateway, or from an ack of ids without an announcement: the first
+# goodbye of the agent, of any client, ends it.
+ANONYMOUS, UNKNOWN = RESERVED_INSTANCES
+INSTANCES_LOG_EVERY = 60.0  # seconds between warnings that an agent's announced clients reached MAX_INSTANCES
 EARLY_ACKS = 65_536  # acks remembered for entries not (yet) HANDED: an ack may overtake our PUBCOMP
 WATCH_EVERY = 0.2  # seconds between looks at the broker connection
 EXPIRE_EVERY = 10.0  # seconds between expiry sweeps of held entries
@@ -72,18 +89,30 @@ class Receipts:
     _publishing: set[str]
 
     def _init_receipts(self) -> None:
-        self._acking: set[str] = {a for a in self.cfg.agents if self.store.secrets.get(ACKING_KEY + a) is not None}
-        # agent -> the groups whose messages it acknowledges (shared with the group service: gateway/groups_held.py)
+        # agent -> the groups whose messages it acknowledges, those of all its announced clients together (shared
+        # with the group service: gateway/groups_held.py)
         self._acking_groups: dict[str, frozenset[str]] = {}
-        for a in self._acking:
-            raw = self.store.secrets.get(ACKING_GROUPS_KEY + a)
-            if raw:
-                self._acking_groups[a] = frozenset(raw.decode().split(","))
+        # agent -> its announced SDK clients, oldest first: instance id -> the groups that client reads. An agent is
+        # acknowledging (`_acking`) while it has any. Only the ids and the agent's groups are stored: after a
+        # restart each client is taken to read all of them (kept for more groups, never fewer, until it announces
+        # itself again).
+        self._instances: dict[str, dict[bytes, frozenset[str]]] = {}
+        for a in self.cfg.agents:
+            raw = self.store.secrets.get(ACKING_KEY + a)
+            if raw is None:
+                continue
+            stored = self.store.secrets.get(ACKING_GROUPS_KEY + a)
+            groups = frozenset(stored.decode().split(",")) if stored else frozenset()
+            if groups:
+                self._acking_groups[a] = groups
+            self._instances[a] = dict.fromkeys(_decode_instances(a, raw), groups)
+        self._acking: set[str] = set(self._instances)
         # agent -> message id -> (entry name, expiry, broker connection it was handed in, when (loop time))
         self._held: defaultdict[str, dict[bytes, tuple[str, int, int, float]]] = defaultdict(dict)
         self._early_acks: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self.receipt_counters = {"receipts": 0, "acks": 0, "held_expired": 0, "republished": 0, "bad_input": 0,
-                                 "not_held_over_cap": 0}
+                                 "not_held_over_cap": 0, "clients_forgotten_over_cap": 0}
+        self._instances_logged: dict[str, float] = {}
         self._hello_before: dict[str, float] = {}  # agent -> its latest announcement (loop time), republish pending
         self._hello_last: dict[str, float] = {}  # agent -> when its last announcement-driven republish ran
         self._hello_every: dict[str, float] = {}  # agent -> its current interval (absent: HELLO_EVERY)
@@ -172,14 +201,7 @@ class Receipts:
             log.warning("an ack on the topic of %r, which is not an agent of this device: ignored", agent)
             return
         if payload == GOODBYE:
-            if agent in self._acking:
-                with self.store.transaction(durable=False):
-                    self.store.secrets.delete(ACKING_KEY + agent)
-                    self.store.secrets.delete(ACKING_GROUPS_KEY + agent)
-                self._acking.discard(agent)
-                self._acking_groups.pop(agent, None)
-                log.info("agent %s stopped acknowledging (its SDK client closed): its messages go at PUBCOMP again",
-                         agent)
+            self._goodbye(agent, properties)
             return
         try:
             ids = decode_ids(payload)
@@ -187,18 +209,15 @@ class Receipts:
             self.receipt_counters["bad_input"] += 1
             log.warning("agent %s sent a malformed ack (%s): ignored", agent, exc)
             return
-        if agent not in self._acking:
-            with self.store.transaction(durable=False):
-                self.store.secrets.put(ACKING_KEY + agent, b"\x01")
-            self._acking.add(agent)
-            log.info("agent %s acknowledges what it receives: its messages are kept until it does", agent)
         if not ids:
-            # The agent (re)connected. What was handed to the broker while it was away waits in its session and
-            # arrives now; after a grace period, what is still unacknowledged from before this announcement is
-            # sent again (its session may have been lost, e.g. with the broker's unsaved state).
-            self._announced_groups(agent, properties)
+            # A client of the agent (re)connected. What was handed to the broker while it was away waits in its
+            # session and arrives now; after a grace period, what is still unacknowledged from before this
+            # announcement is sent again (its session may have been lost, e.g. with the broker's unsaved state).
+            self._announce(agent, properties)
             self._on_hello(agent)
             return
+        if agent not in self._acking:  # acks without an announcement (as before: the agent acknowledges)
+            self._set_instances(agent, {UNKNOWN: frozenset()})
         self.receipt_counters["acks"] += len(ids)
         self._hello_every.pop(agent, None)  # it acknowledges: its announcements are honoured at the usual rate
         ids = self.groups.acked(agent, ids)  # its held group messages (gateway/groups_held.py); the rest are ours
@@ -217,10 +236,109 @@ class Receipts:
                 for name in names:
                     self.store.inbox.delete(name)
 
-    def _announced_groups(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
+    def _instance(self, agent: str, properties: Sequence[tuple[str, str]]) -> bytes | None:
+        """The `agw:instance` of an announcement or goodbye; None if absent; ValueError if malformed (logged)."""
+        value = next((v for k, v in properties if k == topics.PROP_INSTANCE), None)
+        if value is None:
+            return None
+        try:
+            return parse_instance_id(value)
+        except ReceiptFormatError as exc:
+            self.receipt_counters["bad_input"] += 1
+            log.warning("agent %s sent a malformed agw:instance (%s)", agent, exc)
+            raise ValueError(str(exc)) from None
+
+    def _announce(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
+        """Remember the announcing client (its `agw:instance`; none or a malformed one: `ANONYMOUS`) and the
+        groups it reads, the latest last; past MAX_INSTANCES the longest-announced is forgotten (with a warning
+        at most once a minute)."""
+        try:
+            instance = self._instance(agent, properties) or ANONYMOUS
+        except ValueError:
+            instance = ANONYMOUS  # (holding on: the side that loses nothing)
+        groups = self._announced_groups(agent, properties)
+        current = self._instances.get(agent, {})
+        if current.get(instance) == groups:  # announced before (a reconnect): the latest now, in memory only
+            del current[instance]
+            current[instance] = groups
+            return
+        new = {i: g for i, g in current.items() if i != instance}
+        new[instance] = groups
+        forgotten = len(new) - MAX_INSTANCES
+        for old in list(new)[:max(0, forgotten)]:
+            del new[old]
+        self._set_instances(agent, new)
+        if forgotten > 0:
+            self.receipt_counters["clients_forgotten_over_cap"] += forgotten
+            t = asyncio.get_running_loop().time()
+            if self._instances_logged.get(agent, float("-inf")) + INSTANCES_LOG_EVERY <= t:
+                self._instances_logged[agent] = t
+                log.warning("agent %s announced more than %d SDK clients without their goodbyes: the longest "
+                            "announced is forgotten (clients that crash without closing leave theirs; see "
+                            "docs/operations.md)", agent, MAX_INSTANCES)
+
+    def _goodbye(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
+        """A client of the agent closed. With its `agw:instance`: forget that client (and `UNKNOWN`), and stop
+        holding for the agent only if no announced client is left. Without (an SDK that predates instances, or
+        the operator's one-byte goodbye, docs/operations.md): forget every client, as before. A malformed
+        instance: ignored (holding stays on: the side that loses nothing)."""
+        if agent not in self._acking:
+            return
+        try:
+            instance = self._instance(agent, properties)
+        except ValueError:
+            return
+        current = self._instances.get(agent, {})
+        left = {} if instance is None else {i: g for i, g in current.items() if i not in (instance, UNKNOWN)}
+        if len(left) == len(current):
+            return  # (a client not announced, or forgotten over the cap: nothing changes)
+        self._set_instances(agent, left)
+        if left:
+            log.info("a client of agent %s closed; %d other client(s) of it announced: its messages are still "
+                     "kept until acknowledged", agent, len(left))
+
+    def _set_instances(self, agent: str, instances: dict[bytes, frozenset[str]]) -> None:
+        """Write the agent's announced clients and the groups they read together (none: it stops acknowledging),
+        each only if it changed, then follow in memory (a store error leaves both as they were: the ack is not
+        PUBACKed, the broker delivers it again)."""
+        groups = frozenset().union(*instances.values())
+        old_groups = self._acking_groups.get(agent, frozenset())
+        was = agent in self._acking
+        with self.store.transaction(durable=False):
+            if instances:
+                if list(instances) != list(self._instances.get(agent, ())):
+                    self.store.secrets.put(ACKING_KEY + agent, _encode_instances(instances))
+            elif was:
+                self.store.secrets.delete(ACKING_KEY + agent)
+            if groups != old_groups:
+                if groups:
+                    self.store.secrets.put(ACKING_GROUPS_KEY + agent, ",".join(sorted(groups)).encode())
+                else:
+                    self.store.secrets.delete(ACKING_GROUPS_KEY + agent)
+        if groups:
+            self._acking_groups[agent] = groups
+        else:
+            self._acking_groups.pop(agent, None)
+        if groups != old_groups:
+            log.info("agent %s acknowledges the messages of %d group(s): they are kept until it does", agent,
+                     len(groups))
+        if instances:
+            self._instances[agent] = instances
+            self._acking.add(agent)
+            if not was:
+                log.info("agent %s acknowledges what it receives: its messages are kept until it does", agent)
+        else:
+            self._instances.pop(agent, None)
+            self._acking.discard(agent)
+            if was:
+                log.info("agent %s stopped acknowledging (its SDK clients closed): its messages go at PUBCOMP "
+                         "again", agent)
+
+    def _announced_groups(self, agent: str, properties: Sequence[tuple[str, str]]) -> frozenset[str]:
         """An announcement names the groups whose messages the client reads and acknowledges (`agw:groups`): only
-        those are kept for it (gateway/groups_held.py). None named (an older SDK, or one that reads no group):
-        none kept, so a client that never acknowledges a group's messages is not sent them again and again."""
+        those are kept for the agent (gateway/groups_held.py), with those of its other announced clients. None
+        named (an older SDK, or one that reads no group): none for this client, so a client that never
+        acknowledges a group's messages is not sent them again and again."""
         value = next((v for k, v in properties if k == topics.PROP_GROUPS), "")
         groups = set()
         for name in value.split(",")[:MAX_ANNOUNCED_GROUPS] if value else ():
@@ -229,19 +347,7 @@ class Receipts:
             except BadName:
                 self.receipt_counters["bad_input"] += 1
                 log.warning("agent %s announced a malformed group name %r: ignored", agent, name[:80])
-        if frozenset(groups) == self._acking_groups.get(agent, frozenset()):
-            return
-        with self.store.transaction(durable=False):
-            if groups:
-                self.store.secrets.put(ACKING_GROUPS_KEY + agent, ",".join(sorted(groups)).encode())
-            else:
-                self.store.secrets.delete(ACKING_GROUPS_KEY + agent)
-        if groups:
-            self._acking_groups[agent] = frozenset(groups)
-        else:
-            self._acking_groups.pop(agent, None)
-        log.info("agent %s acknowledges the messages of %d group(s): they are kept until it does", agent,
-                 len(groups))
+        return frozenset(groups)
 
     def _on_hello(self, agent: str) -> None:
         """Schedule one republish of the agent's held entries handed before its announcement, HELLO_GRACE after
@@ -444,6 +550,23 @@ class Receipts:
 
     def receipts_status(self) -> dict[str, Any]:
         return {"acking_agents": sorted(self._acking),
+                "acking_clients": {a: len(i) for a, i in sorted(self._instances.items())},
                 "acking_groups": {a: sorted(g) for a, g in sorted(self._acking_groups.items())},
                 "held": sum(len(h) for h in self._held.values()),
                 **self.receipt_counters}
+
+
+def _encode_instances(instances: dict[bytes, frozenset[str]]) -> bytes:
+    """The stored value of an agent's announced clients: 0x02, then their 16-byte instance ids, oldest first."""
+    return b"\x02" + b"".join(instances)
+
+
+def _decode_instances(agent: str, raw: bytes) -> list[bytes]:
+    """`_encode_instances` read back; 0x01 (a gateway before 2026-12-07: its clients unknown) and anything
+    malformed (logged) read as `UNKNOWN`: the agent stays acknowledging, the side that loses nothing."""
+    body = raw[1:]
+    if raw[:1] == b"\x02" and body and len(body) % INSTANCE_SIZE == 0 and len(body) <= MAX_INSTANCES * INSTANCE_SIZE:
+        return [body[i:i + INSTANCE_SIZE] for i in range(0, len(body), INSTANCE_SIZE)]
+    if raw != b"\x01":
+        log.warning("the stored acknowledging clients of agent %s are malformed: taken as unknown clients", agent)
+    return [UNKNOWN]

@@ -63,6 +63,11 @@ ACK_WAIT_MAX = 0.005
 # their packet ids and claims (see `_delivered_to_broker`) but no longer count against PUBLISH_BACKLOG.
 FINISHED_WAIT_MAX = 0.005
 FOLD_RETRY_S = 10.0  # after a failed fold of the recent delivered ids, the next try (see `_fold_delivered`)
+# The daemon's maintenance tick (every second) makes the delivered ids' due steps itself once the receiver has made
+# none for this long (`_fold_idle`: a gateway whose ids come from the group service, or whose relay traffic stopped),
+# at most FOLD_TICK_STEPS per tick, each in a turn of the event loop of its own.
+FOLD_IDLE_S = 1.0
+FOLD_TICK_STEPS = 4
 # Topics and encoded properties kept for this many shapes of message (recipient, sender, user properties, ...:
 # see `Receiving._publish_shape`), each at most PUBLISH_SHAPE_BYTES of properties (a peer's large user properties
 # are encoded per message, as before, not kept: the table stays under ~200 KB); past it the table starts again.
@@ -127,6 +132,7 @@ class Receiving:
     """Mixed into `Gateway`: the methods of the receiving half."""
 
     _fold_after = 0.0  # (monotonic) no fold of the delivered ids before this, after a failed one
+    _folded_at = float("-inf")  # (monotonic) the receiver's last step of the delivered ids (see `_fold_idle`)
     _drop_due: asyncio.TimerHandle | None = None  # `_drop_finished` scheduled for `_finished` (FINISHED_WAIT_MAX)
 
     async def _link_loop(self) -> None:
@@ -188,6 +194,7 @@ class Receiving:
         messages per peer: their decoded messages, inbox entries, records and PUBLISH packets at once)."""
         if self.store.delivered.fold_due and time.monotonic() >= self._fold_after:
             self._fold_delivered()
+            self._folded_at = time.monotonic()
         carried: list[tuple[str, InnerMessage, bytes]] = []  # opened beyond a slice (a large batch), in order
         i = 0  # the next envelope to open
         while True:
@@ -312,6 +319,26 @@ class Receiving:
         except StoreError as exc:
             self._fold_after = time.monotonic() + FOLD_RETRY_S
             log.warning("cannot fold the recent delivered ids (%s); trying again in %.0f s", exc, FOLD_RETRY_S)
+
+    async def _fold_idle(self) -> int:
+        """The delivered ids' steps nobody else makes (the daemon's maintenance tick; returns how many it made).
+        The receiver makes one per frame when due, but the group service marks ids too (SDK group sends) and makes
+        none, and a receiver whose relay traffic stops makes no more: without this a round of merge steps stayed
+        under way with nobody to finish it, and every further fold (by the store's bound, inside the group
+        service's durable commit) went into an ever larger `delivered_mid`. So once the receiver has made no step
+        for FOLD_IDLE_S, up to FOLD_TICK_STEPS due steps, each `_fold_delivered` as the receiver's (a transaction
+        of its own, not fsynced, a failure logged and retried after FOLD_RETRY_S, never ending the daemon), each in
+        a turn of the loop of its own, so a frame or a batch arriving meanwhile comes first. Runs between other
+        work, never inside a transaction (no store transaction stays open across an await)."""
+        steps = 0
+        while steps < FOLD_TICK_STEPS and self.store.delivered.fold_due:
+            t = time.monotonic()
+            if t < self._fold_after or t - self._folded_at < FOLD_IDLE_S:
+                break
+            self._fold_delivered()
+            steps += 1
+            await asyncio.sleep(0)
+        return steps
 
     def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

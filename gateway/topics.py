@@ -35,6 +35,9 @@ PROP_REFUSED = "agw:refused"
 # On an agent's announcement (its empty ack): the groups whose messages this SDK client reads and acknowledges,
 # comma-separated (gateway/groups_held.py). Absent: none (an SDK that predates it, or one that reads no group).
 PROP_GROUPS = "agw:groups"
+# On an agent's announcement and goodbye: the SDK client's instance id, 32 lowercase hex digits (random, one per
+# client object): the gateway holds the agent's messages while any client it announced has not said goodbye.
+PROP_INSTANCE = "agw:instance"
 
 
 class TopicError(ValueError):

@@ -6,7 +6,9 @@ the sending agent (`derive_message_id`), and answers with a receipt on `agw/<age
 durable. Receiving: the SDK acknowledges the `agw:message-id` of each message it hands to the application on
 `agw/<agent>/ack`. Receipt and ack payloads are both a concatenation of 16-byte ids (`encode_ids`, `decode_ids`);
 an empty ack says "this agent acknowledges" (sent on every connect), and the one-byte ack `GOODBYE` says "this
-agent stops acknowledging" (sent by an SDK client that closes cleanly).
+agent stops acknowledging" (sent by an SDK client that closes cleanly). Since 2026-12-07 both carry the SDK client's
+instance id (user property `agw:instance`, `parse_instance_id`): the gateway keeps holding while any announced
+client of the agent has not said goodbye; without it (an older SDK) they mean what they meant before.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ DERIVE_LABEL = b"agw sdk message id v1"
 GROUP_SEND_LABEL = b"agw sdk group send v1"
 MAX_REASON = 256  # characters of the agw:refused reason on a refusal receipt
 GOODBYE = b"\x00"  # the ack payload of a client that closes cleanly
+INSTANCE_SIZE = 16  # bytes of an SDK client's instance id (random, made when the client is created)
+# Instance ids no SDK sends (it draws 16 random bytes): the gateway uses them for announcers it cannot name.
+RESERVED_INSTANCES = (bytes(INSTANCE_SIZE), b"\xff" * INSTANCE_SIZE)
 
 
 class ReceiptFormatError(DecodeError):
@@ -34,6 +39,18 @@ def parse_sdk_id(value: str) -> bytes:
         raise ReceiptFormatError(f"agw:message-id must be {2 * ID_SIZE} lowercase hex digits "
                                  f"(got {len(value)} characters)")
     return bytes.fromhex(value)
+
+
+def parse_instance_id(value: str) -> bytes:
+    """The instance id of an `agw:instance` user property (an SDK client's announcement or goodbye): exactly 32
+    lowercase hex digits, not one of `RESERVED_INSTANCES`."""
+    if len(value) != 2 * INSTANCE_SIZE or any(c not in "0123456789abcdef" for c in value):
+        raise ReceiptFormatError(f"agw:instance must be {2 * INSTANCE_SIZE} lowercase hex digits "
+                                 f"(got {len(value)} characters)")
+    raw = bytes.fromhex(value)
+    if raw in RESERVED_INSTANCES:
+        raise ReceiptFormatError("agw:instance is a reserved value")
+    return raw
 
 
 def derive_message_id(agent: str, sdk_id: bytes) -> bytes:

@@ -57,7 +57,8 @@ class DeliveredIds:
       after a restart a round starts again from the lowest key, and the ranges already moved are empty.
     """
 
-    FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames)
+    FOLD_AT = 4096  # ids in `delivered_recent` from which `fold_due` (the receiver folds between frames, or the
+    # daemon's maintenance tick when the receiver makes no steps: gateway/receiving.py `_fold_idle`)
     RECENT_MAX = 4608  # a write that would leave more in `delivered_recent` folds first (the set's bound)
     MID_MAX = 32768  # ids in `delivered_mid` from which a round of merge steps into `delivered` starts
     MERGE_SLICE = 512  # ids of `delivered_mid` moved into `delivered` per merge step (at least: see `_merge_step`)

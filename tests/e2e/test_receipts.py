@@ -111,7 +111,8 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Testbed]:
         tb.start_relay()
         tb.add_gateway("dev-a", agents={"alice": ["dev-b/*"]})
         b = tb.add_gateway("dev-b", agents={"bob": ["dev-a/alice"], "carol": ["dev-a/alice"],
-                                            "dave": ["dev-a/alice"]})
+                                            "dave": ["dev-a/alice"], "erin": ["dev-a/alice"],
+                                            "frank": ["dev-a/alice"]})
         with b.config.open("a") as f:
             f.write(f"store:\n  held_max_per_agent: {HELD_CAP}\n")
         for gw in tb.gateways.values():
@@ -399,3 +400,75 @@ async def test_a_flood_of_announcements_publishes_held_messages_again_once(bed: 
         assert not dave.publish("agw/dave/ack", bytes.fromhex(first[0][2]["agw:message-id"])).is_failure
     finally:
         dave.close()
+
+
+async def await_status(gw: Any, pred: Any, timeout: float = 20.0) -> dict[str, Any]:
+    """`wait_status` without holding the event loop (the SDK clients of the test run on it)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = receipts_of(gw)
+        if pred(st) or time.monotonic() > deadline:
+            return st
+        await asyncio.sleep(0.1)
+
+
+async def _wait_delivered(gw: Any, more_than: int) -> None:
+    """Until the gateway's broker completed more than `more_than` hand-overs in all (its status lags ~1 s)."""
+    deadline = time.monotonic() + 30
+    while gw.status()["counters"]["delivered"] <= more_than:
+        assert time.monotonic() < deadline, "not handed to the broker"
+        await asyncio.sleep(0.1)
+
+
+async def test_one_of_two_sdk_clients_of_an_agent_closing_keeps_holding_for_the_other(bed: Testbed) -> None:
+    """Two SDK clients of one agent (review finding (d) of 2026-11-22): one closes cleanly (its goodbye names its
+    instance); the agent's messages sent afterwards are still held for the other until it acknowledges. Before,
+    the goodbye stopped holding for the agent, so the other client ran without the guarantee until its next
+    reconnect. The last client's goodbye stops it."""
+    a, b = bed.gateways["dev-a"], bed.gateways["dev-b"]
+    async with AgentClient("erin", port=b.broker.port, password=PW, auto_ack=False) as stays:
+        async with AgentClient("erin", port=b.broker.port, password=PW):
+            st = await await_status(b, lambda st: st.get("acking_clients", {}).get("erin") == 2)
+            assert "erin" in st["acking_agents"]
+        await asyncio.sleep(2.0)  # (its goodbye handled, and the status written since)
+        st = receipts_of(b)
+        assert "erin" in st["acking_agents"], st
+        held = st["held"]
+        async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+            await alice.send("dev-b/erin", b"after one goodbye")
+        msg = await stays.receive(timeout=30)
+        assert msg.payload == b"after one goodbye"
+        assert (await await_status(b, lambda st: st["held"] == held + 1))["held"] == held + 1  # kept until acked
+        msg.ack()
+        assert (await await_status(b, lambda st: st["held"] == held))["held"] == held
+    st = await await_status(b, lambda st: "erin" not in st["acking_agents"])
+    assert "erin" not in st["acking_agents"] and "erin" not in st["acking_clients"]
+    delivered = b.status()["counters"]["delivered"]
+    async with AgentClient("alice", port=a.broker.port, password=PW) as alice:
+        await alice.send("dev-b/erin", b"after the last goodbye")
+    await _wait_delivered(b, delivered)
+    await asyncio.sleep(1.0)
+    assert receipts_of(b)["held"] == held  # not held: deleted at PUBCOMP, as for a raw agent
+
+
+async def test_goodbyes_and_announcements_without_an_instance_keep_their_meaning(bed: Testbed) -> None:
+    """An older SDK (or a raw client) announces without `agw:instance`: a newer client's goodbye does not stop
+    holding for it. A goodbye without one (an older SDK closing, or the operator's one-byte goodbye of
+    docs/operations.md) stops holding for every client of the agent, as before."""
+    b = bed.gateways["dev-b"]
+    old = Raw("frank", b.broker.port, "agw/frank/in")
+    try:
+        assert not old.publish("agw/frank/ack", b"").is_failure  # an announcement without an instance
+        async with AgentClient("frank", port=b.broker.port, password=PW):
+            await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+        await asyncio.sleep(2.0)
+        st = receipts_of(b)
+        assert "frank" in st["acking_agents"] and st["acking_clients"]["frank"] == 1, st
+        async with AgentClient("frank", port=b.broker.port, password=PW):
+            await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+            assert not old.publish("agw/frank/ack", b"\x00").is_failure  # a goodbye without an instance
+            st = await await_status(b, lambda st: "frank" not in st["acking_agents"])
+            assert "frank" not in st["acking_agents"]
+    finally:
+        old.close()
+    assert "frank" not in receipts_of(b)["acking_agents"]

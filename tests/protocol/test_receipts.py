@@ -12,12 +12,15 @@ from gateway.protocol.errors import ProtocolError
 from gateway.protocol.receipts import (
     GOODBYE,
     ID_SIZE,
+    INSTANCE_SIZE,
     MAX_IDS,
+    RESERVED_INSTANCES,
     ReceiptFormatError,
     decode_ids,
     derive_group_send_id,
     derive_message_id,
     encode_ids,
+    parse_instance_id,
     parse_sdk_id,
 )
 
@@ -78,5 +81,23 @@ def test_decode_ids_raises_only_declared_errors(data: bytes) -> None:
 def test_parse_sdk_id_raises_only_declared_errors(value: str) -> None:
     try:
         assert len(parse_sdk_id(value)) == ID_SIZE
+    except ProtocolError:
+        pass
+
+
+def test_instance_id_is_32_lowercase_hex_digits_and_not_reserved() -> None:
+    """`agw:instance` on an announcement or a goodbye (docs/protocol.md): the reserved values stand for clients
+    the gateway cannot name, so no client may claim one."""
+    assert parse_instance_id("01" * INSTANCE_SIZE) == b"\x01" * INSTANCE_SIZE
+    assert RESERVED_INSTANCES == (bytes(INSTANCE_SIZE), b"\xff" * INSTANCE_SIZE)
+    for bad in ("", "00" * 16, "ff" * 16, "FF" * 16, "0" * 31, "g" * 32, "01" * 17):
+        with pytest.raises(ReceiptFormatError):
+            parse_instance_id(bad)
+
+
+@given(st.text(max_size=40))
+def test_parse_instance_id_raises_only_declared_errors(value: str) -> None:
+    try:
+        assert len(parse_instance_id(value)) == INSTANCE_SIZE
     except ProtocolError:
         pass

@@ -10,6 +10,8 @@ their ids.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -20,6 +22,8 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -593,6 +597,7 @@ async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> Non
     rx._on_slice = lambda *a: Receiving._on_slice(rx, *a)  # type: ignore[arg-type]
     await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
     assert order == ["fold", "frame transaction", "acks"]
+    assert rx._folded_at > time.monotonic() - 5  # (the maintenance tick leaves the steps to it: `_fold_idle`)
     order.clear()
     delivered.fold_due = False
     await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
@@ -607,3 +612,112 @@ async def test_the_receiver_folds_before_a_frame_not_inside_its_commits() -> Non
     for _ in range(3):  # a failed fold is not tried again on each frame (review finding L2: a warning per frame)
         await Receiving._on_delivered(rx, ())  # type: ignore[arg-type]
     assert order == ["failed fold"] + ["frame transaction", "acks"] * 3
+
+
+def _gateway(store: Any, tmp_path: Path) -> Any:
+    """A `Gateway` with only what its maintenance loop needs: the store, a state directory, no status."""
+    from gateway.daemon import Gateway
+
+    gw = Gateway(SimpleNamespace(paths=SimpleNamespace(state_dir=tmp_path)))  # type: ignore[arg-type]
+    gw.store = store
+    gw.status = lambda: {}  # type: ignore[method-assign]
+    return gw
+
+
+def _keys_in(s: Store, table: str) -> set[bytes]:
+    with s._db.read("test") as conn:
+        return {bytes(r[0]) for r in conn.execute(f"SELECT k FROM {table}")}
+
+
+async def test_the_maintenance_tick_moves_on_the_ids_nobody_else_folds(store: Store, small: None,
+                                                                      tmp_path: Path) -> None:
+    """The group service marks ids too (SDK group sends, one `mark` per message inside its batch's transaction)
+    and never folds: the store's bound folds them into `delivered_mid`, a round of merge steps starts there, and
+    before the daemon's maintenance tick made steps nobody finished it (`delivered_mid` kept growing). Now the
+    tick makes them: every id that was in `delivered_mid` reaches `delivered`, each id in exactly one table at
+    every moment, and a duplicate is found wherever it sits during the move."""
+    ids = [os.urandom(16) for _ in range(60)]
+    for i, m in enumerate(ids):  # (as `GroupKeys._take`: a durable transaction per batch, here one id each)
+        with store.transaction():
+            assert store.delivered.mark(m, 1_000 + i)
+    assert _rows(store, "delivered") == 0 and _rows(store, "delivered_mid") >= DeliveredIds.MID_MAX
+    assert store.delivered.fold_due  # a round is under way, and nobody makes its steps
+    waiting = _keys_in(store, "delivered_mid")
+    gw = _gateway(store, tmp_path)
+    task = asyncio.create_task(gw._maintenance_loop(), name="maintenance")
+    try:
+        for _ in range(800):  # (a tick a second, FOLD_TICK_STEPS steps each: a few seconds at most)
+            await asyncio.sleep(0.01)
+            with store._db.read("test") as conn:
+                assert _in_two(conn) == 0
+            assert store.delivered.seen_many(ids) == set(ids)
+            assert store.delivered.mark_many(ids[:5], 9_999) == 0  # (duplicates, wherever they sit)
+            if waiting <= _keys_in(store, "delivered"):
+                break
+        else:
+            pytest.fail(f"{len(waiting - _keys_in(store, 'delivered'))} ids left in delivered_mid")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert not task.done() or task.cancelled()
+    assert store.delivered.count() == 60 and not store.delivered.fold_due
+
+
+async def test_the_tick_leaves_the_steps_to_a_busy_receiver_and_makes_a_few_per_tick() -> None:
+    """While the receiver makes steps (one per frame), the tick makes none; once it has made none for
+    FOLD_IDLE_S the tick makes at most FOLD_TICK_STEPS, each in a turn of the event loop of its own."""
+    from gateway.receiving import FOLD_IDLE_S, FOLD_TICK_STEPS
+
+    order: list[str] = []
+
+    def fold() -> int:
+        order.append("step")
+        return 1
+
+    rx = SimpleNamespace(store=SimpleNamespace(delivered=SimpleNamespace(fold_due=True, fold=fold)),
+                         _fold_after=0.0, _folded_at=time.monotonic())
+    rx._fold_delivered = lambda: Receiving._fold_delivered(rx)  # type: ignore[arg-type]
+    assert await Receiving._fold_idle(rx) == 0 and order == []  # type: ignore[arg-type]
+    rx._folded_at = time.monotonic() - FOLD_IDLE_S
+
+    async def other() -> None:
+        for _ in range(FOLD_TICK_STEPS):
+            order.append("other")
+            await asyncio.sleep(0)
+
+    other_task = asyncio.create_task(other())
+    assert await Receiving._fold_idle(rx) == FOLD_TICK_STEPS  # type: ignore[arg-type]
+    await other_task
+    assert order.count("step") == FOLD_TICK_STEPS
+    assert "step" not in {order[i] for i in range(len(order) - 1) if order[i + 1] == "step"}  # never two in a turn
+    order.clear()
+    rx.store.delivered.fold_due = False
+    assert await Receiving._fold_idle(rx) == 0 and order == []  # type: ignore[arg-type]
+
+
+async def test_a_store_error_in_a_tick_step_is_logged_and_the_daemon_goes_on(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture
+                                                                              ) -> None:
+    """A step the tick makes fails as the receiver's do (e.g. the store at its size cap): one warning, the next
+    try after FOLD_RETRY_S, and the maintenance loop (hence the daemon) keeps running."""
+    class FailingDelivered:
+        fold_due = True
+        calls = 0
+
+        def fold(self) -> int:
+            self.calls += 1
+            raise StoreFull("test: the store is full")
+
+    delivered = FailingDelivered()
+    gw = _gateway(SimpleNamespace(delivered=delivered), tmp_path)
+    task = asyncio.create_task(gw._maintenance_loop(), name="maintenance")
+    try:
+        await asyncio.sleep(1.5)  # (two ticks)
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert delivered.calls == 1  # the second tick waits for FOLD_RETRY_S
+    assert "cannot fold the recent delivered ids" in caplog.text
