@@ -9,10 +9,6 @@ Why it is built this way:
   complete store: an empty, truncated or foreign file is `StoreCorrupt`, never a silently re-created store.
 - A lock file (`flock`) keeps a second process from opening the same store; it is released if we are killed.
 - `PRAGMA quick_check`, the application id and the schema version are checked on every open.
-- The WAL is copied into the main file by a second connection in a thread of its own (`_Checkpointer`), shortly
-  after commits, so that the copy and its fsync of the main file do not run inside one of our commits (SQLite's
-  auto-checkpoint runs in whichever commit takes the WAL past 1,000 pages: on the event loop, before an
-  acknowledgement). The auto-checkpoint stays as the backstop for bursts that outrun the thread.
 """
 
 from __future__ import annotations
@@ -20,11 +16,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import logging
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -34,8 +28,6 @@ from .schema import APPLICATION_ID, DDL_V1, EXPECTED_TABLES, MIGRATIONS, SCHEMA_
 
 T = TypeVar("T")
 
-log = logging.getLogger("agw.store")
-
 _SQLITE_CORRUPT = 11
 _SQLITE_FULL = 13
 _SQLITE_NOTADB = 26
@@ -44,14 +36,6 @@ _SQLITE_LOCKED = 6
 _NO_PAGE_LIMIT = 4294967294
 _WAL_LIMIT = 4 * 1024 * 1024  # the WAL is cut back to this after a checkpoint resets it
 _CACHE_KIB = 512  # page cache per connection (SQLite default 2,000 KiB): the hot pages are the outbox and inbox heads
-# The background checkpoint (`_Checkpointer`) runs at most once per CHECKPOINT_INTERVAL_S, once no commit came for
-# CHECKPOINT_QUIET_S (between the round trip's bursts of commits: a commit during the copy leaves the WAL to grow
-# on until the next one), or CHECKPOINT_INTERVAL_S after a commit if the commits never pause (a burst: SQLite's
-# auto-checkpoint then finds most pages copied). At the round trip's rate (~140 exchanges/s, ~37 WAL pages per
-# exchange per gateway, 2026-12-07) that is a few hundred pages per checkpoint, and one fsync of the main file per
-# 50 ms at most, against ~4 a second inside commits before.
-CHECKPOINT_INTERVAL_S = 0.05
-CHECKPOINT_QUIET_S = 0.001
 
 
 def translate(exc: sqlite3.Error, action: str) -> StoreError:
@@ -95,70 +79,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Checkpointer:
-    """Copies the WAL into the main file (`PRAGMA wal_checkpoint(PASSIVE)`) from its own connection, in a thread of
-    its own, after commits (`poke`): when they pause, at most once per CHECKPOINT_INTERVAL_S.
-
-    A passive checkpoint never waits for nor blocks the writer; SQLite releases the GIL while it copies and
-    fsyncs. It changes nothing of what a commit makes durable: each commit is fsynced in the WAL before it returns,
-    as before; the checkpoint copies committed pages and fsyncs the main file before it records them as copied.
-    Once it has copied the whole WAL, the writer's next transaction starts the WAL over, so the 1,000-page
-    auto-checkpoint inside a commit is not reached at the round trip's rate. Errors are logged once and
-    otherwise ignored: the auto-checkpoint still runs."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._last = 0.0  # (monotonic) the last commit's poke
-        self.checkpoints = 0  # completed (for tests and `agw status`-style checks)
-        self._warned = False
-        self._thread = threading.Thread(target=self._run, name="agw-store-checkpoint", daemon=True)
-        self._thread.start()
-
-    def poke(self) -> None:
-        self._last = time.monotonic()
-        self._wake.set()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            conn = sqlite3.connect(str(self._path), isolation_level=None, check_same_thread=True, timeout=0)
-        except sqlite3.Error as exc:
-            log.warning("store %s: no background checkpoint (%s); SQLite's own runs in commits", self._path, exc)
-            return
-        try:
-            # synchronous=FULL: the main file is fsynced before the WAL's pages are recorded as copied.
-            for pragma in ("trusted_schema=OFF", "synchronous=FULL", "cache_size=-64"):
-                conn.execute(f"PRAGMA {pragma}")
-            while True:
-                self._wake.wait()
-                if self._stop.is_set():
-                    return
-                self._wake.clear()
-                first = time.monotonic()
-                while (quiet := self._last + CHECKPOINT_QUIET_S - time.monotonic()) > 0 and (
-                        time.monotonic() - first < CHECKPOINT_INTERVAL_S):
-                    if self._stop.wait(quiet):
-                        return
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                    self.checkpoints += 1
-                except sqlite3.Error as exc:
-                    if not self._warned:
-                        self._warned = True
-                        log.warning("store %s: background checkpoint failed (%s); SQLite's own runs in commits",
-                                    self._path, exc)
-                if self._stop.wait(CHECKPOINT_INTERVAL_S):
-                    return
-        finally:
-            conn.close()
-
-
 class Database:
     """The store file: one connection, one lock, explicit transactions."""
 
@@ -170,7 +90,6 @@ class Database:
         self._depth = 0
         self._durable = True
         self._undo: list[Callable[[], None]] = []  # run if the current transaction rolls back (see on_rollback)
-        self._checkpointer: _Checkpointer | None = None  # started by the first commit
 
     # -- opening -------------------------------------------------------------------------------------------------
     @classmethod
@@ -334,9 +253,6 @@ class Database:
                 conn.execute("BEGIN IMMEDIATE")
                 yield conn
                 conn.execute("COMMIT")
-                if self._checkpointer is None:
-                    self._checkpointer = _Checkpointer(self.path)
-                self._checkpointer.poke()
             except BaseException as exc:
                 self._rollback(conn)
                 undo, self._undo = self._undo, []
@@ -384,19 +300,11 @@ class Database:
         with self.read("checkpointing the store") as conn:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
-    @property
-    def background_checkpoints(self) -> int:
-        """Checkpoints the background thread completed (0 before the first commit)."""
-        return self._checkpointer.checkpoints if self._checkpointer is not None else 0
-
     def close(self) -> None:
         with self.lock:
             if self._conn is None:
                 return
             try:
-                if self._checkpointer is not None:  # (first: the last connection closed checkpoints and drops the WAL)
-                    self._checkpointer.close()
-                    self._checkpointer = None
                 self._conn.close()
             finally:
                 self._conn = None
