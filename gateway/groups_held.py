@@ -182,14 +182,20 @@ class GroupHeld:
         before `before_connect`, or handed before loop time `before`), each in a new QoS 2 exchange."""
         if not self.bridge.connected:
             return
-        wanted = [i for a, held in self._hstate.held.items() if agent is None or a == agent
+        # Only those of groups their agent still reads: an entry of a group whose last reading client said
+        # goodbye since keeps waiting for a client that announces it again (or its expiry); published now, it
+        # would be deleted at PUBCOMP while no client of the agent may be there to take it.
+        wanted = [i for a, held in self._hstate.held.items()
+                  if (agent is None or a == agent) and a in self.acking_groups
                   for i, (connect, when, _) in held.items()
                   if (before_connect is None or connect < before_connect) and (before is None or when < before)]
-        self._publish_again(wanted, f"not yet acknowledged by {agent or 'their agents'}")
+        self._publish_again(wanted, f"not yet acknowledged by {agent or 'their agents'}", still_read=True)
 
-    def _publish_again(self, ids: list[bytes], why: str) -> None:
+    def _publish_again(self, ids: list[bytes], why: str, *, still_read: bool = False) -> None:
+        """`still_read`: only the entries whose group their agent still reads (`acking_groups`)."""
         entries = [e for e in map(self.records.inbox_entry, ids)
-                   if e is not None and e.phase == Phase.HANDED and e.entry_id not in self._publishing]
+                   if e is not None and e.phase == Phase.HANDED and e.entry_id not in self._publishing
+                   and (not still_read or e.group in self.acking_groups.get(e.agent, ()))]
         if not entries:
             return
         with self.store.transaction(durable=False):

@@ -61,8 +61,10 @@ ACKING_KEY = "receipts/acking/"  # + agent: in store.secrets, present once the a
 # announced SDK clients, oldest first (see `_encode_instances`)
 ACKING_GROUPS_KEY = "receipts/acking-groups/"  # + agent: the groups it announced it acknowledges (comma-separated)
 MAX_ANNOUNCED_GROUPS = 1_000
-# Announced clients remembered per agent; past it the longest-announced is forgotten (a local agent announcing
-# fresh instance ids in a loop costs this much memory and one small record, not more).
+# Announced clients told apart per agent; past it the least recently announced are merged into the anonymous
+# client (`_announce`: still held for, with their groups, until a goodbye without an instance), so a local agent
+# announcing fresh instance ids in a loop costs this much memory and one small record, not more. The groups of all
+# its clients together are capped at MAX_ANNOUNCED_GROUPS too (`_union_groups`).
 MAX_INSTANCES = 16
 # Announcers the gateway cannot name: an announcement without `agw:instance` (an SDK that predates it, a raw
 # client): only a goodbye without one (which forgets every client of the agent, as before) ends it; and clients
@@ -250,8 +252,10 @@ class Receipts:
 
     def _announce(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
         """Remember the announcing client (its `agw:instance`; none or a malformed one: `ANONYMOUS`) and the
-        groups it reads, the latest last; past MAX_INSTANCES the longest-announced is forgotten (with a warning
-        at most once a minute)."""
+        groups it reads, the latest last. Past MAX_INSTANCES the least recently announced clients are merged into
+        `ANONYMOUS` (with a warning at most once a minute): one of them may still be running (a long-lived client
+        beside a sibling that crashes in a loop), so the agent stays held for, with their groups, until a goodbye
+        without an instance, the side that loses nothing."""
         try:
             instance = self._instance(agent, properties) or ANONYMOUS
         except ValueError:
@@ -264,17 +268,22 @@ class Receipts:
             return
         new = {i: g for i, g in current.items() if i != instance}
         new[instance] = groups
-        forgotten = len(new) - MAX_INSTANCES
-        for old in list(new)[:max(0, forgotten)]:
-            del new[old]
+        forgotten = 0
+        if len(new) > MAX_INSTANCES:
+            merged = new.pop(ANONYMOUS, frozenset())
+            while len(new) >= MAX_INSTANCES:  # (room for ANONYMOUS; the announcing client is the latest, kept)
+                merged |= new.pop(next(iter(new)))
+                forgotten += 1
+            new = {ANONYMOUS: merged, **new}
         self._set_instances(agent, new)
         if forgotten > 0:
             self.receipt_counters["clients_forgotten_over_cap"] += forgotten
             t = asyncio.get_running_loop().time()
             if self._instances_logged.get(agent, float("-inf")) + INSTANCES_LOG_EVERY <= t:
                 self._instances_logged[agent] = t
-                log.warning("agent %s announced more than %d SDK clients without their goodbyes: the longest "
-                            "announced is forgotten (clients that crash without closing leave theirs; see "
+                log.warning("agent %s announced more than %d SDK clients without their goodbyes: the least "
+                            "recently announced are no longer told apart, and the agent stays held for until a "
+                            "goodbye without an instance (clients that crash without closing leave theirs; see "
                             "docs/operations.md)", agent, MAX_INSTANCES)
 
     def _goodbye(self, agent: str, properties: Sequence[tuple[str, str]]) -> None:
@@ -301,7 +310,7 @@ class Receipts:
         """Write the agent's announced clients and the groups they read together (none: it stops acknowledging),
         each only if it changed, then follow in memory (a store error leaves both as they were: the ack is not
         PUBACKed, the broker delivers it again)."""
-        groups = frozenset().union(*instances.values())
+        groups = _union_groups(instances)
         old_groups = self._acking_groups.get(agent, frozenset())
         was = agent in self._acking
         with self.store.transaction(durable=False):
@@ -371,6 +380,8 @@ class Receipts:
             loop.call_at(before + HELLO_GRACE, self._hello_due, agent)
             return
         del self._hello_before[agent]
+        if agent not in self._acking:  # its last client said goodbye meanwhile: nothing to publish it for
+            return
         self._hello_last[agent] = loop.time()
         self._hello_every[agent] = min(self._hello_every.get(agent, HELLO_EVERY / 2) * 2, HELLO_EVERY_MAX)
         self._republish_held(agent, None, before)
@@ -459,7 +470,10 @@ class Receipts:
         `before_connect`, or handed before loop time `before`) again, each in a new QoS 2 exchange."""
         if not self.bridge.connected:
             return
-        wanted = {name for a, held in self._held.items() if agent is None or a == agent
+        # Only for agents that acknowledge: one that said goodbye since keeps what it holds until a client of it
+        # announces itself again (or it expires); published now, it would be deleted at PUBCOMP while no client
+        # of it may be there to take it.
+        wanted = {name for a, held in self._held.items() if (agent is None or a == agent) and a in self._acking
                   for name, _, connect, when in held.values()
                   if name not in self._publishing and (before_connect is None or connect < before_connect)
                   and (before is None or when < before)}
@@ -554,6 +568,20 @@ class Receipts:
                 "acking_groups": {a: sorted(g) for a, g in sorted(self._acking_groups.items())},
                 "held": sum(len(h) for h in self._held.values()),
                 **self.receipt_counters}
+
+
+def _union_groups(instances: dict[bytes, frozenset[str]]) -> frozenset[str]:
+    """The groups of all the agent's clients together, at most MAX_ANNOUNCED_GROUPS (those of the latest announced
+    first): the bound of one client's list holds for the agent's record too."""
+    union: set[str] = set()
+    for groups in reversed(instances.values()):
+        if len(union) + len(groups) <= MAX_ANNOUNCED_GROUPS:
+            union |= groups
+            continue
+        for name in sorted(groups - union)[:MAX_ANNOUNCED_GROUPS - len(union)]:
+            union.add(name)
+        break
+    return frozenset(union)
 
 
 def _encode_instances(instances: dict[bytes, frozenset[str]]) -> bytes:

@@ -429,7 +429,7 @@ async def test_one_of_two_sdk_clients_of_an_agent_closing_keeps_holding_for_the_
     async with AgentClient("erin", port=b.broker.port, password=PW, auto_ack=False) as stays:
         async with AgentClient("erin", port=b.broker.port, password=PW):
             st = await await_status(b, lambda st: st.get("acking_clients", {}).get("erin") == 2)
-            assert "erin" in st["acking_agents"]
+            assert "erin" in st["acking_agents"] and st["acking_clients"]["erin"] == 2, st
         await asyncio.sleep(2.0)  # (its goodbye handled, and the status written since)
         st = receipts_of(b)
         assert "erin" in st["acking_agents"], st
@@ -460,12 +460,14 @@ async def test_goodbyes_and_announcements_without_an_instance_keep_their_meaning
     try:
         assert not old.publish("agw/frank/ack", b"").is_failure  # an announcement without an instance
         async with AgentClient("frank", port=b.broker.port, password=PW):
-            await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+            st = await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+            assert st["acking_clients"]["frank"] == 2, st
         await asyncio.sleep(2.0)
         st = receipts_of(b)
         assert "frank" in st["acking_agents"] and st["acking_clients"]["frank"] == 1, st
         async with AgentClient("frank", port=b.broker.port, password=PW):
-            await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+            st = await await_status(b, lambda st: st.get("acking_clients", {}).get("frank") == 2)
+            assert st["acking_clients"]["frank"] == 2, st
             assert not old.publish("agw/frank/ack", b"\x00").is_failure  # a goodbye without an instance
             st = await await_status(b, lambda st: "frank" not in st["acking_agents"])
             assert "frank" not in st["acking_agents"]

@@ -104,6 +104,26 @@ async def test_published_again_under_the_same_message_id(pair: Any) -> None:
     assert b.held_count() == 1
 
 
+async def test_not_published_again_once_no_client_of_the_agent_reads_the_group(pair: Any) -> None:
+    """After the goodbye of the group's last reading client, its held messages wait for a client that announces
+    the group again (or their expiry): published now, they would be deleted at PUBCOMP with nobody to take them."""
+    a, b, _ = pair
+    a.send("a1", "g", b"kept")
+    await until(lambda: b.held_count() == 1, "the message to be held")
+    for groups in ({}, {"b1": frozenset({"other"})}):
+        b.acking_groups.clear()
+        b.acking_groups.update(groups)
+        b.republish_held("b1")
+        b.republish_held(before_connect=99)  # (a reconnect's)
+        await asyncio.sleep(0.05)
+        assert len(ids_published(b)) == 1 and b.held_count() == 1, groups
+        assert b.records.inbox()[0].phase == Phase.HANDED
+    b.acking_groups["b1"] = frozenset({"g"})  # a client reading the group announced itself
+    b.republish_held("b1")
+    await until(lambda: len(ids_published(b)) == 2, "the second publish")
+    assert b.counters.held_republished == 1
+
+
 async def test_an_ack_that_overtakes_the_pubcomp_deletes_it_then(pair: Any, monkeypatch: Any) -> None:
     a, b, _ = pair
     gate = asyncio.Event()

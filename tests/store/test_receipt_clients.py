@@ -8,15 +8,17 @@ by an older gateway (its clients unknown) stops holding at the first goodbye, as
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from types import SimpleNamespace
 
 import pytest
 
+from gateway import receipts
 from gateway.daemon import Gateway
 from gateway.protocol.receipts import GOODBYE, encode_ids
-from gateway.receipts import ACKING_GROUPS_KEY, ACKING_KEY, MAX_INSTANCES, UNKNOWN
+from gateway.receipts import ACKING_GROUPS_KEY, ACKING_KEY, ANONYMOUS, MAX_ANNOUNCED_GROUPS, MAX_INSTANCES, UNKNOWN
 from gateway.store import Store, StoreError
 
 from .conftest import SoftStorageKey, mid
@@ -130,19 +132,78 @@ async def test_acks_without_an_announcement_turn_holding_on_until_any_goodbye(st
 
 
 async def test_announced_clients_are_capped_per_agent(store: Store, caplog: pytest.LogCaptureFixture) -> None:
-    """A local agent announcing fresh instances in a loop: MAX_INSTANCES remembered (the longest-announced is
-    forgotten), one warning a minute, one small record."""
+    """A local agent announcing fresh instances in a loop: MAX_INSTANCES told apart (the least recently announced
+    are merged into the anonymous client), one warning a minute, one small record."""
     g = _gateway(store)
     clients = [_inst() for _ in range(MAX_INSTANCES + 5)]
     with caplog.at_level(logging.WARNING):
         for c in clients:
             _hello(g, c)
-    assert list(g._instances["bob"]) == clients[5:]
-    assert g.receipt_counters["clients_forgotten_over_cap"] == 5
+    assert list(g._instances["bob"]) == [ANONYMOUS, *clients[6:]]
+    assert g.receipt_counters["clients_forgotten_over_cap"] == 6
     assert caplog.text.count("announced more than") == 1
-    assert len(store.secrets.get(ACKING_KEY + "bob") or b"") == 1 + 16 * MAX_INSTANCES
-    _bye(g, clients[0])  # forgotten: nothing changes
-    assert len(g._instances["bob"]) == MAX_INSTANCES
+    assert store.secrets.get(ACKING_KEY + "bob") == b"\x02" + ANONYMOUS + b"".join(clients[6:])
+    _bye(g, clients[0])  # merged: its goodbye cannot be told from a stranger's, nothing changes
+    assert len(g._instances["bob"]) == MAX_INSTANCES and "bob" in g._acking
+    for c in clients[6:]:
+        _bye(g, c)
+    assert "bob" in g._acking  # the merged clients are not known to have gone
+    _bye(g, None)  # the goodbye without an instance (the operator's) ends them
+    assert "bob" not in g._acking
+
+
+async def test_a_running_client_pushed_over_the_cap_keeps_its_groups_held(db_path, key: SoftStorageKey) -> None:  # type: ignore[no-untyped-def]
+    """A long-lived client reading g1 beside a sibling that crashes in a loop (a new instance per restart, never a
+    goodbye): past the cap it is merged into the anonymous client, so g1's messages stay held for it (before, it
+    was forgotten with its groups and g1's messages went at PUBCOMP while it ran), across a restart too."""
+    live = _inst()
+    with Store.open(db_path, key) as s:
+        g = _gateway(s)
+        _hello(g, live, "bob", ("agw:groups", "g1"))
+        for _ in range(MAX_INSTANCES + 3):
+            _hello(g, _inst())
+        assert live not in g._instances["bob"] and g._acking_groups["bob"] == {"g1"}
+        assert g._instances["bob"][ANONYMOUS] == {"g1"}
+    with Store.open(db_path, key) as s:
+        g = _gateway(s)
+        assert "bob" in g._acking and g._acking_groups["bob"] == {"g1"}
+
+
+async def test_the_agents_groups_together_are_capped(store: Store) -> None:
+    """The bound of one client's group list (MAX_ANNOUNCED_GROUPS) holds for all of an agent's clients together:
+    a local agent cycling instances with 1,000 groups each cannot make a record (and a loop pass) 16 times larger.
+    The latest client's groups come first."""
+    g = _gateway(store)
+    for n in range(MAX_INSTANCES + 1):
+        names = [f"c{n:02d}-{k:04d}" for k in range(MAX_ANNOUNCED_GROUPS)]
+        _hello(g, _inst(), "carol", ("agw:groups", ",".join(names)))
+    assert len(g._acking_groups["carol"]) == MAX_ANNOUNCED_GROUPS
+    assert g._acking_groups["carol"] == set(names)  # (the latest)
+    record = store.secrets.get(ACKING_GROUPS_KEY + "carol") or b""
+    assert len(record.split(b",")) == MAX_ANNOUNCED_GROUPS
+
+
+async def test_held_entries_are_not_published_again_after_the_last_goodbye(store: Store,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an agent still held when its last client said goodbye waits for a client that announces itself again
+    (docs/operations.md): neither the announcement's pending republish nor a broker reconnect publishes it before
+    (it would be deleted at PUBCOMP while no client may be there to take it, and the session of a client that
+    closed is gone)."""
+    monkeypatch.setattr(receipts, "HELLO_GRACE", 0.05)
+    g = _gateway(store)
+    g.bridge = SimpleNamespace(connected=True)  # type: ignore[assignment]
+    published: list[set[str]] = []
+    g._republish_names = lambda names, why: published.append(set(names)) if names else None  # type: ignore[method-assign]
+    x = _inst()
+    _hello(g, x)  # its republish is scheduled HELLO_GRACE later
+    g._held["bob"][mid(1)] = ("inbox/entry-1", 2**62, 0, float("-inf"))  # handed, not yet acked
+    _bye(g, x)
+    await asyncio.sleep(0.2)
+    g._republish_held(before_connect=99)  # (a reconnect's)
+    assert published == []
+    _hello(g, _inst())  # a client of bob announces itself: published again after the grace
+    await asyncio.sleep(0.2)
+    assert published == [{"inbox/entry-1"}]
 
 
 async def test_a_malformed_instance_never_turns_holding_off(store: Store) -> None:
