@@ -174,6 +174,10 @@ def test_open_application_matches_the_generic_path(suite: int) -> None:
     used = env.tree()
     used.consume(LeafIndex(0), APP, 0)
     cases.append(("replay", msgs[0], lambda: used))
+    # a blank leaf whose key is also gone: the membership check comes first, as in the generic path
+    blank_used = env.tree()
+    blank_used.consume(LeafIndex(2), APP, 0)
+    cases.append(("blank leaf, replayed", blank, lambda: blank_used))
     # more than max_forward ahead
     far = env.tree()
     far.max_forward = 2
