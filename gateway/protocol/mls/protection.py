@@ -291,8 +291,9 @@ def unprotect_private(
 #
 # Every application message goes through these two, so they build the bytes of the generic path above directly,
 # without the FramedContent, AuthenticatedContent, SenderData, KeyNonce and OpenedPrivateMessage objects the
-# generic path makes and takes apart again. tests/mls/test_fast_paths.py checks them against the generic path:
-# the same messages byte for byte (Ed25519 signatures are deterministic), the same results and the same errors.
+# generic path makes and takes apart again. tests/mls/test_application_fast_path.py checks them against the
+# generic path: the same messages byte for byte (Ed25519 signatures are deterministic), the same results and
+# the same errors.
 
 _PRIVATE_TBS_HEAD = _TBS_HEADS[WireFormat.PRIVATE_MESSAGE]
 
