@@ -94,6 +94,12 @@ def test_message_protection_vector(v: dict[str, Any]) -> None:
                 protection.protect_public(env.cs, ac, env.context, env.membership_key)
 
         receiver = env.tree()
+        if name == "application":  # the fast path every group application message takes
+            priv = MLSMessage.from_bytes(unhex(v[f"{name}_priv"])).body
+            assert isinstance(priv, PrivateMessage)
+            opened = protection.open_application(env.cs, priv, env.context, receiver, env.sender_data_secret,
+                                                 lambda leaf: env.key_for(Sender.member(leaf)))
+            assert opened == (SENDER.index, 0, want.content) and priv.authenticated_data == want.authenticated_data
         assert env.unprotect_private(unhex(v[f"{name}_priv"]), receiver) == want
         with pytest.raises(MlsReplayError):
             env.unprotect_private(unhex(v[f"{name}_priv"]), receiver)

@@ -99,3 +99,21 @@ def test_node_secrets_are_deleted_once_used() -> None:
     t.next_for_sending(LeafIndex(0), APP)
     # Root and its left child gave way to their children; leaf 0's own secret became its two ratchets.
     assert "live_nodes=2" in repr(t)
+
+
+def test_skipped_keys_leave_the_window_as_later_generations_are_consumed() -> None:
+    t, ref = _tree(), _tree()
+    leaf = LeafIndex(1)
+    want = [ref.next_for_sending(leaf, APP) for _ in range(12)]
+    t.consume(leaf, APP, 3)  # keeps the keys of 0, 1 and 2 (window 4)
+    assert t.key_for(leaf, APP, 1) == want[1]
+    for g in range(4, 6):  # consumed in order: generation 6 next, floor 2, so 0 and 1 are deleted
+        t.consume(leaf, APP, g)
+    assert t.key_for(leaf, APP, 2) == want[2]
+    for g in (0, 1):
+        with pytest.raises(MlsReplayError):
+            t.key_for(leaf, APP, g)
+    t.consume(leaf, APP, 6)  # floor 3: the key of 2 goes as well, with no gap in between
+    with pytest.raises(MlsReplayError):
+        t.key_for(leaf, APP, 2)
+    assert t.generation(leaf, APP) == 7

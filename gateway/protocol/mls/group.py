@@ -76,6 +76,7 @@ from gateway.protocol.mls.proposals import (
 )
 from gateway.protocol.mls.psk import PskInput, psk_secret
 from gateway.protocol.mls.ratchet_tree import RatchetTree, validate_leaf_node
+from gateway.protocol.mls.secret_tree import RatchetType
 from gateway.protocol.mls.transcript import (
     check_confirmation_tag,
     confirmation_tag,
@@ -265,9 +266,14 @@ class Group:
 
     def encrypt_application(self, data: bytes, authenticated_data: bytes = b"") -> MLSMessage:
         self._check_active()
-        ac = protection.sign_authenticated_content(self._signer, WireFormat.PRIVATE_MESSAGE,
-                                                   self._framed(data, authenticated_data), self._state.context)
-        return self._protect(ac)
+        st = self._state
+        if type(data) is not bytes or type(authenticated_data) is not bytes:  # the generic path decides
+            ac = protection.sign_authenticated_content(self._signer, WireFormat.PRIVATE_MESSAGE,
+                                                       self._framed(data, authenticated_data), st.context)
+            return self._protect(ac)
+        return MLSMessage(protection.seal_application(self.cs, self._signer, st.context, st.secret_tree,
+                                                      st.secrets.sender_data_secret, st.own_leaf, data,
+                                                      authenticated_data, padding_block=self.config.padding_block))
 
     def propose(self, proposal: Proposal, authenticated_data: bytes = b"") -> MLSMessage:
         """Send a proposal by reference (Add, Remove, PreSharedKey, GroupContextExtensions)."""
@@ -427,6 +433,8 @@ class Group:
             return self._process_past_application(body)
         elif isinstance(body, PrivateMessage):
             self._check_epoch(body.group_id, body.epoch)
+            if body.content_type == ContentType.APPLICATION:
+                return self._process_application(body)
             opened = protection.unprotect_private(self.cs, body, st.context, st.secret_tree,
                                                   st.secrets.sender_data_secret,
                                                   lambda s: self._signature_key(s, None), consume=False)
@@ -447,6 +455,19 @@ class Group:
             result = self._receive_proposal(ac, content.content)
         if opened is not None and not isinstance(result, StagedCommit):
             opened.consume(st.secret_tree)
+        return result
+
+    def _process_application(self, body: PrivateMessage) -> ApplicationMessage:
+        """What the generic path of `process` does for application data of the current epoch, through
+        `protection.open_application`: the same checks in the same order, the key consumed last."""
+        st = self._state
+        leaf, generation, data = protection.open_application(self.cs, body, st.context, st.secret_tree,
+                                                             st.secrets.sender_data_secret,
+                                                             self._member_signature_key)
+        if leaf == st.own_leaf:
+            raise MlsError("a message from our own leaf: own messages are not processed")
+        result = ApplicationMessage(leaf, data, body.authenticated_data, generation, st.context.epoch)
+        st.secret_tree.consume(leaf, RatchetType.APPLICATION, generation)
         return result
 
     def merge_staged_commit(self, staged: StagedCommit) -> None:
@@ -505,14 +526,17 @@ class Group:
         if epoch != self.epoch:
             raise MlsError(f"message for epoch {epoch}; the group is at epoch {self.epoch}")
 
+    def _member_signature_key(self, index: LeafIndex) -> bytes:
+        leaf = self._state.tree.leaf(index)
+        if leaf is None:
+            raise MlsError(f"sender leaf {index} is not a member")
+        return leaf.signature_key
+
     def _signature_key(self, sender: Sender, content: FramedContent | None) -> bytes:
         st = self._state
         if sender.sender_type == SenderType.MEMBER:
             assert sender.index is not None
-            leaf = st.tree.leaf(LeafIndex(sender.index))
-            if leaf is None:
-                raise MlsError(f"sender leaf {sender.index} is not a member")
-            return leaf.signature_key
+            return self._member_signature_key(LeafIndex(sender.index))
         if sender.sender_type == SenderType.EXTERNAL:
             assert sender.index is not None
             ext = external_senders(st.context.extensions)

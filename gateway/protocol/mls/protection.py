@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.protocol.mls.codec import Reader
+from gateway.protocol.mls.codec import Reader, encode_varint
 from gateway.protocol.mls.crypto import CipherSuite, Signer, check_signature, ct_equal, sign_with_label
 from gateway.protocol.mls.errors import MlsDecodeError, MlsError, MlsVerificationError
 from gateway.protocol.mls.framing import (
@@ -234,16 +234,23 @@ class OpenedPrivateMessage:
             secret_tree.consume(self.leaf, self.ratchet, self.generation)
 
 
-def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret: bytes) -> SenderData:
-    sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, msg.ciphertext)
-    aad = sender_data_aad(msg.group_id, msg.epoch, msg.content_type)
-    raw = cs.aead_open(sd_key, sd_nonce, aad, msg.encrypted_sender_data)
+def _open_sender_data(
+    cs: CipherSuite, sender_data_secret: bytes, aad: bytes, encrypted_sender_data: bytes, ciphertext: bytes
+) -> tuple[int, int, bytes]:
+    """(leaf_index, generation, reuse_guard) of a PrivateMessage, `aad` being its SenderDataAAD."""
+    sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, ciphertext)
+    raw = cs.aead_open(sd_key, sd_nonce, aad, encrypted_sender_data)
     if len(raw) == 12:  # the fixed-size SenderData {uint32 leaf_index; uint32 generation; opaque reuse_guard[4]}
-        return SenderData(int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big"), raw[8:])
+        return int.from_bytes(raw[:4], "big"), int.from_bytes(raw[4:8], "big"), raw[8:]
     r = Reader(raw)  # anything else is refused here, as before
     sd = SenderData.decode(r)
     r.expect_done()
-    return sd
+    return sd.leaf_index, sd.generation, sd.reuse_guard
+
+
+def decrypt_sender_data(cs: CipherSuite, msg: PrivateMessage, sender_data_secret: bytes) -> SenderData:
+    aad = sender_data_aad(msg.group_id, msg.epoch, msg.content_type)
+    return SenderData(*_open_sender_data(cs, sender_data_secret, aad, msg.encrypted_sender_data, msg.ciphertext))
 
 
 def unprotect_private(
@@ -278,3 +285,90 @@ def unprotect_private(
     if consume:
         secret_tree.consume(leaf, rt, sd.generation)
     return OpenedPrivateMessage(ac, leaf, rt, sd.generation, consume)
+
+
+# --- application messages ---------------------------------------------------------------------------------
+#
+# Every application message goes through these two, so they build the bytes of the generic path above directly,
+# without the FramedContent, AuthenticatedContent, SenderData, KeyNonce and OpenedPrivateMessage objects the
+# generic path makes and takes apart again. tests/mls/test_application_fast_path.py checks them against the
+# generic path: the same messages byte for byte (Ed25519 signatures are deterministic), the same results and
+# the same errors.
+
+_PRIVATE_TBS_HEAD = _TBS_HEADS[WireFormat.PRIVATE_MESSAGE]
+
+
+def seal_application(
+    cs: CipherSuite,
+    signer: Signer,
+    context: GroupContext,
+    secret_tree: SecretTree,
+    sender_data_secret: bytes,
+    leaf: LeafIndex,
+    data: bytes,
+    authenticated_data: bytes = b"",
+    *,
+    padding_block: int = 0,
+    reuse_guard: bytes | None = None,
+) -> PrivateMessage:
+    """`protect_private(sign_authenticated_content(PRIVATE_MESSAGE, FramedContent(group id, epoch,
+    Sender.member(leaf), authenticated_data, data), context))` for the group and epoch of `context`."""
+    group_id, epoch = context.group_id, context.epoch
+    gid_epoch = encode_varint(len(group_id)) + group_id + epoch.to_bytes(8, "big")
+    aad_field = encode_varint(len(authenticated_data)) + authenticated_data
+    data_field = encode_varint(len(data)) + data
+    sender = leaf.to_bytes(4, "big")
+    # FramedContentTBS: version, wire format, FramedContent (sender type member, content type application), context
+    tbs = b"".join((_PRIVATE_TBS_HEAD, gid_epoch, b"\x01", sender, aad_field, b"\x01", data_field,
+                    _context_bytes(context)))
+    signature = sign_with_label(signer, FRAMED_CONTENT_SIGN_LABEL, tbs)
+    body = b"".join((data_field, encode_varint(len(signature)), signature))  # PrivateMessageContent
+    padding = _padding_for(len(body), padding_block)
+    if padding:
+        body += bytes(padding)
+    guard = os.urandom(4) if reuse_guard is None else reuse_guard
+    generation, key, nonce = secret_tree.next_key_and_nonce_for_sending(leaf, RatchetType.APPLICATION)
+    sd_aad = gid_epoch + b"\x01"  # SenderDataAAD; PrivateContentAAD adds authenticated_data
+    ciphertext = cs.aead_seal(key, _apply_reuse_guard(nonce, guard), sd_aad + aad_field, body)
+    sd_key, sd_nonce = sender_data_key_nonce(cs, sender_data_secret, ciphertext)
+    encrypted_sender_data = cs.aead_seal(sd_key, sd_nonce, sd_aad, sender + generation.to_bytes(4, "big") + guard)
+    return PrivateMessage(group_id, epoch, ContentType.APPLICATION, authenticated_data, encrypted_sender_data,
+                          ciphertext)
+
+
+def open_application(
+    cs: CipherSuite,
+    msg: PrivateMessage,
+    context: GroupContext,
+    secret_tree: SecretTree,
+    sender_data_secret: bytes,
+    signature_key_of: Callable[[LeafIndex], bytes],
+) -> tuple[LeafIndex, int, bytes]:
+    """`unprotect_private(..., consume=False)` for a PrivateMessage of content type application: the same checks
+    in the same order with the same errors, returning (sender leaf, generation, data). `signature_key_of` raises
+    for a leaf that is not a member. Nothing is consumed: the caller calls `secret_tree.consume(leaf,
+    RatchetType.APPLICATION, generation)` once it accepts the message."""
+    if msg.content_type != ContentType.APPLICATION:
+        raise MlsError("open_application takes application messages only")
+    group_id, authenticated_data, ciphertext = msg.group_id, msg.authenticated_data, msg.ciphertext
+    gid_epoch = encode_varint(len(group_id)) + group_id + msg.epoch.to_bytes(8, "big")
+    sd_aad = gid_epoch + b"\x01"
+    leaf_index, generation, guard = _open_sender_data(cs, sender_data_secret, sd_aad, msg.encrypted_sender_data,
+                                                      ciphertext)
+    leaf = LeafIndex(leaf_index)
+    if leaf >= secret_tree.n_leaves:
+        raise MlsVerificationError(f"sender data names leaf {leaf}, outside the tree")
+    signature_key = signature_key_of(leaf)
+    key, nonce = secret_tree.key_and_nonce_for(leaf, RatchetType.APPLICATION, generation)
+    aad_field = encode_varint(len(authenticated_data)) + authenticated_data
+    plaintext = cs.aead_open(key, _apply_reuse_guard(nonce, guard), sd_aad + aad_field, ciphertext)
+    r = Reader(plaintext)  # PrivateMessageContent: opaque data, opaque signature, zero padding
+    data = r.opaque()
+    signature = r.opaque()
+    padding = plaintext[r.pos:]
+    if padding.count(0) != len(padding):
+        raise MlsDecodeError("PrivateMessageContent padding holds non-zero bytes")
+    tbs = b"".join((_PRIVATE_TBS_HEAD, gid_epoch, b"\x01", leaf_index.to_bytes(4, "big"), aad_field, b"\x01",
+                    encode_varint(len(data)), data, _context_bytes(context)))
+    check_signature(cs, signature_key, FRAMED_CONTENT_SIGN_LABEL, tbs, signature)
+    return leaf, generation, data

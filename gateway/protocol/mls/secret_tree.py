@@ -108,10 +108,13 @@ class SecretTree:
 
     def _key_nonce(self, secret: bytes, generation: int) -> KeyNonce:
         """`ratchet_key_nonce` with the KDFLabel heads precomputed."""
+        return KeyNonce(generation, *self._key_and_nonce(secret, generation))
+
+    def _key_and_nonce(self, secret: bytes, generation: int) -> tuple[bytes, bytes]:
         context = generation.to_bytes(4, "big")
         expand = self._cs.kdf_expand
-        return KeyNonce(generation, expand(secret, self._key_head + context, self._key_len),
-                        expand(secret, self._nonce_head + context, self._nonce_len))
+        return (expand(secret, self._key_head + context, self._key_len),
+                expand(secret, self._nonce_head + context, self._nonce_len))
 
     def _next_secret(self, secret: bytes, generation: int) -> bytes:
         """`ratchet_next` with the KDFLabel head precomputed."""
@@ -164,6 +167,10 @@ class SecretTree:
 
     def key_for(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> KeyNonce:
         """The key and nonce a receiver needs for (leaf, type, generation); changes no state."""
+        return KeyNonce(generation, *self.key_and_nonce_for(leaf, rt, generation))
+
+    def key_and_nonce_for(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> tuple[bytes, bytes]:
+        """`key_for` without the KeyNonce around it (the application-message path)."""
         self._check_leaf(leaf)
         r = self._ratchet_pure(leaf, rt)
         if generation < r.generation:
@@ -172,48 +179,63 @@ class SecretTree:
                 raise MlsReplayError(
                     f"generation {generation} of leaf {leaf} was already used or is older than the out-of-order window"
                 )
-            return kn
+            return kn.key, kn.nonce
         if generation - r.generation > self.max_forward:
             raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
         secret, g = r.secret, r.generation
         while g < generation:
             secret = self._next_secret(secret, g)
             g += 1
-        return self._key_nonce(secret, generation)
+        return self._key_and_nonce(secret, generation)
+
+    def _ratchet(self, leaf: LeafIndex, rt: RatchetType) -> HashRatchet:
+        """The ratchet of (leaf, type), created (and the node secrets above it deleted) on first use."""
+        r = self._ratchets.get((leaf, rt))
+        if r is None:
+            self._materialise(leaf)
+            r = self._ratchets[(leaf, rt)]
+        return r
+
+    def _advance(self, r: HashRatchet) -> None:
+        """Replace the ratchet's secret by the next one and drop skipped keys that fell out of the window."""
+        r.secret = self._next_secret(r.secret, r.generation)
+        r.generation += 1
+        if r.skipped:
+            floor = r.generation - self.out_of_order_window
+            for g in [g for g in r.skipped if g < floor]:
+                del r.skipped[g]
 
     def consume(self, leaf: LeafIndex, rt: RatchetType, generation: int) -> None:
         """Delete the key of `generation` and advance past it, keeping skipped keys within the window."""
         self._check_leaf(leaf)
-        if (leaf, rt) not in self._ratchets:
-            self._materialise(leaf)
-        r = self._ratchets[(leaf, rt)]
+        r = self._ratchet(leaf, rt)
         if generation < r.generation:
             if r.skipped.pop(generation, None) is None:
                 raise MlsReplayError(f"generation {generation} of leaf {leaf} was already used")
             return
         if generation - r.generation > self.max_forward:
             raise MlsError(f"generation {generation} is more than {self.max_forward} ahead of {r.generation}")
-        keep_from = generation + 1 - self.out_of_order_window  # the same floor as applied below
-        while r.generation < generation:
-            if r.generation >= keep_from:
-                r.skipped[r.generation] = self._key_nonce(r.secret, r.generation)
-            r.secret = self._next_secret(r.secret, r.generation)
-            r.generation += 1
-        r.secret = self._next_secret(r.secret, r.generation)
-        r.generation += 1
-        floor = r.generation - self.out_of_order_window
-        for g in [g for g in r.skipped if g < floor]:
-            del r.skipped[g]
+        if generation > r.generation:
+            keep_from = generation + 1 - self.out_of_order_window  # the same floor as `_advance` applies
+            while r.generation < generation:
+                if r.generation >= keep_from:
+                    r.skipped[r.generation] = self._key_nonce(r.secret, r.generation)
+                r.secret = self._next_secret(r.secret, r.generation)
+                r.generation += 1
+        self._advance(r)
 
     def next_for_sending(self, leaf: LeafIndex, rt: RatchetType) -> KeyNonce:
         """The key of this member's next generation; the key is deleted from the tree as it is returned."""
+        return KeyNonce(*self.next_key_and_nonce_for_sending(leaf, rt))
+
+    def next_key_and_nonce_for_sending(self, leaf: LeafIndex, rt: RatchetType) -> tuple[int, bytes, bytes]:
+        """`next_for_sending` as (generation, key, nonce), without the KeyNonce around it."""
         self._check_leaf(leaf)
-        if (leaf, rt) not in self._ratchets:
-            self._materialise(leaf)
-        r = self._ratchets[(leaf, rt)]
-        kn = self._key_nonce(r.secret, r.generation)
-        self.consume(leaf, rt, r.generation)
-        return kn
+        r = self._ratchet(leaf, rt)
+        generation = r.generation
+        key, nonce = self._key_and_nonce(r.secret, generation)
+        self._advance(r)  # `consume(leaf, rt, generation)`: the key of the ratchet's own generation
+        return generation, key, nonce
 
     # -- persistence ------------------------------------------------------------------------------------------
 
