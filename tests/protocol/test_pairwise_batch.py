@@ -411,3 +411,30 @@ def test_decrypt_batch_is_the_per_item_path(authority: ToyAuthority) -> None:
         assert fast.encode() == slow.encode()
         b = fast
     assert b.ratchet.skipped_count > 0  # (the scenario did skip keys)
+
+
+def test_parsed_items_are_those_the_constructors_build(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    """`parse` builds its items without the dataclasses' `__init__` (`batch._item`): they are the same values,
+    equal and hashed alike, frozen, and the checks it skips hold by `_ITEM`'s layout."""
+    import dataclasses
+
+    from gateway.protocol.pairwise.crypto import KEY_LEN, NONCE_LEN
+    from gateway.protocol.pairwise.wire import RatchetHeader
+
+    a, _ = sessions
+    wire = a.encrypt_batch(_texts(5))
+    parsed = v2.PairwiseBatch.parse(wire)
+    pos = 20
+    for item in parsed.items:
+        dh_public, pn, n, nonce, length = v2._ITEM.unpack_from(wire, pos)
+        built = v2.BatchItem(RatchetHeader(dh_public, pn, n, nonce), wire[pos:pos + v2.ITEM_HEADER_LEN - 4],
+                             wire[pos + v2.ITEM_HEADER_LEN:pos + v2.ITEM_HEADER_LEN + length])
+        pos += v2.ITEM_HEADER_LEN + length
+        assert item == built and hash(item) == hash(built) and item.header == built.header
+        assert dataclasses.astuple(item.header) == dataclasses.astuple(built.header)
+        assert type(item) is v2.BatchItem and type(item.header) is RatchetHeader
+        assert item.header.encode() == item.header_bytes
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            item.header.message_number = 0  # type: ignore[misc]
+    assert [i.header.message_number for i in parsed.items] == list(range(5))  # (a new chain: `pair` answered)
+    assert v2._ITEM.format == f">{KEY_LEN}sII{NONCE_LEN}sI"  # the sizes and ranges RatchetHeader checks
