@@ -4,7 +4,8 @@ Receiving is two-phase so a message that fails authentication leaves the state u
 computes the message key and every state change into a `_ReceivePlan` without mutating anything, the caller
 runs the AEAD, and only then `commit` applies the plan. A used message key is dropped at commit, so the state
 never holds a key it has already used (forward secrecy); the DH ratchet step on each new peer key heals the
-state after a compromise (post-compromise security).
+state after a compromise (post-compromise security). For the next message of the current receiving chain (nearly
+every message of a batch) `next_in_chain` / `commit_next` are the same two phases without the plan object.
 
 Skipped message keys (for out-of-order delivery) are bounded twice: a single message may skip at most
 `max_skip` keys in one chain (else `TooManySkippedError`, state unchanged), and the session stores at most
