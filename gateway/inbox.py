@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,6 +36,9 @@ from gateway.protocol.message import InnerMessage
 from gateway.store.records import KeyedBlobs
 
 RECORD_VERSION = 2
+
+
+_RECORD_HEAD = struct.Struct(">BQHB").pack  # version, seq u64, packet id u16, phase u8 (the layout above)
 
 
 class InboxRecordError(ValueError):
@@ -69,8 +73,7 @@ class InboxEntry:
                    message.encode() if encoded is None else encoded)
 
     def record(self) -> bytes:
-        return (bytes([RECORD_VERSION]) + self.seq.to_bytes(8, "big") + self.packet_id.to_bytes(2, "big")
-                + bytes([self.phase]) + self.encoded)
+        return _RECORD_HEAD(RECORD_VERSION, self.seq, self.packet_id, self.phase) + self.encoded
 
     @property
     def in_exchange(self) -> bool:

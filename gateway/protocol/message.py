@@ -437,15 +437,25 @@ def mqtt_utf8_ok(s: str) -> bool:
     return _NOT_MQTT_UTF8.search(s) is None
 
 
+# (sender, recipient) agent names (plain `str`) that passed `_check`'s name rule: a stream's pair is checked once, not
+# by two regex matches per message sent or received. Bounded: past the bound, new pairs are checked every time.
+_NAMES_CHECKED: set[tuple[str, str]] = set()
+_NAMES_CHECKED_MAX = 1024
+
+
 def _check(m: InnerMessage, max_payload: int) -> str | None:
     """The first rule `m` breaks, or None. Shared by construction and decoding."""
     if not isinstance(m.kind, Kind):
         return f"kind must be a Kind, got {m.kind!r}"
     if not isinstance(m.message_id, bytes) or len(m.message_id) != MESSAGE_ID_LEN:
         return f"message id must be {MESSAGE_ID_LEN} bytes"
-    for what, name in (("sender agent", m.sender_agent), ("recipient agent", m.recipient_agent)):
-        if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
-            return f"{what} {name!r} must be 1-64 characters of a-z 0-9 . _ -, starting and ending alphanumeric"
+    names = m.sender_agent, m.recipient_agent
+    if not (type(names[0]) is str and type(names[1]) is str and names in _NAMES_CHECKED):
+        for what, name in (("sender agent", names[0]), ("recipient agent", names[1])):
+            if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
+                return f"{what} {name!r} must be 1-64 characters of a-z 0-9 . _ -, starting and ending alphanumeric"
+        if type(names[0]) is str and type(names[1]) is str and len(_NAMES_CHECKED) < _NAMES_CHECKED_MAX:
+            _NAMES_CHECKED.add(names)
     if not (isinstance(m.created_at_ms, int) and isinstance(m.expires_at_ms, int)):
         return "created_at_ms and expires_at_ms must be integers (milliseconds since the Unix epoch)"
     if not (0 <= m.created_at_ms <= m.expires_at_ms < 1 << 64):

@@ -203,3 +203,43 @@ def test_layout_matches_the_document() -> None:
     assert m.encode() == by_hand
     reject = (b"\x01\x03" + mid + b"\x01a" + b"\x01b" + struct.pack(">QQ", 0, 0) + b"\x02" + b"\x00\x01" + b"x" * 16)
     assert InnerMessage.decode(reject).reason is RejectReason.CONSENT_DENIED
+
+
+def test_agent_names_checked_once_per_pair_refuse_the_same() -> None:
+    """`_check` remembers (sender, recipient) pairs of plain `str` that passed its name rule: a remembered pair is
+    accepted without the regex, a refused name is refused every time and never remembered, nor is a `str`
+    subclass, and past the bound a new pair is checked (and refused) every time."""
+    from gateway.protocol import message as message_module
+
+    memo = message_module._NAMES_CHECKED
+    saved = set(memo)
+    memo.clear()
+    try:
+        good = data_message(sender_agent="memo-a", recipient_agent="memo-b")
+        assert ("memo-a", "memo-b") in memo
+        assert InnerMessage.decode(good.encode()) == good  # (the decoder's `_built` runs `_check` too)
+        for _ in range(2):  # the second time with the good pair remembered beside it
+            for kw in ({"sender_agent": "memo-a", "recipient_agent": "Memo-b"},
+                       {"sender_agent": "memo-a/", "recipient_agent": "memo-b"},
+                       {"sender_agent": "memo-a", "recipient_agent": "memo-b\n"}):
+                with pytest.raises(InvalidMessageError, match="agent"):
+                    data_message(**kw)
+            assert memo == {("memo-a", "memo-b")}
+
+        class Name(str):
+            pass
+
+        assert data_message(sender_agent=Name("memo-c"), recipient_agent="memo-d").sender_agent == "memo-c"
+        assert memo == {("memo-a", "memo-b")}
+        wire = bytearray(good.encode())
+        wire[19:19 + len("memo-a")] = b"Memo-a"  # a refused name from the wire, the good pair remembered
+        with pytest.raises(MessageDecodeError, match="agent"):
+            InnerMessage.decode(bytes(wire))
+        memo.update((f"x{i}", "y") for i in range(message_module._NAMES_CHECKED_MAX))  # full
+        assert data_message(sender_agent="memo-e", recipient_agent="memo-f")
+        assert ("memo-e", "memo-f") not in memo
+        with pytest.raises(InvalidMessageError, match="agent"):
+            data_message(sender_agent="memo-e", recipient_agent="Memo-f")
+    finally:
+        memo.clear()
+        memo.update(saved)

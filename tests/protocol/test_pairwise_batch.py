@@ -11,6 +11,7 @@ from gateway.protocol.pairwise import (
     MessageSigner,
     PairwiseBatch,
     PairwiseDecodeError,
+    PairwiseError,
     PairwiseReplayError,
     PairwiseSession,
     PairwiseUsageError,
@@ -289,3 +290,151 @@ def test_next_send_many_is_next_send_repeated_up_to_exhaustion(
     with pytest.raises(SessionExhaustedError):
         one.next_send()
     assert many.encode() == one.encode()
+
+
+def _receiving_states() -> list[tuple[str, object]]:
+    """Ratchet states as a receiver holds them, some only a store or a lowered limit makes: (name, maker)."""
+    from collections import OrderedDict
+
+    from gateway.protocol.pairwise.ratchet import MAX_COUNTER, RatchetState
+
+    dhr, other, ckr, root = (bytes([i]) * 32 for i in (7, 8, 9, 10))
+    private = bytes(range(32))
+
+    def make(nr: int = 5, ckr_: bytes | None = ckr, skipped: dict[tuple[bytes, int], bytes] | None = None,
+             previous: list[bytes] | None = None, total: int = 2000) -> RatchetState:
+        return RatchetState(root_key=root, dhs_private=private, dhr=dhr, cks=bytes(32),
+                            ckr=ckr_, nr=nr, ns=3, pn=2, previous_dhr=list(previous or []),
+                            skipped=OrderedDict(skipped or {}), max_skipped_total=total)
+
+    def lowered() -> RatchetState:
+        s = make(skipped={(other, i): bytes([i]) * 32 for i in range(4)})
+        s.max_skipped_total = 2  # (a limit lowered in place: the next commit evicts down to it)
+        return s
+
+    return [
+        ("plain", make),
+        ("chain start", lambda: make(nr=0)),
+        ("skipped keys of another chain", lambda: make(skipped={(other, 1): b"\x01" * 32, (dhr, 2): b"\x02" * 32})),
+        ("a stored key for the next number itself", lambda: make(skipped={(dhr, 5): b"\x05" * 32})),
+        ("no receiving chain", lambda: make(ckr_=None)),
+        ("counter at the limit", lambda: make(nr=MAX_COUNTER)),
+        ("counter one below the limit", lambda: make(nr=MAX_COUNTER - 1)),
+        ("previous peer keys", lambda: make(previous=[other])),
+        ("limit lowered below the skipped keys", lowered),
+    ]
+
+
+@pytest.mark.parametrize("name_maker", _receiving_states(), ids=lambda nm: nm[0])
+def test_next_in_chain_is_prepare_receive_for_the_next_message_only(name_maker: tuple[str, object]) -> None:
+    """`next_in_chain` + `commit_next` (the batch's fast path) give the key and the state `prepare_receive` +
+    `commit` give, for the header of the chain's next message, and stand aside (None) for every other header,
+    where the plan would skip, use a stored key, step the DH ratchet or raise."""
+    from gateway.protocol.pairwise.ratchet import MAX_COUNTER
+
+    _, make = name_maker
+    fixed = bytes(range(256))
+    base = make()  # type: ignore[operator]
+    dhr, nr = base._dhr, base._nr
+    other, fresh = bytes([8]) * 32, bytes([11]) * 32
+    headers = [(dh, pn, n) for dh in (dhr, other, fresh) for pn in (0, 2)
+               for n in {0, 1, nr - 1, nr, nr + 1, nr + 3, MAX_COUNTER - 1, MAX_COUNTER} if n >= 0]
+    used = 0
+    for dh, pn, n in headers:
+        generic, fast = make(), make()  # type: ignore[operator]
+        try:
+            plan = generic.prepare_receive(dh, pn, n, random=lambda k: fixed[:k])
+        except Exception:
+            plan = None
+        step = fast.next_in_chain(dh, n)
+        plain_next = plan is not None and not plan.dh_step and plan.used_skipped is None and not plan.new_skipped
+        assert (step is not None) == plain_next, (dh == dhr, pn, n)
+        if step is None:
+            assert fast.encode() == make().encode()  # type: ignore[operator]  # (nothing changed)
+            continue
+        assert plan is not None and step == (plan.ckr, plan.message_key) and plan.nr == n + 1
+        generic.commit(plan)
+        fast.commit_next(*step)
+        assert fast.encode() == generic.encode()
+        assert fast._skipped == generic._skipped and fast.max_skipped_total == generic.max_skipped_total
+        used += 1
+    assert used == (0 if base._ckr is None or nr >= MAX_COUNTER or (dhr, nr) in base._skipped else 2)
+
+
+def test_decrypt_batch_is_the_per_item_path(authority: ToyAuthority) -> None:
+    """`decrypt_batch` (the next-in-chain fast path for most items) returns what `_open_item` per item returns and
+    leaves the same state, over in-order, out-of-order, replayed and tampered batches across DH steps."""
+    import random as pyrandom
+
+    alice, bob = ToyDevice.make(authority, "dev-a"), ToyDevice.make(authority, "dev-b")
+    a, b = pair(alice, bob, authority)
+    rng = pyrandom.Random(7)
+
+    def clone(seed: int) -> PairwiseSession:  # (both copies draw the same DH keys)
+        return PairwiseSession.decode(b.encode(), signer=bob.signer, random=pyrandom.Random(seed).randbytes)
+
+    def per_item(s: PairwiseSession, wire: bytes) -> list[object]:
+        batch = v2.PairwiseBatch.parse(wire)
+        out: list[object] = []
+        for item in batch.items:
+            try:
+                out.append(s._open_item(item))
+            except PairwiseError as exc:
+                out.append(type(exc))
+        return out
+
+    def shape(results: list[bytes | PairwiseError]) -> list[object]:
+        return [r if isinstance(r, bytes) else type(r) for r in results]
+
+    sent: list[bytes] = []
+    for round_ in range(40):
+        choice = rng.random()
+        if choice < 0.5 or not sent:
+            wire = a.encrypt_batch(_texts(rng.randint(1, 9), b"r%d" % round_))
+            sent.append(wire)
+            if rng.random() < 0.3:
+                continue  # held back: a later batch skips its keys, and it arrives out of order
+        elif choice < 0.7:
+            wire = rng.choice(sent)  # a replay or a late one
+        elif choice < 0.8:
+            wire = a.encrypt_batch(_texts(3, b"t%d" % round_))
+            body = bytearray(wire[:-SIGNATURE_LEN])
+            body[-1] ^= 1  # the last item's tag
+            wire = _resign(bytes(body), alice, "dev-a", "dev-b")
+        else:
+            assert a.decrypt(b.encrypt(b"reply %d" % round_)) == b"reply %d" % round_  # a DH step next
+            continue
+        seed = rng.getrandbits(64)
+        fast, slow = clone(seed), clone(seed)
+        got = fast.decrypt_batch(wire)
+        assert shape(got) == per_item(slow, wire)
+        assert fast.encode() == slow.encode()
+        b = fast
+    assert b.ratchet.skipped_count > 0  # (the scenario did skip keys)
+
+
+def test_parsed_items_are_those_the_constructors_build(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
+    """`parse` builds its items without the dataclasses' `__init__` (`batch._item`): they are the same values,
+    equal and hashed alike, frozen, and the checks it skips hold by `_ITEM`'s layout."""
+    import dataclasses
+
+    from gateway.protocol.pairwise.crypto import KEY_LEN, NONCE_LEN
+    from gateway.protocol.pairwise.wire import RatchetHeader
+
+    a, _ = sessions
+    wire = a.encrypt_batch(_texts(5))
+    parsed = v2.PairwiseBatch.parse(wire)
+    pos = 20
+    for item in parsed.items:
+        dh_public, pn, n, nonce, length = v2._ITEM.unpack_from(wire, pos)
+        built = v2.BatchItem(RatchetHeader(dh_public, pn, n, nonce), wire[pos:pos + v2.ITEM_HEADER_LEN - 4],
+                             wire[pos + v2.ITEM_HEADER_LEN:pos + v2.ITEM_HEADER_LEN + length])
+        pos += v2.ITEM_HEADER_LEN + length
+        assert item == built and hash(item) == hash(built) and item.header == built.header
+        assert dataclasses.astuple(item.header) == dataclasses.astuple(built.header)
+        assert type(item) is v2.BatchItem and type(item.header) is RatchetHeader
+        assert item.header.encode() == item.header_bytes
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            item.header.message_number = 0  # type: ignore[misc]
+    assert [i.header.message_number for i in parsed.items] == list(range(5))  # (a new chain: `pair` answered)
+    assert v2._ITEM.format == f">{KEY_LEN}sII{NONCE_LEN}sI"  # the sizes and ranges RatchetHeader checks

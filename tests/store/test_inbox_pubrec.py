@@ -416,3 +416,18 @@ def test_a_mark_is_the_digest_stores_already_hold() -> None:
         want = hashlib.blake2b(name.encode(), digest_size=16, person=b"agw-inbox-rec").digest()
         assert inbox._name_digest(name) == want
         assert inbox._name_digest(name) == want  # (the shared state is copied, never updated itself)
+
+
+@pytest.mark.parametrize("seq, packet_id, phase", [(0, 0, Phase.WAITING), (1, 7, Phase.PUBLISHED),
+                                                    (2**64 - 1, 0xFFFF, Phase.BROKER_HAS), (12345, 0, Phase.HANDED)])
+def test_an_entry_record_is_the_documented_layout(seq: int, packet_id: int, phase: Phase) -> None:
+    """version 0x02 | seq u64 | packet id u16 | phase u8 | message (the module docstring), byte for byte, read back
+    as written."""
+    e = entry(3, 0)
+    e.seq, e.packet_id, e.phase = seq, packet_id, phase
+    record = e.record()
+    assert record == bytes([2]) + seq.to_bytes(8, "big") + packet_id.to_bytes(2, "big") + bytes([phase]) + e.encoded
+    if not (phase in (Phase.PUBLISHED, Phase.BROKER_HAS) and packet_id == 0):
+        back = InboxEntry.from_record(e.name, record)
+        assert (back.seq, back.packet_id, back.phase, back.encoded, back.message) == (
+            seq, packet_id, phase, e.encoded, e.message)

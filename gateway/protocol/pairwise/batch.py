@@ -94,12 +94,39 @@ class PairwiseBatch:
             start = pos + ITEM_HEADER_LEN
             if start + length > end:
                 raise PairwiseDecodeError(f"pairwise batch: truncated in the ciphertext of message {i}")
-            items.append(BatchItem(RatchetHeader(dh_public, pn, n, nonce), data[pos : pos + ITEM_HEADER_LEN - 4],
-                                   data[start : start + length]))
+            items.append(_item(dh_public, pn, n, nonce, data[pos : pos + ITEM_HEADER_LEN - 4],
+                               data[start : start + length]))
             pos = start + length
         if pos != end:
             raise PairwiseDecodeError(f"pairwise batch: {end - pos} bytes between the last message and the signature")
         return cls(session_id, tuple(items), data[end:], data[:end])
+
+
+_new_object = object.__new__
+_set_dh_public = RatchetHeader.__dict__["dh_public"].__set__
+_set_previous_chain_length = RatchetHeader.__dict__["previous_chain_length"].__set__
+_set_message_number = RatchetHeader.__dict__["message_number"].__set__
+_set_nonce = RatchetHeader.__dict__["nonce"].__set__
+_set_header = BatchItem.__dict__["header"].__set__
+_set_header_bytes = BatchItem.__dict__["header_bytes"].__set__
+_set_ciphertext = BatchItem.__dict__["ciphertext"].__set__
+
+
+def _item(dh_public: bytes, pn: int, n: int, nonce: bytes, header_bytes: bytes, ciphertext: bytes) -> BatchItem:
+    """`BatchItem(RatchetHeader(dh_public, pn, n, nonce), header_bytes, ciphertext)` for `parse`, with the slots
+    filled by their own setters instead of the frozen dataclasses' `__init__`s (7 `object.__setattr__` calls) and
+    without the header's `__post_init__`, whose checks hold by construction here: `_ITEM` unpacks a 32-byte key, a
+    24-byte nonce and two unsigned 32-bit counters. Ordinary instances: frozen, equal and hashed by their fields."""
+    h = _new_object(RatchetHeader)
+    _set_dh_public(h, dh_public)
+    _set_previous_chain_length(h, pn)
+    _set_message_number(h, n)
+    _set_nonce(h, nonce)
+    item = _new_object(BatchItem)
+    _set_header(item, h)
+    _set_header_bytes(item, header_bytes)
+    _set_ciphertext(item, ciphertext)
+    return item
 
 
 def encode_item(header: bytes, ciphertext: bytes) -> bytes:

@@ -4,7 +4,8 @@ Receiving is two-phase so a message that fails authentication leaves the state u
 computes the message key and every state change into a `_ReceivePlan` without mutating anything, the caller
 runs the AEAD, and only then `commit` applies the plan. A used message key is dropped at commit, so the state
 never holds a key it has already used (forward secrecy); the DH ratchet step on each new peer key heals the
-state after a compromise (post-compromise security).
+state after a compromise (post-compromise security). For the next message of the current receiving chain (nearly
+every message of a batch) `next_in_chain` / `commit_next` are the same two phases without the plan object.
 
 Skipped message keys (for out-of-order delivery) are bounded twice: a single message may skip at most
 `max_skip` keys in one chain (else `TooManySkippedError`, state unchanged), and the session stores at most
@@ -200,6 +201,27 @@ class RatchetState:
         plan.ckr, plan.message_key = kdf_ck(ckr)
         plan.nr = n + 1
         return plan
+
+    def next_in_chain(self, dh_public: bytes, n: int) -> tuple[bytes, bytes] | None:
+        """`prepare_receive` for the common case, without a plan: the message is the next one of the current
+        receiving chain (its key is the chain's, its number the next) and no skipped key is held for it. Returns
+        (the chain key after it, its message key), the plan's `ckr` and `message_key`, without changing the state;
+        `commit_next` applies it once the AEAD has verified. None for anything else (a skipped key, a gap, a
+        replay, a new chain, a number past the limit, no receiving chain): `prepare_receive` then decides."""
+        if n != self._nr or dh_public != self._dhr or self._ckr is None or n >= MAX_COUNTER or (
+                self._skipped and (dh_public, n) in self._skipped):
+            return None
+        return kdf_ck(self._ckr)
+
+    def commit_next(self, ckr: bytes, message_key: bytes) -> None:
+        """`commit` of the plan `next_in_chain` stands for: the used message key overwritten, the chain advanced
+        by one (no skipped keys added, no DH step)."""
+        wipe(message_key)
+        skipped = self._skipped
+        while len(skipped) > self.max_skipped_total:  # (as `commit`: a lowered limit evicts at the next receive)
+            skipped.popitem(last=False)
+        self._ckr = ckr
+        self._nr += 1
 
     def _check_skip(self, nr: int, until: int) -> None:
         if until - nr > self.max_skip:

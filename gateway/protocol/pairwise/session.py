@@ -393,9 +393,20 @@ class PairwiseSession:
             f"batch from {self.peer_device_id!r}",
         )
         out: list[bytes | PairwiseError] = []
+        ratchet = self._ratchet
+        aad_head = v2.item_aad(self.session_id, b"")  # (the AD's constant part, once per batch)
         for item in b.items:
+            h = item.header
+            # The next message of the current chain (nearly all of them): its key without a plan object; the
+            # same key, checks and state change as `_open_item`'s (a test compares).
+            step = ratchet.next_in_chain(h.dh_public, h.message_number) if self._pending_setup is None else None
             try:
-                out.append(self._open_item(item))
+                if step is None:
+                    out.append(self._open_item(item))
+                    continue
+                ckr, mk = step
+                out.append(aead_decrypt(mk, h.nonce, item.ciphertext, aad_head + item.header_bytes))
+                ratchet.commit_next(ckr, mk)
             except PairwiseError as exc:
                 # Without its traceback: the frames it references would keep message keys alive (and a
                 # reference cycle through `out` would leave them to the cyclic collector).
