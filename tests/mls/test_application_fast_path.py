@@ -2,8 +2,9 @@
 path they replace: `sign_authenticated_content` + `protect_private` to send, `unprotect_private` to receive.
 Sending must give the same message byte for byte (Ed25519 is deterministic; the reuse guard is fixed here) and
 leave the secret tree in the same state; receiving must give the same result, or the same error type and
-message, for genuine and damaged messages alike, and consume nothing. The group-level tests check that
-`Group.process` still refuses its own leaf before consuming, and that `encrypt_application` takes the fast path.
+message, for genuine and damaged messages alike, and consume nothing (the whole encoded tree compared, skipped
+keys included). The group-level tests check that `Group.process` still refuses its own leaf before consuming, and
+that `encrypt_application` and `process` take the fast path.
 """
 
 from __future__ import annotations
@@ -139,6 +140,21 @@ def _flip(b: bytes, i: int) -> bytes:
     return b[:i] + bytes([b[i] ^ 1]) + b[i + 1:]
 
 
+def _encoded(tree: SecretTree) -> bytes:
+    """The tree's whole state (ratchets, skipped keys), as stored."""
+    w = Writer()
+    tree.encode(w)
+    return w.bytes()
+
+
+def _with_skipped_keys(env: _Env) -> Callable[[], SecretTree]:
+    def make() -> SecretTree:
+        tree = env.tree()
+        tree.consume(LeafIndex(0), APP, 6)  # generations 0-5 of leaf 0 kept as skipped keys
+        return tree
+    return make
+
+
 @pytest.mark.parametrize("suite", SUITES)
 def test_open_application_matches_the_generic_path(suite: int) -> None:
     env = _Env(suite)
@@ -194,16 +210,21 @@ def test_open_application_matches_the_generic_path(suite: int) -> None:
                             ("wrong signature", body[:-1] + bytes([body[-1] ^ 1])),
                             ("signed as another wire format", b"\x06chosen\x40\x40" + protection.sign_content(
                                 leaf0, WireFormat.PUBLIC_MESSAGE, fc, env.context))):
-        cases.append((name, _reseal(env, m, leaf=0, generation=5, plaintext=plaintext, tree=good), env.tree))
+        resealed = _reseal(env, m, leaf=0, generation=5, plaintext=plaintext, tree=good)
+        cases.append((name, resealed, env.tree))
+        # the same under a tree that holds generation 5 as a skipped key (generation 6 came first): a refused
+        # message must leave that key for the genuine late message (any member can seal under it; only the
+        # signature tells the sender apart)
+        cases.append((f"{name}, its key skipped", resealed, _with_skipped_keys(env)))
 
     outcomes = set()
     for name, msg, make_tree in cases:
         t1, t2 = make_tree(), make_tree()
-        before = repr(t1), t1.generation(LeafIndex(0), APP), t1.generation(LeafIndex(1), APP)
+        before = _encoded(t1)
         want = env.generic_open(msg, t1)
         got = env.fast_open(msg, t2)
         assert got == want, name
-        assert (repr(t2), t2.generation(LeafIndex(0), APP), t2.generation(LeafIndex(1), APP)) == before, name
+        assert _encoded(t2) == before, name  # nothing consumed: every ratchet and skipped key still there
         outcomes.add(want[0] if isinstance(want[0], type) else "ok")
     # successes and every kind of refusal were exercised
     assert outcomes == {"ok", MlsError, MlsDecodeError, MlsVerificationError, MlsReplayError}, outcomes
@@ -247,8 +268,14 @@ def _pair(suite: int, config: GroupConfig | None = None
 @pytest.mark.parametrize("suite", SUITES)
 def test_group_round_trip_and_generic_equivalence(suite: int, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b, _, sb = _pair(suite, GroupConfig(padding_block=32))
+    calls: list[str] = []
+    for name in ("seal_application", "open_application"):
+        real = getattr(protection, name)
+        monkeypatch.setattr(protection, name,
+                            lambda *args, _real=real, _name=name, **kw: (calls.append(_name), _real(*args, **kw))[1])
     got = a.process(b.encrypt_application(b"hello", b"ad").to_bytes())
     assert got == ApplicationMessage(b.own_leaf, b"hello", b"ad", 0, a.epoch)
+    assert calls == ["seal_application", "open_application"]  # the group takes the fast path both ways
     # input that is not bytes keeps the generic path, which decides what it accepts, as before: authenticated
     # data as a bytearray is sent; data as a bytearray is not application data there and fails before any key
     # is used
