@@ -438,7 +438,8 @@ def mqtt_utf8_ok(s: str) -> bool:
 
 
 # (sender, recipient) agent names (plain `str`) that passed `_check`'s name rule: a stream's pair is checked once, not
-# by two regex matches per message sent or received. Bounded: past the bound, new pairs are checked every time.
+# by two regex matches per message sent or received. Bounded: a new pair past the bound starts the set again (so a
+# peer sending many made-up valid names cannot keep the pairs of later streams out of it for good).
 _NAMES_CHECKED: set[tuple[str, str]] = set()
 _NAMES_CHECKED_MAX = 1024
 
@@ -454,7 +455,9 @@ def _check(m: InnerMessage, max_payload: int) -> str | None:
         for what, name in (("sender agent", names[0]), ("recipient agent", names[1])):
             if not isinstance(name, str) or not _AGENT_NAME.fullmatch(name):
                 return f"{what} {name!r} must be 1-64 characters of a-z 0-9 . _ -, starting and ending alphanumeric"
-        if type(names[0]) is str and type(names[1]) is str and len(_NAMES_CHECKED) < _NAMES_CHECKED_MAX:
+        if type(names[0]) is str and type(names[1]) is str:
+            if len(_NAMES_CHECKED) >= _NAMES_CHECKED_MAX:
+                _NAMES_CHECKED.clear()
             _NAMES_CHECKED.add(names)
     if not (isinstance(m.created_at_ms, int) and isinstance(m.expires_at_ms, int)):
         return "created_at_ms and expires_at_ms must be integers (milliseconds since the Unix epoch)"

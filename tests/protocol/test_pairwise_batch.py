@@ -361,11 +361,18 @@ def test_next_in_chain_is_prepare_receive_for_the_next_message_only(name_maker: 
     assert used == (0 if base._ckr is None or nr >= MAX_COUNTER or (dhr, nr) in base._skipped else 2)
 
 
-def test_decrypt_batch_is_the_per_item_path(authority: ToyAuthority) -> None:
-    """`decrypt_batch` (the next-in-chain fast path for most items) returns what `_open_item` per item returns and
-    leaves the same state, over in-order, out-of-order, replayed and tampered batches across DH steps."""
+def test_decrypt_batch_is_the_per_item_path(authority: ToyAuthority, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decrypt_batch` (the next-in-chain fast path for most items) returns what `_open_item` per item returns,
+    overwrites as many used keys and leaves the same state, over in-order, out-of-order, replayed and tampered
+    batches across DH steps (every kind is checked to have run)."""
     import random as pyrandom
 
+    import gateway.protocol.pairwise.ratchet as ratchet_module
+
+    wiped: list[int] = []
+    real_wipe = ratchet_module.wipe
+    monkeypatch.setattr(ratchet_module, "wipe", lambda secret: (wiped.append(1), real_wipe(secret))[1])
+    kinds: dict[str, int] = {"new": 0, "held": 0, "replay": 0, "tampered": 0, "reply": 0}
     alice, bob = ToyDevice.make(authority, "dev-a"), ToyDevice.make(authority, "dev-b")
     a, b = pair(alice, bob, authority)
     rng = pyrandom.Random(7)
@@ -387,30 +394,40 @@ def test_decrypt_batch_is_the_per_item_path(authority: ToyAuthority) -> None:
         return [r if isinstance(r, bytes) else type(r) for r in results]
 
     sent: list[bytes] = []
-    for round_ in range(40):
-        choice = rng.random()
+    for round_ in range(50):
+        choice = 0.75 if round_ % 7 == 3 else rng.random()  # (a tampered batch every 7 rounds, whatever the draws)
         if choice < 0.5 or not sent:
             wire = a.encrypt_batch(_texts(rng.randint(1, 9), b"r%d" % round_))
             sent.append(wire)
             if rng.random() < 0.3:
+                kinds["held"] += 1
                 continue  # held back: a later batch skips its keys, and it arrives out of order
+            kinds["new"] += 1
         elif choice < 0.7:
             wire = rng.choice(sent)  # a replay or a late one
+            kinds["replay"] += 1
         elif choice < 0.8:
             wire = a.encrypt_batch(_texts(3, b"t%d" % round_))
-            body = bytearray(wire[:-SIGNATURE_LEN])
-            body[-1] ^= 1  # the last item's tag
-            wire = _resign(bytes(body), alice, "dev-a", "dev-b")
+            tampered = bytearray(wire)
+            tampered[-SIGNATURE_LEN - 1] ^= 1  # the last item's tag (then the batch signed again, as a peer could)
+            wire = _resign(bytes(tampered), alice, "dev-a", "dev-b")
+            kinds["tampered"] += 1
         else:
             assert a.decrypt(b.encrypt(b"reply %d" % round_)) == b"reply %d" % round_  # a DH step next
+            kinds["reply"] += 1
             continue
         seed = rng.getrandbits(64)
         fast, slow = clone(seed), clone(seed)
+        wiped.clear()
         got = fast.decrypt_batch(wire)
+        fast_wipes = len(wiped)
+        wiped.clear()
         assert shape(got) == per_item(slow, wire)
+        assert fast_wipes == len(wiped)  # every used key overwritten, as on the generic path
         assert fast.encode() == slow.encode()
         b = fast
     assert b.ratchet.skipped_count > 0  # (the scenario did skip keys)
+    assert all(kinds.values()), kinds
 
 
 def test_parsed_items_are_those_the_constructors_build(sessions: tuple[PairwiseSession, PairwiseSession]) -> None:
