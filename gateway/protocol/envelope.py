@@ -86,7 +86,9 @@ class Envelope:
         """The serialised size in bytes."""
         return ENVELOPE_OVERHEAD + len(self.sender) + len(self.recipient) + len(self.ciphertext)
 
-    def serialize(self) -> bytes:
+    def header(self) -> bytes:
+        """The serialised envelope up to its ciphertext: `serialize()` is `header() + ciphertext`, so a frame
+        can join the ciphertext into its own buffer without copying it first into the envelope's."""
         s = self.sender.encode("ascii")
         r = self.recipient.encode("ascii")
         return b"".join(
@@ -98,9 +100,11 @@ class Envelope:
                 bytes((len(r),)),
                 r,
                 struct.pack("!I", len(self.ciphertext)),
-                self.ciphertext,
             )
         )
+
+    def serialize(self) -> bytes:
+        return self.header() + self.ciphertext
 
     @classmethod
     def parse(cls, data: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE_SIZE) -> Envelope:

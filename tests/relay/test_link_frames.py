@@ -100,6 +100,37 @@ def test_undeliverable_layout() -> None:
     assert data == b"\x01\x12\x01\x00\x01" + b"\xaa" * 16
 
 
+@given(st.lists(envelopes, min_size=1, max_size=4).map(tuple))
+def test_envelopes_and_deliver_layout(batch: tuple[Envelope, ...]) -> None:
+    """Version, type, count, then each envelope as a 4-byte length and its own serialisation (written out here,
+    so that encoding the batch without the intermediate copies keeps the bytes)."""
+    body = len(batch).to_bytes(2, "big") + b"".join(len(e.serialize()).to_bytes(4, "big") + e.serialize()
+                                                    for e in batch)
+    assert encode_frame(Envelopes(batch)) == b"\x01\x10" + body
+    assert encode_frame(Deliver(batch)) == b"\x01\x11" + body
+    for env in batch:
+        assert env.serialize() == env.header() + env.ciphertext
+
+
+def test_large_deliver_is_encoded_with_one_copy_of_its_ciphertext() -> None:
+    """The relay re-encodes every routed byte into DELIVER frames (and a gateway its batches into ENVELOPES): the
+    encoder's peak allocation stays near one frame, not the 2x of serialise / prefix / join / header in turn."""
+    import tracemalloc
+
+    size = 4 << 20
+    batch = (Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x01" * 16, "a", "b", os.urandom(size)),
+             Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x02" * 16, "a", "b", os.urandom(size)))
+    for frame in (Deliver(batch), Envelopes(batch)):
+        tracemalloc.start()
+        try:
+            data = encode_frame(frame)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(data) > 2 * size
+        assert peak < 1.25 * len(data), f"peak {peak} for a frame of {len(data)} bytes"
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
