@@ -107,7 +107,7 @@ class Envelope:
         return self.header() + self.ciphertext
 
     @classmethod
-    def parse(cls, data: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE_SIZE) -> Envelope:
+    def parse(cls, data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_ENVELOPE_SIZE) -> Envelope:
         """Decode exactly one envelope from `data`; raise EnvelopeError on anything else."""
         if len(data) > max_size:
             raise EnvelopeError(f"envelope of {len(data)} bytes exceeds the limit of {max_size}")
@@ -141,7 +141,7 @@ class Envelope:
         return None
 
 
-def _read_id(data: bytes, pos: int, what: str) -> tuple[str, int]:
+def _read_id(data: bytes | memoryview, pos: int, what: str) -> tuple[str, int]:
     if pos >= len(data):
         raise EnvelopeError(f"envelope truncated before the {what} id")
     length = data[pos]

@@ -122,6 +122,15 @@ class _Reader:
         self.pos = end
         return out
 
+    def view(self, n: int, what: str) -> memoryview:
+        """Like `take`, without the copy: for a field that is parsed (and copied) at once by the caller."""
+        end = self.pos + n
+        if end > len(self.data):
+            raise FrameError(f"frame truncated in {what}")
+        out = memoryview(self.data)[self.pos : end]
+        self.pos = end
+        return out
+
     def uint(self, size: int, what: str) -> int:
         return int.from_bytes(self.take(size, what), "big")
 
@@ -274,11 +283,15 @@ def _read_envelopes(r: _Reader, lim: LinkLimits) -> tuple[Envelope, ...]:
         raise FrameError(f"envelope count {count} outside 1..{lim.max_envelopes_per_frame}")
     out = []
     for _ in range(count):
-        raw = r.blob(4, lim.max_frame_size, "envelope")
-        try:
-            out.append(Envelope.parse(raw, max_size=lim.max_frame_size))
-        except EnvelopeError as exc:
-            raise FrameError(f"bad envelope: {exc}") from None
+        n = r.uint(4, "envelope length")
+        if n > lim.max_frame_size:
+            raise FrameError(f"envelope of {n} bytes exceeds the limit of {lim.max_frame_size}")
+        # a view, released here: Envelope.parse copies each field out, so the ciphertext is copied once, not twice
+        with r.view(n, "envelope") as raw:
+            try:
+                out.append(Envelope.parse(raw, max_size=lim.max_frame_size))
+            except EnvelopeError as exc:
+                raise FrameError(f"bad envelope: {exc}") from None
     return tuple(out)
 
 
