@@ -48,3 +48,31 @@ def trim() -> bool:
         return False
     with _lock:  # one at a time (malloc_trim is thread-safe; two at once would only do the work twice)
         return bool(_glibc().malloc_trim(0))
+
+
+# mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# The relay's settings: blocks up to 4 MiB come from the heap, and up to 8 MiB of free heap top stays mapped
+# (1 MiB of padding on each growth). See keep_large_blocks.
+RELAY_MALLOPT = ((_M_MMAP_THRESHOLD, 4 << 20), (_M_TRIM_THRESHOLD, 8 << 20), (_M_TOP_PAD, 1 << 20))
+
+
+def keep_large_blocks(settings: tuple[tuple[int, int], ...] = RELAY_MALLOPT) -> bool:
+    """Let freed large blocks be reused instead of unmapped (the relay, at start-up; issue 7: 16 KiB throughput).
+
+    The relay copies every routed byte ~10 times through buffers of a frame's size (~192 KiB for a batch of
+    16 KiB messages). With glibc's defaults such a buffer is above the heap top's trim threshold or the mmap
+    threshold, so each new one is fresh pages from the kernel: ~9 page faults per 16 KiB message in the relay,
+    a quarter of its CPU (docs/performance.md, 2026-12-08, branch `big8`). Fixed thresholds keep them mapped, at
+    the price of up to 8 MiB of free heap held. Not used by the gateways (their RSS target). Skipped when glibc
+    is not the C library, when `AGW_RELAY_MALLOPT=off`, or when the operator set glibc's own `MALLOC_*_`
+    variables. Returns whether the settings were applied."""
+    if os.environ.get("AGW_RELAY_MALLOPT", "on") == "off":
+        return False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")):
+        return False
+    lib = _glibc()
+    if lib is None:
+        return False
+    lib.mallopt.argtypes, lib.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(lib.mallopt(param, value) == 1 for param, value in settings)

@@ -9,6 +9,7 @@ import logging
 import signal
 from pathlib import Path
 
+from gateway import allocator
 from relay.auth import FleetVerifier
 from relay.config import ConfigError, RelayConfig
 from relay.logs import setup_logging
@@ -55,6 +56,7 @@ async def _serve(config: RelayConfig, tap: Path | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     setup_logging(args.log_level)
+    allocator.keep_large_blocks()  # fewer fresh pages per routed byte (see its docstring)
     overrides = {k: v for k, v in vars(args).items() if k not in ("config", "log_level", "tap") and v is not None}
     try:
         if args.config is not None:

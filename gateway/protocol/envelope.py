@@ -86,7 +86,9 @@ class Envelope:
         """The serialised size in bytes."""
         return ENVELOPE_OVERHEAD + len(self.sender) + len(self.recipient) + len(self.ciphertext)
 
-    def serialize(self) -> bytes:
+    def header(self) -> bytes:
+        """The serialised envelope up to its ciphertext: `serialize()` is `header() + ciphertext`, so a frame
+        can join the ciphertext into its own buffer without copying it first into the envelope's."""
         s = self.sender.encode("ascii")
         r = self.recipient.encode("ascii")
         return b"".join(
@@ -98,12 +100,14 @@ class Envelope:
                 bytes((len(r),)),
                 r,
                 struct.pack("!I", len(self.ciphertext)),
-                self.ciphertext,
             )
         )
 
+    def serialize(self) -> bytes:
+        return self.header() + self.ciphertext
+
     @classmethod
-    def parse(cls, data: bytes, *, max_size: int = DEFAULT_MAX_ENVELOPE_SIZE) -> Envelope:
+    def parse(cls, data: bytes | memoryview, *, max_size: int = DEFAULT_MAX_ENVELOPE_SIZE) -> Envelope:
         """Decode exactly one envelope from `data`; raise EnvelopeError on anything else."""
         if len(data) > max_size:
             raise EnvelopeError(f"envelope of {len(data)} bytes exceeds the limit of {max_size}")
@@ -137,7 +141,7 @@ class Envelope:
         return None
 
 
-def _read_id(data: bytes, pos: int, what: str) -> tuple[str, int]:
+def _read_id(data: bytes | memoryview, pos: int, what: str) -> tuple[str, int]:
     if pos >= len(data):
         raise EnvelopeError(f"envelope truncated before the {what} id")
     length = data[pos]

@@ -100,6 +100,37 @@ def test_undeliverable_layout() -> None:
     assert data == b"\x01\x12\x01\x00\x01" + b"\xaa" * 16
 
 
+@given(st.lists(envelopes, min_size=1, max_size=4).map(tuple))
+def test_envelopes_and_deliver_layout(batch: tuple[Envelope, ...]) -> None:
+    """Version, type, count, then each envelope as a 4-byte length and its own serialisation (written out here,
+    so that encoding the batch without the intermediate copies keeps the bytes)."""
+    body = len(batch).to_bytes(2, "big") + b"".join(len(e.serialize()).to_bytes(4, "big") + e.serialize()
+                                                    for e in batch)
+    assert encode_frame(Envelopes(batch)) == b"\x01\x10" + body
+    assert encode_frame(Deliver(batch)) == b"\x01\x11" + body
+    for env in batch:
+        assert env.serialize() == env.header() + env.ciphertext
+
+
+def test_large_deliver_is_encoded_with_one_copy_of_its_ciphertext() -> None:
+    """The relay re-encodes every routed byte into DELIVER frames (and a gateway its batches into ENVELOPES): the
+    encoder's peak allocation stays near one frame, not the 2x of serialise / prefix / join / header in turn."""
+    import tracemalloc
+
+    size = 4 << 20
+    batch = (Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x01" * 16, "a", "b", os.urandom(size)),
+             Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x02" * 16, "a", "b", os.urandom(size)))
+    for frame in (Deliver(batch), Envelopes(batch)):
+        tracemalloc.start()
+        try:
+            data = encode_frame(frame)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert len(data) > 2 * size
+        assert peak < 1.25 * len(data), f"peak {peak} for a frame of {len(data)} bytes"
+
+
 @pytest.mark.parametrize(
     ("data", "match"),
     [
@@ -172,3 +203,37 @@ def test_fuzz_mutated_frames(frame: Frame, data: st.DataObject) -> None:
         decode_frame(bytes(raw), LIMITS)
     except ProtocolError:
         pass
+
+
+def test_large_deliver_is_decoded_with_one_copy_of_its_ciphertext() -> None:
+    """Decoding copies each ciphertext out of the frame once (the envelopes' own bytes), not twice (the envelope's
+    length-prefixed field, then its ciphertext): the peak allocation is about the envelopes decoded."""
+    import tracemalloc
+
+    size = 4 << 20
+    batch = (Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x01" * 16, "a", "b", os.urandom(size)),
+             Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x02" * 16, "a", "b", os.urandom(size)))
+    limits = LinkLimits(max_frame_size=16 << 20)
+    for frame in (Deliver(batch), Envelopes(batch)):
+        data = encode_frame(frame)
+        tracemalloc.start()
+        try:
+            decoded = decode_frame(data, limits)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert decoded == frame
+        assert type(decoded.envelopes[0].ciphertext) is bytes  # type: ignore[union-attr]
+        assert peak < 1.25 * 2 * size, f"peak {peak} for {2 * size} bytes of ciphertext"
+
+
+def test_envelope_errors_unchanged_when_decoded_from_a_view() -> None:
+    env = Envelope(EnvelopeKind.PAIRWISE_BATCH, b"\x01" * 16, "a", "b", b"xyz")
+    good = encode_frame(Deliver((env,)))
+    assert decode_frame(bytearray(good), LIMITS) == Deliver((env,))
+    with pytest.raises(FrameError, match="bad envelope: ciphertext length 4 does not match the 3 bytes present"):
+        decode_frame(good[:-7] + b"\x00\x00\x00\x04xyz", LIMITS)
+    with pytest.raises(FrameError, match="frame truncated in envelope"):
+        decode_frame(good[:-1], LIMITS)
+    with pytest.raises(FrameError, match="envelope of 4294967295 bytes exceeds the limit"):
+        decode_frame(good[:4] + b"\xff\xff\xff\xff" + good[8:], LIMITS)
