@@ -301,6 +301,11 @@ class Receipts:
         left = {} if instance is None else {i: g for i, g in current.items() if i not in (instance, UNKNOWN)}
         if len(left) == len(current):
             return  # (a client not announced, or forgotten over the cap: nothing changes)
+        if not left:
+            # The PUBCOMPs the broker sent before this goodbye (its messages, which the closing client may have
+            # had and not acknowledged) wait up to FINISHED_WAIT_MAX for their commit: settled now, while the
+            # agent still acknowledges, they are kept for its next client instead of deleted.
+            self._settle_finished()  # type: ignore[attr-defined]
         self._set_instances(agent, left)
         if left:
             log.info("a client of agent %s closed; %d other client(s) of it announced: its messages are still "

@@ -566,6 +566,16 @@ class Receiving:
             return
         self._finished_stored(done, held)
 
+    def _settle_finished(self) -> None:
+        """The completed entries waiting for their commit (`_delivered_to_broker`) are committed now, not at their
+        timer: before an agent's last goodbye (gateway/receipts.py), so that what its broker completed before the
+        goodbye is held as for an agent that acknowledges. A failed commit retries as `_drop_finished` does."""
+        if self._drop_due is not None:
+            self._drop_due.cancel()
+            self._drop_due = None
+        if self._finished:
+            self._drop_finished()
+
     def _close_receiving(self) -> None:
         """At shutdown, before the store closes: the deletes of completed entries still waiting for a PUBREC commit
         (`_delivered_to_broker`) are committed now, and their timer cancelled, so it cannot fire on a closed store

@@ -15,7 +15,7 @@ import pytest
 from gateway.daemon import Gateway
 from gateway.inbox import InboxEntry, Phase, PubrecMarks
 from gateway.protocol.message import InnerMessage, Kind
-from gateway.protocol.receipts import encode_ids
+from gateway.protocol.receipts import GOODBYE, encode_ids
 from gateway.receipts import ACKING_KEY
 from gateway.store import Store, StoreError
 
@@ -106,3 +106,34 @@ async def test_a_store_error_deleting_an_entry_acked_while_claimed_keeps_it_held
     g._republish_held("bob")  # the next try: still no packet id, and now the delete goes through
     await _background_done(g)
     assert store.inbox.get(e.name) is None and not g._held["bob"] and not g._early_acks
+
+
+class _Bridge:
+    connected, connects = True, 1
+
+    def free_packet_id(self, packet_id: int) -> None:
+        pass
+
+
+async def test_a_goodbye_right_after_a_pubcomp_keeps_the_entry_for_the_next_client(store: Store) -> None:
+    """The broker completed the exchange of a message to the agent (PUBCOMP; the entry's commit waits up to
+    FINISHED_WAIT_MAX to share a transaction), then the agent's last client said goodbye without acknowledging it
+    (it had the message in its queue, the application had not taken it). That PUBCOMP came while the agent still
+    acknowledged: the entry is held for its next client. Before, the goodbye was handled first and the entry was
+    deleted at the timer, so the next client never got it."""
+    g = _gateway(store)
+    g.bridge = _Bridge()  # type: ignore[assignment]
+    g._finished, g.counters = [], SimpleNamespace(delivered=0)  # type: ignore[assignment]
+    e = _held_entry(store, 1)
+    e.phase, e.packet_id, e.exchange_connect = Phase.BROKER_HAS, 7, 1  # (an exchange of the current connection)
+    with store.transaction(durable=False):
+        store.inbox.put(e.name, e.record())
+    g._publishing.add(e.name)
+    g._delivered_to_broker(e)  # PUBCOMP
+    g._on_ack("bob", GOODBYE)  # the last client's goodbye, in the same turn of the loop
+    assert "bob" not in g._acking
+    await asyncio.sleep(0.05)  # past FINISHED_WAIT_MAX
+    record = store.inbox.get(e.name)
+    assert record is not None and InboxEntry.from_record(e.name, record).phase == Phase.HANDED
+    assert e.message.message_id in g._held["bob"]
+    assert g.counters.delivered == 1 and g._publishing == set()
