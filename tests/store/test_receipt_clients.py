@@ -32,7 +32,7 @@ def _gateway(store: Store) -> Gateway:
                             mqtt=SimpleNamespace(topic_prefix="agw"))
     g.store = store
     g.groups = SimpleNamespace(acked=lambda agent, ids: ids, republish_held=lambda *a, **k: None)  # type: ignore[assignment]
-    g._publishing = set()
+    g._publishing, g._finished = set(), []  # (no completed exchange waits for its commit: gateway/receiving.py)
     g._init_receipts()
     return g
 
